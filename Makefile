@@ -1,0 +1,40 @@
+# rackboot: `make demo` and `make test` set up everything they need on a fresh Debian machine.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBS := qemu-system-arm qemu-utils u-boot-qemu u-boot-tools mtools dosfstools e2fsprogs \
+        dnsmasq cpio gzip xz-utils zstd curl fdisk dpkg-dev python3-venv iproute2
+STAMP_DEBS := $(VENV)/.debs-installed
+STAMP_PIP := $(VENV)/.pip-installed
+
+.PHONY: demo test bench torture deps clean
+
+demo: $(STAMP_DEBS) $(STAMP_PIP)
+	$(VENV)/bin/rackboot demo -c examples/qemu-virt/rackboot.toml
+
+test: $(STAMP_DEBS) $(STAMP_PIP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench: $(STAMP_DEBS) $(STAMP_PIP)
+	$(PY) benchmarks/run.py
+
+deps: $(STAMP_DEBS)
+
+# Debian packages, with arm64 and armhf enabled so `apt-get download PKG:ARCH` works.
+# apt-get update may warn about one mirror being mid-sync; the lists it did get are enough.
+$(STAMP_DEBS):
+	$(SUDO) dpkg --add-architecture arm64
+	$(SUDO) dpkg --add-architecture armhf
+	$(SUDO) apt-get update -q || true
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEBS)
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP_PIP): setup.cfg pyproject.toml
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf build out .pytest_cache

@@ -1,0 +1,161 @@
+"""The `rackboot` command: a thin layer over the library, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import RackbootError
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path, default=Path("rackboot.toml"),
+                   help="the rackboot.toml to use (default: ./rackboot.toml)")
+
+
+def _cmd_build(args) -> int:
+    from . import build, config
+    cfg = config.load(args.config)
+    out = build.build(cfg, out=args.output)
+    print(f"artefacts in {out}")
+    return 0
+
+
+def _cmd_qemu(args) -> int:
+    from . import boot, config
+    cfg = config.load(args.config)
+    return boot.qemu_command(cfg, expect=args.expect, timeout=args.timeout, disks=args.disk,
+                             log=args.log, action=args.action)
+
+
+def _cmd_publish(args) -> int:
+    from . import config, publish
+    cfg = config.load(args.config)
+    master = cfg.get("master", "directory")
+    common = dict(image=args.image, version=args.version, label=args.label or "",
+                  kernel_release=args.kernel_release, source_date_epoch=_epoch())
+    if args.directory:
+        manifest = publish.publish_directory(args.directory, master, size_mib=args.size_mib,
+                                             modules_from=args.modules_from, **common)
+    else:
+        manifest = publish.publish_image(args.os_image, args.partition, master, **common)
+    print(f"published {manifest.image} version {manifest.version} into {master}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from . import config, serve
+    cfg = config.load(args.config)
+    port = args.port if args.port is not None else cfg.get("master", "port")
+    serve.serve_forever(cfg.get("master", "directory"), args.bind, port)
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from . import config, plans
+    cfg = config.load(args.config)
+    path = plans.assign(cfg, node=args.node, image=args.image, version=args.version)
+    print(f"plan written to {path}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+    return demo.run(args.config, workdir=args.workdir)
+
+
+def _cmd_config(args) -> int:
+    from . import config
+    if args.reference:
+        print(config.reference())
+        return 0
+    cfg = config.load(args.config)
+    for section, values in cfg.values.items():
+        for key, value in values.items():
+            print(f"[{section}] {key} = {value!r}")
+    return 0
+
+
+def _epoch() -> int:
+    import os
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise RackbootError(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rackboot", description="Netboot and update racks of Pi-class workers.")
+    p.add_argument("--version", action="version", version=f"rackboot {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build boot artefacts from rackboot.toml")
+    _config_arg(b)
+    b.add_argument("-o", "--output", type=Path, help="output directory (default: [output] directory)")
+    b.set_defaults(func=_cmd_build)
+
+    q = sub.add_parser("qemu", help="boot the built artefacts on an emulated worker")
+    _config_arg(q)
+    q.add_argument("--expect", help="exit 0 only when a console line matches this regex")
+    q.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for --expect")
+    q.add_argument("--disk", type=Path, action="append", default=[], help="a raw disk image for the worker")
+    q.add_argument("--log", type=Path, help="console log (default: <output>/console.log)")
+    q.add_argument("--action", choices=("probe", "update"), help="override the initramfs action")
+    q.set_defaults(func=_cmd_qemu)
+
+    pub = sub.add_parser("publish", help="publish a root filesystem as a versioned image")
+    _config_arg(pub)
+    src = pub.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dir", dest="directory", type=Path, help="a root filesystem directory")
+    src.add_argument("--os-image", type=Path, help="an OS image (.img) to take a partition from")
+    pub.add_argument("--partition", default="2", help="partition number or label in --os-image")
+    pub.add_argument("--image", required=True, help="image name, e.g. example")
+    pub.add_argument("--version", type=int, help="version number (default: latest + 1)")
+    pub.add_argument("--label", help="free text shown to humans, e.g. v2")
+    pub.add_argument("--size-mib", type=int, help="filesystem size (default: fitted to the content)")
+    pub.add_argument("--kernel-release", help="the worker kernel's release whose modules the root must carry")
+    pub.add_argument("--modules-from", type=Path, help="an unpacked kernel package to copy modules from")
+    pub.set_defaults(func=_cmd_publish)
+
+    s = sub.add_parser("serve", help="run the master: plans, images, reports over HTTP")
+    _config_arg(s)
+    s.add_argument("--bind", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default: [master] port)")
+    s.set_defaults(func=_cmd_serve)
+
+    pl = sub.add_parser("plan", help="assign an image to a node (or to 'default')")
+    _config_arg(pl)
+    pl.add_argument("--node", default="default", help="node id (MAC with dashes) or 'default'")
+    pl.add_argument("--image", required=True, help="published image name")
+    pl.add_argument("--version", type=int, help="pin a version (default: latest)")
+    pl.set_defaults(func=_cmd_plan)
+
+    d = sub.add_parser("demo", help="the whole story on emulated workers")
+    _config_arg(d)
+    d.add_argument("--workdir", type=Path, help="where the demo keeps its master, disks and logs")
+    d.set_defaults(func=_cmd_demo)
+
+    c = sub.add_parser("config", help="show the parsed config, or the settings reference")
+    _config_arg(c)
+    c.add_argument("--reference", action="store_true", help="print every setting as a Markdown table")
+    c.set_defaults(func=_cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RackbootError as exc:
+        print(f"rackboot: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rackboot: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

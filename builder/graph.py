@@ -1,0 +1,193 @@
+"""The make-style build graph: artefacts rebuilt only when their inputs change.
+
+Each artefact declares its inputs as plain data (the config slice it reads, content
+hashes of the files and packages it consumes, the names of artefacts it depends on).
+The graph hashes that with the builder version into a key; a stamp per artefact in
+``<out>/.rackboot/`` remembers the key, the inputs and the output's identity, so the
+graph can say *why* it rebuilt something. Outputs are written under a temporary name
+and renamed into place, and the whole run holds an exclusive lock on the output
+directory, so neither an interrupted build nor two concurrent builds leave a half
+artefact.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__
+from .errors import RackbootError
+
+STATE_DIR = ".rackboot"
+
+
+@dataclass
+class Artefact:
+    name: str
+    kind: str  # uboot-script | kernel | initramfs | dtb | sdcard | bmap | ...
+    filename: str  # relative to the output directory
+    inputs: dict[str, Any]  # JSON-able: what the output depends on
+    build: Callable[[Path], None]  # writes the output to the given (temporary) path
+    after: tuple[str, ...] = ()  # artefacts whose outputs this one reads
+
+
+@dataclass
+class Outcome:
+    name: str
+    rebuilt: bool
+    reason: str
+
+
+@dataclass
+class BuildResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def rebuilt(self) -> list[str]:
+        return [o.name for o in self.outcomes if o.rebuilt]
+
+
+def canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _key(artefact: Artefact, dep_hashes: dict[str, str]) -> str:
+    material = {"builder": __version__, "inputs": artefact.inputs, "after": dep_hashes}
+    return hashlib.sha256(canonical(material)).hexdigest()
+
+
+def _why(old: dict | None, artefact: Artefact, dep_hashes: dict[str, str], out: Path) -> str | None:
+    """None when up to date, else a short reason naming what changed."""
+    if old is None:
+        return "never built"
+    if not out.exists():
+        return "output missing"
+    st = out.stat()
+    if [st.st_size, st.st_mtime_ns] != old.get("output_stat"):
+        return "output changed on disk"
+    if old.get("builder") != __version__:
+        return f"builder version {old.get('builder')} -> {__version__}"
+    changed = sorted(k for k in set(old.get("inputs", {})) | set(artefact.inputs)
+                     if canonical(old.get("inputs", {}).get(k)) != canonical(artefact.inputs.get(k)))
+    changed += sorted(f"{d} rebuilt" for d in dep_hashes if old.get("after", {}).get(d) != dep_hashes[d])
+    return ", ".join(f"{c} changed" if not c.endswith("rebuilt") else c for c in changed) or None
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` then fsync and rename tmp over ``path``; on any failure remove tmp."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RackbootError(f"no space left on device while writing {path}") from None
+        raise RackbootError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            import shutil
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Exclusive lock on the output directory for the whole build."""
+    state = out / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print) -> BuildResult:
+    """Bring every artefact up to date, in the given (dependency) order; write artefacts.json."""
+    names = [a.name for a in artefacts]
+    if len(set(names)) != len(names):
+        raise RackbootError(f"build graph has duplicate artefact names: {names}")
+    result = BuildResult()
+    with locked(out):
+        state = out / STATE_DIR
+        hashes: dict[str, str] = {}
+        for artefact in artefacts:
+            missing = [d for d in artefact.after if d not in hashes]
+            if missing:
+                raise RackbootError(f"artefact {artefact.name} needs {missing[0]}, which is not built before it")
+            deps = {d: hashes[d] for d in artefact.after}
+            stamp_path = state / f"{artefact.name}.json"
+            old = _read_stamp(stamp_path)
+            target = out / artefact.filename
+            reason = _why(old, artefact, deps, target)
+            if reason is None:
+                hashes[artefact.name] = old["sha256"]
+                result.outcomes.append(Outcome(artefact.name, False, "up to date"))
+                log(f"  {artefact.name:<12} up to date")
+                continue
+            log(f"  {artefact.name:<12} rebuilding ({reason})")
+            atomic_write(target, artefact.build)
+            digest = sha256_file(target)
+            st = target.stat()
+            stamp = {"builder": __version__, "key": _key(artefact, deps), "inputs": artefact.inputs,
+                     "after": deps, "sha256": digest, "output_stat": [st.st_size, st.st_mtime_ns]}
+            write_bytes_atomic(stamp_path, canonical(stamp))
+            hashes[artefact.name] = digest
+            result.outcomes.append(Outcome(artefact.name, True, reason))
+        write_manifest(out, artefacts, hashes)
+    return result
+
+
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_manifest(out: Path, artefacts: list[Artefact], hashes: dict[str, str]) -> None:
+    """artefacts.json: name, kind, path, size, sha256 of each artefact, sorted by name."""
+    entries = []
+    for a in sorted(artefacts, key=lambda a: a.name):
+        entries.append({"name": a.name, "kind": a.kind, "path": a.filename,
+                        "size": (out / a.filename).stat().st_size, "sha256": hashes[a.name]})
+    doc = json.dumps({"builder": __version__, "artefacts": entries}, indent=2, sort_keys=True) + "\n"
+    path = out / "artefacts.json"
+    if not path.exists() or path.read_text() != doc:
+        write_bytes_atomic(path, doc.encode())

@@ -1,0 +1,81 @@
+"""Board profiles: what each supported board needs from Debian and from us.
+
+A profile is data only. The builder reads it to pick the kernel package, the U-Boot
+binary, the Pi firmware files, the DTBs, the kernel console and the modules the
+initramfs must load to reach the network and the card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rackboot.errors import ConfigError
+
+# Modules the updater needs on every board: the card's filesystem and the overlay root.
+COMMON_MODULES = ("ext4", "overlay")
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    arch: str  # Debian arch
+    kernel_package: str
+    boot_command: str  # booti (arm64 Image) or bootz (arm zImage)
+    console: str  # kernel console= value
+    disk: str  # the card as the worker's kernel names it
+    modules: tuple[str, ...]  # network + block drivers, loaded by /init
+    dtbs: tuple[str, ...] = ()  # paths under the kernel package's usr/lib/linux-image-<kver>/
+    uboot_package: str = "u-boot-qemu"
+    uboot_binary: str = ""  # path inside the U-Boot package
+    firmware_package: str = ""  # raspi-firmware for Pis
+    firmware_files: tuple[str, ...] = ()  # matched start/fixup pairs, bootcode
+    arm_64bit: bool = False
+    uboot_arch: str = "arm64"  # U-Boot legacy image arch field
+
+    @property
+    def is_pi(self) -> bool:
+        return self.name.startswith("rpi")
+
+
+_VIRTIO = ("virtio_pci", "virtio_mmio", "virtio_net", "virtio_blk")
+_PI3_FIRMWARE = ("bootcode.bin", "start.elf", "fixup.dat")
+_PI4_FIRMWARE = ("start4.elf", "fixup4.dat")
+_PI3_NET = ("dwc2", "smsc95xx", "lan78xx", "bcm2835_mmc", "sdhci_iproc", "mmc_block")
+_PI4_NET = ("genet", "broadcom", "sdhci_iproc", "mmc_block")
+
+BOARDS: dict[tuple[str, str], Board] = {
+    ("qemu-virt", "arm64"): Board(
+        "qemu-virt", "arm64", "linux-image-arm64", "booti", "ttyAMA0", "/dev/vda", _VIRTIO,
+        uboot_binary="usr/lib/u-boot/qemu_arm64/u-boot.bin"),
+    ("qemu-virt", "armhf"): Board(
+        "qemu-virt", "armhf", "linux-image-armmp", "bootz", "ttyAMA0", "/dev/vda", _VIRTIO,
+        uboot_binary="usr/lib/u-boot/qemu_arm/u-boot.bin", uboot_arch="arm"),
+    ("rpi3", "arm64"): Board(
+        "rpi3", "arm64", "linux-image-arm64", "booti", "ttyS1,115200", "/dev/mmcblk0", _PI3_NET,
+        dtbs=("broadcom/bcm2837-rpi-3-b.dtb", "broadcom/bcm2837-rpi-3-b-plus.dtb"),
+        uboot_package="u-boot-rpi", uboot_binary="usr/lib/u-boot/rpi_arm64/u-boot.bin",
+        firmware_package="raspi-firmware", firmware_files=_PI3_FIRMWARE, arm_64bit=True),
+    ("rpi3", "armhf"): Board(
+        "rpi3", "armhf", "linux-image-armmp", "bootz", "ttyS1,115200", "/dev/mmcblk0", _PI3_NET,
+        dtbs=("bcm2837-rpi-3-b.dtb", "bcm2837-rpi-3-b-plus.dtb"),
+        uboot_package="u-boot-rpi", uboot_binary="usr/lib/u-boot/rpi_3_32b/u-boot.bin",
+        firmware_package="raspi-firmware", firmware_files=_PI3_FIRMWARE, uboot_arch="arm"),
+    ("rpi4", "arm64"): Board(
+        "rpi4", "arm64", "linux-image-arm64", "booti", "ttyS1,115200", "/dev/mmcblk0", _PI4_NET,
+        dtbs=("broadcom/bcm2711-rpi-4-b.dtb",),
+        uboot_package="u-boot-rpi", uboot_binary="usr/lib/u-boot/rpi_arm64/u-boot.bin",
+        firmware_package="raspi-firmware", firmware_files=_PI4_FIRMWARE, arm_64bit=True),
+    ("rpi4", "armhf"): Board(
+        "rpi4", "armhf", "linux-image-armmp-lpae", "bootz", "ttyS1,115200", "/dev/mmcblk0", _PI4_NET,
+        dtbs=("bcm2711-rpi-4-b.dtb",),
+        uboot_package="u-boot-rpi", uboot_binary="usr/lib/u-boot/rpi_4_32b/u-boot.bin",
+        firmware_package="raspi-firmware", firmware_files=_PI4_FIRMWARE, uboot_arch="arm"),
+}
+
+
+def board(name: str, arch: str) -> Board:
+    try:
+        return BOARDS[(name, arch)]
+    except KeyError:
+        known = ", ".join(f"{n}/{a}" for n, a in sorted(BOARDS))
+        raise ConfigError(f"no board profile for {name} on {arch} (known: {known})") from None

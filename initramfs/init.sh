@@ -1,0 +1,109 @@
+#!/bin/sh
+# rackboot /init: the smallest shim that gets the updater running.
+# Mount the kernel filesystems, load modules in the order the builder computed, bring
+# up the network, then either report and power off (probe) or run the updater and
+# switch_root into the slot it chose. Settings come from /etc/rackboot/init.conf.
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+/bin/busybox mkdir -p /proc /sys /dev /run /tmp /mnt /newroot /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /run/rackboot
+. /etc/rackboot/init.conf
+
+log() { echo "rackboot: $*"; }
+
+param() {  # value of rackboot.$1= on the kernel command line, else $2
+    for word in $(cat /proc/cmdline); do
+        case "$word" in "rackboot.$1="*) echo "${word#*=}"; return ;; esac
+    done
+    echo "$2"
+}
+
+load_modules() {
+    while read -r module; do
+        [ -n "$module" ] || continue
+        insmod "/$module" 2>/tmp/insmod.err || {
+            grep -q 'File exists' /tmp/insmod.err || log "cannot load $module: $(cat /tmp/insmod.err)"
+        }
+    done < /etc/rackboot/modules.order
+}
+
+first_interface() {  # the first non-loopback interface, waiting up to 10 s for it
+    tries=0
+    while [ $tries -lt 100 ]; do
+        for dev in /sys/class/net/*; do
+            name=${dev##*/}
+            [ "$name" = lo ] || [ ! -e "$dev" ] || { echo "$name"; return 0; }
+        done
+        tries=$((tries + 1)); sleep 0.1
+    done
+    return 1
+}
+
+network_up() {
+    ip link set lo up
+    iface=$(first_interface) || { log "no network interface"; return 1; }
+    ip link set "$iface" up
+    udhcpc -i "$iface" -n -q -t 10 -T 1 -s /etc/rackboot/udhcpc.script >/tmp/udhcpc.log 2>&1 ||
+        { log "no DHCP answer on $iface"; return 1; }
+    . /run/rackboot/net.env
+    log "network up: $iface $ip/$mask via ${router:-none}"
+}
+
+rescue_wait() {  # the network stays up; a shell on the console until the next try
+    log "rescue: $1; retrying in $2 s (a shell is open on the console; 'exit' retries now)"
+    timeout "$2" sh 2>/dev/null || true
+}
+
+run_updater() {
+    master=$(param master "$RACKBOOT_MASTER")
+    env PYTHONPATH=/usr/lib/rackboot PYTHONDONTWRITEBYTECODE=1 \
+        /usr/bin/python3 -m updater --disk "$RACKBOOT_DISK" --master "$master" \
+        --decision-file /run/rackboot/decision
+}
+
+switch_to_slot() {
+    . /run/rackboot/decision
+    log "booting slot $slot ($action) from $device mounted $mount"
+    case "$mount" in
+        rw) mount -t ext4 -o rw "$device" /newroot ;;
+        ro) mount -t ext4 -o ro "$device" /newroot ;;
+        ro+overlay:*)
+            mkdir -p /run/rackboot/lower /run/rackboot/upper
+            mount -t ext4 -o ro "$device" /run/rackboot/lower
+            if [ "$mount" = "ro+overlay:data" ] && [ -n "$data_device" ]; then
+                mount -t ext4 "$data_device" /run/rackboot/upper
+            else
+                mount -t tmpfs -o mode=0755 tmpfs /run/rackboot/upper
+            fi
+            mkdir -p /run/rackboot/upper/upper /run/rackboot/upper/work
+            mount -t overlay overlay -o "lowerdir=/run/rackboot/lower,upperdir=/run/rackboot/upper/upper,workdir=/run/rackboot/upper/work" /newroot
+            ;;
+    esac || return 1
+    mount --move /proc /newroot/proc 2>/dev/null; mount --move /sys /newroot/sys 2>/dev/null
+    mount --move /dev /newroot/dev 2>/dev/null
+    exec switch_root /newroot "${init:-/sbin/init}"
+}
+
+load_modules
+action=$(param action "$RACKBOOT_ACTION")
+if [ "$action" = probe ]; then
+    network_up
+    log "probe done, powering off"
+    sync; poweroff -f
+fi
+network_up || log "continuing offline"
+delay=5
+while true; do
+    if run_updater; then
+        switch_to_slot  # does not return on success
+        why="cannot mount the chosen slot"
+    else
+        why="updater failed"
+    fi
+    rescue_wait "$why" "$delay"
+    [ "$delay" -lt 300 ] && delay=$((delay * 2))
+    network_up || true
+done
