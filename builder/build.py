@@ -1,0 +1,209 @@
+"""`rackboot build`: the artefacts of one config, declared as a build graph.
+
+Each artefact states what it reads (a config slice, package hashes, template text)
+so the graph can skip it when nothing changed; the work itself happens only in the
+build callbacks, which is what keeps a no-op rebuild cheap.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+from . import graph, initramfs_tree
+from .config import Config
+from .errors import RackbootError
+from .sources import PackageCache, PackageRef, content_hash
+from rackboot.firmware.boards import Board, board as board_profile
+from rackboot.uboot import image as uimage
+from rackboot.uboot import script as uscript
+
+NETBOOT_SCRIPT = "boot.scr.uimg"  # the name U-Boot's distro boot asks DHCP/TFTP for
+
+
+def source_date_epoch() -> int:
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise RackbootError(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
+
+
+@dataclass
+class Kernel:
+    """The kernel a build boots: a Debian package, or a local unpacked tree."""
+
+    root: Path  # tree with boot/vmlinuz-* and lib/modules/<kver>/
+    key: str  # content identity for rebuild keys
+
+    @cached_property
+    def release(self) -> str:
+        vmlinuz = self.vmlinuz
+        return vmlinuz.name.removeprefix("vmlinuz-")
+
+    @cached_property
+    def vmlinuz(self) -> Path:
+        found = sorted((self.root / "boot").glob("vmlinuz-*"))
+        if len(found) != 1:
+            raise RackbootError(f"expected one boot/vmlinuz-* in {self.root}, found {len(found)}")
+        return found[0]
+
+    def dtb(self, rel: str) -> Path:
+        path = self.root / "usr/lib" / f"linux-image-{self.release}" / rel
+        if not path.is_file():
+            raise RackbootError(f"kernel {self.release} has no device tree {rel}")
+        return path
+
+
+class Inputs:
+    """What a config's artefacts are made from, resolved lazily and cached per build."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.board: Board = board_profile(cfg.get("board", "name"), cfg.get("board", "arch"))
+        self.cache = PackageCache(arch=self.board.arch)
+
+    def packages(self, names: list[str]) -> list[PackageRef]:
+        return self.cache.resolve(names)
+
+    def package(self, name: str) -> PackageRef:
+        """One package by name, without its dependencies."""
+        return self.cache.resolve([name], with_depends=False)[0]
+
+    @cached_property
+    def kernel_ref(self) -> PackageRef | None:
+        if self.cfg.get("kernel", "path"):
+            return None
+        name = self.cfg.get("kernel", "package") or self.board.kernel_package
+        refs = self.cache.resolve([name], with_depends=True)
+        # A metapackage (linux-image-arm64) depends on the versioned image package.
+        images = [r for r in refs if r.name.startswith("linux-image-") and r.name[12:13].isdigit()]
+        if not images:
+            raise RackbootError(f"Debian package {name} is not a kernel image and does not depend on one")
+        return images[0]
+
+    @cached_property
+    def kernel_key(self) -> str:
+        path = self.cfg.get("kernel", "path")
+        return content_hash(path) if path else self.kernel_ref.sha256
+
+    @cached_property
+    def kernel(self) -> Kernel:
+        path = self.cfg.get("kernel", "path")
+        root = path if path else self.cache.unpack(self.kernel_ref)
+        return Kernel(root=Path(root), key=self.kernel_key)
+
+    def unpacked(self, name: str) -> Path:
+        return self.cache.unpack(self.package(name))
+
+
+def kernel_artefact(inp: Inputs) -> graph.Artefact:
+    arm64 = inp.board.boot_command == "booti"
+
+    def build(tmp: Path) -> None:
+        data = inp.kernel.vmlinuz.read_bytes()
+        # booti wants a raw Image; Debian's arm64 vmlinuz is gzip-compressed
+        if arm64 and data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        tmp.write_bytes(data)
+
+    return graph.Artefact("kernel", "kernel", "Image" if arm64 else "zImage",
+                          {"kernel": inp.kernel_key, "boot_command": inp.board.boot_command}, build)
+
+
+def dtb_artefacts(inp: Inputs) -> list[graph.Artefact]:
+    out = []
+    for rel in inp.board.dtbs:
+        name = Path(rel).name
+        out.append(graph.Artefact(f"dtb:{name}", "dtb", f"dtbs/{name}", {"kernel": inp.kernel_key, "dtb": rel},
+                                  lambda tmp, rel=rel: shutil.copyfile(inp.kernel.dtb(rel), tmp)))
+    return out
+
+
+def initramfs_artefact(inp: Inputs) -> graph.Artefact:
+    cfg = inp.cfg
+    spec = initramfs_tree.spec(cfg, inp.board)
+    refs = inp.packages(spec.packages)
+    local = {target: content_hash(src) for target, src in sorted(spec.files.items())}
+    inputs = {
+        "initramfs": cfg.section("initramfs"),
+        "board": [inp.board.name, inp.board.arch],
+        "master": cfg.section("master"),
+        "packages": sorted(f"{r.name}={r.version}:{r.sha256}" for r in refs),
+        "kernel": inp.kernel_key,
+        "files": local,
+        "shim": initramfs_tree.shim_hash(),
+        "epoch": source_date_epoch(),
+    }
+    suffix = {"gzip": ".gz", "xz": ".xz", "zstd": ".zst", "none": ""}[spec.compression]
+
+    def build(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="rackboot-stage-") as stage:
+            sysroot = inp.cache.sysroot(refs)
+            initramfs_tree.stage(Path(stage), spec, sysroot=sysroot, kernel=inp.kernel)
+            initramfs_tree.archive(Path(stage), tmp, spec.compression, mtime=source_date_epoch())
+
+    return graph.Artefact("initramfs", "initramfs", f"initramfs.cpio{suffix}", inputs, build)
+
+
+def initramfs_uimage_artefact(inp: Inputs, initramfs: graph.Artefact, out: Path) -> graph.Artefact:
+    def build(tmp: Path) -> None:
+        payload = (out / initramfs.filename).read_bytes()
+        tmp.write_bytes(uimage.legacy_image(payload, image_type="ramdisk", arch=inp.board.uboot_arch,
+                                            name="rackboot initramfs", timestamp=source_date_epoch()))
+    return graph.Artefact("initramfs-uimage", "initramfs", "initramfs.uimg",
+                          {"epoch": source_date_epoch(), "arch": inp.board.uboot_arch}, build,
+                          after=(initramfs.name,))
+
+
+def master_url(cfg: Config) -> str:
+    return f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}"
+
+
+def netboot_script_artefact(inp: Inputs, kernel: str, initramfs: str) -> graph.Artefact:
+    template = "netboot.cmd.j2"
+    context = {
+        "board": {"name": inp.board.name, "arch": inp.board.arch, "console": inp.board.console,
+                  "boot_command": inp.board.boot_command},
+        "cmdline": inp.cfg.get("kernel", "cmdline"),
+        "master_url": master_url(inp.cfg),
+        "kernel": kernel,
+        "initramfs": initramfs,
+        "dtb": f"dtbs/{Path(inp.board.dtbs[0]).name}" if inp.board.dtbs else "",
+    }
+
+    def build(tmp: Path) -> None:
+        text = uscript.render(template, **context)
+        tmp.write_bytes(uimage.script_image(text, arch=inp.board.uboot_arch, name="rackboot netboot",
+                                            timestamp=source_date_epoch()))
+
+    inputs = {"context": context, "template": hashlib.sha256(uscript.template_source(template).encode()).hexdigest(),
+              "epoch": source_date_epoch()}
+    return graph.Artefact("netboot-script", "uboot-script", NETBOOT_SCRIPT, inputs, build)
+
+
+def artefacts(inp: Inputs, out: Path) -> list[graph.Artefact]:
+    """The build graph of one config, in dependency order."""
+    kernel = kernel_artefact(inp)
+    ird = initramfs_artefact(inp)
+    steps = [kernel, *dtb_artefacts(inp), ird]
+    if inp.cfg.get("initramfs", "uboot_wrap"):
+        steps.append(initramfs_uimage_artefact(inp, ird, out))
+    steps.append(netboot_script_artefact(inp, kernel.filename, ird.filename))
+    return steps
+
+
+def build(cfg: Config, out: Path | None = None, log=print) -> Path:
+    out = Path(out) if out else cfg.get("output", "directory")
+    inp = Inputs(cfg)
+    log(f"rackboot build: {cfg.path} -> {out}")
+    result = graph.run(artefacts(inp, out), out, log=log)
+    log(f"rebuilt {len(result.rebuilt)} of {len(result.outcomes)} artefacts")
+    return out

@@ -1,0 +1,144 @@
+"""What goes into the initramfs, staged as a tree, then archived.
+
+The tree holds busybox and the /init shim, the ELF closure of each binary taken from
+the package sysroot, the kernel modules in load order, and (unless the config turns
+it off) the target's Python with just the stdlib modules the updater imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from . import compress, cpio, elf, modules, pystdlib
+from .config import Config
+from .errors import RackbootError
+from rackboot.firmware.boards import COMMON_MODULES, Board
+
+PYTHON = "/usr/bin/python3.11"
+PYTHON_PACKAGES = ("python3.11-minimal",)
+SHIM_FILES = ("init.sh", "udhcpc.script")
+
+
+@dataclass(frozen=True)
+class Spec:
+    arch: str
+    packages: list[str]
+    binaries: list[str]
+    modules: list[str]
+    files: dict[str, Path]
+    compression: str
+    updater: bool
+    init_conf: dict[str, str] = field(default_factory=dict)
+
+
+def spec(cfg: Config, board: Board) -> Spec:
+    updater = cfg.get("initramfs", "updater")
+    packages = list(cfg.get("initramfs", "packages")) + (list(PYTHON_PACKAGES) if updater else [])
+    binaries = list(cfg.get("initramfs", "binaries")) + ([PYTHON] if updater else [])
+    wanted = list(board.modules) + list(COMMON_MODULES) + list(cfg.get("initramfs", "modules"))
+    init_conf = {
+        "RACKBOOT_MASTER": f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}",
+        "RACKBOOT_DISK": board.disk,
+        "RACKBOOT_ACTION": "update" if updater else "probe",
+    }
+    return Spec(arch=board.arch, packages=sorted(set(packages)), binaries=binaries,
+                modules=list(dict.fromkeys(wanted)), files=dict(cfg.get("initramfs", "files")),
+                compression=cfg.get("initramfs", "compression"), updater=updater, init_conf=init_conf)
+
+
+def _shim_dir():
+    return resources.files("rackboot.initramfs")
+
+
+def shim_hash() -> str:
+    """Identity of the shim and the updater sources: part of the initramfs rebuild key."""
+    h = hashlib.sha256()
+    for name in SHIM_FILES:
+        h.update(name.encode() + b"\0" + _shim_dir().joinpath(name).read_bytes())
+    for path in sorted(_updater_sources()):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _updater_sources() -> list[Path]:
+    root = Path(str(_shim_dir().joinpath("updater")))
+    return sorted(root.glob("*.py")) if root.is_dir() else []
+
+
+def _copy_from_sysroot(paths: list[str], sysroot: Path, stage: Path) -> None:
+    for rel in paths:
+        src = sysroot / rel.lstrip("/")
+        dst = stage / rel.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            if not dst.is_symlink():
+                os.symlink(os.readlink(src), dst)
+        elif not dst.exists():
+            shutil.copyfile(src, dst)
+            shutil.copymode(src, dst)
+
+
+def _write(stage: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
+    path = stage / rel.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(mode)
+
+
+def stage(root: Path, spec: Spec, *, sysroot: Path, kernel) -> None:
+    """Lay out the initramfs tree under ``root``."""
+    _copy_from_sysroot(elf.closure(spec.binaries, sysroot, spec.arch), sysroot, root)
+    if not (root / "bin/busybox").exists():
+        raise RackbootError("the initramfs needs /bin/busybox (add busybox-static to [initramfs] packages)")
+    for applet in ("sh",):
+        link = root / "bin" / applet
+        if not link.exists():
+            os.symlink("busybox", link)
+    shim = _shim_dir()
+    _write(root, "/init", shim.joinpath("init.sh").read_bytes(), 0o755)
+    _write(root, "/etc/rackboot/udhcpc.script", shim.joinpath("udhcpc.script").read_bytes(), 0o755)
+    conf = "".join(f"{k}={v}\n" for k, v in sorted(spec.init_conf.items()))
+    _write(root, "/etc/rackboot/init.conf", conf.encode())
+
+    closure = modules.module_closure(spec.modules, kernel.root, arch=spec.arch)
+    for module in closure.modules:
+        _write(root, module.path, modules.module_bytes(kernel.root / module.path))
+    _write(root, "/etc/rackboot/modules.order", modules.load_order_text(closure).encode())
+
+    if spec.updater:
+        _stage_python(root, sysroot)
+    for target, source in sorted(spec.files.items()):
+        if not source.exists():
+            raise RackbootError(f"[initramfs] files: {source} (for {target}) does not exist")
+        dst = root / target.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, dst, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(source, dst)
+            shutil.copymode(source, dst)
+
+
+def _stage_python(root: Path, sysroot: Path) -> None:
+    """The updater package and the stdlib modules it imports, from the target's stdlib."""
+    updater_dst = root / "usr/lib/rackboot/updater"
+    updater_dst.mkdir(parents=True, exist_ok=True)
+    for src in _updater_sources():
+        shutil.copyfile(src, updater_dst / src.name)
+    for rel in pystdlib.needed_stdlib(updater_dst, sysroot):
+        _copy_from_sysroot([rel], sysroot, root)
+    os.symlink("python3.11", root / "usr/bin/python3")
+
+
+def archive(stage: Path, out: Path, compression: str, *, mtime: int) -> None:
+    """The staged tree plus /dev/console as a deterministic newc archive, compressed."""
+    entries = cpio.tree_entries(stage)
+    entries.append(cpio.Directory("dev", 0o755))
+    entries.append(cpio.Device("dev/console", 0o600, "c", 5, 1))
+    with open(out, "wb") as f:
+        compress.write_compressed(compression, lambda sink: cpio.write_archive(entries, sink, mtime=mtime), f)

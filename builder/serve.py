@@ -1,0 +1,240 @@
+"""`rackboot serve`: the master's HTTP side (plans, manifests, images, reports).
+
+Static GETs serve the master tree that `rackboot publish` writes (any HTTP server could);
+the extras are the per-node plan fallback, POST /report, and GET /stats with the bytes
+sent per path. Files go out with sendfile in chunks, so a multi-GiB stream costs no memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional, Union
+from urllib.parse import unquote, urlsplit
+
+from .errors import RackbootError
+from .initramfs.updater import formats
+from .initramfs.updater.errors import UpdaterError
+
+MAX_REPORT = 64 * 1024
+SEND_CHUNK = 8 << 20
+_TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig": "application/octet-stream"}
+
+
+class MasterServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that knows its master tree and counts what it sends."""
+
+    daemon_threads = True
+
+    def __init__(self, master: Path, address: tuple[str, int], quiet: bool = False):
+        self.master = master.resolve()
+        self.quiet = quiet
+        self.sent: Counter[str] = Counter()  # URL path -> body bytes sent
+        self.lock = threading.Lock()
+        super().__init__(address, MasterHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def count(self, path: str, n: int) -> None:
+        with self.lock:
+            self.sent[path] += n
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"bytes_sent": dict(self.sent), "total_bytes_sent": sum(self.sent.values())}
+
+
+def make_server(master: Union[str, Path], host: str = "127.0.0.1", port: int = 0, *,
+                quiet: bool = False) -> MasterServer:
+    """A bound, not yet running server for `master` (port 0 = any free port)."""
+    master = Path(master)
+    if not master.is_dir():
+        raise RackbootError(f"master directory {master} does not exist")
+    try:
+        return MasterServer(master, (host, port), quiet)
+    except OSError as e:
+        raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def serve_forever(master: Union[str, Path], host: str, port: int, *, quiet: bool = False) -> None:
+    """Run the master until interrupted (Ctrl-C returns normally)."""
+    server = make_server(master, host, port, quiet=quiet)
+    print(f"serving {server.master} on {server.url}", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def parse_range(header: Optional[str], size: int) -> Union[None, tuple[int, int], str]:
+    """Range header -> (first, last) inclusive, None (send it all) or "unsatisfiable".
+
+    One range only; anything else is ignored as RFC 9110 allows, and the whole file is sent.
+    """
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, sep, last = header[6:].strip().partition("-")
+    if not sep or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":  # suffix: the last N bytes
+        if last == "" or int(last) == 0:
+            return "unsatisfiable" if last == "0" else None
+        return (max(size - int(last), 0), size - 1) if size else "unsatisfiable"
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if last and int(last) < start:
+        return None  # invalid, not unsatisfiable
+    if start >= size:
+        return "unsatisfiable"
+    return start, end
+
+
+class MasterHandler(BaseHTTPRequestHandler):
+    server: MasterServer
+    protocol_version = "HTTP/1.1"  # keep-alive: the updater makes many range requests
+    server_version = "rackboot"
+
+    # --- dispatch -----------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._get(body=True)
+
+    def do_HEAD(self) -> None:
+        self._get(body=False)
+
+    def do_POST(self) -> None:
+        if self._url_path() == "/report":
+            self._report()
+        else:
+            self._json(HTTPStatus.NOT_FOUND, {"error": "only POST /report is accepted"})
+
+    def _get(self, body: bool) -> None:
+        path = self._url_path()
+        if path is None:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "malformed request path"}, body)
+        if path == "/stats":
+            return self._json(HTTPStatus.OK, self.server.stats(), body)
+        parts = path.split("/")[1:]
+        if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+            return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {path[:200]}"}, body)
+        if len(parts) == 2 and parts[0] == "plans" and parts[1].endswith(".json"):
+            return self._plan(parts[1][:-5], body)
+        self._file(path, self.server.master.joinpath(*parts), body)
+
+    def _url_path(self) -> Optional[str]:
+        """The decoded path of the request target, or None when it cannot be one."""
+        target = urlsplit(self.path).path
+        if not target.startswith("/"):
+            return None
+        try:
+            decoded = unquote(target, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        return None if "\0" in decoded else decoded
+
+    # --- GET: plans and files --------------------------------------------------------------
+
+    def _plan(self, node: str, body: bool) -> None:
+        plans = self.server.master / "plans"
+        own = plans / f"{node}.json"
+        for candidate in (own, plans / "default.json"):
+            if candidate.is_file():
+                return self._file(f"/plans/{candidate.name}", candidate, body)
+        self._json(HTTPStatus.NOT_FOUND,
+                   {"error": f"no plan for node {node[:128]} and no plans/default.json", "node": node[:128]},
+                   body)
+
+    def _file(self, url_path: str, path: Path, body: bool) -> None:
+        try:
+            real = path.resolve(strict=True)
+            inside = real.is_relative_to(self.server.master) and real.is_file()
+        except (OSError, RuntimeError):
+            inside = False
+        if not inside:  # missing, a directory (no listings) or a symlink out of the tree
+            return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {url_path[:200]}"}, body)
+        with open(real, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            wanted = parse_range(self.headers.get("Range"), size)
+            if wanted == "unsatisfiable":
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            first, last = wanted if wanted else (0, size - 1)
+            self.send_response(HTTPStatus.PARTIAL_CONTENT if wanted else HTTPStatus.OK)
+            if wanted:
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+            self.send_header("Content-Type", _TYPES.get(real.suffix, "application/octet-stream"))
+            self.send_header("Content-Length", str(last - first + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if body:
+                self._send_file(url_path, f, first, last - first + 1)
+
+    def _send_file(self, url_path: str, f, offset: int, count: int) -> None:
+        """sendfile in chunks, counting as it goes so /stats is right even after a hang-up."""
+        while count > 0:
+            try:
+                n = self.connection.sendfile(f, offset, min(count, SEND_CHUNK))
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                return
+            if n == 0:
+                self.close_connection = True  # the file shrank under us; the length is now a lie
+                return
+            self.server.count(url_path, n)
+            offset, count = offset + n, count - n
+
+    # --- POST /report -----------------------------------------------------------------------
+
+    def _report(self) -> None:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "report: Content-Length required"})
+        if int(length) > MAX_REPORT:
+            self.close_connection = True  # not reading a body that big
+            return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              {"error": f"report: {length} bytes is more than {MAX_REPORT}"})
+        data = self.rfile.read(int(length))
+        try:
+            report = formats.parse_report(data)
+        except UpdaterError as e:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        line = {**report.to_dict(), "received": round(time.time(), 3)}
+        reports = self.server.master / "reports"
+        with self.server.lock:  # one writer at a time keeps lines whole
+            reports.mkdir(exist_ok=True)
+            with open(reports / f"{report.node}.jsonl", "ab") as out:
+                out.write(formats.dump(line))
+        self.send_response(HTTPStatus.NO_CONTENT)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    # --- replies and logging --------------------------------------------------------------------
+
+    def _json(self, status: HTTPStatus, obj: dict, body: bool = True) -> None:
+        data = formats.dump(obj)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:
+        if not self.server.quiet:
+            sys.stderr.write(f"{self.address_string()} {format % args}\n")

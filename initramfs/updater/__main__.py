@@ -1,0 +1,58 @@
+"""`python3 -m updater --disk /dev/vda --master http://10.0.2.2:8080 --decision-file F`.
+
+Exit 0: the decision is written (shell KEY=VALUE lines /init sources before it
+mounts the slot and switch_roots). Exit 1: no slot can boot; the message is on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from .errors import UpdaterError
+from .main import Decision, discover_identity, run
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="updater", description="rackboot worker updater")
+    p.add_argument("--disk", required=True, help="whole-disk device (or image file) of the card")
+    p.add_argument("--master", required=True, help="master URL, e.g. http://10.0.2.2:8080")
+    p.add_argument("--mac", help="identity MAC (default: first interface in /sys/class/net)")
+    p.add_argument("--serial", help="board serial (default: device tree or /proc/cpuinfo)")
+    p.add_argument("--decision-file", help="write the decision here as shell KEY=VALUE lines")
+    p.add_argument("--no-layout", action="store_true", help="use the card's partition table as is")
+    return p.parse_args(argv)
+
+
+def write_decision(path: str, decision: Decision) -> None:
+    """Atomically: /init must never source half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(decision.to_shell())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        identity = discover_identity(args.mac, args.serial)
+        decision = run(args.disk, args.master, identity, layout_check=not args.no_layout)
+        if args.decision_file:
+            write_decision(args.decision_file, decision)
+        else:
+            sys.stdout.write(decision.to_shell())
+    except UpdaterError as e:
+        print(f"rackboot: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the decision file's directory is missing
+        print(f"rackboot: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""The updater's one error type.
+
+The updater ships alone in the initramfs, so it cannot import rackboot.errors; the
+builder catches UpdaterError where it imports this package.
+"""
+
+
+class UpdaterError(Exception):
+    """One line: what was wrong and where."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split("\n")))

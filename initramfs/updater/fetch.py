@@ -1,0 +1,214 @@
+"""Talking to the master over plain HTTP (http.client): documents, image streams, reports.
+
+Every request has a connect and a read timeout; transient failures (refused, reset,
+timeout, 5xx) are retried a bounded number of times with exponential backoff, then
+become one UpdaterError. A 4xx is an answer, not a failure, and is never retried.
+An image stream resumes after a dropped connection with `Range: bytes=N-`; a 206
+must say it starts at N; a server that ignores the range (200) is read from 0 and
+the part already delivered is skipped, so the consumer sees one continuous stream.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from typing import Callable, Iterator, Optional, TypeVar
+from urllib.parse import urlsplit
+
+from .errors import UpdaterError
+from .formats import MAX_DOCUMENT
+
+T = TypeVar("T")
+CHUNK = 1 << 20
+USER_AGENT = "rackboot-updater/1"
+_TRANSIENT = (OSError, http.client.HTTPException)
+
+
+class _Retry(Exception):
+    """A transient failure worth another attempt (carries the one-line reason)."""
+
+
+class Master:
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, read_timeout: float = 15.0,
+                 retries: int = 3, backoff: float = 0.5, report_timeout: float = 2.0,
+                 sleep: Callable[[float], None] = time.sleep):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise UpdaterError(f"master: {url!r} is not an http://host[:port] URL")
+        try:
+            self.port = parts.port or 80
+        except ValueError:
+            raise UpdaterError(f"master: {url!r} has a bad port") from None
+        self.url = url
+        self.host = parts.hostname
+        self.prefix = parts.path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.report_timeout = report_timeout
+        self.sleep = sleep
+        self.stream_bytes = 0  # image bytes received, resumed and restarted parts included
+        self.range_requests = 0
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _open(self, method: str, path: str, *, body: Optional[bytes] = None,
+              headers: Optional[dict] = None, timeout: Optional[float] = None
+              ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.connect_timeout)
+        try:
+            conn.connect()
+            conn.sock.settimeout(timeout or self.read_timeout)
+            conn.request(method, self.prefix + path, body=body,
+                         headers={"User-Agent": USER_AGENT, **(headers or {})})
+            return conn, conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _attempts(self, what: str, attempt: Callable[[], T]) -> T:
+        """Run `attempt` until it succeeds, retrying _Retry and transient errors with backoff."""
+        delay = self.backoff
+        for n in range(self.retries + 1):
+            try:
+                return attempt()
+            except _Retry as e:
+                reason = str(e)
+            except _TRANSIENT as e:
+                reason = _describe(e)
+            if n < self.retries:
+                self.sleep(delay)
+                delay *= 2
+        raise UpdaterError(f"master {self.url}: {what}: {reason} (after {self.retries + 1} attempts)")
+
+    # --- documents --------------------------------------------------------------------
+
+    def get(self, path: str, *, headers: Optional[dict] = None) -> bytes:
+        """The body of a small document; 404 and other 4xx fail at once."""
+        def attempt() -> bytes:
+            conn, resp = self._open("GET", path, headers=headers)
+            try:
+                _check_status(self.url, path, resp, (200,))
+                body = resp.read(MAX_DOCUMENT + 1)
+                if len(body) > MAX_DOCUMENT:
+                    raise UpdaterError(f"master: GET {path}: document larger than {MAX_DOCUMENT} bytes")
+                length = resp.getheader("Content-Length")
+                if length is not None and length.isdigit() and int(length) != len(body):
+                    raise _Retry(f"short body ({len(body)} of {length} bytes)")
+                return body
+            finally:
+                conn.close()
+        return self._attempts(f"GET {path}", attempt)
+
+    def get_doc(self, path: str, parse: Callable[[bytes], T], *, headers: Optional[dict] = None) -> T:
+        return parse(self.get(path, headers=headers))
+
+    # --- image streams ----------------------------------------------------------------
+
+    def stream(self, path: str, size: int, *, chunk: int = CHUNK) -> Iterator[bytes]:
+        """The `size` bytes of `path` in order, resuming after drops; more is an error."""
+        offset = 0
+        failures = 0
+        delay = self.backoff
+        while offset < size:
+            before = offset
+            try:
+                for piece in self._stream_once(path, offset, size, chunk):
+                    offset += len(piece)
+                    yield piece
+                if offset < size:
+                    raise _Retry(f"connection closed at byte {offset} of {size}")
+            except (_Retry, *_TRANSIENT) as e:
+                reason = str(e) if isinstance(e, _Retry) else _describe(e)
+                if offset > before:  # the budget is for attempts in a row that get nowhere
+                    failures, delay = 0, self.backoff
+                failures += 1
+                if failures > self.retries:
+                    raise UpdaterError(f"master {self.url}: GET {path}: {reason} "
+                                       f"(after {failures} attempts)") from None
+                self.sleep(delay)
+                delay *= 2
+
+    def _stream_once(self, path: str, offset: int, size: int, chunk: int) -> Iterator[bytes]:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        if offset:
+            self.range_requests += 1
+        conn, resp = self._open("GET", path, headers=headers)
+        try:
+            _check_status(self.url, path, resp, (200, 206))
+            skip = 0
+            if resp.status == 206:
+                first, length = _content_range(resp.getheader("Content-Range", ""))
+                if first != offset:
+                    raise _Retry(f"206 starts at byte {first}, asked for {offset}")
+            else:
+                skip = offset  # the server ignored Range: read from 0, drop what we have
+                cl = resp.getheader("Content-Length")
+                length = int(cl) if cl is not None and cl.isdigit() else None
+            if length is not None and length != size:
+                raise UpdaterError(f"master: GET {path}: {length} bytes on the master, "
+                                   f"the manifest says {size}")
+            while True:
+                piece = resp.read(chunk)
+                if not piece:
+                    return
+                self.stream_bytes += len(piece)
+                if skip:
+                    drop = min(skip, len(piece))
+                    skip -= drop
+                    piece = piece[drop:]
+                    if not piece:
+                        continue
+                if offset + len(piece) > size:
+                    raise UpdaterError(f"master: GET {path}: stream is longer than the "
+                                       f"manifest's {size} bytes (oversized)")
+                offset += len(piece)
+                yield piece
+        finally:
+            conn.close()
+
+    # --- reports ----------------------------------------------------------------------
+
+    def post(self, path: str, body: bytes, *, timeout: Optional[float] = None) -> int:
+        """One attempt, short timeout; returns the HTTP status (raises on transport errors)."""
+        conn, resp = self._open("POST", path, body=body, timeout=timeout or self.report_timeout,
+                                headers={"Content-Type": "application/json"})
+        try:
+            resp.read(MAX_DOCUMENT)
+            return resp.status
+        finally:
+            conn.close()
+
+
+def _check_status(url: str, path: str, resp: http.client.HTTPResponse, ok: tuple[int, ...]) -> None:
+    if resp.status in ok:
+        return
+    if resp.status >= 500:
+        raise _Retry(f"HTTP {resp.status} {resp.reason}")
+    if resp.status == 404:
+        raise UpdaterError(f"master {url}: GET {path}: 404 not found")
+    raise UpdaterError(f"master {url}: GET {path}: HTTP {resp.status} {resp.reason}")
+
+
+def _content_range(value: str) -> tuple[int, Optional[int]]:
+    """'bytes N-M/T' -> (N, T or None for '*'); anything else is a transient failure."""
+    try:
+        unit, spec = value.split(" ", 1)
+        span, total = spec.split("/", 1)
+        first = int(span.split("-", 1)[0])
+        if unit != "bytes":
+            raise ValueError(unit)
+        return first, (None if total == "*" else int(total))
+    except ValueError:
+        raise _Retry(f"206 with a bad Content-Range {value[:60]!r}") from None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, http.client.IncompleteRead):
+        return f"connection dropped after {len(e.partial)} bytes"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    return f"{type(e).__name__}: {e}"[:120]

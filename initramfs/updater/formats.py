@@ -1,0 +1,439 @@
+"""The documents that cross the master/worker boundary (see notes/formats.md), v1.
+
+Each document is a frozen dataclass with ``from_dict``/``to_dict``; ``parse_*`` take
+untrusted bytes and raise only UpdaterError ("<document>: <field>: <problem>"), and
+``dump`` writes the canonical bytes that get signed: sorted keys, compact separators,
+a trailing newline. Unknown keys are ignored so that later minor additions (block
+index, signatures) do not break older workers; incompatible changes bump "format".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, TypeVar, Union
+
+from .errors import UpdaterError
+
+FORMAT = 1
+MAX_DOCUMENT = 1 << 20  # bytes; plans and manifests are tiny, anything bigger is hostile
+
+COMPRESSIONS = ("gzip", "none")
+REPARTITION = ("allowed", "never")
+MOUNTS = ("rw", "ro", "ro+overlay:tmpfs", "ro+overlay:data")
+SLOT_STATES = ("good", "bad", "empty", "writing")
+PHASES = ("plan", "layout", "download", "verify", "commit", "boot", "error")
+SLOTS = ("a", "b")
+REST = "rest"
+MIN_START_MIB = 3  # slot-state copies live at 1 MiB and 2 MiB (64 KiB each)
+
+_IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MASTER_PATH_RE = re.compile(r"(/[A-Za-z0-9][A-Za-z0-9._-]*)+")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_HEX8_RE = re.compile(r"[0-9a-f]{8}")
+_TYPE_RE = re.compile(r"[0-9a-f]{2}")
+_FSTYPE_RE = re.compile(r"[a-z0-9]{1,16}")
+_NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+T = TypeVar("T")
+
+
+# --- field readers: every check names the document and the field -------------------
+
+class _Fields:
+    """A JSON object being validated; each getter raises UpdaterError naming doc.key."""
+
+    def __init__(self, doc: str, obj: Any):
+        if not isinstance(obj, dict):
+            raise UpdaterError(f"{doc}: expected a JSON object, got {_kind(obj)}")
+        self.doc = doc
+        self.obj = obj
+
+    def fail(self, key: str, problem: str) -> UpdaterError:
+        return UpdaterError(f"{self.doc}: {key}: {problem}")
+
+    def raw(self, key: str, *, optional: bool = False) -> Any:
+        if key not in self.obj:
+            if optional:
+                return None
+            raise self.fail(key, "missing")
+        return self.obj[key]
+
+    def int(self, key: str, *, minimum: int = 0, optional: bool = False) -> Optional[int]:
+        value = self.raw(key, optional=optional)
+        if value is None and optional:
+            return None
+        if not _is_int(value):
+            raise self.fail(key, f"expected an integer, got {_kind(value)}")
+        if value < minimum:
+            raise self.fail(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def num(self, key: str, *, optional: bool = False) -> Optional[float]:
+        value = self.raw(key, optional=optional)
+        if value is None and optional:
+            return None
+        finite = _is_int(value) or (isinstance(value, float) and abs(value) < float("inf"))
+        if not finite or value < 0:
+            raise self.fail(key, f"expected a finite number >= 0, got {_kind(value)}")
+        return float(value)
+
+    def str(self, key: str, pattern: Optional[re.Pattern] = None, *, optional: bool = False,
+            what: str = "") -> Optional[str]:
+        value = self.raw(key, optional=optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {_kind(value)}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.fail(key, f"{value[:80]!r} is not {what or 'valid'}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(key)
+        if not isinstance(value, str) or value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)}, got {_short(value)}")
+        return value
+
+    def format(self) -> int:
+        value = self.raw("format")
+        if not _is_int(value) or value != FORMAT:
+            raise self.fail("format", f"unsupported format {_short(value)} (this updater reads {FORMAT})")
+        return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return repr(value)[:80]
+    return _kind(value)
+
+
+def load_json(doc: str, data: Union[bytes, str]) -> Any:
+    """Untrusted bytes -> JSON value; any failure is an UpdaterError naming `doc`."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if not isinstance(data, (bytes, bytearray)):
+        raise UpdaterError(f"{doc}: expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_DOCUMENT:
+        raise UpdaterError(f"{doc}: {len(data)} bytes is larger than the {MAX_DOCUMENT} allowed")
+    try:
+        text = bytes(data).decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant)
+    except UpdaterError:
+        raise
+    except (ValueError, RecursionError, UnicodeError) as e:
+        raise UpdaterError(f"{doc}: not valid JSON: {str(e).splitlines()[0][:120]}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def dump(doc: Any) -> bytes:
+    """Canonical bytes of a document (or a plain JSON value): what gets signed."""
+    obj = doc.to_dict() if hasattr(doc, "to_dict") else doc
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+def _parser(cls: Callable[..., T], doc: str) -> Callable[[Union[bytes, str]], T]:
+    def parse(data: Union[bytes, str]) -> T:
+        return cls.from_dict(load_json(doc, data))  # type: ignore[attr-defined]
+    parse.__name__ = f"parse_{doc.replace(' ', '_')}"
+    parse.__doc__ = f"Untrusted bytes -> validated {cls.__name__}; only UpdaterError escapes."
+    return parse
+
+
+# --- Manifest ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Manifest:
+    image: str
+    version: int
+    size: int
+    sha256: str
+    crc32: str
+    stream: str
+    stream_size: int
+    stream_sha256: str
+    compression: str = "gzip"
+    label: str = ""
+    created: int = 0
+    fstype: str = "ext4"
+    kernel_release: Optional[str] = None
+    format: int = FORMAT
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "Manifest":
+        f = _Fields("manifest", obj)
+        return cls(
+            format=f.format(),
+            image=f.str("image", _IMAGE_RE, what="an image name ([a-z0-9][a-z0-9._-]*)"),
+            version=f.int("version", minimum=1),
+            label=f.str("label"),
+            created=f.int("created"),
+            fstype=f.str("fstype", _FSTYPE_RE, what="a filesystem type"),
+            size=f.int("size", minimum=1),
+            sha256=f.str("sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            crc32=f.str("crc32", _HEX8_RE, what="8 lowercase hex digits"),
+            compression=f.choice("compression", COMPRESSIONS),
+            stream=f.str("stream", _FILE_RE, what="a plain file name"),
+            stream_size=f.int("stream_size", minimum=1),
+            stream_sha256=f.str("stream_sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            kernel_release=f.str("kernel_release", optional=True),
+        )
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "image": self.image, "version": self.version,
+                "label": self.label, "created": self.created, "fstype": self.fstype,
+                "size": self.size, "sha256": self.sha256, "crc32": self.crc32,
+                "compression": self.compression, "stream": self.stream,
+                "stream_size": self.stream_size, "stream_sha256": self.stream_sha256,
+                "kernel_release": self.kernel_release}
+
+    def stream_path(self, manifest_path: str) -> str:
+        """The stream's path on the master, beside the manifest."""
+        return manifest_path.rsplit("/", 1)[0] + "/" + self.stream
+
+
+# --- latest.json -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Latest:
+    image: str
+    version: int
+    manifest: str
+    format: int = FORMAT
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "Latest":
+        f = _Fields("latest", obj)
+        return cls(format=f.format(),
+                   image=f.str("image", _IMAGE_RE, what="an image name"),
+                   version=f.int("version", minimum=1),
+                   manifest=f.str("manifest", _MASTER_PATH_RE, what="an absolute path on the master"))
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "image": self.image, "version": self.version,
+                "manifest": self.manifest}
+
+
+# --- Plan --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    start_mib: int
+    size_mib: Union[int, str]  # MiB, or REST for "to the end of the card" (last only)
+    type: str  # MBR type, two lowercase hex digits
+
+    @property
+    def is_rest(self) -> bool:
+        return self.size_mib == REST
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "start_mib": self.start_mib, "size_mib": self.size_mib,
+                "type": self.type}
+
+
+@dataclass(frozen=True)
+class Layout:
+    partitions: tuple[Partition, ...]
+    repartition: str = "allowed"
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "Layout":
+        f = _Fields("plan: layout", obj)
+        items = f.raw("partitions")
+        if not isinstance(items, list) or not 1 <= len(items) <= 4:
+            raise f.fail("partitions", "expected a list of 1 to 4 MBR primaries")
+        parts: list[Partition] = []
+        start = None
+        for i, item in enumerate(items):
+            p = _Fields(f"plan: layout.partitions[{i}]", item)
+            name = p.str("name", _NAME_RE, what="a partition name")
+            given = p.int("start_mib", minimum=MIN_START_MIB if i == 0 else 1, optional=(i > 0))
+            if start is not None and given is not None and given != start:
+                raise p.fail("start_mib", f"{given} leaves a gap or overlap (previous ends at {start})")
+            start = given if given is not None else start
+            size = p.raw("size_mib")
+            if size == REST:
+                if i != len(items) - 1:
+                    raise p.fail("size_mib", '"rest" is only allowed for the last partition')
+            elif not _is_int(size) or size < 1:
+                raise p.fail("size_mib", f'expected a positive integer or "rest", got {_short(size)}')
+            ptype = p.str("type", _TYPE_RE, what="two lowercase hex digits")
+            if ptype == "00":
+                raise p.fail("type", "00 marks an unused entry")
+            if any(q.name == name for q in parts):
+                raise p.fail("name", f"{name!r} appears twice")
+            parts.append(Partition(name, start, size, ptype))
+            start = start + size if size != REST else None
+        names = {q.name for q in parts}
+        if not set(SLOTS) <= names:
+            raise f.fail("partitions", "must include the slots 'a' and 'b'")
+        return cls(partitions=tuple(parts), repartition=f.choice("repartition", REPARTITION))
+
+    def to_dict(self) -> dict:
+        return {"partitions": [p.to_dict() for p in self.partitions], "repartition": self.repartition}
+
+    def get(self, name: str) -> Optional[Partition]:
+        return next((p for p in self.partitions if p.name == name), None)
+
+    def number(self, name: str) -> int:
+        """1-based MBR partition number of `name` (as in /dev/vda<N>)."""
+        for i, p in enumerate(self.partitions):
+            if p.name == name:
+                return i + 1
+        raise UpdaterError(f"plan: layout has no partition named {name!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    node: str
+    layout: Layout
+    image: Optional[str] = None  # manifest path on the master; None = keep what's there
+    mount: str = "ro+overlay:tmpfs"
+    format: int = FORMAT
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "Plan":
+        f = _Fields("plan", obj)
+        return cls(format=f.format(),
+                   node=f.str("node", _NODE_RE, what="a node name"),
+                   layout=Layout.from_dict(f.raw("layout")),
+                   image=f.str("image", _MASTER_PATH_RE, optional=True,
+                               what="an absolute path on the master"),
+                   mount=f.choice("mount", MOUNTS))
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "node": self.node, "layout": self.layout.to_dict(),
+                "image": self.image, "mount": self.mount}
+
+
+# --- Slot state ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Slot:
+    state: str = "empty"
+    image: Optional[str] = None
+    version: Optional[int] = None
+    sha256: Optional[str] = None
+    partition: Optional[int] = None  # MBR number it lives in, so an offline boot needs no plan
+
+    @classmethod
+    def from_dict(cls, obj: Any, name: str = "?") -> "Slot":
+        f = _Fields(f"slot state: slots.{name}", obj)
+        slot = cls(state=f.choice("state", SLOT_STATES),
+                   image=f.str("image", _IMAGE_RE, optional=True, what="an image name"),
+                   version=f.int("version", minimum=1, optional=True),
+                   sha256=f.str("sha256", _HEX64_RE, optional=True, what="64 lowercase hex digits"),
+                   partition=f.int("partition", minimum=1, optional=True))
+        if slot.partition is not None and slot.partition > 4:
+            raise f.fail("partition", f"{slot.partition} is not an MBR primary (1..4)")
+        if slot.state == "good" and None in (slot.image, slot.version, slot.sha256):
+            raise f.fail("state", "a good slot must name its image, version and sha256")
+        return slot
+
+    def to_dict(self) -> dict:
+        return {"state": self.state, "image": self.image, "version": self.version,
+                "sha256": self.sha256, "partition": self.partition}
+
+    def holds(self, manifest: Manifest) -> bool:
+        """True when this slot is good and holds exactly `manifest`'s image."""
+        return (self.state == "good" and self.image == manifest.image
+                and self.version == manifest.version and self.sha256 == manifest.sha256)
+
+
+@dataclass(frozen=True)
+class SlotState:
+    seq: int = 0
+    slots: Mapping[str, Slot] = field(default_factory=dict)
+    primary: Optional[str] = None
+    last_good: Optional[str] = None
+    format: int = FORMAT
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "SlotState":
+        f = _Fields("slot state", obj)
+        raw = f.raw("slots")
+        if not isinstance(raw, dict) or len(raw) > 4:
+            raise f.fail("slots", "expected an object of at most 4 slots")
+        slots = {}
+        for name, value in raw.items():
+            if not _NAME_RE.fullmatch(name):
+                raise f.fail("slots", f"{name[:40]!r} is not a slot name")
+            slots[name] = Slot.from_dict(value, name)
+        state = cls(format=f.format(), seq=f.int("seq"), slots=slots,
+                    primary=f.str("primary", optional=True), last_good=f.str("last_good", optional=True))
+        for key in ("primary", "last_good"):
+            name = getattr(state, key)
+            if name is not None and (name not in slots or slots[name].state != "good"):
+                raise f.fail(key, f"{name[:40]!r} is not a good slot")
+        return state
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "seq": self.seq,
+                "slots": {k: v.to_dict() for k, v in sorted(self.slots.items())},
+                "primary": self.primary, "last_good": self.last_good}
+
+    def slot(self, name: str) -> Slot:
+        return self.slots.get(name, Slot())
+
+
+# --- Report --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Report:
+    node: str
+    phase: str
+    bytes: int = 0
+    seconds: float = 0.0
+    error: Optional[str] = None
+    slot: Optional[str] = None
+    version: Optional[int] = None
+    time: float = 0.0
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "Report":
+        f = _Fields("report", obj)
+        error = f.str("error", optional=True)
+        if error is not None and ("\n" in error or len(error) > 1000):
+            raise f.fail("error", "must be one line of at most 1000 characters")
+        return cls(node=f.str("node", _NODE_RE, what="a node id"),
+                   phase=f.choice("phase", PHASES),
+                   bytes=f.int("bytes"), seconds=f.num("seconds"), error=error,
+                   slot=f.str("slot", _NAME_RE, optional=True, what="a slot name"),
+                   version=f.int("version", minimum=1, optional=True),
+                   time=f.num("time", optional=True) or 0.0)
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "phase": self.phase, "bytes": self.bytes,
+                "seconds": self.seconds, "error": self.error, "slot": self.slot,
+                "version": self.version, "time": self.time}
+
+
+parse_manifest = _parser(Manifest, "manifest")
+parse_latest = _parser(Latest, "latest")
+parse_plan = _parser(Plan, "plan")
+parse_slot_state = _parser(SlotState, "slot state")
+parse_report = _parser(Report, "report")
+
+
+def node_id(mac: str) -> str:
+    """The master's id for a node: MAC lowercased with ':' -> '-' (52-54-00-12-34-56)."""
+    mac = mac.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac):
+        raise UpdaterError(f"identity: {mac[:40]!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+    return mac.replace(":", "-")

@@ -1,0 +1,111 @@
+"""Compare the plan's layout with the card's MBR and decide: ok, repartition, or refuse.
+
+Pure: `wanted_entries` and `decide` take numbers and tables, not devices. Rules:
+partition i of the plan is MBR entry i+1; a match is exact (start, sectors, type);
+"rest" runs to the card's size aligned down to 1 MiB. Repartitioning never moves or
+resizes the boot partition, and a partition whose start and type stay the same
+keeps its contents (the data partition survives; a slot that changes is emptied).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from . import mbr
+from .disk import Disk
+from .errors import UpdaterError
+from .formats import Layout
+
+MIB = 1 << 20
+SECTORS_PER_MIB = MIB // mbr.SECTOR
+BOOT = "boot"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "ok" | "repartition"
+    table: mbr.Mbr  # the table the card has (ok) or gets (repartition)
+    changed: tuple[str, ...] = ()  # partitions whose entry changes
+    kept: tuple[str, ...] = ()  # partitions whose contents survive (same start and type)
+
+
+def wanted_entries(layout: Layout, disk_bytes: int) -> tuple[mbr.Entry, ...]:
+    """The plan's partitions as MBR entries on a card of `disk_bytes`; too small -> error."""
+    card_mib = disk_bytes // MIB
+    entries = []
+    for i, p in enumerate(layout.partitions):
+        size_mib = card_mib - p.start_mib if p.is_rest else p.size_mib
+        if p.start_mib + max(size_mib, 1) > card_mib:
+            fixed = sum(q.size_mib for q in layout.partitions if not q.is_rest)
+            needed = layout.partitions[0].start_mib + fixed + (1 if layout.partitions[-1].is_rest else 0)
+            raise UpdaterError(f"layout: card too small: the plan needs {needed} MiB, "
+                               f"the card has {card_mib} MiB")
+        ptype = int(p.type, 16)
+        entries.append(mbr.Entry(i + 1, ptype, p.start_mib * SECTORS_PER_MIB,
+                                 size_mib * SECTORS_PER_MIB, bootable=(p.name == BOOT)))
+    return tuple(entries)
+
+
+def decide(layout: Layout, current: mbr.Mbr | None, disk_bytes: int, *, node: str = "") -> Decision:
+    """ok | repartition (with the new table) | UpdaterError (refuse)."""
+    wanted = wanted_entries(layout, disk_bytes)
+    have = current.entries if current is not None else ()
+    names = [p.name for p in layout.partitions]
+    changed = tuple(names[w.number - 1] for w in wanted if not _same(current, w))
+    extra = [e.number for e in have if e.number > len(wanted)]
+    if not changed and not extra:
+        return Decision("ok", current)  # type: ignore[arg-type]
+    diff = ", ".join(changed + tuple(f"extra partition {n}" for n in extra))
+    if layout.repartition == "never":
+        raise UpdaterError(f"layout: the card's partition table differs from the plan ({diff}) "
+                           f"and the plan says repartition never")
+    if BOOT in names and current is not None:
+        boot = wanted[names.index(BOOT)]
+        old = current.entry(boot.number)
+        if old is not None and (old.start, old.sectors, old.type) != (boot.start, boot.sectors, boot.type):
+            raise UpdaterError(f"layout: the plan would move or resize the boot partition "
+                               f"(card: start {old.start} size {old.sectors}, plan: start "
+                               f"{boot.start} size {boot.sectors} sectors); refusing")
+    kept = tuple(names[w.number - 1] for w in wanted if _kept(current, w))
+    signature = current.signature if current is not None and current.signature else _signature(node)
+    boot_code = current.boot_code if current is not None else bytes(440)
+    return Decision("repartition", mbr.Mbr(signature, wanted, boot_code), changed, kept)
+
+
+def _same(current: mbr.Mbr | None, w: mbr.Entry) -> bool:
+    e = current.entry(w.number) if current is not None else None
+    return e is not None and (e.start, e.sectors, e.type) == (w.start, w.sectors, w.type)
+
+
+def _kept(current: mbr.Mbr | None, w: mbr.Entry) -> bool:
+    e = current.entry(w.number) if current is not None else None
+    return e is not None and (e.start, e.type) == (w.start, w.type)
+
+
+def _signature(node: str) -> int:
+    """A new card's disk signature: derived from the node so the same plan gives the same bytes."""
+    return zlib.crc32(b"rackboot:" + node.encode()) or 1
+
+
+def read_table(disk: Disk) -> mbr.Mbr | None:
+    """The card's MBR, or None for a blank or unreadable table (it gets a new one)."""
+    try:
+        return mbr.parse(disk.read(0, mbr.SECTOR))
+    except UpdaterError:
+        return None
+
+
+def write_table(disk: Disk, table: mbr.Mbr) -> None:
+    """One 512-byte sector write, fsync, then the kernel re-reads it."""
+    disk.write(0, mbr.dump(table))
+    disk.fsync()
+    disk.reread_partitions()
+
+
+def partition_range(table: mbr.Mbr, number: int) -> tuple[int, int]:
+    """(byte offset, byte length) of partition `number` on the card."""
+    e = table.entry(number)
+    if e is None:
+        raise UpdaterError(f"layout: the card has no partition {number}")
+    return e.start * mbr.SECTOR, e.sectors * mbr.SECTOR

@@ -1,0 +1,274 @@
+"""The update flow: plan -> layout -> (install -> verify -> commit) -> which slot to boot.
+
+`run` always ends in a Decision for /init (mount this partition, switch_root into it)
+or, when no slot on the card is good, an UpdaterError (/init opens a rescue shell and
+retries). Any failure after the plan arrived falls back to the last good slot
+("fallback"); a failure to get the plan at all boots it as "offline". Each phase is
+reported to the master, best effort.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+from . import install, layout
+from . import report as reports
+from . import state as slot_state
+from .disk import Disk, partition_device
+from .errors import UpdaterError
+from .fetch import Master
+from .formats import Manifest, Plan, Slot, SlotState, node_id, parse_manifest, parse_plan
+from .mbr import Mbr
+
+SLOTS = ("a", "b")
+DEFAULT_MOUNT = "ro+overlay:tmpfs"
+DEFAULT_NUMBERS = {"a": 2, "b": 3}  # the standard layout, for state written without numbers
+
+
+@dataclass(frozen=True)
+class Identity:
+    mac: str
+    serial: Optional[str] = None
+
+    @property
+    def node(self) -> str:
+        return node_id(self.mac)
+
+
+@dataclass(frozen=True)
+class Decision:
+    slot: str
+    partition_number: int
+    device: str
+    mount: str
+    action: str  # installed | up-to-date | offline | fallback
+    bytes_fetched: int = 0
+    seconds: float = 0.0
+    image: Optional[str] = None
+    version: Optional[int] = None
+    data_device: Optional[str] = None
+    error: Optional[str] = None
+
+    def to_shell(self) -> str:
+        """KEY=VALUE lines that /init sources (lowercase keys, single-quoted values)."""
+        fields = {"slot": self.slot, "partition_number": self.partition_number, "device": self.device,
+                  "mount": self.mount, "action": self.action, "bytes_fetched": self.bytes_fetched,
+                  "seconds": f"{self.seconds:.3f}", "image": self.image, "version": self.version,
+                  "data_device": self.data_device, "error": self.error}
+        return "".join(f"{k}={_quote('' if v is None else str(v))}\n" for k, v in fields.items())
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+# --- identity -----------------------------------------------------------------------
+
+def discover_identity(mac: Optional[str] = None, serial: Optional[str] = None, *,
+                      root: str = "/") -> Identity:
+    """MAC of the first real interface (sorted, as /init picks it); the board serial if any."""
+    if mac is None:
+        for path in sorted(glob.glob(os.path.join(root, "sys/class/net/*/address"))):
+            name = path.split(os.sep)[-2]
+            value = _read_text(path)
+            if name != "lo" and value and value != "00:00:00:00:00:00":
+                mac = value
+                break
+        else:
+            raise UpdaterError("identity: no network interface with a MAC address in /sys/class/net")
+    if serial is None:
+        serial = _board_serial(root)
+    node_id(mac)  # validates
+    return Identity(mac.strip().lower(), serial)
+
+
+def _board_serial(root: str) -> Optional[str]:
+    value = _read_text(os.path.join(root, "proc/device-tree/serial-number"))
+    if value:
+        return value
+    for line in (_read_text(os.path.join(root, "proc/cpuinfo")) or "").splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() == "Serial" and rest.strip():
+            return rest.strip()
+    return None
+
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return f.read(65536).decode("ascii", "replace").strip("\0 \n\t") or None
+    except OSError:
+        return None
+
+
+# --- the flow -----------------------------------------------------------------------
+
+def run(disk_path: str, master_url: str, identity: Optional[Identity] = None, *,
+        now: Callable[[], float] = time.monotonic, layout_check: bool = True,
+        master: Optional[Master] = None, log: Callable[[str], None] = None) -> Decision:
+    identity = identity or discover_identity()
+    with Disk(disk_path) as disk:
+        update = _Update(disk, disk_path, master or Master(master_url), identity, now, log or _log)
+        return update.run(layout_check)
+
+
+def _log(message: str) -> None:
+    print(f"rackboot: {message}", file=sys.stderr, flush=True)
+
+
+class _Update:
+    def __init__(self, disk: Disk, disk_path: str, master: Master, identity: Identity,
+                 now: Callable[[], float], log: Callable[[str], None]):
+        self.disk = disk
+        self.disk_path = disk_path
+        self.master = master
+        self.identity = identity
+        self.node = identity.node
+        self.now = now
+        self.log = log
+        self.t0 = now()
+        self.state = slot_state.read(disk)
+        self.plan: Optional[Plan] = None
+        self.phase = "plan"
+
+    def run(self, layout_check: bool) -> Decision:
+        try:
+            headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
+            self.plan = self.master.get_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+        except UpdaterError as e:
+            return self.fall_back("offline", e)
+        self.log(f"plan for {self.plan.node}: image {self.plan.image or '(keep)'}")
+        try:
+            self.phase = "layout"
+            table = self.check_layout(layout_check)
+            return self.update(table)
+        except UpdaterError as e:
+            return self.fall_back("fallback", e)
+
+    # --- layout -----------------------------------------------------------------------
+
+    def check_layout(self, layout_check: bool) -> Mbr:
+        if not layout_check:
+            table = layout.read_table(self.disk)
+            if table is None:
+                raise UpdaterError(f"layout: {self.disk_path} has no MBR and layout checks are off")
+            return table
+        decision = layout.decide(self.plan.layout, layout.read_table(self.disk), self.disk.size,
+                                 node=self.plan.node)
+        if decision.action == "repartition":
+            self.log(f"repartitioning: {', '.join(decision.changed)} change; "
+                     f"kept: {', '.join(decision.kept) or 'none'}")
+            layout.write_table(self.disk, decision.table)
+            self.report("layout")
+        self.forget_moved_slots(set(decision.changed))
+        return decision.table
+
+    def forget_moved_slots(self, changed: set[str]) -> None:
+        """A slot whose partition moved (or was renumbered) no longer holds its image."""
+        slots = dict(self.state.slots)
+        for name, slot in self.state.slots.items():
+            part = self.plan.layout.get(name)
+            number = self.plan.layout.number(name) if part else None
+            if slot.state != "empty" and (name in changed or number is None
+                                          or slot.partition not in (None, number)):
+                slots[name] = Slot()
+        if slots != dict(self.state.slots):
+            self.commit(SlotState(slots=slots, primary=_good(slots, self.state.primary),
+                                  last_good=_good(slots, self.state.last_good)))
+
+    # --- install ----------------------------------------------------------------------
+
+    def update(self, table: Mbr) -> Decision:
+        self.phase = "download"
+        if self.plan.image is None:
+            current = self.state.primary or self.state.last_good
+            if current is None:
+                raise UpdaterError("plan: assigns no image and no slot on the card is good")
+            return self.decision(current, "up-to-date")
+        manifest = self.master.get_doc(self.plan.image, parse_manifest)
+        for name in SLOTS:
+            slot = self.state.slot(name)
+            if slot.holds(manifest) and slot.partition in (None, self.plan.layout.number(name)):
+                if self.state.primary != name:
+                    self.commit(replace(self.state, primary=name, last_good=name))
+                self.log(f"slot {name} already holds {manifest.image} v{manifest.version}")
+                return self.decision(name, "up-to-date", manifest)
+        target = self.inactive_slot()
+        self.install(target, manifest, table)
+        return self.decision(target, "installed", manifest)
+
+    def inactive_slot(self) -> str:
+        keep = self.state.primary or self.state.last_good
+        return next(name for name in SLOTS if name != keep)
+
+    def install(self, target: str, manifest: Manifest, table: Mbr) -> None:
+        number = self.plan.layout.number(target)
+        offset, capacity = layout.partition_range(table, number)
+        if manifest.size > capacity:
+            raise UpdaterError(f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
+                               f"bytes, slot {target} has {capacity}")
+        entry = Slot("writing", manifest.image, manifest.version, manifest.sha256, number)
+        self.commit(self.with_slot(target, entry))
+        self.log(f"installing {manifest.image} v{manifest.version} into slot {target} "
+                 f"({partition_device(self.disk_path, number)})")
+        started = self.now()
+        try:
+            stream = self.master.stream(manifest.stream_path(self.plan.image), manifest.stream_size)
+            written = install.write_stream(stream, self.disk, offset, capacity, manifest)
+            self.report("download", seconds=self.now() - started, slot=target, version=manifest.version)
+            self.phase = "verify"
+            install.verify(written, manifest)
+        except UpdaterError:
+            self.commit(self.with_slot(target, replace(entry, state="bad")))
+            raise
+        self.phase = "commit"
+        self.commit(replace(self.with_slot(target, replace(entry, state="good")),
+                            primary=target, last_good=target))
+        self.report("commit", slot=target, version=manifest.version)
+
+    # --- state, decisions, reports ------------------------------------------------------
+
+    def with_slot(self, name: str, slot: Slot) -> SlotState:
+        return replace(self.state, slots={**self.state.slots, name: slot})
+
+    def commit(self, new: SlotState) -> None:
+        self.state = slot_state.write(self.disk, new)
+
+    def decision(self, name: str, action: str, manifest: Optional[Manifest] = None,
+                 error: Optional[str] = None) -> Decision:
+        slot = self.state.slot(name)
+        number = slot.partition or (self.plan.layout.number(name) if self.plan and self.plan.layout.get(name)
+                                    else DEFAULT_NUMBERS.get(name, 0))
+        data = self.plan.layout.number("data") if self.plan and self.plan.layout.get("data") else None
+        result = Decision(
+            slot=name, partition_number=number, device=partition_device(self.disk_path, number),
+            mount=self.plan.mount if self.plan else DEFAULT_MOUNT, action=action,
+            bytes_fetched=self.master.stream_bytes, seconds=round(self.now() - self.t0, 3),
+            image=slot.image, version=slot.version,
+            data_device=partition_device(self.disk_path, data) if data else None, error=error)
+        self.report("boot", slot=name, version=slot.version, error=error)
+        self.log(f"boot slot {name} ({action}) from {result.device}")
+        return result
+
+    def fall_back(self, action: str, error: UpdaterError) -> Decision:
+        self.log(f"{self.phase} failed: {error}")
+        self.report("error", error=f"{self.phase}: {error}")
+        name = _good(self.state.slots, self.state.primary) or _good(self.state.slots, self.state.last_good)
+        if name is None:
+            raise UpdaterError(f"no good slot to boot ({self.phase}: {error})")
+        return self.decision(name, action, error=str(error))
+
+    def report(self, phase: str, *, seconds: Optional[float] = None, error: Optional[str] = None,
+               slot: Optional[str] = None, version: Optional[int] = None) -> None:
+        elapsed = self.now() - self.t0 if seconds is None else seconds
+        reports.send(self.master, reports.make(self.node, phase, bytes=self.master.stream_bytes,
+                                             seconds=elapsed, error=error, slot=slot, version=version))
+
+
+def _good(slots, name: Optional[str]) -> Optional[str]:
+    return name if name is not None and name in slots and slots[name].state == "good" else None

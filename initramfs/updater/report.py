@@ -1,0 +1,28 @@
+"""Best-effort reports to the master: a report that cannot be sent never fails an update."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from . import formats
+from .fetch import Master
+from .formats import Report
+
+
+def send(master: Optional[Master], report: Report, *, timeout: Optional[float] = None) -> bool:
+    """POST /report once with a short timeout (the master's report_timeout); True on 2xx."""
+    if master is None:
+        return False
+    try:
+        return 200 <= master.post("/report", formats.dump(report), timeout=timeout) < 300
+    except Exception:  # best effort by design: the update goes on whatever went wrong here
+        return False
+
+
+def make(node: str, phase: str, *, bytes: int = 0, seconds: float = 0.0,
+         error: Optional[str] = None, slot: Optional[str] = None,
+         version: Optional[int] = None) -> Report:
+    return Report(node=node, phase=phase, bytes=bytes, seconds=round(seconds, 3),
+                  error=None if error is None else " ".join(error.split())[:1000],
+                  slot=slot, version=version, time=round(time.time(), 3))

@@ -1,0 +1,82 @@
+"""Slot state on the card: two redundant records in the gap before the first partition.
+
+Record (little-endian): magic "RKBS", u32 seq, u32 len, <len> bytes of canonical JSON,
+u32 CRC32 of everything before it. Copies live at 1 MiB and 2 MiB (64 KiB each).
+A write goes to the copy holding the older seq and is fsynced; a reader takes the
+valid copy with the highest seq. A power cut tears at most the copy being written,
+so the reader still finds the other one: the old state or the new, never neither.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Optional
+
+from . import formats
+from .disk import Disk
+from .errors import UpdaterError
+from .formats import SlotState
+
+MAGIC = b"RKBS"
+COPIES = (1 << 20, 2 << 20)
+RESERVED = 64 << 10
+_HEAD = struct.Struct("<4sII")
+_CRC = struct.Struct("<I")
+
+
+def encode(state: SlotState) -> bytes:
+    body = formats.dump(state)
+    head = _HEAD.pack(MAGIC, state.seq, len(body)) + body
+    record = head + _CRC.pack(zlib.crc32(head))
+    if len(record) > RESERVED:
+        raise UpdaterError(f"slot state: record of {len(record)} bytes exceeds {RESERVED}")
+    return record
+
+
+def decode(raw: bytes) -> Optional[SlotState]:
+    """A record's state, or None when the copy is torn, blank or otherwise invalid."""
+    if len(raw) < _HEAD.size or raw[:4] != MAGIC:
+        return None
+    _, seq, length = _HEAD.unpack_from(raw)
+    end = _HEAD.size + length
+    if end + _CRC.size > len(raw) or end + _CRC.size > RESERVED:
+        return None
+    if _CRC.unpack_from(raw, end)[0] != zlib.crc32(raw[:end]):
+        return None
+    try:
+        state = formats.parse_slot_state(raw[_HEAD.size:end])
+    except UpdaterError:
+        return None
+    return state if state.seq == seq else None
+
+
+def read_copies(disk: Disk) -> tuple[Optional[SlotState], ...]:
+    return tuple(decode(disk.read(offset, RESERVED)) for offset in COPIES)
+
+
+def pick(copies: tuple[Optional[SlotState], ...]) -> SlotState:
+    """The valid copy with the highest seq; a card with none starts empty at seq 0."""
+    valid = [c for c in copies if c is not None]
+    return max(valid, key=lambda c: c.seq) if valid else SlotState()
+
+
+def read(disk: Disk) -> SlotState:
+    return pick(read_copies(disk))
+
+
+def target_copy(copies: tuple[Optional[SlotState], ...]) -> int:
+    """Index of the copy to overwrite: an invalid one, else the one with the older seq."""
+    seqs = [c.seq if c is not None else -1 for c in copies]
+    return seqs.index(min(seqs))
+
+
+def write(disk: Disk, state: SlotState) -> SlotState:
+    """Store `state` with the next seq over the older copy; returns what was stored."""
+    copies = read_copies(disk)
+    seq = max((c.seq for c in copies if c is not None), default=0) + 1
+    stored = SlotState(seq=seq, slots=dict(state.slots), primary=state.primary,
+                       last_good=state.last_good)
+    disk.write(COPIES[target_copy(copies)], encode(stored))
+    disk.fsync()
+    return stored

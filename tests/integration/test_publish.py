@@ -1,0 +1,258 @@
+"""rackboot.publish against the real e2fsprogs: determinism, modules, atomicity, OS images."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from rackboot import publish
+from rackboot.errors import RackbootError
+from rackboot.initramfs.updater import formats
+
+KVER = "6.1.0-50-arm64"
+EPOCH = 1700000000
+
+
+def make_tree(root: Path, *, reverse: bool = False, mtime: int = 1234567890) -> Path:
+    """A small root filesystem; `reverse` creates entries in the other order."""
+    files = {"etc/hostname": b"worker\n", "etc/os-release": b"ID=debian\n",
+             "usr/bin/tool": bytes(range(256)) * 4000, "var/lib/empty": b""}
+    for rel in (sorted(files, reverse=True) if reverse else sorted(files)):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(files[rel])
+    (root / "usr/bin/tool").chmod(0o755)
+    (root / "bin").symlink_to("usr/bin")
+    os.link(root / "etc/hostname", root / "etc/hostname.hard")
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.utime(os.path.join(dirpath, name), (mtime, mtime), follow_symlinks=False)
+    return root
+
+
+def publish_tree(src: Path, master: Path, **kw) -> formats.Manifest:
+    args = dict(image="example", version=None, label="v1", size_mib=None, kernel_release=None,
+                modules_from=None, source_date_epoch=EPOCH)
+    args.update(kw)
+    return publish.publish_directory(src, master, **args)
+
+
+def version_dir(master: Path, version: int, image: str = "example") -> Path:
+    return master / "images" / image / str(version)
+
+
+def unpacked(master: Path, version: int, tmp_path: Path) -> Path:
+    out = tmp_path / f"unpacked-{version}.ext4"
+    with gzip.open(version_dir(master, version) / "rootfs.ext4.gz") as f:
+        out.write_bytes(f.read())
+    return out
+
+
+def debugfs(fs: Path, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, str(fs)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_publish_writes_stream_manifest_and_latest(tmp_path):
+    master = tmp_path / "master"
+    m = publish_tree(make_tree(tmp_path / "root"), master)
+    vdir = version_dir(master, 1)
+    assert sorted(p.name for p in vdir.iterdir()) == ["manifest.json", "rootfs.ext4.gz"]
+    on_disk = (vdir / "manifest.json").read_bytes()
+    assert on_disk == formats.dump(m) and formats.parse_manifest(on_disk) == m
+    stream = (vdir / "rootfs.ext4.gz").read_bytes()
+    raw = gzip.decompress(stream)
+    assert (m.size, m.sha256, m.crc32) == (len(raw), hashlib.sha256(raw).hexdigest(),
+                                           f"{zlib.crc32(raw):08x}")
+    assert (m.stream_size, m.stream_sha256) == (len(stream), hashlib.sha256(stream).hexdigest())
+    assert (m.version, m.label, m.created, m.fstype, m.compression) == (1, "v1", EPOCH, "ext4", "gzip")
+    assert m.size % (1 << 20) == 0
+    latest = formats.parse_latest((master / "images/example/latest.json").read_bytes())
+    assert (latest.version, latest.manifest) == (1, "/images/example/1/manifest.json")
+    # nothing but the versions and latest.json is left beside them
+    assert sorted(p.name for p in (master / "images/example").iterdir()) == ["1", "latest.json"]
+
+
+def test_filesystem_holds_the_tree_owned_by_root(tmp_path):
+    master = tmp_path / "master"
+    publish_tree(make_tree(tmp_path / "root"), master)
+    fs = unpacked(master, 1, tmp_path)
+    subprocess.run(["e2fsck", "-fn", str(fs)], check=True, capture_output=True)
+    assert debugfs(fs, "cat /etc/hostname") == "worker\n"
+    assert debugfs(fs, "stat /bin").count("Fast link dest: \"usr/bin\"") == 1
+    listing = debugfs(fs, "ls -p /etc")
+    hard = {l.split("/")[5]: l.split("/")[1] for l in listing.splitlines() if l.count("/") >= 6}
+    assert hard["hostname"] == hard["hostname.hard"]  # hard link kept, one inode
+    stat = debugfs(fs, "stat /usr/bin/tool")
+    assert "Mode:  0755" in stat and "User:     0   Group:     0" in stat
+    assert f"mtime: {EPOCH:#x}" in stat  # the input's mtime is gone
+
+
+def test_two_publishes_of_the_same_tree_are_identical(tmp_path):
+    a = make_tree(tmp_path / "a", mtime=1111111111)
+    b = make_tree(tmp_path / "b", reverse=True, mtime=1222222222)
+    ma = publish_tree(a, tmp_path / "m1")
+    mb = publish_tree(b, tmp_path / "m2")
+    assert ma == mb
+    for name in ("manifest.json", "rootfs.ext4.gz"):
+        assert (version_dir(tmp_path / "m1", 1) / name).read_bytes() == \
+               (version_dir(tmp_path / "m2", 1) / name).read_bytes()
+
+
+def test_version_and_epoch_change_the_bytes(tmp_path):
+    tree = make_tree(tmp_path / "root")
+    m1 = publish_tree(tree, tmp_path / "m")
+    m2 = publish_tree(tree, tmp_path / "m")  # version 2: a new filesystem UUID
+    m3 = publish_tree(tree, tmp_path / "m3", source_date_epoch=EPOCH + 1)
+    assert m2.version == 2 and len({m1.sha256, m2.sha256, m3.sha256}) == 3
+
+
+def test_missing_modules_are_refused(tmp_path):
+    root = make_tree(tmp_path / "root")
+    with pytest.raises(RackbootError, match=f"root filesystem {root} has no modules for kernel {KVER}; "
+                                            f"pass --modules-from or add lib/modules/{KVER}"):
+        publish_tree(root, tmp_path / "master", kernel_release=KVER)
+    assert not (tmp_path / "master/images/example/1").exists()
+
+
+def make_kernel_package(root: Path, prefix: str = "lib/modules") -> Path:
+    mod = root / prefix / KVER / "kernel/drivers/net/virtio_net.ko"
+    mod.parent.mkdir(parents=True)
+    mod.write_bytes(b"\x7fELF fake module")
+    (root / prefix / KVER / "modules.order").write_text("kernel/drivers/net/virtio_net.ko\n")
+    return root
+
+
+@pytest.mark.parametrize("usrmerge", [False, True])
+def test_modules_from_are_copied_into_a_staged_root(tmp_path, usrmerge):
+    root = make_tree(tmp_path / "root")
+    if usrmerge:
+        (root / "usr/lib").mkdir(parents=True)
+        (root / "lib").symlink_to("usr/lib")
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    pkg = make_kernel_package(tmp_path / "pkg", "usr/lib/modules" if usrmerge else "lib/modules")
+    m = publish_tree(root, tmp_path / "master", kernel_release=KVER, modules_from=pkg)
+    assert m.kernel_release == KVER
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # source untouched
+    fs = unpacked(tmp_path / "master", 1, tmp_path)
+    where = "/usr/lib/modules" if usrmerge else "/lib/modules"
+    assert debugfs(fs, f"cat {where}/{KVER}/kernel/drivers/net/virtio_net.ko") == "\x7fELF fake module"
+    assert KVER in debugfs(fs, "ls /lib/modules")  # through the usrmerge link too
+
+
+def test_root_that_has_modules_needs_no_package(tmp_path):
+    root = make_tree(tmp_path / "root")
+    make_kernel_package(root, "usr/lib/modules")
+    m = publish_tree(root, tmp_path / "master", kernel_release=KVER)
+    assert m.kernel_release == KVER
+
+
+def test_modules_from_without_the_kernel_is_refused(tmp_path):
+    pkg = make_kernel_package(tmp_path / "pkg")
+    with pytest.raises(RackbootError, match="no lib/modules/6.1.0-99-arm64"):
+        publish_tree(make_tree(tmp_path / "root"), tmp_path / "master",
+                     kernel_release="6.1.0-99-arm64", modules_from=pkg)
+
+
+def test_existing_and_lower_versions_are_refused(tmp_path):
+    tree, master = make_tree(tmp_path / "root"), tmp_path / "master"
+    publish_tree(tree, master, version=5)
+    with pytest.raises(RackbootError, match="version 5 is already published"):
+        publish_tree(tree, master, version=5)
+    with pytest.raises(RackbootError, match="version 3 is lower than the latest"):
+        publish_tree(tree, master, version=3)
+    assert publish_tree(tree, master, version=3, force=True).version == 3
+    latest = formats.parse_latest((master / "images/example/latest.json").read_bytes())
+    assert latest.version == 5  # a forced older version does not move latest back
+    assert publish_tree(tree, master).version == 6
+
+
+def test_failed_publish_leaves_nothing(tmp_path):
+    master = tmp_path / "master"
+    with pytest.raises(RackbootError, match="mke2fs could not make a 1 MiB ext4 filesystem"):
+        publish_tree(make_tree(tmp_path / "root"), master, size_mib=1)
+    assert list((master / "images/example").iterdir()) == []
+
+
+def test_bad_image_name_is_refused(tmp_path):
+    with pytest.raises(RackbootError, match="image name 'Bad/name' is not valid"):
+        publish_tree(make_tree(tmp_path / "root"), tmp_path / "master", image="Bad/name")
+
+
+# --- OS images ------------------------------------------------------------------------------
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def os_image(tmp_path) -> tuple[Path, bytes]:
+    """A card image: p1 FAT-typed blank 4 MiB, p2 ext4 "rootfs" 8 MiB with modules for KVER."""
+    root = make_tree(tmp_path / "osroot")
+    make_kernel_package(root)
+    part = tmp_path / "p2.ext4"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "rootfs", "-d", str(root),
+                    str(part), "8M"], check=True)
+    img = tmp_path / "os.img"
+    with open(img, "wb") as f:
+        f.truncate(14 * MIB)
+    subprocess.run(["sfdisk", "-q", str(img)], check=True, text=True,
+                   input="label: dos\nstart=2048, size=8192, type=c\nstart=10240, size=16384, type=83\n")
+    with open(img, "r+b") as f:
+        f.seek(5 * MIB)
+        f.write(part.read_bytes())
+    return img, part.read_bytes()
+
+
+@pytest.mark.parametrize("which", [2, "2", "rootfs", "type:83"])
+def test_os_image_partition_is_published_as_is(tmp_path, os_image, which):
+    img, part = os_image
+    m = publish.publish_image(img, which, tmp_path / "master", image="raspios", label="bookworm",
+                              kernel_release=KVER, source_date_epoch=EPOCH)
+    assert (m.size, m.sha256) == (len(part), hashlib.sha256(part).hexdigest())
+    stream = (version_dir(tmp_path / "master", 1, "raspios") / "rootfs.ext4.gz").read_bytes()
+    assert gzip.decompress(stream) == part and m.kernel_release == KVER
+
+
+def test_os_image_without_the_kernels_modules_is_refused(tmp_path, os_image):
+    img, _ = os_image
+    with pytest.raises(RackbootError, match=f"partition 2 of {img} has no modules for kernel 6.1.0-99-arm64"):
+        publish.publish_image(img, 2, tmp_path / "master", image="raspios", kernel_release="6.1.0-99-arm64")
+    assert not (tmp_path / "master/images/raspios/1").exists()
+
+
+def test_os_image_partition_must_exist_and_be_ext4(tmp_path, os_image):
+    img, _ = os_image
+    with pytest.raises(RackbootError, match=r"no partition '3'; it has: 1 \(type 0c.*2 \(type 83, label rootfs\)"):
+        publish.publish_image(img, 3, tmp_path / "master", image="raspios")
+    with pytest.raises(RackbootError, match="partition 1 of .* is not an ext4 filesystem"):
+        publish.publish_image(img, 1, tmp_path / "master", image="raspios")
+
+
+def test_file_without_mbr_is_refused(tmp_path):
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(4096))
+    with pytest.raises(RackbootError, match="blank.img: mbr: no 55aa boot signature"):
+        publish.publish_image(blank, 2, tmp_path / "master", image="raspios")
+
+
+# --- plans ----------------------------------------------------------------------------------
+
+def test_write_plan_is_canonical_and_parses_back(tmp_path):
+    plan = formats.parse_plan(
+        b'{"format":1,"node":"worker-1","image":"/images/example/1/manifest.json",'
+        b'"mount":"ro","layout":{"repartition":"never","partitions":['
+        b'{"name":"boot","start_mib":4,"size_mib":64,"type":"0c"},'
+        b'{"name":"a","size_mib":64,"type":"83"},{"name":"b","size_mib":"rest","type":"83"}]}}')
+    path = publish.write_plan(tmp_path, "52-54-00-12-34-56", plan)
+    assert path == tmp_path / "plans/52-54-00-12-34-56.json"
+    assert path.read_bytes() == formats.dump(plan) and formats.parse_plan(path.read_bytes()) == plan
+    publish.write_plan(tmp_path, "default", plan)
+    assert sorted(p.name for p in (tmp_path / "plans").iterdir()) == ["52-54-00-12-34-56.json", "default.json"]
+    with pytest.raises(RackbootError, match="node id '../x' is not valid"):
+        publish.write_plan(tmp_path, "../x", plan)

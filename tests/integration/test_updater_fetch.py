@@ -1,0 +1,130 @@
+"""fetch: documents and resumable streams against a real loopback HTTP server."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from rackboot.initramfs.updater import formats, report
+from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.fetch import Master
+
+from updater_master import Server
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/blob").write_bytes(DATA)
+    (tmp_path / "doc.json").write_bytes(b'{"format":1,"image":"x","version":3,"manifest":"/images/x/3/manifest.json"}\n')
+    yield srv.master
+    srv.close()
+
+
+def client(url, **kw):
+    sleeps = []
+    m = Master(url, connect_timeout=1.0, read_timeout=0.5, retries=2, backoff=0.01, sleep=sleeps.append,
+               report_timeout=0.5, **kw)
+    return m, sleeps
+
+
+def test_get_doc_parses(server):
+    m, _ = client(server.url)
+    assert m.get_doc("/doc.json", formats.parse_latest).version == 3
+
+
+def test_url_with_a_prefix(server, tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/doc.json").write_bytes((tmp_path / "doc.json").read_bytes())
+    m, _ = client(server.url + "/sub/")
+    assert m.get_doc("/doc.json", formats.parse_latest).image == "x"
+
+
+def test_404_is_not_retried(server):
+    m, sleeps = client(server.url)
+    with pytest.raises(UpdaterError, match="GET /nope.json: 404 not found"):
+        m.get("/nope.json")
+    assert len(server.requests) == 1 and sleeps == []
+
+
+def test_500_is_retried_a_bounded_number_of_times_with_backoff(server):
+    server.faults.status = 500
+    m, sleeps = client(server.url)
+    with pytest.raises(UpdaterError, match=r"GET /doc.json: HTTP 500 .*\(after 3 attempts\)"):
+        m.get("/doc.json")
+    assert len(server.requests) == 3 and sleeps == [0.01, 0.02]
+
+
+def test_hang_times_out(server):
+    server.faults.hang = 2.0
+    m = Master(server.url, read_timeout=0.3, retries=0)
+    with pytest.raises(UpdaterError, match="timed out"):
+        m.get("/doc.json")
+
+
+def test_refused_connection(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        m, sleeps = client(f"http://127.0.0.1:{s.getsockname()[1]}")
+        with pytest.raises(UpdaterError, match=r"connection refused \(after 3 attempts\)"):
+            m.get("/x")
+    assert len(sleeps) == 2
+
+
+def test_bad_urls():
+    for url in ["https://x", "ftp://x/", "http://", "http://h:notaport"]:
+        with pytest.raises(UpdaterError, match="master: "):
+            Master(url)
+
+
+def test_stream_resumes_with_range(server):
+    server.faults.drop_after = 300000
+    m, _ = client(server.url)
+    assert b"".join(m.stream("/images/blob", len(DATA), chunk=65536)) == DATA
+    assert [r.headers["Range"] for r in server.range_requests()] == ["bytes=300000-"]
+    assert m.range_requests == 1 and server.image_bytes == len(DATA)
+
+
+def test_stream_restarts_when_range_is_ignored(server):
+    server.faults.drop_after = 300000
+    server.faults.ignore_range = True
+    m, _ = client(server.url)
+    assert b"".join(m.stream("/images/blob", len(DATA))) == DATA
+    assert m.stream_bytes == 300000 + len(DATA)
+
+
+def test_stream_of_the_wrong_size_is_refused(server):
+    m, _ = client(server.url)
+    with pytest.raises(UpdaterError, match="1048576 bytes on the master, the manifest says 1000"):
+        list(m.stream("/images/blob", 1000))
+
+
+def test_stream_gives_up_after_repeated_failures_without_progress(server):
+    server.faults.status = 503
+    m, sleeps = client(server.url)
+    with pytest.raises(UpdaterError, match=r"HTTP 503 .*after 3 attempts"):
+        list(m.stream("/images/blob", len(DATA)))
+    assert len(sleeps) == 2
+
+
+def test_stream_404(server):
+    m, _ = client(server.url)
+    with pytest.raises(UpdaterError, match="404"):
+        list(m.stream("/images/none", 10))
+
+
+def test_report_is_best_effort(server):
+    m, _ = client(server.url)
+    r = report.make("n-1", "boot", bytes=5, seconds=1.23456, error="two\nlines")
+    assert report.send(m, r)
+    assert server.reports[0]["error"] == "two lines" and server.reports[0]["seconds"] == 1.235
+    server.faults.status = 500
+    assert not report.send(m, r)
+    server.faults.status = None
+    server.faults.hang = 2.0
+    assert not report.send(m, r)  # short timeout, no exception
+    assert not report.send(None, r)

@@ -1,0 +1,328 @@
+"""The whole updater against a sparse file as the card and a real HTTP master on loopback."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from rackboot.initramfs.updater import mbr, state
+from rackboot.initramfs.updater.__main__ import main as cli_main
+from rackboot.initramfs.updater.disk import Disk
+from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.main import Identity, run
+
+from updater_master import MAC, Server, image_bytes, publish, write_plan
+
+MIB = 1 << 20
+CARD = 256 * MIB
+SLOT_OFFSET = {"a": 20 * MIB, "b": 84 * MIB}  # STANDARD layout
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "master"
+    root.mkdir()
+    srv = Server(root)
+    yield srv.master
+    srv.close()
+
+
+@pytest.fixture
+def card(tmp_path):
+    path = tmp_path / "card.img"
+    with open(path, "wb") as f:
+        f.truncate(CARD)
+    return str(path)
+
+
+def client(url: str) -> Master:
+    return Master(url, connect_timeout=1.0, read_timeout=0.5, retries=2, backoff=0.01, report_timeout=0.5)
+
+
+def update(card: str, url: str, **kw):
+    return run(card, url, Identity(MAC), master=client(url), log=lambda m: None, **kw)
+
+
+def slot_bytes(card: str, slot: str, size: int) -> bytes:
+    with open(card, "rb") as f:
+        f.seek(SLOT_OFFSET[slot])
+        return f.read(size)
+
+
+def card_state(card: str):
+    with Disk(card, writable=False) as d:
+        return state.read(d)
+
+
+def install_v1(server, card):
+    v1 = image_bytes(1)
+    write_plan(server.root, publish(server.root, 1, v1))
+    decision = update(card, server.url)
+    assert decision.action == "installed"
+    return v1
+
+
+def test_fresh_card_is_laid_out_installed_and_committed(server, card):
+    data = image_bytes(1)
+    write_plan(server.root, publish(server.root, 1, data))
+    decision = update(card, server.url)
+    assert (decision.slot, decision.partition_number, decision.action) == ("a", 2, "installed")
+    assert decision.device == card + "2" and decision.data_device == card + "4"
+    assert decision.mount == "ro+overlay:tmpfs" and decision.version == 1
+    with open(card, "rb") as f:
+        table = mbr.parse(f.read(512))
+    assert [(e.number, e.start // 2048, e.sectors // 2048, e.type) for e in table.entries] == [
+        (1, 4, 16, 0x0C), (2, 20, 64, 0x83), (3, 84, 64, 0x83), (4, 148, 108, 0x83)]
+    assert slot_bytes(card, "a", len(data)) == data
+    st = card_state(card)
+    assert st.primary == "a" and st.last_good == "a"
+    assert st.slots["a"].state == "good" and st.slots["a"].sha256 == hashlib.sha256(data).hexdigest()
+    assert decision.bytes_fetched == server.image_bytes > 0
+    assert {r["phase"] for r in server.reports} >= {"download", "commit", "boot"}
+
+
+def test_up_to_date_card_fetches_no_image_bytes(server, card):
+    install_v1(server, card)
+    served = server.image_bytes
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action, decision.bytes_fetched) == ("a", "up-to-date", 0)
+    assert server.image_bytes == served
+
+
+def test_new_version_goes_to_the_other_slot_and_keeps_the_old_one_good(server, card):
+    v1 = install_v1(server, card)
+    v2 = image_bytes(2)
+    write_plan(server.root, publish(server.root, 2, v2))
+    decision = update(card, server.url)
+    assert (decision.slot, decision.partition_number, decision.action) == ("b", 3, "installed")
+    assert decision.device == card + "3"
+    st = card_state(card)
+    assert st.primary == "b" and st.slots["a"].state == "good" and st.slots["a"].version == 1
+    assert slot_bytes(card, "a", len(v1)) == v1 and slot_bytes(card, "b", len(v2)) == v2
+
+
+def test_assigning_the_old_version_again_switches_back_without_fetching(server, card):
+    install_v1(server, card)
+    write_plan(server.root, publish(server.root, 2, image_bytes(2)))
+    update(card, server.url)
+    served = server.image_bytes
+    write_plan(server.root, "/images/example/1/manifest.json")
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action, decision.bytes_fetched) == ("a", "up-to-date", 0)
+    assert server.image_bytes == served and card_state(card).primary == "a"
+
+
+def test_dropped_connection_resumes_with_range(server, card):
+    data = image_bytes(3)
+    manifest = publish(server.root, 1, data)
+    write_plan(server.root, manifest)
+    stream_size = (server.root / "images/example/1/rootfs.ext4.gz").stat().st_size
+    server.faults.drop_after = stream_size // 2
+    decision = update(card, server.url)
+    assert decision.action == "installed"
+    assert slot_bytes(card, "a", len(data)) == data
+    ranges = server.range_requests()
+    assert len(ranges) == 1 and ranges[0].headers["Range"] == f"bytes={stream_size // 2}-"
+    assert stream_size <= server.image_bytes < 2 * stream_size
+
+
+def test_resume_answered_with_200_restarts_from_zero(server, card):
+    data = image_bytes(4)
+    write_plan(server.root, publish(server.root, 1, data))
+    stream_size = (server.root / "images/example/1/rootfs.ext4.gz").stat().st_size
+    server.faults.drop_after = stream_size // 3
+    server.faults.ignore_range = True
+    decision = update(card, server.url)
+    assert decision.action == "installed" and card_state(card).primary == "a"
+    assert slot_bytes(card, "a", len(data)) == data
+    assert server.range_requests() and server.image_bytes == stream_size // 3 + stream_size
+
+
+def test_wrong_sha256_is_not_committed_and_the_old_slot_boots(server, card):
+    install_v1(server, card)
+    write_plan(server.root, publish(server.root, 2, image_bytes(2), sha256="0" * 64))
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action) == ("a", "fallback")
+    assert "sha256" in decision.error
+    st = card_state(card)
+    assert st.primary == "a" and st.slots["b"].state == "bad"
+    assert any(r["phase"] == "error" and "sha256" in r["error"] for r in server.reports)
+
+
+def test_truncated_stream_is_refused(server, card):
+    install_v1(server, card)
+    v2 = image_bytes(2)
+    cut = gzip.compress(v2, mtime=0)[:-5000]
+    write_plan(server.root, publish(server.root, 2, v2, stream=cut))
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action) == ("a", "fallback")
+    assert "truncated" in decision.error
+    assert card_state(card).slots["b"].state != "good"
+
+
+def test_oversized_stream_is_refused(server, card):
+    install_v1(server, card)
+    v2 = image_bytes(2)
+    big = gzip.compress(v2 + bytes(MIB), mtime=0)
+    write_plan(server.root, publish(server.root, 2, v2, stream=big))
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action) == ("a", "fallback")
+    assert "oversized" in decision.error
+    assert card_state(card).primary == "a"
+
+
+def test_manifest_that_does_not_parse_falls_back(server, card):
+    install_v1(server, card)
+    path = publish(server.root, 2, image_bytes(2))
+    (server.root / path.lstrip("/")).write_bytes(b'{"format": 1, "image": "example", "version": "two"}\n')
+    write_plan(server.root, path)
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action, decision.bytes_fetched) == ("a", "fallback", 0)
+    assert decision.error.startswith("manifest: ")
+
+
+def test_unknown_node_on_a_fresh_card_raises(server, card):
+    publish(server.root, 1, image_bytes(1))  # no plans/ at all: 404
+    with pytest.raises(UpdaterError, match="404"):
+        update(card, server.url)
+
+
+def test_unknown_node_boots_the_last_good_slot(server, card):
+    install_v1(server, card)
+    (server.root / "plans/52-54-00-12-34-56.json").unlink()
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action) == ("a", "offline")
+    assert "404" in decision.error
+
+
+def test_default_plan_serves_unknown_nodes(server, card):
+    data = image_bytes(1)
+    write_plan(server.root, publish(server.root, 1, data), node="default")
+    assert update(card, server.url).action == "installed"
+
+
+def test_plan_for_a_card_too_small(server, card):
+    parts = (("boot", 4, 16, "0c"), ("a", None, 200, "83"), ("b", None, 200, "83"), ("data", None, "rest", "83"))
+    write_plan(server.root, publish(server.root, 1, image_bytes(1)), parts=parts)
+    with pytest.raises(UpdaterError, match=r"card too small: the plan needs 421 MiB, the card has 256 MiB"):
+        update(card, server.url)
+    with open(card, "rb") as f:
+        assert f.read(512) == bytes(512)  # nothing written
+
+
+def test_layout_change_keeps_boot_and_data(server, card):
+    install_v1(server, card)
+    with open(card, "r+b") as f:  # contents that must survive
+        f.seek(4 * MIB)
+        f.write(b"BOOT" * 1024)
+        f.seek(148 * MIB)
+        f.write(b"DATA" * 1024)
+    new = (("boot", 4, 16, "0c"), ("a", None, 48, "83"), ("b", None, 80, "83"), ("data", None, "rest", "83"))
+    v2 = image_bytes(2)
+    write_plan(server.root, publish(server.root, 2, v2), parts=new)
+    decision = update(card, server.url)
+    with open(card, "rb") as f:
+        table = mbr.parse(f.read(512))
+        f.seek(4 * MIB)
+        boot = f.read(4096)
+        f.seek(148 * MIB)
+        data = f.read(4096)
+    assert [(e.start // 2048, e.sectors // 2048) for e in table.entries] == [(4, 16), (20, 48), (68, 80), (148, 108)]
+    assert boot == b"BOOT" * 1024 and data == b"DATA" * 1024
+    # both slots moved, so neither still counts as holding v1: v2 lands in a
+    assert (decision.slot, decision.action, decision.version) == ("a", "installed", 2)
+    st = card_state(card)
+    assert st.slot("b").state == "empty" and st.primary == "a" and st.slots["a"].version == 2
+    assert {r["phase"] for r in server.reports} >= {"layout"}
+
+
+def test_layout_mismatch_with_repartition_never_is_refused(server, card):
+    install_v1(server, card)
+    before = open(card, "rb").read(512)
+    new = (("boot", 4, 16, "0c"), ("a", None, 48, "83"), ("b", None, 80, "83"), ("data", None, "rest", "83"))
+    write_plan(server.root, publish(server.root, 2, image_bytes(2)), parts=new, repartition="never")
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action) == ("a", "fallback")
+    assert "repartition never" in decision.error
+    assert open(card, "rb").read(512) == before
+
+
+def test_master_unreachable_boots_the_last_good_slot(server, card):
+    install_v1(server, card)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+        decision = update(card, dead)
+    assert (decision.slot, decision.action, decision.bytes_fetched) == ("a", "offline", 0)
+    assert decision.device == card + "2"
+
+
+def test_master_answering_500_boots_the_last_good_slot(server, card):
+    install_v1(server, card)
+    before = len(server.requests)
+    server.faults.status = 500
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action) == ("a", "offline")
+    assert "HTTP 500" in decision.error
+    plan_gets = [r for r in server.requests[before:] if r.path.startswith("/plans/")]
+    assert len(plan_gets) == 3  # retries=2: bounded
+
+
+def test_master_hanging_times_out(server, card):
+    install_v1(server, card)
+    server.faults.hang = 3.0
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action) == ("a", "offline")
+    assert "timed out" in decision.error
+
+
+def test_hanging_master_on_a_fresh_card_raises(server, card):
+    server.faults.hang = 3.0
+    with pytest.raises(UpdaterError, match="no good slot.*timed out"):
+        update(card, server.url)
+
+
+def test_no_layout_uses_the_card_table(server, card):
+    install_v1(server, card)
+    write_plan(server.root, publish(server.root, 2, image_bytes(2)))
+    decision = update(card, server.url, layout_check=False)
+    assert (decision.slot, decision.action) == ("b", "installed")
+
+
+def test_cli_writes_a_decision_init_can_source(server, card, tmp_path):
+    write_plan(server.root, publish(server.root, 1, image_bytes(1)))
+    out = tmp_path / "decision"
+    assert cli_main(["--disk", card, "--master", server.url, "--mac", MAC,
+                     "--decision-file", str(out)]) == 0
+    shown = subprocess.run(["sh", "-c", f'. "{out}"; echo "$slot|$device|$mount|$action|$data_device"'],
+                           capture_output=True, text=True, check=True).stdout
+    assert shown == f"a|{card}2|ro+overlay:tmpfs|installed|{card}4\n"
+
+
+def test_cli_without_a_good_slot_exits_1(server, card, tmp_path, capsys):
+    out = tmp_path / "decision"
+    assert cli_main(["--disk", card, "--master", server.url, "--mac", MAC, "--decision-file", str(out)]) == 1
+    assert not out.exists()
+    assert "rackboot: error: no good slot" in capsys.readouterr().err
+
+
+def test_module_runs_as_a_top_level_package_like_on_the_worker(server, card, tmp_path):
+    """/init runs `python3 -m updater` from /usr/lib/rackboot: only relative imports work there."""
+    import rackboot.initramfs.updater as pkg
+    lib = tmp_path / "lib"
+    shutil.copytree(os.path.dirname(pkg.__file__), lib / "updater", ignore=shutil.ignore_patterns("__pycache__"))
+    write_plan(server.root, publish(server.root, 1, image_bytes(1)))
+    out = tmp_path / "decision"
+    proc = subprocess.run([sys.executable, "-s", "-m", "updater", "--disk", card, "--master", server.url,
+                           "--mac", MAC, "--decision-file", str(out)], cwd=lib,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "slot='a'" in out.read_text()

@@ -1,0 +1,53 @@
+"""The updater against the real master (`rackboot serve`), not just the test double."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.main import Identity, run
+
+from updater_master import MAC, NODE, image_bytes, publish, write_plan
+
+serve = pytest.importorskip("rackboot.serve")
+
+
+@pytest.fixture
+def master(tmp_path):
+    root = tmp_path / "master"
+    root.mkdir()
+    server = serve.make_server(root, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, server
+    server.shutdown()
+    server.server_close()
+
+
+def test_install_then_up_to_date_against_rackboot_serve(master, tmp_path):
+    root, server = master
+    card = tmp_path / "card.img"
+    with open(card, "wb") as f:
+        f.truncate(256 << 20)
+    data = image_bytes(7)
+    write_plan(root, publish(root, 1, data))
+
+    def update():
+        return run(str(card), server.url, Identity(MAC), log=lambda m: None,
+                   master=Master(server.url, read_timeout=5.0, retries=1, backoff=0.01))
+
+    first = update()
+    assert (first.slot, first.action) == ("a", "installed")
+    with open(card, "rb") as f:
+        f.seek(20 << 20)
+        assert f.read(len(data)) == data
+    stream = "/images/example/1/rootfs.ext4.gz"
+    sent = server.stats()["bytes_sent"][stream]
+    second = update()
+    assert (second.slot, second.action, second.bytes_fetched) == ("a", "up-to-date", 0)
+    assert server.stats()["bytes_sent"][stream] == sent
+    phases = [json.loads(line)["phase"] for line in (root / f"reports/{NODE}.jsonl").read_text().splitlines()]
+    assert phases.count("boot") == 2 and "commit" in phases

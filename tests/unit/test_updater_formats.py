@@ -1,0 +1,213 @@
+"""formats: canonical bytes, round trips, field-naming errors, and fuzzing (only UpdaterError escapes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.formats import Manifest, Report, Slot, SlotState
+
+PLAN = {"format": 1, "node": "worker-1",
+        "layout": {"partitions": [{"name": "boot", "start_mib": 4, "size_mib": 128, "type": "0c"},
+                                  {"name": "a", "size_mib": 512, "type": "83"},
+                                  {"name": "b", "size_mib": 512, "type": "83"},
+                                  {"name": "data", "size_mib": "rest", "type": "83"}],
+                   "repartition": "allowed"},
+        "image": "/images/example/2/manifest.json", "mount": "ro+overlay:tmpfs"}
+MANIFEST = {"format": 1, "image": "example", "version": 2, "label": "v2", "created": 1700000000,
+            "fstype": "ext4", "size": 67108864, "sha256": "ab" * 32, "crc32": "0badcafe",
+            "compression": "gzip", "stream": "rootfs.ext4.gz", "stream_size": 1234,
+            "stream_sha256": "cd" * 32, "kernel_release": "6.1.0-50-arm64"}
+STATE = {"format": 1, "seq": 7,
+         "slots": {"a": {"image": "example", "version": 1, "sha256": "11" * 32, "state": "good"},
+                   "b": {"image": "example", "version": 2, "sha256": "22" * 32, "state": "good"}},
+         "primary": "b", "last_good": "b"}
+REPORT = {"node": "52-54-00-12-34-56", "phase": "download", "bytes": 10, "seconds": 1.5,
+          "error": None, "slot": "a", "version": 2, "time": 12.0}
+PARSERS = [formats.parse_plan, formats.parse_manifest, formats.parse_slot_state,
+           formats.parse_report, formats.parse_latest]
+
+
+def raw(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_plan_from_the_spec_resolves_starts():
+    plan = formats.parse_plan(raw(PLAN))
+    assert [(p.name, p.start_mib, p.size_mib) for p in plan.layout.partitions] == [
+        ("boot", 4, 128), ("a", 132, 512), ("b", 644, 512), ("data", 1156, "rest")]
+    assert plan.layout.number("b") == 3 and plan.image == PLAN["image"]
+
+
+def test_dump_is_canonical_and_round_trips():
+    for parse, obj in [(formats.parse_plan, PLAN), (formats.parse_manifest, MANIFEST),
+                       (formats.parse_slot_state, STATE), (formats.parse_report, REPORT)]:
+        doc = parse(raw(obj))
+        data = formats.dump(doc)
+        assert data.endswith(b"}\n") and b" " not in data.replace(b"ro+overlay:tmpfs", b"")
+        assert list(json.loads(data)) == sorted(json.loads(data))
+        assert parse(data) == doc and formats.dump(parse(data)) == data
+
+
+def test_manifest_dump_is_exactly_sorted_compact():
+    m = formats.parse_manifest(raw(MANIFEST))
+    assert formats.dump(m) == (json.dumps({**MANIFEST}, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sha256": "AB" * 32}, "manifest: sha256: "),
+    ({"version": 0}, "manifest: version: must be >= 1"),
+    ({"version": True}, "manifest: version: expected an integer, got a boolean"),
+    ({"compression": "lz4"}, "manifest: compression: must be one of gzip, none"),
+    ({"stream": "../etc/passwd"}, "manifest: stream: "),
+    ({"image": "Bad Name"}, "manifest: image: "),
+    ({"format": 2}, "manifest: format: unsupported format 2"),
+    ({"crc32": "123"}, "manifest: crc32: "),
+])
+def test_manifest_errors_name_the_field(change, message):
+    with pytest.raises(UpdaterError) as e:
+        formats.parse_manifest(raw({**MANIFEST, **change}))
+    assert str(e.value).startswith(message)
+
+
+def test_missing_field_is_named():
+    obj = dict(MANIFEST)
+    del obj["stream_sha256"]
+    with pytest.raises(UpdaterError, match="^manifest: stream_sha256: missing$"):
+        formats.parse_manifest(raw(obj))
+
+
+@pytest.mark.parametrize("parts, message", [
+    ([{"name": "a", "start_mib": 4, "size_mib": "rest", "type": "83"},
+      {"name": "b", "size_mib": 8, "type": "83"}], 'partitions\\[0\\]: size_mib: "rest" is only allowed'),
+    ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"},
+      {"name": "b", "start_mib": 13, "size_mib": 8, "type": "83"}], "partitions\\[1\\]: start_mib: 13 leaves a gap"),
+    ([{"name": "a", "start_mib": 1, "size_mib": 8, "type": "83"},
+      {"name": "b", "size_mib": 8, "type": "83"}], "partitions\\[0\\]: start_mib: must be >= 3"),
+    ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"}], "must include the slots"),
+    ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "00"},
+      {"name": "b", "size_mib": 8, "type": "83"}], "type: 00 marks an unused entry"),
+    ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"}] * 5, "1 to 4 MBR primaries"),
+])
+def test_layout_errors(parts, message):
+    with pytest.raises(UpdaterError, match=message):
+        formats.parse_plan(raw({**PLAN, "layout": {"partitions": parts, "repartition": "never"}}))
+
+
+def test_slot_state_requires_primary_to_be_good():
+    bad = {**STATE, "slots": {**STATE["slots"], "b": {"state": "writing", "image": None,
+                                                       "version": None, "sha256": None}}}
+    with pytest.raises(UpdaterError, match="slot state: primary: 'b' is not a good slot"):
+        formats.parse_slot_state(raw(bad))
+
+
+def test_good_slot_must_name_its_image():
+    with pytest.raises(UpdaterError, match="slot state: slots.a: state: a good slot must name"):
+        formats.parse_slot_state(raw({**STATE, "slots": {"a": {"state": "good"}}, "primary": None,
+                                      "last_good": None}))
+
+
+def test_slot_holds_compares_image_version_and_hash():
+    m = formats.parse_manifest(raw(MANIFEST))
+    slot = Slot("good", "example", 2, "ab" * 32)
+    assert slot.holds(m)
+    assert not Slot("writing", "example", 2, "ab" * 32).holds(m)
+    assert not Slot("good", "example", 1, "ab" * 32).holds(m)
+    assert not Slot("good", "example", 2, "cd" * 32).holds(m)
+
+
+def test_report_rejects_multiline_error():
+    with pytest.raises(UpdaterError, match="report: error: must be one line"):
+        formats.parse_report(raw({**REPORT, "error": "a\nb"}))
+
+
+def test_node_id():
+    assert formats.node_id("52:54:00:AB:cd:56") == "52-54-00-ab-cd-56"
+    with pytest.raises(UpdaterError, match="identity: 'nope' is not a MAC"):
+        formats.node_id("nope")
+
+
+def test_stream_path_is_beside_the_manifest():
+    m = formats.parse_manifest(raw(MANIFEST))
+    assert m.stream_path("/images/example/2/manifest.json") == "/images/example/2/rootfs.ext4.gz"
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"[" * 50000, b"NaN", b"1e999", b"{" + b'"a":' * 3,
+                                  b'{"format":1e400}', b"9" * 5000, b"\"\\ud800\"", b"null"])
+def test_hostile_bytes_raise_only_updater_error(data):
+    for parse in PARSERS:
+        with pytest.raises(UpdaterError):
+            parse(data)
+
+
+def test_oversized_document_is_refused():
+    with pytest.raises(UpdaterError, match="larger than"):
+        formats.parse_plan(b" " * (formats.MAX_DOCUMENT + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes(data):
+    for parse in PARSERS:
+        try:
+            parse(data)
+        except UpdaterError:
+            pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8)
+    | st.sampled_from(["rest", "good", "gzip", "a", "b", "83", "example", "ab" * 32]),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=20)
+
+
+def _mutations(base: dict):
+    keys = st.sampled_from(sorted(base) + ["partitions", "slots", "layout"])
+    return st.lists(st.tuples(keys, json_values), max_size=4).map(lambda kv: {**base, **dict(kv)})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_mutations(PLAN), _mutations(MANIFEST), _mutations(STATE), _mutations(REPORT),
+                 _mutations({**PLAN, "layout": {**PLAN["layout"], "partitions": [{"name": 1}]}})))
+def test_fuzz_structured_mutations(obj):
+    data = json.dumps(obj).encode()
+    for parse in PARSERS:
+        try:
+            doc = parse(data)
+        except UpdaterError:
+            continue
+        assert parse(formats.dump(doc)) == doc  # whatever parses, round trips
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "boot", "data", "x"]), json_values), max_size=6))
+def test_fuzz_partitions(items):
+    parts = [{"name": n, "start_mib": v, "size_mib": v, "type": v} if i % 2 else
+             {"name": n, "size_mib": v, "type": "83"} for i, (n, v) in enumerate(items)]
+    try:
+        formats.parse_plan(raw({**PLAN, "layout": {"partitions": parts, "repartition": "allowed"}}))
+    except UpdaterError:
+        pass
+
+
+def test_empty_slot_state_defaults():
+    s = SlotState()
+    assert s.seq == 0 and s.primary is None and s.slot("a") == Slot()
+    assert formats.parse_slot_state(formats.dump(s)) == s
+
+
+def test_report_make_round_trips():
+    r = Report(node="n-1", phase="boot", bytes=3, seconds=0.25)
+    assert formats.parse_report(formats.dump(r)) == r
+
+
+def test_manifest_constructed_in_code_dumps_all_fields():
+    m = Manifest(image="x", version=1, size=1, sha256="0" * 64, crc32="0" * 8, stream="s.gz",
+                 stream_size=1, stream_sha256="0" * 64)
+    assert set(json.loads(formats.dump(m))) == set(MANIFEST)

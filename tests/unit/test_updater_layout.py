@@ -1,0 +1,91 @@
+"""layout: ok / repartition / refuse decisions, pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from rackboot.initramfs.updater import layout, mbr
+from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.formats import Layout, Partition
+
+MIB = 1 << 20
+
+
+def plan(a=64, b=64, repartition="allowed", boot_start=4, boot=16) -> Layout:
+    return Layout((Partition("boot", boot_start, boot, "0c"), Partition("a", boot_start + boot, a, "83"),
+                   Partition("b", boot_start + boot + a, b, "83"),
+                   Partition("data", boot_start + boot + a + b, "rest", "83")), repartition)
+
+
+def test_rest_runs_to_the_card_end_aligned_down_to_a_mib():
+    entries = layout.wanted_entries(plan(), 256 * MIB + 12345)
+    assert [(e.number, e.start, e.sectors, e.type, e.bootable) for e in entries] == [
+        (1, 4 * 2048, 16 * 2048, 0x0C, True), (2, 20 * 2048, 64 * 2048, 0x83, False),
+        (3, 84 * 2048, 64 * 2048, 0x83, False), (4, 148 * 2048, 108 * 2048, 0x83, False)]
+
+
+def test_blank_card_gets_everything():
+    d = layout.decide(plan(), None, 256 * MIB, node="w1")
+    assert d.action == "repartition" and d.changed == ("boot", "a", "b", "data") and d.kept == ()
+    assert d.table.entries == layout.wanted_entries(plan(), 256 * MIB)
+    assert d.table.signature == layout.decide(plan(), None, 256 * MIB, node="w1").table.signature != 0
+
+
+def test_matching_card_is_ok_and_keeps_its_table():
+    current = mbr.Mbr(0xABCD, layout.wanted_entries(plan(), 256 * MIB), b"\x01" * 440)
+    d = layout.decide(plan(), current, 256 * MIB)
+    assert d.action == "ok" and d.table == current and d.changed == ()
+
+
+def test_same_plan_on_a_bigger_card_only_grows_data():
+    current = mbr.Mbr(0xABCD, layout.wanted_entries(plan(), 256 * MIB))
+    d = layout.decide(plan(), current, 512 * MIB)
+    assert d.action == "repartition" and d.changed == ("data",)
+    assert d.kept == ("boot", "a", "b", "data") and d.table.signature == 0xABCD
+    assert d.table.entries[3].sectors == (512 - 148) * 2048
+
+
+def test_slot_resize_keeps_boot_and_data_when_data_does_not_move():
+    current = mbr.Mbr(7, layout.wanted_entries(plan(), 256 * MIB))
+    d = layout.decide(plan(a=48, b=80), current, 256 * MIB)
+    assert d.changed == ("a", "b") and d.kept == ("boot", "a", "data")  # a keeps its start
+
+
+def test_type_change_is_a_change():
+    current = mbr.Mbr(7, layout.wanted_entries(plan(), 256 * MIB))
+    other = Layout(plan().partitions[:3] + (Partition("data", 148, "rest", "0c"),), "allowed")
+    d = layout.decide(other, current, 256 * MIB)
+    assert d.changed == ("data",) and "data" not in d.kept
+
+
+def test_extra_partition_on_the_card_is_a_mismatch():
+    three = Layout(plan().partitions[:3], "never")
+    current = mbr.Mbr(7, layout.wanted_entries(plan(), 256 * MIB))
+    with pytest.raises(UpdaterError, match=r"differs from the plan \(extra partition 4\)"):
+        layout.decide(three, current, 256 * MIB)
+
+
+def test_repartition_never_refuses_a_mismatch():
+    current = mbr.Mbr(7, layout.wanted_entries(plan(), 256 * MIB))
+    with pytest.raises(UpdaterError, match=r"\(a, b\) and the plan says repartition never"):
+        layout.decide(plan(a=48, b=80, repartition="never"), current, 256 * MIB)
+
+
+def test_boot_partition_never_moves():
+    current = mbr.Mbr(7, layout.wanted_entries(plan(), 256 * MIB))
+    with pytest.raises(UpdaterError, match="would move or resize the boot partition"):
+        layout.decide(plan(boot=32), current, 256 * MIB)
+
+
+def test_card_too_small_names_both_sizes():
+    with pytest.raises(UpdaterError, match="card too small: the plan needs 213 MiB, the card has 200 MiB"):
+        layout.wanted_entries(plan(a=96, b=96), 200 * MIB)
+    with pytest.raises(UpdaterError, match="needs 149 MiB, the card has 148 MiB"):
+        layout.wanted_entries(plan(), 148 * MIB + 4096)  # rest would be empty
+
+
+def test_partition_range():
+    table = mbr.Mbr(7, layout.wanted_entries(plan(), 256 * MIB))
+    assert layout.partition_range(table, 3) == (84 * MIB, 64 * MIB)
+    with pytest.raises(UpdaterError, match="no partition 4"):
+        layout.partition_range(mbr.Mbr(7, table.entries[:3]), 4)
