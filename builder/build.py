@@ -127,28 +127,40 @@ def dtb_artefacts(inp: Inputs) -> list[graph.Artefact]:
     return out
 
 
+def _is_local(package: str) -> bool:
+    return package.startswith(("/", "./", "../"))
+
+
 def initramfs_artefact(inp: Inputs) -> graph.Artefact:
     cfg = inp.cfg
     spec = initramfs_tree.spec(cfg, inp.board)
-    refs = inp.packages(spec.packages)
-    local = {target: content_hash(src) for target, src in sorted(spec.files.items())}
+    refs = inp.packages([p for p in spec.packages if not _is_local(p)])
+    local_roots = [(cfg.base / p).resolve() for p in spec.packages if _is_local(p)]
+    for root in local_roots:
+        if not root.is_dir():
+            raise RackbootError(f"{cfg.path}: [initramfs] packages: local sysroot {root} is not a directory")
     inputs = {
         "initramfs": cfg.section("initramfs"),
         "board": [inp.board.name, inp.board.arch],
         "master": cfg.section("master"),
         "packages": sorted(f"{r.name}={r.version}:{r.sha256}" for r in refs),
+        "local": {str(root): content_hash(root) for root in local_roots},
         "kernel": inp.kernel_key,
-        "files": local,
+        "files": {target: content_hash(src) for target, src in sorted(spec.files.items()) if src.exists()},
         "shim": initramfs_tree.shim_hash(),
         "epoch": source_date_epoch(),
     }
     suffix = {"gzip": ".gz", "xz": ".xz", "zstd": ".zst", "none": ""}[spec.compression]
 
     def build(tmp: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="rackboot-stage-") as stage:
+        with tempfile.TemporaryDirectory(prefix="rackboot-stage-") as work:
             sysroot = inp.cache.sysroot(refs)
-            initramfs_tree.stage(Path(stage), spec, sysroot=sysroot, kernel=inp.kernel)
-            initramfs_tree.archive(Path(stage), tmp, spec.compression, mtime=source_date_epoch())
+            if local_roots:  # local trees layered over the packages, in config order
+                sysroot = initramfs_tree.merge_trees([sysroot, *local_roots], Path(work) / "sysroot")
+            stage = Path(work) / "stage"
+            stage.mkdir()
+            initramfs_tree.stage(stage, spec, sysroot=sysroot, kernel=inp.kernel)
+            initramfs_tree.archive(stage, tmp, spec.compression, mtime=source_date_epoch())
 
     return graph.Artefact("initramfs", "initramfs", f"initramfs.cpio{suffix}", inputs, build)
 

@@ -26,8 +26,7 @@ def _cmd_build(args) -> int:
 def _cmd_qemu(args) -> int:
     from . import boot, config
     cfg = config.load(args.config)
-    return boot.qemu_command(cfg, expect=args.expect, timeout=args.timeout, disks=args.disk,
-                             log=args.log, action=args.action)
+    return boot.qemu_command(cfg, expect=args.expect, timeout=args.timeout, disks=args.disk, log=args.log)
 
 
 def _cmd_publish(args) -> int:
@@ -102,8 +101,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--expect", help="exit 0 only when a console line matches this regex")
     q.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for --expect")
     q.add_argument("--disk", type=Path, action="append", default=[], help="a raw disk image for the worker")
-    q.add_argument("--log", type=Path, help="console log (default: <output>/console.log)")
-    q.add_argument("--action", choices=("probe", "update"), help="override the initramfs action")
+    q.add_argument("--log", type=Path, help="console log (default: <output>-console.log beside the build)")
     q.set_defaults(func=_cmd_qemu)
 
     pub = sub.add_parser("publish", help="publish a root filesystem as a versioned image")

@@ -20,7 +20,7 @@ from .errors import RackbootError
 from rackboot.firmware.boards import COMMON_MODULES, Board
 
 PYTHON = "/usr/bin/python3.11"
-PYTHON_PACKAGES = ("python3.11-minimal",)
+PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
 SHIM_FILES = ("init.sh", "udhcpc.script")
 
 
@@ -83,6 +83,18 @@ def _copy_from_sysroot(paths: list[str], sysroot: Path, stage: Path) -> None:
             shutil.copymode(src, dst)
 
 
+def merge_trees(trees: list[Path], dest: Path) -> Path:
+    """Layer ``trees`` into ``dest`` (later ones win), hard-linking files where possible."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    for tree in trees:
+        shutil.copytree(tree, dest, symlinks=True, dirs_exist_ok=True, copy_function=link_or_copy)
+    return dest
+
+
 def _write(stage: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
     path = stage / rel.lstrip("/")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +123,7 @@ def stage(root: Path, spec: Spec, *, sysroot: Path, kernel) -> None:
     _write(root, "/etc/rackboot/modules.order", modules.load_order_text(closure).encode())
 
     if spec.updater:
-        _stage_python(root, sysroot)
+        _stage_python(root, sysroot, spec.arch)
     for target, source in sorted(spec.files.items()):
         if not source.exists():
             raise RackbootError(f"[initramfs] files: {source} (for {target}) does not exist")
@@ -124,21 +136,21 @@ def stage(root: Path, spec: Spec, *, sysroot: Path, kernel) -> None:
             shutil.copymode(source, dst)
 
 
-def _stage_python(root: Path, sysroot: Path) -> None:
+def _stage_python(root: Path, sysroot: Path, arch: str) -> None:
     """The updater package and the stdlib modules it imports, from the target's stdlib."""
     updater_dst = root / "usr/lib/rackboot/updater"
     updater_dst.mkdir(parents=True, exist_ok=True)
     for src in _updater_sources():
         shutil.copyfile(src, updater_dst / src.name)
-    for rel in pystdlib.needed_stdlib(updater_dst, sysroot):
-        _copy_from_sysroot([rel], sysroot, root)
+    needed = pystdlib.needed_stdlib(updater_dst, sysroot, arch)
+    _copy_from_sysroot(needed.sources, sysroot, root)
+    _copy_from_sysroot(elf.closure(needed.extensions, sysroot, arch), sysroot, root)
     os.symlink("python3.11", root / "usr/bin/python3")
 
 
 def archive(stage: Path, out: Path, compression: str, *, mtime: int) -> None:
     """The staged tree plus /dev/console as a deterministic newc archive, compressed."""
     entries = cpio.tree_entries(stage)
-    entries.append(cpio.Directory("dev", 0o755))
     entries.append(cpio.Device("dev/console", 0o600, "c", 5, 1))
     with open(out, "wb") as f:
         compress.write_compressed(compression, lambda sink: cpio.write_archive(entries, sink, mtime=mtime), f)

@@ -1,0 +1,33 @@
+"""`rackboot qemu`: boot a build's artefacts on an emulated worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import build
+from .config import Config
+from .errors import RackbootError
+
+
+def qemu_command(cfg: Config, *, expect: str | None, timeout: float, disks: list[Path],
+                 log: Path | None) -> int:
+    """Boot through U-Boot, DHCP and TFTP from the build directory; 0 when ``expect`` was seen."""
+    from rackboot.qemu.machines import profile
+    from rackboot.qemu.runner import QemuWorker
+
+    out = cfg.get("output", "directory")
+    if not (out / build.NETBOOT_SCRIPT).is_file():
+        raise RackbootError(f"{out} has no {build.NETBOOT_SCRIPT}; run rackboot build -c {cfg.path} first")
+    for disk in disks:
+        if not disk.is_file():
+            raise RackbootError(f"disk image {disk} does not exist")
+    log = log or out.parent / f"{out.name}-console.log"
+    machine = profile(cfg.get("board", "name"), cfg.get("board", "arch"))
+    with QemuWorker(machine, log_path=log, tftp_dir=out, bootfile=build.NETBOOT_SCRIPT, disks=disks) as worker:
+        print(f"booting {machine.name}/{machine.arch}; console log: {log}", flush=True)
+        if expect is None:
+            worker.wait_exit(timeout)
+            return 0
+        match = worker.expect(expect, timeout)
+        print(f"seen: {match.string.strip()}")
+    return 0

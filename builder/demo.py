@@ -1,0 +1,148 @@
+"""`make demo`: the whole story on an emulated worker with a blank 1 GiB card.
+
+Build; publish the example root filesystem as v1; serve; boot a worker whose card
+holds only the SD image. Boot 1 lays out the card and installs v1; boot 2 fetches
+nothing; v2 is published and boot 3 installs it; boot 4 runs with the master down and
+boots v2 from the card. A summary table ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import build, config, plans, publish, serve
+from .build import Inputs
+from .errors import RackbootError
+
+DISK_MIB = 1024
+IMAGE = "example"
+
+
+@dataclass
+class BootRow:
+    boot: int
+    expected: str
+    action: str
+    bytes_fetched: int
+    seconds: float
+
+
+def example_root(cfg: config.Config, version: str, dest: Path) -> Path:
+    """The example root filesystem: busybox, an init that says which version is up."""
+    src = cfg.base / "rootfs"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, symlinks=True)
+    inp = Inputs(cfg)
+    busybox = inp.unpacked("busybox-static") / "bin/busybox"
+    (dest / "bin").mkdir(exist_ok=True)
+    shutil.copyfile(busybox, dest / "bin/busybox")
+    (dest / "bin/busybox").chmod(0o755)
+    for sub in ("etc", "proc", "sys", "dev", "tmp", "run"):
+        (dest / sub).mkdir(exist_ok=True)
+    (dest / "etc/rackboot-release").write_text(version + "\n")
+    return dest
+
+
+def blank_card(sdcard: Path, disk: Path) -> None:
+    """A blank 1 GiB card with the SD image written at its start, as `dd` would."""
+    with open(disk, "wb") as out, open(sdcard, "rb") as src:
+        shutil.copyfileobj(src, out, 1 << 20)
+        out.truncate(DISK_MIB << 20)
+
+
+class Master:
+    """`rackboot serve` in a thread, on the port the worker's kernel command line names."""
+
+    def __init__(self, cfg: config.Config):
+        self.server = serve.make_server(cfg.get("master", "directory"), "127.0.0.1", cfg.get("master", "port"),
+                                        quiet=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def bytes_sent(self, prefix: str = "/images/") -> int:
+        return sum(n for path, n in self.server.stats()["bytes_sent"].items() if path.startswith(prefix))
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _boot(cfg, out: Path, disk: Path, log: Path, expect: str, *, master: Master | None, offline: bool) -> BootRow:
+    from rackboot.qemu.runner import QemuWorker
+    from rackboot.qemu.machines import profile
+
+    before = master.bytes_sent() if master else 0
+    start = time.monotonic()
+    machine = profile(cfg.get("board", "name"), cfg.get("board", "arch"))
+    # Offline: no TFTP either, so U-Boot falls back to the card's own kernel and initramfs.
+    with QemuWorker(machine, log_path=log, tftp_dir=None if offline else out,
+                    bootfile=build.NETBOOT_SCRIPT, disks=[disk]) as worker:
+        worker.expect(expect, timeout=300)
+        worker.wait_exit(timeout=60)
+    seconds = time.monotonic() - start
+    fetched = (master.bytes_sent() - before) if master else 0
+    action = _last_action(log)
+    return BootRow(0, expect, action, fetched, seconds)
+
+
+def _last_action(log: Path) -> str:
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if "rackboot: booting slot" in line:
+            return line.split("(", 1)[1].split(")", 1)[0]
+    return "?"
+
+
+def run(config_path: Path, workdir: Path | None = None) -> int:
+    cfg = config.load(config_path)
+    out = build.build(cfg)
+    work = Path(workdir) if workdir else out.parent / "demo"
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "logs").mkdir(parents=True)
+    master_dir = cfg.get("master", "directory")
+    if master_dir.exists():
+        shutil.rmtree(master_dir)
+    kernel = Inputs(cfg).kernel
+
+    def release(version: int) -> None:
+        root = example_root(cfg, f"v{version}", work / f"rootfs-v{version}")
+        publish.publish_directory(root, master_dir, image=IMAGE, version=version, label=f"v{version}",
+                                  kernel_release=kernel.release, modules_from=kernel.root,
+                                  source_date_epoch=build.source_date_epoch())
+        plans.assign(cfg, node="default", image=IMAGE)
+        print(f"published {IMAGE} v{version}")
+
+    disk = work / "worker-disk.img"
+    blank_card(out / "sdcard.img", disk)
+    rows: list[BootRow] = []
+    release(1)
+    master = Master(cfg)
+    try:
+        for n, (version, offline) in enumerate([(1, False), (1, False), (2, False), (2, True)], start=1):
+            if n == 3:
+                release(2)
+            if offline and master:
+                master.stop()
+                master = None
+            print(f"boot {n}: expecting v{version}{' (master stopped)' if offline else ''} ...", flush=True)
+            row = _boot(cfg, out, disk, work / "logs" / f"boot{n}.log", rf"rackboot-demo: v{version} is up",
+                        master=master, offline=offline)
+            row.boot = n
+            rows.append(row)
+    finally:
+        if master:
+            master.stop()
+    print()
+    print(f"{'boot':<5} {'expected':<10} {'action':<12} {'bytes fetched':>14} {'seconds':>8}")
+    for r in rows:
+        print(f"{r.boot:<5} {r.expected.split(': ')[1].split()[0]:<10} {r.action:<12} {r.bytes_fetched:>14} {r.seconds:>8.1f}")
+    print(f"worker disk image and console logs: {work}")
+    return 0

@@ -1,0 +1,190 @@
+"""One emulated worker: QEMU with U-Boot as firmware, a serial console we can read and
+log, a QMP socket for power control, user-mode networking (DHCP + TFTP) and raw disks.
+
+    with QemuWorker(profile("qemu-virt", "arm64"), log_path=log, tftp_dir=out,
+                    bootfile="boot.scr.uimg", disks=[card]) as worker:
+        worker.expect(r"network up: \\S+ (\\S+)", timeout=60)
+        worker.wait_exit(timeout=30)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from rackboot.errors import RackbootError
+from .machines import MachineProfile
+
+
+class QemuWorker:
+    def __init__(self, machine: MachineProfile, *, log_path: Path, tftp_dir: Path | None = None,
+                 bootfile: str | None = None, disks: list[Path] = (), no_reboot: bool = True,
+                 extra_netdev: str = "", extra_args: list[str] = ()):
+        self.machine = machine
+        self.log_path = Path(log_path)
+        self.tftp_dir = tftp_dir
+        self.bootfile = bootfile
+        self.disks = [Path(d) for d in disks]
+        self.no_reboot = no_reboot
+        self.extra_netdev = extra_netdev
+        self.extra_args = list(extra_args)
+        self._lines: list[str] = []
+        self._tail: deque[str] = deque(maxlen=15)
+        self._cond = threading.Condition()
+        self._seen = 0  # lines already matched by expect(): each line matches once
+        self._proc: subprocess.Popen | None = None
+        self._tmp = tempfile.mkdtemp(prefix="rackboot-qemu-")
+        self.qmp_path = os.path.join(self._tmp, "qmp.sock")
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        m = self.machine
+        netdev = "user,id=net0"
+        if self.tftp_dir is not None:
+            netdev += f",tftp={Path(self.tftp_dir).resolve()}"
+            if self.bootfile:
+                netdev += f",bootfile={self.bootfile}"
+        netdev += self.extra_netdev
+        cmd = [m.qemu, "-M", m.machine, "-cpu", m.cpu, "-m", str(m.memory_mib), "-smp", "1",
+               "-bios", m.firmware, "-display", "none", "-monitor", "none", "-serial", "stdio",
+               "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+               "-netdev", netdev, "-device", f"{m.net_device},netdev=net0"]
+        for i, disk in enumerate(self.disks):
+            cmd += ["-drive", f"if=none,id=disk{i},format=raw,file={disk},cache=writeback",
+                    "-device", f"{m.block_device},drive=disk{i}"]
+        if self.no_reboot:
+            cmd.append("-no-reboot")
+        return cmd + self.extra_args
+
+    def start(self) -> "QemuWorker":
+        if shutil.which(self.machine.qemu) is None:
+            raise RackbootError(f"{self.machine.qemu} is not installed (apt-get install qemu-system-arm)")
+        if not os.path.exists(self.machine.firmware):
+            raise RackbootError(f"U-Boot firmware {self.machine.firmware} is missing (apt-get install u-boot-qemu)")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
+        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read_console, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read_console(self) -> None:
+        for raw in iter(self._proc.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n").replace("\r", "")
+            self._log.write(line + "\n")
+            self._log.flush()
+            with self._cond:
+                self._lines.append(line)
+                self._tail.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def __enter__(self) -> "QemuWorker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        if self._proc:
+            self._proc.wait()
+            self._reader.join(timeout=5)
+            self._log.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # --- console -----------------------------------------------------------------------
+
+    @property
+    def console(self) -> list[str]:
+        with self._cond:
+            return list(self._lines)
+
+    def expect(self, pattern: str, timeout: float) -> re.Match:
+        """The first console line, not matched before, that matches ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._seen < len(self._lines):
+                    line = self._lines[self._seen]
+                    self._seen += 1
+                    match = regex.search(line)
+                    if match:
+                        return match
+                left = deadline - time.monotonic()
+                if not self.running and self._seen >= len(self._lines):
+                    raise RackbootError(f"worker stopped before /{pattern}/ was seen; last console line: "
+                                        f"{self._last_line()!r} (log: {self.log_path})")
+                if left <= 0:
+                    raise RackbootError(f"no console line matched /{pattern}/ within {timeout:g} s; last line: "
+                                        f"{self._last_line()!r} (log: {self.log_path})")
+                self._cond.wait(min(left, 0.5))
+
+    def _last_line(self) -> str:
+        return next((line for line in reversed(self._tail) if line.strip()), "")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise RackbootError(f"worker did not power off within {timeout:g} s (log: {self.log_path})") from None
+
+    # --- QMP -----------------------------------------------------------------------------
+
+    def qmp(self, command: str, **arguments) -> dict:
+        """Run one QMP command on a fresh connection; returns its 'return' value."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(self.qmp_path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise RackbootError(f"QMP socket {self.qmp_path} did not come up") from None
+                time.sleep(0.05)
+        with sock, sock.makefile("rwb") as f:
+            json.loads(f.readline())  # greeting
+            for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
+                f.write(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
+                f.flush()
+                while True:
+                    reply = json.loads(f.readline())
+                    if "return" in reply or "error" in reply:
+                        break  # skip asynchronous events
+                if "error" in reply:
+                    raise RackbootError(f"QMP {cmd} failed: {reply['error'].get('desc')}")
+            return reply["return"]
+
+    def reset(self) -> None:
+        self.qmp("system_reset")
+
+    def power_off(self) -> None:
+        """Pull the plug: QEMU stops at once, whatever the guest was doing."""
+        try:
+            self.qmp("quit")
+        except (RackbootError, OSError):
+            pass
+        self.kill()

@@ -1,0 +1,132 @@
+"""`rackboot build` on the real Debian packages: artefacts, no-op rebuilds, bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rackboot import build, config, cpio
+from conftest import quiet, write_config
+
+pytestmark = pytest.mark.network
+
+
+def rackboot(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rackboot", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def members(initramfs: Path) -> dict[str, cpio.Member]:
+    return {m.name: m for m in cpio.read_members(gzip.decompress(initramfs.read_bytes()))}
+
+
+def test_artefacts_json_describes_every_output(probe_build):
+    doc = json.loads((probe_build / "artefacts.json").read_text())
+    kinds = {e["kind"] for e in doc["artefacts"]}
+    assert {"kernel", "initramfs", "uboot-script"} <= kinds
+    for entry in doc["artefacts"]:
+        data = (probe_build / entry["path"]).read_bytes()
+        assert entry["size"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_initramfs_holds_init_console_busybox_and_modules_in_order(probe_build):
+    m = members(probe_build / "initramfs.cpio.gz")
+    assert m["dev/console"].mode & 0o170000 == 0o020000  # character device
+    assert (m["dev/console"].rdevmajor, m["dev/console"].rdevminor) == (5, 1)
+    assert m["init"].mode & 0o111
+    assert "bin/busybox" in m
+    order = m["etc/rackboot/modules.order"].data.decode().split()
+    names = [Path(p).name.split(".ko")[0] for p in order]
+    assert names.index("failover") < names.index("net_failover") < names.index("virtio_net")
+    assert all(p in m for p in order), "every module in the load order is in the archive"
+    assert all(mem.uid == 0 and mem.gid == 0 for mem in m.values())
+
+
+def test_noop_rebuild_rebuilds_nothing(tmp_path):
+    cfg = config.load(write_config(tmp_path))
+    build.build(cfg, log=quiet)
+    lines = []
+    build.build(cfg, log=lines.append)
+    assert "rebuilt 0 of" in lines[-1]
+    assert all("up to date" in line for line in lines[1:-1])
+
+
+def test_changed_module_list_rebuilds_only_the_initramfs(tmp_path):
+    build.build(config.load(write_config(tmp_path)), log=quiet)
+    lines = []
+    build.build(config.load(write_config(tmp_path, initramfs={"modules": ["loop"]})), log=lines.append)
+    rebuilt = [line.split()[0] for line in lines if "rebuilding" in line]
+    assert rebuilt == ["initramfs"]
+    assert any("initramfs changed" in line for line in lines)
+
+
+def test_same_inputs_same_bytes_whatever_umask_and_mtimes(tmp_path):
+    outputs = []
+    for n, (umask, mtime) in enumerate([(0o022, 1_000_000), (0o077, 2_000_000)]):
+        d = tmp_path / f"run{n}"
+        d.mkdir()
+        old = os.umask(umask)
+        try:
+            extra = d / "motd"
+            extra.write_text("hello rack\n")
+            os.utime(extra, (mtime, mtime))
+            cfg = config.load(write_config(d, initramfs={"files": {"/etc/motd": "motd"}}))
+            outputs.append(build.build(cfg, log=quiet))
+        finally:
+            os.umask(old)
+    for name in ("initramfs.cpio.gz", "boot.scr.uimg", "Image"):
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+
+
+def _only_state(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name != ".rackboot") if out.exists() else []
+
+
+@pytest.mark.parametrize("sections, pattern, status", [
+    ({"initramfs": {"modles": ["x"]}}, r"\[initramfs\] modles: unknown key \(did you mean 'modules'\?\)", 2),
+    ({"initramfs": {"packages": ["busybox-static", "no-such-package-rackboot"]}},
+     r"unknown Debian package 'no-such-package-rackboot'", 1),
+    ({"initramfs": {"modules": ["virtio_nett"]}}, r"virtio_nett.*did you mean 'virtio_net'", 1),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, sections, pattern, status):
+    import re
+    result = rackboot("build", "-c", write_config(tmp_path, **sections))
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+    assert _only_state(tmp_path / "build") == []
+
+
+def test_wrong_arch_binary_is_refused_by_name(tmp_path):
+    local = tmp_path / "extra"
+    (local / "usr/bin").mkdir(parents=True)
+    shutil.copy("/bin/ls", local / "usr/bin/hostls")
+    result = rackboot("build", "-c", write_config(
+        tmp_path, initramfs={"packages": ["busybox-static", "./extra"], "binaries": ["/bin/busybox", "/usr/bin/hostls"]}))
+    assert result.returncode == 1
+    assert "/usr/bin/hostls" in result.stderr and "arm64" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _only_state(tmp_path / "build") == []
+
+
+def test_full_disk_is_one_line_and_leaves_no_half_artefact(tmp_path):
+    out = tmp_path / "build"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(out)], check=True)
+    try:
+        result = rackboot("build", "-c", write_config(tmp_path))
+        assert result.returncode == 1
+        assert "no space left on device" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert _only_state(out) == []  # the kernel did not fit: no half-written Image, no temporaries
+    finally:
+        subprocess.run(["umount", str(out)])
