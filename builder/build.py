@@ -82,12 +82,14 @@ class Inputs:
         if self.cfg.get("kernel", "path"):
             return None
         name = self.cfg.get("kernel", "package") or self.board.kernel_package
-        refs = self.cache.resolve([name], with_depends=True)
-        # A metapackage (linux-image-arm64) depends on the versioned image package.
-        images = [r for r in refs if r.name.startswith("linux-image-") and r.name[12:13].isdigit()]
-        if not images:
-            raise RackbootError(f"Debian package {name} is not a kernel image and does not depend on one")
-        return images[0]
+        ref = self.package(name)
+        if not _is_kernel_image(ref.name):
+            # a metapackage (linux-image-arm64) depends on the versioned image package
+            images = [d for d in ref.depends if _is_kernel_image(d)]
+            if not images:
+                raise RackbootError(f"Debian package {name} is not a kernel image and does not depend on one")
+            ref = self.package(images[0])
+        return ref
 
     @cached_property
     def kernel_key(self) -> str:
@@ -102,6 +104,10 @@ class Inputs:
 
     def unpacked(self, name: str) -> Path:
         return self.cache.unpack(self.package(name))
+
+
+def _is_kernel_image(package: str) -> bool:
+    return package.startswith("linux-image-") and package[12:13].isdigit()
 
 
 def kernel_artefact(inp: Inputs) -> graph.Artefact:

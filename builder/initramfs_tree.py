@@ -119,7 +119,7 @@ def stage(root: Path, spec: Spec, *, sysroot: Path, kernel) -> None:
 
     closure = modules.module_closure(spec.modules, kernel.root, arch=spec.arch)
     for module in closure.modules:
-        _write(root, module.path, modules.module_bytes(kernel.root / module.path))
+        _write(root, modules.plain_path(module.path), modules.module_bytes(kernel.root / module.path))
     _write(root, "/etc/rackboot/modules.order", modules.load_order_text(closure).encode())
 
     if spec.updater:

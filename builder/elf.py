@@ -1,0 +1,192 @@
+"""ELF closure: a binary, its interpreter and every library it needs, found in a sysroot.
+
+Libraries are searched the way the glibc loader would on the target, inside the
+package sysroot and never on the host: DT_RPATH (only when there is no DT_RUNPATH),
+DT_RUNPATH, the paths in etc/ld.so.conf (and its includes), then the multiarch and
+default directories. $ORIGIN expands to the needing object's directory. A candidate
+only matches when its ELF class and machine match the binary's, as with ld.so.
+Symlinks on the way are kept, so the copier can recreate them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
+from elftools.elf.elffile import ELFFile
+
+from .errors import RackbootError
+
+# Debian arch -> (ELF class, e_machine, multiarch triplet)
+ARCHES = {
+    "arm64": (64, "EM_AARCH64", "aarch64-linux-gnu"),
+    "armhf": (32, "EM_ARM", "arm-linux-gnueabihf"),
+    "amd64": (64, "EM_X86_64", "x86_64-linux-gnu"),
+}
+MACHINE_NAMES = {"EM_AARCH64": "aarch64", "EM_ARM": "arm", "EM_X86_64": "x86_64", "EM_386": "i386"}
+BIN_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+@dataclass(frozen=True)
+class ElfInfo:
+    elf_class: int
+    machine: str
+    interp: str | None
+    needed: tuple[str, ...]
+    rpath: tuple[str, ...]
+    runpath: tuple[str, ...]
+
+
+def read_elf_info(path: Path) -> ElfInfo:
+    """What the loader reads from one ELF file; RackbootError if it is not ELF."""
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            interp = None
+            needed, rpath, runpath = [], [], []
+            for seg in elf.iter_segments():
+                if seg["p_type"] == "PT_INTERP":
+                    interp = seg.get_interp_name()
+            for section in elf.iter_sections():
+                if isinstance(section, DynamicSection):
+                    for tag in section.iter_tags():
+                        if tag.entry.d_tag == "DT_NEEDED":
+                            needed.append(tag.needed)
+                        elif tag.entry.d_tag == "DT_RPATH":
+                            rpath += tag.rpath.split(":")
+                        elif tag.entry.d_tag == "DT_RUNPATH":
+                            runpath += tag.runpath.split(":")
+            return ElfInfo(elf.elfclass, elf["e_machine"], interp, tuple(needed), tuple(rpath), tuple(runpath))
+    except (ELFError, OSError) as exc:
+        raise RackbootError(f"{path} is not an ELF file ({exc})") from None
+
+
+def _describe(info: ElfInfo) -> str:
+    return f"ELF{info.elf_class} {MACHINE_NAMES.get(info.machine, info.machine)}"
+
+
+def check_arch(path: str, info: ElfInfo, arch: str) -> None:
+    elf_class, machine, _ = ARCHES[arch]
+    if (info.elf_class, info.machine) != (elf_class, machine):
+        raise RackbootError(f"{path} is {_describe(info)}, not {arch} (the board's arch)")
+
+
+def resolve_in_sysroot(sysroot: Path, path: str, _depth: int = 0) -> tuple[str, list[str]]:
+    """Follow symlinks of ``path`` inside the sysroot: (final path, the links on the way)."""
+    links = []
+    parts = PurePosixPath(path).parts[1:]
+    current = PurePosixPath("/")
+    i = 0
+    while i < len(parts):
+        candidate = current / parts[i]
+        host = sysroot / str(candidate).lstrip("/")
+        if host.is_symlink():
+            if len(links) > 40:
+                raise RackbootError(f"too many levels of symlinks resolving {path} in {sysroot}")
+            links.append(str(candidate))
+            target = os.readlink(host)
+            base = PurePosixPath("/") if target.startswith("/") else current
+            rest = PurePosixPath(os.path.normpath(base / target)).parts[1:]
+            parts = rest + parts[i + 1:]
+            current, i = PurePosixPath("/"), 0
+            continue
+        current = candidate
+        i += 1
+    return str(current), links
+
+
+@lru_cache(maxsize=None)
+def ld_so_conf_paths(sysroot: Path) -> tuple[str, ...]:
+    """Directories from etc/ld.so.conf and its `include` globs, read inside the sysroot."""
+    out: list[str] = []
+
+    def read(conf: Path) -> None:
+        try:
+            lines = conf.read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("include "):
+                pattern = line.split(None, 1)[1]
+                for inc in sorted(glob.glob(str(sysroot / pattern.lstrip("/")))):
+                    read(Path(inc))
+            elif line:
+                out.append(line)
+
+    read(sysroot / "etc/ld.so.conf")
+    return tuple(out)
+
+
+def search_paths(info: ElfInfo, origin: str, sysroot: Path, arch: str) -> list[str]:
+    triplet = ARCHES[arch][2]
+    expand = lambda p: p.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+    paths = [] if info.runpath else [expand(p) for p in info.rpath]
+    paths += [expand(p) for p in info.runpath]
+    paths += list(ld_so_conf_paths(sysroot))
+    paths += [f"/lib/{triplet}", f"/usr/lib/{triplet}", "/lib", "/usr/lib"]
+    return [p for p in dict.fromkeys(paths) if p]
+
+
+def _find_library(name: str, info: ElfInfo, origin: str, sysroot: Path, arch: str) -> str | None:
+    for directory in search_paths(info, origin, sysroot, arch):
+        candidate = str(PurePosixPath(directory) / name)
+        final, _ = resolve_in_sysroot(sysroot, candidate)
+        host = sysroot / final.lstrip("/")
+        if host.is_file():
+            try:
+                lib = read_elf_info(host)
+            except RackbootError:
+                continue
+            if (lib.elf_class, lib.machine) == ARCHES[arch][:2]:
+                return candidate
+    return None
+
+
+def _locate_binary(binary: str, sysroot: Path) -> str:
+    if binary.startswith("/"):
+        return binary
+    for directory in BIN_DIRS:
+        candidate = f"{directory}/{binary}"
+        final, _ = resolve_in_sysroot(sysroot, candidate)
+        if (sysroot / final.lstrip("/")).is_file():
+            return candidate
+    raise RackbootError(f"binary {binary!r} not found in {', '.join(BIN_DIRS)} of {sysroot}")
+
+
+def closure(binaries: list[str], sysroot: Path, arch: str) -> list[str]:
+    """Every path (inside the sysroot) to copy for ``binaries`` to run: sorted, links included."""
+    if arch not in ARCHES:
+        raise RackbootError(f"ELF closure: unknown arch {arch!r} (known: {', '.join(ARCHES)})")
+    sysroot = Path(sysroot)
+    result: set[str] = set()
+    queue = [_locate_binary(b, sysroot) for b in binaries]
+    seen: set[str] = set()
+    while queue:
+        path = queue.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        final, links = resolve_in_sysroot(sysroot, path)
+        host = sysroot / final.lstrip("/")
+        if not host.is_file():
+            raise RackbootError(f"{path} does not exist in {sysroot}")
+        result.update(links)
+        result.add(final)
+        info = read_elf_info(host)
+        check_arch(path, info, arch)
+        if info.interp:
+            queue.append(info.interp)
+        origin = str(PurePosixPath(final).parent)
+        for name in info.needed:
+            found = _find_library(name, info, origin, sysroot, arch)
+            if found is None:
+                searched = ", ".join(search_paths(info, origin, sysroot, arch))
+                raise RackbootError(f"{name}, needed by {path}, not found for {arch} in {sysroot} (searched {searched})")
+            queue.append(found)
+    return sorted(result)
