@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -158,17 +158,26 @@ def initramfs_artefact(inp: Inputs) -> graph.Artefact:
     }
     suffix = {"gzip": ".gz", "xz": ".xz", "zstd": ".zst", "none": ""}[spec.compression]
 
+    work = tempfile.TemporaryDirectory(prefix="rackboot-initramfs-")
+
+    @cache
+    def sysroot() -> Path:
+        root = inp.cache.sysroot(refs)
+        if local_roots:  # local trees layered over the packages, in config order
+            root = initramfs_tree.merge_trees([root, *local_roots], Path(work.name) / "sysroot")
+        return root
+
+    def check() -> None:
+        initramfs_tree.check(spec, sysroot=sysroot(), kernel=inp.kernel)
+
     def build(tmp: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="rackboot-stage-") as work:
-            sysroot = inp.cache.sysroot(refs)
-            if local_roots:  # local trees layered over the packages, in config order
-                sysroot = initramfs_tree.merge_trees([sysroot, *local_roots], Path(work) / "sysroot")
-            stage = Path(work) / "stage"
+        with work:
+            stage = Path(work.name) / "stage"
             stage.mkdir()
-            initramfs_tree.stage(stage, spec, sysroot=sysroot, kernel=inp.kernel)
+            initramfs_tree.stage(stage, spec, sysroot=sysroot(), kernel=inp.kernel)
             initramfs_tree.archive(stage, tmp, spec.compression, mtime=source_date_epoch())
 
-    return graph.Artefact("initramfs", "initramfs", f"initramfs.cpio{suffix}", inputs, build)
+    return graph.Artefact("initramfs", "initramfs", f"initramfs.cpio{suffix}", inputs, build, check=check)
 
 
 def initramfs_uimage_artefact(inp: Inputs, initramfs: graph.Artefact, out: Path) -> graph.Artefact:

@@ -36,6 +36,9 @@ class Artefact:
     inputs: dict[str, Any]  # JSON-able: what the output depends on
     build: Callable[[Path], None]  # writes the output to the given (temporary) path
     after: tuple[str, ...] = ()  # artefacts whose outputs this one reads
+    # Cheap validation of the inputs, run for every stale artefact before any is built,
+    # so bad input fails the build before it writes anything.
+    check: Callable[[], None] | None = None
 
 
 @dataclass
@@ -146,6 +149,9 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
     result = BuildResult()
     with locked(out):
         state = out / STATE_DIR
+        for artefact in artefacts:
+            if artefact.check and _inputs_changed(state, artefact):
+                artefact.check()
         hashes: dict[str, str] = {}
         for artefact in artefacts:
             missing = [d for d in artefact.after if d not in hashes]
@@ -172,6 +178,11 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
             result.outcomes.append(Outcome(artefact.name, True, reason))
         write_manifest(out, artefacts, hashes)
     return result
+
+
+def _inputs_changed(state: Path, artefact: Artefact) -> bool:
+    old = _read_stamp(state / f"{artefact.name}.json")
+    return old is None or canonical(old.get("inputs")) != canonical(artefact.inputs)
 
 
 def _read_stamp(path: Path) -> dict | None:

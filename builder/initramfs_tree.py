@@ -102,6 +102,13 @@ def _write(stage: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
+def check(spec: Spec, *, sysroot: Path, kernel) -> None:
+    """Fail on what would stop the build (wrong-arch binaries, missing libraries or
+    modules) before anything is written; both closures are cheap next to compression."""
+    elf.closure(spec.binaries, sysroot, spec.arch)
+    modules.module_closure(spec.modules, kernel.root, arch=spec.arch)
+
+
 def stage(root: Path, spec: Spec, *, sysroot: Path, kernel) -> None:
     """Lay out the initramfs tree under ``root``."""
     _copy_from_sysroot(elf.closure(spec.binaries, sysroot, spec.arch), sysroot, root)

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from rackboot.errors import ConfigError
 
-# Modules the updater needs on every board: the card's filesystem and the overlay root.
-COMMON_MODULES = ("ext4", "overlay")
+# Modules every board needs: the card's filesystem (ext4 checksums its metadata with
+# crc32c, which it only asks for through the crypto API) and the overlay root.
+COMMON_MODULES = ("crc32c_generic", "ext4", "overlay")
 
 
 @dataclass(frozen=True)
