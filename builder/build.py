@@ -17,15 +17,19 @@ from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 
-from . import graph, initramfs_tree
+from . import graph, initramfs_tree, templates
 from .config import Config
 from .errors import RackbootError
 from .sources import PackageCache, PackageRef, content_hash
+from rackboot.firmware import bmap, sdcard
 from rackboot.firmware.boards import Board, board as board_profile
 from rackboot.uboot import image as uimage
 from rackboot.uboot import script as uscript
 
 NETBOOT_SCRIPT = "boot.scr.uimg"  # the name U-Boot's distro boot asks DHCP/TFTP for
+CARD_SCRIPT = "boot.scr"  # the name distro boot looks for on the card's boot partition
+BOOT_START_MIB = 4  # the slot-state records live at 1 and 2 MiB, before the boot partition
+DISK_SIGNATURE = 0x7261636B  # "rack": pinned so the same inputs give the same card image
 
 
 def source_date_epoch() -> int:
@@ -194,9 +198,9 @@ def master_url(cfg: Config) -> str:
     return f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}"
 
 
-def netboot_script_artefact(inp: Inputs, kernel: str, initramfs: str) -> graph.Artefact:
-    template = "netboot.cmd.j2"
-    context = {
+def script_context(inp: Inputs, kernel: str, initramfs: str) -> dict:
+    """What the boot script templates read: also the scripts' rebuild key."""
+    return {
         "board": {"name": inp.board.name, "arch": inp.board.arch, "console": inp.board.console,
                   "boot_command": inp.board.boot_command},
         "cmdline": inp.cfg.get("kernel", "cmdline"),
@@ -204,26 +208,74 @@ def netboot_script_artefact(inp: Inputs, kernel: str, initramfs: str) -> graph.A
         "kernel": kernel,
         "initramfs": initramfs,
         "dtb": f"dtbs/{Path(inp.board.dtbs[0]).name}" if inp.board.dtbs else "",
+        "netboot_script": NETBOOT_SCRIPT,
     }
 
+
+def script_artefact(inp: Inputs, name: str, filename: str, template: str, context: dict) -> graph.Artefact:
     def build(tmp: Path) -> None:
         text = uscript.render(template, **context)
-        tmp.write_bytes(uimage.script_image(text, arch=inp.board.uboot_arch, name="rackboot netboot",
+        tmp.write_bytes(uimage.script_image(text, arch=inp.board.uboot_arch, name=f"rackboot {name}",
                                             timestamp=source_date_epoch()))
 
-    inputs = {"context": context, "template": hashlib.sha256(uscript.template_source(template).encode()).hexdigest(),
-              "epoch": source_date_epoch()}
-    return graph.Artefact("netboot-script", "uboot-script", NETBOOT_SCRIPT, inputs, build)
+    inputs = {"context": context, "template": uscript.template_hash(template), "epoch": source_date_epoch()}
+    return graph.Artefact(name, "uboot-script", filename, inputs, build)
+
+
+def card_files(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> dict[str, Path | bytes]:
+    """What the SD card's boot partition holds: our artefacts, and for Pis the firmware,
+    config.txt and U-Boot from Debian's raspi-firmware and u-boot-rpi."""
+    files: dict[str, Path | bytes] = {a.filename: out / a.filename for a in on_card}
+    board = inp.board
+    if board.is_pi:
+        uboot = inp.unpacked(board.uboot_package)
+        files["u-boot.bin"] = uboot / board.uboot_binary
+        firmware = inp.unpacked(board.firmware_package) / "usr/lib/raspi-firmware"
+        for name in board.firmware_files:
+            files[name] = firmware / name
+        dtb = Path(board.dtbs[0]).name if board.dtbs else ""
+        files["config.txt"] = templates.render("rackboot.firmware", "config.txt.j2", board=board, dtb=dtb).encode()
+        for a in on_card:
+            if a.kind == "dtb":  # the firmware reads the device tree from the partition's root
+                files[Path(a.filename).name] = out / a.filename
+    return files
+
+
+def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> list[graph.Artefact]:
+    board = inp.board
+    boot = inp.cfg.get("layout", "partitions")[0]
+    inputs = {"board": [board.name, board.arch], "boot_size_mib": boot["size_mib"], "epoch": source_date_epoch(),
+              "config_txt": templates.source_hash("rackboot.firmware", "config.txt.j2")}
+    if board.is_pi:
+        inputs["packages"] = [f"{r.name}={r.version}:{r.sha256}"
+                              for r in (inp.package(board.uboot_package), inp.package(board.firmware_package))]
+
+    def build_card(tmp: Path) -> None:
+        sdcard.build_sdcard(tmp, card_files(inp, out, on_card), boot_size_mib=boot["size_mib"],
+                            boot_start_mib=BOOT_START_MIB, disk_signature=DISK_SIGNATURE,
+                            volume_id=DISK_SIGNATURE, mtime=source_date_epoch())
+
+    def build_bmap(tmp: Path) -> None:
+        tmp.write_text(bmap.bmap_text(out / "sdcard.img"))
+
+    card = graph.Artefact("sdcard", "sdcard", "sdcard.img", inputs, build_card,
+                          after=tuple(a.name for a in on_card))
+    return [card, graph.Artefact("sdcard-bmap", "bmap", "sdcard.bmap", {}, build_bmap, after=("sdcard",))]
 
 
 def artefacts(inp: Inputs, out: Path) -> list[graph.Artefact]:
     """The build graph of one config, in dependency order."""
     kernel = kernel_artefact(inp)
+    dtbs = dtb_artefacts(inp)
     ird = initramfs_artefact(inp)
-    steps = [kernel, *dtb_artefacts(inp), ird]
+    steps = [kernel, *dtbs, ird]
     if inp.cfg.get("initramfs", "uboot_wrap"):
         steps.append(initramfs_uimage_artefact(inp, ird, out))
-    steps.append(netboot_script_artefact(inp, kernel.filename, ird.filename))
+    context = script_context(inp, kernel.filename, ird.filename)
+    netboot = script_artefact(inp, "netboot-script", NETBOOT_SCRIPT, "netboot.cmd.j2", context)
+    card_script = script_artefact(inp, "card-script", CARD_SCRIPT, "card.cmd.j2", context)
+    steps += [netboot, card_script]
+    steps += sdcard_artefacts(inp, out, [kernel, *dtbs, ird, card_script])
     return steps
 
 

@@ -165,9 +165,9 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
             if reason is None:
                 hashes[artefact.name] = old["sha256"]
                 result.outcomes.append(Outcome(artefact.name, False, "up to date"))
-                log(f"  {artefact.name:<12} up to date")
+                log(f"  {artefact.name:<16} up to date")
                 continue
-            log(f"  {artefact.name:<12} rebuilding ({reason})")
+            log(f"  {artefact.name:<16} rebuilding ({reason})")
             atomic_write(target, artefact.build)
             digest = sha256_file(target)
             st = target.stat()

@@ -10,7 +10,7 @@ from . import publish
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Plan
 
-BOOT_START_MIB = 4  # slot-state records live at 1 and 2 MiB, before the boot partition
+from .build import BOOT_START_MIB
 
 
 def layout(cfg: Config) -> Layout:

@@ -66,13 +66,14 @@ def test_noop_rebuild_rebuilds_nothing(tmp_path):
     assert all("up to date" in line for line in lines[1:-1])
 
 
-def test_changed_module_list_rebuilds_only_the_initramfs(tmp_path):
+def test_changed_module_list_rebuilds_only_the_initramfs_and_the_card_holding_it(tmp_path):
     build.build(config.load(write_config(tmp_path)), log=quiet)
     lines = []
     build.build(config.load(write_config(tmp_path, initramfs={"modules": ["loop"]})), log=lines.append)
     rebuilt = [line.split()[0] for line in lines if "rebuilding" in line]
-    assert rebuilt == ["initramfs"]
+    assert rebuilt == ["initramfs", "sdcard", "sdcard-bmap"]
     assert any("initramfs changed" in line for line in lines)
+    assert any("sdcard " in line and "initramfs rebuilt" in line for line in lines)
 
 
 def test_same_inputs_same_bytes_whatever_umask_and_mtimes(tmp_path):

@@ -93,10 +93,10 @@ def _handler(master: FakeMaster):
             if counted and drop is not None:
                 master.faults.drop_after = None
                 body = body[:drop]
-            self.wfile.write(body)
-            if counted:
+            if counted:  # count before sending: the client may finish before we return
                 with master.lock:
                     master.image_bytes += len(body)
+            self.wfile.write(body)
             if counted and drop is not None:
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)

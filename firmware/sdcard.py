@@ -1,0 +1,110 @@
+"""The dd-able SD card image for new workers: an MBR and one FAT32 boot partition.
+
+Built without root or loop devices: mkfs.fat on a plain file, mtools to copy the
+files in, then the FAT image spliced in after the MBR. Everything that could vary is
+pinned: the disk signature, the volume id (`--invariant`), and every file's timestamp,
+so the same inputs give the same bytes. The gap before the boot partition, where the
+updater keeps its slot-state records, is written as explicit zeros: a card flashed
+over an old one starts with no slot state at all. The rest of the card is laid out by
+the updater on first boot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from rackboot.errors import RackbootError
+from rackboot.initramfs.updater import mbr
+
+MIB = 1 << 20
+FAT_EPOCH = 315532800  # 1980-01-01: FAT cannot store anything earlier
+FAT32_LBA = 0x0C
+
+
+def _run(cmd: list[str], what: str) -> None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    except FileNotFoundError:
+        raise RackbootError(f"{cmd[0]} is not installed (apt-get install dosfstools mtools)") from None
+    if done.returncode:
+        detail = " ".join((done.stderr or done.stdout).split())[:300]
+        raise RackbootError(f"{what}: {cmd[0]} failed: {detail}")
+
+
+def _stage(files: dict[str, Path | bytes], root: Path, mtime: int) -> None:
+    for target in sorted(files):
+        dst = root / target.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        source = files[target]
+        if isinstance(source, bytes):
+            dst.write_bytes(source)
+        else:
+            shutil.copyfile(source, dst)
+    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+        os.utime(path, (mtime, mtime), follow_symlinks=False)
+
+
+def fat_image(out: Path, files: dict[str, Path | bytes], *, size_mib: int, volume_id: int, label: str,
+              mtime: int) -> None:
+    """A FAT32 filesystem image holding ``files`` (target path -> source path or bytes)."""
+    need = sum(len(s) if isinstance(s, bytes) else Path(s).stat().st_size for s in files.values())
+    if need > (size_mib - 2) * MIB:
+        raise RackbootError(f"boot partition of {size_mib} MiB is too small for {need / MIB:.1f} MiB of files "
+                            f"(over by {(need - (size_mib - 2) * MIB) / MIB:.1f} MiB)")
+    with open(out, "wb") as f:
+        f.truncate(size_mib * MIB)
+    _run(["mkfs.fat", "-F", "32", "-i", f"{volume_id:08x}", "-n", label, "--invariant", str(out)],
+         f"formatting the {size_mib} MiB boot partition")
+    with tempfile.TemporaryDirectory(prefix="rackboot-fat-") as tmp:
+        stage = Path(tmp)
+        _stage(files, stage, max(mtime, FAT_EPOCH))
+        top = sorted(p.name for p in stage.iterdir())
+        if top:
+            cmd = ["mcopy", "-i", str(out), "-s", "-m", "-Q", *top, "::/"]
+            try:
+                done = subprocess.run(cmd, cwd=stage, capture_output=True, text=True,
+                                      env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+            except FileNotFoundError:
+                raise RackbootError("mcopy is not installed (apt-get install mtools)") from None
+            if done.returncode:
+                detail = " ".join((done.stderr or done.stdout).split())[:300]
+                raise RackbootError(f"copying files into the boot partition: {detail}")
+
+
+def _copy_data(src: Path, dst, offset: int) -> None:
+    """Copy the data extents of ``src`` into ``dst`` at ``offset``, leaving holes as holes."""
+    with open(src, "rb") as f:
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            f.seek(start)
+            dst.seek(offset + start)
+            left = end - start
+            while left:
+                chunk = f.read(min(left, 4 * MIB))
+                dst.write(chunk)
+                left -= len(chunk)
+            pos = end
+
+
+def build_sdcard(out: Path, files: dict[str, Path | bytes], *, boot_size_mib: int, disk_signature: int,
+                 volume_id: int, boot_start_mib: int = 4, label: str = "RACKBOOT", mtime: int = 0) -> None:
+    """Write the card image to ``out``: (boot_start + boot_size) MiB, sparse where unused."""
+    with tempfile.TemporaryDirectory(prefix="rackboot-sdcard-") as tmp:
+        fat = Path(tmp) / "boot.vfat"
+        fat_image(fat, files, size_mib=boot_size_mib, volume_id=volume_id, label=label, mtime=mtime)
+        table = mbr.Mbr(disk_signature, (mbr.Entry(1, FAT32_LBA, boot_start_mib * MIB // mbr.SECTOR,
+                                                   boot_size_mib * MIB // mbr.SECTOR, bootable=True),))
+        with open(out, "wb") as disk:
+            disk.write(mbr.dump(table))
+            disk.write(bytes(boot_start_mib * MIB - mbr.SECTOR))  # the slot-state gap, explicitly zero
+            _copy_data(fat, disk, boot_start_mib * MIB)
+            disk.truncate((boot_start_mib + boot_size_mib) * MIB)
