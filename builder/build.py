@@ -17,7 +17,7 @@ from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 
-from . import graph, initramfs_tree, templates
+from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, templates
 from .config import Config
 from .errors import RackbootError
 from .sources import PackageCache, PackageRef, content_hash
@@ -158,6 +158,7 @@ def initramfs_artefact(inp: Inputs) -> graph.Artefact:
         "kernel": inp.kernel_key,
         "files": {target: content_hash(src) for target, src in sorted(spec.files.items()) if src.exists()},
         "shim": initramfs_tree.shim_hash(),
+        "recipe": graph.code_hash(initramfs_tree, pystdlib, elf, modules, cpio, compress),
         "epoch": source_date_epoch(),
     }
     suffix = {"gzip": ".gz", "xz": ".xz", "zstd": ".zst", "none": ""}[spec.compression]
@@ -218,7 +219,8 @@ def script_artefact(inp: Inputs, name: str, filename: str, template: str, contex
         tmp.write_bytes(uimage.script_image(text, arch=inp.board.uboot_arch, name=f"rackboot {name}",
                                             timestamp=source_date_epoch()))
 
-    inputs = {"context": context, "template": uscript.template_hash(template), "epoch": source_date_epoch()}
+    inputs = {"context": context, "template": uscript.template_hash(template), "epoch": source_date_epoch(),
+              "recipe": graph.code_hash(uimage, uscript)}
     return graph.Artefact(name, "uboot-script", filename, inputs, build)
 
 
@@ -245,7 +247,8 @@ def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> l
     board = inp.board
     boot = inp.cfg.get("layout", "partitions")[0]
     inputs = {"board": [board.name, board.arch], "boot_size_mib": boot["size_mib"], "epoch": source_date_epoch(),
-              "config_txt": templates.source_hash("rackboot.firmware", "config.txt.j2")}
+              "config_txt": templates.source_hash("rackboot.firmware", "config.txt.j2"),
+              "recipe": graph.code_hash(sdcard)}
     if board.is_pi:
         inputs["packages"] = [f"{r.name}={r.version}:{r.sha256}"
                               for r in (inp.package(board.uboot_package), inp.package(board.firmware_package))]
@@ -260,7 +263,7 @@ def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> l
 
     card = graph.Artefact("sdcard", "sdcard", "sdcard.img", inputs, build_card,
                           after=tuple(a.name for a in on_card))
-    return [card, graph.Artefact("sdcard-bmap", "bmap", "sdcard.bmap", {}, build_bmap, after=("sdcard",))]
+    return [card, graph.Artefact("sdcard-bmap", "bmap", "sdcard.bmap", {"recipe": graph.code_hash(bmap)}, build_bmap, after=("sdcard",))]
 
 
 def artefacts(inp: Inputs, out: Path) -> list[graph.Artefact]:

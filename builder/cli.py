@@ -33,11 +33,17 @@ def _cmd_publish(args) -> int:
     from . import config, publish
     cfg = config.load(args.config)
     master = cfg.get("master", "directory")
+    kernel_release, modules_from = args.kernel_release, args.modules_from
+    if kernel_release is None and not args.no_modules:  # the kernel this config's workers boot
+        from .build import Inputs
+        kernel = Inputs(cfg).kernel
+        kernel_release, modules_from = kernel.release, modules_from or kernel.root
     common = dict(image=args.image, version=args.version, label=args.label or "",
-                  kernel_release=args.kernel_release, source_date_epoch=_epoch())
+                  kernel_release=kernel_release, source_date_epoch=_epoch())
     if args.directory:
         manifest = publish.publish_directory(args.directory, master, size_mib=args.size_mib,
-                                             modules_from=args.modules_from, **common)
+                                             modules_from=modules_from,
+                                             modules=cfg.get("kernel", "root_modules"), **common)
     else:
         manifest = publish.publish_image(args.os_image, args.partition, master, **common)
     print(f"published {manifest.image} version {manifest.version} into {master}")
@@ -114,7 +120,9 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--version", type=int, help="version number (default: latest + 1)")
     pub.add_argument("--label", help="free text shown to humans, e.g. v2")
     pub.add_argument("--size-mib", type=int, help="filesystem size (default: fitted to the content)")
-    pub.add_argument("--kernel-release", help="the worker kernel's release whose modules the root must carry")
+    pub.add_argument("--kernel-release",
+                     help="the kernel release whose modules the root must carry (default: the config's kernel)")
+    pub.add_argument("--no-modules", action="store_true", help="do not check or add kernel modules")
     pub.add_argument("--modules-from", type=Path, help="an unpacked kernel package to copy modules from")
     pub.set_defaults(func=_cmd_publish)
 

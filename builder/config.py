@@ -54,6 +54,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kernel", "path", "path", None, "A local kernel tree (an unpacked kernel package: "
             "boot/vmlinuz-*, lib/modules/*) used instead of the package."),
     Setting("kernel", "cmdline", "str", "", "Extra kernel command line, after the board's console."),
+    Setting("kernel", "root_modules", "list[str]", [],
+            "Modules (with their dependencies) that publish puts into each root filesystem, "
+            "with a modules.dep for modprobe; empty = the kernel's whole module tree."),
     Setting("initramfs", "packages", "list[str]", ["busybox-static"],
             "Debian packages unpacked into the sysroot that binaries are taken from."),
     Setting("initramfs", "binaries", "list[str]", ["/bin/busybox"],

@@ -67,8 +67,10 @@ class Master:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def bytes_sent(self, prefix: str = "/images/") -> int:
-        return sum(n for path, n in self.server.stats()["bytes_sent"].items() if path.startswith(prefix))
+    def bytes_sent(self) -> int:
+        """Image bytes served: streams only, not the plans and manifests every boot reads."""
+        return sum(n for path, n in self.server.stats()["bytes_sent"].items()
+                   if path.startswith("/images/") and not path.endswith(".json"))
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -116,6 +118,7 @@ def run(config_path: Path, workdir: Path | None = None) -> int:
         root = example_root(cfg, f"v{version}", work / f"rootfs-v{version}")
         publish.publish_directory(root, master_dir, image=IMAGE, version=version, label=f"v{version}",
                                   kernel_release=kernel.release, modules_from=kernel.root,
+                                  modules=cfg.get("kernel", "root_modules"),
                                   source_date_epoch=build.source_date_epoch())
         plans.assign(cfg, node="default", image=IMAGE)
         print(f"published {IMAGE} v{version}")
@@ -141,7 +144,7 @@ def run(config_path: Path, workdir: Path | None = None) -> int:
         if master:
             master.stop()
     print()
-    print(f"{'boot':<5} {'expected':<10} {'action':<12} {'bytes fetched':>14} {'seconds':>8}")
+    print(f"{'boot':<5} {'expected':<10} {'action':<12} {'image bytes':>14} {'seconds':>8}")
     for r in rows:
         print(f"{r.boot:<5} {r.expected.split(': ')[1].split()[0]:<10} {r.action:<12} {r.bytes_fetched:>14} {r.seconds:>8.1f}")
     print(f"worker disk image and console logs: {work}")

@@ -91,6 +91,15 @@ def _why(old: dict | None, artefact: Artefact, dep_hashes: dict[str, str], out: 
     return ", ".join(f"{c} changed" if not c.endswith("rebuilt") else c for c in changed) or None
 
 
+def code_hash(*modules) -> str:
+    """Identity of the builder code that makes an artefact: part of its rebuild key, so a
+    fix to a recipe rebuilds what it made even before the version number moves."""
+    h = hashlib.sha256()
+    for module in sorted(modules, key=lambda m: m.__name__):
+        h.update(module.__name__.encode() + b"\0" + Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` then fsync and rename tmp over ``path``; on any failure remove tmp."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import io
 import lzma
+import shutil
 import subprocess
 from dataclasses import dataclass
 from functools import cached_property
@@ -200,6 +201,37 @@ def _load_order(infos: dict[str, ModInfo]) -> list[str]:
 def load_order_text(closure: ModuleClosure) -> str:
     """One module path per line, in load order: what /init insmods."""
     return "".join(plain_path(m.path) + "\n" for m in closure.modules)
+
+
+def copy_subset(closure: ModuleClosure, kernel_root: Path, dest: Path) -> None:
+    """Copy the closure's modules into ``dest`` (a root's lib/modules/<kver>) with the index
+    files modprobe reads: modules.dep (text, as depmod writes it, every module listing
+    its transitive dependencies), modules.order and the kernel's builtin lists."""
+    kernel = KernelModules(kernel_root, closure.kver)
+    by_name = {m.name: m for m in closure.modules}
+    rel = {m.name: str((kernel_root / m.path).relative_to(kernel.dir)) for m in closure.modules}
+
+    def transitive(name: str) -> list[str]:
+        seen: list[str] = []
+        stack = list(by_name[name].depends)
+        while stack:
+            dep = stack.pop(0)
+            if dep in by_name and dep not in seen:
+                seen.append(dep)
+                stack += by_name[dep].depends
+        return seen
+
+    for module in closure.modules:
+        target = dest / rel[module.name]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kernel_root / module.path, target)
+    names = sorted(by_name, key=lambda n: rel[n])
+    (dest / "modules.dep").write_text("".join(
+        f"{rel[n]}:{''.join(' ' + rel[d] for d in transitive(n))}\n" for n in names))
+    (dest / "modules.order").write_text("".join(rel[m.name] + "\n" for m in closure.modules))
+    for extra in ("modules.builtin", "modules.builtin.modinfo"):
+        if (kernel.dir / extra).is_file():
+            shutil.copyfile(kernel.dir / extra, dest / extra)
 
 
 def plain_path(path: str) -> str:

@@ -27,8 +27,9 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Union
+from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
+from . import modules as kernel_modules
 from .errors import RackbootError
 from .initramfs.updater import formats, mbr
 from .initramfs.updater.errors import UpdaterError
@@ -54,12 +55,13 @@ _MODULE_DIRS = ("lib/modules", "usr/lib/modules")
 def publish_directory(src: PathLike, master: PathLike, *, image: str, version: Optional[int] = None,
                       label: str = "", size_mib: Optional[int] = None,
                       kernel_release: Optional[str] = None, modules_from: Optional[PathLike] = None,
-                      source_date_epoch: int = 0, force: bool = False) -> Manifest:
+                      modules: Sequence[str] = (), source_date_epoch: int = 0, force: bool = False) -> Manifest:
     """Make an ext4 image of directory `src` and publish it; returns its manifest.
 
     version None = latest + 1. With `kernel_release`, the root must carry
     lib/modules/<kernel_release>; `modules_from` (an unpacked kernel package) fills it
-    in on a staged copy. `force` allows a version lower than latest.
+    in on a staged copy: the whole module tree, or with `modules` just those names and
+    their dependencies. `force` allows a version lower than latest.
     """
     src = Path(src)
     if not src.is_dir():
@@ -71,7 +73,7 @@ def publish_directory(src: PathLike, master: PathLike, *, image: str, version: O
                 raise RackbootError(
                     f"root filesystem {src} has no modules for kernel {kernel_release}; "
                     f"pass --modules-from or add lib/modules/{kernel_release}")
-            root = _stage_with_modules(src, Path(modules_from), kernel_release, pub.work / "root")
+            root = _stage_with_modules(src, Path(modules_from), kernel_release, pub.work / "root", modules)
         fs = pub.work / "rootfs.ext4"
         make_ext4(root, fs, uuid_seed=f"{image}/{pub.version}", size_mib=size_mib,
                   source_date_epoch=source_date_epoch)
@@ -215,7 +217,8 @@ def _has_modules(root: Path, kernel_release: str) -> bool:
     return any((root / d / kernel_release).is_dir() for d in _MODULE_DIRS)
 
 
-def _stage_with_modules(src: Path, modules_from: Path, kernel_release: str, staged: Path) -> Path:
+def _stage_with_modules(src: Path, modules_from: Path, kernel_release: str, staged: Path,
+                        wanted: Sequence[str] = ()) -> Path:
     """A copy of `src` (owners, modes, links kept) with the kernel's modules added."""
     found = [modules_from / d / kernel_release for d in _MODULE_DIRS
              if (modules_from / d / kernel_release).is_dir()]
@@ -228,7 +231,11 @@ def _stage_with_modules(src: Path, modules_from: Path, kernel_release: str, stag
     if any(p.is_symlink() for p in (dest, dest.parent)):
         raise RackbootError(f"root filesystem {src}: {dest.relative_to(staged)} is a symlink")
     dest.mkdir(parents=True, exist_ok=True)
-    _run(["cp", "-a", str(found[0]), str(dest)], None, f"could not copy modules from {found[0]}")
+    if wanted:
+        closure = kernel_modules.module_closure(list(wanted), modules_from, kernel_release)
+        kernel_modules.copy_subset(closure, modules_from, dest / kernel_release)
+    else:
+        _run(["cp", "-a", str(found[0]), str(dest)], None, f"could not copy modules from {found[0]}")
     return staged
 
 

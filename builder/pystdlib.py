@@ -17,8 +17,10 @@ from pathlib import Path
 
 STDLIB = "usr/lib/python3.11"
 TRIPLETS = {"arm64": "aarch64-linux-gnu", "armhf": "arm-linux-gnueabihf", "amd64": "x86_64-linux-gnu"}
-# What the interpreter imports before any user code runs.
+# What the interpreter imports before any user code runs, plus what C code imports by name
+# where modulefinder cannot see it: socket.getaddrinfo encodes host names with the idna codec.
 STARTUP = ("encodings", "encodings.aliases", "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
+           "encodings.idna",
            "codecs", "io", "abc", "site", "os", "stat", "posixpath", "genericpath", "_collections_abc",
            "_sitebuiltins", "runpy", "importlib.machinery", "importlib.util")
 # Reached only through `if __name__ == "__main__"` blocks and test helpers of stdlib modules.

@@ -58,7 +58,7 @@ class QemuWorker:
         cmd = [m.qemu, "-M", m.machine, "-cpu", m.cpu, "-m", str(m.memory_mib), "-smp", "1",
                "-bios", m.firmware, "-display", "none", "-monitor", "none", "-serial", "stdio",
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-               "-netdev", netdev, "-device", f"{m.net_device},netdev=net0"]
+               "-netdev", netdev, "-device", f"{m.net_device},netdev=net0,romfile="]
         for i, disk in enumerate(self.disks):
             cmd += ["-drive", f"if=none,id=disk{i},format=raw,file={disk},cache=writeback",
                     "-device", f"{m.block_device},drive=disk{i}"]
