@@ -8,10 +8,7 @@ boots v2 from the card. A summary table ends it.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +16,6 @@ from pathlib import Path
 
 from . import build, config, plans, publish, serve
 from .build import Inputs
-from .errors import RackbootError
 
 DISK_MIB = 1024
 IMAGE = "example"
@@ -34,9 +30,8 @@ class BootRow:
     seconds: float
 
 
-def example_root(cfg: config.Config, version: str, dest: Path) -> Path:
+def example_root(cfg: config.Config, src: Path, version: str, dest: Path) -> Path:
     """The example root filesystem: busybox, an init that says which version is up."""
-    src = cfg.base / "rootfs"
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest, symlinks=True)
@@ -102,10 +97,12 @@ def _last_action(log: Path) -> str:
     return "?"
 
 
-def run(config_path: Path, workdir: Path | None = None) -> int:
-    cfg = config.load(config_path)
-    out = build.build(cfg)
-    work = Path(workdir) if workdir else out.parent / "demo"
+STORY = [(1, False), (1, False), (2, False), (2, True)]  # (version expected, master stopped)
+
+
+def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print) -> list[BootRow]:
+    """Build, publish v1, serve, and boot the worker four times; one row per boot."""
+    out = build.build(cfg, log=log)
     if work.exists():
         shutil.rmtree(work)
     (work / "logs").mkdir(parents=True)
@@ -113,29 +110,30 @@ def run(config_path: Path, workdir: Path | None = None) -> int:
     if master_dir.exists():
         shutil.rmtree(master_dir)
     kernel = Inputs(cfg).kernel
+    rootfs = rootfs or cfg.base / "rootfs"
 
     def release(version: int) -> None:
-        root = example_root(cfg, f"v{version}", work / f"rootfs-v{version}")
+        root = example_root(cfg, rootfs, f"v{version}", work / f"rootfs-v{version}")
         publish.publish_directory(root, master_dir, image=IMAGE, version=version, label=f"v{version}",
                                   kernel_release=kernel.release, modules_from=kernel.root,
                                   modules=cfg.get("kernel", "root_modules"),
                                   source_date_epoch=build.source_date_epoch())
         plans.assign(cfg, node="default", image=IMAGE)
-        print(f"published {IMAGE} v{version}")
+        log(f"published {IMAGE} v{version}")
 
     disk = work / "worker-disk.img"
     blank_card(out / "sdcard.img", disk)
     rows: list[BootRow] = []
     release(1)
-    master = Master(cfg)
+    master: Master | None = Master(cfg)
     try:
-        for n, (version, offline) in enumerate([(1, False), (1, False), (2, False), (2, True)], start=1):
+        for n, (version, offline) in enumerate(STORY, start=1):
             if n == 3:
                 release(2)
             if offline and master:
                 master.stop()
                 master = None
-            print(f"boot {n}: expecting v{version}{' (master stopped)' if offline else ''} ...", flush=True)
+            log(f"boot {n}: expecting v{version}{' (master stopped)' if offline else ''} ...")
             row = _boot(cfg, out, disk, work / "logs" / f"boot{n}.log", rf"rackboot-demo: v{version} is up",
                         master=master, offline=offline)
             row.boot = n
@@ -143,9 +141,22 @@ def run(config_path: Path, workdir: Path | None = None) -> int:
     finally:
         if master:
             master.stop()
-    print()
-    print(f"{'boot':<5} {'expected':<10} {'action':<12} {'image bytes':>14} {'seconds':>8}")
+    return rows
+
+
+def table(rows: list[BootRow]) -> str:
+    lines = [f"{'boot':<5} {'expected':<10} {'action':<12} {'image bytes':>14} {'seconds':>8}"]
     for r in rows:
-        print(f"{r.boot:<5} {r.expected.split(': ')[1].split()[0]:<10} {r.action:<12} {r.bytes_fetched:>14} {r.seconds:>8.1f}")
+        version = r.expected.split(": ")[1].split()[0]
+        lines.append(f"{r.boot:<5} {version:<10} {r.action:<12} {r.bytes_fetched:>14} {r.seconds:>8.1f}")
+    return "\n".join(lines)
+
+
+def run(config_path: Path, workdir: Path | None = None) -> int:
+    cfg = config.load(config_path)
+    work = Path(workdir) if workdir else cfg.get("output", "directory").parent / "demo"
+    rows = story(cfg, work, log=lambda line: print(line, flush=True))
+    print()
+    print(table(rows))
     print(f"worker disk image and console logs: {work}")
     return 0

@@ -13,8 +13,10 @@ from rackboot import build, config
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (str, int, list)):
-        return json.dumps(value)  # JSON strings, ints and lists of them are valid TOML
+    if isinstance(value, (str, int)):
+        return json.dumps(value)  # JSON strings and ints are valid TOML
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)

@@ -1,0 +1,87 @@
+"""The provisioning story on an emulated worker, as `make demo` tells it: a blank 1 GiB
+card with only the SD image; boot 1 lays it out and installs v1, boot 2 fetches no
+image bytes, boot 3 installs v2 into the other slot, boot 4 boots v2 with the master
+stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from rackboot import config, demo
+from rackboot.initramfs.updater import mbr
+from conftest import quiet, write_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.network]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples/qemu-virt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("story")
+    example = config.load(EXAMPLE / "rackboot.toml")
+    cfg_path = write_config(directory, updater=True,
+                            kernel={"root_modules": example.get("kernel", "root_modules")},
+                            master={"port": free_port()},
+                            layout={"partitions": example.get("layout", "partitions"),
+                                    "mount": example.get("layout", "mount")})
+    shutil.copytree(EXAMPLE / "rootfs", directory / "rootfs", symlinks=True)
+    work = directory / "demo"
+    rows = demo.story(config.load(cfg_path), work, log=quiet)
+    return directory, work, rows
+
+
+def test_each_boot_runs_the_version_it_should(story):
+    _, _, rows = story
+    assert [r.action for r in rows] == ["installed", "up-to-date", "installed", "offline"]
+
+
+def test_only_installs_fetch_image_bytes(story):
+    _, _, rows = story
+    fetched = [r.bytes_fetched for r in rows]
+    assert fetched[0] > 0 and fetched[2] > 0
+    assert fetched[1] == 0 and fetched[3] == 0
+
+
+def test_versions_alternate_slots_and_the_offline_boot_uses_the_card(story):
+    _, work, _ = story
+    logs = [(work / "logs" / f"boot{n}.log").read_text(errors="replace") for n in range(1, 5)]
+    assert "repartitioning" in logs[0] and "installing example v1 into slot a" in logs[0]
+    assert "repartitioning" not in logs[1] and "slot a already holds example v1" in logs[1]
+    assert "installing example v2 into slot b" in logs[2]
+    assert "master unreachable; booting from the card" in logs[3]  # the card's U-Boot script
+    assert "booting slot b (offline)" in logs[3]
+    assert all("rescue" not in log for log in logs)
+
+
+def test_card_is_laid_out_as_the_config_says(story):
+    directory, work, _ = story
+    cfg = config.load(directory / "rackboot.toml")
+    with open(work / "worker-disk.img", "rb") as disk:
+        table = mbr.parse(disk.read(512))
+    sizes = [e.sectors * 512 >> 20 for e in table.entries]
+    wanted = [p["size_mib"] for p in cfg.get("layout", "partitions")]
+    assert sizes[:3] == wanted[:3]
+    assert table.entries[-1].end * 512 == demo.DISK_MIB << 20  # data takes the rest
+
+
+def test_master_got_a_report_for_every_online_boot(story):
+    directory, _, _ = story
+    lines = [json.loads(line) for f in sorted((directory / "master/reports").glob("*.jsonl"))
+             for line in f.read_text().splitlines()]
+    phases = [(r["phase"], r["slot"], r["version"]) for r in lines]
+    assert phases == [("layout", None, None), ("download", "a", 1), ("commit", "a", 1), ("boot", "a", 1),
+                      ("boot", "a", 1),
+                      ("download", "b", 2), ("commit", "b", 2), ("boot", "b", 2)]
+    assert all(r["error"] is None for r in lines)
