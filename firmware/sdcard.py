@@ -57,7 +57,8 @@ def fat_image(out: Path, files: dict[str, Path | bytes], *, size_mib: int, volum
                             f"(over by {(need - (size_mib - 2) * MIB) / MIB:.1f} MiB)")
     with open(out, "wb") as f:
         f.truncate(size_mib * MIB)
-    _run(["mkfs.fat", "-F", "32", "-i", f"{volume_id:08x}", "-n", label, "--invariant", str(out)],
+    # --invariant also sets the volume id to 1234abcd, so it must come before -i
+    _run(["mkfs.fat", "-F", "32", "--invariant", "-i", f"{volume_id:08x}", "-n", label, str(out)],
          f"formatting the {size_mib} MiB boot partition")
     with tempfile.TemporaryDirectory(prefix="rackboot-fat-") as tmp:
         stage = Path(tmp)
@@ -67,7 +68,7 @@ def fat_image(out: Path, files: dict[str, Path | bytes], *, size_mib: int, volum
             cmd = ["mcopy", "-i", str(out), "-s", "-m", "-Q", *top, "::/"]
             try:
                 done = subprocess.run(cmd, cwd=stage, capture_output=True, text=True,
-                                      env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+                                      env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC0"})  # FAT times are local
             except FileNotFoundError:
                 raise RackbootError("mcopy is not installed (apt-get install mtools)") from None
             if done.returncode:

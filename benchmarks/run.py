@@ -1,0 +1,24 @@
+"""`make bench`: every benchmark of the project, each printed as ratios against a
+reference measured in the same run (goals in parentheses)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_build  # noqa: E402
+import bench_stream  # noqa: E402
+
+
+def main() -> int:
+    print("== build (examples/qemu-virt) ==", flush=True)
+    print(bench_build.report(bench_build.bench()), flush=True)
+    print("== updater streaming ==", flush=True)
+    print(bench_stream.report(bench_stream.bench()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
