@@ -12,7 +12,9 @@ from __future__ import annotations
 import difflib
 import io
 import lzma
+import os
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from functools import cached_property
@@ -206,7 +208,8 @@ def load_order_text(closure: ModuleClosure) -> str:
 def copy_subset(closure: ModuleClosure, kernel_root: Path, dest: Path) -> None:
     """Copy the closure's modules into ``dest`` (a root's lib/modules/<kver>) with the index
     files modprobe reads: modules.dep (text, as depmod writes it, every module listing
-    its transitive dependencies), modules.order and the kernel's builtin lists."""
+    its transitive dependencies) and modules.dep.bin (the same as kmod's index, which is
+    what kmod's modprobe reads), modules.order and the kernel's builtin lists."""
     kernel = KernelModules(kernel_root, closure.kver)
     by_name = {m.name: m for m in closure.modules}
     rel = {m.name: str((kernel_root / m.path).relative_to(kernel.dir)) for m in closure.modules}
@@ -226,12 +229,49 @@ def copy_subset(closure: ModuleClosure, kernel_root: Path, dest: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kernel_root / module.path, target)
     names = sorted(by_name, key=lambda n: rel[n])
-    (dest / "modules.dep").write_text("".join(
-        f"{rel[n]}:{''.join(' ' + rel[d] for d in transitive(n))}\n" for n in names))
+    lines = {n: f"{rel[n]}:{''.join(' ' + rel[d] for d in transitive(n))}" for n in names}
+    (dest / "modules.dep").write_text("".join(lines[n] + "\n" for n in names))
+    # kmod's modprobe reads only the binary index, never the text modules.dep
+    (dest / "modules.dep.bin").write_bytes(kmod_index(lines))
     (dest / "modules.order").write_text("".join(rel[m.name] + "\n" for m in closure.modules))
     for extra in ("modules.builtin", "modules.builtin.modinfo"):
         if (kernel.dir / extra).is_file():
             shutil.copyfile(kernel.dir / extra, dest / extra)
+
+
+def kmod_index(entries: dict[str, str]) -> bytes:
+    """A kmod index file (modules.*.bin): each key to one value, in kmod's trie format
+    (big-endian; a node is [prefix\\0][first last child offsets][count (priority value\\0)...],
+    its flags in the high bits of the offset pointing at it; children are written first)."""
+    out = bytearray(struct.pack(">III", 0xB007F457, 0x00020001, 0))
+
+    def node(items: list[tuple[str, str]]) -> int:
+        prefix = os.path.commonprefix([k for k, _ in items])
+        items = [(k[len(prefix):], v) for k, v in items]
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for key, value in items:
+            if key:
+                groups.setdefault(key[0], []).append((key[1:], value))
+        children = {ord(c): node(sub) for c, sub in sorted(groups.items())}
+        values = [v for k, v in items if not k]
+        offset, flags = len(out), 0
+        if prefix:
+            flags |= 0x80000000
+            out.extend(prefix.encode() + b"\0")
+        if children:
+            flags |= 0x20000000
+            out.extend(bytes([min(children), max(children)]))
+            for c in range(min(children), max(children) + 1):
+                out.extend(struct.pack(">I", children.get(c, 0)))
+        if values:
+            flags |= 0x40000000
+            out.extend(struct.pack(">I", len(values)))
+            for value in values:
+                out.extend(struct.pack(">I", 0) + value.encode() + b"\0")
+        return flags | offset
+
+    struct.pack_into(">I", out, 8, node(sorted(entries.items())))
+    return bytes(out)
 
 
 def plain_path(path: str) -> str:

@@ -153,13 +153,12 @@ def sparse_file(path: Path) -> Path:
 @pytest.mark.parametrize("shape", ["card", "sparse"])
 def test_bmap_ranges_and_checksums_agree_with_bmaptool_create(tmp_path, bmaptool, shape):
     image = make_card(tmp_path / "img") if shape == "card" else sparse_file(tmp_path / "img")
-    ours = ET.fromstring(bmap.bmap_text(image))
+    ours = bmap.bmap_text(image)
     ref = subprocess.run([bmaptool, "create", str(image)], capture_output=True, text=True, check=True).stdout
-    assert block_map(bmap.bmap_text(image)) == block_map(ref)
+    assert block_map(ours) == block_map(ref)
     for field in ("ImageSize", "BlockSize", "BlocksCount"):
-        assert ours.findtext(field).strip() == ET.fromstring(ref).findtext(field).strip(), field
-    mapped, ranges = block_map(bmap.bmap_text(image))
-    assert mapped < int(ours.findtext("BlocksCount")), "the image should have holes to map around"
+        assert ET.fromstring(ours).findtext(field).strip() == ET.fromstring(ref).findtext(field).strip(), field
+    assert block_map(ours)[0] < int(ET.fromstring(ours).findtext("BlocksCount")), "no holes: a weak comparison"
 
 
 def test_bmaptool_copy_with_our_bmap_writes_every_mapped_range(card, tmp_path, bmaptool):

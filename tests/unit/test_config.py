@@ -1,5 +1,7 @@
 """rackboot.toml parsing: defaults, validation, one-line errors with suggestions."""
 
+from pathlib import Path
+
 import pytest
 
 from rackboot import config
@@ -58,3 +60,8 @@ def test_reference_lists_every_setting():
     text = config.reference()
     for s in config.SETTINGS:
         assert f"`[{s.section}] {s.key}`" in text
+
+
+def test_readme_carries_the_current_reference():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert config.reference() in readme, "README settings table is stale: paste `rackboot config --reference`"
