@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -97,12 +98,14 @@ def test_fat32_passes_fsck_and_holds_every_file_byte_for_byte(card, tmp_path):
         assert mtools("mcopy", card, f"::/{name}", "-") == content, name
 
 
-def test_volume_id_and_label_are_the_ones_passed(card):
+def test_volume_id_label_and_file_times_are_the_ones_passed(card):
     with open(card, "rb") as f:
         f.seek(START_MIB * MIB)
         boot = f.read(512)
     assert struct.unpack_from("<I", boot, 0x43)[0] == VOLUME_ID
     assert boot[0x47:0x52] == b"RACKBOOT   "
+    times = re.findall(r"(\d{4}-\d\d-\d\d)\s+(\d+:\d\d)", mtools("mdir", card, "-/", "::/").decode())
+    assert len(times) == 13 and set(times) == {("2023-11-14", "22:13")}, times  # mtime 1_700_000_000, in UTC
 
 
 def test_same_inputs_same_bytes_whatever_mtimes_umask_and_timezone(tmp_path, monkeypatch):
