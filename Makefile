@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS := qemu-system-arm qemu-utils u-boot-qemu u-boot-tools mtools dosfstools e2fsprogs \
-        dnsmasq cpio gzip xz-utils zstd curl fdisk dpkg-dev python3-venv iproute2
+        dnsmasq cpio gzip xz-utils zstd curl fdisk dpkg-dev python3-venv iproute2 bmap-tools kmod
 STAMP_DEBS := $(VENV)/.debs-installed
 STAMP_PIP := $(VENV)/.pip-installed
 
@@ -21,11 +21,16 @@ bench: $(STAMP_DEBS) $(STAMP_PIP)
 
 deps: $(STAMP_DEBS)
 
-# Debian packages, with arm64 and armhf enabled so `apt-get download PKG:ARCH` works.
+# Debian packages, with arm64 and armhf enabled so `apt-get download PKG:ARCH` works, and
+# the non-free-firmware component, where the Pi boot firmware (raspi-firmware) lives.
 # apt-get update may warn about one mirror being mid-sync; the lists it did get are enough.
+FIRMWARE_SOURCES := /etc/apt/sources.list.d/rackboot-firmware.sources
 $(STAMP_DEBS):
 	$(SUDO) dpkg --add-architecture arm64
 	$(SUDO) dpkg --add-architecture armhf
+	grep -rqs non-free-firmware /etc/apt/sources.list /etc/apt/sources.list.d/ || \
+	  printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: non-free-firmware\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+	  | $(SUDO) tee $(FIRMWARE_SOURCES) >/dev/null
 	$(SUDO) apt-get update -q || true
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEBS)
 	@mkdir -p $(VENV) && touch $@

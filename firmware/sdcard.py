@@ -65,7 +65,7 @@ def fat_image(out: Path, files: dict[str, Path | bytes], *, size_mib: int, volum
         _stage(files, stage, max(mtime, FAT_EPOCH))
         top = sorted(p.name for p in stage.iterdir())
         if top:
-            cmd = ["mcopy", "-i", str(out), "-m", "-Q", *top, "::/"]
+            cmd = ["mcopy", "-i", str(out), "-s", "-m", "-Q", *top, "::/"]
             try:
                 done = subprocess.run(cmd, cwd=stage, capture_output=True, text=True,
                                       env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC0"})  # FAT times are local
