@@ -144,7 +144,14 @@ class PackageCache:
 
     def _show(self, names: list[str]) -> dict[str, PackageRef]:
         """apt-cache show for the candidates; names apt does not know are missing from the result."""
-        qualified = [f"{n}:{self.arch}" for n in names]
+        found = self._show_qualified(names, self.arch)
+        rest = [n for n in names if n not in found]
+        if rest:  # Architecture: all packages (firmware, tzdata) answer only to :all
+            found.update(self._show_qualified(rest, "all"))
+        return found
+
+    def _show_qualified(self, names: list[str], arch: str) -> dict[str, PackageRef]:
+        qualified = [f"{n}:{arch}" for n in names]
         done = subprocess.run(["apt-cache", "show", "--no-all-versions", *qualified], capture_output=True, text=True)
         found = {}
         for rec in parse_records(done.stdout):

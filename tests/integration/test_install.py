@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,8 +22,11 @@ def installed(tmp_path_factory) -> dict:
     """The package installed into a bare directory; the venv's site-packages only for its
     dependencies. `python -S` skips .pth files, so the editable checkout stays out of it."""
     target = tmp_path_factory.mktemp("site")
+    # from a copy: setuptools leaves build/ and egg-info behind in the tree it builds
+    source = tmp_path_factory.mktemp("src") / "rackboot"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "out", "build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     deps = sysconfig.get_paths()["purelib"]
     return dict(os.environ, PYTHONPATH=f"{target}{os.pathsep}{deps}")
 
