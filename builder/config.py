@@ -55,8 +55,8 @@ SETTINGS: tuple[Setting, ...] = (
             "boot/vmlinuz-*, lib/modules/*) used instead of the package."),
     Setting("kernel", "cmdline", "str", "", "Extra kernel command line, after the board's console."),
     Setting("kernel", "root_modules", "list[str]", [],
-            "Modules (with their dependencies) that publish puts into each root filesystem, "
-            "with a modules.dep for modprobe; empty = the kernel's whole module tree."),
+            "Modules (with their dependencies) that publish puts into each root filesystem, indexed by depmod; "
+            "empty = the kernel's whole module tree."),
     Setting("initramfs", "packages", "list[str]", ["busybox-static"],
             "Debian packages unpacked into the sysroot that binaries are taken from."),
     Setting("initramfs", "binaries", "list[str]", ["/bin/busybox"],

@@ -12,10 +12,9 @@ from __future__ import annotations
 import difflib
 import io
 import lzma
-import os
 import shutil
-import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -206,72 +205,37 @@ def load_order_text(closure: ModuleClosure) -> str:
 
 
 def copy_subset(closure: ModuleClosure, kernel_root: Path, dest: Path) -> None:
-    """Copy the closure's modules into ``dest`` (a root's lib/modules/<kver>) with the index
-    files modprobe reads: modules.dep (text, as depmod writes it, every module listing
-    its transitive dependencies) and modules.dep.bin (the same as kmod's index, which is
-    what kmod's modprobe reads), modules.order and the kernel's builtin lists."""
+    """Copy the closure's modules into ``dest`` (a root's lib/modules/<kver>), with the
+    kernel's order and builtin lists, and index them for modprobe."""
     kernel = KernelModules(kernel_root, closure.kver)
-    by_name = {m.name: m for m in closure.modules}
-    rel = {m.name: str((kernel_root / m.path).relative_to(kernel.dir)) for m in closure.modules}
-
-    def transitive(name: str) -> list[str]:
-        seen: list[str] = []
-        stack = list(by_name[name].depends)
-        while stack:
-            dep = stack.pop(0)
-            if dep in by_name and dep not in seen:
-                seen.append(dep)
-                stack += by_name[dep].depends
-        return seen
-
     for module in closure.modules:
-        target = dest / rel[module.name]
+        target = dest / (kernel_root / module.path).relative_to(kernel.dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kernel_root / module.path, target)
-    names = sorted(by_name, key=lambda n: rel[n])
-    lines = {n: f"{rel[n]}:{''.join(' ' + rel[d] for d in transitive(n))}" for n in names}
-    (dest / "modules.dep").write_text("".join(lines[n] + "\n" for n in names))
-    # kmod's modprobe reads only the binary index, never the text modules.dep
-    (dest / "modules.dep.bin").write_bytes(kmod_index(lines))
-    (dest / "modules.order").write_text("".join(rel[m.name] + "\n" for m in closure.modules))
+    (dest / "modules.order").write_text("".join(
+        str((kernel_root / m.path).relative_to(kernel.dir)) + "\n" for m in closure.modules))
     for extra in ("modules.builtin", "modules.builtin.modinfo"):
         if (kernel.dir / extra).is_file():
             shutil.copyfile(kernel.dir / extra, dest / extra)
+    depmod(dest)
 
 
-def kmod_index(entries: dict[str, str]) -> bytes:
-    """A kmod index file (modules.*.bin): each key to one value, in kmod's trie format
-    (big-endian; a node is [prefix\\0][first last child offsets][count (priority value\\0)...],
-    its flags in the high bits of the offset pointing at it; children are written first)."""
-    out = bytearray(struct.pack(">III", 0xB007F457, 0x00020001, 0))
-
-    def node(items: list[tuple[str, str]]) -> int:
-        prefix = os.path.commonprefix([k for k, _ in items])
-        items = [(k[len(prefix):], v) for k, v in items]
-        groups: dict[str, list[tuple[str, str]]] = {}
-        for key, value in items:
-            if key:
-                groups.setdefault(key[0], []).append((key[1:], value))
-        children = {ord(c): node(sub) for c, sub in sorted(groups.items())}
-        values = [v for k, v in items if not k]
-        offset, flags = len(out), 0
-        if prefix:
-            flags |= 0x80000000
-            out.extend(prefix.encode() + b"\0")
-        if children:
-            flags |= 0x20000000
-            out.extend(bytes([min(children), max(children)]))
-            for c in range(min(children), max(children) + 1):
-                out.extend(struct.pack(">I", children.get(c, 0)))
-        if values:
-            flags |= 0x40000000
-            out.extend(struct.pack(">I", len(values)))
-            for value in values:
-                out.extend(struct.pack(">I", 0) + value.encode() + b"\0")
-        return flags | offset
-
-    struct.pack_into(">I", out, 8, node(sorted(entries.items())))
-    return bytes(out)
+def depmod(modules_dir: Path) -> None:
+    """Write the index files modprobe and udev read (modules.dep, .alias, their .bin forms)
+    for the modules under ``modules_dir`` (a lib/modules/<kver> directory). Debian's kernel
+    packages leave this to depmod in their postinst, which a published root never runs.
+    depmod reads ELF of any arch; it runs on a base directory of its own so that a root's
+    absolute lib -> /usr/lib link can never send it to the host's modules."""
+    with tempfile.TemporaryDirectory(prefix="rackboot-depmod-") as base:
+        (Path(base) / "lib/modules").mkdir(parents=True)
+        (Path(base) / "lib/modules" / modules_dir.name).symlink_to(modules_dir.resolve())
+        try:
+            done = subprocess.run(["depmod", "-b", base, modules_dir.name], capture_output=True, text=True)
+        except FileNotFoundError:
+            raise RackbootError("depmod (Debian package kmod) is needed to index a root's kernel modules") from None
+    if done.returncode != 0 or not (modules_dir / "modules.dep.bin").is_file():
+        detail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise RackbootError(f"depmod on {modules_dir}: {detail}")
 
 
 def plain_path(path: str) -> str:

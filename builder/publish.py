@@ -236,6 +236,8 @@ def _stage_with_modules(src: Path, modules_from: Path, kernel_release: str, stag
         kernel_modules.copy_subset(closure, modules_from, dest / kernel_release)
     else:
         _run(["cp", "-a", str(found[0]), str(dest)], None, f"could not copy modules from {found[0]}")
+        if not (dest / kernel_release / "modules.dep.bin").is_file():
+            kernel_modules.depmod(dest / kernel_release)
     return staged
 
 

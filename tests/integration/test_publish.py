@@ -144,6 +144,7 @@ def test_modules_from_are_copied_into_a_staged_root(tmp_path, usrmerge):
     where = "/usr/lib/modules" if usrmerge else "/lib/modules"
     assert debugfs(fs, f"cat {where}/{KVER}/kernel/drivers/net/virtio_net.ko") == "\x7fELF fake module"
     assert KVER in debugfs(fs, "ls /lib/modules")  # through the usrmerge link too
+    assert "virtio_net.ko" in debugfs(fs, f"cat {where}/{KVER}/modules.dep")  # indexed for modprobe
 
 
 def test_root_that_has_modules_needs_no_package(tmp_path):
