@@ -153,6 +153,7 @@ def initramfs_artefact(inp: Inputs) -> graph.Artefact:
         "initramfs": cfg.section("initramfs"),
         "board": [inp.board.name, inp.board.arch],
         "master": cfg.section("master"),
+        "mount": cfg.get("layout", "mount"),
         "packages": sorted(f"{r.name}={r.version}:{r.sha256}" for r in refs),
         "local": {str(root): content_hash(root) for root in local_roots},
         "kernel": inp.kernel_key,

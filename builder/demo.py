@@ -100,8 +100,9 @@ def _last_action(log: Path) -> str:
 STORY = [(1, False), (1, False), (2, False), (2, True)]  # (version expected, master stopped)
 
 
-def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print) -> list[BootRow]:
-    """Build, publish v1, serve, and boot the worker four times; one row per boot."""
+def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
+          steps: list[tuple[int, bool]] = STORY) -> list[BootRow]:
+    """Build, publish v1, serve, and boot the worker through ``steps``; one row per boot."""
     out = build.build(cfg, log=log)
     if work.exists():
         shutil.rmtree(work)
@@ -127,9 +128,9 @@ def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print)
     release(1)
     master: Master | None = Master(cfg)
     try:
-        for n, (version, offline) in enumerate(STORY, start=1):
-            if n == 3:
-                release(2)
+        for n, (version, offline) in enumerate(steps, start=1):
+            if version > 1 and not (master_dir / "images" / IMAGE / str(version)).is_dir():
+                release(version)
             if offline and master:
                 master.stop()
                 master = None

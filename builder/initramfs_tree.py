@@ -40,6 +40,10 @@ def spec(cfg: Config, board: Board) -> Spec:
     updater = cfg.get("initramfs", "updater")
     packages = list(cfg.get("initramfs", "packages")) + (list(PYTHON_PACKAGES) if updater else [])
     binaries = list(cfg.get("initramfs", "binaries")) + ([PYTHON] if updater else [])
+    if updater and cfg.get("layout", "mount") == "ro+overlay:data":
+        # /init formats a blank data partition as ext4 (busybox's mke2fs makes only ext2)
+        packages.append("e2fsprogs")
+        binaries.append("/sbin/mke2fs")
     wanted = list(board.modules) + list(COMMON_MODULES) + list(cfg.get("initramfs", "modules"))
     init_conf = {
         "RACKBOOT_MASTER": f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}",

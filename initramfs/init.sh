@@ -64,6 +64,18 @@ run_updater() {
         --decision-file /run/rackboot/decision
 }
 
+mount_data() {  # the overlay's upper layer on the data partition, formatted on first use
+    [ -n "$data_device" ] || return 1
+    if [ -n "$data_blank" ]; then
+        log "formatting the data partition $data_device"
+        # by path: busybox sh prefers its own applets, and its mke2fs makes only ext2
+        /sbin/mke2fs -q -t ext4 -L rackboot-data "$data_device" || { log "cannot format $data_device"; return 1; }
+    fi
+    mount -t ext4 "$data_device" /run/rackboot/upper && return 0
+    log "cannot mount the data partition $data_device; the overlay goes on tmpfs"
+    return 1
+}
+
 switch_to_slot() {
     . /run/rackboot/decision
     log "booting slot $slot ($action) from $device mounted $mount"
@@ -73,9 +85,7 @@ switch_to_slot() {
         ro+overlay:*)
             mkdir -p /run/rackboot/lower /run/rackboot/upper
             mount -t ext4 -o ro "$device" /run/rackboot/lower
-            if [ "$mount" = "ro+overlay:data" ] && [ -n "$data_device" ]; then
-                mount -t ext4 "$data_device" /run/rackboot/upper
-            else
+            if [ "$mount" != "ro+overlay:data" ] || ! mount_data; then
                 mount -t tmpfs -o mode=0755 tmpfs /run/rackboot/upper
             fi
             mkdir -p /run/rackboot/upper/upper /run/rackboot/upper/work

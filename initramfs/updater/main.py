@@ -40,6 +40,9 @@ class Identity:
         return node_id(self.mac)
 
 
+EXT_MAGIC_OFFSET = 1024 + 0x38  # s_magic in the ext2/3/4 superblock
+
+
 @dataclass(frozen=True)
 class Decision:
     slot: str
@@ -52,6 +55,7 @@ class Decision:
     image: Optional[str] = None
     version: Optional[int] = None
     data_device: Optional[str] = None
+    data_blank: bool = False  # no ext2/3/4 superblock on the data partition: /init formats it
     error: Optional[str] = None
 
     def to_shell(self) -> str:
@@ -59,7 +63,8 @@ class Decision:
         fields = {"slot": self.slot, "partition_number": self.partition_number, "device": self.device,
                   "mount": self.mount, "action": self.action, "bytes_fetched": self.bytes_fetched,
                   "seconds": f"{self.seconds:.3f}", "image": self.image, "version": self.version,
-                  "data_device": self.data_device, "error": self.error}
+                  "data_device": self.data_device, "data_blank": "1" if self.data_blank else "",
+                  "error": self.error}
         return "".join(f"{k}={_quote('' if v is None else str(v))}\n" for k, v in fields.items())
 
 
@@ -233,6 +238,11 @@ class _Update:
 
     # --- state, decisions, reports ------------------------------------------------------
 
+    def has_ext_superblock(self, number: int) -> bool:
+        table = layout.read_table(self.disk)
+        entry = table.entry(number) if table else None
+        return entry is not None and self.disk.read(entry.start * 512 + EXT_MAGIC_OFFSET, 2) == b"\x53\xef"
+
     def with_slot(self, name: str, slot: Slot) -> SlotState:
         return replace(self.state, slots={**self.state.slots, name: slot})
 
@@ -250,7 +260,8 @@ class _Update:
             mount=self.plan.mount if self.plan else DEFAULT_MOUNT, action=action,
             bytes_fetched=self.master.stream_bytes, seconds=round(self.now() - self.t0, 3),
             image=slot.image, version=slot.version,
-            data_device=partition_device(self.disk_path, data) if data else None, error=error)
+            data_device=partition_device(self.disk_path, data) if data else None,
+            data_blank=bool(data) and not self.has_ext_superblock(data), error=error)
         self.report("boot", slot=name, version=slot.version, error=error)
         self.log(f"boot slot {name} ({action}) from {result.device}")
         return result

@@ -27,18 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def example_config(directory: Path, **layout) -> Path:
+    """The qemu-virt example's settings, with output, master and a free port under ``directory``."""
+    example = config.load(EXAMPLE / "rackboot.toml")
+    shutil.copytree(EXAMPLE / "rootfs", directory / "rootfs", symlinks=True)
+    return write_config(directory, updater=True,
+                        kernel={"root_modules": example.get("kernel", "root_modules")},
+                        master={"port": free_port()},
+                        layout={"partitions": example.get("layout", "partitions"),
+                                "mount": example.get("layout", "mount"), **layout})
+
+
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
     directory = tmp_path_factory.mktemp("story")
-    example = config.load(EXAMPLE / "rackboot.toml")
-    cfg_path = write_config(directory, updater=True,
-                            kernel={"root_modules": example.get("kernel", "root_modules")},
-                            master={"port": free_port()},
-                            layout={"partitions": example.get("layout", "partitions"),
-                                    "mount": example.get("layout", "mount")})
-    shutil.copytree(EXAMPLE / "rootfs", directory / "rootfs", symlinks=True)
     work = directory / "demo"
-    rows = demo.story(config.load(cfg_path), work, log=quiet)
+    rows = demo.story(config.load(example_config(directory)), work, log=quiet)
     return directory, work, rows
 
 
@@ -63,6 +67,7 @@ def test_versions_alternate_slots_and_the_offline_boot_uses_the_card(story):
     assert "master unreachable; booting from the card" in logs[3]  # the card's U-Boot script
     assert "booting slot b (offline)" in logs[3]
     assert all("rescue" not in log for log in logs)
+    assert all("boot 1 of this root" in log for log in logs)  # tmpfs overlay: nothing persists
 
 
 def test_card_is_laid_out_as_the_config_says(story):
@@ -85,3 +90,14 @@ def test_master_got_a_report_for_every_online_boot(story):
                       ("boot", "a", 1),
                       ("download", "b", 2), ("commit", "b", 2), ("boot", "b", 2)]
     assert all(r["error"] is None for r in lines)
+
+
+def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(tmp_path):
+    cfg = config.load(example_config(tmp_path, mount="ro+overlay:data"))
+    rows = demo.story(cfg, tmp_path / "demo", log=quiet, steps=[(1, False), (1, False)])
+    assert [r.action for r in rows] == ["installed", "up-to-date"]
+    first, second = [(tmp_path / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in (1, 2)]
+    assert "formatting the data partition /dev/vda4" in first
+    assert "formatting" not in second and "cannot mount the data partition" not in second
+    assert "v1 is up" in first and "boot 1 of this root" in first
+    assert "boot 2 of this root" in second  # the first boot's write survived on the data partition

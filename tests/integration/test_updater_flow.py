@@ -326,3 +326,11 @@ def test_module_runs_as_a_top_level_package_like_on_the_worker(server, card, tmp
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "slot='a'" in out.read_text()
+
+
+def test_blank_data_partition_is_flagged_for_formatting_and_a_filesystem_is_left_alone(server, card):
+    install_v1(server, card)
+    assert update(card, server.url).data_blank  # laid out, never formatted
+    data_start = (4 + 16 + 64 + 64) << 20
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={data_start}", card, "4M"], check=True)
+    assert not update(card, server.url).data_blank
