@@ -49,6 +49,7 @@ def spec(cfg: Config, board: Board) -> Spec:
         "RACKBOOT_MASTER": f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}",
         "RACKBOOT_DISK": board.disk,
         "RACKBOOT_ACTION": "update" if updater else "probe",
+        "RACKBOOT_MOUNT": cfg.get("layout", "mount"),  # for offline boots, when no plan says
     }
     return Spec(arch=board.arch, packages=sorted(set(packages)), binaries=binaries,
                 modules=list(dict.fromkeys(wanted)), files=dict(cfg.get("initramfs", "files")),

@@ -12,7 +12,8 @@ import sys
 from typing import Optional
 
 from .errors import UpdaterError
-from .main import Decision, discover_identity, run
+from .formats import MOUNTS
+from .main import DEFAULT_MOUNT, Decision, discover_identity, run
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -23,6 +24,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--serial", help="board serial (default: device tree or /proc/cpuinfo)")
     p.add_argument("--decision-file", help="write the decision here as shell KEY=VALUE lines")
     p.add_argument("--no-layout", action="store_true", help="use the card's partition table as is")
+    p.add_argument("--offline-mount", default=DEFAULT_MOUNT, choices=MOUNTS,
+                   help="how to mount the slot when no plan arrives (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -40,7 +43,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         identity = discover_identity(args.mac, args.serial)
-        decision = run(args.disk, args.master, identity, layout_check=not args.no_layout)
+        decision = run(args.disk, args.master, identity, layout_check=not args.no_layout,
+                       offline_mount=args.offline_mount)
         if args.decision_file:
             write_decision(args.decision_file, decision)
         else:

@@ -27,7 +27,7 @@ from .mbr import Mbr
 
 SLOTS = ("a", "b")
 DEFAULT_MOUNT = "ro+overlay:tmpfs"
-DEFAULT_NUMBERS = {"a": 2, "b": 3}  # the standard layout, for state written without numbers
+DEFAULT_NUMBERS = {"a": 2, "b": 3, "data": 4}  # the standard layout, for state written without numbers
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,14 @@ def _read_text(path: str) -> Optional[str]:
 
 def run(disk_path: str, master_url: str, identity: Optional[Identity] = None, *,
         now: Callable[[], float] = time.monotonic, layout_check: bool = True,
-        master: Optional[Master] = None, log: Callable[[str], None] = None) -> Decision:
+        master: Optional[Master] = None, log: Callable[[str], None] = None,
+        offline_mount: str = DEFAULT_MOUNT) -> Decision:
+    """Bring the card in line with this node's plan; the Decision says what /init boots.
+    ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config)."""
     identity = identity or discover_identity()
     with Disk(disk_path) as disk:
         update = _Update(disk, disk_path, master or Master(master_url), identity, now, log or _log)
+        update.offline_mount = offline_mount
         return update.run(layout_check)
 
 
@@ -140,6 +144,7 @@ class _Update:
         self.state = slot_state.read(disk)
         self.plan: Optional[Plan] = None
         self.phase = "plan"
+        self.offline_mount = DEFAULT_MOUNT
 
     def run(self, layout_check: bool) -> Decision:
         try:
@@ -254,10 +259,14 @@ class _Update:
         slot = self.state.slot(name)
         number = slot.partition or (self.plan.layout.number(name) if self.plan and self.plan.layout.get(name)
                                     else DEFAULT_NUMBERS.get(name, 0))
-        data = self.plan.layout.number("data") if self.plan and self.plan.layout.get("data") else None
+        if self.plan:
+            data = self.plan.layout.number("data") if self.plan.layout.get("data") else None
+        else:  # offline: the standard data partition, if the card has one
+            table = layout.read_table(self.disk)
+            data = DEFAULT_NUMBERS["data"] if table and table.entry(DEFAULT_NUMBERS["data"]) else None
         result = Decision(
             slot=name, partition_number=number, device=partition_device(self.disk_path, number),
-            mount=self.plan.mount if self.plan else DEFAULT_MOUNT, action=action,
+            mount=self.plan.mount if self.plan else self.offline_mount, action=action,
             bytes_fetched=self.master.stream_bytes, seconds=round(self.now() - self.t0, 3),
             image=slot.image, version=slot.version,
             data_device=partition_device(self.disk_path, data) if data else None,

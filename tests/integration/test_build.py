@@ -137,3 +137,13 @@ def test_full_disk_is_one_line_and_leaves_no_half_artefact(tmp_path):
         assert _only_state(out) == []  # the kernel did not fit: no half-written Image, no temporaries
     finally:
         subprocess.run(["umount", str(out)])
+
+
+def test_warm_cache_builds_without_network(tmp_path, probe_build):
+    """The probe build warmed the cache; a new output directory needs no mirror."""
+    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    cfg = write_config(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "rackboot", "build", "-c", str(cfg)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "build/sdcard.img").is_file()

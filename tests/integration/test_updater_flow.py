@@ -255,6 +255,14 @@ def test_layout_mismatch_with_repartition_never_is_refused(server, card):
     assert open(card, "rb").read(512) == before
 
 
+def test_offline_boot_mounts_as_the_card_was_built_to(server, card):
+    install_v1(server, card)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        decision = update(card, f"http://127.0.0.1:{s.getsockname()[1]}", offline_mount="ro+overlay:data")
+    assert (decision.action, decision.mount, decision.data_device) == ("offline", "ro+overlay:data", card + "4")
+
+
 def test_master_unreachable_boots_the_last_good_slot(server, card):
     install_v1(server, card)
     with socket.socket() as s:
