@@ -17,7 +17,7 @@ from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 
-from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, templates
+from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, signing, templates
 from .config import Config
 from .errors import RackbootError
 from .sources import PackageCache, PackageRef, content_hash
@@ -229,6 +229,9 @@ def card_files(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> dict[st
     """What the SD card's boot partition holds: our artefacts, and for Pis the firmware,
     config.txt and U-Boot from Debian's raspi-firmware and u-boot-rpi."""
     files: dict[str, Path | bytes] = {a.filename: out / a.filename for a in on_card}
+    key = inp.cfg.get("master", "key")
+    if key:  # for people checking a card by hand; the updater reads the initramfs's copy
+        files["rackboot.pub"] = signing.public_key_path(key)
     board = inp.board
     if board.is_pi:
         uboot = inp.unpacked(board.uboot_package)
@@ -244,12 +247,18 @@ def card_files(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> dict[st
     return files
 
 
+def _public_key_hash(cfg: Config) -> str:
+    key = cfg.get("master", "key")
+    public = signing.public_key_path(key) if key else None
+    return content_hash(public) if public and public.is_file() else ""
+
+
 def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> list[graph.Artefact]:
     board = inp.board
     boot = inp.cfg.get("layout", "partitions")[0]
     inputs = {"board": [board.name, board.arch], "boot_size_mib": boot["size_mib"], "epoch": source_date_epoch(),
               "config_txt": templates.source_hash("rackboot.firmware", "config.txt.j2"),
-              "recipe": graph.code_hash(sdcard)}
+              "recipe": graph.code_hash(sdcard), "master_key": _public_key_hash(inp.cfg)}
     if board.is_pi:
         inputs["packages"] = [f"{r.name}={r.version}:{r.sha256}"
                               for r in (inp.package(board.uboot_package), inp.package(board.firmware_package))]

@@ -39,7 +39,7 @@ def _cmd_publish(args) -> int:
         kernel = Inputs(cfg).kernel
         kernel_release, modules_from = kernel.release, modules_from or kernel.root
     common = dict(image=args.image, version=args.version, label=args.label or "",
-                  kernel_release=kernel_release, source_date_epoch=_epoch())
+                  kernel_release=kernel_release, source_date_epoch=_epoch(), key=cfg.get("master", "key"))
     if args.directory:
         manifest = publish.publish_directory(args.directory, master, size_mib=args.size_mib,
                                              modules_from=modules_from,
@@ -55,6 +55,16 @@ def _cmd_serve(args) -> int:
     cfg = config.load(args.config)
     port = args.port if args.port is not None else cfg.get("master", "port")
     serve.serve_forever(cfg.get("master", "directory"), args.bind, port)
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    from . import config, signing
+    cfg = config.load(args.config)
+    key = cfg.get("master", "key")
+    if key is None:
+        raise RackbootError(f"{cfg.path}: [master] key is not set; name the private key's path there first")
+    print(f"public key written to {signing.keygen(key)}; rebuild so workers carry it")
     return 0
 
 
@@ -132,11 +142,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default: [master] port)")
     s.set_defaults(func=_cmd_serve)
 
+    k = sub.add_parser("keygen", help="make the master's Ed25519 signing key ([master] key)")
+    _config_arg(k)
+    k.set_defaults(func=_cmd_keygen)
+
     pl = sub.add_parser("plan", help="assign an image to a node (or to 'default')")
     _config_arg(pl)
     pl.add_argument("--node", default="default", help="node id (MAC with dashes) or 'default'")
     pl.add_argument("--image", required=True, help="published image name")
-    pl.add_argument("--version", type=int, help="pin a version (default: latest)")
+    pl.add_argument("--version", type=int,
+                    help="pin a version (default: latest); workers take a pinned version even when it is older")
     pl.set_defaults(func=_cmd_plan)
 
     d = sub.add_parser("demo", help="the whole story on emulated workers")

@@ -72,6 +72,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Carry the updater and the target Python; off = probe only (network up, power off)."),
     Setting("master", "address", "str", "10.0.2.2", "The master's address as workers reach it."),
     Setting("master", "port", "int", 8080, "The master's HTTP port."),
+    Setting("master", "key", "path", None,
+            "The master's Ed25519 private key (rackboot keygen makes it): publish and plan sign with it, "
+            "and its .pub goes into the initramfs and the card, which then take only signed documents. "
+            "Unset = an unsigned rack."),
     Setting("master", "directory", "path", "master", "The master's tree (published images, plans, reports)."),
     Setting("layout", "partitions", "layout", _default_layout(),
             "SD card layout: boot, slot a, slot b, data; size_mib in MiB or \"rest\"."),

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import build, config, plans, publish, serve
+from . import build, config, plans, publish, serve, signing
 from .build import Inputs
 
 DISK_MIB = 1024
@@ -65,7 +65,7 @@ class Master:
     def bytes_sent(self) -> int:
         """Image bytes served: streams only, not the plans and manifests every boot reads."""
         return sum(n for path, n in self.server.stats()["bytes_sent"].items()
-                   if path.startswith("/images/") and not path.endswith(".json"))
+                   if path.startswith("/images/") and not path.endswith((".json", ".sig")))
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -103,6 +103,9 @@ STORY = [(1, False), (1, False), (2, False), (2, True)]  # (version expected, ma
 def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
           steps: list[tuple[int, bool]] = STORY) -> list[BootRow]:
     """Build, publish v1, serve, and boot the worker through ``steps``; one row per boot."""
+    key = cfg.get("master", "key")
+    if key and not key.exists():  # the demo's own key; a real rack makes one with rackboot keygen
+        signing.keygen(key)
     out = build.build(cfg, log=log)
     if work.exists():
         shutil.rmtree(work)
@@ -118,7 +121,7 @@ def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
         publish.publish_directory(root, master_dir, image=IMAGE, version=version, label=f"v{version}",
                                   kernel_release=kernel.release, modules_from=kernel.root,
                                   modules=cfg.get("kernel", "root_modules"),
-                                  source_date_epoch=build.source_date_epoch())
+                                  source_date_epoch=build.source_date_epoch(), key=cfg.get("master", "key"))
         plans.assign(cfg, node="default", image=IMAGE)
         log(f"published {IMAGE} v{version}")
 

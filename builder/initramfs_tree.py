@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import compress, cpio, elf, modules, pystdlib
+from . import compress, cpio, elf, modules, pystdlib, signing
 from .config import Config
 from .errors import RackbootError
 from rackboot.firmware.boards import COMMON_MODULES, Board
 
 PYTHON = "/usr/bin/python3.11"
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
+PUBLIC_KEY = "/etc/rackboot/master.pub"  # where the updater looks (updater/signature.py)
 SHIM_FILES = ("init.sh", "udhcpc.script")
 
 
@@ -44,6 +45,12 @@ def spec(cfg: Config, board: Board) -> Spec:
         # /init formats a blank data partition as ext4 (busybox's mke2fs makes only ext2)
         packages.append("e2fsprogs")
         binaries.append("/sbin/mke2fs")
+    files = dict(cfg.get("initramfs", "files"))
+    key = cfg.get("master", "key")
+    if updater and key:  # the updater then takes only what this key signed, checked by openssl
+        packages.append("openssl")
+        binaries.append("/usr/bin/openssl")
+        files[PUBLIC_KEY] = signing.public_key_path(key)
     wanted = list(board.modules) + list(COMMON_MODULES) + list(cfg.get("initramfs", "modules"))
     init_conf = {
         "RACKBOOT_MASTER": f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}",
@@ -52,7 +59,7 @@ def spec(cfg: Config, board: Board) -> Spec:
         "RACKBOOT_MOUNT": cfg.get("layout", "mount"),  # for offline boots, when no plan says
     }
     return Spec(arch=board.arch, packages=sorted(set(packages)), binaries=binaries,
-                modules=list(dict.fromkeys(wanted)), files=dict(cfg.get("initramfs", "files")),
+                modules=list(dict.fromkeys(wanted)), files=files,
                 compression=cfg.get("initramfs", "compression"), updater=updater, init_conf=init_conf)
 
 
@@ -110,6 +117,10 @@ def _write(stage: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
 def check(spec: Spec, *, sysroot: Path, kernel) -> None:
     """Fail on what would stop the build (wrong-arch binaries, missing libraries or
     modules) before anything is written; both closures are cheap next to compression."""
+    for target, src in sorted(spec.files.items()):
+        if not src.is_file():
+            hint = " (rackboot keygen makes it)" if target == PUBLIC_KEY else ""
+            raise RackbootError(f"{src}, for {target} in the initramfs, does not exist{hint}")
     elf.closure(spec.binaries, sysroot, spec.arch)
     modules.module_closure(spec.modules, kernel.root, arch=spec.arch)
 

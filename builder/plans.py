@@ -23,8 +23,8 @@ def layout(cfg: Config) -> Layout:
         raise RackbootError(f"{cfg.path}: [layout]: {exc}") from None
 
 
-def make_plan(cfg: Config, *, node: str, manifest: str | None) -> Plan:
-    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.get("layout", "mount"))
+def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False) -> Plan:
+    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.get("layout", "mount"), pin=pin)
 
 
 def assign(cfg: Config, *, node: str, image: str, version: int | None = None) -> Path:
@@ -39,4 +39,5 @@ def assign(cfg: Config, *, node: str, image: str, version: int | None = None) ->
         manifest = f"/images/{image}/{version}/manifest.json"
         if not (Path(master) / manifest.lstrip("/")).is_file():
             raise RackbootError(f"image {image!r} has no version {version} in {master}")
-    return publish.write_plan(master, node, make_plan(cfg, node=node, manifest=manifest))
+    return publish.write_plan(master, node, make_plan(cfg, node=node, manifest=manifest, pin=version is not None),
+                              key=cfg.get("master", "key"))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from . import modules as kernel_modules
+from . import signing
 from .errors import RackbootError
 from .initramfs.updater import formats, mbr
 from .initramfs.updater.errors import UpdaterError
@@ -55,7 +56,8 @@ _MODULE_DIRS = ("lib/modules", "usr/lib/modules")
 def publish_directory(src: PathLike, master: PathLike, *, image: str, version: Optional[int] = None,
                       label: str = "", size_mib: Optional[int] = None,
                       kernel_release: Optional[str] = None, modules_from: Optional[PathLike] = None,
-                      modules: Sequence[str] = (), source_date_epoch: int = 0, force: bool = False) -> Manifest:
+                      modules: Sequence[str] = (), source_date_epoch: int = 0, force: bool = False,
+                      key: Optional[Path] = None) -> Manifest:
     """Make an ext4 image of directory `src` and publish it; returns its manifest.
 
     version None = latest + 1. With `kernel_release`, the root must carry
@@ -66,7 +68,7 @@ def publish_directory(src: PathLike, master: PathLike, *, image: str, version: O
     src = Path(src)
     if not src.is_dir():
         raise RackbootError(f"root filesystem {src} is not a directory")
-    with _Publication(Path(master), image, version, force) as pub:
+    with _Publication(Path(master), image, version, force, key) as pub:
         root = src
         if kernel_release and not _has_modules(src, kernel_release):
             if modules_from is None:
@@ -85,7 +87,7 @@ def publish_directory(src: PathLike, master: PathLike, *, image: str, version: O
 def publish_image(img: PathLike, partition: Union[int, str], master: PathLike, *, image: str,
                   version: Optional[int] = None, label: str = "",
                   kernel_release: Optional[str] = None, source_date_epoch: int = 0,
-                  force: bool = False) -> Manifest:
+                  force: bool = False, key: Optional[Path] = None) -> Manifest:
     """Publish the bytes of one ext4 partition of OS image `img` (MBR) as they are.
 
     `partition` is a number (1-4, or "2"), a filesystem label ("rootfs") or an MBR
@@ -101,18 +103,21 @@ def publish_image(img: PathLike, partition: Union[int, str], master: PathLike, *
     if kernel_release and not _image_has_modules(img, part.start, kernel_release):
         raise RackbootError(f"{where} has no modules for kernel {kernel_release} "
                             f"(no /lib/modules/{kernel_release}); add them to the OS image")
-    with _Publication(Path(master), image, version, force) as pub, open(img, "rb") as f:
+    with _Publication(Path(master), image, version, force, key) as pub, open(img, "rb") as f:
         f.seek(part.start)
         return pub.finish(f, part.size, label=label, created=source_date_epoch,
                           kernel_release=kernel_release)
 
 
-def write_plan(master: PathLike, node_id: str, plan: Plan) -> Path:
-    """Write plans/<node_id>.json ("default" for every node without its own); atomic."""
+def write_plan(master: PathLike, node_id: str, plan: Plan, key: Optional[Path] = None) -> Path:
+    """Write plans/<node_id>.json ("default" for every node without its own), and with a
+    key its .sig first; each file is replaced atomically."""
     if node_id != "default" and not _NODE_RE.fullmatch(node_id):
         raise RackbootError(f"node id {node_id!r} is not valid (MAC with dashes, or 'default')")
     path = Path(master) / "plans" / f"{node_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if key:
+        _write_atomic(path.with_name(path.name + ".sig"), signing.sign(key, formats.dump(plan)))
     _write_atomic(path, formats.dump(plan))
     return path
 
@@ -324,7 +329,9 @@ def _ext4_magic(img: Path, offset: int) -> bool:
 class _Publication:
     """One version being published: picks the number, owns the work dir, commits by rename."""
 
-    def __init__(self, master: Path, image: str, version: Optional[int], force: bool):
+    def __init__(self, master: Path, image: str, version: Optional[int], force: bool,
+                 key: Optional[Path] = None):
+        self.key = key
         if not _IMAGE_RE.fullmatch(image):
             raise RackbootError(f"image name {image!r} is not valid ([a-z0-9][a-z0-9._-]*)")
         self.master, self.image = master, image
@@ -359,6 +366,8 @@ class _Publication:
                             fstype="ext4", compression="gzip", stream=STREAM_NAME,
                             kernel_release=kernel_release, **digests)
         _write_durable(out / "manifest.json", formats.dump(manifest))
+        if self.key:
+            _write_durable(out / "manifest.json.sig", signing.sign(self.key, formats.dump(manifest)))
         _fsync_dir(out)
         final = self.dir / str(self.version)
         try:

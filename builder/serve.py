@@ -129,8 +129,10 @@ class MasterHandler(BaseHTTPRequestHandler):
         parts = path.split("/")[1:]
         if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {path[:200]}"}, body)
-        if len(parts) == 2 and parts[0] == "plans" and parts[1].endswith(".json"):
-            return self._plan(parts[1][:-5], body)
+        if len(parts) == 2 and parts[0] == "plans":
+            for suffix in (".json", ".json.sig"):  # a plan and its signature fall back together
+                if parts[1].endswith(suffix):
+                    return self._plan(parts[1][:-len(suffix)], body, suffix)
         self._file(path, self.server.master.joinpath(*parts), body)
 
     def _url_path(self) -> Optional[str]:
@@ -146,10 +148,10 @@ class MasterHandler(BaseHTTPRequestHandler):
 
     # --- GET: plans and files --------------------------------------------------------------
 
-    def _plan(self, node: str, body: bool) -> None:
+    def _plan(self, node: str, body: bool, suffix: str = ".json") -> None:
         plans = self.server.master / "plans"
-        own = plans / f"{node}.json"
-        for candidate in (own, plans / "default.json"):
+        own = plans / f"{node}{suffix}"
+        for candidate in (own, plans / f"default{suffix}"):
             if candidate.is_file():
                 return self._file(f"/plans/{candidate.name}", candidate, body)
         self._json(HTTPStatus.NOT_FOUND,

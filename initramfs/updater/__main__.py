@@ -13,6 +13,7 @@ from typing import Optional
 
 from .errors import UpdaterError
 from .formats import MOUNTS
+from .signature import PUBLIC_KEY, from_environment
 from .main import DEFAULT_MOUNT, Decision, discover_identity, run
 
 
@@ -24,6 +25,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--serial", help="board serial (default: device tree or /proc/cpuinfo)")
     p.add_argument("--decision-file", help="write the decision here as shell KEY=VALUE lines")
     p.add_argument("--no-layout", action="store_true", help="use the card's partition table as is")
+    p.add_argument("--public-key", default=PUBLIC_KEY,
+                   help="the master's Ed25519 key; when the file exists, only signed plans and manifests "
+                        "are taken (default: %(default)s)")
     p.add_argument("--offline-mount", default=DEFAULT_MOUNT, choices=MOUNTS,
                    help="how to mount the slot when no plan arrives (default: %(default)s)")
     return p.parse_args(argv)
@@ -44,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         identity = discover_identity(args.mac, args.serial)
         decision = run(args.disk, args.master, identity, layout_check=not args.no_layout,
-                       offline_mount=args.offline_mount)
+                       offline_mount=args.offline_mount, verifier=from_environment(args.public_key))
         if args.decision_file:
             write_decision(args.decision_file, decision)
         else:

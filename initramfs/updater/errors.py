@@ -10,3 +10,7 @@ class UpdaterError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split("\n")))
+
+
+class Refused(UpdaterError):
+    """What the master sent is not installed: a bad or missing signature, or a replay."""

@@ -98,6 +98,12 @@ class _Fields:
             raise self.fail(key, f"must be one of {', '.join(choices)}, got {_short(value)}")
         return value
 
+    def bool(self, key: str, *, default: bool = False) -> bool:
+        value = self.obj.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_short(value)}")
+        return value
+
     def format(self) -> int:
         value = self.raw("format")
         if not _is_int(value) or value != FORMAT:
@@ -305,6 +311,7 @@ class Plan:
     layout: Layout
     image: Optional[str] = None  # manifest path on the master; None = keep what's there
     mount: str = "ro+overlay:tmpfs"
+    pin: bool = False  # the image's version may be older than a slot's (a deliberate rollback)
     format: int = FORMAT
 
     @classmethod
@@ -315,11 +322,11 @@ class Plan:
                    layout=Layout.from_dict(f.raw("layout")),
                    image=f.str("image", _MASTER_PATH_RE, optional=True,
                                what="an absolute path on the master"),
-                   mount=f.choice("mount", MOUNTS))
+                   mount=f.choice("mount", MOUNTS), pin=f.bool("pin"))
 
     def to_dict(self) -> dict:
         return {"format": self.format, "node": self.node, "layout": self.layout.to_dict(),
-                "image": self.image, "mount": self.mount}
+                "image": self.image, "mount": self.mount, "pin": self.pin}
 
 
 # --- Slot state ------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from . import install, layout
 from . import report as reports
 from . import state as slot_state
 from .disk import Disk, partition_device
-from .errors import UpdaterError
+from .errors import Refused, UpdaterError
 from .fetch import Master
 from .formats import Manifest, Plan, Slot, SlotState, node_id, parse_manifest, parse_plan
 from .mbr import Mbr
+from .signature import Verifier, from_environment
 
 SLOTS = ("a", "b")
 DEFAULT_MOUNT = "ro+overlay:tmpfs"
@@ -49,7 +50,7 @@ class Decision:
     partition_number: int
     device: str
     mount: str
-    action: str  # installed | up-to-date | offline | fallback
+    action: str  # installed | up-to-date | offline | fallback | refused
     bytes_fetched: int = 0
     seconds: float = 0.0
     image: Optional[str] = None
@@ -116,13 +117,14 @@ def _read_text(path: str) -> Optional[str]:
 def run(disk_path: str, master_url: str, identity: Optional[Identity] = None, *,
         now: Callable[[], float] = time.monotonic, layout_check: bool = True,
         master: Optional[Master] = None, log: Callable[[str], None] = None,
-        offline_mount: str = DEFAULT_MOUNT) -> Decision:
+        offline_mount: str = DEFAULT_MOUNT, verifier: Optional[Verifier] = None) -> Decision:
     """Bring the card in line with this node's plan; the Decision says what /init boots.
     ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config)."""
     identity = identity or discover_identity()
     with Disk(disk_path) as disk:
         update = _Update(disk, disk_path, master or Master(master_url), identity, now, log or _log)
         update.offline_mount = offline_mount
+        update.verifier = verifier or from_environment()
         return update.run(layout_check)
 
 
@@ -145,20 +147,38 @@ class _Update:
         self.plan: Optional[Plan] = None
         self.phase = "plan"
         self.offline_mount = DEFAULT_MOUNT
+        self.verifier = Verifier(None)
 
     def run(self, layout_check: bool) -> Decision:
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
-            self.plan = self.master.get_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+            self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+        except Refused as e:
+            return self.fall_back("refused", e)
         except UpdaterError as e:
             return self.fall_back("offline", e)
-        self.log(f"plan for {self.plan.node}: image {self.plan.image or '(keep)'}")
+        signed = "signature verified" if self.verifier.required else "unsigned: this card has no master key"
+        self.log(f"plan for {self.plan.node}: image {self.plan.image or '(keep)'} ({signed})")
         try:
             self.phase = "layout"
             table = self.check_layout(layout_check)
             return self.update(table)
+        except Refused as e:
+            return self.fall_back("refused", e)
         except UpdaterError as e:
             return self.fall_back("fallback", e)
+
+    def signed_doc(self, path: str, parse, headers: Optional[dict] = None):
+        """A plan or manifest, parsed only after its signature verified (when the card has a key)."""
+        if not self.verifier.required:
+            return self.master.get_doc(path, parse, headers=headers)
+        data = self.master.get(path, headers=headers)
+        try:
+            signature = self.master.get(path + ".sig", headers=headers)
+        except UpdaterError as e:
+            raise Refused(f"{path}: no signature ({e}); this card only takes signed documents") from None
+        self.verifier.check(path, data, signature)
+        return parse(data)
 
     # --- layout -----------------------------------------------------------------------
 
@@ -200,7 +220,8 @@ class _Update:
             if current is None:
                 raise UpdaterError("plan: assigns no image and no slot on the card is good")
             return self.decision(current, "up-to-date")
-        manifest = self.master.get_doc(self.plan.image, parse_manifest)
+        manifest = self.signed_doc(self.plan.image, parse_manifest)
+        self.refuse_replay(manifest)
         for name in SLOTS:
             slot = self.state.slot(name)
             if slot.holds(manifest) and slot.partition in (None, self.plan.layout.number(name)):
@@ -211,6 +232,16 @@ class _Update:
         target = self.inactive_slot()
         self.install(target, manifest, table)
         return self.decision(target, "installed", manifest)
+
+    def refuse_replay(self, manifest: Manifest) -> None:
+        """An older version of an image a slot holds is a replay unless the plan pins it."""
+        newer = [(name, slot.version) for name, slot in sorted(self.state.slots.items())
+                 if slot.state == "good" and slot.image == manifest.image and slot.version is not None
+                 and slot.version > manifest.version]
+        if newer and not self.plan.pin:
+            name, version = newer[0]
+            raise Refused(f"manifest: {manifest.image} v{manifest.version} is older than v{version} in "
+                                 f"slot {name}; refused as a replay (a plan with \"pin\": true rolls back)")
 
     def inactive_slot(self) -> str:
         keep = self.state.primary or self.state.last_good

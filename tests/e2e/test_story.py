@@ -33,7 +33,7 @@ def example_config(directory: Path, **layout) -> Path:
     shutil.copytree(EXAMPLE / "rootfs", directory / "rootfs", symlinks=True)
     return write_config(directory, updater=True,
                         kernel={"root_modules": example.get("kernel", "root_modules")},
-                        master={"port": free_port()},
+                        master={"port": free_port(), "key": "keys/master.key"},
                         layout={"partitions": example.get("layout", "partitions"),
                                 "mount": example.get("layout", "mount"), **layout})
 
@@ -67,6 +67,8 @@ def test_versions_alternate_slots_and_the_offline_boot_uses_the_card(story):
     assert "master unreachable; booting from the card" in logs[3]  # the card's U-Boot script
     assert "booting slot b (offline)" in logs[3]
     assert all("rescue" not in log for log in logs)
+    # openssl in the initramfs checked every plan against the key the demo made
+    assert all("(signature verified)" in log for log in logs[:3])
     assert all("boot 1 of this root" in log for log in logs)  # tmpfs overlay: nothing persists
 
 

@@ -52,3 +52,32 @@ def test_publish_of_a_module_the_kernel_lacks_is_one_line_and_publishes_nothing(
     assert "did you mean 'overlay'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "master").rglob("manifest.json"))
+
+
+def test_keygen_publish_and_plan_sign_and_the_build_carries_the_key(tmp_path):
+    cfg_path = write_config(tmp_path, updater=True, master={"key": "keys/master.key"},
+                            kernel={"root_modules": ["overlay"]})
+    result = rackboot("build", "-c", str(cfg_path))
+    assert result.returncode == 1 and "rackboot keygen makes it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "build/initramfs.cpio.gz").exists()
+
+    assert rackboot("keygen", "-c", str(cfg_path)).returncode == 0
+    again = rackboot("keygen", "-c", str(cfg_path))
+    assert again.returncode == 1 and "never overwrites" in again.stderr
+    (tmp_path / "rootfs").mkdir()
+    for args in (["publish", "--dir", str(tmp_path / "rootfs"), "--image", "lab"], ["plan", "--image", "lab"],
+                 ["build"]):
+        result = rackboot(args[0], "-c", str(cfg_path), *args[1:])
+        assert result.returncode == 0, result.stderr
+    public = tmp_path / "keys/master.key.pub"
+    for doc in ("images/lab/1/manifest.json", "plans/default.json"):
+        path = tmp_path / "master" / doc
+        verified = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(public), "-rawin",
+                                   "-in", str(path), "-sigfile", f"{path}.sig"], capture_output=True)
+        assert verified.returncode == 0, verified.stdout
+    listing = subprocess.run(["sh", "-c", f"gzip -dc {tmp_path}/build/initramfs.cpio.gz | cpio -i --to-stdout "
+                                          "etc/rackboot/master.pub"], capture_output=True, check=True).stdout
+    assert listing == public.read_bytes()
+    files = subprocess.run(["sh", "-c", f"gzip -dc {tmp_path}/build/initramfs.cpio.gz | cpio -t"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert "usr/bin/openssl" in files and any("libcrypto.so" in f for f in files)

@@ -109,12 +109,23 @@ def test_new_version_goes_to_the_other_slot_and_keeps_the_old_one_good(server, c
     assert slot_bytes(card, "a", len(v1)) == v1 and slot_bytes(card, "b", len(v2)) == v2
 
 
-def test_assigning_the_old_version_again_switches_back_without_fetching(server, card):
+def test_an_older_version_is_refused_as_a_replay_and_the_current_slot_boots(server, card):
+    install_v1(server, card)
+    write_plan(server.root, publish(server.root, 2, image_bytes(2)))
+    update(card, server.url)
+    write_plan(server.root, "/images/example/1/manifest.json")
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action, decision.version) == ("b", "refused", 2)
+    assert "older than v2" in decision.error and card_state(card).primary == "b"
+    assert server.reports[-2]["phase"] == "error" and "replay" in server.reports[-2]["error"]
+
+
+def test_a_pinned_older_version_switches_back_without_fetching(server, card):
     install_v1(server, card)
     write_plan(server.root, publish(server.root, 2, image_bytes(2)))
     update(card, server.url)
     served = server.image_bytes
-    write_plan(server.root, "/images/example/1/manifest.json")
+    write_plan(server.root, "/images/example/1/manifest.json", pin=True)
     decision = update(card, server.url)
     assert (decision.slot, decision.action, decision.bytes_fetched) == ("a", "up-to-date", 0)
     assert server.image_bytes == served and card_state(card).primary == "a"

@@ -72,7 +72,7 @@ def _handler(master: FakeMaster):
             path = self.path.split("?")[0]
             file = master.root / path.lstrip("/")
             if path.startswith("/plans/") and not file.is_file():
-                file = master.root / "plans/default.json"
+                file = master.root / ("plans/default.json.sig" if path.endswith(".sig") else "plans/default.json")
             if ".." in path or not file.is_file():
                 return self._send(404, b"not found\n")
             data = file.read_bytes()
@@ -88,7 +88,7 @@ def _handler(master: FakeMaster):
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.end_headers()
             body = data[start:]
-            counted = not path.endswith(".json")
+            counted = not path.endswith((".json", ".sig"))  # image streams only
             drop = master.faults.drop_after
             if counted and drop is not None:
                 master.faults.drop_after = None
@@ -182,8 +182,8 @@ def layout(parts=STANDARD, repartition: str = "allowed") -> Layout:
 
 
 def write_plan(root: Path, manifest_path: Optional[str], *, node: str = NODE, parts=STANDARD,
-               repartition: str = "allowed", mount: str = "ro+overlay:tmpfs") -> Plan:
-    plan = Plan(node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount)
+               repartition: str = "allowed", mount: str = "ro+overlay:tmpfs", pin: bool = False) -> Plan:
+    plan = Plan(node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount, pin=pin)
     (root / "plans").mkdir(parents=True, exist_ok=True)
     (root / "plans" / f"{node}.json").write_bytes(formats.dump(plan))
     return plan
