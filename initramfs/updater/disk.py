@@ -64,6 +64,13 @@ class Disk:
             view = view[n:]
             offset += n
 
+    def drop_cache(self, offset: int, length: int) -> None:
+        """Forget cached pages of a synced range, so the next read comes from the medium."""
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass  # best effort: the read-back then checks the cache, which still catches bad writes
+
     def fsync(self) -> None:
         try:
             os.fsync(self.fd)

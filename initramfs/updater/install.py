@@ -78,6 +78,19 @@ def write_stream(chunks: Iterable[bytes], disk: Disk, offset: int, capacity: int
                    source.sha256.hexdigest())
 
 
+def read_back(disk: Disk, offset: int, size: int, *, chunk: int = CHUNK) -> tuple[str, str]:
+    """sha256 and CRC32 of the slot's first ``size`` bytes as the medium now returns them
+    (cards that ack writes they lost are why: bmaptool issue 56)."""
+    disk.drop_cache(offset, size)
+    sha256, crc32, done = hashlib.sha256(), 0, 0
+    while done < size:
+        data = disk.read(offset + done, min(chunk, size - done))
+        sha256.update(data)
+        crc32 = zlib.crc32(data, crc32)
+        done += len(data)
+    return sha256.hexdigest(), f"{crc32:08x}"
+
+
 def _why_limit(manifest: Manifest, capacity: int) -> str:
     return "the manifest's size" if manifest.size <= capacity else f"the slot's {capacity} bytes"
 

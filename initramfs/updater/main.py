@@ -28,6 +28,7 @@ from .signature import Verifier, from_environment
 
 SLOTS = ("a", "b")
 DEFAULT_MOUNT = "ro+overlay:tmpfs"
+WRITE_ATTEMPTS = 2  # a slot whose read-back differs is written once more, then left bad
 DEFAULT_NUMBERS = {"a": 2, "b": 3, "data": 4}  # the standard layout, for state written without numbers
 
 
@@ -117,11 +118,12 @@ def _read_text(path: str) -> Optional[str]:
 def run(disk_path: str, master_url: str, identity: Optional[Identity] = None, *,
         now: Callable[[], float] = time.monotonic, layout_check: bool = True,
         master: Optional[Master] = None, log: Callable[[str], None] = None,
-        offline_mount: str = DEFAULT_MOUNT, verifier: Optional[Verifier] = None) -> Decision:
+        offline_mount: str = DEFAULT_MOUNT, verifier: Optional[Verifier] = None,
+        open_disk: Callable[[str], Disk] = Disk) -> Decision:
     """Bring the card in line with this node's plan; the Decision says what /init boots.
     ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config)."""
     identity = identity or discover_identity()
-    with Disk(disk_path) as disk:
+    with open_disk(disk_path) as disk:
         update = _Update(disk, disk_path, master or Master(master_url), identity, now, log or _log)
         update.offline_mount = offline_mount
         update.verifier = verifier or from_environment()
@@ -257,13 +259,10 @@ class _Update:
         self.commit(self.with_slot(target, entry))
         self.log(f"installing {manifest.image} v{manifest.version} into slot {target} "
                  f"({partition_device(self.disk_path, number)})")
-        started = self.now()
         try:
-            stream = self.master.stream(manifest.stream_path(self.plan.image), manifest.stream_size)
-            written = install.write_stream(stream, self.disk, offset, capacity, manifest)
-            self.report("download", seconds=self.now() - started, slot=target, version=manifest.version)
-            self.phase = "verify"
-            install.verify(written, manifest)
+            for attempt in range(1, WRITE_ATTEMPTS + 1):
+                if self.write_and_read_back(target, offset, capacity, manifest, last=attempt == WRITE_ATTEMPTS):
+                    break
         except UpdaterError:
             self.commit(self.with_slot(target, replace(entry, state="bad")))
             raise
@@ -271,6 +270,27 @@ class _Update:
         self.commit(replace(self.with_slot(target, replace(entry, state="good")),
                             primary=target, last_good=target))
         self.report("commit", slot=target, version=manifest.version)
+
+    def write_and_read_back(self, target: str, offset: int, capacity: int, manifest: Manifest, *,
+                            last: bool) -> bool:
+        """Stream, verify what was written, then re-read the slot from the medium: False
+        when the read-back differs and another attempt remains."""
+        self.phase = "download"
+        started = self.now()
+        stream = self.master.stream(manifest.stream_path(self.plan.image), manifest.stream_size)
+        written = install.write_stream(stream, self.disk, offset, capacity, manifest)
+        self.report("download", seconds=self.now() - started, slot=target, version=manifest.version)
+        self.phase = "verify"
+        install.verify(written, manifest)
+        self.phase = "read-back"
+        if install.read_back(self.disk, offset, manifest.size) == (manifest.sha256, manifest.crc32):
+            return True
+        problem = f"read-back of slot {target} differs from what was written"
+        if last:
+            raise UpdaterError(f"{problem}, again; the slot stays uncommitted")
+        self.log(f"{problem}; writing it once more")
+        self.report("error", slot=target, version=manifest.version, error=problem)
+        return False
 
     # --- state, decisions, reports ------------------------------------------------------
 

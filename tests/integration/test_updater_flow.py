@@ -353,3 +353,44 @@ def test_blank_data_partition_is_flagged_for_formatting_and_a_filesystem_is_left
     data_start = (4 + 16 + 64 + 64) << 20
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={data_start}", card, "4M"], check=True)
     assert not update(card, server.url).data_blank
+
+
+class LossyCard(Disk):
+    """A card that acknowledges every write but, for its first ``bad_reads`` read-backs,
+    returns one flipped byte: the silent corruption a file-backed disk cannot produce."""
+
+    def __init__(self, path: str, bad_reads: int):
+        super().__init__(path)
+        self.bad_reads = bad_reads
+        self.reading_back = False
+
+    def drop_cache(self, offset: int, length: int) -> None:  # the read-back starts here
+        super().drop_cache(offset, length)
+        self.reading_back = self.bad_reads > 0
+        self.bad_reads -= 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = super().read(offset, length)
+        if self.reading_back and offset >= SLOT_OFFSET["a"]:
+            self.reading_back = False
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return data
+
+
+def test_read_back_mismatch_is_written_once_more_then_committed(server, card):
+    data = image_bytes(1)
+    write_plan(server.root, publish(server.root, 1, data))
+    decision = update(card, server.url, open_disk=lambda path: LossyCard(path, bad_reads=1))
+    assert decision.action == "installed" and card_state(card).slots["a"].state == "good"
+    assert server.image_bytes == 2 * (server.root / "images/example/1/rootfs.ext4.gz").stat().st_size  # twice
+    assert any("read-back of slot a differs" in (r["error"] or "") for r in server.reports)
+
+
+def test_read_back_mismatch_twice_leaves_the_slot_uncommitted_and_the_old_one_boots(server, card):
+    install_v1(server, card)
+    write_plan(server.root, publish(server.root, 2, image_bytes(2)))
+    decision = update(card, server.url, open_disk=lambda path: LossyCard(path, bad_reads=2))
+    assert (decision.action, decision.slot, decision.version) == ("fallback", "a", 1)
+    assert "again; the slot stays uncommitted" in decision.error
+    st = card_state(card)
+    assert st.primary == "a" and st.slots["b"].state == "bad"
