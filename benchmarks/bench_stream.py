@@ -7,7 +7,8 @@ The image is an ext4 filesystem of real files (host libraries and documentation)
 it compresses like a root filesystem does. The updater runs as on a worker (`python -m
 updater` against a blank card: layout, stream, verify, commit) in its own process, so
 its peak RSS is measured alone. The pipeline verifies nothing; the updater checks
-sha256 and CRC32 of what it wrote before it commits. Best of three runs each.
+sha256 and CRC32 of what it wrote, then re-reads the slot from the medium and checks
+it again, before it commits. Best of three runs each.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def bench() -> dict:
 def report(r: dict) -> str:
     return "\n".join([
         f"image {r['image_bytes'] / 2**20:.0f} MiB ({r['stream_bytes'] / 2**20:.0f} MiB gzip) over loopback HTTP:",
-        f"  updater (layout, stream, sha256+CRC32 verify, commit): {r['ours_seconds']:.2f} s, "
+        f"  updater (layout, stream, sha256+CRC32 verify, read-back, commit): {r['ours_seconds']:.2f} s, "
         f"{r['ours_mib_s']:.0f} MiB/s, peak RSS {r['ours_peak_rss'] / 2**20:.1f} MiB (goal < 64 MiB)",
         f"  curl | gzip -d | dd: {r['reference_seconds']:.2f} s, {r['reference_mib_s']:.0f} MiB/s",
         f"  throughput ratio updater/pipeline: {r['throughput_ratio']:.2f} (goal >= 0.9)",

@@ -82,12 +82,15 @@ def read_back(disk: Disk, offset: int, size: int, *, chunk: int = CHUNK) -> tupl
     """sha256 and CRC32 of the slot's first ``size`` bytes as the medium now returns them
     (cards that ack writes they lost are why: bmaptool issue 56)."""
     disk.drop_cache(offset, size)
-    sha256, crc32, done = hashlib.sha256(), 0, 0
-    while done < size:
-        data = disk.read(offset + done, min(chunk, size - done))
-        sha256.update(data)
-        crc32 = zlib.crc32(data, crc32)
-        done += len(data)
+    # a reader thread keeps the medium busy while this one hashes
+    reader = _Reader(disk.read(offset + at, min(chunk, size - at)) for at in range(0, size, chunk))
+    sha256, crc32 = hashlib.sha256(), 0
+    try:
+        for data in reader.items():
+            sha256.update(data)
+            crc32 = zlib.crc32(data, crc32)
+    finally:
+        reader.stop()
     return sha256.hexdigest(), f"{crc32:08x}"
 
 
