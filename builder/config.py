@@ -81,6 +81,9 @@ SETTINGS: tuple[Setting, ...] = (
             "SD card layout: boot, slot a, slot b, data; size_mib in MiB or \"rest\"."),
     Setting("layout", "repartition", "choice", "allowed",
             "Whether the updater may repartition a card whose table differs.", ("allowed", "never")),
+    Setting("layout", "tries", "int", 3,
+            "Boots a newly installed slot gets to run rackboot-mark-good before the previous slot "
+            "boots again."),
     Setting("layout", "mount", "choice", "ro+overlay:tmpfs", "How the worker mounts its slot.",
             MOUNT_MODES),
     Setting("output", "directory", "path", "build", "Where build artefacts go."),

@@ -30,8 +30,9 @@ class BootRow:
     seconds: float
 
 
-def example_root(cfg: config.Config, src: Path, version: str, dest: Path) -> Path:
-    """The example root filesystem: busybox, an init that says which version is up."""
+def example_root(cfg: config.Config, src: Path, version: str, dest: Path, *, broken: bool = False) -> Path:
+    """The example root filesystem: busybox, an init that says which version is up and
+    confirms its slot (unless ``broken``: then it never does)."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest, symlinks=True)
@@ -43,6 +44,8 @@ def example_root(cfg: config.Config, src: Path, version: str, dest: Path) -> Pat
     for sub in ("etc", "proc", "sys", "dev", "tmp", "run"):
         (dest / sub).mkdir(exist_ok=True)
     (dest / "etc/rackboot-release").write_text(version + "\n")
+    if broken:
+        (dest / "etc/rackboot-demo-broken").write_text("this version never confirms its slot\n")
     return dest
 
 
@@ -101,8 +104,9 @@ STORY = [(1, False), (1, False), (2, False), (2, True)]  # (version expected, ma
 
 
 def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
-          steps: list[tuple[int, bool]] = STORY) -> list[BootRow]:
-    """Build, publish v1, serve, and boot the worker through ``steps``; one row per boot."""
+          steps: list[tuple[int, bool]] = STORY, broken: frozenset[int] = frozenset()) -> list[BootRow]:
+    """Build, publish v1, serve, and boot the worker through ``steps`` (version expected,
+    master stopped); versions in ``broken`` never confirm their slot. One row per boot."""
     key = cfg.get("master", "key")
     if key and not key.exists():  # the demo's own key; a real rack makes one with rackboot keygen
         signing.keygen(key)
@@ -117,7 +121,7 @@ def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
     rootfs = rootfs or cfg.base / "rootfs"
 
     def release(version: int) -> None:
-        root = example_root(cfg, rootfs, f"v{version}", work / f"rootfs-v{version}")
+        root = example_root(cfg, rootfs, f"v{version}", work / f"rootfs-v{version}", broken=version in broken)
         publish.publish_directory(root, master_dir, image=IMAGE, version=version, label=f"v{version}",
                                   kernel_release=kernel.release, modules_from=kernel.root,
                                   modules=cfg.get("kernel", "root_modules"),
@@ -132,8 +136,9 @@ def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
     master: Master | None = Master(cfg)
     try:
         for n, (version, offline) in enumerate(steps, start=1):
-            if version > 1 and not (master_dir / "images" / IMAGE / str(version)).is_dir():
-                release(version)
+            newest = max(v for v, _ in steps[:n])
+            if newest > 1 and not (master_dir / "images" / IMAGE / str(newest)).is_dir():
+                release(newest)
             if offline and master:
                 master.stop()
                 master = None

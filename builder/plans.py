@@ -24,7 +24,10 @@ def layout(cfg: Config) -> Layout:
 
 
 def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False) -> Plan:
-    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.get("layout", "mount"), pin=pin)
+    if cfg.get("layout", "tries") < 1:
+        raise RackbootError(f"{cfg.path}: [layout] tries: a new slot needs at least 1 boot, got {cfg.get('layout', 'tries')}")
+    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.get("layout", "mount"), pin=pin,
+                tries=cfg.get("layout", "tries"))
 
 
 def assign(cfg: Config, *, node: str, image: str, version: int | None = None) -> Path:

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import uuid
 import zlib
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
@@ -49,6 +50,8 @@ _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://rackboot.invalid/ext4"
 _IMAGE_RE = formats._IMAGE_RE
 _NODE_RE = formats._NODE_RE
 _MODULE_DIRS = ("lib/modules", "usr/lib/modules")
+MARK_GOOD = "rackboot-mark-good"
+MARK_GOOD_SOURCE = "rackboot-mark-good.sh"
 
 
 # --- public API ------------------------------------------------------------------------
@@ -63,19 +66,20 @@ def publish_directory(src: PathLike, master: PathLike, *, image: str, version: O
     version None = latest + 1. With `kernel_release`, the root must carry
     lib/modules/<kernel_release>; `modules_from` (an unpacked kernel package) fills it
     in on a staged copy: the whole module tree, or with `modules` just those names and
-    their dependencies. `force` allows a version lower than latest.
+    their dependencies. The staged copy also gets /usr/sbin/rackboot-mark-good, which
+    the booted system runs to confirm its slot. `force` allows a version lower than latest.
     """
     src = Path(src)
     if not src.is_dir():
         raise RackbootError(f"root filesystem {src} is not a directory")
     with _Publication(Path(master), image, version, force, key) as pub:
-        root = src
+        if kernel_release and not _has_modules(src, kernel_release) and modules_from is None:
+            raise RackbootError(
+                f"root filesystem {src} has no modules for kernel {kernel_release}; "
+                f"pass --modules-from or add lib/modules/{kernel_release}")
+        root = _stage(src, pub.work / "root")
         if kernel_release and not _has_modules(src, kernel_release):
-            if modules_from is None:
-                raise RackbootError(
-                    f"root filesystem {src} has no modules for kernel {kernel_release}; "
-                    f"pass --modules-from or add lib/modules/{kernel_release}")
-            root = _stage_with_modules(src, Path(modules_from), kernel_release, pub.work / "root", modules)
+            _add_modules(root, src, Path(modules_from), kernel_release, modules)
         fs = pub.work / "rootfs.ext4"
         make_ext4(root, fs, uuid_seed=f"{image}/{pub.version}", size_mib=size_mib,
                   source_date_epoch=source_date_epoch)
@@ -222,15 +226,27 @@ def _has_modules(root: Path, kernel_release: str) -> bool:
     return any((root / d / kernel_release).is_dir() for d in _MODULE_DIRS)
 
 
-def _stage_with_modules(src: Path, modules_from: Path, kernel_release: str, staged: Path,
-                        wanted: Sequence[str] = ()) -> Path:
-    """A copy of `src` (owners, modes, links kept) with the kernel's modules added."""
+def _stage(src: Path, staged: Path) -> Path:
+    """A copy of `src` (owners, modes, links kept) with rackboot-mark-good added."""
+    staged.mkdir()
+    _run(["cp", "-a", f"{src}/.", str(staged)], None, f"could not copy {src} to {staged}")
+    sbin = staged / "usr/sbin"
+    if any(p.is_symlink() for p in (staged / "usr", sbin)):
+        raise RackbootError(f"root filesystem {src}: {sbin.relative_to(staged)} is a symlink")
+    sbin.mkdir(parents=True, exist_ok=True)
+    script = resources.files("rackboot.initramfs").joinpath(MARK_GOOD_SOURCE).read_bytes()
+    (sbin / MARK_GOOD).write_bytes(script)
+    (sbin / MARK_GOOD).chmod(0o755)
+    return staged
+
+
+def _add_modules(staged: Path, src: Path, modules_from: Path, kernel_release: str,
+                 wanted: Sequence[str] = ()) -> None:
+    """The kernel's modules (all, or ``wanted`` and their dependencies) added to ``staged``."""
     found = [modules_from / d / kernel_release for d in _MODULE_DIRS
              if (modules_from / d / kernel_release).is_dir()]
     if not found:
         raise RackbootError(f"--modules-from {modules_from} has no lib/modules/{kernel_release}")
-    staged.mkdir()
-    _run(["cp", "-a", f"{src}/.", str(staged)], None, f"could not copy {src} to {staged}")
     # usrmerged roots have lib -> usr/lib; never write through a link that may point off-tree.
     dest = staged / ("usr/lib/modules" if (staged / "lib").is_symlink() else "lib/modules")
     if any(p.is_symlink() for p in (dest, dest.parent)):
@@ -243,7 +259,6 @@ def _stage_with_modules(src: Path, modules_from: Path, kernel_release: str, stag
         _run(["cp", "-a", str(found[0]), str(dest)], None, f"could not copy modules from {found[0]}")
         if not (dest / kernel_release / "modules.dep.bin").is_file():
             kernel_modules.depmod(dest / kernel_release)
-    return staged
 
 
 def _image_has_modules(img: Path, offset: int, kernel_release: str) -> bool:

@@ -9,6 +9,9 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# /run is a tmpfs that moves into the new root, as dracut does: it carries
+# /run/rackboot/booted to rackboot-mark-good in the booted system.
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mkdir -p /run/rackboot
 . /etc/rackboot/init.conf
 
@@ -92,8 +95,10 @@ switch_to_slot() {
             mount -t overlay overlay -o "lowerdir=/run/rackboot/lower,upperdir=/run/rackboot/upper/upper,workdir=/run/rackboot/upper/work" /newroot
             ;;
     esac || return 1
+    { cat /run/rackboot/decision; echo "disk='$RACKBOOT_DISK'"; } > /run/rackboot/booted
     mount --move /proc /newroot/proc 2>/dev/null; mount --move /sys /newroot/sys 2>/dev/null
     mount --move /dev /newroot/dev 2>/dev/null
+    mount --move /run /newroot/run 2>/dev/null || log "the new root has no /run: rackboot-mark-good will not find its slot"
     exec switch_root /newroot "${init:-/sbin/init}"
 }
 

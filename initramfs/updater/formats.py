@@ -22,7 +22,9 @@ MAX_DOCUMENT = 1 << 20  # bytes; plans and manifests are tiny, anything bigger i
 COMPRESSIONS = ("gzip", "none")
 REPARTITION = ("allowed", "never")
 MOUNTS = ("rw", "ro", "ro+overlay:tmpfs", "ro+overlay:data")
-SLOT_STATES = ("good", "bad", "empty", "writing")
+# trial: installed, not yet confirmed by the system it booted; failed: never confirmed
+SLOT_STATES = ("good", "trial", "failed", "bad", "empty", "writing")
+BOOTABLE = ("good", "trial")
 PHASES = ("plan", "layout", "download", "verify", "commit", "boot", "error")
 SLOTS = ("a", "b")
 REST = "rest"
@@ -312,6 +314,7 @@ class Plan:
     image: Optional[str] = None  # manifest path on the master; None = keep what's there
     mount: str = "ro+overlay:tmpfs"
     pin: bool = False  # the image's version may be older than a slot's (a deliberate rollback)
+    tries: int = 3  # boots a new slot gets to confirm itself (rackboot-mark-good) before it is given up
     format: int = FORMAT
 
     @classmethod
@@ -322,11 +325,12 @@ class Plan:
                    layout=Layout.from_dict(f.raw("layout")),
                    image=f.str("image", _MASTER_PATH_RE, optional=True,
                                what="an absolute path on the master"),
-                   mount=f.choice("mount", MOUNTS), pin=f.bool("pin"))
+                   mount=f.choice("mount", MOUNTS), pin=f.bool("pin"),
+                   tries=f.int("tries", minimum=1, optional=True) or 3)
 
     def to_dict(self) -> dict:
         return {"format": self.format, "node": self.node, "layout": self.layout.to_dict(),
-                "image": self.image, "mount": self.mount, "pin": self.pin}
+                "image": self.image, "mount": self.mount, "pin": self.pin, "tries": self.tries}
 
 
 # --- Slot state ------------------------------------------------------------------------
@@ -338,6 +342,7 @@ class Slot:
     version: Optional[int] = None
     sha256: Optional[str] = None
     partition: Optional[int] = None  # MBR number it lives in, so an offline boot needs no plan
+    tries: Optional[int] = None  # trial slots: unconfirmed boots left before it is given up
 
     @classmethod
     def from_dict(cls, obj: Any, name: str = "?") -> "Slot":
@@ -346,20 +351,23 @@ class Slot:
                    image=f.str("image", _IMAGE_RE, optional=True, what="an image name"),
                    version=f.int("version", minimum=1, optional=True),
                    sha256=f.str("sha256", _HEX64_RE, optional=True, what="64 lowercase hex digits"),
-                   partition=f.int("partition", minimum=1, optional=True))
+                   partition=f.int("partition", minimum=1, optional=True),
+                   tries=f.int("tries", optional=True))
         if slot.partition is not None and slot.partition > 4:
             raise f.fail("partition", f"{slot.partition} is not an MBR primary (1..4)")
-        if slot.state == "good" and None in (slot.image, slot.version, slot.sha256):
-            raise f.fail("state", "a good slot must name its image, version and sha256")
+        if slot.state in (*BOOTABLE, "failed") and None in (slot.image, slot.version, slot.sha256):
+            raise f.fail("state", f"a {slot.state} slot must name its image, version and sha256")
+        if (slot.state == "trial") != (slot.tries is not None):
+            raise f.fail("tries", "a trial slot, and only a trial slot, counts its tries")
         return slot
 
     def to_dict(self) -> dict:
         return {"state": self.state, "image": self.image, "version": self.version,
-                "sha256": self.sha256, "partition": self.partition}
+                "sha256": self.sha256, "partition": self.partition, "tries": self.tries}
 
     def holds(self, manifest: Manifest) -> bool:
-        """True when this slot is good and holds exactly `manifest`'s image."""
-        return (self.state == "good" and self.image == manifest.image
+        """True when this slot is bootable and holds exactly `manifest`'s image."""
+        return (self.state in BOOTABLE and self.image == manifest.image
                 and self.version == manifest.version and self.sha256 == manifest.sha256)
 
 
@@ -384,10 +392,10 @@ class SlotState:
             slots[name] = Slot.from_dict(value, name)
         state = cls(format=f.format(), seq=f.int("seq"), slots=slots,
                     primary=f.str("primary", optional=True), last_good=f.str("last_good", optional=True))
-        for key in ("primary", "last_good"):
+        for key, allowed in (("primary", BOOTABLE), ("last_good", ("good",))):
             name = getattr(state, key)
-            if name is not None and (name not in slots or slots[name].state != "good"):
-                raise f.fail(key, f"{name[:40]!r} is not a good slot")
+            if name is not None and (name not in slots or slots[name].state not in allowed):
+                raise f.fail(key, f"{name[:40]!r} is not a {' or '.join(allowed)} slot")
         return state
 
     def to_dict(self) -> dict:

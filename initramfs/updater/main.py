@@ -22,7 +22,7 @@ from . import state as slot_state
 from .disk import Disk, partition_device
 from .errors import Refused, UpdaterError
 from .fetch import Master
-from .formats import Manifest, Plan, Slot, SlotState, node_id, parse_manifest, parse_plan
+from .formats import BOOTABLE, Manifest, Plan, Slot, SlotState, node_id, parse_manifest, parse_plan
 from .mbr import Mbr
 from .signature import Verifier, from_environment
 
@@ -56,6 +56,7 @@ class Decision:
     seconds: float = 0.0
     image: Optional[str] = None
     version: Optional[int] = None
+    sha256: Optional[str] = None
     data_device: Optional[str] = None
     data_blank: bool = False  # no ext2/3/4 superblock on the data partition: /init formats it
     error: Optional[str] = None
@@ -65,6 +66,7 @@ class Decision:
         fields = {"slot": self.slot, "partition_number": self.partition_number, "device": self.device,
                   "mount": self.mount, "action": self.action, "bytes_fetched": self.bytes_fetched,
                   "seconds": f"{self.seconds:.3f}", "image": self.image, "version": self.version,
+                  "sha256": self.sha256, "confirm_offset": slot_state.CONFIRM,
                   "data_device": self.data_device, "data_blank": "1" if self.data_blank else "",
                   "error": self.error}
         return "".join(f"{k}={_quote('' if v is None else str(v))}\n" for k, v in fields.items())
@@ -152,6 +154,7 @@ class _Update:
         self.verifier = Verifier(None)
 
     def run(self, layout_check: bool) -> Decision:
+        self.take_confirmation()
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
@@ -210,7 +213,7 @@ class _Update:
                                           or slot.partition not in (None, number)):
                 slots[name] = Slot()
         if slots != dict(self.state.slots):
-            self.commit(SlotState(slots=slots, primary=_good(slots, self.state.primary),
+            self.commit(SlotState(slots=slots, primary=_bootable(slots, self.state.primary),
                                   last_good=_good(slots, self.state.last_good)))
 
     # --- install ----------------------------------------------------------------------
@@ -224,11 +227,16 @@ class _Update:
             return self.decision(current, "up-to-date")
         manifest = self.signed_doc(self.plan.image, parse_manifest)
         self.refuse_replay(manifest)
+        for name, slot in sorted(self.state.slots.items()):
+            if slot.state == "failed" and (slot.image, slot.sha256) == (manifest.image, manifest.sha256):
+                raise UpdaterError(f"{manifest.image} v{manifest.version} never confirmed itself in slot {name}; "
+                                   "it is not installed again until the plan assigns another version")
         for name in SLOTS:
             slot = self.state.slot(name)
             if slot.holds(manifest) and slot.partition in (None, self.plan.layout.number(name)):
                 if self.state.primary != name:
-                    self.commit(replace(self.state, primary=name, last_good=name))
+                    last_good = name if slot.state == "good" else self.state.last_good
+                    self.commit(replace(self.state, primary=name, last_good=last_good))
                 self.log(f"slot {name} already holds {manifest.image} v{manifest.version}")
                 return self.decision(name, "up-to-date", manifest)
         target = self.inactive_slot()
@@ -238,7 +246,7 @@ class _Update:
     def refuse_replay(self, manifest: Manifest) -> None:
         """An older version of an image a slot holds is a replay unless the plan pins it."""
         newer = [(name, slot.version) for name, slot in sorted(self.state.slots.items())
-                 if slot.state == "good" and slot.image == manifest.image and slot.version is not None
+                 if slot.state in BOOTABLE and slot.image == manifest.image and slot.version is not None
                  and slot.version > manifest.version]
         if newer and not self.plan.pin:
             name, version = newer[0]
@@ -267,8 +275,9 @@ class _Update:
             self.commit(self.with_slot(target, replace(entry, state="bad")))
             raise
         self.phase = "commit"
-        self.commit(replace(self.with_slot(target, replace(entry, state="good")),
-                            primary=target, last_good=target))
+        # on trial until the system it boots runs rackboot-mark-good; last_good stays the old slot
+        self.commit(replace(self.with_slot(target, replace(entry, state="trial", tries=self.plan.tries)),
+                            primary=target))
         self.report("commit", slot=target, version=manifest.version)
 
     def write_and_read_back(self, target: str, offset: int, capacity: int, manifest: Manifest, *,
@@ -305,8 +314,45 @@ class _Update:
     def commit(self, new: SlotState) -> None:
         self.state = slot_state.write(self.disk, new)
 
+    def take_confirmation(self) -> None:
+        """A trial slot whose system booted well said so in the confirmation sector: it is
+        good from now on. The sector is cleared after the state commit, so a power cut in
+        between only leaves a stale confirmation of a slot that is already good."""
+        raw = self.disk.read(slot_state.CONFIRM, 512)
+        if not raw.strip(b"\0"):
+            return
+        words = raw.split(b"\n", 1)[0].decode("ascii", "replace").split()
+        name = words[1] if len(words) == 3 and words[0] == slot_state.CONFIRM_WORD else None
+        slot = self.state.slot(name) if name else None
+        if slot and slot.state == "trial" and slot.sha256 == words[2]:
+            self.commit(replace(self.with_slot(name, replace(slot, state="good", tries=None)), last_good=name))
+            self.log(f"slot {name} confirmed itself good ({slot.image} v{slot.version})")
+            self.report("confirm", slot=name, version=slot.version)
+        self.disk.write(slot_state.CONFIRM, bytes(512))
+        self.disk.fsync()
+
+    def count_try(self, name: str, action: str, error: Optional[str]) -> tuple[str, str, Optional[str]]:
+        """Booting a trial slot spends one of its tries; with none left it has failed, and
+        the last good slot boots instead (RAUC's BOOT_x_LEFT, kept in the slot state)."""
+        slot = self.state.slot(name)
+        if slot.state != "trial":
+            return name, action, error
+        fallback = _good(self.state.slots, self.state.last_good)
+        if slot.tries > 0 or fallback in (None, name):
+            tries = max(slot.tries - 1, 0)
+            self.commit(self.with_slot(name, replace(slot, tries=tries)))
+            self.log(f"slot {name} is on trial: {tries} more unconfirmed boots before "
+                     + (f"slot {fallback} takes over" if fallback not in (None, name) else "nothing (no other slot)"))
+            return name, action, error
+        problem = f"slot {name} ({slot.image} v{slot.version}) never confirmed itself; back to slot {fallback}"
+        self.commit(replace(self.with_slot(name, replace(slot, state="failed", tries=None)), primary=fallback))
+        self.log(problem)
+        self.report("error", slot=name, version=slot.version, error=problem)
+        return fallback, "fallback", problem
+
     def decision(self, name: str, action: str, manifest: Optional[Manifest] = None,
                  error: Optional[str] = None) -> Decision:
+        name, action, error = self.count_try(name, action, error)
         slot = self.state.slot(name)
         number = slot.partition or (self.plan.layout.number(name) if self.plan and self.plan.layout.get(name)
                                     else DEFAULT_NUMBERS.get(name, 0))
@@ -319,7 +365,7 @@ class _Update:
             slot=name, partition_number=number, device=partition_device(self.disk_path, number),
             mount=self.plan.mount if self.plan else self.offline_mount, action=action,
             bytes_fetched=self.master.stream_bytes, seconds=round(self.now() - self.t0, 3),
-            image=slot.image, version=slot.version,
+            image=slot.image, version=slot.version, sha256=slot.sha256,
             data_device=partition_device(self.disk_path, data) if data else None,
             data_blank=bool(data) and not self.has_ext_superblock(data), error=error)
         self.report("boot", slot=name, version=slot.version, error=error)
@@ -329,7 +375,7 @@ class _Update:
     def fall_back(self, action: str, error: UpdaterError) -> Decision:
         self.log(f"{self.phase} failed: {error}")
         self.report("error", error=f"{self.phase}: {error}")
-        name = _good(self.state.slots, self.state.primary) or _good(self.state.slots, self.state.last_good)
+        name = _bootable(self.state.slots, self.state.primary) or _good(self.state.slots, self.state.last_good)
         if name is None:
             raise UpdaterError(f"no good slot to boot ({self.phase}: {error})")
         return self.decision(name, action, error=str(error))
@@ -339,6 +385,10 @@ class _Update:
         elapsed = self.now() - self.t0 if seconds is None else seconds
         reports.send(self.master, reports.make(self.node, phase, bytes=self.master.stream_bytes,
                                              seconds=elapsed, error=error, slot=slot, version=version))
+
+
+def _bootable(slots, name: Optional[str]) -> Optional[str]:
+    return name if name is not None and name in slots and slots[name].state in BOOTABLE else None
 
 
 def _good(slots, name: Optional[str]) -> Optional[str]:

@@ -20,6 +20,8 @@ from .formats import SlotState
 
 MAGIC = b"RKBS"
 COPIES = (1 << 20, 2 << 20)
+CONFIRM = 3 << 20  # one sector the booted system writes with rackboot-mark-good
+CONFIRM_WORD = "rackboot-good"
 RESERVED = 64 << 10
 _HEAD = struct.Struct("<4sII")
 _CRC = struct.Struct("<I")

@@ -103,3 +103,16 @@ def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(tmp_pa
     assert "formatting" not in second and "cannot mount the data partition" not in second
     assert "v1 is up" in first and "boot 1 of this root" in first
     assert "boot 2 of this root" in second  # the first boot's write survived on the data partition
+
+
+def test_a_version_that_never_confirms_itself_gives_way_to_the_last_good_one(tmp_path):
+    cfg = config.load(example_config(tmp_path, tries=1))
+    rows = demo.story(cfg, tmp_path / "demo", log=quiet, steps=[(1, False), (2, False), (1, False)],
+                      broken=frozenset({2}))
+    assert [r.action for r in rows] == ["installed", "installed", "fallback"]
+    logs = [(tmp_path / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in (1, 2, 3)]
+    assert "rackboot-mark-good: slot a (example v1) confirmed" in logs[0]
+    assert "slot b is on trial: 0 more unconfirmed boots before slot a takes over" in logs[1]
+    assert "rackboot-mark-good" not in logs[1]
+    assert "slot b (example v2) never confirmed itself; back to slot a" in logs[2]
+    assert rows[2].bytes_fetched == 0  # v2 is not fetched again while the plan still names it

@@ -36,6 +36,10 @@ def test_publish_adds_the_configured_modules_with_a_modules_dep(tmp_path):
     assert "jbd2.ko" in lines[ext4] and "mbcache.ko" in lines[ext4]
     assert len(lines) < 20  # the closure, not the kernel's thousands of modules
     assert debugfs_cat(fs, f"/lib/modules/{kver}/{overlay}")[:4] == b"\x7fELF"
+    mark_good = subprocess.run(["debugfs", "-R", "stat /usr/sbin/rackboot-mark-good", str(fs)],
+                               capture_output=True, text=True, check=True).stdout
+    assert "Mode:  0755" in mark_good  # every published root can confirm its slot
+    assert b"rackboot-good" in debugfs_cat(fs, "/usr/sbin/rackboot-mark-good")
 
     result = rackboot("plan", "-c", str(cfg_path), "--image", "lab")
     assert result.returncode == 0, result.stderr

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,11 +63,24 @@ def card_state(card: str):
         return state.read(d)
 
 
+MARK_GOOD = Path(__file__).resolve().parents[2] / "initramfs/rackboot-mark-good.sh"
+
+
+def mark_good(card: str, decision, tmp_path: Path) -> str:
+    """What the booted system does: rackboot-mark-good, fed the file /init leaves in /run."""
+    booted = tmp_path / "booted"
+    booted.write_text(decision.to_shell() + f"disk='{card}'\n")
+    done = subprocess.run(["sh", str(MARK_GOOD)], env={"RACKBOOT_BOOTED": str(booted), "PATH": os.environ["PATH"]},
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
 def install_v1(server, card):
     v1 = image_bytes(1)
     write_plan(server.root, publish(server.root, 1, v1))
     decision = update(card, server.url)
     assert decision.action == "installed"
+    mark_good(card, decision, Path(card).parent)
     return v1
 
 
@@ -83,8 +97,10 @@ def test_fresh_card_is_laid_out_installed_and_committed(server, card):
         (1, 4, 16, 0x0C), (2, 20, 64, 0x83), (3, 84, 64, 0x83), (4, 148, 108, 0x83)]
     assert slot_bytes(card, "a", len(data)) == data
     st = card_state(card)
-    assert st.primary == "a" and st.last_good == "a"
-    assert st.slots["a"].state == "good" and st.slots["a"].sha256 == hashlib.sha256(data).hexdigest()
+    # on trial (its first boot spent one of three tries) until the system confirms itself
+    assert st.primary == "a" and st.last_good is None
+    assert (st.slots["a"].state, st.slots["a"].tries) == ("trial", 2)
+    assert st.slots["a"].sha256 == hashlib.sha256(data).hexdigest()
     assert decision.bytes_fetched == server.image_bytes > 0
     assert {r["phase"] for r in server.reports} >= {"download", "commit", "boot"}
 
@@ -381,7 +397,7 @@ def test_read_back_mismatch_is_written_once_more_then_committed(server, card):
     data = image_bytes(1)
     write_plan(server.root, publish(server.root, 1, data))
     decision = update(card, server.url, open_disk=lambda path: LossyCard(path, bad_reads=1))
-    assert decision.action == "installed" and card_state(card).slots["a"].state == "good"
+    assert decision.action == "installed" and card_state(card).slots["a"].state == "trial"
     assert server.image_bytes == 2 * (server.root / "images/example/1/rootfs.ext4.gz").stat().st_size  # twice
     assert any("read-back of slot a differs" in (r["error"] or "") for r in server.reports)
 
@@ -394,3 +410,58 @@ def test_read_back_mismatch_twice_leaves_the_slot_uncommitted_and_the_old_one_bo
     assert "again; the slot stays uncommitted" in decision.error
     st = card_state(card)
     assert st.primary == "a" and st.slots["b"].state == "bad"
+
+
+def install_v2(server, card, tries: int = 3):
+    install_v1(server, card)
+    write_plan(server.root, publish(server.root, 2, image_bytes(2)), tries=tries)
+    decision = update(card, server.url)
+    assert (decision.action, decision.slot) == ("installed", "b")
+    return decision
+
+
+def test_mark_good_confirms_the_trial_slot_at_the_next_boot(server, card, tmp_path):
+    decision = install_v2(server, card)
+    assert "slot b (example v2) confirmed" in mark_good(card, decision, tmp_path)
+    st = card_state(card)
+    assert (st.slots["b"].state, st.last_good) == ("trial", "a")  # the updater has not run yet
+    again = update(card, server.url)
+    st = card_state(card)
+    assert (again.slot, again.action) == ("b", "up-to-date")
+    assert (st.slots["b"].state, st.slots["b"].tries, st.last_good) == ("good", None, "b")
+    assert any(r["phase"] == "confirm" and r["slot"] == "b" for r in server.reports)
+    with open(card, "rb") as f:
+        f.seek(3 << 20)
+        assert f.read(512) == bytes(512)  # the confirmation is consumed
+
+
+def test_slot_that_never_confirms_falls_back_after_its_tries_and_is_not_installed_again(server, card):
+    install_v2(server, card, tries=2)  # the install's boot spent one try
+    served = server.image_bytes
+    assert (update(card, server.url).slot, card_state(card).slots["b"].tries) == ("b", 0)
+    decision = update(card, server.url)  # no tries left: back to v1
+    assert (decision.slot, decision.action, decision.version) == ("a", "fallback", 1)
+    assert "never confirmed itself" in decision.error
+    st = card_state(card)
+    assert (st.primary, st.slots["b"].state) == ("a", "failed")
+    assert any("never confirmed itself" in (r["error"] or "") for r in server.reports)
+    decision = update(card, server.url)  # the plan still says v2: it is not tried again
+    assert (decision.slot, decision.action) == ("a", "fallback") and server.image_bytes == served
+    write_plan(server.root, publish(server.root, 3, image_bytes(3)))  # the master ships a fix
+    assert (update(card, server.url).action, card_state(card).slots["b"].version) == ("installed", 3)
+
+
+def test_a_confirmation_for_another_image_is_ignored(server, card, tmp_path):
+    decision = install_v2(server, card)
+    stale = type(decision)(**{**decision.__dict__, "sha256": "0" * 64})
+    mark_good(card, stale, tmp_path)
+    update(card, server.url)
+    assert card_state(card).slots["b"].state == "trial"
+
+
+def test_offline_boot_of_a_trial_slot_counts_too(server, card):
+    install_v2(server, card, tries=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        decision = update(card, f"http://127.0.0.1:{s.getsockname()[1]}")
+    assert (decision.slot, decision.action) == ("a", "fallback")

@@ -182,8 +182,10 @@ def layout(parts=STANDARD, repartition: str = "allowed") -> Layout:
 
 
 def write_plan(root: Path, manifest_path: Optional[str], *, node: str = NODE, parts=STANDARD,
-               repartition: str = "allowed", mount: str = "ro+overlay:tmpfs", pin: bool = False) -> Plan:
-    plan = Plan(node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount, pin=pin)
+               repartition: str = "allowed", mount: str = "ro+overlay:tmpfs", pin: bool = False,
+               tries: int = 3) -> Plan:
+    plan = Plan(node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount, pin=pin,
+                tries=tries)
     (root / "plans").mkdir(parents=True, exist_ok=True)
     (root / "plans" / f"{node}.json").write_bytes(formats.dump(plan))
     return plan

@@ -99,11 +99,22 @@ def test_layout_errors(parts, message):
         formats.parse_plan(raw({**PLAN, "layout": {"partitions": parts, "repartition": "never"}}))
 
 
-def test_slot_state_requires_primary_to_be_good():
+def test_slot_state_requires_primary_to_be_bootable():
     bad = {**STATE, "slots": {**STATE["slots"], "b": {"state": "writing", "image": None,
                                                        "version": None, "sha256": None}}}
-    with pytest.raises(UpdaterError, match="slot state: primary: 'b' is not a good slot"):
+    with pytest.raises(UpdaterError, match="slot state: primary: 'b' is not a good or trial slot"):
         formats.parse_slot_state(raw(bad))
+
+
+def test_trial_slots_and_only_trial_slots_count_tries():
+    trial = {"state": "trial", "image": "example", "version": 2, "sha256": "a" * 64, "tries": 2}
+    on_trial = {**STATE, "slots": {**STATE["slots"], "b": trial}, "primary": "b", "last_good": "a"}
+    assert formats.parse_slot_state(raw(on_trial)).slots["b"].tries == 2
+    for slot in ({**trial, "tries": None}, {**trial, "state": "good"}):
+        with pytest.raises(UpdaterError, match="slots.b: tries"):
+            formats.parse_slot_state(raw({**on_trial, "slots": {**STATE["slots"], "b": slot}}))
+    with pytest.raises(UpdaterError, match="last_good: 'b' is not a good slot"):
+        formats.parse_slot_state(raw({**STATE, "slots": {**STATE["slots"], "b": trial}, "last_good": "b"}))
 
 
 def test_good_slot_must_name_its_image():
