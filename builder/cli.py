@@ -39,7 +39,8 @@ def _cmd_publish(args) -> int:
         kernel = Inputs(cfg).kernel
         kernel_release, modules_from = kernel.release, modules_from or kernel.root
     common = dict(image=args.image, version=args.version, label=args.label or "",
-                  kernel_release=kernel_release, source_date_epoch=_epoch(), key=cfg.get("master", "key"))
+                  kernel_release=kernel_release, source_date_epoch=_epoch(), key=cfg.get("master", "key"),
+                  hooks=dict(args.hook), hook_timeout=args.hook_timeout)
     if args.directory:
         manifest = publish.publish_directory(args.directory, master, size_mib=args.size_mib,
                                              modules_from=modules_from,
@@ -48,6 +49,13 @@ def _cmd_publish(args) -> int:
         manifest = publish.publish_image(args.os_image, args.partition, master, **common)
     print(f"published {manifest.image} version {manifest.version} into {master}")
     return 0
+
+
+def _hook_arg(value: str) -> tuple[str, Path]:
+    when, sep, script = value.partition("=")
+    if not sep or not script:
+        raise argparse.ArgumentTypeError(f"{value!r} is not WHEN=SCRIPT (e.g. post-install=fix.sh)")
+    return when, Path(script)
 
 
 def _cmd_serve(args) -> int:
@@ -134,6 +142,11 @@ def parser() -> argparse.ArgumentParser:
                      help="the kernel release whose modules the root must carry (default: the config's kernel)")
     pub.add_argument("--no-modules", action="store_true", help="do not check or add kernel modules")
     pub.add_argument("--modules-from", type=Path, help="an unpacked kernel package to copy modules from")
+    pub.add_argument("--hook", type=_hook_arg, action="append", default=[], metavar="WHEN=SCRIPT",
+                     help="a script the worker runs as root, signed with the image: pre-install (before "
+                          "the slot is written) or post-install (after it verified, before it is committed)")
+    pub.add_argument("--hook-timeout", type=int, default=120, metavar="S",
+                     help="seconds a hook may run before the worker kills it (default: %(default)s)")
     pub.set_defaults(func=_cmd_publish)
 
     s = sub.add_parser("serve", help="run the master: plans, images, reports over HTTP")

@@ -28,14 +28,14 @@ import zlib
 from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Sequence, Union
+from typing import BinaryIO, Iterator, Mapping, Optional, Sequence, Union
 
 from . import modules as kernel_modules
 from . import signing
 from .errors import RackbootError
 from .initramfs.updater import formats, mbr
 from .initramfs.updater.errors import UpdaterError
-from .initramfs.updater.formats import Latest, Manifest, Plan
+from .initramfs.updater.formats import Hook, Latest, Manifest, Plan
 
 PathLike = Union[str, Path]
 
@@ -52,6 +52,7 @@ _NODE_RE = formats._NODE_RE
 _MODULE_DIRS = ("lib/modules", "usr/lib/modules")
 MARK_GOOD = "rackboot-mark-good"
 MARK_GOOD_SOURCE = "rackboot-mark-good.sh"
+HOOK_TIMEOUT = 120  # seconds a hook may run on the worker before it is killed
 
 
 # --- public API ------------------------------------------------------------------------
@@ -60,7 +61,8 @@ def publish_directory(src: PathLike, master: PathLike, *, image: str, version: O
                       label: str = "", size_mib: Optional[int] = None,
                       kernel_release: Optional[str] = None, modules_from: Optional[PathLike] = None,
                       modules: Sequence[str] = (), source_date_epoch: int = 0, force: bool = False,
-                      key: Optional[Path] = None) -> Manifest:
+                      key: Optional[Path] = None, hooks: Mapping[str, PathLike] = {},
+                      hook_timeout: int = HOOK_TIMEOUT) -> Manifest:
     """Make an ext4 image of directory `src` and publish it; returns its manifest.
 
     version None = latest + 1. With `kernel_release`, the root must carry
@@ -68,11 +70,13 @@ def publish_directory(src: PathLike, master: PathLike, *, image: str, version: O
     in on a staged copy: the whole module tree, or with `modules` just those names and
     their dependencies. The staged copy also gets /usr/sbin/rackboot-mark-good, which
     the booted system runs to confirm its slot. `force` allows a version lower than latest.
+    `hooks` maps pre-install/post-install to scripts the worker runs as root; they need a
+    `key`, since workers run only signed hooks.
     """
     src = Path(src)
     if not src.is_dir():
         raise RackbootError(f"root filesystem {src} is not a directory")
-    with _Publication(Path(master), image, version, force, key) as pub:
+    with _Publication(Path(master), image, version, force, key, hooks, hook_timeout) as pub:
         if kernel_release and not _has_modules(src, kernel_release) and modules_from is None:
             raise RackbootError(
                 f"root filesystem {src} has no modules for kernel {kernel_release}; "
@@ -91,7 +95,8 @@ def publish_directory(src: PathLike, master: PathLike, *, image: str, version: O
 def publish_image(img: PathLike, partition: Union[int, str], master: PathLike, *, image: str,
                   version: Optional[int] = None, label: str = "",
                   kernel_release: Optional[str] = None, source_date_epoch: int = 0,
-                  force: bool = False, key: Optional[Path] = None) -> Manifest:
+                  force: bool = False, key: Optional[Path] = None, hooks: Mapping[str, PathLike] = {},
+                  hook_timeout: int = HOOK_TIMEOUT) -> Manifest:
     """Publish the bytes of one ext4 partition of OS image `img` (MBR) as they are.
 
     `partition` is a number (1-4, or "2"), a filesystem label ("rootfs") or an MBR
@@ -107,7 +112,8 @@ def publish_image(img: PathLike, partition: Union[int, str], master: PathLike, *
     if kernel_release and not _image_has_modules(img, part.start, kernel_release):
         raise RackbootError(f"{where} has no modules for kernel {kernel_release} "
                             f"(no /lib/modules/{kernel_release}); add them to the OS image")
-    with _Publication(Path(master), image, version, force, key) as pub, open(img, "rb") as f:
+    with _Publication(Path(master), image, version, force, key, hooks, hook_timeout) as pub, \
+            open(img, "rb") as f:
         f.seek(part.start)
         return pub.finish(f, part.size, label=label, created=source_date_epoch,
                           kernel_release=kernel_release)
@@ -345,8 +351,10 @@ class _Publication:
     """One version being published: picks the number, owns the work dir, commits by rename."""
 
     def __init__(self, master: Path, image: str, version: Optional[int], force: bool,
-                 key: Optional[Path] = None):
+                 key: Optional[Path] = None, hooks: Mapping[str, PathLike] = {},
+                 hook_timeout: int = HOOK_TIMEOUT):
         self.key = key
+        self.hooks = read_hooks(hooks, hook_timeout, signed=key is not None)
         if not _IMAGE_RE.fullmatch(image):
             raise RackbootError(f"image name {image!r} is not valid ([a-z0-9][a-z0-9._-]*)")
         self.master, self.image = master, image
@@ -377,9 +385,11 @@ class _Publication:
         out = self.work / "out"
         out.mkdir()
         digests = compress_stream(data, size, out / STREAM_NAME)
+        for hook, script in self.hooks:
+            _write_durable(out / hook.file, script)
         manifest = Manifest(image=self.image, version=self.version, label=label, created=created,
                             fstype="ext4", compression="gzip", stream=STREAM_NAME,
-                            kernel_release=kernel_release, **digests)
+                            kernel_release=kernel_release, hooks=tuple(h for h, _ in self.hooks), **digests)
         _write_durable(out / "manifest.json", formats.dump(manifest))
         if self.key:
             _write_durable(out / "manifest.json.sig", signing.sign(self.key, formats.dump(manifest)))
@@ -396,6 +406,29 @@ class _Publication:
             _write_atomic(self.dir / "latest.json",
                           formats.dump(Latest(image=self.image, version=self.version, manifest=path)))
         return manifest
+
+
+def read_hooks(hooks: Mapping[str, PathLike], timeout: int, *, signed: bool) -> list[tuple[Hook, bytes]]:
+    """Each hook script with the manifest entry that pins it; refused unless it can be signed."""
+    if hooks and not signed:
+        raise RackbootError("hooks need the master's key ([master] key): workers run only signed hooks")
+    if not 1 <= timeout <= formats.MAX_HOOK_TIMEOUT:
+        raise RackbootError(f"hook timeout {timeout} s is not between 1 and {formats.MAX_HOOK_TIMEOUT}")
+    out = []
+    for name, path in sorted(hooks.items()):
+        if name not in formats.HOOKS:
+            raise RackbootError(f"hook {name!r} is not one of {', '.join(formats.HOOKS)}")
+        try:
+            script = Path(path).read_bytes()
+        except OSError as e:
+            raise RackbootError(f"hook {name}: cannot read {path}: {e.strerror}") from None
+        if not 0 < len(script) <= formats.MAX_HOOK_BYTES:
+            raise RackbootError(f"hook {name}: {path} is {len(script)} bytes; a hook has 1 to "
+                                f"{formats.MAX_HOOK_BYTES}")
+        hook = Hook(name=name, file=f"{name}.sh", size=len(script),
+                    sha256=hashlib.sha256(script).hexdigest(), timeout=timeout)
+        out.append((hook, script))
+    return out
 
 
 def _published_versions(image_dir: Path) -> list[int]:

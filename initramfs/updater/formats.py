@@ -25,7 +25,13 @@ MOUNTS = ("rw", "ro", "ro+overlay:tmpfs", "ro+overlay:data")
 # trial: installed, not yet confirmed by the system it booted; failed: never confirmed
 SLOT_STATES = ("good", "trial", "failed", "bad", "empty", "writing")
 BOOTABLE = ("good", "trial")
-PHASES = ("plan", "layout", "download", "verify", "commit", "boot", "error")
+PHASES = ("plan", "layout", "download", "verify", "commit", "boot", "hook", "error")
+# Signed scripts a manifest may carry: before a byte of the slot is written, and after the
+# slot verified but before it is committed.
+HOOKS = ("pre-install", "post-install")
+MAX_HOOK_BYTES = 256 << 10
+MAX_HOOK_TIMEOUT = 3600  # seconds
+MAX_REPORT_OUTPUT = 4000  # characters of a hook's output a report carries (its tail)
 SLOTS = ("a", "b")
 REST = "rest"
 MIN_START_MIB = 3  # slot-state copies live at 1 MiB and 2 MiB (64 KiB each)
@@ -166,6 +172,49 @@ def _parser(cls: Callable[..., T], doc: str) -> Callable[[Union[bytes, str]], T]
 # --- Manifest ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Hook:
+    """A script beside the manifest, pinned by size and sha256: the manifest's signature
+    covers it, so a hook runs only as the master signed it."""
+    name: str  # one of HOOKS
+    file: str
+    size: int
+    sha256: str
+    timeout: int  # seconds before it is killed
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str = "manifest: hooks") -> "Hook":
+        f = _Fields(where, obj)
+        size = f.int("size", minimum=1)
+        if size > MAX_HOOK_BYTES:
+            raise f.fail("size", f"{size} bytes is larger than the {MAX_HOOK_BYTES} a hook may have")
+        timeout = f.int("timeout", minimum=1)
+        if timeout > MAX_HOOK_TIMEOUT:
+            raise f.fail("timeout", f"{timeout} s is longer than the {MAX_HOOK_TIMEOUT} s allowed")
+        return cls(name=f.choice("name", HOOKS), file=f.str("file", _FILE_RE, what="a plain file name"),
+                   size=size, sha256=f.str("sha256", _HEX64_RE, what="64 lowercase hex digits"),
+                   timeout=timeout)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "file": self.file, "size": self.size, "sha256": self.sha256,
+                "timeout": self.timeout}
+
+
+def _hooks(f: _Fields) -> tuple[Hook, ...]:
+    items = f.raw("hooks", optional=True)
+    if items is None:
+        return ()
+    if not isinstance(items, list) or len(items) > len(HOOKS):
+        raise f.fail("hooks", f"expected a list of at most {len(HOOKS)} hooks, got {_short(items)}")
+    hooks = tuple(Hook.from_dict(item, f"manifest: hooks[{i}]") for i, item in enumerate(items))
+    names = [h.name for h in hooks]
+    if len(set(names)) != len(names):
+        raise f.fail("hooks", "each hook may appear once")
+    if {"manifest.json", "manifest.json.sig"} & {h.file for h in hooks}:
+        raise f.fail("hooks", "a hook cannot be the manifest")
+    return hooks
+
+
+@dataclass(frozen=True)
 class Manifest:
     image: str
     version: int
@@ -180,6 +229,7 @@ class Manifest:
     created: int = 0
     fstype: str = "ext4"
     kernel_release: Optional[str] = None
+    hooks: tuple[Hook, ...] = ()
     format: int = FORMAT
 
     @classmethod
@@ -200,6 +250,7 @@ class Manifest:
             stream_size=f.int("stream_size", minimum=1),
             stream_sha256=f.str("stream_sha256", _HEX64_RE, what="64 lowercase hex digits"),
             kernel_release=f.str("kernel_release", optional=True),
+            hooks=_hooks(f),
         )
 
     def to_dict(self) -> dict:
@@ -208,7 +259,11 @@ class Manifest:
                 "size": self.size, "sha256": self.sha256, "crc32": self.crc32,
                 "compression": self.compression, "stream": self.stream,
                 "stream_size": self.stream_size, "stream_sha256": self.stream_sha256,
-                "kernel_release": self.kernel_release}
+                "kernel_release": self.kernel_release,
+                **({"hooks": [h.to_dict() for h in self.hooks]} if self.hooks else {})}
+
+    def hook(self, name: str) -> Optional[Hook]:
+        return next((h for h in self.hooks if h.name == name), None)
 
     def stream_path(self, manifest_path: str) -> str:
         """The stream's path on the master, beside the manifest."""
@@ -419,6 +474,7 @@ class Report:
     slot: Optional[str] = None
     version: Optional[int] = None
     time: float = 0.0
+    output: Optional[str] = None  # the tail of a hook's output
 
     @classmethod
     def from_dict(cls, obj: Any) -> "Report":
@@ -426,17 +482,21 @@ class Report:
         error = f.str("error", optional=True)
         if error is not None and ("\n" in error or len(error) > 1000):
             raise f.fail("error", "must be one line of at most 1000 characters")
+        output = f.str("output", optional=True)
+        if output is not None and len(output) > MAX_REPORT_OUTPUT:
+            raise f.fail("output", f"must be at most {MAX_REPORT_OUTPUT} characters")
         return cls(node=f.str("node", _NODE_RE, what="a node id"),
                    phase=f.choice("phase", PHASES),
                    bytes=f.int("bytes"), seconds=f.num("seconds"), error=error,
                    slot=f.str("slot", _NAME_RE, optional=True, what="a slot name"),
                    version=f.int("version", minimum=1, optional=True),
-                   time=f.num("time", optional=True) or 0.0)
+                   time=f.num("time", optional=True) or 0.0, output=output)
 
     def to_dict(self) -> dict:
         return {"node": self.node, "phase": self.phase, "bytes": self.bytes,
                 "seconds": self.seconds, "error": self.error, "slot": self.slot,
-                "version": self.version, "time": self.time}
+                "version": self.version, "time": self.time,
+                **({"output": self.output} if self.output is not None else {})}
 
 
 parse_manifest = _parser(Manifest, "manifest")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from . import install, layout
+from . import hooks, install, layout
 from . import report as reports
 from . import state as slot_state
 from .disk import Disk, partition_device
@@ -263,6 +263,8 @@ class _Update:
         if manifest.size > capacity:
             raise UpdaterError(f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
                                f"bytes, slot {target} has {capacity}")
+        scripts = hooks.fetch(self.master, self.plan.image, manifest, self.verifier.required)
+        self.run_hook("pre-install", manifest, scripts, target, number)  # the slot is untouched so far
         entry = Slot("writing", manifest.image, manifest.version, manifest.sha256, number)
         self.commit(self.with_slot(target, entry))
         self.log(f"installing {manifest.image} v{manifest.version} into slot {target} "
@@ -271,14 +273,32 @@ class _Update:
             for attempt in range(1, WRITE_ATTEMPTS + 1):
                 if self.write_and_read_back(target, offset, capacity, manifest, last=attempt == WRITE_ATTEMPTS):
                     break
+            self.run_hook("post-install", manifest, scripts, target, number)
         except UpdaterError:
             self.commit(self.with_slot(target, replace(entry, state="bad")))
             raise
         self.phase = "commit"
+        self.log(f"committing slot {target}")
         # on trial until the system it boots runs rackboot-mark-good; last_good stays the old slot
         self.commit(replace(self.with_slot(target, replace(entry, state="trial", tries=self.plan.tries)),
                             primary=target))
         self.report("commit", slot=target, version=manifest.version)
+
+    def run_hook(self, name: str, manifest: Manifest, scripts: dict[str, bytes], target: str,
+                 number: int) -> None:
+        """Run the manifest's signed hook ``name``, if it has one; its output goes to the
+        master either way, and a failure stops the install."""
+        hook = manifest.hook(name)
+        if hook is None:
+            return
+        self.phase = name
+        env = hooks.environment(manifest, hook=name, node=self.node, slot=target,
+                                slot_device=partition_device(self.disk_path, number), disk=self.disk_path)
+        self.log(f"running the signed {name} hook {hook.file} (timeout {hook.timeout} s)")
+        outcome = hooks.run(hook, scripts[name], env, log=self.log)
+        self.report("hook", seconds=outcome.seconds, slot=target, version=manifest.version,
+                    output=outcome.output, error=None if outcome.ok else outcome.problem())
+        hooks.check(outcome)
 
     def write_and_read_back(self, target: str, offset: int, capacity: int, manifest: Manifest, *,
                             last: bool) -> bool:
@@ -292,6 +312,7 @@ class _Update:
         self.phase = "verify"
         install.verify(written, manifest)
         self.phase = "read-back"
+        self.log(f"reading back slot {target}")
         if install.read_back(self.disk, offset, manifest.size) == (manifest.sha256, manifest.crc32):
             return True
         problem = f"read-back of slot {target} differs from what was written"
@@ -381,10 +402,12 @@ class _Update:
         return self.decision(name, action, error=str(error))
 
     def report(self, phase: str, *, seconds: Optional[float] = None, error: Optional[str] = None,
-               slot: Optional[str] = None, version: Optional[int] = None) -> None:
+               slot: Optional[str] = None, version: Optional[int] = None,
+               output: Optional[str] = None) -> None:
         elapsed = self.now() - self.t0 if seconds is None else seconds
         reports.send(self.master, reports.make(self.node, phase, bytes=self.master.stream_bytes,
-                                             seconds=elapsed, error=error, slot=slot, version=version))
+                                             seconds=elapsed, error=error, slot=slot, version=version,
+                                             output=output))
 
 
 def _bootable(slots, name: Optional[str]) -> Optional[str]:

@@ -7,7 +7,7 @@ from typing import Optional
 
 from . import formats
 from .fetch import Master
-from .formats import Report
+from .formats import MAX_REPORT_OUTPUT, Report
 
 
 def send(master: Optional[Master], report: Report, *, timeout: Optional[float] = None) -> bool:
@@ -22,7 +22,8 @@ def send(master: Optional[Master], report: Report, *, timeout: Optional[float] =
 
 def make(node: str, phase: str, *, bytes: int = 0, seconds: float = 0.0,
          error: Optional[str] = None, slot: Optional[str] = None,
-         version: Optional[int] = None) -> Report:
+         version: Optional[int] = None, output: Optional[str] = None) -> Report:
     return Report(node=node, phase=phase, bytes=bytes, seconds=round(seconds, 3),
                   error=None if error is None else " ".join(error.split())[:1000],
-                  slot=slot, version=version, time=round(time.time(), 3))
+                  slot=slot, version=version, time=round(time.time(), 3),
+                  output=None if output is None else output[-MAX_REPORT_OUTPUT:])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rackboot import publish
+from rackboot import publish, signing
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 
@@ -257,3 +257,48 @@ def test_write_plan_is_canonical_and_parses_back(tmp_path):
     assert sorted(p.name for p in (tmp_path / "plans").iterdir()) == ["52-54-00-12-34-56.json", "default.json"]
     with pytest.raises(RackbootError, match="node id '../x' is not valid"):
         publish.write_plan(tmp_path, "../x", plan)
+
+
+# --- hooks ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def master_key(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("key") / "master.key"
+    signing.keygen(path)
+    return path
+
+
+def test_hooks_are_published_beside_the_manifest_and_pinned_by_its_signature(tmp_path, master_key):
+    (tmp_path / "fix.sh").write_text("echo fixing\n")
+    manifest = publish_tree(make_tree(tmp_path / "root"), tmp_path / "master", key=master_key,
+                            hooks={"post-install": tmp_path / "fix.sh"}, hook_timeout=45)
+    hook, = manifest.hooks
+    where = tmp_path / "master/images/example/1"
+    assert (hook.name, hook.file, hook.timeout) == ("post-install", "post-install.sh", 45)
+    assert (where / hook.file).read_bytes() == b"echo fixing\n"
+    assert hook.sha256 == hashlib.sha256(b"echo fixing\n").hexdigest() and hook.size == 12
+    stored = formats.parse_manifest((where / "manifest.json").read_bytes())
+    assert stored.hooks == manifest.hooks
+    public = f"{master_key}.pub"
+    verified = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", public, "-rawin",
+                               "-in", str(where / "manifest.json"), "-sigfile", str(where / "manifest.json.sig")],
+                              capture_output=True)
+    assert verified.returncode == 0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(hooks={"post-install": "fix.sh"}), r"hooks need the master's key \(\[master\] key\)"),
+    (dict(hooks={"pre-boot": "fix.sh"}, key=True), "hook 'pre-boot' is not one of pre-install, post-install"),
+    (dict(hooks={"pre-install": "missing.sh"}, key=True), "hook pre-install: cannot read .*missing.sh"),
+    (dict(hooks={"pre-install": "empty.sh"}, key=True), "hook pre-install: .*empty.sh is 0 bytes"),
+    (dict(hooks={"pre-install": "fix.sh"}, key=True, hook_timeout=0), "hook timeout 0 s is not between"),
+])
+def test_bad_hooks_are_refused_and_publish_nothing(tmp_path, master_key, kw, message):
+    (tmp_path / "fix.sh").write_text("true\n")
+    (tmp_path / "empty.sh").write_text("")
+    kw["hooks"] = {name: tmp_path / path for name, path in kw["hooks"].items()}
+    if kw.pop("key", False):
+        kw["key"] = master_key
+    with pytest.raises(RackbootError, match=message):
+        publish_tree(make_tree(tmp_path / "root"), tmp_path / "master", **kw)
+    assert not (tmp_path / "master/images/example/1").exists()

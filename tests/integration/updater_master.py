@@ -88,7 +88,7 @@ def _handler(master: FakeMaster):
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.end_headers()
             body = data[start:]
-            counted = not path.endswith((".json", ".sig"))  # image streams only
+            counted = not path.endswith((".json", ".sig", ".sh"))  # image streams only, not hooks
             drop = master.faults.drop_after
             if counted and drop is not None:
                 master.faults.drop_after = None

@@ -23,6 +23,7 @@ MANIFEST = {"format": 1, "image": "example", "version": 2, "label": "v2", "creat
             "fstype": "ext4", "size": 67108864, "sha256": "ab" * 32, "crc32": "0badcafe",
             "compression": "gzip", "stream": "rootfs.ext4.gz", "stream_size": 1234,
             "stream_sha256": "cd" * 32, "kernel_release": "6.1.0-50-arm64"}
+HOOK = {"name": "post-install", "file": "post-install.sh", "size": 12, "sha256": "c" * 64, "timeout": 60}
 STATE = {"format": 1, "seq": 7,
          "slots": {"a": {"image": "example", "version": 1, "sha256": "11" * 32, "state": "good"},
                    "b": {"image": "example", "version": 2, "sha256": "22" * 32, "state": "good"}},
@@ -179,13 +180,14 @@ json_values = st.recursive(
 
 
 def _mutations(base: dict):
-    keys = st.sampled_from(sorted(base) + ["partitions", "slots", "layout"])
+    keys = st.sampled_from(sorted(base) + ["partitions", "slots", "layout", "hooks", "output"])
     return st.lists(st.tuples(keys, json_values), max_size=4).map(lambda kv: {**base, **dict(kv)})
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(_mutations(PLAN), _mutations(MANIFEST), _mutations(STATE), _mutations(REPORT),
-                 _mutations({**PLAN, "layout": {**PLAN["layout"], "partitions": [{"name": 1}]}})))
+                 _mutations({**PLAN, "layout": {**PLAN["layout"], "partitions": [{"name": 1}]}}),
+                 st.builds(lambda hook: {**MANIFEST, "hooks": [hook]}, _mutations(HOOK))))
 def test_fuzz_structured_mutations(obj):
     data = json.dumps(obj).encode()
     for parse in PARSERS:
@@ -222,3 +224,34 @@ def test_manifest_constructed_in_code_dumps_all_fields():
     m = Manifest(image="x", version=1, size=1, sha256="0" * 64, crc32="0" * 8, stream="s.gz",
                  stream_size=1, stream_sha256="0" * 64)
     assert set(json.loads(formats.dump(m))) == set(MANIFEST)
+
+
+
+def test_hooks_round_trip_and_old_manifests_dump_as_before():
+    with_hooks = formats.parse_manifest(raw({**MANIFEST, "hooks": [HOOK]}))
+    assert with_hooks.hook("post-install").timeout == 60 and with_hooks.hook("pre-install") is None
+    assert formats.parse_manifest(formats.dump(with_hooks)) == with_hooks
+    assert b"hooks" not in formats.dump(formats.parse_manifest(raw(MANIFEST)))  # signed bytes unchanged
+
+
+@pytest.mark.parametrize("hooks, message", [
+    ([{**HOOK, "name": "pre-boot"}], "manifest: hooks[0]: name: must be one of pre-install, post-install"),
+    ([HOOK, HOOK], "manifest: hooks: each hook may appear once"),
+    ([HOOK] * 3, "manifest: hooks: expected a list of at most 2 hooks"),
+    ({"name": "x"}, "manifest: hooks: expected a list"),
+    ([{**HOOK, "file": "../../sbin/init"}], "manifest: hooks[0]: file: '../../sbin/init' is not a plain file"),
+    ([{**HOOK, "file": "manifest.json"}], "manifest: hooks: a hook cannot be the manifest"),
+    ([{**HOOK, "size": 1 << 20}], "manifest: hooks[0]: size: 1048576 bytes is larger than"),
+    ([{**HOOK, "timeout": 0}], "manifest: hooks[0]: timeout: must be >= 1"),
+    ([{**HOOK, "timeout": 86400}], "manifest: hooks[0]: timeout: 86400 s is longer than"),
+])
+def test_bad_hooks_name_the_field(hooks, message):
+    with pytest.raises(UpdaterError) as e:
+        formats.parse_manifest(raw({**MANIFEST, "hooks": hooks}))
+    assert str(e.value).startswith(message)
+
+
+def test_report_output_is_bounded():
+    formats.parse_report(raw({**REPORT, "output": "line\n" * 800}))
+    with pytest.raises(UpdaterError, match="report: output: must be at most 4000 characters"):
+        formats.parse_report(raw({**REPORT, "output": "x" * 4001}))
