@@ -5,6 +5,8 @@ log, a QMP socket for power control, user-mode networking (DHCP + TFTP) and raw 
                     bootfile="boot.scr.uimg", disks=[card]) as worker:
         worker.expect(r"network up: \\S+ (\\S+)", timeout=60)
         worker.wait_exit(timeout=30)
+
+A disk can fail chosen requests (QEMU's blkdebug): faults=[DiskFault("write", sector=N)].
 """
 
 from __future__ import annotations
@@ -19,21 +21,57 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from rackboot.errors import RackbootError
 from .machines import MachineProfile
 
 
+# blkdebug arms a rule only when its event fires; QEMU 7.2's raw format fires these per request
+BLKDEBUG_EVENTS = {"read": "read_aio", "write": "write_aio"}
+
+
+@dataclass(frozen=True)
+class DiskFault:
+    """Guest requests of one kind to one disk fail (blkdebug inject-error). A rule hits
+    each request that covers ``sector`` (512-byte units: blkdebug knows no ranges), or
+    every request of its kind when ``sector`` is None. virtio-blk reports any errno to
+    the guest as an I/O error."""
+    iotype: str  # read | write
+    sector: Optional[int] = None
+    errno: int = 5  # EIO
+    once: bool = False  # only the first hit fails (the guest kernel retries failed reads)
+    disk: int = 0  # index into the worker's disks
+
+    def __post_init__(self):
+        if self.iotype not in BLKDEBUG_EVENTS:
+            raise RackbootError(f"disk fault: iotype {self.iotype!r} is not one of "
+                                f"{', '.join(BLKDEBUG_EVENTS)}")
+
+    def drive_options(self, rule: int) -> str:
+        """This fault as inject-error rule number ``rule`` of a -drive's blkdebug layer."""
+        options = {"event": BLKDEBUG_EVENTS[self.iotype], "iotype": self.iotype, "errno": self.errno,
+                   "once": "on" if self.once else "off"}
+        if self.sector is not None:
+            options["sector"] = self.sector
+        return ",".join(f"file.inject-error.{rule}.{k}={v}" for k, v in options.items())
+
+
 class QemuWorker:
     def __init__(self, machine: MachineProfile, *, log_path: Path, tftp_dir: Path | None = None,
                  bootfile: str | None = None, disks: list[Path] = (), no_reboot: bool = True,
-                 extra_netdev: str = "", extra_args: list[str] = ()):
+                 extra_netdev: str = "", extra_args: list[str] = (), faults: list[DiskFault] = ()):
         self.machine = machine
         self.log_path = Path(log_path)
         self.tftp_dir = tftp_dir
         self.bootfile = bootfile
         self.disks = [Path(d) for d in disks]
+        self.faults = list(faults)
+        for fault in self.faults:
+            if not 0 <= fault.disk < len(self.disks):
+                raise RackbootError(f"disk fault on disk {fault.disk}: the worker has {len(self.disks)} disks")
         self.no_reboot = no_reboot
         self.extra_netdev = extra_netdev
         self.extra_args = list(extra_args)
@@ -60,11 +98,20 @@ class QemuWorker:
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                "-netdev", netdev, "-device", f"{m.net_device},netdev=net0,romfile="]
         for i, disk in enumerate(self.disks):
-            cmd += ["-drive", f"if=none,id=disk{i},format=raw,file={disk},cache=writeback",
-                    "-device", f"{m.block_device},drive=disk{i}"]
+            cmd += ["-drive", self._drive(i, disk), "-device", f"{m.block_device},drive=disk{i}"]
         if self.no_reboot:
             cmd.append("-no-reboot")
         return cmd + self.extra_args
+
+    def _drive(self, i: int, disk: Path) -> str:
+        faults = [f for f in self.faults if f.disk == i]
+        if not faults:
+            return f"if=none,id=disk{i},format=raw,file={disk},cache=writeback"
+        # blkdebug as the protocol layer under raw; errors go to the guest (werror's
+        # default would pause the VM on ENOSPC instead)
+        rules = ",".join(f.drive_options(n) for n, f in enumerate(faults))
+        return (f"if=none,id=disk{i},format=raw,cache=writeback,werror=report,rerror=report,"
+                f"file.driver=blkdebug,file.image.filename={disk},{rules}")
 
     def start(self) -> "QemuWorker":
         if shutil.which(self.machine.qemu) is None:
