@@ -70,6 +70,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Also wrap the initramfs as a U-Boot legacy ramdisk image."),
     Setting("initramfs", "updater", "bool", True,
             "Carry the updater and the target Python; off = probe only (network up, power off)."),
+    Setting("initramfs", "watchdog", "int", 120,
+            "Seconds the updater may go without progress before it stops feeding the board's "
+            "hardware watchdog, which then resets the board; 0 = leave the watchdog alone."),
     Setting("master", "address", "str", "10.0.2.2", "The master's address as workers reach it."),
     Setting("master", "port", "int", 8080, "The master's HTTP port."),
     Setting("master", "key", "path", None,

@@ -51,12 +51,15 @@ def spec(cfg: Config, board: Board) -> Spec:
         packages.append("openssl")
         binaries.append("/usr/bin/openssl")
         files[PUBLIC_KEY] = signing.public_key_path(key)
-    wanted = list(board.modules) + list(COMMON_MODULES) + list(cfg.get("initramfs", "modules"))
+    watchdog = cfg.get("initramfs", "watchdog") if updater and board.watchdog else 0
+    wanted = (list(board.modules) + list(COMMON_MODULES) + list(board.watchdog if watchdog else ())
+              + list(cfg.get("initramfs", "modules")))
     init_conf = {
         "RACKBOOT_MASTER": f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}",
         "RACKBOOT_DISK": board.disk,
         "RACKBOOT_ACTION": "update" if updater else "probe",
         "RACKBOOT_MOUNT": cfg.get("layout", "mount"),  # for offline boots, when no plan says
+        "RACKBOOT_WATCHDOG": str(watchdog),  # stall seconds; 0 = no watchdog
     }
     return Spec(arch=board.arch, packages=sorted(set(packages)), binaries=binaries,
                 modules=list(dict.fromkeys(wanted)), files=files,

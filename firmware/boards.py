@@ -32,6 +32,7 @@ class Board:
     firmware_files: tuple[str, ...] = ()  # matched start/fixup pairs, bootcode
     arm_64bit: bool = False
     uboot_arch: str = "arm64"  # U-Boot legacy image arch field
+    watchdog: tuple[str, ...] = ()  # the hardware watchdog's driver, loaded by /init
 
     @property
     def is_pi(self) -> bool:
@@ -43,11 +44,13 @@ _PI3_FIRMWARE = ("bootcode.bin", "start.elf", "fixup.dat")
 _PI4_FIRMWARE = ("start4.elf", "fixup4.dat")
 _PI3_NET = ("dwc2", "smsc95xx", "lan78xx", "bcm2835", "sdhci_iproc", "mmc_block")  # bcm2835: the SD host
 _PI4_NET = ("genet", "broadcom", "sdhci_iproc", "mmc_block")
+_PI_WATCHDOG = ("bcm2835_wdt",)  # the PM block's watchdog, on every Pi
 
 BOARDS: dict[tuple[str, str], Board] = {
     ("qemu-virt", "arm64"): Board(
         "qemu-virt", "arm64", "linux-image-arm64", "booti", "ttyAMA0", "/dev/vda", _VIRTIO,
-        uboot_binary="usr/lib/u-boot/qemu_arm64/u-boot.bin"),
+        uboot_binary="usr/lib/u-boot/qemu_arm64/u-boot.bin", watchdog=("i6300esb",)),
+    # armmp builds no i6300esb driver: the emulated armhf worker runs without a watchdog
     ("qemu-virt", "armhf"): Board(
         "qemu-virt", "armhf", "linux-image-armmp", "bootz", "ttyAMA0", "/dev/vda", _VIRTIO,
         uboot_binary="usr/lib/u-boot/qemu_arm/u-boot.bin", uboot_arch="arm"),
@@ -55,17 +58,20 @@ BOARDS: dict[tuple[str, str], Board] = {
         "rpi3", "arm64", "linux-image-arm64", "booti", "ttyS1,115200", "/dev/mmcblk0", _PI3_NET,
         dtbs=("broadcom/bcm2837-rpi-3-b.dtb", "broadcom/bcm2837-rpi-3-b-plus.dtb"),
         uboot_package="u-boot-rpi", uboot_binary="usr/lib/u-boot/rpi_arm64/u-boot.bin",
-        firmware_package="raspi-firmware", firmware_files=_PI3_FIRMWARE, arm_64bit=True),
+        firmware_package="raspi-firmware", firmware_files=_PI3_FIRMWARE, arm_64bit=True,
+        watchdog=_PI_WATCHDOG),
     ("rpi3", "armhf"): Board(
         "rpi3", "armhf", "linux-image-armmp", "bootz", "ttyS1,115200", "/dev/mmcblk0", _PI3_NET,
         dtbs=("bcm2837-rpi-3-b.dtb", "bcm2837-rpi-3-b-plus.dtb"),
         uboot_package="u-boot-rpi", uboot_binary="usr/lib/u-boot/rpi_3_32b/u-boot.bin",
-        firmware_package="raspi-firmware", firmware_files=_PI3_FIRMWARE, uboot_arch="arm"),
+        firmware_package="raspi-firmware", firmware_files=_PI3_FIRMWARE, uboot_arch="arm",
+        watchdog=_PI_WATCHDOG),
     ("rpi4", "arm64"): Board(
         "rpi4", "arm64", "linux-image-arm64", "booti", "ttyS1,115200", "/dev/mmcblk0", _PI4_NET,
         dtbs=("broadcom/bcm2711-rpi-4-b.dtb",),
         uboot_package="u-boot-rpi", uboot_binary="usr/lib/u-boot/rpi_arm64/u-boot.bin",
-        firmware_package="raspi-firmware", firmware_files=_PI4_FIRMWARE, arm_64bit=True),
+        firmware_package="raspi-firmware", firmware_files=_PI4_FIRMWARE, arm_64bit=True,
+        watchdog=_PI_WATCHDOG),
     # No ("rpi4", "armhf"): Debian's armmp-lpae kernel builds no driver for the Pi 4's
     # GENET Ethernet, so the worker could never reach its master. Pi 4s run arm64.
 }

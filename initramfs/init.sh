@@ -64,7 +64,8 @@ run_updater() {
     master=$(param master "$RACKBOOT_MASTER")
     env PYTHONPATH=/usr/lib/rackboot PYTHONDONTWRITEBYTECODE=1 \
         /usr/bin/python3 -m updater --disk "$RACKBOOT_DISK" --master "$master" \
-        --offline-mount "$RACKBOOT_MOUNT" --decision-file /run/rackboot/decision
+        --offline-mount "$RACKBOOT_MOUNT" --decision-file /run/rackboot/decision \
+        --watchdog-stall "${RACKBOOT_WATCHDOG:-0}"
 }
 
 mount_data() {  # the overlay's upper layer on the data partition, formatted on first use

@@ -18,12 +18,13 @@ class MachineProfile:
     firmware: str  # U-Boot from Debian's u-boot-qemu, given to QEMU as -bios
     net_device: str
     block_device: str
+    watchdog: str = ""  # QEMU's watchdog device, where the worker's kernel has its driver
 
 
 PROFILES: dict[tuple[str, str], MachineProfile] = {
     ("qemu-virt", "arm64"): MachineProfile(
         "qemu-virt", "arm64", "qemu-system-aarch64", "virt", "cortex-a57", 1024,
-        "/usr/lib/u-boot/qemu_arm64/u-boot.bin", "virtio-net-pci", "virtio-blk-pci"),
+        "/usr/lib/u-boot/qemu_arm64/u-boot.bin", "virtio-net-pci", "virtio-blk-pci", watchdog="i6300esb"),
     ("qemu-virt", "armhf"): MachineProfile(
         "qemu-virt", "armhf", "qemu-system-arm", "virt", "cortex-a15", 1024,
         "/usr/lib/u-boot/qemu_arm/u-boot.bin", "virtio-net-pci", "virtio-blk-pci"),

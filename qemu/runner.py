@@ -62,7 +62,8 @@ class DiskFault:
 class QemuWorker:
     def __init__(self, machine: MachineProfile, *, log_path: Path, tftp_dir: Path | None = None,
                  bootfile: str | None = None, disks: list[Path] = (), no_reboot: bool = True,
-                 extra_netdev: str = "", extra_args: list[str] = (), faults: list[DiskFault] = ()):
+                 extra_netdev: str = "", extra_args: list[str] = (), faults: list[DiskFault] = (),
+                 watchdog_action: str = "reset"):
         self.machine = machine
         self.log_path = Path(log_path)
         self.tftp_dir = tftp_dir
@@ -73,6 +74,7 @@ class QemuWorker:
             if not 0 <= fault.disk < len(self.disks):
                 raise RackbootError(f"disk fault on disk {fault.disk}: the worker has {len(self.disks)} disks")
         self.no_reboot = no_reboot
+        self.watchdog_action = watchdog_action  # what the board's watchdog does when it fires
         self.extra_netdev = extra_netdev
         self.extra_args = list(extra_args)
         self._lines: list[str] = []
@@ -99,6 +101,8 @@ class QemuWorker:
                "-netdev", netdev, "-device", f"{m.net_device},netdev=net0,romfile="]
         for i, disk in enumerate(self.disks):
             cmd += ["-drive", self._drive(i, disk), "-device", f"{m.block_device},drive=disk{i}"]
+        if m.watchdog:  # with -no-reboot, a watchdog reset ends QEMU like any other reset
+            cmd += ["-device", m.watchdog, "-action", f"watchdog={self.watchdog_action}"]
         if self.no_reboot:
             cmd.append("-no-reboot")
         return cmd + self.extra_args

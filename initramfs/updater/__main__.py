@@ -14,7 +14,8 @@ from typing import Optional
 from .errors import UpdaterError
 from .formats import MOUNTS
 from .signature import PUBLIC_KEY, from_environment
-from .main import DEFAULT_MOUNT, Decision, discover_identity, run
+from .main import DEFAULT_MOUNT, Decision, console_log, discover_identity, run
+from .watchdog import DEVICE, NoWatchdog, Watchdog
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -30,6 +31,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "are taken (default: %(default)s)")
     p.add_argument("--offline-mount", default=DEFAULT_MOUNT, choices=MOUNTS,
                    help="how to mount the slot when no plan arrives (default: %(default)s)")
+    p.add_argument("--watchdog", default=DEVICE, help="the board's watchdog device (default: %(default)s)")
+    p.add_argument("--watchdog-stall", type=float, default=0, metavar="S",
+                   help="feed the watchdog while the update shows progress within S seconds; "
+                        "0 = leave it alone (default)")
     return p.parse_args(argv)
 
 
@@ -47,8 +52,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         identity = discover_identity(args.mac, args.serial)
-        decision = run(args.disk, args.master, identity, layout_check=not args.no_layout,
-                       offline_mount=args.offline_mount, verifier=from_environment(args.public_key))
+        watchdog = Watchdog(args.watchdog, stall=args.watchdog_stall, log=console_log) if args.watchdog_stall > 0 \
+            else NoWatchdog()
+        with watchdog:
+            decision = run(args.disk, args.master, identity, layout_check=not args.no_layout,
+                           offline_mount=args.offline_mount, verifier=from_environment(args.public_key),
+                           watchdog=watchdog)
         if args.decision_file:
             write_decision(args.decision_file, decision)
         else:

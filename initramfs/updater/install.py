@@ -78,15 +78,18 @@ def write_stream(chunks: Iterable[bytes], disk: Disk, offset: int, capacity: int
                    source.sha256.hexdigest())
 
 
-def read_back(disk: Disk, offset: int, size: int, *, chunk: int = CHUNK) -> tuple[str, str]:
+def read_back(disk: Disk, offset: int, size: int, *, chunk: int = CHUNK,
+              progress: Callable[[], None] = lambda: None) -> tuple[str, str]:
     """sha256 and CRC32 of the slot's first ``size`` bytes as the medium now returns them
-    (cards that ack writes they lost are why: bmaptool issue 56)."""
+    (cards that ack writes they lost are why: bmaptool issue 56); ``progress`` hears of
+    each chunk."""
     disk.drop_cache(offset, size)
     # a reader thread keeps the medium busy while this one hashes
     reader = _Reader(disk.read(offset + at, min(chunk, size - at)) for at in range(0, size, chunk))
     sha256, crc32 = hashlib.sha256(), 0
     try:
         for data in reader.items():
+            progress()
             sha256.update(data)
             crc32 = zlib.crc32(data, crc32)
     finally:

@@ -25,6 +25,7 @@ from .fetch import Master
 from .formats import BOOTABLE, Manifest, Plan, Slot, SlotState, node_id, parse_manifest, parse_plan
 from .mbr import Mbr
 from .signature import Verifier, from_environment
+from .watchdog import NoWatchdog, Watchdog
 
 SLOTS = ("a", "b")
 DEFAULT_MOUNT = "ro+overlay:tmpfs"
@@ -121,18 +122,20 @@ def run(disk_path: str, master_url: str, identity: Optional[Identity] = None, *,
         now: Callable[[], float] = time.monotonic, layout_check: bool = True,
         master: Optional[Master] = None, log: Callable[[str], None] = None,
         offline_mount: str = DEFAULT_MOUNT, verifier: Optional[Verifier] = None,
-        open_disk: Callable[[str], Disk] = Disk) -> Decision:
+        open_disk: Callable[[str], Disk] = Disk, watchdog: Optional[Watchdog] = None) -> Decision:
     """Bring the card in line with this node's plan; the Decision says what /init boots.
-    ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config)."""
+    ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config);
+    ``watchdog`` (started by the caller) hears of every step forward."""
     identity = identity or discover_identity()
     with open_disk(disk_path) as disk:
-        update = _Update(disk, disk_path, master or Master(master_url), identity, now, log or _log)
+        update = _Update(disk, disk_path, master or Master(master_url), identity, now, log or console_log)
         update.offline_mount = offline_mount
         update.verifier = verifier or from_environment()
+        update.watchdog = watchdog or NoWatchdog()
         return update.run(layout_check)
 
 
-def _log(message: str) -> None:
+def console_log(message: str) -> None:
     print(f"rackboot: {message}", file=sys.stderr, flush=True)
 
 
@@ -152,6 +155,7 @@ class _Update:
         self.phase = "plan"
         self.offline_mount = DEFAULT_MOUNT
         self.verifier = Verifier(None)
+        self.watchdog: Watchdog = NoWatchdog()
 
     def run(self, layout_check: bool) -> Decision:
         self.take_confirmation()
@@ -295,6 +299,7 @@ class _Update:
         env = hooks.environment(manifest, hook=name, node=self.node, slot=target,
                                 slot_device=partition_device(self.disk_path, number), disk=self.disk_path)
         self.log(f"running the signed {name} hook {hook.file} (timeout {hook.timeout} s)")
+        self.watchdog.progress(allow=hook.timeout + self.watchdog.stall)  # it is killed before then
         outcome = hooks.run(hook, scripts[name], env, log=self.log)
         self.report("hook", seconds=outcome.seconds, slot=target, version=manifest.version,
                     output=outcome.output, error=None if outcome.ok else outcome.problem())
@@ -306,14 +311,16 @@ class _Update:
         when the read-back differs and another attempt remains."""
         self.phase = "download"
         started = self.now()
-        stream = self.master.stream(manifest.stream_path(self.plan.image), manifest.stream_size)
+        stream = self.watchdog.watch(self.master.stream(manifest.stream_path(self.plan.image),
+                                                        manifest.stream_size))
         written = install.write_stream(stream, self.disk, offset, capacity, manifest)
         self.report("download", seconds=self.now() - started, slot=target, version=manifest.version)
         self.phase = "verify"
         install.verify(written, manifest)
         self.phase = "read-back"
         self.log(f"reading back slot {target}")
-        if install.read_back(self.disk, offset, manifest.size) == (manifest.sha256, manifest.crc32):
+        if install.read_back(self.disk, offset, manifest.size,
+                             progress=self.watchdog.progress) == (manifest.sha256, manifest.crc32):
             return True
         problem = f"read-back of slot {target} differs from what was written"
         if last:

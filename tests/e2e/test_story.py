@@ -27,11 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def example_config(directory: Path, **layout) -> Path:
+def example_config(directory: Path, initramfs: dict = {}, **layout) -> Path:
     """The qemu-virt example's settings, with output, master and a free port under ``directory``."""
     example = config.load(EXAMPLE / "rackboot.toml")
     shutil.copytree(EXAMPLE / "rootfs", directory / "rootfs", symlinks=True)
-    return write_config(directory, updater=True,
+    return write_config(directory, updater=True, initramfs=dict(initramfs),
                         kernel={"root_modules": example.get("kernel", "root_modules")},
                         master={"port": free_port(), "key": "keys/master.key"},
                         layout={"partitions": example.get("layout", "partitions"),
