@@ -52,6 +52,7 @@ _NODE_RE = formats._NODE_RE
 _MODULE_DIRS = ("lib/modules", "usr/lib/modules")
 MARK_GOOD = "rackboot-mark-good"
 MARK_GOOD_SOURCE = "rackboot-mark-good.sh"
+MARK_GOOD_UNIT = "rackboot-mark-good.service"
 HOOK_TIMEOUT = 120  # seconds a hook may run on the worker before it is killed
 
 
@@ -233,7 +234,8 @@ def _has_modules(root: Path, kernel_release: str) -> bool:
 
 
 def _stage(src: Path, staged: Path) -> Path:
-    """A copy of `src` (owners, modes, links kept) with rackboot-mark-good added."""
+    """A copy of `src` (owners, modes, links kept) with rackboot-mark-good added, and on
+    a systemd root its unit, enabled."""
     staged.mkdir()
     _run(["cp", "-a", f"{src}/.", str(staged)], None, f"could not copy {src} to {staged}")
     sbin = staged / "usr/sbin"
@@ -243,6 +245,14 @@ def _stage(src: Path, staged: Path) -> Path:
     script = resources.files("rackboot.initramfs").joinpath(MARK_GOOD_SOURCE).read_bytes()
     (sbin / MARK_GOOD).write_bytes(script)
     (sbin / MARK_GOOD).chmod(0o755)
+    units = staged / "usr/lib/systemd/system"
+    if units.is_dir() and not units.is_symlink():
+        unit = resources.files("rackboot.initramfs").joinpath(MARK_GOOD_UNIT).read_bytes()
+        (units / MARK_GOOD_UNIT).write_bytes(unit)
+        wants = staged / "etc/systemd/system/multi-user.target.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        (wants / MARK_GOOD_UNIT).unlink(missing_ok=True)
+        (wants / MARK_GOOD_UNIT).symlink_to(f"/usr/lib/systemd/system/{MARK_GOOD_UNIT}")
     return staged
 
 

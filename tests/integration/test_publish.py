@@ -302,3 +302,18 @@ def test_bad_hooks_are_refused_and_publish_nothing(tmp_path, master_key, kw, mes
     with pytest.raises(RackbootError, match=message):
         publish_tree(make_tree(tmp_path / "root"), tmp_path / "master", **kw)
     assert not (tmp_path / "master/images/example/1").exists()
+
+
+def test_a_systemd_root_gets_the_mark_good_unit_enabled(tmp_path):
+    root = make_tree(tmp_path / "root")
+    (root / "usr/lib/systemd/system").mkdir(parents=True)
+    publish_tree(root, tmp_path / "master")
+    fs = unpacked(tmp_path / "master", 1, tmp_path)
+    unit = debugfs(fs, "cat /usr/lib/systemd/system/rackboot-mark-good.service")
+    assert "ExecStart=/usr/sbin/rackboot-mark-good" in unit and "WantedBy=multi-user.target" in unit
+    link = debugfs(fs, "stat /etc/systemd/system/multi-user.target.wants/rackboot-mark-good.service")
+    assert 'Fast link dest: "/usr/lib/systemd/system/rackboot-mark-good.service"' in link
+    # a root without systemd gets the command alone
+    publish_tree(make_tree(tmp_path / "plain"), tmp_path / "m2")
+    plain = unpacked(tmp_path / "m2", 1, tmp_path / "m2")
+    assert "rackboot-mark-good" in debugfs(plain, "ls /usr/sbin") and "systemd" not in debugfs(plain, "ls /usr/lib")
