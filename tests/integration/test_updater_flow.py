@@ -20,28 +20,11 @@ from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import Master
 from rackboot.initramfs.updater.main import Identity, run
 
-from updater_master import MAC, Server, image_bytes, publish, write_plan
+from signed_rack import card, server  # noqa: F401 (fixtures)
+from updater_master import MAC, image_bytes, publish, write_plan
 
 MIB = 1 << 20
-CARD = 256 * MIB
 SLOT_OFFSET = {"a": 20 * MIB, "b": 84 * MIB}  # STANDARD layout
-
-
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "master"
-    root.mkdir()
-    srv = Server(root)
-    yield srv.master
-    srv.close()
-
-
-@pytest.fixture
-def card(tmp_path):
-    path = tmp_path / "card.img"
-    with open(path, "wb") as f:
-        f.truncate(CARD)
-    return str(path)
 
 
 def client(url: str) -> Master:
