@@ -401,7 +401,7 @@ class _Update:
         return result
 
     def fall_back(self, action: str, error: UpdaterError) -> Decision:
-        self.log(f"{self.phase} failed: {error}")
+        self.log(f"{self.phase} {'refused' if action == 'refused' else 'failed'}: {error}")
         self.report("error", error=f"{self.phase}: {error}")
         name = _bootable(self.state.slots, self.state.primary) or _good(self.state.slots, self.state.last_good)
         if name is None:

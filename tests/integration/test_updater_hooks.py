@@ -71,9 +71,12 @@ def test_a_hook_swapped_after_signing_is_refused_before_anything_runs(server, ca
     release(server.root, 2, keys["master"], hooks=[pre])
     (server.root / "images/example/2/pre-install.sh").write_text(f"touch {ran}\n")  # not what was signed
     served = server.image_bytes
-    decision = update(card, server, keys)
+    lines: list[str] = []
+    decision = update(card, server, keys, log=lines.append)
     assert (decision.action, decision.slot, decision.version) == ("refused", "a", 1)
     assert "hook pre-install" in decision.error and "signed manifest says" in decision.error
+    refusals = [line for line in lines if "refused:" in line]
+    assert refusals == [f"download refused: {decision.error}"]  # one line on the console
     assert not ran.exists() and server.image_bytes == served and slot(card, "b").state == "empty"
 
 
