@@ -16,6 +16,12 @@ demo: $(STAMP_DEBS) $(STAMP_PIP)
 test: $(STAMP_DEBS) $(STAMP_PIP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
+# Power cuts at random points of updates (CUTS=N SEED=S to change the run); fails if any bricks.
+CUTS ?= 50
+SEED ?= 1
+torture: $(STAMP_DEBS) $(STAMP_PIP)
+	$(VENV)/bin/rackboot torture -c examples/qemu-virt/rackboot.toml --cuts $(CUTS) --seed $(SEED)
+
 bench: $(STAMP_DEBS) $(STAMP_PIP)
 	$(PY) benchmarks/run.py
 

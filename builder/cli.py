@@ -89,6 +89,11 @@ def _cmd_demo(args) -> int:
     return demo.run(args.config, workdir=args.workdir)
 
 
+def _cmd_torture(args) -> int:
+    from rackboot.qemu import torture
+    return torture.run(args.config, cuts=args.cuts, seed=args.seed, workdir=args.workdir)
+
+
 def _cmd_config(args) -> int:
     from . import config
     if args.reference:
@@ -171,6 +176,13 @@ def parser() -> argparse.ArgumentParser:
     _config_arg(d)
     d.add_argument("--workdir", type=Path, help="where the demo keeps its master, disks and logs")
     d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("torture", help="cut an emulated worker's power during updates; check what it boots")
+    _config_arg(t)
+    t.add_argument("--cuts", type=int, default=50, help="power cuts, one per update (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=1, help="seed of the random cut points (default: %(default)s)")
+    t.add_argument("--workdir", type=Path, help="where the run keeps its disk image and console logs")
+    t.set_defaults(func=_cmd_torture)
 
     c = sub.add_parser("config", help="show the parsed config, or the settings reference")
     _config_arg(c)

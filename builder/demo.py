@@ -75,16 +75,22 @@ class Master:
         self.server.server_close()
 
 
-def _boot(cfg, out: Path, disk: Path, log: Path, expect: str, *, master: Master | None, offline: bool) -> BootRow:
+def new_worker(cfg: config.Config, out: Path, disk: Path, log: Path, *, offline: bool = False, **options):
+    """An emulated worker (not started) that netboots ``out`` with ``disk`` as its card;
+    ``options`` go to QemuWorker (faults=[...], for one)."""
     from rackboot.qemu.runner import QemuWorker
     from rackboot.qemu.machines import profile
 
-    before = master.bytes_sent() if master else 0
-    start = time.monotonic()
     machine = profile(cfg.get("board", "name"), cfg.get("board", "arch"))
     # Offline: no TFTP either, so U-Boot falls back to the card's own kernel and initramfs.
-    with QemuWorker(machine, log_path=log, tftp_dir=None if offline else out,
-                    bootfile=build.NETBOOT_SCRIPT, disks=[disk]) as worker:
+    return QemuWorker(machine, log_path=log, tftp_dir=None if offline else out,
+                      bootfile=build.NETBOOT_SCRIPT, disks=[disk], **options)
+
+
+def _boot(cfg, out: Path, disk: Path, log: Path, expect: str, *, master: Master | None, offline: bool) -> BootRow:
+    before = master.bytes_sent() if master else 0
+    start = time.monotonic()
+    with new_worker(cfg, out, disk, log, offline=offline) as worker:
         worker.expect(expect, timeout=300)
         worker.wait_exit(timeout=60)
     seconds = time.monotonic() - start
@@ -100,13 +106,8 @@ def _last_action(log: Path) -> str:
     return "?"
 
 
-STORY = [(1, False), (1, False), (2, False), (2, True)]  # (version expected, master stopped)
-
-
-def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
-          steps: list[tuple[int, bool]] = STORY, broken: frozenset[int] = frozenset()) -> list[BootRow]:
-    """Build, publish v1, serve, and boot the worker through ``steps`` (version expected,
-    master stopped); versions in ``broken`` never confirm their slot. One row per boot."""
+def prepare(cfg: config.Config, work: Path, log=print) -> Path:
+    """Build, and start ``work`` (logs/) and the master's tree afresh; returns the build output."""
     key = cfg.get("master", "key")
     if key and not key.exists():  # the demo's own key; a real rack makes one with rackboot keygen
         signing.keygen(key)
@@ -117,15 +118,32 @@ def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
     master_dir = cfg.get("master", "directory")
     if master_dir.exists():
         shutil.rmtree(master_dir)
+    return out
+
+
+def publish_example(cfg: config.Config, rootfs: Path, work: Path, version: int, *, broken: bool = False):
+    """Publish ``rootfs`` as the example image's ``version``; returns its manifest."""
     kernel = Inputs(cfg).kernel
+    root = example_root(cfg, rootfs, f"v{version}", work / f"rootfs-v{version}", broken=broken)
+    return publish.publish_directory(root, cfg.get("master", "directory"), image=IMAGE, version=version,
+                                     label=f"v{version}", kernel_release=kernel.release,
+                                     modules_from=kernel.root, modules=cfg.get("kernel", "root_modules"),
+                                     source_date_epoch=build.source_date_epoch(), key=cfg.get("master", "key"))
+
+
+STORY = [(1, False), (1, False), (2, False), (2, True)]  # (version expected, master stopped)
+
+
+def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
+          steps: list[tuple[int, bool]] = STORY, broken: frozenset[int] = frozenset()) -> list[BootRow]:
+    """Build, publish v1, serve, and boot the worker through ``steps`` (version expected,
+    master stopped); versions in ``broken`` never confirm their slot. One row per boot."""
+    out = prepare(cfg, work, log)
+    master_dir = cfg.get("master", "directory")
     rootfs = rootfs or cfg.base / "rootfs"
 
     def release(version: int) -> None:
-        root = example_root(cfg, rootfs, f"v{version}", work / f"rootfs-v{version}", broken=version in broken)
-        publish.publish_directory(root, master_dir, image=IMAGE, version=version, label=f"v{version}",
-                                  kernel_release=kernel.release, modules_from=kernel.root,
-                                  modules=cfg.get("kernel", "root_modules"),
-                                  source_date_epoch=build.source_date_epoch(), key=cfg.get("master", "key"))
+        publish_example(cfg, rootfs, work, version, broken=version in broken)
         plans.assign(cfg, node="default", image=IMAGE)
         log(f"published {IMAGE} v{version}")
 

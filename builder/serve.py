@@ -53,6 +53,11 @@ class MasterServer(ThreadingHTTPServer):
         with self.lock:
             return {"bytes_sent": dict(self.sent), "total_bytes_sent": sum(self.sent.values())}
 
+    def handle_error(self, request, client_address) -> None:
+        # a worker that loses power resets its connections: routine, not worth a traceback
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
 
 def make_server(master: Union[str, Path], host: str = "127.0.0.1", port: int = 0, *,
                 quiet: bool = False) -> MasterServer:

@@ -1,0 +1,271 @@
+"""Power-cut torture (`make torture`): pull an emulated worker's plug at random points of
+an update, power it back, and check that it boots a slot whose bytes are intact.
+
+Every cycle installs something. Three versions of the example image are published and
+the node's plan pins one that no slot on the card holds (with two, both slots would soon
+hold both, and every boot would be up to date). A cut waits for its phase's console
+marker, then a seeded fraction of that phase's length as last measured. The recovery
+boot survives when it reaches "is up" and the slot it booted holds, on the disk image,
+the sha256 that the slot state records and that the master published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rackboot import config, demo, plans
+from rackboot.errors import RackbootError
+from rackboot.initramfs.updater import layout, state as slot_state
+from rackboot.initramfs.updater.disk import Disk
+from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, SlotState, parse_manifest
+from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
+
+VERSIONS = (1, 2, 3)
+PHASES = ("layout", "stream", "read-back", "commit", "first-boot")
+MARKERS = {  # the console line that starts each phase; "confirmed" ends the last one
+    "layout": r"rackboot: repartitioning",
+    "stream": r"rackboot: installing \S+ v\d+ into slot",
+    "read-back": r"rackboot: reading back slot",
+    "commit": r"rackboot: committing slot",
+    "first-boot": r"rackboot: booting slot \w+ \(installed\)",
+    "confirmed": r"rackboot-mark-good: slot",
+}
+# Seconds each phase lasted with the demo root on a 2-core host; replaced by what each boot measures.
+WINDOWS = {"layout": 0.19, "stream": 0.6, "read-back": 0.22, "commit": 0.13, "first-boot": 0.33}
+UP = re.compile(r"rackboot-demo: v(\d+) is up")
+RESCUE = re.compile(r"rackboot: rescue:")
+BOOTING = re.compile(r"rackboot: booting slot (\w+) \(([\w-]+)\)")
+BOOT_TIMEOUT = 300  # seconds; a boot takes ~11 s, but other QEMUs may share the CPUs
+
+
+@dataclass(frozen=True)
+class Cut:
+    phase: str
+    fraction: float  # where in the phase, 0..1 of its length
+    blank: bool  # start from a blank card (only the SD image): the only way to cut a layout
+
+
+@dataclass(frozen=True)
+class Verdict:
+    survived: bool
+    detail: str  # what booted, or why the worker counts as bricked
+    slot: str | None = None  # the slot it booted, when it came up
+
+
+@dataclass(frozen=True)
+class Outcome:
+    cut: Cut
+    version: int  # the version the plan pinned
+    delay: float  # seconds after the phase's marker
+    landed: str  # the last phase marker on the console when the power went
+    verdict: Verdict
+    seconds: float
+    recovery_log: Path
+
+
+# --- pure parts ---------------------------------------------------------------------
+
+def plan_cuts(rng: random.Random, n: int) -> list[Cut]:
+    """``n`` cuts: every phase once per round of five, in a shuffled order. Layout cuts
+    start from a blank card, and so does the first cut (the card is new)."""
+    cuts: list[Cut] = []
+    while len(cuts) < n:
+        order = list(PHASES)
+        rng.shuffle(order)
+        cuts += [Cut(phase, rng.random(), phase == "layout") for phase in order]
+    cuts = cuts[:n]
+    return [replace(cuts[0], blank=True)] + cuts[1:] if cuts else cuts
+
+
+def next_version(state: SlotState, versions=VERSIONS) -> int:
+    """The first version no slot holds (bootable, or failed and never installed again)."""
+    held = {s.version for s in state.slots.values() if s.state in (*BOOTABLE, "failed")}
+    free = [v for v in versions if v not in held]
+    if not free:
+        raise RackbootError(f"every version of {versions} is on the card; publish one more")
+    return free[0]
+
+
+def landed(console: list[str]) -> str:
+    """The phase whose marker the worker printed last: where the cut fell."""
+    last = "boot"
+    for line in console:
+        last = next((p for p, m in MARKERS.items() if re.search(m, line)), last)
+    return last
+
+
+def measure(seen: dict[str, float], windows: dict[str, float]) -> None:
+    """A phase lasts from its marker to the next one; keep the latest length."""
+    names = list(MARKERS)
+    for phase, following in zip(names, names[1:]):
+        if phase in seen and following in seen and seen[following] > seen[phase]:
+            windows[phase] = seen[following] - seen[phase]
+
+
+def check(console: list[str], disk: Path, manifests: dict[int, Manifest]) -> Verdict:
+    """Survived: the console says vN is up, and the slot it booted holds vN's bytes."""
+    up = next(((i, m) for i, line in enumerate(console) if (m := UP.search(line))), None)
+    if up is None:
+        if any(RESCUE.search(line) for line in console):
+            return Verdict(False, "rescue shell")
+        last = next((line for line in reversed(console) if line.strip()), "")
+        return Verdict(False, f"never came up; last line: {last.strip()[:100]!r}")
+    booted = [m for line in console[:up[0]] if (m := BOOTING.search(line))]
+    if not booted:
+        return Verdict(False, "came up without the updater saying which slot it booted")
+    name, action = booted[-1].groups()
+    return check_slot(disk, name, int(up[1][1]), manifests, action)
+
+
+def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifest],
+               action: str = "") -> Verdict:
+    """Slot ``name`` on the disk image is bootable, records ``version``'s sha256, and its
+    first manifest.size bytes hash to it."""
+    try:
+        with Disk(str(disk), writable=False) as d:
+            slot = slot_state.read(d).slot(name)
+            if slot.state not in BOOTABLE or slot.version != version:
+                return Verdict(False, f"booted slot {name} (v{version} up), but the slot state says "
+                                      f"{slot.state} v{slot.version}")
+            manifest = manifests.get(version)
+            if manifest is None:
+                return Verdict(False, f"slot {name} holds v{version}, which the master never published")
+            table = layout.read_table(d)
+            entry = table.entry(slot.partition or DEFAULT_NUMBERS[name]) if table else None
+            if entry is None or manifest.size > entry.sectors * 512:
+                return Verdict(False, f"slot {name}: no partition that holds v{version}")
+            digest = _sha256(d, entry.start * 512, manifest.size)
+    except UpdaterError as e:
+        return Verdict(False, f"cannot read the disk image: {e}")
+    if slot.sha256 != manifest.sha256:
+        return Verdict(False, f"slot {name}: the slot state's sha256 {slot.sha256[:12]} is not "
+                              f"v{version}'s {manifest.sha256[:12]}")
+    if digest != manifest.sha256:
+        return Verdict(False, f"slot {name}: its bytes hash to sha256 {digest[:12]}, "
+                              f"v{version}'s manifest says {manifest.sha256[:12]}")
+    return Verdict(True, f"slot {name} ({action}) holds v{version}", name)
+
+
+def _sha256(disk: Disk, offset: int, size: int) -> str:
+    h = hashlib.sha256()
+    for at in range(0, size, 1 << 20):
+        h.update(disk.read(offset + at, min(1 << 20, size - at)))
+    return h.hexdigest()
+
+
+def published(master: Path, image: str = demo.IMAGE) -> dict[int, Manifest]:
+    return {v: parse_manifest((master / "images" / image / str(v) / "manifest.json").read_bytes())
+            for v in VERSIONS}
+
+
+# --- the run ------------------------------------------------------------------------
+
+def follow(worker, until: re.Pattern, seen: dict[str, float], timeout: float = BOOT_TIMEOUT) -> re.Match:
+    """Wait for a console line matching ``until``; note when each phase marker showed up."""
+    anything = re.compile("|".join(f"(?:{p})" for p in (*MARKERS.values(), until.pattern)))
+    deadline = time.monotonic() + timeout
+    while True:
+        line = worker.expect(anything, max(deadline - time.monotonic(), 0.1)).string
+        now = time.monotonic()
+        for phase, pattern in MARKERS.items():
+            if re.search(pattern, line):
+                seen.setdefault(phase, now)
+        if match := until.search(line):
+            return match
+
+
+def torture(cfg: config.Config, work: Path, cuts: list[Cut], log=print) -> list[Outcome]:
+    """Build, publish the example image three times, serve, and run one cycle per cut."""
+    out = demo.prepare(cfg, work, log)
+    for version in VERSIONS:
+        demo.publish_example(cfg, cfg.base / "rootfs", work, version)
+    manifests = published(cfg.get("master", "directory"))
+    disk = work / "worker-disk.img"
+    windows = dict(WINDOWS)
+    outcomes: list[Outcome] = []
+    master = demo.Master(cfg)
+    try:
+        for n, cut in enumerate(cuts, start=1):
+            if outcomes and not outcomes[-1].verdict.survived:
+                cut = replace(cut, blank=True)  # one brick must not decide the next cycles
+            outcome = cycle(cfg, out, disk, work / "logs" / f"{n:03}", cut, windows, manifests)
+            outcomes.append(outcome)
+            log(f"cut {n:>3}/{len(cuts)} {cut.phase:<10} {'blank card, ' if cut.blank else ''}"
+                f"v{outcome.version}, +{outcome.delay:.3f} s, landed in {outcome.landed:<10} -> "
+                f"{'survived' if outcome.verdict.survived else 'BRICKED'}: {outcome.verdict.detail} "
+                f"({outcome.seconds:.0f} s)")
+            if not outcome.verdict.survived:
+                subprocess.run(["cp", "--sparse=always", str(disk), str(work / f"bricked-{n:03}.img")], check=False)
+    finally:
+        master.stop()
+    return outcomes
+
+
+def cycle(cfg: config.Config, out: Path, disk: Path, logs: Path, cut: Cut, windows: dict[str, float],
+          manifests: dict[int, Manifest]) -> Outcome:
+    """One cut boot, then one recovery boot with the master still up."""
+    start = time.monotonic()
+    if cut.blank:
+        demo.blank_card(out / "sdcard.img", disk)
+    with Disk(str(disk), writable=False) as d:
+        version = next_version(slot_state.read(d))
+    plans.assign(cfg, node="default", image=demo.IMAGE, version=version)
+    delay = 0.0
+    with demo.new_worker(cfg, out, disk, Path(f"{logs}-cut.log")) as worker:
+        seen: dict[str, float] = {}
+        try:
+            follow(worker, re.compile(MARKERS[cut.phase]), seen)
+            delay = cut.fraction * windows[cut.phase]
+            time.sleep(delay)
+        except RackbootError:
+            pass  # the marker never came: the cut falls where the boot stopped, as `landed` shows
+        _unplug(worker)
+        measure(seen, windows)
+        where = landed(worker.console)
+    recovery_log = Path(f"{logs}-recovery.log")
+    with demo.new_worker(cfg, out, disk, recovery_log) as worker:
+        seen = {}
+        try:
+            if UP.search(follow(worker, re.compile(f"{UP.pattern}|{RESCUE.pattern}"), seen).string):
+                worker.wait_exit(60)  # the demo root powers off once it confirmed its slot
+        except RackbootError:
+            pass  # check() says what the console shows
+        _unplug(worker)  # the disk image is complete once QEMU is gone
+        measure(seen, windows)
+        console = worker.console
+    verdict = check(console, disk, manifests)
+    return Outcome(cut, version, delay, where, verdict, time.monotonic() - start, recovery_log)
+
+
+def _unplug(worker) -> None:
+    if worker.running:
+        worker.power_off()
+    else:
+        worker.kill()  # it powered itself off; QMP would wait for a socket that is gone
+
+
+def summary(outcomes: list[Outcome], seconds: float, seed: int, work: Path) -> list[str]:
+    tally = {p: sum(o.landed == p for o in outcomes) for p in (*MARKERS, "boot")}
+    bricked = sum(not o.verdict.survived for o in outcomes)
+    return ["cuts landed in: " + ", ".join(f"{p} {n}" for p, n in tally.items() if n),
+            f"{len(outcomes)} cycles in {seconds / 60:.1f} min (seed {seed}); console logs in {work / 'logs'}",
+            f"power-cuts: {len(outcomes)} survived: {len(outcomes) - bricked} bricked: {bricked}"]
+
+
+def run(config_path: Path, cuts: int, seed: int, workdir: Path | None = None) -> int:
+    if cuts < 1:
+        raise RackbootError(f"--cuts must be at least 1, got {cuts}")
+    cfg = config.load(config_path)
+    work = Path(workdir) if workdir else cfg.get("output", "directory").parent / "torture"
+    start = time.monotonic()
+    outcomes = torture(cfg, work, plan_cuts(random.Random(seed), cuts), log=lambda line: print(line, flush=True))
+    lines = summary(outcomes, time.monotonic() - start, seed, work)
+    print("\n".join(lines), flush=True)
+    return 1 if any(not o.verdict.survived for o in outcomes) else 0

@@ -1,0 +1,58 @@
+"""A short power-cut torture run on an emulated worker: a blank card cut while it is laid
+out, an install cut while it streams, a new slot cut during its first boot. Each
+recovery boot must come up on a slot whose bytes on the disk image are the image's."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from rackboot import config
+from rackboot.initramfs.updater import layout, state
+from rackboot.initramfs.updater.disk import Disk
+from rackboot.qemu import torture
+from conftest import quiet
+from test_story import example_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.network]
+
+CUTS = [torture.Cut("layout", 0.3, blank=True), torture.Cut("stream", 0.5, blank=False),
+        torture.Cut("first-boot", 0.3, blank=False)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("torture")
+    cfg = config.load(example_config(directory))
+    work = directory / "torture"
+    return cfg, work, torture.torture(cfg, work, CUTS, log=quiet)
+
+
+def test_every_recovery_boot_comes_up_on_an_intact_slot(run):
+    _, work, outcomes = run
+    assert [o.verdict.survived for o in outcomes] == [True] * len(CUTS), [o.verdict.detail for o in outcomes]
+    assert [o.version for o in outcomes] == [1, 2, 3]  # every cycle had an update in progress
+    for n, cut in enumerate(CUTS, start=1):
+        log = (work / "logs" / f"{n:03}-cut.log").read_text(errors="replace")
+        assert re.search(torture.MARKERS[cut.phase], log)  # its phase had begun when the power went
+        assert "rackboot-mark-good" not in log  # the power went before the new system confirmed itself
+
+
+def test_the_check_rejects_the_booted_slot_once_a_byte_of_it_changed(run):
+    cfg, work, outcomes = run
+    last = outcomes[-1]
+    console = last.recovery_log.read_text(errors="replace").splitlines()
+    disk = work / "worker-disk.img"
+    manifests = torture.published(cfg.get("master", "directory"))
+    assert torture.check(console, disk, manifests).survived
+    with Disk(str(disk), writable=False) as d:  # the booted partition, as the MBR and slot state say
+        entry = layout.read_table(d).entry(state.read(d).slot(last.verdict.slot).partition)
+    offset = entry.start * 512 + manifests[last.version].size // 2
+    with open(disk, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x80]))
+    verdict = torture.check(console, disk, manifests)
+    assert not verdict.survived and "bytes hash to" in verdict.detail

@@ -1,0 +1,95 @@
+"""torture's pure parts: cut points, the version each cycle installs, and the survivor check."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from rackboot.initramfs.updater import layout, mbr, state
+from rackboot.initramfs.updater.disk import Disk
+from rackboot.initramfs.updater.formats import Slot, SlotState
+from rackboot.qemu import torture
+
+SLOT_A = 8 << 20  # partition 2 starts here on the test card
+
+
+def test_cuts_repeat_for_a_seed_and_visit_every_phase_each_round():
+    cuts = torture.plan_cuts(random.Random(7), 12)
+    assert cuts == torture.plan_cuts(random.Random(7), 12)
+    assert cuts != torture.plan_cuts(random.Random(8), 12)
+    for start in (0, 5):
+        assert sorted(c.phase for c in cuts[start:start + 5]) == sorted(torture.PHASES)
+    assert cuts[0].blank and all(c.blank for c in cuts if c.phase == "layout")
+    assert all(0 <= c.fraction < 1 for c in cuts)
+
+
+def test_each_cycle_pins_a_version_no_slot_holds():
+    def card(**slots):
+        return SlotState(slots={n: Slot(s, "example", v, "ab" * 32, None, 1 if s == "trial" else None)
+                                for n, (s, v) in slots.items()})
+    assert torture.next_version(SlotState()) == 1
+    assert torture.next_version(card(a=("good", 1), b=("trial", 2))) == 3
+    assert torture.next_version(card(a=("good", 3), b=("good", 2))) == 1
+    assert torture.next_version(card(a=("good", 1), b=("bad", 2))) == 2  # a bad slot holds nothing
+    assert torture.next_version(card(a=("good", 1), b=("failed", 2))) == 3  # failed is never reinstalled
+
+
+def test_the_cut_lands_after_the_last_marker_printed():
+    console = ["rackboot: plan for default", "rackboot: installing example v2 into slot b (/dev/vda3)"]
+    assert torture.landed(console) == "stream"
+    assert torture.landed(console + ["rackboot: reading back slot b"]) == "read-back"
+    assert torture.landed(["U-Boot 2023.01"]) == "boot"
+
+
+@pytest.fixture
+def card(tmp_path):
+    """A file-backed card whose slot a holds v1 (good), with the content that hashes to it."""
+    path = tmp_path / "card"
+    content = random.Random(1).randbytes(300_000)
+    with open(path, "wb") as f:
+        f.truncate(16 << 20)
+    with Disk(str(path)) as d:
+        layout.write_table(d, mbr.Mbr(1, (mbr.Entry(2, 0x83, SLOT_A // 512, 4096),)))
+        d.write(SLOT_A, content)
+        sha = hashlib.sha256(content).hexdigest()
+        state.write(d, SlotState(slots={"a": Slot("good", "example", 1, sha, 2)}, primary="a", last_good="a"))
+    return path, {1: SimpleNamespace(size=len(content), sha256=sha)}
+
+
+UP = ["rackboot: booting slot a (up-to-date) from /dev/vda2 mounted ro", "rackboot-demo: v1 is up (6.1), boot 1"]
+
+
+def test_check_accepts_a_slot_whose_bytes_match(card):
+    path, manifests = card
+    verdict = torture.check(UP, path, manifests)
+    assert verdict.survived, verdict.detail
+
+
+def test_check_rejects_one_flipped_byte_in_the_booted_slot(card):
+    path, manifests = card
+    with open(path, "r+b") as f:
+        f.seek(SLOT_A + 12345)
+        byte = f.read(1)
+        f.seek(SLOT_A + 12345)
+        f.write(bytes([byte[0] ^ 1]))
+    verdict = torture.check(UP, path, manifests)
+    assert not verdict.survived and "bytes hash to" in verdict.detail
+
+
+def test_check_rejects_a_version_the_slot_state_does_not_record(card):
+    path, manifests = card
+    verdict = torture.check(UP[:1] + ["rackboot-demo: v2 is up"], path, manifests)
+    assert not verdict.survived and "slot state says good v1" in verdict.detail
+
+
+@pytest.mark.parametrize("console, why", [
+    (["rackboot: rescue: updater failed; retrying in 5 s"], "rescue shell"),
+    (["rackboot: installing example v1 into slot a"], "never came up"),
+    (["rackboot-demo: v1 is up"], "without the updater saying"),
+])
+def test_check_counts_a_worker_that_never_came_up_as_bricked(card, console, why):
+    verdict = torture.check(console, card[0], card[1])
+    assert not verdict.survived and why in verdict.detail
