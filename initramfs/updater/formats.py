@@ -25,7 +25,7 @@ MOUNTS = ("rw", "ro", "ro+overlay:tmpfs", "ro+overlay:data")
 # trial: installed, not yet confirmed by the system it booted; failed: never confirmed
 SLOT_STATES = ("good", "trial", "failed", "bad", "empty", "writing")
 BOOTABLE = ("good", "trial")
-PHASES = ("plan", "layout", "download", "verify", "commit", "boot", "hook", "error")
+PHASES = ("plan", "layout", "download", "verify", "commit", "confirm", "boot", "hook", "error")
 # Signed scripts a manifest may carry: before a byte of the slot is written, and after the
 # slot verified but before it is committed.
 HOOKS = ("pre-install", "post-install")

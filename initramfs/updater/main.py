@@ -153,6 +153,7 @@ class _Update:
         self.state = slot_state.read(disk)
         self.plan: Optional[Plan] = None
         self.phase = "plan"
+        self.installing: tuple[Optional[str], Optional[int]] = (None, None)  # slot, version: for reports
         self.offline_mount = DEFAULT_MOUNT
         self.verifier = Verifier(None)
         self.watchdog: Watchdog = NoWatchdog()
@@ -262,6 +263,7 @@ class _Update:
         return next(name for name in SLOTS if name != keep)
 
     def install(self, target: str, manifest: Manifest, table: Mbr) -> None:
+        self.installing = (target, manifest.version)
         number = self.plan.layout.number(target)
         offset, capacity = layout.partition_range(table, number)
         if manifest.size > capacity:
@@ -402,7 +404,8 @@ class _Update:
 
     def fall_back(self, action: str, error: UpdaterError) -> Decision:
         self.log(f"{self.phase} {'refused' if action == 'refused' else 'failed'}: {error}")
-        self.report("error", error=f"{self.phase}: {error}")
+        slot, version = self.installing
+        self.report("error", error=f"{self.phase}: {error}", slot=slot, version=version)
         name = _bootable(self.state.slots, self.state.primary) or _good(self.state.slots, self.state.last_good)
         if name is None:
             raise UpdaterError(f"no good slot to boot ({self.phase}: {error})")

@@ -112,7 +112,8 @@ def test_failing_post_install_leaves_the_slot_uncommitted(server, card, keys):
     decision = update(card, server, keys)
     assert (decision.action, decision.slot, decision.version) == ("fallback", "a", 1)
     assert slot(card, "b").state == "bad" and primary(card) == ("a", 1)
-    assert any(r["phase"] == "error" and "post-install" in r["error"] for r in server.reports)
+    errors = [(r["slot"], r["version"], r["error"]) for r in server.reports if r["phase"] == "error"]
+    assert errors == [("b", 2, "post-install: hook post-install exited with status 1")]
 
 
 def test_a_hanging_hook_is_killed_with_its_children_at_its_timeout(server, card, keys, tmp_path):

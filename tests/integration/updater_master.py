@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Manifest, Partition, Plan
 
 MAC = "52:54:00:12:34:56"
@@ -109,6 +110,10 @@ def _handler(master: FakeMaster):
             if self._fault():
                 return
             if self.path == "/report":
+                try:  # as strict as rackboot serve: a report it would refuse is not kept
+                    formats.parse_report(body)
+                except UpdaterError as e:
+                    return self._send(400, f"{e}\n".encode())
                 master.reports.append(json.loads(body))
                 return self._send(204, b"")
             self._send(404, b"")
