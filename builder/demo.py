@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import build, config, plans, publish, serve, signing
 from .build import Inputs
+from .initramfs.updater.formats import HOOKS
 
 DISK_MIB = 1024
 IMAGE = "example"
@@ -121,14 +122,23 @@ def prepare(cfg: config.Config, work: Path, log=print) -> Path:
     return out
 
 
+def example_hooks(cfg: config.Config) -> dict[str, Path]:
+    """The example's signed hooks (hooks/<when>.sh beside the config), when it has a key."""
+    if not cfg.get("master", "key"):
+        return {}
+    return {when: path for when in HOOKS if (path := cfg.base / "hooks" / f"{when}.sh").is_file()}
+
+
 def publish_example(cfg: config.Config, rootfs: Path, work: Path, version: int, *, broken: bool = False):
-    """Publish ``rootfs`` as the example image's ``version``; returns its manifest."""
+    """Publish ``rootfs`` as the example image's ``version``, with the example's hooks;
+    returns its manifest."""
     kernel = Inputs(cfg).kernel
     root = example_root(cfg, rootfs, f"v{version}", work / f"rootfs-v{version}", broken=broken)
     return publish.publish_directory(root, cfg.get("master", "directory"), image=IMAGE, version=version,
                                      label=f"v{version}", kernel_release=kernel.release,
                                      modules_from=kernel.root, modules=cfg.get("kernel", "root_modules"),
-                                     source_date_epoch=build.source_date_epoch(), key=cfg.get("master", "key"))
+                                     source_date_epoch=build.source_date_epoch(), key=cfg.get("master", "key"),
+                                     hooks=example_hooks(cfg))
 
 
 STORY = [(1, False), (1, False), (2, False), (2, True)]  # (version expected, master stopped)

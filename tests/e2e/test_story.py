@@ -30,7 +30,8 @@ def free_port() -> int:
 def example_config(directory: Path, initramfs: dict = {}, **layout) -> Path:
     """The qemu-virt example's settings, with output, master and a free port under ``directory``."""
     example = config.load(EXAMPLE / "rackboot.toml")
-    shutil.copytree(EXAMPLE / "rootfs", directory / "rootfs", symlinks=True)
+    for part in ("rootfs", "hooks"):
+        shutil.copytree(EXAMPLE / part, directory / part, symlinks=True)
     return write_config(directory, updater=True, initramfs=dict(initramfs),
                         kernel={"root_modules": example.get("kernel", "root_modules")},
                         master={"port": free_port(), "key": "keys/master.key"},
@@ -88,10 +89,15 @@ def test_master_got_a_report_for_every_online_boot(story):
     lines = [json.loads(line) for f in sorted((directory / "master/reports").glob("*.jsonl"))
              for line in f.read_text().splitlines()]
     phases = [(r["phase"], r["slot"], r["version"]) for r in lines]
-    assert phases == [("layout", None, None), ("download", "a", 1), ("commit", "a", 1), ("boot", "a", 1),
+    assert phases == [("layout", None, None), ("download", "a", 1), ("hook", "a", 1), ("commit", "a", 1),
                       ("boot", "a", 1),
-                      ("download", "b", 2), ("commit", "b", 2), ("boot", "b", 2)]
+                      ("confirm", "a", 1), ("boot", "a", 1),
+                      ("download", "b", 2), ("hook", "b", 2), ("commit", "b", 2), ("boot", "b", 2)]
     assert all(r["error"] is None for r in lines)
+    # the example's signed post-install hook ran in the worker's initramfs, on the new slot
+    outputs = [r["output"] for r in lines if r["phase"] == "hook"]
+    assert outputs == [f"example v{v} in slot {s}: ext4 superblock found on /dev/vda{n}\n"
+                       for v, s, n in ((1, "a", 2), (2, "b", 3))]
 
 
 def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(tmp_path):
