@@ -259,7 +259,9 @@ class _Update:
                                  f"slot {name}; refused as a replay (a plan with \"pin\": true rolls back)")
 
     def inactive_slot(self) -> str:
-        keep = self.state.primary or self.state.last_good
+        """The slot to write: never the last good one. A slot still on trial is replaced
+        before a proven one is overwritten, so a card always keeps a system that worked."""
+        keep = _good(self.state.slots, self.state.last_good) or self.state.primary
         return next(name for name in SLOTS if name != keep)
 
     def install(self, target: str, manifest: Manifest, table: Mbr) -> None:

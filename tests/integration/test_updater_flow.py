@@ -403,6 +403,16 @@ def install_v2(server, card, tries: int = 3):
     return decision
 
 
+def test_a_new_version_replaces_an_unconfirmed_one_and_never_the_last_good_slot(server, card):
+    install_v2(server, card)  # b holds v2 on trial; a holds v1, the last good
+    write_plan(server.root, publish(server.root, 3, image_bytes(3)))
+    decision = update(card, server.url)
+    assert (decision.action, decision.slot, decision.version) == ("installed", "b", 3)
+    st = card_state(card)
+    assert (st.slots["a"].state, st.slots["a"].version, st.last_good) == ("good", 1, "a")
+    assert slot_bytes(card, "a", 3 << 20) == image_bytes(1)
+
+
 def test_mark_good_confirms_the_trial_slot_at_the_next_boot(server, card, tmp_path):
     decision = install_v2(server, card)
     assert "slot b (example v2) confirmed" in mark_good(card, decision, tmp_path)
