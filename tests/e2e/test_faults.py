@@ -122,7 +122,7 @@ def test_write_errors_in_slot_b_leave_it_uncommitted_and_a_clean_boot_installs_v
     after = slots(disk)
     assert (after.slots["b"].state, after.primary, after.last_good) == ("trial", "b", "a")
     assert [(r["phase"], r["slot"], r["version"]) for r in reports] == [
-        ("download", "b", 2), ("commit", "b", 2), ("boot", "b", 2)]
+        ("download", "b", 2), ("hook", "b", 2), ("commit", "b", 2), ("boot", "b", 2)]
 
 
 def test_read_errors_during_read_back_leave_slot_b_uncommitted(card, tmp_path):
