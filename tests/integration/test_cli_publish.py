@@ -69,8 +69,13 @@ def test_keygen_publish_and_plan_sign_and_the_build_carries_the_key(tmp_path):
     again = rackboot("keygen", "-c", str(cfg_path))
     assert again.returncode == 1 and "never overwrites" in again.stderr
     (tmp_path / "rootfs").mkdir()
-    for args in (["publish", "--dir", str(tmp_path / "rootfs"), "--image", "lab"], ["plan", "--image", "lab"],
-                 ["build"]):
+    (tmp_path / "fix.sh").write_text("echo fixed\n")
+    bad = rackboot("publish", "-c", str(cfg_path), "--dir", str(tmp_path / "rootfs"), "--image", "lab",
+                   "--hook", "fix.sh")
+    assert bad.returncode == 2 and "'fix.sh' is not WHEN=SCRIPT" in bad.stderr
+    for args in (["publish", "--dir", str(tmp_path / "rootfs"), "--image", "lab",
+                  "--hook", f"post-install={tmp_path / 'fix.sh'}", "--hook-timeout", "30"],
+                 ["plan", "--image", "lab"], ["build"]):
         result = rackboot(args[0], "-c", str(cfg_path), *args[1:])
         assert result.returncode == 0, result.stderr
     public = tmp_path / "keys/master.key.pub"
@@ -79,6 +84,9 @@ def test_keygen_publish_and_plan_sign_and_the_build_carries_the_key(tmp_path):
         verified = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(public), "-rawin",
                                    "-in", str(path), "-sigfile", f"{path}.sig"], capture_output=True)
         assert verified.returncode == 0, verified.stdout
+    hooks = json.loads((tmp_path / "master/images/lab/1/manifest.json").read_text())["hooks"]
+    assert [(h["name"], h["timeout"]) for h in hooks] == [("post-install", 30)]
+    assert (tmp_path / "master/images/lab/1/post-install.sh").read_text() == "echo fixed\n"
     listing = subprocess.run(["sh", "-c", f"gzip -dc {tmp_path}/build/initramfs.cpio.gz | cpio -i --to-stdout "
                                           "etc/rackboot/master.pub"], capture_output=True, check=True).stdout
     assert listing == public.read_bytes()
