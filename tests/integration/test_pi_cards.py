@@ -61,6 +61,7 @@ def test_pi_card_holds_firmware_uboot_config_and_scripts(tmp_path, board, arch, 
 @pytest.mark.parametrize("board, arch", sorted(BOARDS))
 def test_every_board_profile_names_modules_its_kernel_has(tmp_path, board, arch):
     inp = build.Inputs(config.load(write_config(tmp_path, board={"name": board, "arch": arch})))
-    closure = modules.module_closure([*inp.board.modules, *COMMON_MODULES], inp.kernel.root, arch=arch)
+    wanted = [*inp.board.modules, *inp.board.watchdog, *COMMON_MODULES]
+    closure = modules.module_closure(wanted, inp.kernel.root, arch=arch)
     loaded = {m.name for m in closure.modules} | set(closure.builtin)
-    assert {modules.canonical(m) for m in inp.board.modules} <= loaded
+    assert {modules.canonical(m) for m in wanted} <= loaded
