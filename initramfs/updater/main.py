@@ -274,6 +274,8 @@ class _Update:
         scripts = hooks.fetch(self.master, self.plan.image, manifest, self.verifier.required)
         self.run_hook("pre-install", manifest, scripts, target, number)  # the slot is untouched so far
         entry = Slot("writing", manifest.image, manifest.version, manifest.sha256, number)
+        if self.state.primary == target:  # replacing an unconfirmed slot: the good one boots meanwhile
+            self.state = replace(self.state, primary=_good(self.state.slots, self.state.last_good))
         self.commit(self.with_slot(target, entry))
         self.log(f"installing {manifest.image} v{manifest.version} into slot {target} "
                  f"({partition_device(self.disk_path, number)})")

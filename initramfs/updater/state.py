@@ -29,6 +29,7 @@ _CRC = struct.Struct("<I")
 
 def encode(state: SlotState) -> bytes:
     body = formats.dump(state)
+    formats.parse_slot_state(body)  # never store what a reader would throw away as invalid
     head = _HEAD.pack(MAGIC, state.seq, len(body)) + body
     record = head + _CRC.pack(zlib.crc32(head))
     if len(record) > RESERVED:

@@ -413,6 +413,15 @@ def test_a_new_version_replaces_an_unconfirmed_one_and_never_the_last_good_slot(
     assert slot_bytes(card, "a", 3 << 20) == image_bytes(1)
 
 
+def test_a_failed_install_over_an_unconfirmed_slot_leaves_the_card_on_the_good_one(server, card):
+    install_v2(server, card)  # b: v2 on trial, primary; a: v1, last good
+    write_plan(server.root, publish(server.root, 3, image_bytes(3), sha256="0" * 64))
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action, decision.version) == ("a", "fallback", 1)
+    st = card_state(card)  # what the next boot reads: b's old v2 bytes are gone, so b must not boot
+    assert (st.primary, st.last_good, st.slots["b"].state) == ("a", "a", "bad")
+
+
 def test_mark_good_confirms_the_trial_slot_at_the_next_boot(server, card, tmp_path):
     decision = install_v2(server, card)
     assert "slot b (example v2) confirmed" in mark_good(card, decision, tmp_path)

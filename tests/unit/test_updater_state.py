@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
+from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Slot, SlotState
 
 H = "ab" * 32
@@ -94,3 +95,11 @@ def test_torn_write_through_the_real_writer(disk, monkeypatch):
 def test_decode_of_any_bytes_is_a_state_or_none(raw):
     got = state.decode(state.MAGIC + raw)
     assert got is None or isinstance(got, SlotState)
+
+
+def test_a_state_a_reader_would_discard_is_never_written(disk):
+    state.write(disk, good(1))
+    inconsistent = SlotState(slots={"a": Slot("writing", "example", 2, H, 2)}, primary="a")
+    with pytest.raises(UpdaterError, match="slot state: primary: 'a' is not a good or trial slot"):
+        state.write(disk, inconsistent)
+    assert state.read(disk).slot("a").state == "good"  # the card still says what it said
