@@ -180,6 +180,7 @@ class _Update:
 
     def signed_doc(self, path: str, parse, headers: Optional[dict] = None):
         """A plan or manifest, parsed only after its signature verified (when the card has a key)."""
+        self.watchdog.progress()  # each fetch is bounded by the master's timeouts and retries
         if not self.verifier.required:
             return self.master.get_doc(path, parse, headers=headers)
         data = self.master.get(path, headers=headers)
@@ -271,6 +272,7 @@ class _Update:
         if manifest.size > capacity:
             raise UpdaterError(f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
                                f"bytes, slot {target} has {capacity}")
+        self.watchdog.progress()
         scripts = hooks.fetch(self.master, self.plan.image, manifest, self.verifier.required)
         self.run_hook("pre-install", manifest, scripts, target, number)  # the slot is untouched so far
         entry = Slot("writing", manifest.image, manifest.version, manifest.sha256, number)
@@ -419,6 +421,7 @@ class _Update:
                slot: Optional[str] = None, version: Optional[int] = None,
                output: Optional[str] = None) -> None:
         elapsed = self.now() - self.t0 if seconds is None else seconds
+        self.watchdog.progress()
         reports.send(self.master, reports.make(self.node, phase, bytes=self.master.stream_bytes,
                                              seconds=elapsed, error=error, slot=slot, version=version,
                                              output=output))

@@ -19,6 +19,7 @@ from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import Master
 from rackboot.initramfs.updater.main import Identity, run
+from rackboot.initramfs.updater.watchdog import NoWatchdog
 
 from signed_rack import card, server  # noqa: F401 (fixtures)
 from updater_master import MAC, image_bytes, publish, write_plan
@@ -467,3 +468,19 @@ def test_offline_boot_of_a_trial_slot_counts_too(server, card):
         s.bind(("127.0.0.1", 0))
         decision = update(card, f"http://127.0.0.1:{s.getsockname()[1]}")
     assert (decision.slot, decision.action) == ("a", "fallback")
+
+
+def test_every_step_of_an_install_tells_the_watchdog(server, card):
+    class Recorder(NoWatchdog):
+        def __init__(self):
+            super().__init__()
+            self.steps = 0
+
+        def progress(self, allow=None):
+            self.steps += 1
+
+    dog = Recorder()
+    write_plan(server.root, publish(server.root, 1, image_bytes(1)))
+    assert update(card, server.url, watchdog=dog).action == "installed"
+    reads = 3  # the 3 MiB image read back in 1 MiB chunks
+    assert dog.steps >= 2 + reads + 1  # plan and manifest, read-back, at least one stream chunk
