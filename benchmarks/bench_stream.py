@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import rackboot.initramfs
 from rackboot import publish, serve
 from rackboot.initramfs.updater.formats import Layout, Plan
 
@@ -36,6 +37,7 @@ LAYOUT = {"partitions": [{"name": "boot", "start_mib": 4, "size_mib": 16, "type"
           "repartition": "allowed"}
 DISK_MIB = 1400
 MAC = "52:54:00:12:34:56"
+UPDATER_HOME = Path(rackboot.initramfs.__file__).parent  # holds updater/, as /usr/lib/rackboot does
 
 
 def payload_tree(dest: Path) -> Path:
@@ -55,18 +57,28 @@ def payload_tree(dest: Path) -> Path:
     return dest
 
 
-def _run_measured(cmd: list[str], log: Path) -> tuple[float, int]:
+# A child's ru_maxrss counts the memory it was spawned from: spawned straight from this
+# (large) process, the updater would be charged for it. A small interpreter in between
+# spawns it and writes the peak RSS it alone reached (KiB) to the path in argv[1].
+_MEASURE = ("import os, subprocess, sys\n"
+            "proc = subprocess.Popen(sys.argv[2:])\n"
+            "_, status, usage = os.wait4(proc.pid, 0)\n"
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
+def _run_measured(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one child process; its output goes to ``log``."""
+    peak = log.with_suffix(".rss")
     with open(log, "wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        done = subprocess.run([sys.executable, "-c", _MEASURE, str(peak), *cmd], stdout=out,
+                              stderr=subprocess.STDOUT, env=env)
         seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    if done.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        raise SystemExit(f"bench_stream: {' '.join(cmd[:3])} ... exited {proc.returncode}: {tail[0]}")
-    return seconds, usage.ru_maxrss * 1024
+        raise SystemExit(f"bench_stream: {' '.join(cmd[:3])} ... exited {done.returncode}: {tail[0]}")
+    return seconds, int(peak.read_text()) * 1024
 
 
 def bench() -> dict:
@@ -88,9 +100,11 @@ def bench() -> dict:
                 disk = tmp / "card.img"
                 with open(disk, "wb") as f:
                     f.truncate(DISK_MIB << 20)
-                ours.append(_run_measured([sys.executable, "-m", "rackboot.initramfs.updater", "--disk", str(disk),
+                # the updater as the worker runs it: a top-level package, no rackboot around it
+                ours.append(_run_measured([sys.executable, "-m", "updater", "--disk", str(disk),
                                            "--master", url, "--mac", MAC, "--serial", "bench",
-                                           "--decision-file", str(tmp / "decision")], tmp / "log"))
+                                           "--decision-file", str(tmp / "decision")], tmp / "log",
+                                          env={**os.environ, "PYTHONPATH": str(UPDATER_HOME)}))
                 disk.unlink()
                 ref = tmp / "ref.img"
                 theirs.append(_run_measured(
