@@ -159,7 +159,11 @@ class _Update:
         self.watchdog: Watchdog = NoWatchdog()
 
     def run(self, layout_check: bool) -> Decision:
-        self.take_confirmation()
+        try:
+            self.take_confirmation()
+        except UpdaterError as e:  # the state cannot be written: boot as it stands, confirm next time
+            self.log(f"confirm failed: {e}")
+            self.report("error", error=f"confirm: {e}")
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
@@ -361,7 +365,12 @@ class _Update:
         name = words[1] if len(words) == 3 and words[0] == slot_state.CONFIRM_WORD else None
         slot = self.state.slot(name) if name else None
         if slot and slot.state == "trial" and slot.sha256 == words[2]:
-            self.commit(replace(self.with_slot(name, replace(slot, state="good", tries=None)), last_good=name))
+            confirmed = replace(self.with_slot(name, replace(slot, state="good", tries=None)), last_good=name)
+            try:
+                self.commit(confirmed)
+            except UpdaterError:
+                self.state = confirmed  # it did confirm itself; the sector stays for the next boot
+                raise
             self.log(f"slot {name} confirmed itself good ({slot.image} v{slot.version})")
             self.report("confirm", slot=name, version=slot.version)
         self.disk.write(slot_state.CONFIRM, bytes(512))
@@ -374,14 +383,28 @@ class _Update:
         if slot.state != "trial":
             return name, action, error
         fallback = _good(self.state.slots, self.state.last_good)
-        if slot.tries > 0 or fallback in (None, name):
+        alone = fallback in (None, name)
+        if slot.tries > 0 or alone:
             tries = max(slot.tries - 1, 0)
-            self.commit(self.with_slot(name, replace(slot, tries=tries)))
+            try:
+                self.commit(self.with_slot(name, replace(slot, tries=tries)))
+            except UpdaterError as e:
+                if alone:  # nothing else to boot: an uncounted try beats no boot
+                    self.log(f"slot {name}: its try cannot be counted ({e}); booting it all the same")
+                    return name, action, error
+                return self.give_up_trial(name, fallback, f"its try cannot be counted ({e})")
             self.log(f"slot {name} is on trial: {tries} more unconfirmed boots before "
-                     + (f"slot {fallback} takes over" if fallback not in (None, name) else "nothing (no other slot)"))
+                     + (f"slot {fallback} takes over" if not alone else "nothing (no other slot)"))
             return name, action, error
-        problem = f"slot {name} ({slot.image} v{slot.version}) never confirmed itself; back to slot {fallback}"
-        self.commit(replace(self.with_slot(name, replace(slot, state="failed", tries=None)), primary=fallback))
+        try:
+            self.commit(replace(self.with_slot(name, replace(slot, state="failed", tries=None)), primary=fallback))
+        except UpdaterError as e:  # boot the good slot anyway; the next boot marks it failed again
+            self.log(f"slot {name}: cannot mark it failed ({e})")
+        return self.give_up_trial(name, fallback, "never confirmed itself")
+
+    def give_up_trial(self, name: str, fallback: str, why: str) -> tuple[str, str, str]:
+        slot = self.state.slot(name)
+        problem = f"slot {name} ({slot.image} v{slot.version}) {why}; back to slot {fallback}"
         self.log(problem)
         self.report("error", slot=name, version=slot.version, error=problem)
         return fallback, "fallback", problem

@@ -134,3 +134,16 @@ def test_read_errors_during_read_back_leave_slot_b_uncommitted(card, tmp_path):
     downloads = [(r["slot"], r["version"], r["error"]) for r in reports if r["phase"] == "download"]
     assert downloads == [("b", 2, None)]  # written and verified; only reading it back failed
     assert_fell_back_to_v1(console, reports, disk, "read-back")
+
+
+def test_a_card_whose_state_sectors_fail_writes_keeps_booting_its_good_slot(card, tmp_path):
+    disk = copy_card(card, tmp_path / "disk.img")
+    before = slots(disk)
+    faults = [DiskFault("write", sector=offset // 512) for offset in state.COPIES]
+    console, reports = boot(card, disk, tmp_path / "fault.log", faults)
+    assert re.search(r"rackboot: confirm failed: disk /dev/vda: .*Input/output error$", console, re.M), console
+    assert "booting slot a (fallback)" in console and "rackboot-demo: v1 is up" in console
+    assert "installing example v2" not in console and "Traceback" not in console
+    assert slots(disk) == before  # not a byte of state changed: old state, never a torn one
+    errors = [r["error"] for r in reports if r["phase"] == "error"]
+    assert [e.split(":")[0] for e in errors] == ["confirm", "download"]  # one line each, in order

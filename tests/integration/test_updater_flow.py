@@ -484,3 +484,39 @@ def test_every_step_of_an_install_tells_the_watchdog(server, card):
     assert update(card, server.url, watchdog=dog).action == "installed"
     reads = 3  # the 3 MiB image read back in 1 MiB chunks
     assert dog.steps >= 2 + reads + 1  # plan and manifest, read-back, at least one stream chunk
+
+
+class StateWritesFail(Disk):
+    """A card whose slot-state sectors went bad: reads work, writes there fail."""
+
+    def write(self, offset: int, data) -> None:
+        if offset in state.COPIES:
+            raise UpdaterError(f"disk {self.path}: write at {offset}: Input/output error")
+        super().write(offset, data)
+
+
+def test_unwritable_slot_state_still_boots_a_confirmed_slot_and_installs_nothing(server, card, tmp_path):
+    decision = install_v2(server, card)
+    mark_good(card, decision, tmp_path)  # v2 confirmed itself; the updater has not seen it yet
+    lines: list[str] = []
+    again = run(card, server.url, Identity(MAC), master=client(server.url), log=lines.append,
+                open_disk=StateWritesFail)
+    assert (again.slot, again.action, again.version) == ("b", "up-to-date", 2)
+    assert any(line.startswith("confirm failed: disk") for line in lines)
+    assert card_state(card).slots["b"].state == "trial"  # nothing was written...
+    with open(card, "rb") as f:
+        f.seek(state.CONFIRM)
+        assert f.read(13) == b"rackboot-good"  # ...and the confirmation waits for the next boot
+    assert update(card, server.url).action == "up-to-date" and card_state(card).slots["b"].state == "good"
+
+
+def test_unwritable_slot_state_boots_the_good_slot_instead_of_an_uncountable_trial(server, card):
+    install_v2(server, card)  # v2 on trial in b, never confirmed
+    write_plan(server.root, publish(server.root, 3, image_bytes(3)))
+    served = server.image_bytes
+    decision = run(card, server.url, Identity(MAC), master=client(server.url), log=lambda m: None,
+                   open_disk=StateWritesFail)
+    assert (decision.slot, decision.action, decision.version) == ("a", "fallback", 1)
+    assert "Input/output error" in decision.error and server.image_bytes == served  # nothing streamed
+    st = card_state(card)
+    assert (st.primary, st.slots["b"].version, st.slots["b"].state) == ("b", 2, "trial")  # untouched
