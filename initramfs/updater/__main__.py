@@ -52,8 +52,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         identity = discover_identity(args.mac, args.serial)
-        watchdog = Watchdog(args.watchdog, stall=args.watchdog_stall, log=console_log) if args.watchdog_stall > 0 \
-            else NoWatchdog()
+        watchdog = (Watchdog(args.watchdog, stall=args.watchdog_stall, log=console_log)
+                    if args.watchdog_stall > 0 else NoWatchdog())
         with watchdog:
             decision = run(args.disk, args.master, identity, layout_check=not args.no_layout,
                            offline_mount=args.offline_mount, verifier=from_environment(args.public_key),
