@@ -116,6 +116,7 @@ def _epoch() -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .initramfs.updater.formats import HOOK_TIMEOUT  # one default for the CLI and publish
     p = argparse.ArgumentParser(prog="rackboot", description="Netboot and update racks of Pi-class workers.")
     p.add_argument("--version", action="version", version=f"rackboot {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--hook", type=_hook_arg, action="append", default=[], metavar="WHEN=SCRIPT",
                      help="a script the worker runs as root, signed with the image: pre-install (before "
                           "the slot is written) or post-install (after it verified, before it is committed)")
-    pub.add_argument("--hook-timeout", type=int, default=120, metavar="S",
+    pub.add_argument("--hook-timeout", type=int, default=HOOK_TIMEOUT, metavar="S",
                      help="seconds a hook may run before the worker kills it (default: %(default)s)")
     pub.set_defaults(func=_cmd_publish)
 

@@ -35,7 +35,7 @@ from . import signing
 from .errors import RackbootError
 from .initramfs.updater import formats, mbr
 from .initramfs.updater.errors import UpdaterError
-from .initramfs.updater.formats import Hook, Latest, Manifest, Plan
+from .initramfs.updater.formats import HOOK_TIMEOUT, Hook, Latest, Manifest, Plan
 
 PathLike = Union[str, Path]
 
@@ -53,7 +53,6 @@ _MODULE_DIRS = ("lib/modules", "usr/lib/modules")
 MARK_GOOD = "rackboot-mark-good"
 MARK_GOOD_SOURCE = "rackboot-mark-good.sh"
 MARK_GOOD_UNIT = "rackboot-mark-good.service"
-HOOK_TIMEOUT = 120  # seconds a hook may run on the worker before it is killed
 
 
 # --- public API ------------------------------------------------------------------------

@@ -11,7 +11,6 @@ the sha256 that the slot state records and that the master published.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from rackboot import config, demo, plans
 from rackboot.errors import RackbootError
-from rackboot.initramfs.updater import layout, state as slot_state
+from rackboot.initramfs.updater import install, layout, state as slot_state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, SlotState, parse_manifest
@@ -141,7 +140,7 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
             entry = table.entry(slot.partition or DEFAULT_NUMBERS[name]) if table else None
             if entry is None or manifest.size > entry.sectors * 512:
                 return Verdict(False, f"slot {name}: no partition that holds v{version}")
-            digest = _sha256(d, entry.start * 512, manifest.size)
+            digest, _ = install.read_back(d, entry.start * 512, manifest.size)
     except UpdaterError as e:
         return Verdict(False, f"cannot read the disk image: {e}")
     if slot.sha256 != manifest.sha256:
@@ -151,13 +150,6 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
         return Verdict(False, f"slot {name}: its bytes hash to sha256 {digest[:12]}, "
                               f"v{version}'s manifest says {manifest.sha256[:12]}")
     return Verdict(True, f"slot {name} ({action}) holds v{version}", name)
-
-
-def _sha256(disk: Disk, offset: int, size: int) -> str:
-    h = hashlib.sha256()
-    for at in range(0, size, 1 << 20):
-        h.update(disk.read(offset + at, min(1 << 20, size - at)))
-    return h.hexdigest()
 
 
 def published(master: Path, image: str = demo.IMAGE) -> dict[int, Manifest]:

@@ -31,6 +31,7 @@ PHASES = ("plan", "layout", "download", "verify", "commit", "confirm", "boot", "
 HOOKS = ("pre-install", "post-install")
 MAX_HOOK_BYTES = 256 << 10
 MAX_HOOK_TIMEOUT = 3600  # seconds
+HOOK_TIMEOUT = 120  # seconds a hook gets unless its publisher says otherwise
 MAX_REPORT_OUTPUT = 4000  # characters of a hook's output a report carries (its tail)
 SLOTS = ("a", "b")
 REST = "rest"
@@ -199,6 +200,11 @@ class Hook:
                 "timeout": self.timeout}
 
 
+def beside(manifest_path: str, file: str) -> str:
+    """The master's path of ``file`` in the manifest's directory (streams, hooks)."""
+    return manifest_path.rsplit("/", 1)[0] + "/" + file
+
+
 def _hooks(f: _Fields) -> tuple[Hook, ...]:
     items = f.raw("hooks", optional=True)
     if items is None:
@@ -267,7 +273,7 @@ class Manifest:
 
     def stream_path(self, manifest_path: str) -> str:
         """The stream's path on the master, beside the manifest."""
-        return manifest_path.rsplit("/", 1)[0] + "/" + self.stream
+        return beside(manifest_path, self.stream)
 
 
 # --- latest.json -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional
 
 from .errors import Refused, UpdaterError
 from .fetch import Master
-from .formats import MAX_REPORT_OUTPUT, Hook, Manifest
+from .formats import MAX_REPORT_OUTPUT, Hook, Manifest, beside
 
 SHELL = "/bin/sh"
 RUN_DIR = "/run/rackboot"  # a tmpfs on the worker; the hooks' scripts never touch the card
@@ -55,7 +55,7 @@ def fetch(master: Master, manifest_path: str, manifest: Manifest, signed: bool) 
                       "no master key to check them with; an unsigned hook never runs")
     scripts = {}
     for hook in manifest.hooks:
-        path = manifest_path.rsplit("/", 1)[0] + "/" + hook.file
+        path = beside(manifest_path, hook.file)
         data = master.get(path)
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != hook.size or digest != hook.sha256:
