@@ -141,7 +141,9 @@ def _is_local(package: str) -> bool:
     return package.startswith(("/", "./", "../"))
 
 
-def initramfs_artefact(inp: Inputs) -> graph.Artefact:
+def initramfs_artefact(inp: Inputs, scratch: Path) -> graph.Artefact:
+    """The initramfs; its sysroot and staged tree live in ``scratch`` (the build's stage,
+    which the graph sweeps under its lock, so a killed build leaves nothing in /tmp)."""
     cfg = inp.cfg
     spec = initramfs_tree.spec(cfg, inp.board)
     refs = inp.packages([p for p in spec.packages if not _is_local(p)])
@@ -164,24 +166,28 @@ def initramfs_artefact(inp: Inputs) -> graph.Artefact:
     }
     suffix = {"gzip": ".gz", "xz": ".xz", "zstd": ".zst", "none": ""}[spec.compression]
 
-    work = tempfile.TemporaryDirectory(prefix="rackboot-initramfs-")
+    @cache
+    def work() -> Path:
+        return Path(tempfile.mkdtemp(prefix=".initramfs-", dir=scratch))
 
     @cache
     def sysroot() -> Path:
         root = inp.cache.sysroot(refs)
         if local_roots:  # local trees layered over the packages, in config order
-            root = initramfs_tree.merge_trees([root, *local_roots], Path(work.name) / "sysroot")
+            root = initramfs_tree.merge_trees([root, *local_roots], work() / "sysroot")
         return root
 
     def check() -> None:
         initramfs_tree.check(spec, sysroot=sysroot(), kernel=inp.kernel)
 
     def build(tmp: Path) -> None:
-        with work:
-            stage = Path(work.name) / "stage"
+        try:
+            stage = work() / "stage"
             stage.mkdir()
             initramfs_tree.stage(stage, spec, sysroot=sysroot(), kernel=inp.kernel)
             initramfs_tree.archive(stage, tmp, spec.compression, mtime=source_date_epoch())
+        finally:
+            shutil.rmtree(work(), ignore_errors=True)  # the card step needs the room
 
     return graph.Artefact("initramfs", "initramfs", f"initramfs.cpio{suffix}", inputs, build, check=check)
 
@@ -277,10 +283,11 @@ def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> l
 
 
 def artefacts(inp: Inputs, out: Path) -> list[graph.Artefact]:
-    """The build graph of one config, in dependency order."""
+    """The build graph of one config, in dependency order; ``out`` is where the steps read
+    each other's outputs: the graph's stage."""
     kernel = kernel_artefact(inp)
     dtbs = dtb_artefacts(inp)
-    ird = initramfs_artefact(inp)
+    ird = initramfs_artefact(inp, out)
     steps = [kernel, *dtbs, ird]
     if inp.cfg.get("initramfs", "uboot_wrap"):
         steps.append(initramfs_uimage_artefact(inp, ird, out))
@@ -296,6 +303,6 @@ def build(cfg: Config, out: Path | None = None, log=print) -> Path:
     out = Path(out) if out else cfg.get("output", "directory")
     inp = Inputs(cfg)
     log(f"rackboot build: {cfg.path} -> {out}")
-    result = graph.run(artefacts(inp, out), out, log=log)
+    result = graph.run(artefacts(inp, graph.stage_dir(out)), out, log=log)
     log(f"rebuilt {len(result.rebuilt)} of {len(result.outcomes)} artefacts")
     return out

@@ -4,10 +4,15 @@ Each artefact declares its inputs as plain data (the config slice it reads, cont
 hashes of the files and packages it consumes, the names of artefacts it depends on).
 The graph hashes that with the builder version into a key; a stamp per artefact in
 ``<out>/.rackboot/`` remembers the key, the inputs and the output's identity, so the
-graph can say *why* it rebuilt something. Outputs are written under a temporary name
-and renamed into place, and the whole run holds an exclusive lock on the output
-directory, so neither an interrupted build nor two concurrent builds leave a half
-artefact.
+graph can say *why* it rebuilt something.
+
+A run builds what is stale into a staging directory (``<out>/.rackboot/stage``, where
+the outputs it keeps are hard-linked too, so later steps read this run's inputs) and
+renames the new outputs into place only after every step succeeded, artefacts.json
+last: a failed build leaves the previous consistent set. The whole run holds an
+exclusive lock on the output directory, under which it also sweeps what a killed run
+left (the stage, ``.*.tmp-<pid>`` files), so neither an interrupted build nor two
+concurrent builds leave a half artefact.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +33,8 @@ from . import __version__
 from .errors import RackbootError
 
 STATE_DIR = ".rackboot"
+MANIFEST = "artefacts.json"
+_TMP_RE = re.compile(r"\..+\.tmp-\d+")  # atomic_write's temporaries
 
 
 @dataclass
@@ -100,8 +109,16 @@ def code_hash(*modules) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` then fsync and rename tmp over ``path``; on any failure remove tmp."""
+def stage_dir(out: Path) -> Path:
+    """Where a run builds before it commits: artefacts that read another artefact's output
+    read it here, since the output directory holds the previous build until the commit."""
+    return out / STATE_DIR / "stage"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], shown: Path | None = None) -> None:
+    """Run ``write(tmp)`` then fsync and rename tmp over ``path``; on any failure remove tmp.
+    Errors name ``shown`` (default ``path``)."""
+    shown = shown or path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -115,8 +132,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as exc:
         _remove(tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RackbootError(f"no space left on device while writing {path}") from None
-        raise RackbootError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise RackbootError(f"no space left on device while writing {shown}") from None
+        raise RackbootError(f"cannot write {shown}: {exc.strerror or exc}") from None
     except BaseException:
         _remove(tmp)
         raise
@@ -129,7 +146,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
-            import shutil
             shutil.rmtree(path)
         else:
             path.unlink()
@@ -151,42 +167,115 @@ def locked(out: Path) -> Iterator[None]:
 
 
 def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print) -> BuildResult:
-    """Bring every artefact up to date, in the given (dependency) order; write artefacts.json."""
+    """Bring every artefact up to date, in the given (dependency) order, in the stage; then
+    commit the rebuilt ones and artefacts.json together. Nothing in ``out`` changes unless
+    every artefact built."""
     names = [a.name for a in artefacts]
     if len(set(names)) != len(names):
         raise RackbootError(f"build graph has duplicate artefact names: {names}")
     result = BuildResult()
     with locked(out):
-        state = out / STATE_DIR
-        for artefact in artefacts:
-            if artefact.check and _inputs_changed(state, artefact):
-                artefact.check()
-        hashes: dict[str, str] = {}
-        for artefact in artefacts:
-            missing = [d for d in artefact.after if d not in hashes]
-            if missing:
-                raise RackbootError(f"artefact {artefact.name} needs {missing[0]}, which is not built before it")
-            deps = {d: hashes[d] for d in artefact.after}
-            stamp_path = state / f"{artefact.name}.json"
-            old = _read_stamp(stamp_path)
-            target = out / artefact.filename
-            reason = _why(old, artefact, deps, target)
-            if reason is None:
-                hashes[artefact.name] = old["sha256"]
-                result.outcomes.append(Outcome(artefact.name, False, "up to date"))
-                log(f"  {artefact.name:<16} up to date")
-                continue
-            log(f"  {artefact.name:<16} rebuilding ({reason})")
-            atomic_write(target, artefact.build)
-            digest = sha256_file(target)
-            st = target.stat()
-            stamp = {"builder": __version__, "key": _key(artefact, deps), "inputs": artefact.inputs,
-                     "after": deps, "sha256": digest, "output_stat": [st.st_size, st.st_mtime_ns]}
-            write_bytes_atomic(stamp_path, canonical(stamp))
-            hashes[artefact.name] = digest
-            result.outcomes.append(Outcome(artefact.name, True, reason))
-        write_manifest(out, artefacts, hashes)
+        state, stage = out / STATE_DIR, stage_dir(out)
+        sweep(out, artefacts)
+        try:
+            stage.mkdir()
+            for artefact in artefacts:
+                if artefact.check and _inputs_changed(state, artefact):
+                    artefact.check()
+            hashes: dict[str, str] = {}
+            stamps: dict[str, dict] = {}  # of the rebuilt artefacts, written at the commit
+            for artefact in artefacts:
+                missing = [d for d in artefact.after if d not in hashes]
+                if missing:
+                    raise RackbootError(f"artefact {artefact.name} needs {missing[0]}, which is not built before it")
+                deps = {d: hashes[d] for d in artefact.after}
+                old = _read_stamp(state / f"{artefact.name}.json")
+                target, staged = out / artefact.filename, stage / artefact.filename
+                reason = _why(old, artefact, deps, target)
+                if reason is None:
+                    _link_or_copy(target, staged)
+                    hashes[artefact.name] = old["sha256"]
+                    result.outcomes.append(Outcome(artefact.name, False, "up to date"))
+                    log(f"  {artefact.name:<16} up to date")
+                    continue
+                log(f"  {artefact.name:<16} rebuilding ({reason})")
+                atomic_write(staged, artefact.build, shown=target)
+                digest = sha256_file(staged)
+                st = staged.stat()  # a rename keeps it: the stamp matches the committed output
+                stamps[artefact.name] = {"builder": __version__, "key": _key(artefact, deps),
+                                         "inputs": artefact.inputs, "after": deps, "sha256": digest,
+                                         "output_stat": [st.st_size, st.st_mtime_ns]}
+                hashes[artefact.name] = digest
+                result.outcomes.append(Outcome(artefact.name, True, reason))
+            _commit(out, artefacts, stamps, hashes)
+        finally:
+            _remove(stage)
     return result
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """An up-to-date output into the stage, for the steps that read it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+def _commit(out: Path, artefacts: list[Artefact], stamps: dict[str, dict], hashes: dict[str, str]) -> None:
+    """Rename the rebuilt outputs into place with their stamps, drop what the previous build
+    made and this one does not (another compression's initramfs), then write artefacts.json."""
+    stage, state = stage_dir(out), out / STATE_DIR
+    previous = _manifest_paths(out)
+    for artefact in artefacts:
+        if artefact.name not in stamps:
+            continue
+        target = out / artefact.filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / artefact.filename, target)
+        _fsync_dir(target.parent)
+        write_bytes_atomic(state / f"{artefact.name}.json", canonical(stamps[artefact.name]))
+    current = {a.filename for a in artefacts}
+    for rel in sorted(previous - current):
+        stale = out / rel
+        if stale.is_file() or stale.is_symlink():
+            stale.unlink()
+    names = {f"{a.name}.json" for a in artefacts}
+    for stamp in state.glob("*.json"):
+        if stamp.name not in names:  # an artefact this config no longer has
+            stamp.unlink()
+    write_manifest(out, artefacts, hashes)
+
+
+def _manifest_paths(out: Path) -> set[str]:
+    """The outputs the previous artefacts.json lists: only plain relative paths inside ``out``."""
+    try:
+        entries = json.loads((out / MANIFEST).read_bytes())["artefacts"]
+        paths = {e["path"] for e in entries}
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return set()
+    return {p for p in paths if isinstance(p, str) and p and not p.startswith("/")
+            and not any(part in ("", ".", "..", STATE_DIR) for part in p.split("/")) and p != MANIFEST}
+
+
+def sweep(out: Path, artefacts: list[Artefact]) -> None:
+    """Remove what a killed run left: its stage and ``.<name>.tmp-<pid>`` files. Only under
+    the lock, so no running build owns them."""
+    _remove(stage_dir(out))
+    dirs = {out, out / STATE_DIR, *((out / a.filename).parent for a in artefacts)}
+    for d in sorted(dirs):
+        if d.is_dir():
+            for p in d.iterdir():
+                if _TMP_RE.fullmatch(p.name) and p.is_file():
+                    p.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _inputs_changed(state: Path, artefact: Artefact) -> bool:
@@ -208,6 +297,6 @@ def write_manifest(out: Path, artefacts: list[Artefact], hashes: dict[str, str])
         entries.append({"name": a.name, "kind": a.kind, "path": a.filename,
                         "size": (out / a.filename).stat().st_size, "sha256": hashes[a.name]})
     doc = json.dumps({"builder": __version__, "artefacts": entries}, indent=2, sort_keys=True) + "\n"
-    path = out / "artefacts.json"
+    path = out / MANIFEST
     if not path.exists() or path.read_text() != doc:
         write_bytes_atomic(path, doc.encode())

@@ -114,3 +114,78 @@ def test_concurrent_runs_are_serialised(tmp_path):
     for t in threads:
         t.join()
     assert max(overlap) == 1 and len(overlap) == 2
+
+
+def test_a_late_failure_leaves_the_previous_build_whole(tmp_path):
+    """a is rebuilt, then b fails: a.bin, its stamp and artefacts.json stay as the last
+    build left them, and the next good run commits both."""
+    calls = []
+    arts = lambda v, fail: [artefact("a", lambda: f"A{v}".encode(), calls, inputs={"v": v}),
+                            graph.Artefact("b", "test", "b.bin", {}, after=("a",),
+                                           build=lambda tmp: _fail() if fail else tmp.write_bytes(b"B"))]
+    graph.run(arts(1, False), tmp_path, log=quiet)
+    before = {p: (tmp_path / p).read_bytes() for p in ("a.bin", "b.bin", "artefacts.json")}
+    with pytest.raises(RackbootError, match="card step failed"):
+        graph.run(arts(2, True), tmp_path, log=quiet)
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    assert not graph.stage_dir(tmp_path).exists()
+    result = graph.run(arts(2, False), tmp_path, log=quiet)
+    assert result.rebuilt == ["a", "b"] and (tmp_path / "a.bin").read_bytes() == b"A2"
+    assert graph.run(arts(2, False), tmp_path, log=quiet).rebuilt == []
+
+
+def _fail():
+    raise RackbootError("card step failed")
+
+
+def test_steps_read_what_this_run_built(tmp_path):
+    """b copies a's output: it must see this run's a, not the previous build's."""
+    def copy_a(tmp):
+        tmp.write_bytes(b"from " + (graph.stage_dir(tmp_path) / "a.bin").read_bytes())
+    arts = lambda v: [artefact("a", lambda: f"A{v}".encode(), [], inputs={"v": v}),
+                      graph.Artefact("b", "test", "b.bin", {}, copy_a, after=("a",))]
+    graph.run(arts(1), tmp_path, log=quiet)
+    graph.run(arts(2), tmp_path, log=quiet)
+    assert (tmp_path / "b.bin").read_bytes() == b"from A2"
+
+
+def test_an_output_the_build_no_longer_makes_goes_when_it_commits(tmp_path):
+    """Switching compression renames the initramfs: the old file leaves with the commit,
+    not before (a failed run keeps it) and not never."""
+    def initramfs(suffix, fail=False):
+        return graph.Artefact("initramfs", "initramfs", f"initramfs.cpio{suffix}", {"suffix": suffix},
+                              lambda tmp: _fail() if fail else tmp.write_bytes(suffix.encode()))
+    graph.run([initramfs(".gz"), artefact("extra", lambda: b"E", [])], tmp_path, log=quiet)
+    with pytest.raises(RackbootError):
+        graph.run([initramfs(".xz", fail=True)], tmp_path, log=quiet)
+    assert (tmp_path / "initramfs.cpio.gz").is_file()
+    graph.run([initramfs(".xz")], tmp_path, log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [graph.STATE_DIR, "artefacts.json", "initramfs.cpio.xz"]
+    doc = json.loads((tmp_path / "artefacts.json").read_text())
+    assert [e["path"] for e in doc["artefacts"]] == ["initramfs.cpio.xz"]
+    assert sorted(p.name for p in (tmp_path / graph.STATE_DIR).glob("*.json")) == ["initramfs.json"]
+
+
+def test_a_manifest_path_outside_the_output_is_never_removed(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "keep.txt"
+    outside.write_text("mine")
+    graph.run([artefact("a", lambda: b"A", [])], out, log=quiet)
+    doc = json.loads((out / "artefacts.json").read_text())
+    doc["artefacts"] += [{"path": "../keep.txt"}, {"path": str(outside)}]
+    (out / "artefacts.json").write_text(json.dumps(doc))
+    graph.run([artefact("a", lambda: b"A", [])], out, log=quiet)
+    assert outside.read_text() == "mine"
+
+
+def test_leftovers_of_a_killed_run_are_swept_under_the_lock(tmp_path):
+    graph.run([artefact("a", lambda: b"A", [])], tmp_path, log=quiet)
+    stage = graph.stage_dir(tmp_path)
+    (stage / ".initramfs-x").mkdir(parents=True)
+    (stage / ".initramfs-x/big").write_bytes(b"x" * 1000)
+    (tmp_path / ".a.bin.tmp-99999").write_bytes(b"half")
+    (tmp_path / graph.STATE_DIR / ".a.json.tmp-99999").write_bytes(b"half")
+    (tmp_path / "notes.tmp-1").write_text("not ours: no leading dot")
+    graph.run([artefact("a", lambda: b"A", [])], tmp_path, log=quiet)
+    assert not stage.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [graph.STATE_DIR, "a.bin", "artefacts.json", "notes.tmp-1"]
+    assert not list((tmp_path / graph.STATE_DIR).glob(".*tmp*"))
