@@ -147,3 +147,44 @@ def test_warm_cache_builds_without_network(tmp_path, probe_build):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "build/sdcard.img").is_file()
+
+
+def _files(out: Path) -> dict[str, str]:
+    """sha256 of every file in the output directory but the build's own state."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and ".rackboot" not in p.relative_to(out).parts}
+
+
+def _boot_of(size_mib: int) -> dict:
+    return {"partitions": [{"name": "boot", "size_mib": size_mib, "type": "0c"},
+                           {"name": "a", "size_mib": 256, "type": "83"},
+                           {"name": "b", "size_mib": 256, "type": "83"},
+                           {"name": "data", "size_mib": "rest", "type": "83"}]}
+
+
+def test_a_build_that_fails_at_the_card_leaves_the_previous_build(tmp_path):
+    """The new initramfs is built, then the card does not fit: TFTP and the card must still
+    agree, artefacts.json must describe the files, and the old config rebuilds nothing."""
+    good = write_config(tmp_path, layout=_boot_of(128))
+    out = build.build(config.load(good), log=quiet)
+    before = _files(out)
+    bad = write_config(tmp_path, initramfs={"modules": ["loop"]}, layout=_boot_of(8))
+    result = rackboot("build", "-c", bad)
+    assert result.returncode == 1
+    assert "boot partition of 8 MiB is too small" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _files(out) == before
+    assert not (out / ".rackboot/stage").exists()
+    lines = []
+    build.build(config.load(write_config(tmp_path, layout=_boot_of(128))), log=lines.append)
+    assert "rebuilt 0 of" in lines[-1]
+
+
+def test_switching_compression_leaves_only_the_new_initramfs(tmp_path):
+    out = build.build(config.load(write_config(tmp_path, initramfs={"compression": "gzip"})), log=quiet)
+    (out / ".Image.tmp-99999").write_bytes(b"a killed build's half kernel")
+    build.build(config.load(write_config(tmp_path, initramfs={"compression": "xz"})), log=quiet)
+    assert sorted(p.name for p in out.glob("initramfs*")) == ["initramfs.cpio.xz"]
+    assert not (out / ".Image.tmp-99999").exists()
+    doc = json.loads((out / "artefacts.json").read_text())
+    assert set(_files(out)) == {e["path"] for e in doc["artefacts"]} | {"artefacts.json"}
