@@ -167,7 +167,9 @@ def parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="assign an image to a node (or to 'default')")
     _config_arg(pl)
-    pl.add_argument("--node", default="default", help="node id (MAC with dashes) or 'default'")
+    pl.add_argument("--node", default="default",
+                    help="the node's MAC (52:54:00:12:34:56, 52-54-00-12-34-56, 5254.0012.3456 or 525400123456, "
+                         "any case) or 'default' (default: %(default)s)")
     pl.add_argument("--image", required=True, help="published image name")
     pl.add_argument("--version", type=int,
                     help="pin a version (default: latest); workers take a pinned version even when it is older")

@@ -8,6 +8,9 @@ mkosi keeps one table for all of them.
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,11 @@ class Setting:
     help: str
     choices: tuple[str, ...] = ()
     required: bool = False
+    minimum: int | None = None  # int settings: the range U-Boot, the kernel or the updater can take
+    maximum: int | None = None
+    # str and list[str] settings: checks the value (each item of a list) where it lands
+    # (a boot script, a kernel command line, a path); returns what is wrong, or None
+    check: Callable[[str], str | None] | None = None
 
     @property
     def name(self) -> str:
@@ -46,23 +54,93 @@ def _default_layout() -> list[dict]:
     ]
 
 
+MBR_SECTORS = 1 << 32  # MBR's start and size are 32-bit sector numbers: 2 TiB
+MIB_SECTORS = 2048
+BOOT_START_MIB = 4  # where the card image and every plan put the boot partition
+# The boot partition holds the FAT32 filesystem the card image makes: the Pi firmware and
+# U-Boot read it only under a FAT type (never an extended or unused entry)
+BOOT_TYPES = ("0b", "0c", "0e")
+MAX_CMDLINE = 512  # armhf kernels keep 1024 bytes of command line, the board's console and ours take the rest
+
+_PARTITION_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")  # the plan's (updater/formats.py)
+_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # Debian policy 5.6.1
+_MODULE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# Inside U-Boot's `setenv bootargs "..."` hush acts on these: " ends the string (the rest runs
+# as commands), $ expands a variable, \ escapes, ; and ` are command syntax elsewhere.
+_CMDLINE_FORBIDDEN = set('"$\\;`')
+
+
+def _address(value: str) -> str | None:
+    """An IPv4 address or a hostname: it lands in http://ADDRESS:PORT on the kernel command
+    line and in /init's sourced init.conf, so nothing else may get through."""
+    if re.fullmatch(r"[0-9.]+", value):
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            return "not an IPv4 address"
+        return None
+    labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
+    if len(value) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
+        return "not an IPv4 address or a hostname (no scheme, port, path or spaces)"
+    return None
+
+
+def _cmdline(value: str) -> str | None:
+    if len(value) > MAX_CMDLINE:
+        return f"{len(value)} characters is longer than the {MAX_CMDLINE} allowed"
+    bad = sorted({c for c in value if c in _CMDLINE_FORBIDDEN or not " " <= c <= "~"})
+    if bad:
+        return (f"contains {', '.join(repr(c) for c in bad)}, which U-Boot's boot script would act on "
+                "(printable ASCII only, no double quote, dollar, backslash, semicolon or backtick)")
+    return None
+
+
+def _package(value: str) -> str | None:
+    return None if _PACKAGE_RE.fullmatch(value) else "not a Debian package name"
+
+
+def _package_or_tree(value: str) -> str | None:
+    if value.startswith(("/", "./", "../")):  # a local sysroot, relative to the config
+        return None
+    return _package(value)
+
+
+def _module(value: str) -> str | None:
+    return None if _MODULE_RE.fullmatch(value) else "not a kernel module name"
+
+
+def _binary(value: str) -> str | None:
+    """An absolute path inside the sysroot, or a bare name looked up in its bin directories."""
+    if "\0" in value or ".." in value.split("/"):
+        return "must stay inside the sysroot (no '..')"
+    if "/" in value and not value.startswith("/"):
+        return "must be an absolute path or a bare name"
+    return None
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("board", "name", "choice", "qemu-virt", "Board profile.", BOARDS),
     Setting("board", "arch", "choice", "arm64", "Debian architecture of the worker.", ARCHES),
     Setting("kernel", "package", "str", "", "Debian kernel package (metapackages are followed), "
-            "e.g. linux-image-arm64; empty = the board profile's default."),
+            "e.g. linux-image-arm64; empty = the board profile's default.",
+            check=lambda v: _package(v) if v else None),
     Setting("kernel", "path", "path", None, "A local kernel tree (an unpacked kernel package: "
             "boot/vmlinuz-*, lib/modules/*) used instead of the package."),
-    Setting("kernel", "cmdline", "str", "", "Extra kernel command line, after the board's console."),
+    Setting("kernel", "cmdline", "str", "", "Extra kernel command line, after the board's console "
+            f"(printable ASCII, no double quote, dollar, backslash, semicolon or backtick; at most "
+            f"{MAX_CMDLINE} characters).", check=_cmdline),
     Setting("kernel", "root_modules", "list[str]", [],
             "Modules (with their dependencies) that publish puts into each root filesystem, indexed by depmod; "
-            "empty = the kernel's whole module tree."),
+            "empty = the kernel's whole module tree.", check=_module),
     Setting("initramfs", "packages", "list[str]", ["busybox-static"],
-            "Debian packages unpacked into the sysroot that binaries are taken from."),
+            "Debian packages unpacked into the sysroot that binaries are taken from "
+            "(or local trees: paths starting with /, ./ or ../).", check=_package_or_tree),
     Setting("initramfs", "binaries", "list[str]", ["/bin/busybox"],
-            "Binaries copied with their ELF closure (interpreter and libraries)."),
+            "Binaries copied with their ELF closure (interpreter and libraries): absolute paths inside "
+            "the sysroot, or bare names.", check=_binary),
     Setting("initramfs", "modules", "list[str]", [],
-            "Kernel modules loaded at boot, with their dependencies, in dependency order."),
+            "Kernel modules loaded at boot, with their dependencies, in dependency order.", check=_module),
     Setting("initramfs", "files", "table[path]", {},
             "Extra files: target path = local source path."),
     Setting("initramfs", "compression", "choice", "gzip", "Initramfs compression.", COMPRESSIONS),
@@ -72,21 +150,23 @@ SETTINGS: tuple[Setting, ...] = (
             "Carry the updater and the target Python; off = probe only (network up, power off)."),
     Setting("initramfs", "watchdog", "int", 120,
             "Seconds the updater may go without progress before it stops feeding the board's "
-            "hardware watchdog, which then resets the board; 0 = leave the watchdog alone."),
-    Setting("master", "address", "str", "10.0.2.2", "The master's address as workers reach it."),
-    Setting("master", "port", "int", 8080, "The master's HTTP port."),
+            "hardware watchdog, which then resets the board; 0 = leave the watchdog alone.", minimum=0),
+    Setting("master", "address", "str", "10.0.2.2",
+            "The master's address as workers reach it: an IPv4 address or a hostname.", check=_address),
+    Setting("master", "port", "int", 8080, "The master's HTTP port.", minimum=1, maximum=65535),
     Setting("master", "key", "path", None,
             "The master's Ed25519 private key (rackboot keygen makes it): publish and plan sign with it, "
             "and its .pub goes into the initramfs and the card, which then take only signed documents. "
             "Unset = an unsigned rack."),
     Setting("master", "directory", "path", "master", "The master's tree (published images, plans, reports)."),
     Setting("layout", "partitions", "layout", _default_layout(),
-            "SD card layout: boot, slot a, slot b, data; size_mib in MiB or \"rest\"."),
+            "SD card layout: boot (a FAT type: 0b, 0c or 0e), slot a, slot b, data; size_mib in MiB or "
+            "\"rest\"; the whole card within MBR's 2 TiB."),
     Setting("layout", "repartition", "choice", "allowed",
             "Whether the updater may repartition a card whose table differs.", ("allowed", "never")),
     Setting("layout", "tries", "int", 3,
             "Boots a newly installed slot gets to run rackboot-mark-good before the previous slot "
-            "boots again."),
+            "boots again.", minimum=1),
     Setting("layout", "mount", "choice", "ro+overlay:tmpfs", "How the worker mounts its slot.",
             MOUNT_MODES),
     Setting("output", "directory", "path", "build", "Where build artefacts go."),
@@ -149,12 +229,16 @@ def _check_layout(where: str, value: Any) -> list[dict]:
                 raise ConfigError(f"{at}: size_mib \"rest\" is only allowed on the last partition")
         elif not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise _expect(f"{at}.size_mib", "a positive number of MiB or \"rest\"", size)
-        ptype = part.get("type", "83")
+        ptype = part.get("type", "0c" if i == 0 else "83")  # boot is the card's FAT32
         if not isinstance(ptype, str) or len(ptype) != 2 or any(c not in "0123456789abcdef" for c in ptype.lower()):
             raise _expect(f"{at}.type", "a two-digit hex MBR type such as \"83\"", ptype)
+        if ptype == "00":
+            raise ConfigError(f"{at}.type: 00 marks an unused MBR entry")
         name = part.get("name")
-        if not isinstance(name, str) or not name:
-            raise _expect(f"{at}.name", "a partition name", name)
+        if not isinstance(name, str) or not _PARTITION_NAME_RE.fullmatch(name):
+            raise _expect(f"{at}.name", "a partition name ([a-z0-9][a-z0-9_-]*, at most 32)", name)
+        if any(p["name"] == name for p in out):
+            raise ConfigError(f"{at}.name: '{name}' appears twice")
         out.append({"name": name, "size_mib": size, "type": ptype.lower()})
     names = [p["name"] for p in out]
     for needed in ("boot", "a", "b"):
@@ -162,7 +246,20 @@ def _check_layout(where: str, value: Any) -> list[dict]:
             raise ConfigError(f"{where}: needs a partition named '{needed}' (have {', '.join(names)})")
     if names[0] != "boot":
         raise ConfigError(f"{where}: the first partition must be 'boot', the firmware reads it")
+    if out[0]["type"] not in BOOT_TYPES:
+        raise ConfigError(f"{where}[0].type: the boot partition holds the card's FAT32 filesystem, which the "
+                          f"firmware reads only under a FAT type ({', '.join(BOOT_TYPES)}), got \"{out[0]['type']}\"")
+    _check_mbr_fits(where, out)
     return out
+
+
+def _check_mbr_fits(where: str, parts: list[dict]) -> None:
+    """The layout's end (a "rest" partition needs at least 1 MiB) within MBR's 32-bit sectors."""
+    end_mib = BOOT_START_MIB + sum(1 if p["size_mib"] == "rest" else p["size_mib"] for p in parts)
+    if end_mib * MIB_SECTORS > MBR_SECTORS:
+        limit = MBR_SECTORS // MIB_SECTORS
+        raise ConfigError(f"{where}: the partitions end at {end_mib} MiB, past the {limit} MiB (2 TiB) "
+                          f"an MBR can address")
 
 
 _CHECKS: dict[str, Callable[[str, Any, Setting, Path], Any]] = {}
@@ -175,18 +272,34 @@ def _check(kind: str):
     return register
 
 
+def _checked(where: str, value: str, setting: Setting) -> str:
+    problem = setting.check(value) if setting.check else None
+    if problem:
+        raise ConfigError(f"{where}: {value[:80]!r}: {problem}")
+    return value
+
+
 @_check("str")
 def _str(where, value, setting, base):
     if not isinstance(value, str):
         raise _expect(where, "a string", value)
-    return value
+    return _checked(where, value, setting)
 
 
 @_check("int")
 def _int(where, value, setting, base):
     if not isinstance(value, int) or isinstance(value, bool):
         raise _expect(where, "an integer", value)
+    low, high = setting.minimum, setting.maximum
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _expect(where, _range(setting), value)
     return value
+
+
+def _range(setting: Setting) -> str:
+    if setting.maximum is None:
+        return f"an integer >= {setting.minimum}"
+    return f"an integer from {setting.minimum} to {setting.maximum}"
 
 
 @_check("bool")
@@ -215,7 +328,7 @@ def _choice(where, value, setting, base):
 def _list_str(where, value, setting, base):
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise _expect(where, "a list of strings", value)
-    return list(value)
+    return [_checked(f"{where}[{i}]", v, setting) for i, v in enumerate(value)]
 
 
 @_check("table[path]")
@@ -224,8 +337,9 @@ def _table_path(where, value, setting, base):
         raise _expect(where, "a table of target path = source path", value)
     out = {}
     for target, source in sorted(value.items()):
-        if not target.startswith("/"):
-            raise _expect(f"{where}.\"{target}\"", "an absolute target path inside the initramfs", target)
+        if not target.startswith("/") or "\0" in target or ".." in target.split("/"):
+            raise _expect(f"{where}.\"{target}\"", "an absolute target path inside the initramfs (no '..')",
+                          target)
         out[target] = _path(f"{where}.\"{target}\"", source, setting, base)
     return out
 
@@ -283,13 +397,33 @@ def load(path: Path | str) -> Config:
     return parse(text, path)
 
 
+def _toml(value: Any) -> str:
+    """A default as TOML a user can paste after `key = `."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _limits(s: Setting) -> str:
+    if s.minimum is None:
+        return ""
+    return f" At least {s.minimum}." if s.maximum is None else f" {s.minimum} to {s.maximum}."
+
+
 def reference() -> str:
     """The settings table in Markdown, generated from SETTINGS for the README."""
     rows = ["| setting | default | meaning |", "|---|---|---|"]
     for s in SETTINGS:
-        default = s.default
-        if s.kind == "layout":
-            default = "boot 128, a 384, b 384, data rest"
+        default = _toml(s.default)
+        shown = f"`{default}`" if s.default is not None else default
         choices = f" One of: {', '.join(s.choices)}." if s.choices else ""
-        rows.append(f"| `{s.name}` | `{default!r}` | {s.help}{choices} |")
+        rows.append(f"| `{s.name}` | {shown} | {s.help}{_limits(s)}{choices} |")
     return "\n".join(rows)

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .config import Config
 from .errors import RackbootError
 from . import publish
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.formats import Layout, Plan
+from rackboot.initramfs.updater.formats import Layout, Plan, node_id
 
 from .build import BOOT_START_MIB
+
+
+DEFAULT = "default"  # the plan of every node without one of its own
+_MAC_FORMS = (
+    re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}"),  # 52:54:00:12:34:56, 52-54-00-12-34-56
+    re.compile(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}"),  # Cisco: 5254.0012.3456
+    re.compile(r"[0-9a-f]{12}"),  # 525400123456
+)
+
+
+def node_name(node: str) -> str:
+    """'default', or a MAC in any usual spelling as the one name the worker asks for
+    (updater formats.node_id: 52-54-00-12-34-56); a plan under any other name is never read."""
+    if node == DEFAULT:
+        return node
+    mac = node.strip().lower()
+    if not any(form.fullmatch(mac) for form in _MAC_FORMS):
+        raise RackbootError(f"node {node[:40]!r} is not a MAC address (52:54:00:12:34:56, 52-54-00-12-34-56, "
+                            f"5254.0012.3456 or 525400123456) or '{DEFAULT}'")
+    digits = re.sub(r"[^0-9a-f]", "", mac)
+    return node_id(":".join(digits[i:i + 2] for i in range(0, 12, 2)))
 
 
 def layout(cfg: Config) -> Layout:
@@ -24,14 +46,13 @@ def layout(cfg: Config) -> Layout:
 
 
 def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False) -> Plan:
-    if cfg.get("layout", "tries") < 1:
-        raise RackbootError(f"{cfg.path}: [layout] tries: a new slot needs at least 1 boot, got {cfg.get('layout', 'tries')}")
     return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.get("layout", "mount"), pin=pin,
                 tries=cfg.get("layout", "tries"))
 
 
 def assign(cfg: Config, *, node: str, image: str, version: int | None = None) -> Path:
-    """Point ``node`` (or 'default') at a published image: latest unless a version is pinned."""
+    """Point ``node`` (a MAC, or 'default') at a published image: latest unless a version is pinned."""
+    node = node_name(node)
     master = cfg.get("master", "directory")
     if version is None:
         latest = publish.latest(master, image)

@@ -1,5 +1,7 @@
 """rackboot.toml parsing: defaults, validation, one-line errors with suggestions."""
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,84 @@ def test_reference_lists_every_setting():
 def test_readme_carries_the_current_reference():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert config.reference() in readme, "README settings table is stale: paste `rackboot config --reference`"
+
+
+def layout(*parts):
+    return "[layout]\npartitions = [" + ", ".join(parts) + "]\n"
+
+
+SLOTS = "{name='a', size_mib=8}, {name='b', size_mib=8}"
+
+
+@pytest.mark.parametrize("text, expected", [
+    # what lands in boot scripts, the kernel command line and /init's init.conf
+    ("[master]\nport = 99999\n", r"\[master\] port: expected an integer from 1 to 65535, got 99999"),
+    ("[master]\nport = 0\n", r"\[master\] port: expected an integer from 1 to 65535, got 0"),
+    ("[master]\naddress = 'http://10.0.0.1'\n", r"\[master\] address: 'http://10.0.0.1': not an IPv4 address or a hostname"),
+    ("[master]\naddress = 'master .lan'\n", r"\[master\] address: 'master .lan': not an IPv4 address or a hostname"),
+    ("[master]\naddress = '10.0.0.1:80'\n", r"\[master\] address: .*not an IPv4 address or a hostname"),
+    ("[master]\naddress = '10.0.0.256'\n", r"\[master\] address: '10.0.0.256': not an IPv4 address"),
+    ("[master]\naddress = '$(reboot)'\n", r"\[master\] address: .*not an IPv4 address or a hostname"),
+    ("[kernel]\ncmdline = 'quiet\" ; reset ; echo \"'\n", r"\[kernel\] cmdline: .*contains '\"', ';'"),
+    ("[kernel]\ncmdline = 'root=${x}'\n", r"\[kernel\] cmdline: .*contains '\$'"),
+    ("[kernel]\ncmdline = \"a\\nb\"\n", r"\[kernel\] cmdline: .*contains '\\n'"),
+    ("[kernel]\ncmdline = 'a\\b'\n", r"\[kernel\] cmdline: .*contains " + re.escape(repr("\\"))),
+    ("[kernel]\ncmdline = '" + "x" * 513 + "'\n", r"\[kernel\] cmdline: .*513 characters is longer than the 512"),
+    ("[layout]\ntries = -1\n", r"\[layout\] tries: expected an integer >= 1, got -1"),
+    ("[layout]\ntries = 0\n", r"\[layout\] tries: expected an integer >= 1, got 0"),
+    ("[initramfs]\nwatchdog = -5\n", r"\[initramfs\] watchdog: expected an integer >= 0, got -5"),
+    ("[kernel]\npackage = 'linux image'\n", r"\[kernel\] package: 'linux image': not a Debian package name"),
+    ("[initramfs]\npackages = ['busybox-static', 'Bad;Name']\n",
+     r"\[initramfs\] packages\[1\]: 'Bad;Name': not a Debian package name"),
+    ("[initramfs]\nmodules = ['../../etc/x']\n", r"\[initramfs\] modules\[0\]: '../../etc/x': not a kernel module name"),
+    ("[kernel]\nroot_modules = ['ext4', 'a/b']\n", r"\[kernel\] root_modules\[1\]: 'a/b': not a kernel module name"),
+    # partitions past what MBR holds, names the plan would refuse, boot types the firmware cannot read
+    (layout("{name='boot', size_mib=128}", "{name='a', size_mib=1048576}", "{name='b', size_mib=1048576}"),
+     r"the partitions end at 2097284 MiB, past the 2097152 MiB \(2 TiB\) an MBR can address"),
+    (layout("{name='boot', size_mib=64, type='0c'}", "{name='a', size_mib=1048000}", "{name='b', size_mib=1049084}",
+            "{name='data', size_mib='rest'}"), r"end at 2097153 MiB, past the 2097152 MiB"),
+    (layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='Data Store', size_mib=8}"),
+     r"partitions\[3\].name: expected a partition name"),
+    (layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='a', size_mib=8}"),
+     r"partitions\[3\].name: 'a' appears twice"),
+    (layout("{name='boot', size_mib=8, type='05'}", SLOTS),
+     r"partitions\[0\].type: the boot partition holds the card's FAT32 filesystem.*got \"05\""),
+    (layout("{name='boot', size_mib=8, type='83'}", SLOTS), r"partitions\[0\].type: .*0b, 0c, 0e\), got \"83\""),
+    (layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='data', size_mib=8, type='00'}"),
+     r"partitions\[3\].type: 00 marks an unused MBR entry"),
+    # paths that would leave the sysroot or the staging directory
+    ("[initramfs]\nbinaries = ['/bin/../../etc/passwd']\n",
+     r"\[initramfs\] binaries\[0\]: '/bin/../../etc/passwd': must stay inside the sysroot"),
+    ("[initramfs]\nbinaries = ['../sbin/x']\n", r"binaries\[0\]: '../sbin/x': must stay inside the sysroot"),
+    ("[initramfs]\nbinaries = ['sbin/x']\n", r"binaries\[0\]: 'sbin/x': must be an absolute path or a bare name"),
+    ("[initramfs.files]\n'/../../tmp/x' = 'x'\n", r"\[initramfs\] files.\"/../../tmp/x\": expected an absolute target"),
+])
+def test_values_for_scripts_cmdlines_paths_and_mbr_are_checked_at_load(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected) as info:
+        parse(text, tmp_path)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("address", ["10.0.2.2", "master", "master.rack.lan", "master-1.example.", "192.168.0.1"])
+def test_addresses_workers_can_reach_are_accepted(tmp_path, address):
+    assert parse(f"[master]\naddress = '{address}'\n", tmp_path).get("master", "address") == address
+
+
+def test_ordinary_values_still_load(tmp_path):
+    cfg = parse("[kernel]\ncmdline = 'quiet loglevel=3 ip=dhcp root=PARTUUID=7261636b-02 x=a,b:c/d'\n"
+                "[initramfs]\nbinaries = ['busybox', '/usr/sbin/mke2fs']\npackages = ['./tree', 'g++-12']\n"
+                "[master]\nport = 65535\n" + layout("{name='boot', size_mib=8, type='0e'}", SLOTS,
+                                                      "{name='data_1', size_mib='rest'}"), tmp_path)
+    assert cfg.get("master", "port") == 65535 and cfg.get("layout", "partitions")[0]["type"] == "0e"
+
+
+def test_reference_defaults_are_toml_a_user_can_paste(tmp_path):
+    """Every default the reference shows parses back to the same value (the layout was once
+    shown as a string the parser refuses)."""
+    defaults = parse("", tmp_path)
+    rows = re.findall(r"^\| `\[(\w+)\] (\w+)` \| `(.*?)` \|", config.reference(), re.M)
+    assert len(rows) == sum(s.default is not None for s in config.SETTINGS)
+    for section, key, shown in rows:
+        text = f"[{section}]\n{key} = {shown}\n"
+        tomllib.loads(text)
+        assert parse(text, tmp_path).get(section, key) == defaults.get(section, key), (section, key)
