@@ -55,9 +55,31 @@ network_up() {
     log "network up: $iface $ip/$mask via ${router:-none}"
 }
 
-rescue_wait() {  # the network stays up; a shell on the console until the next try
-    log "rescue: $1; retrying in $2 s (a shell is open on the console; 'exit' retries now)"
-    timeout "$2" sh 2>/dev/null || true
+# Nobody need be at the console: the wait between tries ends by itself, and a shell is
+# opened only for a person who asks for it with Enter. That shell ends by itself too:
+# someone who walks away from it must not keep the worker from retrying.
+RESCUE_SHELL_SECONDS=900
+
+rescue_wait() {  # the network stays up; retry after $2 s, or when a shell opened meanwhile exits
+    log "rescue: $1; retrying in $2 s (press Enter for a shell)"
+    if [ -t 0 ]; then
+        read -r -t "$2" _ && rescue_shell  # no line within $2 s (or end of input): retry
+    else
+        sleep "$2"  # no console to read: read would return at once
+    fi
+}
+
+rescue_shell() {
+    log "rescue shell: 'exit' retries now; it is closed after $RESCUE_SHELL_SECONDS s"
+    # An interactive shell ignores SIGTERM, so a plain `timeout sh` waits for someone to
+    # type exit. This one gets SIGKILL, which it cannot ignore; in a session of its own
+    # (setsid: no controlling tty, no job control), everything it started goes with it.
+    # busybox timeout execs its command, so $! is the shell and its process group.
+    timeout -s KILL "$RESCUE_SHELL_SECONDS" setsid sh -i </dev/console >/dev/console 2>&1 &
+    shell=$!
+    wait "$shell"
+    kill -KILL -"$shell" 2>/dev/null
+    return 0
 }
 
 run_updater() {

@@ -7,6 +7,7 @@ log, a QMP socket for power control, user-mode networking (DHCP + TFTP) and raw 
         worker.wait_exit(timeout=30)
 
 A disk can fail chosen requests (QEMU's blkdebug): faults=[DiskFault("write", sector=N)].
+A worker with nic=False has no network interface at all (QEMU's -nic none).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class QemuWorker:
     def __init__(self, machine: MachineProfile, *, log_path: Path, tftp_dir: Path | None = None,
                  bootfile: str | None = None, disks: list[Path] = (), no_reboot: bool = True,
                  extra_netdev: str = "", extra_args: list[str] = (), faults: list[DiskFault] = (),
-                 watchdog_action: str = "reset"):
+                 watchdog_action: str = "reset", nic: bool = True):
+        if not nic and (tftp_dir is not None or extra_netdev):
+            raise RackbootError("a worker without a network interface has no TFTP and no netdev options")
         self.machine = machine
         self.log_path = Path(log_path)
         self.tftp_dir = tftp_dir
@@ -76,6 +79,7 @@ class QemuWorker:
         self.no_reboot = no_reboot
         self.watchdog_action = watchdog_action  # what the board's watchdog does when it fires
         self.extra_netdev = extra_netdev
+        self.nic = nic
         self.extra_args = list(extra_args)
         self._lines: list[str] = []
         self._tail: deque[str] = deque(maxlen=15)
@@ -89,16 +93,10 @@ class QemuWorker:
 
     def command(self) -> list[str]:
         m = self.machine
-        netdev = "user,id=net0"
-        if self.tftp_dir is not None:
-            netdev += f",tftp={Path(self.tftp_dir).resolve()}"
-            if self.bootfile:
-                netdev += f",bootfile={self.bootfile}"
-        netdev += self.extra_netdev
         cmd = [m.qemu, "-M", m.machine, "-cpu", m.cpu, "-m", str(m.memory_mib), "-smp", "1",
                "-bios", m.firmware, "-display", "none", "-monitor", "none", "-serial", "stdio",
-               "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-               "-netdev", netdev, "-device", f"{m.net_device},netdev=net0,romfile="]
+               "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        cmd += self._network()
         for i, disk in enumerate(self.disks):
             cmd += ["-drive", self._drive(i, disk), "-device", f"{m.block_device},drive=disk{i}"]
         if m.watchdog:  # with -no-reboot, a watchdog reset ends QEMU like any other reset
@@ -106,6 +104,17 @@ class QemuWorker:
         if self.no_reboot:
             cmd.append("-no-reboot")
         return cmd + self.extra_args
+
+    def _network(self) -> list[str]:
+        if not self.nic:
+            return ["-nic", "none"]  # not even QEMU's default NIC: a board whose interface is missing
+        netdev = "user,id=net0"
+        if self.tftp_dir is not None:
+            netdev += f",tftp={Path(self.tftp_dir).resolve()}"
+            if self.bootfile:
+                netdev += f",bootfile={self.bootfile}"
+        netdev += self.extra_netdev
+        return ["-netdev", netdev, "-device", f"{self.machine.net_device},netdev=net0,romfile="]
 
     def _drive(self, i: int, disk: Path) -> str:
         faults = [f for f in self.faults if f.disk == i]

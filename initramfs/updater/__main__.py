@@ -14,7 +14,7 @@ from typing import Optional
 from .errors import UpdaterError
 from .formats import MOUNTS
 from .signature import PUBLIC_KEY, from_environment
-from .main import DEFAULT_MOUNT, Decision, console_log, discover_identity, run
+from .main import DEFAULT_MOUNT, Decision, NoIdentity, console_log, discover_identity, run
 from .watchdog import DEVICE, NoWatchdog, Watchdog
 
 
@@ -51,7 +51,11 @@ def write_decision(path: str, decision: Decision) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        identity = discover_identity(args.mac, args.serial)
+        try:
+            identity = discover_identity(args.mac, args.serial)
+        except NoIdentity as e:  # identity is for the master; the card's good slot boots without it
+            console_log(f"{e}; the master cannot be asked: offline boot")
+            identity = None
         watchdog = (Watchdog(args.watchdog, stall=args.watchdog_stall, log=console_log)
                     if args.watchdog_stall > 0 else NoWatchdog())
         with watchdog:

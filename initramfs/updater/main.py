@@ -1,9 +1,10 @@
 """The update flow: plan -> layout -> (install -> verify -> commit) -> which slot to boot.
 
 `run` always ends in a Decision for /init (mount this partition, switch_root into it)
-or, when no slot on the card is good, an UpdaterError (/init opens a rescue shell and
-retries). Any failure after the plan arrived falls back to the last good slot
-("fallback"); a failure to get the plan at all boots it as "offline". Each phase is
+or, when no slot on the card is good, an UpdaterError (/init waits, offering a rescue
+shell, and retries). Any failure after the plan arrived falls back to the last good slot
+("fallback"); a failure to get the plan at all boots it as "offline", and so does a
+board with no identity (no network interface: no master to ask). Each phase is
 reported to the master, best effort.
 """
 
@@ -31,6 +32,11 @@ SLOTS = ("a", "b")
 DEFAULT_MOUNT = "ro+overlay:tmpfs"
 WRITE_ATTEMPTS = 2  # a slot whose read-back differs is written once more, then left bad
 DEFAULT_NUMBERS = {"a": 2, "b": 3, "data": 4}  # the standard layout, for state written without numbers
+
+
+class NoIdentity(UpdaterError):
+    """The board has no network interface to be known by: it cannot ask the master,
+    but the card's good slot still boots."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ def discover_identity(mac: Optional[str] = None, serial: Optional[str] = None, *
                 mac = value
                 break
         else:
-            raise UpdaterError("identity: no network interface with a MAC address in /sys/class/net")
+            raise NoIdentity("identity: no network interface with a MAC address in /sys/class/net")
     if serial is None:
         serial = _board_serial(root)
     node_id(mac)  # validates
@@ -118,15 +124,16 @@ def _read_text(path: str) -> Optional[str]:
 
 # --- the flow -----------------------------------------------------------------------
 
-def run(disk_path: str, master_url: str, identity: Optional[Identity] = None, *,
+def run(disk_path: str, master_url: str, identity: Optional[Identity], *,
         now: Callable[[], float] = time.monotonic, layout_check: bool = True,
         master: Optional[Master] = None, log: Callable[[str], None] = None,
         offline_mount: str = DEFAULT_MOUNT, verifier: Optional[Verifier] = None,
         open_disk: Callable[[str], Disk] = Disk, watchdog: Optional[Watchdog] = None) -> Decision:
     """Bring the card in line with this node's plan; the Decision says what /init boots.
+    ``identity`` None: the board has none (discover_identity raised NoIdentity), so the
+    master is neither asked nor told, and the card's good slot boots offline.
     ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config);
     ``watchdog`` (started by the caller) hears of every step forward."""
-    identity = identity or discover_identity()
     with open_disk(disk_path) as disk:
         update = _Update(disk, disk_path, master or Master(master_url), identity, now, log or console_log)
         update.offline_mount = offline_mount
@@ -140,13 +147,13 @@ def console_log(message: str) -> None:
 
 
 class _Update:
-    def __init__(self, disk: Disk, disk_path: str, master: Master, identity: Identity,
+    def __init__(self, disk: Disk, disk_path: str, master: Master, identity: Optional[Identity],
                  now: Callable[[], float], log: Callable[[str], None]):
         self.disk = disk
         self.disk_path = disk_path
         self.master = master
         self.identity = identity
-        self.node = identity.node
+        self.node = identity.node if identity else None
         self.now = now
         self.log = log
         self.t0 = now()
@@ -164,6 +171,8 @@ class _Update:
         except UpdaterError as e:  # the state cannot be written: boot as it stands, confirm next time
             self.log(f"confirm failed: {e}")
             self.report("error", error=f"confirm: {e}")
+        if self.identity is None:  # no plan to ask for: what the card holds boots
+            return self.fall_back("offline", NoIdentity("identity: no network interface with a MAC address"))
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
@@ -443,6 +452,8 @@ class _Update:
     def report(self, phase: str, *, seconds: Optional[float] = None, error: Optional[str] = None,
                slot: Optional[str] = None, version: Optional[int] = None,
                output: Optional[str] = None) -> None:
+        if self.identity is None:  # no network interface: no master to tell, nor a node name
+            return
         elapsed = self.now() - self.t0 if seconds is None else seconds
         self.watchdog.progress()
         reports.send(self.master, reports.make(self.node, phase, bytes=self.master.stream_bytes,

@@ -1,14 +1,21 @@
-"""main: identity discovery and the decision file /init sources."""
+"""main: identity discovery, the offline boot of a board without one, and the decision
+file /init sources."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
 
-from rackboot.initramfs.updater.disk import partition_device
+from rackboot.initramfs.updater import state
+from rackboot.initramfs.updater.disk import Disk, partition_device
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.main import Decision, discover_identity
+from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.formats import Slot, SlotState
+from rackboot.initramfs.updater.main import Decision, NoIdentity, discover_identity, run
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
 
 
 def fake_root(tmp_path, nets: dict, dt_serial=None, cpuinfo=None):
@@ -38,8 +45,64 @@ def test_cpuinfo_serial_and_given_mac(tmp_path):
 
 
 def test_no_interface_no_identity(tmp_path):
-    with pytest.raises(UpdaterError, match="identity: no network interface"):
+    with pytest.raises(NoIdentity, match="identity: no network interface"):
         discover_identity(root=fake_root(tmp_path, {"lo": "00:00:00:00:00:00"}))
+
+
+def card_with(tmp_path, slots: SlotState, confirm: bytes = b"") -> str:
+    """A card file holding only slot state (and a confirmation sector, if given)."""
+    card = str(tmp_path / "card.img")
+    with open(card, "wb") as f:
+        f.truncate(8 << 20)
+    with Disk(card) as disk:
+        state.write(disk, slots)
+        disk.write(state.CONFIRM, confirm.ljust(512, b"\0"))
+    return card
+
+
+@pytest.fixture
+def silent_master():
+    """A listening socket that never answers: any request the updater makes is seen."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        yield sock
+
+
+def contacted(sock: socket.socket) -> bool:
+    try:
+        sock.accept()[0].close()
+        return True
+    except BlockingIOError:
+        return False
+
+
+def test_a_board_without_identity_boots_its_good_slot_offline_and_asks_nobody(tmp_path, silent_master):
+    # slot b confirmed itself on its last boot: that is taken without a master as well
+    card = card_with(tmp_path, SlotState(slots={"a": Slot("good", "lab", 1, SHA_A, 2),
+                                                "b": Slot("trial", "lab", 2, SHA_B, 3, tries=2)},
+                                         primary="b", last_good="a"),
+                     confirm=f"rackboot-good b {SHA_B}\n".encode())
+    url = "http://127.0.0.1:%d" % silent_master.getsockname()[1]
+    lines = []
+    decision = run(card, url, None, log=lines.append,
+                   master=Master(url, connect_timeout=0.5, read_timeout=0.5, retries=0, report_timeout=0.5))
+    assert (decision.slot, decision.action, decision.device, decision.version) == ("b", "offline", f"{card}3", 2)
+    assert decision.error == "identity: no network interface with a MAC address"
+    assert "plan failed: identity: no network interface with a MAC address" in lines
+    assert not contacted(silent_master)  # no plan asked for, no report sent
+    with Disk(card, writable=False) as disk:
+        after = state.read(disk)
+    assert (after.slots["b"].state, after.last_good) == ("good", "b")
+
+
+def test_a_board_without_identity_or_good_slot_is_left_to_the_rescue_loop(tmp_path, silent_master):
+    card = card_with(tmp_path, SlotState())
+    url = "http://127.0.0.1:%d" % silent_master.getsockname()[1]
+    with pytest.raises(UpdaterError, match=r"^no good slot to boot \(plan: identity: no network interface"):
+        run(card, url, None, log=lambda m: None, master=Master(url, connect_timeout=0.5, retries=0))
+    assert not contacted(silent_master)
 
 
 def test_partition_device_names():
