@@ -10,17 +10,20 @@ sorted name order; it copies each inode's times from the source (ctime cannot be
 by anyone), so a debugfs pass then stamps every inode with source_date_epoch.
 
 Atomicity: everything is built in a hidden work directory beside the versions and
-renamed into place; latest.json is replaced, never rewritten.
+renamed into place; latest.json is replaced, never rewritten. A publication holds an
+exclusive lock on the image's directory, under which it sweeps the work directories and
+temporaries that a killed publication left.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import math
 import os
+import re
 import shutil
-import stat
 import subprocess
 import tempfile
 import uuid
@@ -213,12 +216,11 @@ def _stamp_times(root: Path, fs: Path, epoch: int, env: dict) -> None:
 
 
 def _tree_paths(root: Path) -> Iterator[str]:
+    """Every inode below ``root``: mke2fs -d makes sockets, fifos and devices too."""
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         for name in sorted(dirnames + filenames):
-            path = name if rel == "." else f"{rel}/{name}"
-            if not stat.S_ISSOCK(os.lstat(os.path.join(root, path)).st_mode):  # mke2fs skips sockets
-                yield path
+            yield name if rel == "." else f"{rel}/{name}"
 
 
 def _fake_time_env(epoch: int) -> dict:
@@ -368,26 +370,42 @@ class _Publication:
             raise RackbootError(f"image name {image!r} is not valid ([a-z0-9][a-z0-9._-]*)")
         self.master, self.image = master, image
         self.dir = master / "images" / image
-        current = latest(master, image)
+        self.asked, self.force = version, force
+        self._choose_version()  # refuse a bad version before creating anything
+        self.lock: Optional[int] = None
+
+    def _choose_version(self) -> None:
+        current = latest(self.master, self.image)
         newest = max([current.version if current else 0, *_published_versions(self.dir)])
-        if version is None:
-            version = newest + 1
+        version = newest + 1 if self.asked is None else self.asked
         if version < 1:
-            raise RackbootError(f"image {image}: version must be >= 1, got {version}")
+            raise RackbootError(f"image {self.image}: version must be >= 1, got {version}")
         if (self.dir / str(version)).exists():
-            raise RackbootError(f"image {image} version {version} is already published in {self.dir}")
-        if version < newest and not force:
-            raise RackbootError(f"image {image}: version {version} is lower than the latest ({newest}); "
+            raise RackbootError(f"image {self.image} version {version} is already published in {self.dir}")
+        if version < newest and not self.force:
+            raise RackbootError(f"image {self.image}: version {version} is lower than the latest ({newest}); "
                                 "pass force=True to publish it anyway")
         self.version, self.newest = version, newest
 
     def __enter__(self) -> "_Publication":
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.work = Path(tempfile.mkdtemp(prefix=f".publish-{self.version}-", dir=self.dir))
+        # flock on the directory itself: no lock file among what the master serves
+        self.lock = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+            sweep(self.dir)
+            self._choose_version()  # again: another publication may have taken it meanwhile
+            self.work = Path(tempfile.mkdtemp(prefix=f".publish-{self.version}-", dir=self.dir))
+        except BaseException:
+            os.close(self.lock)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+        try:
+            shutil.rmtree(self.work, ignore_errors=True)
+        finally:
+            os.close(self.lock)  # closing drops the flock
 
     def finish(self, data: BinaryIO, size: int, *, label: str, created: int,
                kernel_release: Optional[str]) -> Manifest:
@@ -415,6 +433,20 @@ class _Publication:
             _write_atomic(self.dir / "latest.json",
                           formats.dump(Latest(image=self.image, version=self.version, manifest=path)))
         return manifest
+
+
+_LEFTOVER_RE = re.compile(r"\.publish-\d+-.+|\.latest\.json\.\d+\.tmp")  # what a publication writes
+
+
+def sweep(image_dir: Path) -> None:
+    """Remove what a killed publication left in ``image_dir``: its work directory (as big as
+    the image) and a half-written latest.json. Only under the image's lock."""
+    for p in image_dir.iterdir():
+        if _LEFTOVER_RE.fullmatch(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def read_hooks(hooks: Mapping[str, PathLike], timeout: int, *, signed: bool) -> list[tuple[Hook, bytes]]:

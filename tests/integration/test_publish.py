@@ -317,3 +317,51 @@ def test_a_systemd_root_gets_the_mark_good_unit_enabled(tmp_path):
     publish_tree(make_tree(tmp_path / "plain"), tmp_path / "m2")
     plain = unpacked(tmp_path / "m2", 1, tmp_path / "m2")
     assert "rackboot-mark-good" in debugfs(plain, "ls /usr/sbin") and "systemd" not in debugfs(plain, "ls /usr/lib")
+
+
+def test_sockets_fifos_and_devices_are_stamped_with_the_epoch_too(tmp_path):
+    import socket
+    root = make_tree(tmp_path / "root")
+    (root / "run").mkdir()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "run/control"))
+    os.mkfifo(root / "run/queue")
+    os.mknod(root / "run/null", 0o666 | 0o020000, os.makedev(1, 3))
+    master = tmp_path / "master"
+    publish_tree(root, master)
+    fs = unpacked(master, 1, tmp_path)
+    for name, kind in (("control", "socket"), ("queue", "FIFO"), ("null", "character special")):
+        stat = debugfs(fs, f"stat /run/{name}")
+        assert f"Type: {kind}" in stat, stat
+        for field in ("ctime", "atime", "mtime", "crtime"):
+            assert f"{field}: {EPOCH:#x}" in stat, (name, field, stat)
+
+
+def test_a_killed_publications_leftovers_are_swept_by_the_next(tmp_path):
+    master, tree = tmp_path / "master", make_tree(tmp_path / "root")
+    image_dir = master / "images/example"
+    (image_dir / ".publish-1-k1ll3d/out").mkdir(parents=True)
+    (image_dir / ".publish-1-k1ll3d/rootfs.ext4").write_bytes(b"\0" * 4096)
+    (image_dir / ".latest.json.99999.tmp").write_bytes(b"{")
+    (image_dir / ".notes").write_text("not a publication's")
+    assert publish_tree(tree, master).version == 1
+    assert sorted(p.name for p in image_dir.iterdir()) == [".notes", "1", "latest.json"]
+
+
+def test_concurrent_publications_of_one_image_take_turns(tmp_path):
+    import threading
+    master, tree = tmp_path / "master", make_tree(tmp_path / "root")
+    versions, errors = [], []
+
+    def one():
+        try:
+            versions.append(publish_tree(tree, master).version)
+        except RackbootError as e:
+            errors.append(str(e))
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sorted(versions) == [1, 2]
+    assert formats.parse_latest((master / "images/example/latest.json").read_bytes()).version == 2
