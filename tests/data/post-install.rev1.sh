@@ -1,0 +1,3 @@
+#!/bin/sh
+# golden post-install hook: checks nothing, says so
+echo post-install ok
