@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import RackbootError
+from .signals import clean_up_on_termination
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -196,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    clean_up_on_termination()  # SIGTERM and SIGHUP unwind like Ctrl-C, so temporaries are removed
     try:
         return args.func(args)
     except RackbootError as exc:
