@@ -35,7 +35,7 @@ HOOK_TIMEOUT = 120  # seconds a hook gets unless its publisher says otherwise
 MAX_REPORT_OUTPUT = 4000  # characters of a hook's output a report carries (its tail)
 SLOTS = ("a", "b")
 REST = "rest"
-MIN_START_MIB = 3  # slot-state copies live at 1 MiB and 2 MiB (64 KiB each)
+MIN_START_MIB = 4  # slot-state copies at 1 MiB and 2 MiB (64 KiB each), the confirmation sector at 3 MiB
 
 _IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")

@@ -397,3 +397,14 @@ def test_every_sample_is_covered():
                "post-install.rev1.sh", "reports.rev1.jsonl", "artefacts.rev1.json"}
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {"README.md", "make_golden.py"}
     assert present == covered
+
+
+@pytest.mark.parametrize("start_mib", [1, 2, 3])
+def test_a_plan_cannot_put_a_partition_over_the_slot_state_or_the_confirmation_sector(start_mib):
+    """Everything below 4 MiB is the updater's: slot-state copies at 1 and 2 MiB, the
+    confirmation sector at 3 MiB (which rackboot-mark-good writes and the updater zeroes)."""
+    doc = json.loads(sample("plan.format1.rev3.json"))
+    doc["layout"]["partitions"][0]["start_mib"] = start_mib
+    with pytest.raises(UpdaterError, match=rf"^plan: layout.partitions\[0\]: start_mib: must be >= 4, got {start_mib}$"):
+        formats.parse_plan(json.dumps(doc))
+    assert state.CONFIRM + 512 <= formats.MIN_START_MIB * MIB

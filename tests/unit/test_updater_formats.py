@@ -89,7 +89,7 @@ def test_missing_field_is_named():
     ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"},
       {"name": "b", "start_mib": 13, "size_mib": 8, "type": "83"}], "partitions\\[1\\]: start_mib: 13 leaves a gap"),
     ([{"name": "a", "start_mib": 1, "size_mib": 8, "type": "83"},
-      {"name": "b", "size_mib": 8, "type": "83"}], "partitions\\[0\\]: start_mib: must be >= 3"),
+      {"name": "b", "size_mib": 8, "type": "83"}], "partitions\\[0\\]: start_mib: must be >= 4"),
     ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"}], "must include the slots"),
     ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "00"},
       {"name": "b", "size_mib": 8, "type": "83"}], "type: 00 marks an unused entry"),
