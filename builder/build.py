@@ -262,7 +262,8 @@ def _public_key_hash(cfg: Config) -> str:
 def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> list[graph.Artefact]:
     board = inp.board
     boot = inp.cfg.get("layout", "partitions")[0]
-    inputs = {"board": [board.name, board.arch], "boot_size_mib": boot["size_mib"], "epoch": source_date_epoch(),
+    inputs = {"board": [board.name, board.arch], "boot_size_mib": boot["size_mib"], "boot_type": boot["type"],
+              "epoch": source_date_epoch(),
               "config_txt": templates.source_hash("rackboot.firmware", "config.txt.j2"),
               "recipe": graph.code_hash(sdcard), "master_key": _public_key_hash(inp.cfg)}
     if board.is_pi:
@@ -271,6 +272,7 @@ def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> l
 
     def build_card(tmp: Path) -> None:
         sdcard.build_sdcard(tmp, card_files(inp, out, on_card), boot_size_mib=boot["size_mib"],
+                            boot_type=int(boot["type"], 16),
                             boot_start_mib=BOOT_START_MIB, disk_signature=DISK_SIGNATURE,
                             volume_id=DISK_SIGNATURE, mtime=source_date_epoch())
 

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 from .errors import ConfigError
+from rackboot.firmware.sdcard import FAT_TYPES
 
 BOARDS = ("qemu-virt", "rpi3", "rpi4")
 ARCHES = ("arm64", "armhf")
@@ -57,9 +58,8 @@ def _default_layout() -> list[dict]:
 MBR_SECTORS = 1 << 32  # MBR's start and size are 32-bit sector numbers: 2 TiB
 MIB_SECTORS = 2048
 BOOT_START_MIB = 4  # where the card image and every plan put the boot partition
-# The boot partition holds the FAT32 filesystem the card image makes: the Pi firmware and
-# U-Boot read it only under a FAT type (never an extended or unused entry)
-BOOT_TYPES = ("0b", "0c", "0e")
+# The boot partition holds the FAT32 filesystem the card image makes (under this type)
+BOOT_TYPES = tuple(f"{t:02x}" for t in FAT_TYPES)
 MAX_CMDLINE = 512  # armhf kernels keep 1024 bytes of command line, the board's console and ours take the rest
 
 _PARTITION_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")  # the plan's (updater/formats.py)

@@ -1,5 +1,9 @@
 """The dd-able SD card image for new workers: an MBR and one FAT32 boot partition.
 
+The boot partition's MBR type is the config's (the plan carries the same one, and the
+updater refuses a boot partition that differs from the plan), so only the FAT types the
+firmware reads are taken.
+
 Built without root or loop devices: mkfs.fat on a plain file, mtools to copy the
 files in, then the FAT image spliced in after the MBR. Everything that could vary is
 pinned: the disk signature, the volume id (`--invariant`), and every file's timestamp,
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import mbr
+from rackboot.initramfs.updater.layout import FAT_TYPES  # the updater refuses a plan's boot of any other
 
 MIB = 1 << 20
 FAT_EPOCH = 315532800  # 1980-01-01: FAT cannot store anything earlier
@@ -97,12 +102,16 @@ def _copy_data(src: Path, dst, offset: int) -> None:
 
 
 def build_sdcard(out: Path, files: dict[str, Path | bytes], *, boot_size_mib: int, disk_signature: int,
-                 volume_id: int, boot_start_mib: int = 4, label: str = "RACKBOOT", mtime: int = 0) -> None:
+                 volume_id: int, boot_start_mib: int = 4, boot_type: int = FAT32_LBA, label: str = "RACKBOOT",
+                 mtime: int = 0) -> None:
     """Write the card image to ``out``: (boot_start + boot_size) MiB, sparse where unused."""
+    if boot_type not in FAT_TYPES:
+        raise RackbootError(f"boot partition type {boot_type:02x} is not a FAT type the firmware reads "
+                            f"({', '.join(f'{t:02x}' for t in FAT_TYPES)})")
     with tempfile.TemporaryDirectory(prefix="rackboot-sdcard-") as tmp:
         fat = Path(tmp) / "boot.vfat"
         fat_image(fat, files, size_mib=boot_size_mib, volume_id=volume_id, label=label, mtime=mtime)
-        table = mbr.Mbr(disk_signature, (mbr.Entry(1, FAT32_LBA, boot_start_mib * MIB // mbr.SECTOR,
+        table = mbr.Mbr(disk_signature, (mbr.Entry(1, boot_type, boot_start_mib * MIB // mbr.SECTOR,
                                                    boot_size_mib * MIB // mbr.SECTOR, bootable=True),))
         with open(out, "wb") as disk:
             disk.write(mbr.dump(table))

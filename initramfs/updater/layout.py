@@ -2,9 +2,9 @@
 
 Pure: `wanted_entries` and `decide` take numbers and tables, not devices. Rules:
 partition i of the plan is MBR entry i+1; a match is exact (start, sectors, type);
-"rest" runs to the card's size aligned down to 1 MiB. Repartitioning never moves or
-resizes the boot partition, and a partition whose start and type stay the same
-keeps its contents (the data partition survives; a slot that changes is emptied).
+"rest" runs to the card's size (or MBR's 2 TiB, whichever ends first) aligned down to
+1 MiB. Repartitioning never moves, resizes or retypes the boot partition, and a
+partition whose start and type stay the same keeps its contents (the data partition survives; a slot that changes is emptied).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from .formats import Layout
 
 MIB = 1 << 20
 SECTORS_PER_MIB = MIB // mbr.SECTOR
+MBR_BYTES = (1 << 32) * mbr.SECTOR  # the last byte a 32-bit LBA reaches
 BOOT = "boot"
+# FAT32 (CHS), FAT32 (LBA), FAT16 (LBA): the boot partition holds the card image's FAT32,
+# which the Pi firmware and U-Boot read only under these types
+FAT_TYPES = (0x0B, 0x0C, 0x0E)
+# Types whose entries mbr.parse refuses: a table holding one would be unreadable next boot
+UNREADABLE_TYPES = (0x05, 0x0F, 0x85, 0xEE)
 
 
 @dataclass(frozen=True)
@@ -32,16 +38,23 @@ class Decision:
 
 def wanted_entries(layout: Layout, disk_bytes: int) -> tuple[mbr.Entry, ...]:
     """The plan's partitions as MBR entries on a card of `disk_bytes`; too small -> error."""
-    card_mib = disk_bytes // MIB
+    card_mib = min(disk_bytes, MBR_BYTES) // MIB  # MBR cannot address past 2 TiB: "rest" stops there
     entries = []
     for i, p in enumerate(layout.partitions):
         size_mib = card_mib - p.start_mib if p.is_rest else p.size_mib
         if p.start_mib + max(size_mib, 1) > card_mib:
             fixed = sum(q.size_mib for q in layout.partitions if not q.is_rest)
             needed = layout.partitions[0].start_mib + fixed + (1 if layout.partitions[-1].is_rest else 0)
+            reach = " that MBR can address" if disk_bytes > MBR_BYTES else ""
             raise UpdaterError(f"layout: card too small: the plan needs {needed} MiB, "
-                               f"the card has {card_mib} MiB")
+                               f"the card has {card_mib} MiB{reach}")
         ptype = int(p.type, 16)
+        if ptype in UNREADABLE_TYPES:
+            raise UpdaterError(f"layout: partition {p.name}: type {p.type} is an extended or GPT entry, "
+                               f"which this card's MBR cannot hold")
+        if p.name == BOOT and ptype not in FAT_TYPES:
+            raise UpdaterError(f"layout: the boot partition's type {p.type} is not a FAT type the firmware "
+                               f"reads ({', '.join(f'{t:02x}' for t in FAT_TYPES)})")
         entries.append(mbr.Entry(i + 1, ptype, p.start_mib * SECTORS_PER_MIB,
                                  size_mib * SECTORS_PER_MIB, bootable=(p.name == BOOT)))
     return tuple(entries)
@@ -64,13 +77,19 @@ def decide(layout: Layout, current: mbr.Mbr | None, disk_bytes: int, *, node: st
         boot = wanted[names.index(BOOT)]
         old = current.entry(boot.number)
         if old is not None and (old.start, old.sectors, old.type) != (boot.start, boot.sectors, boot.type):
-            raise UpdaterError(f"layout: the plan would move or resize the boot partition "
-                               f"(card: start {old.start} size {old.sectors}, plan: start "
-                               f"{boot.start} size {boot.sectors} sectors); refusing")
+            raise UpdaterError(f"layout: the plan would change the boot partition's {_boot_diff(old, boot)}; "
+                               f"refusing")
     kept = tuple(names[w.number - 1] for w in wanted if _kept(current, w))
     signature = current.signature if current is not None and current.signature else _signature(node)
     boot_code = current.boot_code if current is not None else bytes(440)
     return Decision("repartition", mbr.Mbr(signature, wanted, boot_code), changed, kept)
+
+
+def _boot_diff(old: mbr.Entry, new: mbr.Entry) -> str:
+    """What differs, card -> plan: 'type (card 0c, plan 0e)', 'start (card 8192, plan 16384 sectors)'."""
+    fields = (("start", old.start, new.start, " sectors"), ("size", old.sectors, new.sectors, " sectors"),
+              ("type", f"{old.type:02x}", f"{new.type:02x}", ""))
+    return " and ".join(f"{name} (card {a}, plan {b}{unit})" for name, a, b, unit in fields if a != b)
 
 
 def _same(current: mbr.Mbr | None, w: mbr.Entry) -> bool:

@@ -155,8 +155,8 @@ def _files(out: Path) -> dict[str, str]:
             for p in sorted(out.rglob("*")) if p.is_file() and ".rackboot" not in p.relative_to(out).parts}
 
 
-def _boot_of(size_mib: int) -> dict:
-    return {"partitions": [{"name": "boot", "size_mib": size_mib, "type": "0c"},
+def _boot_of(size_mib: int, boot_type: str = "0c") -> dict:
+    return {"partitions": [{"name": "boot", "size_mib": size_mib, "type": boot_type},
                            {"name": "a", "size_mib": 256, "type": "83"},
                            {"name": "b", "size_mib": 256, "type": "83"},
                            {"name": "data", "size_mib": "rest", "type": "83"}]}
@@ -188,3 +188,15 @@ def test_switching_compression_leaves_only_the_new_initramfs(tmp_path):
     assert not (out / ".Image.tmp-99999").exists()
     doc = json.loads((out / "artefacts.json").read_text())
     assert set(_files(out)) == {e["path"] for e in doc["artefacts"]} | {"artefacts.json"}
+
+
+def test_the_card_carries_the_boot_type_the_plan_carries(tmp_path):
+    """[layout] boot type 0e went into the plan while the card said 0c: the updater refused the
+    card's own boot partition and a new worker went to rescue."""
+    from rackboot import plans
+    from rackboot.initramfs.updater import layout, mbr
+    cfg = config.load(write_config(tmp_path, layout=_boot_of(64, "0e")))
+    out = build.build(cfg, log=quiet)
+    card = (out / "sdcard.img").read_bytes()
+    decision = layout.decide(plans.layout(cfg), mbr.parse(card[:mbr.SECTOR]), 1 << 30)
+    assert decision.action == "repartition" and "boot" not in decision.changed and "boot" in decision.kept

@@ -85,6 +85,23 @@ def test_partition_start_and_size_follow_the_arguments(tmp_path):
     assert data[MIB + 510:MIB + 512] == b"\x55\xaa" and data[MIB + 0x52:MIB + 0x5a] == b"FAT32   "
 
 
+@pytest.mark.parametrize("boot_type", [0x0B, 0x0E])
+def test_boot_partition_type_is_the_one_passed(tmp_path, boot_type):
+    """The plan carries the config's boot type; a card that always said 0c was refused by the
+    updater as a boot partition the plan would change."""
+    data = make_card(tmp_path / "c.img", boot_type=boot_type).read_bytes()
+    (entry,) = mbr.parse(data[:512]).entries
+    assert entry.type == boot_type
+
+
+@pytest.mark.parametrize("boot_type", [0x05, 0x0F, 0x85, 0x83, 0x00])
+def test_a_boot_type_the_firmware_cannot_read_is_one_line_and_writes_nothing(tmp_path, boot_type):
+    out = tmp_path / "c.img"
+    with pytest.raises(RackbootError, match=f"boot partition type {boot_type:02x} is not a FAT type"):
+        make_card(out, boot_type=boot_type)
+    assert not out.exists()
+
+
 def test_fat32_passes_fsck_and_holds_every_file_byte_for_byte(card, tmp_path):
     part = tmp_path / "boot.vfat"
     part.write_bytes(card.read_bytes()[START_MIB * MIB:])

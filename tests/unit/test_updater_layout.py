@@ -73,8 +73,46 @@ def test_repartition_never_refuses_a_mismatch():
 
 def test_boot_partition_never_moves():
     current = mbr.Mbr(7, layout.wanted_entries(plan(), 256 * MIB))
-    with pytest.raises(UpdaterError, match="would move or resize the boot partition"):
+    with pytest.raises(UpdaterError, match=r"change the boot partition's size \(card 32768, plan 65536 sectors\); "
+                                           r"refusing$"):
         layout.decide(plan(boot=32), current, 256 * MIB)
+    with pytest.raises(UpdaterError, match=r"boot partition's start \(card 8192, plan 16384 sectors\) and size "
+                                           r"\(card 32768, plan 30720 sectors\); refusing$"):
+        layout.decide(plan(boot_start=8, boot=15), current, 256 * MIB)
+
+
+def with_boot_type(ptype: str) -> Layout:
+    return Layout((Partition("boot", 4, 16, ptype),) + plan().partitions[1:], "allowed")
+
+
+def test_a_boot_type_change_is_refused_naming_the_type_not_a_move():
+    """The card image once always wrote 0c whatever the plan said: start and size equal, and
+    the refusal spoke of moving or resizing."""
+    current = mbr.Mbr(7, layout.wanted_entries(with_boot_type("0c"), 256 * MIB))
+    with pytest.raises(UpdaterError, match=r"change the boot partition's type \(card 0c, plan 0e\); refusing$"):
+        layout.decide(with_boot_type("0e"), current, 256 * MIB)
+
+
+@pytest.mark.parametrize("ptype", ["05", "0f", "85", "83", "ee"])
+def test_a_boot_type_the_firmware_cannot_read_is_refused_even_on_a_blank_card(ptype):
+    with pytest.raises(UpdaterError, match=rf"type {ptype} is (an extended or GPT entry|not a FAT type)"):
+        layout.decide(with_boot_type(ptype), None, 256 * MIB)
+
+
+@pytest.mark.parametrize("ptype", ["05", "0f", "85", "ee"])
+def test_a_slot_typed_as_an_extended_or_gpt_entry_is_refused(ptype):
+    """mbr.parse refuses such entries, so a table holding one would read as blank next boot."""
+    odd = Layout(plan().partitions[:3] + (Partition("data", 148, "rest", ptype),), "allowed")
+    with pytest.raises(UpdaterError, match=rf"partition data: type {ptype} is an extended or GPT entry"):
+        layout.wanted_entries(odd, 256 * MIB)
+
+
+def test_rest_stops_at_mbr_2tib_on_a_bigger_card():
+    entries = layout.wanted_entries(plan(), 3 << 40)
+    assert entries[-1].end == 1 << 32  # the last sector a 32-bit LBA addresses
+    mbr.dump(mbr.Mbr(7, entries))  # a table the card can hold
+    with pytest.raises(UpdaterError, match="needs 2097173 MiB, the card has 2097152 MiB that MBR can address"):
+        layout.wanted_entries(plan(a=1 << 20, b=1 << 20), 3 << 40)
 
 
 def test_card_too_small_names_both_sizes():
