@@ -16,10 +16,14 @@ from pathlib import Path
 
 from . import build, config, plans, publish, serve, signing
 from .build import Inputs
+from .errors import RackbootError
 from .initramfs.updater.formats import HOOKS
 
 DISK_MIB = 1024
 IMAGE = "example"
+# Marks a directory the demo created, and so may empty again on its next run; the demo
+# never deletes a directory without it.
+MARKER = ".rackboot-demo"
 
 
 @dataclass
@@ -33,7 +37,9 @@ class BootRow:
 
 def example_root(cfg: config.Config, src: Path, version: str, dest: Path, *, broken: bool = False) -> Path:
     """The example root filesystem: busybox, an init that says which version is up and
-    confirms its slot (unless ``broken``: then it never does)."""
+    confirms its slot (unless ``broken``: then it never does). ``dest`` is in the demo's
+    work directory."""
+    check_rootfs(src)
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest, symlinks=True)
@@ -107,18 +113,54 @@ def _last_action(log: Path) -> str:
     return "?"
 
 
+def check_rootfs(rootfs: Path) -> None:
+    if not rootfs.is_dir():
+        raise RackbootError(f"the demo publishes the example root filesystem {rootfs}, which is not a directory")
+
+
+def check_owned(path: Path, what: str, setting: str) -> None:
+    """Refuse a directory the demo would empty but did not create (no marker, not empty)."""
+    if path.exists() and not path.is_dir():
+        raise RackbootError(f"{what} {path} is not a directory")
+    if path.is_dir() and not (path / MARKER).is_file() and any(path.iterdir()):
+        raise RackbootError(f"{what} {path} holds files the demo did not make; "
+                            f"point {setting} at a new directory for the demo")
+
+
+def check_apart(dirs: dict[str, Path]) -> None:
+    """The directories the demo empties must not hold each other or the build output."""
+    named = [(what, path.resolve()) for what, path in dirs.items()]
+    for i, (what, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if path == other_path or path.is_relative_to(other_path) or other_path.is_relative_to(path):
+                raise RackbootError(f"{what} {path} and {other} {other_path} overlap; the demo empties "
+                                    "its master and work directories on every run")
+
+
+def start_afresh(path: Path) -> None:
+    """Empty a directory the demo owns (see check_owned), or create it, and mark it as the demo's."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text("made by `rackboot demo`, which empties this directory on every run\n")
+
+
 def prepare(cfg: config.Config, work: Path, log=print) -> Path:
-    """Build, and start ``work`` (logs/) and the master's tree afresh; returns the build output."""
+    """Build, and start ``work`` (logs/) and the master's tree afresh; returns the build output.
+    Either directory must be the demo's own (or new, or empty): anything else is refused
+    before the build."""
+    master_dir = cfg.get("master", "directory")
+    check_apart({"the master directory": master_dir, "the demo's work directory": work,
+                 "the build output": cfg.get("output", "directory")})
+    check_owned(master_dir, "the master directory", f"{cfg.path}: [master] directory")
+    check_owned(work, "the demo's work directory", "--workdir")
     key = cfg.get("master", "key")
     if key and not key.exists():  # the demo's own key; a real rack makes one with rackboot keygen
         signing.keygen(key)
     out = build.build(cfg, log=log)
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "logs").mkdir(parents=True)
-    master_dir = cfg.get("master", "directory")
-    if master_dir.exists():
-        shutil.rmtree(master_dir)
+    start_afresh(work)
+    (work / "logs").mkdir()
+    start_afresh(master_dir)
     return out
 
 
@@ -148,9 +190,10 @@ def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
           steps: list[tuple[int, bool]] = STORY, broken: frozenset[int] = frozenset()) -> list[BootRow]:
     """Build, publish v1, serve, and boot the worker through ``steps`` (version expected,
     master stopped); versions in ``broken`` never confirm their slot. One row per boot."""
+    rootfs = rootfs or cfg.base / "rootfs"
+    check_rootfs(rootfs)
     out = prepare(cfg, work, log)
     master_dir = cfg.get("master", "directory")
-    rootfs = rootfs or cfg.base / "rootfs"
 
     def release(version: int) -> None:
         publish_example(cfg, rootfs, work, version, broken=version in broken)
