@@ -3,12 +3,17 @@
 Static GETs serve the master tree that `rackboot publish` writes (any HTTP server could);
 the extras are the per-node plan fallback, POST /report, and GET /stats with the bytes
 sent per path. Files go out with sendfile in chunks, so a multi-GiB stream costs no memory.
+
+A stalled client cannot pin a thread: every socket operation has a timeout (not the whole
+request, so a slow stream that keeps moving is never cut off), and past MAX_CONNECTIONS
+open connections a new one gets a quick 503, which the updater retries with backoff.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -25,6 +30,12 @@ from .initramfs.updater.errors import UpdaterError
 
 MAX_REPORT = 64 * 1024
 SEND_CHUNK = 8 << 20
+IDLE_TIMEOUT = 30.0  # seconds one read or write on a connection may wait for the client
+MAX_CONNECTIONS = 128  # connections served at once, each with its thread
+_BUSY_BODY = b'{"error":"busy: too many connections, retry later"}\n'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: rackboot\r\nRetry-After: 1\r\n"
+         b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+         % (len(_BUSY_BODY), _BUSY_BODY))
 _TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig": "application/octet-stream"}
 
 
@@ -32,10 +43,15 @@ class MasterServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer that knows its master tree and counts what it sends."""
 
     daemon_threads = True
+    request_queue_size = 128  # a rack powering on together connects at once (the default is 5)
 
-    def __init__(self, master: Path, address: tuple[str, int], quiet: bool = False):
+    def __init__(self, master: Path, address: tuple[str, int], quiet: bool = False, *,
+                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
         self.master = master.resolve()
         self.quiet = quiet
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections = threading.BoundedSemaphore(max_connections)
         self.sent: Counter[str] = Counter()  # URL path -> body bytes sent
         self.lock = threading.Lock()
         super().__init__(address, MasterHandler)
@@ -53,20 +69,51 @@ class MasterServer(ThreadingHTTPServer):
         with self.lock:
             return {"bytes_sent": dict(self.sent), "total_bytes_sent": sum(self.sent.values())}
 
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection while there are fewer than max_connections, else a 503."""
+        if not self.connections.acquire(blocking=False):
+            return self.refuse(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def refuse(self, request: socket.socket, client_address) -> None:
+        """Answer 503 and close, without waiting on the client: this runs in the accept loop."""
+        if not self.quiet:
+            sys.stderr.write(f"{client_address[0]} refused: all {self.max_connections} connections busy\n")
+        try:
+            request.setblocking(False)
+            request.send(_BUSY)  # a fresh socket's send buffer takes it whole
+            request.recv(65536)  # what already came: closing with it unread would reset the 503 away
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
     def handle_error(self, request, client_address) -> None:
-        # a worker that loses power resets its connections: routine, not worth a traceback
-        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+        # a worker that loses power resets its connections, a stalled one times out:
+        # routine, not worth a traceback
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
             super().handle_error(request, client_address)
 
 
 def make_server(master: Union[str, Path], host: str = "127.0.0.1", port: int = 0, *,
-                quiet: bool = False) -> MasterServer:
+                quiet: bool = False, idle_timeout: float = IDLE_TIMEOUT,
+                max_connections: int = MAX_CONNECTIONS) -> MasterServer:
     """A bound, not yet running server for `master` (port 0 = any free port)."""
     master = Path(master)
     if not master.is_dir():
         raise RackbootError(f"master directory {master} does not exist")
     try:
-        return MasterServer(master, (host, port), quiet)
+        return MasterServer(master, (host, port), quiet, idle_timeout=idle_timeout,
+                            max_connections=max_connections)
     except OSError as e:
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
@@ -106,10 +153,26 @@ def parse_range(header: Optional[str], size: int) -> Union[None, tuple[int, int]
     return start, end
 
 
+def check_node_id(node: str) -> None:
+    """Reports are kept per node, so only a node id as the updater makes it (formats.node_id:
+    a MAC, lowercase, with dashes) names a report file; raises UpdaterError otherwise."""
+    try:
+        canonical = formats.node_id(node.replace("-", ":")) == node
+    except UpdaterError:
+        canonical = False
+    if not canonical:
+        raise UpdaterError(f"report: node: {node[:128]!r} is not a node id "
+                           "(a MAC in lowercase with dashes, e.g. 52-54-00-12-34-56)")
+
+
 class MasterHandler(BaseHTTPRequestHandler):
     server: MasterServer
     protocol_version = "HTTP/1.1"  # keep-alive: the updater makes many range requests
     server_version = "rackboot"
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # StreamRequestHandler sets it on the socket
+        super().setup()
 
     # --- dispatch -----------------------------------------------------------------------
 
@@ -216,10 +279,17 @@ class MasterHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # not reading a body that big
             return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                               {"error": f"report: {length} bytes is more than {MAX_REPORT}"})
-        data = self.rfile.read(int(length))
+        try:
+            data = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            return self._json(HTTPStatus.REQUEST_TIMEOUT,
+                              {"error": f"report: body not sent within {self.server.idle_timeout:g} s"})
         try:
             report = formats.parse_report(data)
+            check_node_id(report.node)
         except UpdaterError as e:
+            self.log_message("report refused: %s", e)
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         line = {**report.to_dict(), "received": round(time.time(), 3)}
         reports = self.server.master / "reports"

@@ -6,9 +6,12 @@ import hashlib
 import http.client
 import json
 import os
+import selectors
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,11 +37,25 @@ def master(tmp_path) -> Path:
     return m
 
 
-@pytest.fixture
-def server(master):
-    srv = serve.make_server(master, "127.0.0.1", 0, quiet=True)
+def running(master, **kw):
+    srv = serve.make_server(master, "127.0.0.1", 0, **{"quiet": True, **kw})
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
+    return srv
+
+
+@pytest.fixture
+def server(master):
+    srv = running(master)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def strict_server(master):
+    """A server with a short per-operation timeout and room for only a few connections."""
+    srv = running(master, idle_timeout=2.0, max_connections=4)
     yield srv
     srv.shutdown()
     srv.server_close()
@@ -247,3 +264,137 @@ def test_request_lines_are_logged_unless_quiet(master, capfd):
         srv.server_close()
     lines = [l for l in capfd.readouterr().err.splitlines() if l]
     assert len(lines) == 1 and '"GET /plans/52-54-00-12-34-56.json HTTP/1.1" 200' in lines[0]
+
+
+@pytest.mark.parametrize("node", ["hello", "default", "52:54:00:12:34:56", "52-54-00-12-34-5A",
+                                  "52-54-00-12-34-56-78", "5254.0012.3456", "52-54-00-12-34"])
+def test_reports_only_for_canonical_node_ids(master, capfd, node):
+    srv = running(master, quiet=False)
+    try:
+        resp, data = request(srv, "POST", "/report", {}, report(node=node))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert resp.status == 400
+    assert json.loads(data)["error"] == (f"report: node: {node!r} is not a node id "
+                                         "(a MAC in lowercase with dashes, e.g. 52-54-00-12-34-56)")
+    assert not (master / "reports").exists()
+    refused = [l for l in capfd.readouterr().err.splitlines() if "report refused" in l]
+    assert len(refused) == 1 and repr(node) in refused[0]
+
+
+def stalled_report(srv) -> socket.socket:
+    """A client that sends half a report and then nothing more."""
+    sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10)
+    sock.sendall(b"POST /report HTTP/1.1\r\nHost: master\r\nContent-Length: 1000\r\n\r\n{\"node\": ")
+    return sock
+
+
+def until_closed(socks: list[socket.socket], on_wait=lambda: None) -> list[bytes]:
+    """What each connection received before the server closed it (bounded: 60 s at most)."""
+    got = {s: b"" for s in socks}
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while sel.get_map() and time.monotonic() < deadline:
+            on_wait()
+            for key, _ in sel.select(timeout=0.1):
+                try:
+                    data = key.fileobj.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                got[key.fileobj] += data
+                if not data:
+                    sel.unregister(key.fileobj)
+        still_open = len(sel.get_map())
+    for s in socks:
+        s.close()
+    assert still_open == 0, f"{still_open} stalled connections still held"
+    return [got[s] for s in socks]
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer else 0
+
+
+def get_with_retries(srv, path: str) -> tuple[int, bytes]:
+    """A well-behaved client: 503 or a refused connection means try again a little later."""
+    for _ in range(200):
+        try:
+            resp, body = request(srv, "GET", path)
+        except ConnectionError:
+            resp, body = None, b""
+        if resp is not None and resp.status != 503:
+            return resp.status, body
+        time.sleep(0.1)
+    raise AssertionError(f"GET {path}: still refused after 200 tries")
+
+
+def test_stalled_clients_are_closed_and_bounded_while_others_are_served(strict_server, master):
+    threads = threading.active_count()
+    most = [0]
+
+    def sample() -> None:
+        most[0] = max(most[0], threading.active_count() - threads)
+
+    stalled = [stalled_report(strict_server) for _ in range(3)]
+    # room left: a well-behaved client is served at once while three connections stall
+    resp, body = request(strict_server, "GET", "/plans/52-54-00-12-34-56.json")
+    assert (resp.status, body) == (200, NODE_PLAN)
+    stalled += [stalled_report(strict_server) for _ in range(27)]
+    sample()
+    # the bound is full: a client that retries after a 503 is served once the stalled ones time out
+    assert get_with_retries(strict_server, "/plans/52-54-00-12-34-56.json") == (200, NODE_PLAN)
+    statuses = [status_of(a) for a in until_closed(stalled, sample)]
+    assert most[0] <= 4, f"{most[0]} connection threads for max_connections=4"
+    assert set(statuses) <= {408, 503} and 503 in statuses and 408 in statuses, statuses
+    assert not (master / "reports").exists()
+
+
+def test_refused_connection_gets_a_503_and_is_closed(master, capfd):
+    srv = running(master, quiet=False, idle_timeout=2.0, max_connections=4)
+    try:
+        stalled = [stalled_report(srv) for _ in range(4)]
+        extra = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10)
+        [answer] = until_closed([extra])
+        until_closed(stalled)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert status_of(answer) == 503 and b"Retry-After: 1\r\n" in answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"].startswith("busy")
+    assert "127.0.0.1 refused: all 4 connections busy" in capfd.readouterr().err
+
+
+def test_idle_keep_alive_connection_is_closed(strict_server):
+    sock = socket.create_connection(("127.0.0.1", strict_server.server_address[1]), timeout=10)
+    sock.sendall(b"GET /plans/52-54-00-12-34-56.json HTTP/1.1\r\nHost: master\r\n\r\n")
+    [answer] = until_closed([sock])  # one answer, then nothing: the server hangs up
+    assert status_of(answer) == 200 and answer.endswith(NODE_PLAN)
+
+
+def test_slow_reader_is_not_cut_off_while_data_moves(master):
+    """The timeout is per socket operation: a stream that takes far longer than it still arrives."""
+    srv = running(master, idle_timeout=0.5)
+    big = master / "images/example/1/big.bin"
+    with open(big, "wb") as f:
+        f.truncate(serve.SEND_CHUNK + 12345)
+        f.write(os.urandom(4096))
+    want = hashlib.sha256(big.read_bytes()).hexdigest()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    sock.settimeout(10)
+    try:
+        sock.connect(("127.0.0.1", srv.server_address[1]))
+        sock.sendall(b"GET /images/example/1/big.bin HTTP/1.1\r\nHost: master\r\nConnection: close\r\n\r\n")
+        got = bytearray()
+        while piece := sock.recv(64 << 10):
+            got += piece
+            time.sleep(0.01)  # at most 6.4 MB/s: the 8 MiB take longer than the timeout
+    finally:
+        sock.close()
+        srv.shutdown()
+        srv.server_close()
+    head, body = bytes(got).split(b"\r\n\r\n", 1)
+    assert status_of(head) == 200 and hashlib.sha256(body).hexdigest() == want
