@@ -7,7 +7,8 @@ log, a QMP socket for power control, user-mode networking (DHCP + TFTP) and raw 
         worker.wait_exit(timeout=30)
 
 A disk can fail chosen requests (QEMU's blkdebug): faults=[DiskFault("write", sector=N)].
-A worker with nic=False has no network interface at all (QEMU's -nic none).
+A worker with nic=False has no network interface at all (QEMU's -nic none). With
+console_input=True, worker.type("...") types on its serial console.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class QemuWorker:
     def __init__(self, machine: MachineProfile, *, log_path: Path, tftp_dir: Path | None = None,
                  bootfile: str | None = None, disks: list[Path] = (), no_reboot: bool = True,
                  extra_netdev: str = "", extra_args: list[str] = (), faults: list[DiskFault] = (),
-                 watchdog_action: str = "reset", nic: bool = True):
+                 watchdog_action: str = "reset", nic: bool = True, console_input: bool = False):
         if not nic and (tftp_dir is not None or extra_netdev):
             raise RackbootError("a worker without a network interface has no TFTP and no netdev options")
         self.machine = machine
@@ -80,6 +81,7 @@ class QemuWorker:
         self.watchdog_action = watchdog_action  # what the board's watchdog does when it fires
         self.extra_netdev = extra_netdev
         self.nic = nic
+        self.console_input = console_input  # else the console's input is closed: nobody is there
         self.extra_args = list(extra_args)
         self._lines: list[str] = []
         self._tail: deque[str] = deque(maxlen=15)
@@ -133,7 +135,8 @@ class QemuWorker:
             raise RackbootError(f"U-Boot firmware {self.machine.firmware} is missing (apt-get install u-boot-qemu)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
-        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stdin = subprocess.PIPE if self.console_input else subprocess.DEVNULL
+        self._proc = subprocess.Popen(self.command(), stdin=stdin, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         self._reader = threading.Thread(target=self._read_console, daemon=True)
         self._reader.start()
@@ -165,6 +168,8 @@ class QemuWorker:
                 pass
         if self._proc:
             self._proc.wait()
+            if self._proc.stdin:
+                self._proc.stdin.close()
             self._reader.join(timeout=5)
             self._log.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -200,6 +205,13 @@ class QemuWorker:
                     raise RackbootError(f"no console line matched /{pattern}/ within {timeout:g} s; last line: "
                                         f"{self._last_line()!r} (log: {self.log_path})")
                 self._cond.wait(min(left, 0.5))
+
+    def type(self, text: str) -> None:
+        """Type ``text`` on the serial console, as a person at it would."""
+        if not self.console_input:
+            raise RackbootError("this worker was started without console_input=True")
+        self._proc.stdin.write(text.encode())
+        self._proc.stdin.flush()
 
     def _last_line(self) -> str:
         return next((line for line in reversed(self._tail) if line.strip()), "")

@@ -1,0 +1,105 @@
+"""Workers that recover with nobody at their console: a blank worker switched on before
+its master retries until the master answers and then installs, a person at the console
+still gets a rescue shell, and a worker whose network interface is gone boots the good
+slot its card holds.
+
+One build and one provisioned card (slot a holds v1, which confirmed itself) are shared;
+each case boots a fresh blank card or a copy of that card."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rackboot import config, demo
+from rackboot.initramfs.updater import state
+from rackboot.initramfs.updater.disk import Disk
+from conftest import quiet
+from test_story import example_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.network]
+
+RESCUE = "rackboot: rescue: updater failed; retrying in {} s"
+
+
+@dataclass(frozen=True)
+class Rack:
+    cfg: config.Config
+    out: Path  # the build; its sdcard.img makes blank cards
+    card: Path  # slot a holds v1 (confirmed by v1's init); the master has v1 assigned
+
+
+@pytest.fixture(scope="module")
+def rack(tmp_path_factory) -> Rack:
+    directory = tmp_path_factory.mktemp("recovery")
+    cfg = config.load(example_config(directory))
+    work = directory / "demo"
+    rows = demo.story(cfg, work, log=quiet, steps=[(1, False)])  # the master is stopped after it
+    assert [r.action for r in rows] == ["installed"]
+    return Rack(cfg, cfg.get("output", "directory"), work / "worker-disk.img")
+
+
+def blank_card(rack: Rack, dest: Path) -> Path:
+    demo.blank_card(rack.out / "sdcard.img", dest)
+    return dest
+
+
+def test_a_blank_worker_switched_on_before_its_master_installs_once_the_master_is_up(rack, tmp_path):
+    disk = blank_card(rack, tmp_path / "blank.img")
+    log = tmp_path / "console.log"
+    # nothing listens on the master's port yet, and no TFTP either: the card's own initramfs runs
+    with demo.new_worker(rack.cfg, rack.out, disk, log, offline=True) as worker:
+        worker.expect(re.escape(RESCUE.format(5)), timeout=300)
+        worker.expect(re.escape(RESCUE.format(10)), timeout=120)  # the first wait ended by itself
+        master = demo.Master(rack.cfg)  # the worker is waiting out its second backoff now
+        try:
+            worker.expect("installing example v1 into slot a", timeout=120)
+            worker.expect("rackboot-demo: v1 is up", timeout=300)
+            worker.wait_exit(timeout=60)
+        finally:
+            master.stop()
+    console = log.read_text(errors="replace")
+    assert "master unreachable; booting from the card" in console
+    assert re.search(r"^rackboot: plan failed: master http://", console, re.M), console
+    assert "booting slot a (installed)" in console
+    assert "rescue shell" not in console  # nobody opened one: the retries came by themselves
+
+
+def test_a_person_at_the_console_gets_a_shell_and_exit_retries(rack, tmp_path):
+    disk = blank_card(rack, tmp_path / "blank.img")
+    log = tmp_path / "console.log"
+    with demo.new_worker(rack.cfg, rack.out, disk, log, offline=True, console_input=True) as worker:
+        worker.expect(re.escape(RESCUE.format(5) + " (press Enter for a shell)"), timeout=300)
+        worker.type("\n")
+        worker.expect(r"rescue shell: 'exit' retries now; it is closed after 900 s", timeout=30)
+        worker.type("echo person-$((6*7))\n")
+        worker.expect(r"^person-42$", timeout=30)  # the typed line reads 'person-$((6*7))'
+        worker.type("exit\n")
+        # the next try comes at the exit, long before the shell's 900 s bound
+        worker.expect(re.escape(RESCUE.format(10)), timeout=120)
+
+
+def test_a_worker_without_a_network_interface_boots_the_good_slot_on_its_card(rack, tmp_path):
+    disk = tmp_path / "card.img"
+    subprocess.run(["cp", "--sparse=always", rack.card, disk], check=True)  # 1 GiB, mostly holes
+    log = tmp_path / "console.log"
+    worker = demo.new_worker(rack.cfg, rack.out, disk, log, offline=True, nic=False)
+    assert ["-nic", "none"] == worker.command()[worker.command().index("-nic"):][:2]
+    with worker:
+        worker.expect("rackboot-demo: v1 is up", timeout=300)
+        worker.wait_exit(timeout=60)
+    console = log.read_text(errors="replace")
+    assert "master unreachable; booting from the card" in console  # U-Boot found no NIC either
+    assert "rackboot: no network interface" in console  # /init
+    assert ("rackboot: identity: no network interface with a MAC address in /sys/class/net; "
+            "the master cannot be asked: offline boot") in console
+    assert "slot a confirmed itself good (example v1)" in console  # v1's confirmation, taken offline
+    assert "booting slot a (offline)" in console
+    assert "rescue" not in console and "Traceback" not in console
+    with Disk(str(disk), writable=False) as d:
+        after = state.read(d)
+    assert (after.primary, after.last_good, after.slots["a"].state) == ("a", "a", "good")
