@@ -129,9 +129,14 @@ def write_plan(master: PathLike, node_id: str, plan: Plan, key: Optional[Path] =
         raise RackbootError(f"node id {node_id!r} is not valid (MAC with dashes, or 'default')")
     path = Path(master) / "plans" / f"{node_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if key:
-        _write_atomic(path.with_name(path.name + ".sig"), signing.sign(key, formats.dump(plan)))
-    _write_atomic(path, formats.dump(plan))
+    lock = _lock_dir(path.parent)
+    try:
+        sweep(path.parent, _TMP_RE)
+        if key:
+            _write_atomic(path.with_name(path.name + ".sig"), signing.sign(key, formats.dump(plan)))
+        _write_atomic(path, formats.dump(plan))
+    finally:
+        os.close(lock)
     return path
 
 
@@ -389,11 +394,9 @@ class _Publication:
 
     def __enter__(self) -> "_Publication":
         self.dir.mkdir(parents=True, exist_ok=True)
-        # flock on the directory itself: no lock file among what the master serves
-        self.lock = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        self.lock = _lock_dir(self.dir)
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX)
-            sweep(self.dir)
+            sweep(self.dir, _PUBLICATION_RE)
             self._choose_version()  # again: another publication may have taken it meanwhile
             self.work = Path(tempfile.mkdtemp(prefix=f".publish-{self.version}-", dir=self.dir))
         except BaseException:
@@ -435,14 +438,27 @@ class _Publication:
         return manifest
 
 
-_LEFTOVER_RE = re.compile(r"\.publish-\d+-.+|\.latest\.json\.\d+\.tmp")  # what a publication writes
+_TMP_RE = re.compile(r"\..+\.\d+\.tmp")  # _write_atomic's temporaries
+_PUBLICATION_RE = re.compile(rf"\.publish-\d+-.+|{_TMP_RE.pattern}")  # and a publication's work directory
 
 
-def sweep(image_dir: Path) -> None:
-    """Remove what a killed publication left in ``image_dir``: its work directory (as big as
-    the image) and a half-written latest.json. Only under the image's lock."""
-    for p in image_dir.iterdir():
-        if _LEFTOVER_RE.fullmatch(p.name):
+def _lock_dir(path: Path) -> int:
+    """An exclusive flock on the directory itself (no lock file among what the master
+    serves); closing the returned descriptor releases it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sweep(directory: Path, leftovers: re.Pattern) -> None:
+    """Remove what a killed publish or plan left in ``directory`` (a publication's work
+    directory is as big as the image). Only under the directory's lock."""
+    for p in directory.iterdir():
+        if leftovers.fullmatch(p.name):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:

@@ -365,3 +365,17 @@ def test_concurrent_publications_of_one_image_take_turns(tmp_path):
         t.join()
     assert errors == [] and sorted(versions) == [1, 2]
     assert formats.parse_latest((master / "images/example/latest.json").read_bytes()).version == 2
+
+
+def test_a_killed_plan_writes_temporaries_are_swept_by_the_next(tmp_path):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    for name in (".default.json.99999.tmp", ".default.json.sig.99999.tmp", "notes.txt"):
+        (plans / name).write_text("{")
+    plan = formats.parse_plan(
+        b'{"format":1,"node":"default","image":"/images/example/1/manifest.json",'
+        b'"mount":"ro","layout":{"repartition":"never","partitions":['
+        b'{"name":"boot","start_mib":4,"size_mib":64,"type":"0c"},'
+        b'{"name":"a","size_mib":64,"type":"83"},{"name":"b","size_mib":"rest","type":"83"}]}}')
+    publish.write_plan(tmp_path, "default", plan)
+    assert sorted(p.name for p in plans.iterdir()) == ["default.json", "notes.txt"]
