@@ -63,8 +63,25 @@ def _cmd_serve(args) -> int:
     from . import config, serve
     cfg = config.load(args.config)
     port = args.port if args.port is not None else cfg.get("master", "port")
-    serve.serve_forever(cfg.get("master", "directory"), args.bind, port)
+    serve.serve_forever(cfg.get("master", "directory"), args.bind, port,
+                        idle_timeout=args.timeout, max_connections=args.max_connections)
     return 0
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds above 0")
+    return number
 
 
 def _cmd_keygen(args) -> int:
@@ -118,6 +135,7 @@ def _epoch() -> int:
 
 def parser() -> argparse.ArgumentParser:
     from .initramfs.updater.formats import HOOK_TIMEOUT  # one default for the CLI and publish
+    from .serve import IDLE_TIMEOUT, MAX_CONNECTIONS
     p = argparse.ArgumentParser(prog="rackboot", description="Netboot and update racks of Pi-class workers.")
     p.add_argument("--version", action="version", version=f"rackboot {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,6 +178,12 @@ def parser() -> argparse.ArgumentParser:
     _config_arg(s)
     s.add_argument("--bind", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: [master] port)")
+    s.add_argument("--timeout", type=_positive_float, default=IDLE_TIMEOUT, metavar="S",
+                   help="seconds a client may keep one read or write waiting before its connection "
+                        "is closed (default: %(default)s)")
+    s.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
+                   help="connections served at once; past that a client gets 503 and retries "
+                        "(default: %(default)s)")
     s.set_defaults(func=_cmd_serve)
 
     k = sub.add_parser("keygen", help="make the master's Ed25519 signing key ([master] key)")

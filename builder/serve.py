@@ -31,7 +31,7 @@ from .initramfs.updater.errors import UpdaterError
 MAX_REPORT = 64 * 1024
 SEND_CHUNK = 8 << 20
 IDLE_TIMEOUT = 30.0  # seconds one read or write on a connection may wait for the client
-MAX_CONNECTIONS = 128  # connections served at once, each with its thread
+MAX_CONNECTIONS = 256  # connections served at once, each with its thread
 _BUSY_BODY = b'{"error":"busy: too many connections, retry later"}\n'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: rackboot\r\nRetry-After: 1\r\n"
          b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
@@ -118,9 +118,11 @@ def make_server(master: Union[str, Path], host: str = "127.0.0.1", port: int = 0
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def serve_forever(master: Union[str, Path], host: str, port: int, *, quiet: bool = False) -> None:
+def serve_forever(master: Union[str, Path], host: str, port: int, *, quiet: bool = False,
+                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
     """Run the master until interrupted (Ctrl-C returns normally)."""
-    server = make_server(master, host, port, quiet=quiet)
+    server = make_server(master, host, port, quiet=quiet, idle_timeout=idle_timeout,
+                         max_connections=max_connections)
     print(f"serving {server.master} on {server.url}", file=sys.stderr)
     try:
         server.serve_forever()

@@ -10,6 +10,7 @@ import selectors
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -398,3 +399,22 @@ def test_slow_reader_is_not_cut_off_while_data_moves(master):
         srv.server_close()
     head, body = bytes(got).split(b"\r\n\r\n", 1)
     assert status_of(head) == 200 and hashlib.sha256(body).hexdigest() == want
+
+
+def test_cli_takes_the_timeout_and_the_connection_bound(tmp_path, master):
+    (tmp_path / "rackboot.toml").write_text('[master]\ndirectory = "master"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "rackboot", "serve", "-c", str(tmp_path / "rackboot.toml"),
+                             "--port", "0", "--timeout", "2", "--max-connections", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        assert first.startswith(f"serving {master} on http://127.0.0.1:"), first
+        port = int(first.rsplit(":", 1)[1])
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"POST /report HTTP/1.1\r\nHost: master\r\nContent-Length: 100\r\n\r\n{")
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert [status_of(a) for a in until_closed([extra, held])] == [503, 408]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
