@@ -79,6 +79,7 @@ rescue_shell() {
     shell=$!
     wait "$shell"
     kill -KILL -"$shell" 2>/dev/null
+    stty sane 2>/dev/null  # killed at its prompt, the shell's line editor leaves the tty raw
     return 0
 }
 
