@@ -28,15 +28,13 @@ bench: $(STAMP_DEBS) $(STAMP_PIP)
 deps: $(STAMP_DEBS)
 
 # Debian packages, with arm64 and armhf enabled so `apt-get download PKG:ARCH` works, and
-# the non-free-firmware component, where the Pi boot firmware (raspi-firmware) lives.
+# the non-free-firmware component, where the Pi boot firmware (raspi-firmware) lives, from
+# the archive the machine's own apt sources name (its local mirror, if it has one).
 # apt-get update may warn about one mirror being mid-sync; the lists it did get are enough.
-FIRMWARE_SOURCES := /etc/apt/sources.list.d/rackboot-firmware.sources
 $(STAMP_DEBS):
 	$(SUDO) dpkg --add-architecture arm64
 	$(SUDO) dpkg --add-architecture armhf
-	grep -rqs non-free-firmware /etc/apt/sources.list /etc/apt/sources.list.d/ || \
-	  printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: non-free-firmware\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-	  | $(SUDO) tee $(FIRMWARE_SOURCES) >/dev/null
+	$(SUDO) sh tools/apt-firmware-source /
 	$(SUDO) apt-get update -q || true
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEBS)
 	@mkdir -p $(VENV) && touch $@
