@@ -315,5 +315,7 @@ class MasterHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def log_message(self, format: str, *args) -> None:
-        if not self.server.quiet:
-            sys.stderr.write(f"{self.address_string()} {format % args}\n")
+        if not self.server.quiet:  # control characters escaped, as the base class does: a
+            # client must not write terminal escapes or fake lines into the master's log
+            message = (format % args).translate(self._control_char_table)
+            sys.stderr.write(f"{self.address_string()} {message}\n")

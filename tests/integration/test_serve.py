@@ -418,3 +418,17 @@ def test_cli_takes_the_timeout_and_the_connection_bound(tmp_path, master):
         proc.terminate()
         proc.wait(timeout=30)
         proc.stderr.close()
+
+
+def test_log_lines_escape_what_the_client_sent(master, capfd):
+    srv = running(master, quiet=False)
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10)
+        sock.sendall(b"GET /\x1b[2J\x07 HTTP/1.1\r\nHost: master\r\nConnection: close\r\n\r\n")
+        until_closed([sock])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert '"GET /\\x1b[2J\\x07 HTTP/1.1" 404' in err
