@@ -10,7 +10,7 @@ Symlinks on the way are kept, so the copier can recreate them.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -76,50 +76,83 @@ def check_arch(path: str, info: ElfInfo, arch: str) -> None:
         raise RackbootError(f"{path} is {_describe(info)}, not {arch} (the board's arch)")
 
 
-def resolve_in_sysroot(sysroot: Path, path: str, _depth: int = 0) -> tuple[str, list[str]]:
-    """Follow symlinks of ``path`` inside the sysroot: (final path, the links on the way)."""
-    links = []
-    parts = PurePosixPath(path).parts[1:]
+def resolve_in_sysroot(sysroot: Path, path: str) -> tuple[str, list[str]]:
+    """Follow symlinks of ``path`` inside the sysroot as a chroot would: (final path, the links
+    on the way). Absolute link targets start again at the sysroot's root; a '..' that would
+    climb above it, in ``path`` or in a link's target, is refused: it would read (or, for a
+    staging tree, write) the host's files."""
+    links: list[str] = []
+    pending = list(_parts(path))
     current = PurePosixPath("/")
-    i = 0
-    while i < len(parts):
-        candidate = current / parts[i]
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if current == current.parent:
+                through = f" through the link {links[-1]}" if links else ""
+                raise RackbootError(f"{path} leads out of {sysroot}{through}; refusing")
+            current = current.parent
+            continue
+        candidate = current / part
         host = sysroot / str(candidate).lstrip("/")
         if host.is_symlink():
             if len(links) > 40:
                 raise RackbootError(f"too many levels of symlinks resolving {path} in {sysroot}")
             links.append(str(candidate))
             target = os.readlink(host)
-            base = PurePosixPath("/") if target.startswith("/") else current
-            rest = PurePosixPath(os.path.normpath(base / target)).parts[1:]
-            parts = rest + parts[i + 1:]
-            current, i = PurePosixPath("/"), 0
+            if target.startswith("/"):
+                current = PurePosixPath("/")
+            pending = list(_parts(target)) + pending
             continue
         current = candidate
-        i += 1
     return str(current), links
+
+
+def _parts(path: str) -> tuple[str, ...]:
+    """The components of a path, '.' and repeated slashes dropped, '..' kept."""
+    p = PurePosixPath(path)
+    return p.parts[1:] if p.anchor else p.parts
+
+
+def host_path(sysroot: Path, path: str) -> Path:
+    """Where ``path`` inside the sysroot (or a staging tree) is on the host, links followed
+    inside it; RackbootError when it leads out."""
+    final, _ = resolve_in_sysroot(sysroot, path)
+    return sysroot / final.lstrip("/")
 
 
 @lru_cache(maxsize=None)
 def ld_so_conf_paths(sysroot: Path) -> tuple[str, ...]:
     """Directories from etc/ld.so.conf and its `include` globs, read inside the sysroot."""
     out: list[str] = []
+    read_already: set[Path] = set()
 
-    def read(conf: Path) -> None:
+    def read(conf: str) -> None:
+        path = host_path(sysroot, conf)
+        if path in read_already:  # a file that includes itself (or a loop of them) is read once
+            return
+        read_already.add(path)
         try:
-            lines = conf.read_text().splitlines()
+            lines = path.read_text().splitlines()
         except OSError:
             return
         for line in lines:
             line = line.split("#", 1)[0].strip()
             if line.startswith("include "):
                 pattern = line.split(None, 1)[1]
-                for inc in sorted(glob.glob(str(sysroot / pattern.lstrip("/")))):
-                    read(Path(inc))
+                directory, _, name = pattern.rpartition("/")
+                # as ldconfig: a relative pattern is relative to the including file's directory
+                base = PurePosixPath(conf).parent / directory if not pattern.startswith("/") \
+                    else PurePosixPath(directory or "/")
+                try:
+                    found = sorted(os.listdir(host_path(sysroot, str(base))))
+                except OSError:
+                    continue
+                for match in fnmatch.filter(found, name):
+                    read(str(base / match))
             elif line:
                 out.append(line)
 
-    read(sysroot / "etc/ld.so.conf")
+    read("/etc/ld.so.conf")
     return tuple(out)
 
 
@@ -165,14 +198,23 @@ def closure(binaries: list[str], sysroot: Path, arch: str) -> list[str]:
         raise RackbootError(f"ELF closure: unknown arch {arch!r} (known: {', '.join(ARCHES)})")
     sysroot = Path(sysroot)
     result: set[str] = set()
-    queue = [_locate_binary(b, sysroot) for b in binaries]
+    queue = []
+    for binary in binaries:
+        try:
+            queue.append(_locate_binary(binary, sysroot))
+        except RackbootError as exc:
+            raise RackbootError(f"binary {binary!r}: {exc}") from None
+    why = {path: "a binary" for path in queue}  # what the error names a path as
     seen: set[str] = set()
     while queue:
         path = queue.pop()
         if path in seen:
             continue
         seen.add(path)
-        final, links = resolve_in_sysroot(sysroot, path)
+        try:
+            final, links = resolve_in_sysroot(sysroot, path)
+        except RackbootError as exc:
+            raise RackbootError(f"{exc} ({why[path]})") from None
         host = sysroot / final.lstrip("/")
         if not host.is_file():
             raise RackbootError(f"{path} does not exist in {sysroot}")
@@ -182,11 +224,16 @@ def closure(binaries: list[str], sysroot: Path, arch: str) -> list[str]:
         check_arch(path, info, arch)
         if info.interp:
             queue.append(info.interp)
+            why.setdefault(info.interp, f"the interpreter of {path}")
         origin = str(PurePosixPath(final).parent)
         for name in info.needed:
-            found = _find_library(name, info, origin, sysroot, arch)
+            try:
+                found = _find_library(name, info, origin, sysroot, arch)
+            except RackbootError as exc:
+                raise RackbootError(f"{name}, needed by {path}: {exc}") from None
             if found is None:
                 searched = ", ".join(search_paths(info, origin, sysroot, arch))
                 raise RackbootError(f"{name}, needed by {path}, not found for {arch} in {sysroot} (searched {searched})")
             queue.append(found)
+            why.setdefault(found, f"needed by {path}")
     return sorted(result)

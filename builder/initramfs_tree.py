@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import compress, cpio, elf, modules, pystdlib, signing
+from . import compress, cpio, elf, modules, pystdlib, signing, sources
 from .config import Config
 from .errors import RackbootError
 from rackboot.firmware.boards import COMMON_MODULES, Board
@@ -85,36 +86,52 @@ def _updater_sources() -> list[Path]:
     return sorted(root.glob("*.py")) if root.is_dir() else []
 
 
+def _in_root(root: Path, path: str) -> Path:
+    """Where ``path`` of the initramfs is in the staging tree ``root``: links already staged
+    (copied from packages, e.g. lib -> /usr/lib) are followed inside it, never on the host."""
+    return elf.host_path(root, path)
+
+
+def _entry(root: Path, path: str) -> Path:
+    """``path``'s own entry in ``root`` (its directory resolved inside it, its last
+    component not followed): for copying or making a link itself."""
+    parent, name = posixpath.split(posixpath.normpath("/" + path.lstrip("/")))
+    if name in ("", ".", ".."):
+        raise RackbootError(f"{path} names no file inside {root}")
+    return _in_root(root, parent) / name
+
+
 def _copy_from_sysroot(paths: list[str], sysroot: Path, stage: Path) -> None:
     for rel in paths:
-        src = sysroot / rel.lstrip("/")
-        dst = stage / rel.lstrip("/")
+        src, dst = _entry(sysroot, rel), _entry(stage, rel)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_symlink():
-            if not dst.is_symlink():
+            if not os.path.lexists(dst):
                 os.symlink(os.readlink(src), dst)
-        elif not dst.exists():
+        elif not os.path.lexists(dst):
             shutil.copyfile(src, dst)
             shutil.copymode(src, dst)
 
 
 def merge_trees(trees: list[Path], dest: Path) -> Path:
     """Layer ``trees`` into ``dest`` (later ones win), hard-linking files where possible."""
-    def link_or_copy(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
     for tree in trees:
-        shutil.copytree(tree, dest, symlinks=True, dirs_exist_ok=True, copy_function=link_or_copy)
+        sources.merge_tree(tree, dest)
     return dest
 
 
 def _write(stage: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
-    path = stage / rel.lstrip("/")
+    path = _in_root(stage, rel)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     path.chmod(mode)
+
+
+def _copy_file(source: Path, dst: Path) -> None:
+    if os.path.lexists(dst) and dst.is_symlink():
+        os.unlink(dst)
+    shutil.copyfile(source, dst)
+    shutil.copymode(source, dst)
 
 
 def check(spec: Spec, *, sysroot: Path, kernel) -> None:
@@ -131,11 +148,11 @@ def check(spec: Spec, *, sysroot: Path, kernel) -> None:
 def stage(root: Path, spec: Spec, *, sysroot: Path, kernel) -> None:
     """Lay out the initramfs tree under ``root``."""
     _copy_from_sysroot(elf.closure(spec.binaries, sysroot, spec.arch), sysroot, root)
-    if not (root / "bin/busybox").exists():
+    if not _in_root(root, "/bin/busybox").is_file():
         raise RackbootError("the initramfs needs /bin/busybox (add busybox-static to [initramfs] packages)")
     for applet in ("sh",):
-        link = root / "bin" / applet
-        if not link.exists():
+        link = _entry(root, f"/bin/{applet}")
+        if not os.path.lexists(link):
             os.symlink("busybox", link)
     shim = _shim_dir()
     _write(root, "/init", shim.joinpath("init.sh").read_bytes(), 0o755)
@@ -153,25 +170,29 @@ def stage(root: Path, spec: Spec, *, sysroot: Path, kernel) -> None:
     for target, source in sorted(spec.files.items()):
         if not source.exists():
             raise RackbootError(f"[initramfs] files: {source} (for {target}) does not exist")
-        dst = root / target.lstrip("/")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, dst, symlinks=True, dirs_exist_ok=True)
-        else:
-            shutil.copyfile(source, dst)
-            shutil.copymode(source, dst)
+        try:
+            if source.is_dir():
+                sources.merge_tree(source, root, target, copy_file=_copy_file)
+            else:
+                dst = _in_root(root, target)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _copy_file(source, dst)
+        except RackbootError as exc:
+            raise RackbootError(f"[initramfs] files: {target}: {exc}") from None
 
 
 def _stage_python(root: Path, sysroot: Path, arch: str) -> None:
     """The updater package and the stdlib modules it imports, from the target's stdlib."""
-    updater_dst = root / "usr/lib/rackboot/updater"
+    updater_dst = _in_root(root, "/usr/lib/rackboot/updater")
     updater_dst.mkdir(parents=True, exist_ok=True)
     for src in _updater_sources():
         shutil.copyfile(src, updater_dst / src.name)
     needed = pystdlib.needed_stdlib(updater_dst, sysroot, arch)
     _copy_from_sysroot(needed.sources, sysroot, root)
     _copy_from_sysroot(elf.closure(needed.extensions, sysroot, arch), sysroot, root)
-    os.symlink("python3.11", root / "usr/bin/python3")
+    python3 = _entry(root, "/usr/bin/python3")
+    if not os.path.lexists(python3):
+        os.symlink("python3.11", python3)
 
 
 def archive(stage: Path, out: Path, compression: str, *, mtime: int) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .elf import ARCHES
+from .elf import ARCHES, host_path
 from .errors import RackbootError
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
@@ -101,11 +101,13 @@ class ModuleClosure:
 
 
 class KernelModules:
-    """The modules of one kernel release in an unpacked kernel tree."""
+    """The modules of one kernel release in an unpacked kernel tree. Links in the tree are
+    followed inside it, never on the host: Debian's lib/modules/<kver>/build points at
+    /usr/src, and a tree's lib -> /usr/lib must not lead to the host's own modules."""
 
     def __init__(self, kernel_root: Path, kver: str | None = None):
         self.root = Path(kernel_root)
-        base = self.root / "lib/modules"
+        base = host_path(self.root, "/lib/modules")
         releases = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
         if kver is None:
             if len(releases) != 1:
@@ -114,20 +116,29 @@ class KernelModules:
         elif kver not in releases:
             raise RackbootError(f"no modules for kernel {kver} under {base} (have {', '.join(releases) or 'none'})")
         self.kver = kver
-        self.dir = base / kver
+        self.dir = host_path(self.root, f"/{base.relative_to(self.root)}/{kver}")
+
+    def inside(self, path: Path) -> Path:
+        """``path`` (under the tree) with its links followed inside the tree; refused if it leaves."""
+        return host_path(self.root, "/" + str(path.relative_to(self.root)))
 
     @cached_property
     def index(self) -> dict[str, Path]:
         found = {}
-        for path in sorted(self.dir.rglob("*.ko*")):
+        for path in sorted(self.dir.rglob("*.ko*")):  # rglob lists links but does not enter linked directories
             if path.name.endswith(SUFFIXES):
-                found.setdefault(module_name(path), path)
+                try:
+                    real = self.inside(path) if path.is_symlink() else path
+                except RackbootError as exc:
+                    raise RackbootError(f"kernel module {path}: {exc}") from None
+                if real.is_file() and real.is_relative_to(self.dir):
+                    found.setdefault(module_name(path), real)
         return found
 
     @cached_property
     def builtin(self) -> set[str]:
         try:
-            lines = (self.dir / "modules.builtin").read_text().split()
+            lines = self.inside(self.dir / "modules.builtin").read_text().split()
         except FileNotFoundError:
             return set()
         return {module_name(Path(line)) for line in lines}
@@ -215,8 +226,9 @@ def copy_subset(closure: ModuleClosure, kernel_root: Path, dest: Path) -> None:
     (dest / "modules.order").write_text("".join(
         str((kernel_root / m.path).relative_to(kernel.dir)) + "\n" for m in closure.modules))
     for extra in ("modules.builtin", "modules.builtin.modinfo"):
-        if (kernel.dir / extra).is_file():
-            shutil.copyfile(kernel.dir / extra, dest / extra)
+        source = kernel.inside(kernel.dir / extra)
+        if source.is_file():
+            shutil.copyfile(source, dest / extra)
     depmod(dest)
 
 

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .elf import host_path
 from .errors import RackbootError
 
 LISTS = Path("/var/lib/apt/lists")
@@ -264,7 +265,7 @@ class PackageCache:
         work = Path(tempfile.mkdtemp(dir=self.root / "sysroots", prefix=".merge-"))
         try:
             for ref in sorted(refs, key=lambda r: r.name):
-                shutil.copytree(self.unpack(ref), work, symlinks=True, dirs_exist_ok=True, copy_function=_link)
+                merge_tree(self.unpack(ref), work)
             os.rename(work, dest)
         except OSError:
             shutil.rmtree(work, ignore_errors=True)
@@ -278,6 +279,29 @@ class PackageCache:
 
 def _spec(ref: PackageRef) -> str:
     return f"{ref.name}:{ref.arch}={ref.version}" if ref.arch != "all" else f"{ref.name}={ref.version}"
+
+
+def merge_tree(src: Path, root: Path, at: str = "/", copy_file=None) -> None:
+    """Lay the tree ``src`` into the tree ``root`` at ``at``, as unpacking it there would:
+    links already in ``root`` are followed inside it (a package's lib/x lands where another's
+    lib link points), never out of it (shutil.copytree followed them on the host, so a link
+    to /usr/lib had the next package written into the host's /usr/lib); a later file or
+    link replaces an earlier one. ``src``'s own links are copied as links."""
+    copy_file = copy_file or _link
+    for dirpath, dirnames, filenames in os.walk(src):  # links to directories are listed, not entered
+        rel = os.path.relpath(dirpath, src)
+        where = host_path(root, at if rel == "." else f"{at.rstrip('/')}/{rel}")
+        where.mkdir(parents=True, exist_ok=True)
+        for name in sorted(dirnames + filenames):
+            source, dest = Path(dirpath) / name, where / name
+            if source.is_symlink():
+                if os.path.lexists(dest) and not dest.is_symlink() and dest.is_dir():
+                    raise RackbootError(f"{source} is a link where {dest} is a directory")
+                if os.path.lexists(dest):
+                    os.unlink(dest)
+                os.symlink(os.readlink(source), dest)
+            elif not source.is_dir():
+                copy_file(source, dest)
 
 
 def _link(src: str, dst: str) -> None:

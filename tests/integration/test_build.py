@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from rackboot import build, config, cpio
+from rackboot.errors import RackbootError
 from conftest import quiet, write_config
 
 pytestmark = pytest.mark.network
@@ -200,3 +201,47 @@ def test_the_card_carries_the_boot_type_the_plan_carries(tmp_path):
     card = (out / "sdcard.img").read_bytes()
     decision = layout.decide(plans.layout(cfg), mbr.parse(card[:mbr.SECTOR]), 1 << 30)
     assert decision.action == "repartition" and "boot" not in decision.changed and "boot" in decision.kept
+
+
+def _stage_with_a_link_out(tmp_path, **files):
+    """Stage a probe initramfs into a tree that already holds lib -> <outside> (as a package's
+    absolute link, copied into the stage, would): every write must land inside the stage."""
+    from types import SimpleNamespace
+    from rackboot import initramfs_tree
+    from rackboot.firmware.boards import board as board_profile
+    from rackboot.sources import PackageCache
+    cfg = config.load(write_config(tmp_path, initramfs={"modules": ["virtio_net"]}))
+    inputs = build.Inputs(cfg)
+    spec = initramfs_tree.spec(cfg, board_profile("qemu-virt", "arm64"))
+    spec.files.update(files)
+    cache = PackageCache(arch="arm64")
+    sysroot = cache.sysroot(cache.resolve(spec.packages))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "lib").symlink_to(outside)
+    initramfs_tree.stage(stage, spec, sysroot=sysroot, kernel=SimpleNamespace(root=inputs.kernel.root))
+    return stage, outside
+
+
+def test_staging_never_writes_through_a_link_out_of_the_stage(tmp_path):
+    extra = tmp_path / "extra"
+    (extra / "firmware").mkdir(parents=True)
+    (extra / "firmware/blob.bin").write_bytes(b"blob")
+    single = tmp_path / "single.txt"
+    single.write_text("one file\n")
+    stage, outside = _stage_with_a_link_out(tmp_path, **{"/lib": extra, "/lib/one.txt": single})
+    assert list(outside.iterdir()) == [], "modules or [initramfs] files were written out of the stage"
+    inside = stage / str(outside).lstrip("/")  # where /lib points inside the initramfs
+    assert (inside / "firmware/blob.bin").read_bytes() == b"blob"
+    assert (inside / "one.txt").read_text() == "one file\n"
+    assert list(inside.glob("modules/*/kernel/drivers/net/virtio_net.ko"))
+
+
+def test_an_initramfs_files_target_that_climbs_out_is_refused(tmp_path):
+    single = tmp_path / "single.txt"
+    single.write_text("one file\n")
+    with pytest.raises(RackbootError, match=r"\[initramfs\] files: /\.\./\.\./x: .*leads out of"):
+        _stage_with_a_link_out(tmp_path, **{"/../../x": single})
+    assert not (tmp_path.parent / "x").exists()  # where stage/../../x would be

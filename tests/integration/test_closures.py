@@ -186,3 +186,142 @@ def test_content_hash_follows_bytes_not_mtimes(tmp_path):
     os.utime(f, (1_000_000, 1_000_000))
     after = content_hash(f), content_hash(tree)
     assert after[0] != before[0] and after[1] != before[1]
+
+
+# --- paths from the config or a package stay inside their root ---------------------------
+
+def copy_closure(root: Path, dest: Path, arch: str, binary: str = "/usr/bin/python3.11") -> None:
+    for p in elf.closure([binary], root, arch):
+        src, dst = root / p.lstrip("/"), dest / p.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def outside_copy(tmp_path: Path, source: Path) -> Path:
+    """A real, readable file of the right arch next to (not inside) the sysroot."""
+    (tmp_path / "outside").mkdir(exist_ok=True)
+    return Path(shutil.copy(source, tmp_path / "outside" / source.name))
+
+
+@pytest.mark.parametrize("binary", ["/bin/../../outside/busybox", "/../outside/busybox", "../../outside/busybox"])
+def test_a_binary_path_that_climbs_out_of_the_sysroot_is_refused(busybox_root, tmp_path, binary):
+    """It used to be read from the host (and copied to the same place outside the stage)."""
+    sysroot = tmp_path / "sysroot"
+    copy_closure(busybox_root, sysroot, "arm64", "/bin/busybox")
+    outside_copy(tmp_path, busybox_root / "bin/busybox")
+    with pytest.raises(RackbootError, match=r"leads out of .*sysroot; refusing") as err:
+        elf.closure([binary], sysroot, "arm64")
+    assert binary in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_package_link_out_of_the_sysroot_is_refused_naming_the_link(python_root, tmp_path):
+    arch, root = python_root
+    sysroot = tmp_path / "sysroot"
+    copy_closure(root, sysroot, arch)
+    libz = sysroot / f"lib/{TRIPLETS[arch]}/libz.so.1"
+    libz.unlink()
+    libz.symlink_to("../../../outside/libz.so.1")  # out of the sysroot, where the host's root would be
+    with pytest.raises(RackbootError, match=rf"^libz\.so\.1, needed by /usr/bin/python3\.11: .* leads out of "
+                                            rf".* through the link /lib/{TRIPLETS[arch]}/libz\.so\.1"):
+        elf.closure(["/usr/bin/python3.11"], sysroot, arch)
+
+
+def test_an_interpreter_link_out_of_the_sysroot_is_refused(python_root, tmp_path):
+    arch, root = python_root
+    sysroot = tmp_path / "sysroot"
+    copy_closure(root, sysroot, arch)
+    interp = elf.read_elf_info(sysroot / "usr/bin/python3.11").interp
+    loader = sysroot / interp.lstrip("/")
+    loader.unlink()
+    loader.symlink_to("../" * 6 + "outside/loader")
+    with pytest.raises(RackbootError, match=rf"leads out of .* \(the interpreter of /usr/bin/python3\.11\)"):
+        elf.closure(["/usr/bin/python3.11"], sysroot, arch)
+
+
+def test_absolute_links_resolve_inside_the_sysroot_not_on_the_host(busybox_root, tmp_path):
+    sysroot = tmp_path / "sysroot"
+    copy_closure(busybox_root, sysroot, "arm64", "/bin/busybox")
+    outside = outside_copy(tmp_path, busybox_root / "bin/busybox")
+    (sysroot / "sbin").mkdir()
+    (sysroot / "sbin/tool").symlink_to(outside)  # an absolute path: inside the sysroot it does not exist
+    with pytest.raises(RackbootError, match=rf"/sbin/tool does not exist in {sysroot}"):
+        elf.closure(["/sbin/tool"], sysroot, "arm64")
+    (sysroot / "sbin/tool").unlink()
+    (sysroot / "sbin/tool").symlink_to("/bin/busybox")
+    assert elf.closure(["/sbin/tool"], sysroot, "arm64") == ["/bin/busybox", "/sbin/tool"]
+
+
+def test_ld_so_conf_includes_are_read_inside_the_sysroot(tmp_path):
+    sysroot = tmp_path / "sysroot"
+    (sysroot / "etc/ld.so.conf.d").mkdir(parents=True)
+    (sysroot / "etc/ld.so.conf").write_text("include ld.so.conf.d/*.conf\ninclude /etc/ld.so.conf\n/opt/lib\n")
+    (sysroot / "etc/ld.so.conf.d/a.conf").write_text("/usr/local/lib\n")
+    assert elf.ld_so_conf_paths(sysroot) == ("/usr/local/lib", "/opt/lib")  # the self-include ends
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside/host.conf").write_text("/host/lib\n")
+    escaping = tmp_path / "escaping"
+    (escaping / "etc").mkdir(parents=True)
+    (escaping / "etc/ld.so.conf").write_text("include ../../outside/*.conf\n")
+    with pytest.raises(RackbootError, match="leads out of"):
+        elf.ld_so_conf_paths(escaping)
+
+
+def test_kernel_tree_links_are_followed_inside_it(kernel_root, tmp_path):
+    """A local kernel tree whose lib points at an absolute /usr/lib must not hand over the
+    host's modules (here a stand-in 'host' directory)."""
+    kver = modules.KernelModules(kernel_root).kver
+    host = tmp_path / "host"
+    (host / "modules" / kver / "kernel").mkdir(parents=True)
+    shutil.copy(kernel_root / modules.KernelModules(kernel_root).index["failover"].relative_to(kernel_root),
+                host / "modules" / kver / "kernel")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "lib").symlink_to(host)
+    with pytest.raises(RackbootError, match="expected one kernel release under .*tree/.*found none"):
+        modules.module_closure(["failover"], tree)
+    inside = tree / str(host).lstrip("/") / "modules" / kver
+    inside.mkdir(parents=True)
+    assert modules.KernelModules(tree).index == {}  # the tree's own (empty) modules, not the host's
+
+
+def test_a_module_link_out_of_the_kernel_tree_is_refused(kernel_root, tmp_path):
+    kver = modules.KernelModules(kernel_root).kver
+    tree = tmp_path / "tree"
+    (tree / "lib/modules" / kver / "kernel").mkdir(parents=True)
+    (tree / "lib/modules" / kver / "kernel/evil.ko").symlink_to("../" * 8 + "outside/evil.ko")
+    with pytest.raises(RackbootError, match=r"kernel module .*evil\.ko: .* leads out of"):
+        modules.module_closure(["evil"], tree)
+
+
+def test_merging_package_trees_follows_links_inside_the_tree_not_on_the_host(tmp_path):
+    """One package's absolute lib link used to carry the next package's files into the host."""
+    from rackboot import initramfs_tree, sources
+    host = tmp_path / "host-lib"
+    host.mkdir()
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    (first / "lib").symlink_to(host)
+    (second / "lib/sub").mkdir(parents=True)
+    (second / "lib/sub/foo.so").write_text("from the second package\n")
+    (second / "lib/bar").symlink_to("sub/foo.so")
+    dest = initramfs_tree.merge_trees([first, second], tmp_path / "merged")
+    assert list(host.iterdir()) == []
+    inside = dest / str(host).lstrip("/")
+    assert (inside / "sub/foo.so").read_text() == "from the second package\n"
+    assert os.readlink(inside / "bar") == "sub/foo.so"
+    escaping = tmp_path / "escaping"
+    escaping.mkdir()
+    (escaping / "lib").symlink_to("../../../../../../outside")
+    with pytest.raises(RackbootError, match="leads out of"):
+        sources.merge_tree(second, initramfs_tree.merge_trees([escaping], tmp_path / "merged2"))
+
+
+def test_merge_tree_lays_real_packages_out_as_the_cached_sysroot(python_root, tmp_path):
+    """The merge that replaced shutil.copytree gives the same tree on Debian's packages."""
+    from rackboot import sources
+    arch, root = python_root
+    cache = PackageCache(arch=arch)
+    dest = tmp_path / "merged"
+    for ref in sorted(cache.resolve(["python3.11-minimal"]), key=lambda r: r.name):
+        sources.merge_tree(cache.unpack(ref), dest)
+    assert content_hash(dest) == content_hash(root)
