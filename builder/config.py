@@ -93,6 +93,8 @@ def _cmdline(value: str) -> str | None:
     if bad:
         return (f"contains {', '.join(repr(c) for c in bad)}, which U-Boot's boot script would act on "
                 "(printable ASCII only, no double quote, dollar, backslash, semicolon or backtick)")
+    if "--" in value.split():
+        return "'--' would hand the rest of the command line (panic=10, rackboot.master) to init, not the kernel"
     return None
 
 

@@ -95,6 +95,13 @@ def test_same_inputs_same_bytes_whatever_umask_and_mtimes(tmp_path):
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
 
 
+def _boot_of(size_mib: int, boot_type: str = "0c") -> dict:
+    return {"partitions": [{"name": "boot", "size_mib": size_mib, "type": boot_type},
+                           {"name": "a", "size_mib": 256, "type": "83"},
+                           {"name": "b", "size_mib": 256, "type": "83"},
+                           {"name": "data", "size_mib": "rest", "type": "83"}]}
+
+
 def _only_state(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name != ".rackboot") if out.exists() else []
 
@@ -104,6 +111,10 @@ def _only_state(out: Path) -> list[str]:
     ({"initramfs": {"packages": ["busybox-static", "no-such-package-rackboot"]}},
      r"unknown Debian package 'no-such-package-rackboot'", 1),
     ({"initramfs": {"modules": ["virtio_nett"]}}, r"virtio_nett.*did you mean 'virtio_net'", 1),
+    ({"master": {"port": 99999}}, r"\[master\] port: expected an integer from 1 to 65535, got 99999", 2),
+    ({"kernel": {"cmdline": 'quiet" ; reset ; echo "'}}, r"\[kernel\] cmdline: .*U-Boot's boot script", 2),
+    ({"layout": _boot_of(64, "05")}, r"\[layout\] partitions\[0\]\.type: .*FAT type", 2),
+    ({"initramfs": {"binaries": ["/bin/../../etc/passwd"]}}, r"binaries\[0\]: .*must stay inside the sysroot", 2),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, sections, pattern, status):
     import re
@@ -154,13 +165,6 @@ def _files(out: Path) -> dict[str, str]:
     """sha256 of every file in the output directory but the build's own state."""
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file() and ".rackboot" not in p.relative_to(out).parts}
-
-
-def _boot_of(size_mib: int, boot_type: str = "0c") -> dict:
-    return {"partitions": [{"name": "boot", "size_mib": size_mib, "type": boot_type},
-                           {"name": "a", "size_mib": 256, "type": "83"},
-                           {"name": "b", "size_mib": 256, "type": "83"},
-                           {"name": "data", "size_mib": "rest", "type": "83"}]}
 
 
 def test_a_build_that_fails_at_the_card_leaves_the_previous_build(tmp_path):

@@ -90,6 +90,7 @@ SLOTS = "{name='a', size_mib=8}, {name='b', size_mib=8}"
     ("[kernel]\ncmdline = \"a\\nb\"\n", r"\[kernel\] cmdline: .*contains '\\n'"),
     ("[kernel]\ncmdline = 'a\\b'\n", r"\[kernel\] cmdline: .*contains " + re.escape(repr("\\"))),
     ("[kernel]\ncmdline = '" + "x" * 513 + "'\n", r"\[kernel\] cmdline: .*513 characters is longer than the 512"),
+    ("[kernel]\ncmdline = 'quiet -- single'\n", r"\[kernel\] cmdline: .*'--' would hand the rest"),
     ("[layout]\ntries = -1\n", r"\[layout\] tries: expected an integer >= 1, got -1"),
     ("[layout]\ntries = 0\n", r"\[layout\] tries: expected an integer >= 1, got 0"),
     ("[initramfs]\nwatchdog = -5\n", r"\[initramfs\] watchdog: expected an integer >= 0, got -5"),
