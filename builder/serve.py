@@ -36,6 +36,9 @@ _BUSY_BODY = b'{"error":"busy: too many connections, retry later"}\n'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: rackboot\r\nRetry-After: 1\r\n"
          b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
          % (len(_BUSY_BODY), _BUSY_BODY))
+# control characters (and the backslash) as http.server's own log writes them: \x1b, \\
+_LOG_ESCAPES = str.maketrans({**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))},
+                              ord("\\"): "\\\\"})
 _TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig": "application/octet-stream"}
 
 
@@ -315,7 +318,6 @@ class MasterHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def log_message(self, format: str, *args) -> None:
-        if not self.server.quiet:  # control characters escaped, as the base class does: a
-            # client must not write terminal escapes or fake lines into the master's log
-            message = (format % args).translate(self._control_char_table)
+        if not self.server.quiet:  # a client must not write terminal escapes into the master's log
+            message = (format % args).translate(_LOG_ESCAPES)
             sys.stderr.write(f"{self.address_string()} {message}\n")
