@@ -23,6 +23,7 @@ from .fetch import Master
 from .formats import MAX_REPORT_OUTPUT, Hook, Manifest, beside
 
 SHELL = "/bin/sh"
+DRAIN_SECONDS = 5  # after the kill, how long a hook's output may take to close
 RUN_DIR = "/run/rackboot"  # a tmpfs on the worker; the hooks' scripts never touch the card
 
 
@@ -81,12 +82,24 @@ def run(hook: Hook, script: bytes, env: Mapping[str, str], *, log: Callable[[str
             status: Optional[int] = proc.returncode
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid)  # its children too: a hook must not outlive its timeout
-            raw, _ = proc.communicate()
+            raw = _drain(proc)
             status = None
     text = raw.decode("utf-8", "replace")
     for line in text.splitlines():
         log(f"hook {hook.name}: {line}")
     return Outcome(hook.name, status, text[-MAX_REPORT_OUTPUT:], round(now() - started, 3))
+
+
+def _drain(proc: subprocess.Popen) -> bytes:
+    """The killed hook's output. A process that left its group (setsid) may still hold the
+    pipe open: the wait for it is bounded, and whatever arrived by then is kept."""
+    try:
+        raw, _ = proc.communicate(timeout=DRAIN_SECONDS)
+        return raw
+    except subprocess.TimeoutExpired as e:
+        proc.stdout.close()
+        proc.wait()
+        return (e.output or b"") + b"\n(output cut: a process the hook started outside its group still holds it)\n"
 
 
 def _kill_group(pid: int) -> None:

@@ -5,6 +5,8 @@ hook stops the install and the good slot boots."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -133,3 +135,18 @@ def test_hook_runner_reports_signals_and_keeps_the_output_tail(tmp_path):
     out = hooks.run(h, b"yes line | head -n 5000\nkill -9 $$\n", {"PATH": "/usr/bin:/bin"}, log=lambda m: None)
     assert out.status == -9 and out.problem().startswith("hook post-install was killed by signal 9")
     assert len(out.output) == 4000 and out.output.endswith("line\n")
+
+
+def test_a_hook_whose_escaped_child_holds_its_output_still_ends(tmp_path):
+    """setsid takes a child out of the hook's process group; the kill misses it and it keeps
+    the output pipe open. The updater stops waiting for it all the same."""
+    h = Hook(name="pre-install", file="x.sh", size=1, sha256="0" * 64, timeout=1)
+    pid_file = tmp_path / "escaped.pid"
+    script = f"echo started\nsetsid sh -c 'echo $$ > {pid_file}; exec sleep 60' &\nsleep 60\n".encode()
+    try:
+        out = hooks.run(h, script, {"PATH": "/usr/bin:/bin"}, log=lambda m: None)
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert out.status is None and not out.ok
+    assert out.output.startswith("started\n") and "output cut" in out.output
