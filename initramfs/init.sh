@@ -103,9 +103,17 @@ mount_data() {  # the overlay's upper layer on the data partition, formatted on 
     return 1
 }
 
+unmount_slot() {  # what a failed switch_to_slot left mounted, so the next try starts clean
+    for point in /newroot /run/rackboot/upper /run/rackboot/lower; do
+        umount "$point" 2>/dev/null
+    done
+    return 0
+}
+
 switch_to_slot() {
     . /run/rackboot/decision
     log "booting slot $slot ($action) from $device mounted $mount"
+    unmount_slot
     case "$mount" in
         rw) mount -t ext4 -o rw "$device" /newroot ;;
         ro) mount -t ext4 -o ro "$device" /newroot ;;
@@ -118,7 +126,10 @@ switch_to_slot() {
             mkdir -p /run/rackboot/upper/upper /run/rackboot/upper/work
             mount -t overlay overlay -o "lowerdir=/run/rackboot/lower,upperdir=/run/rackboot/upper/upper,workdir=/run/rackboot/upper/work" /newroot
             ;;
-    esac || return 1
+    esac || { unmount_slot; return 1; }
+    # switch_root cannot come back: an init it fails to run panics the kernel
+    [ -e "/newroot${init:-/sbin/init}" ] || [ -L "/newroot${init:-/sbin/init}" ] ||
+        { log "slot $slot has no ${init:-/sbin/init}"; unmount_slot; return 1; }
     { cat /run/rackboot/decision; echo "disk='$RACKBOOT_DISK'"; } > /run/rackboot/booted
     mount --move /proc /newroot/proc 2>/dev/null; mount --move /sys /newroot/sys 2>/dev/null
     mount --move /dev /newroot/dev 2>/dev/null
