@@ -9,6 +9,7 @@ so the reader still finds the other one: the old state or the new, never neither
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from typing import Optional
@@ -37,8 +38,12 @@ def encode(state: SlotState) -> bytes:
     return record
 
 
-def decode(raw: bytes) -> Optional[SlotState]:
-    """A record's state, or None when the copy is torn, blank or otherwise invalid."""
+class NewerState(UpdaterError):
+    """The card's state was written by a newer updater: reading it as blank would lose it."""
+
+
+def _body(raw: bytes) -> Optional[tuple[int, bytes]]:
+    """A whole record's (seq, body), or None when the copy is torn, blank or not ours."""
     if len(raw) < _HEAD.size or raw[:4] != MAGIC:
         return None
     _, seq, length = _HEAD.unpack_from(raw)
@@ -47,15 +52,43 @@ def decode(raw: bytes) -> Optional[SlotState]:
         return None
     if _CRC.unpack_from(raw, end)[0] != zlib.crc32(raw[:end]):
         return None
+    return seq, raw[_HEAD.size:end]
+
+
+def decode(raw: bytes) -> Optional[SlotState]:
+    """A record's state, or None when the copy is torn, blank or otherwise invalid."""
+    whole = _body(raw)
+    if whole is None:
+        return None
+    seq, body = whole
     try:
-        state = formats.parse_slot_state(raw[_HEAD.size:end])
+        state = formats.parse_slot_state(body)
     except UpdaterError:
         return None
     return state if state.seq == seq else None
 
 
+def newer_format(raw: bytes) -> Optional[int]:
+    """The format number of a whole record that a newer updater wrote, else None."""
+    whole = _body(raw)
+    try:
+        value = json.loads(whole[1]).get("format") if whole else None
+    except (ValueError, AttributeError):
+        return None
+    return value if type(value) is int and value > formats.FORMAT else None
+
+
 def read_copies(disk: Disk) -> tuple[Optional[SlotState], ...]:
-    return tuple(decode(disk.read(offset, RESERVED)) for offset in COPIES)
+    """Each copy's state; a whole copy of a newer format stops everything (NewerState):
+    this updater cannot tell which slot it calls good, and must not write over it."""
+    raws = [disk.read(offset, RESERVED) for offset in COPIES]
+    for offset, raw in zip(COPIES, raws):
+        newer = newer_format(raw)
+        if newer is not None:
+            raise NewerState(f"slot state: the copy at {offset >> 20} MiB is format {newer}, newer than "
+                             f"this updater reads ({formats.FORMAT}); the card is left as it is until "
+                             "the worker boots a newer initramfs")
+    return tuple(decode(raw) for raw in raws)
 
 
 def pick(copies: tuple[Optional[SlotState], ...]) -> SlotState:

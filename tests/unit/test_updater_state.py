@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -103,3 +105,18 @@ def test_a_state_a_reader_would_discard_is_never_written(disk):
     with pytest.raises(UpdaterError, match="slot state: primary: 'a' is not a good or trial slot"):
         state.write(disk, inconsistent)
     assert state.read(disk).slot("a").state == "good"  # the card still says what it said
+
+
+def test_a_copy_of_a_newer_format_stops_reads_and_writes(disk):
+    """A card that a newer updater wrote is not blank to an older one: neither read as
+    empty (the card would be laid out and installed afresh) nor written over."""
+    state.write(disk, good(1))
+    body = b'{"format":2,"seq":2,"slots":{}}\n'
+    head = state._HEAD.pack(state.MAGIC, 2, len(body)) + body
+    disk.write(state.COPIES[1], head + state._CRC.pack(zlib.crc32(head)))
+    before = disk.read(0, 4 << 20)
+    with pytest.raises(state.NewerState, match=r"^slot state: the copy at 2 MiB is format 2, newer than this updater reads \(1\)"):
+        state.read(disk)
+    with pytest.raises(state.NewerState):
+        state.write(disk, good(3))
+    assert disk.read(0, 4 << 20) == before
