@@ -22,7 +22,8 @@ SECTORS_PER_MIB = MIB // mbr.SECTOR
 MBR_BYTES = (1 << 32) * mbr.SECTOR  # the last byte a 32-bit LBA reaches
 BOOT = "boot"
 # FAT32 (CHS), FAT32 (LBA), FAT16 (LBA): the boot partition holds the card image's FAT32,
-# which the Pi firmware and U-Boot read only under these types
+# which the Pi firmware and U-Boot read only under these types (the config and the card
+# image take no other; the updater never retypes a card's boot partition)
 FAT_TYPES = (0x0B, 0x0C, 0x0E)
 # Types whose entries mbr.parse refuses: a table holding one would be unreadable next boot
 UNREADABLE_TYPES = (0x05, 0x0F, 0x85, 0xEE)
@@ -52,9 +53,6 @@ def wanted_entries(layout: Layout, disk_bytes: int) -> tuple[mbr.Entry, ...]:
         if ptype in UNREADABLE_TYPES:
             raise UpdaterError(f"layout: partition {p.name}: type {p.type} is an extended or GPT entry, "
                                f"which this card's MBR cannot hold")
-        if p.name == BOOT and ptype not in FAT_TYPES:
-            raise UpdaterError(f"layout: the boot partition's type {p.type} is not a FAT type the firmware "
-                               f"reads ({', '.join(f'{t:02x}' for t in FAT_TYPES)})")
         entries.append(mbr.Entry(i + 1, ptype, p.start_mib * SECTORS_PER_MIB,
                                  size_mib * SECTORS_PER_MIB, bootable=(p.name == BOOT)))
     return tuple(entries)

@@ -139,6 +139,12 @@ def test_ordinary_values_still_load(tmp_path):
     assert cfg.get("master", "port") == 65535 and cfg.get("layout", "partitions")[0]["type"] == "0e"
 
 
+def test_a_boot_partition_without_a_type_is_the_card_images_fat32(tmp_path):
+    """It was 83, as for the slots: the plan said 83, the card 0c, and the updater refused the card."""
+    cfg = parse(layout("{name='boot', size_mib=8}", SLOTS), tmp_path)
+    assert [p["type"] for p in cfg.get("layout", "partitions")] == ["0c", "83", "83"]
+
+
 def test_reference_defaults_are_toml_a_user_can_paste(tmp_path):
     """Every default the reference shows parses back to the same value (the layout was once
     shown as a string the parser refuses)."""

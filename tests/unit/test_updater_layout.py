@@ -93,9 +93,10 @@ def test_a_boot_type_change_is_refused_naming_the_type_not_a_move():
         layout.decide(with_boot_type("0e"), current, 256 * MIB)
 
 
-@pytest.mark.parametrize("ptype", ["05", "0f", "85", "83", "ee"])
-def test_a_boot_type_the_firmware_cannot_read_is_refused_even_on_a_blank_card(ptype):
-    with pytest.raises(UpdaterError, match=rf"type {ptype} is (an extended or GPT entry|not a FAT type)"):
+@pytest.mark.parametrize("ptype", ["05", "0f", "85", "ee"])
+def test_an_extended_boot_type_is_refused_even_on_a_blank_card(ptype):
+    """Written, it would make the card's table unreadable: the next boot saw a blank card."""
+    with pytest.raises(UpdaterError, match=rf"partition boot: type {ptype} is an extended or GPT entry"):
         layout.decide(with_boot_type(ptype), None, 256 * MIB)
 
 
