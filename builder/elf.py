@@ -140,9 +140,10 @@ def ld_so_conf_paths(sysroot: Path) -> tuple[str, ...]:
             if line.startswith("include "):
                 pattern = line.split(None, 1)[1]
                 directory, _, name = pattern.rpartition("/")
-                # as ldconfig: a relative pattern is relative to the including file's directory
-                base = PurePosixPath(conf).parent / directory if not pattern.startswith("/") \
-                    else PurePosixPath(directory or "/")
+                if pattern.startswith("/"):
+                    base = PurePosixPath(directory or "/")
+                else:  # as ldconfig: relative to the including file's directory
+                    base = PurePosixPath(conf).parent / directory
                 try:
                     found = sorted(os.listdir(host_path(sysroot, str(base))))
                 except OSError:

@@ -128,7 +128,7 @@ def _write(stage: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
 
 
 def _copy_file(source: Path, dst: Path) -> None:
-    if os.path.lexists(dst) and dst.is_symlink():
+    if dst.is_symlink():  # replaced, never written through
         os.unlink(dst)
     shutil.copyfile(source, dst)
     shutil.copymode(source, dst)

@@ -284,9 +284,8 @@ def _spec(ref: PackageRef) -> str:
 def merge_tree(src: Path, root: Path, at: str = "/", copy_file=None) -> None:
     """Lay the tree ``src`` into the tree ``root`` at ``at``, as unpacking it there would:
     links already in ``root`` are followed inside it (a package's lib/x lands where another's
-    lib link points), never out of it (shutil.copytree followed them on the host, so a link
-    to /usr/lib had the next package written into the host's /usr/lib); a later file or
-    link replaces an earlier one. ``src``'s own links are copied as links."""
+    lib link points), never on the host, where shutil.copytree followed them; a later file
+    or link replaces an earlier one, and ``src``'s own links are copied as links."""
     copy_file = copy_file or _link
     for dirpath, dirnames, filenames in os.walk(src):  # links to directories are listed, not entered
         rel = os.path.relpath(dirpath, src)
@@ -295,7 +294,7 @@ def merge_tree(src: Path, root: Path, at: str = "/", copy_file=None) -> None:
         for name in sorted(dirnames + filenames):
             source, dest = Path(dirpath) / name, where / name
             if source.is_symlink():
-                if os.path.lexists(dest) and not dest.is_symlink() and dest.is_dir():
+                if dest.is_dir() and not dest.is_symlink():
                     raise RackbootError(f"{source} is a link where {dest} is a directory")
                 if os.path.lexists(dest):
                     os.unlink(dest)
