@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import rackboot.initramfs
-from rackboot import publish, serve
+from rackboot.master import publish, serve
 from rackboot.initramfs.updater.formats import Layout, Plan
 
 IMAGE_MIB = 512

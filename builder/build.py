@@ -17,7 +17,8 @@ from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 
-from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, signing, templates
+from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, templates
+from .master import signing
 from .config import Config
 from .errors import RackbootError
 from .sources import PackageCache, PackageRef, content_hash

@@ -31,7 +31,8 @@ def _cmd_qemu(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from . import config, publish
+    from . import config
+    from .master import publish
     cfg = config.load(args.config)
     master = cfg.get("master", "directory")
     kernel_release, modules_from = args.kernel_release, args.modules_from
@@ -60,7 +61,8 @@ def _hook_arg(value: str) -> tuple[str, Path]:
 
 
 def _cmd_serve(args) -> int:
-    from . import config, serve
+    from . import config
+    from .master import serve
     cfg = config.load(args.config)
     port = args.port if args.port is not None else cfg.get("master", "port")
     serve.serve_forever(cfg.get("master", "directory"), args.bind, port,
@@ -85,7 +87,8 @@ def _positive_float(value: str) -> float:
 
 
 def _cmd_keygen(args) -> int:
-    from . import config, signing
+    from . import config
+    from .master import signing
     cfg = config.load(args.config)
     key = cfg.get("master", "key")
     if key is None:
@@ -95,7 +98,8 @@ def _cmd_keygen(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from . import config, plans
+    from . import config
+    from .master import plans
     cfg = config.load(args.config)
     path = plans.assign(cfg, node=args.node, image=args.image, version=args.version)
     print(f"plan written to {path}")
@@ -135,7 +139,7 @@ def _epoch() -> int:
 
 def parser() -> argparse.ArgumentParser:
     from .initramfs.updater.formats import HOOK_TIMEOUT  # one default for the CLI and publish
-    from .serve import IDLE_TIMEOUT, MAX_CONNECTIONS
+    from .master.serve import IDLE_TIMEOUT, MAX_CONNECTIONS
     p = argparse.ArgumentParser(prog="rackboot", description="Netboot and update racks of Pi-class workers.")
     p.add_argument("--version", action="version", version=f"rackboot {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import build, config, plans, publish, serve, signing
+from . import build, config
+from .master import plans, publish, serve, signing
 from .build import Inputs
 from .errors import RackbootError
 from .initramfs.updater.formats import HOOKS

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import compress, cpio, elf, modules, pystdlib, signing, sources
+from . import compress, cpio, elf, modules, pystdlib, sources
+from .master import signing
 from .config import Config
 from .errors import RackbootError
 from rackboot.firmware.boards import COMMON_MODULES, Board

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rackboot import config, demo, plans
+from rackboot import config, demo
+from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import install, layout, state as slot_state
 from rackboot.initramfs.updater.disk import Disk

@@ -73,14 +73,14 @@ def write(name: str, data: bytes) -> None:
 
 
 def sign(name: str) -> None:
-    from rackboot import signing
+    from rackboot.master import signing
     write(name + ".sig", signing.sign(KEY, (HERE / name).read_bytes()))
 
 
 def ensure_key() -> None:
     """The test key is made once (openssl genpkey) and committed; never remade."""
     if not KEY.exists():
-        from rackboot import signing
+        from rackboot.master import signing
         signing.keygen(KEY)
 
 

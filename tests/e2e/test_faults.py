@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rackboot import config, demo, plans
+from rackboot import config, demo
+from rackboot.master import plans
 from rackboot.initramfs.updater import mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import BOOTABLE

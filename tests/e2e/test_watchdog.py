@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from rackboot import config, demo, plans
+from rackboot import config, demo
+from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import pytest
 
-from rackboot import signing
+from rackboot.master import signing
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.fetch import Master

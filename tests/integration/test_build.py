@@ -198,7 +198,7 @@ def test_switching_compression_leaves_only_the_new_initramfs(tmp_path):
 def test_the_card_carries_the_boot_type_the_plan_carries(tmp_path):
     """[layout] boot type 0e went into the plan while the card said 0c: the updater refused the
     card's own boot partition and a new worker went to rescue."""
-    from rackboot import plans
+    from rackboot.master import plans
     from rackboot.initramfs.updater import layout, mbr
     cfg = config.load(write_config(tmp_path, layout=_boot_of(64, "0e")))
     out = build.build(cfg, log=quiet)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from rackboot import config, plans
+from rackboot import config
+from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater.formats import node_id
 from conftest import write_config

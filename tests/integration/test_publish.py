@@ -1,4 +1,4 @@
-"""rackboot.publish against the real e2fsprogs: determinism, modules, atomicity, OS images."""
+"""rackboot.master.publish against the real e2fsprogs: determinism, modules, atomicity, OS images."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rackboot import publish, signing
+from rackboot.master import publish, signing
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 

@@ -1,4 +1,4 @@
-"""rackboot.serve as a real server on 127.0.0.1: ranges (checked against curl), plans, reports."""
+"""rackboot.master.serve as a real server on 127.0.0.1: ranges (checked against curl), plans, reports."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rackboot import publish, serve
+from rackboot.master import publish, serve
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 

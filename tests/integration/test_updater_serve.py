@@ -13,7 +13,7 @@ from rackboot.initramfs.updater.main import Identity, run
 
 from updater_master import MAC, NODE, image_bytes, publish, write_plan
 
-serve = pytest.importorskip("rackboot.serve")
+serve = pytest.importorskip("rackboot.master.serve")
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rackboot import signing
+from rackboot.master import signing
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import Refused, UpdaterError

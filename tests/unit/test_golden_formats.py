@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from rackboot import graph, publish, serve, signing
+from rackboot import graph
+from rackboot.master import publish, serve, signing
 from rackboot.initramfs.updater import formats, layout, mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import Refused, UpdaterError

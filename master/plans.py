@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .config import Config
-from .errors import RackbootError
+from rackboot.config import Config
+from rackboot.errors import RackbootError
 from . import publish
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Plan, node_id
 
-from .build import BOOT_START_MIB
+from rackboot.build import BOOT_START_MIB
 
 
 DEFAULT = "default"  # the plan of every node without one of its own

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .errors import RackbootError
+from rackboot.errors import RackbootError
 
 
 def public_key_path(private: Path) -> Path:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Optional, Union
 from urllib.parse import unquote, urlsplit
 
-from .errors import RackbootError
-from .initramfs.updater import formats
-from .initramfs.updater.errors import UpdaterError
+from rackboot.errors import RackbootError
+from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.errors import UpdaterError
 
 MAX_REPORT = 64 * 1024
 SEND_CHUNK = 8 << 20

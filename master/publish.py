@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Mapping, Optional, Sequence, Union
 
-from . import modules as kernel_modules
+from rackboot import modules as kernel_modules
 from . import signing
-from .errors import RackbootError
-from .initramfs.updater import formats, mbr
-from .initramfs.updater.errors import UpdaterError
-from .initramfs.updater.formats import HOOK_TIMEOUT, Hook, Latest, Manifest, Plan
+from rackboot.errors import RackbootError
+from rackboot.initramfs.updater import formats, mbr
+from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.formats import HOOK_TIMEOUT, Hook, Latest, Manifest, Plan
 
 PathLike = Union[str, Path]
 
