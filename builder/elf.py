@@ -16,10 +16,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.dynamic import DynamicSection
-from elftools.elf.elffile import ELFFile
-
 from .errors import RackbootError
 
 # Debian arch -> (ELF class, e_machine, multiarch triplet)
@@ -44,6 +40,11 @@ class ElfInfo:
 
 def read_elf_info(path: Path) -> ElfInfo:
     """What the loader reads from one ELF file; RackbootError if it is not ELF."""
+    # imported here: pyelftools costs a no-op `rackboot build` more than its whole check
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from .elf import ARCHES, host_path
 from .errors import RackbootError
 
@@ -65,6 +62,10 @@ class ModInfo:
 
 
 def read_modinfo(path: Path) -> ModInfo:
+    # imported here: pyelftools costs a no-op `rackboot build` more than its whole check
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
     try:
         elf = ELFFile(io.BytesIO(module_bytes(path)))
         section = elf.get_section_by_name(".modinfo")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 
-import jinja2
-
 from . import __version__
 from .errors import RackbootError
 
@@ -21,6 +19,8 @@ def source_hash(package: str, name: str) -> str:
 
 
 def render(package: str, name: str, **context) -> str:
+    import jinja2  # here: a no-op `rackboot build` only hashes templates, and jinja2 is slow to import
+
     # StrictUndefined: a variable the caller forgot is an error, never an empty string
     env = jinja2.Environment(loader=jinja2.FunctionLoader(lambda n: source(package, n)),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
