@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import rackboot.initramfs
-from rackboot.master import publish, serve
+from rackboot.master import plans, publish, serve
 from rackboot.initramfs.updater.formats import Layout, Plan
 
 IMAGE_MIB = 512
@@ -88,7 +88,7 @@ def bench() -> dict:
         manifest = publish.publish_directory(payload_tree(tmp / "tree"), master, image="bench", version=1,
                                              size_mib=IMAGE_MIB)
         manifest_path = "/images/bench/1/manifest.json"
-        publish.write_plan(master, "default", Plan(node="bench", layout=Layout.from_dict(LAYOUT),
+        plans.write_plan(master, "default", Plan(node="bench", layout=Layout.from_dict(LAYOUT),
                                                    image=manifest_path))
         stream_url_path = f"/images/bench/1/{manifest.stream}"
         server = serve.make_server(master, "127.0.0.1", 0, quiet=True)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
+from rackboot.build import BOOT_START_MIB
 from rackboot.config import Config
 from rackboot.errors import RackbootError
-from . import publish
+from rackboot.files import TMP_RE, atomic_write_bytes, lock_dir, sweep
+from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Plan, node_id
 
-from rackboot.build import BOOT_START_MIB
+from . import publish, signing
 
 
 DEFAULT = "default"  # the plan of every node without one of its own
@@ -63,5 +66,23 @@ def assign(cfg: Config, *, node: str, image: str, version: int | None = None) ->
         manifest = f"/images/{image}/{version}/manifest.json"
         if not (Path(master) / manifest.lstrip("/")).is_file():
             raise RackbootError(f"image {image!r} has no version {version} in {master}")
-    return publish.write_plan(master, node, make_plan(cfg, node=node, manifest=manifest, pin=version is not None),
+    return write_plan(master, node, make_plan(cfg, node=node, manifest=manifest, pin=version is not None),
                               key=cfg.get("master", "key"))
+
+
+def write_plan(master: Path, node: str, plan: Plan, key: Path | None = None) -> Path:
+    """Write plans/<node>.json (node: 'default' or the worker's own name), and with a key
+    its .sig first; each file is replaced atomically, under the lock on plans/."""
+    if node != node_name(node):
+        raise RackbootError(f"node {node!r} is not the name a worker asks for ({node_name(node)})")
+    path = Path(master) / "plans" / f"{node}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_dir(path.parent)
+    try:
+        sweep(path.parent, TMP_RE)
+        if key:
+            atomic_write_bytes(path.with_name(path.name + ".sig"), signing.sign(key, formats.dump(plan)))
+        atomic_write_bytes(path, formats.dump(plan))
+    finally:
+        os.close(lock)
+    return path

@@ -11,7 +11,6 @@ open connections a new one gets a quick 503, which the updater retries with back
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -27,11 +26,10 @@ from urllib.parse import unquote, urlsplit
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS
 
 MAX_REPORT = 64 * 1024
 SEND_CHUNK = 8 << 20
-IDLE_TIMEOUT = 30.0  # seconds one read or write on a connection may wait for the client
-MAX_CONNECTIONS = 256  # connections served at once, each with its thread
 _BUSY_BODY = b'{"error":"busy: too many connections, retry later"}\n'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: rackboot\r\nRetry-After: 1\r\n"
          b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"

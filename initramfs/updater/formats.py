@@ -22,6 +22,7 @@ MAX_DOCUMENT = 1 << 20  # bytes; plans and manifests are tiny, anything bigger i
 COMPRESSIONS = ("gzip", "none")
 REPARTITION = ("allowed", "never")
 MOUNTS = ("rw", "ro", "ro+overlay:tmpfs", "ro+overlay:data")
+DEFAULT_MOUNT = "ro+overlay:tmpfs"  # how a slot mounts unless the plan (offline: the card's config) says otherwise
 # trial: installed, not yet confirmed by the system it booted; failed: never confirmed
 SLOT_STATES = ("good", "trial", "failed", "bad", "empty", "writing")
 BOOTABLE = ("good", "trial")
@@ -32,12 +33,15 @@ HOOKS = ("pre-install", "post-install")
 MAX_HOOK_BYTES = 256 << 10
 MAX_HOOK_TIMEOUT = 3600  # seconds
 HOOK_TIMEOUT = 120  # seconds a hook gets unless its publisher says otherwise
+DEFAULT_TRIES = 3  # boots a new slot gets to confirm itself (rackboot-mark-good) before it is given up
 MAX_REPORT_OUTPUT = 4000  # characters of a hook's output a report carries (its tail)
 SLOTS = ("a", "b")
 REST = "rest"
 MIN_START_MIB = 4  # slot-state copies at 1 MiB and 2 MiB (64 KiB each), the confirmation sector at 3 MiB
+EXT_MAGIC = b"\x53\xef"  # s_magic of an ext2/3/4 superblock, little-endian 0xef53
+EXT_MAGIC_OFFSET = 1024 + 0x38  # from the start of the filesystem
 
-_IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MASTER_PATH_RE = re.compile(r"(/[A-Za-z0-9][A-Za-z0-9._-]*)+")
@@ -243,7 +247,7 @@ class Manifest:
         f = _Fields("manifest", obj)
         return cls(
             format=f.format(),
-            image=f.str("image", _IMAGE_RE, what="an image name ([a-z0-9][a-z0-9._-]*)"),
+            image=f.str("image", IMAGE_RE, what="an image name ([a-z0-9][a-z0-9._-]*)"),
             version=f.int("version", minimum=1),
             label=f.str("label"),
             created=f.int("created"),
@@ -289,7 +293,7 @@ class Latest:
     def from_dict(cls, obj: Any) -> "Latest":
         f = _Fields("latest", obj)
         return cls(format=f.format(),
-                   image=f.str("image", _IMAGE_RE, what="an image name"),
+                   image=f.str("image", IMAGE_RE, what="an image name"),
                    version=f.int("version", minimum=1),
                    manifest=f.str("manifest", _MASTER_PATH_RE, what="an absolute path on the master"))
 
@@ -373,9 +377,9 @@ class Plan:
     node: str
     layout: Layout
     image: Optional[str] = None  # manifest path on the master; None = keep what's there
-    mount: str = "ro+overlay:tmpfs"
+    mount: str = DEFAULT_MOUNT
     pin: bool = False  # the image's version may be older than a slot's (a deliberate rollback)
-    tries: int = 3  # boots a new slot gets to confirm itself (rackboot-mark-good) before it is given up
+    tries: int = DEFAULT_TRIES
     format: int = FORMAT
 
     @classmethod
@@ -387,7 +391,7 @@ class Plan:
                    image=f.str("image", _MASTER_PATH_RE, optional=True,
                                what="an absolute path on the master"),
                    mount=f.choice("mount", MOUNTS), pin=f.bool("pin"),
-                   tries=f.int("tries", minimum=1, optional=True) or 3)
+                   tries=f.int("tries", minimum=1, optional=True) or DEFAULT_TRIES)
 
     def to_dict(self) -> dict:
         return {"format": self.format, "node": self.node, "layout": self.layout.to_dict(),
@@ -409,7 +413,7 @@ class Slot:
     def from_dict(cls, obj: Any, name: str = "?") -> "Slot":
         f = _Fields(f"slot state: slots.{name}", obj)
         slot = cls(state=f.choice("state", SLOT_STATES),
-                   image=f.str("image", _IMAGE_RE, optional=True, what="an image name"),
+                   image=f.str("image", IMAGE_RE, optional=True, what="an image name"),
                    version=f.int("version", minimum=1, optional=True),
                    sha256=f.str("sha256", _HEX64_RE, optional=True, what="64 lowercase hex digits"),
                    partition=f.int("partition", minimum=1, optional=True),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rackboot.master import publish, signing
+from rackboot.master import plans, publish, signing
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 
@@ -250,13 +250,15 @@ def test_write_plan_is_canonical_and_parses_back(tmp_path):
         b'"mount":"ro","layout":{"repartition":"never","partitions":['
         b'{"name":"boot","start_mib":4,"size_mib":64,"type":"0c"},'
         b'{"name":"a","size_mib":64,"type":"83"},{"name":"b","size_mib":"rest","type":"83"}]}}')
-    path = publish.write_plan(tmp_path, "52-54-00-12-34-56", plan)
+    path = plans.write_plan(tmp_path, "52-54-00-12-34-56", plan)
     assert path == tmp_path / "plans/52-54-00-12-34-56.json"
     assert path.read_bytes() == formats.dump(plan) and formats.parse_plan(path.read_bytes()) == plan
-    publish.write_plan(tmp_path, "default", plan)
+    plans.write_plan(tmp_path, "default", plan)
     assert sorted(p.name for p in (tmp_path / "plans").iterdir()) == ["52-54-00-12-34-56.json", "default.json"]
-    with pytest.raises(RackbootError, match="node id '../x' is not valid"):
-        publish.write_plan(tmp_path, "../x", plan)
+    with pytest.raises(RackbootError, match="node '../x' is not a MAC address"):
+        plans.write_plan(tmp_path, "../x", plan)
+    with pytest.raises(RackbootError, match="not the name a worker asks for \\(52-54-00-12-34-56\\)"):
+        plans.write_plan(tmp_path, "52:54:00:12:34:56", plan)  # a spelling no worker asks for
 
 
 # --- hooks ------------------------------------------------------------------------------------
@@ -342,7 +344,7 @@ def test_a_killed_publications_leftovers_are_swept_by_the_next(tmp_path):
     image_dir = master / "images/example"
     (image_dir / ".publish-1-k1ll3d/out").mkdir(parents=True)
     (image_dir / ".publish-1-k1ll3d/rootfs.ext4").write_bytes(b"\0" * 4096)
-    (image_dir / ".latest.json.99999.tmp").write_bytes(b"{")
+    (image_dir / ".latest.json.tmp-99999").write_bytes(b"{")
     (image_dir / ".notes").write_text("not a publication's")
     assert publish_tree(tree, master).version == 1
     assert sorted(p.name for p in image_dir.iterdir()) == [".notes", "1", "latest.json"]
@@ -368,14 +370,14 @@ def test_concurrent_publications_of_one_image_take_turns(tmp_path):
 
 
 def test_a_killed_plan_writes_temporaries_are_swept_by_the_next(tmp_path):
-    plans = tmp_path / "plans"
-    plans.mkdir()
-    for name in (".default.json.99999.tmp", ".default.json.sig.99999.tmp", "notes.txt"):
-        (plans / name).write_text("{")
+    plan_dir = tmp_path / "plans"
+    plan_dir.mkdir()
+    for name in (".default.json.tmp-99999", ".default.json.sig.tmp-99999", "notes.txt"):
+        (plan_dir / name).write_text("{")
     plan = formats.parse_plan(
         b'{"format":1,"node":"default","image":"/images/example/1/manifest.json",'
         b'"mount":"ro","layout":{"repartition":"never","partitions":['
         b'{"name":"boot","start_mib":4,"size_mib":64,"type":"0c"},'
         b'{"name":"a","size_mib":64,"type":"83"},{"name":"b","size_mib":"rest","type":"83"}]}}')
-    publish.write_plan(tmp_path, "default", plan)
-    assert sorted(p.name for p in plans.iterdir()) == ["default.json", "notes.txt"]
+    plans.write_plan(tmp_path, "default", plan)
+    assert sorted(p.name for p in plan_dir.iterdir()) == ["default.json", "notes.txt"]

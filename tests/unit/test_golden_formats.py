@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from rackboot import graph
-from rackboot.master import publish, serve, signing
+from rackboot.master import plans, publish, serve, signing
 from rackboot.initramfs.updater import formats, layout, mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import Refused, UpdaterError
-from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Hook, Latest, Layout, Manifest, Partition, Plan, Report, Slot, SlotState
 from rackboot.initramfs.updater.main import Decision, Identity, run
 from rackboot.initramfs.updater.signature import Verifier
@@ -173,7 +173,7 @@ def boot_offline(path: str):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused at once
-        master = Master(dead, connect_timeout=1.0, read_timeout=0.5, retries=1, backoff=0.01, report_timeout=0.5)
+        master = MasterClient(dead, connect_timeout=1.0, read_timeout=0.5, retries=1, backoff=0.01, report_timeout=0.5)
         return run(path, dead, Identity(MAC), master=master, log=lambda m: None, verifier=Verifier(None))
 
 
@@ -216,8 +216,8 @@ def test_unsigned_plan_that_keeps_the_card_is_read():
 
 
 def test_publish_writes_the_current_plans_and_signature_byte_for_byte(tmp_path):
-    signed = publish.write_plan(tmp_path, "default", PLAN_REV3, key=KEY)
-    unsigned = publish.write_plan(tmp_path, NODE, PLAN_UNSIGNED)
+    signed = plans.write_plan(tmp_path, "default", PLAN_REV3, key=KEY)
+    unsigned = plans.write_plan(tmp_path, NODE, PLAN_UNSIGNED)
     assert signed.read_bytes() == sample("plan.format1.rev3.json")
     assert (tmp_path / "plans/default.json.sig").read_bytes() == sample("plan.format1.rev3.json.sig")
     assert unsigned.read_bytes() == sample("plan.format1.rev3.unsigned.json")
