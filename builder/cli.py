@@ -139,7 +139,7 @@ def _epoch() -> int:
 
 def parser() -> argparse.ArgumentParser:
     from .initramfs.updater.formats import HOOK_TIMEOUT  # one default for the CLI and publish
-    from .master.serve import IDLE_TIMEOUT, MAX_CONNECTIONS
+    from .master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS  # not serve: http.server is slow to import
     p = argparse.ArgumentParser(prog="rackboot", description="Netboot and update racks of Pi-class workers.")
     p.add_argument("--version", action="version", version=f"rackboot {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
