@@ -17,12 +17,10 @@ concurrent builds leave a half artefact.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,10 +29,10 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .errors import RackbootError
+from .files import TMP_RE, atomic_write, fsync_dir, remove, sha256_file
 
 STATE_DIR = ".rackboot"
 MANIFEST = "artefacts.json"
-_TMP_RE = re.compile(r"\..+\.tmp-\d+")  # atomic_write's temporaries
 
 
 @dataclass
@@ -68,14 +66,6 @@ class BuildResult:
 
 def canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _key(artefact: Artefact, dep_hashes: dict[str, str]) -> str:
@@ -115,42 +105,8 @@ def stage_dir(out: Path) -> Path:
     return out / STATE_DIR / "stage"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], shown: Path | None = None) -> None:
-    """Run ``write(tmp)`` then fsync and rename tmp over ``path``; on any failure remove tmp.
-    Errors name ``shown`` (default ``path``)."""
-    shown = shown or path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RackbootError(f"no space left on device while writing {shown}") from None
-        raise RackbootError(f"cannot write {shown}: {exc.strerror or exc}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def _remove(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 @contextmanager
@@ -209,7 +165,7 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
                 result.outcomes.append(Outcome(artefact.name, True, reason))
             _commit(out, artefacts, stamps, hashes)
         finally:
-            _remove(stage)
+            remove(stage)
     return result
 
 
@@ -233,7 +189,7 @@ def _commit(out: Path, artefacts: list[Artefact], stamps: dict[str, dict], hashe
         target = out / artefact.filename
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage / artefact.filename, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         write_bytes_atomic(state / f"{artefact.name}.json", canonical(stamps[artefact.name]))
     current = {a.filename for a in artefacts}
     for rel in sorted(previous - current):
@@ -261,21 +217,13 @@ def _manifest_paths(out: Path) -> set[str]:
 def sweep(out: Path, artefacts: list[Artefact]) -> None:
     """Remove what a killed run left: its stage and ``.<name>.tmp-<pid>`` files. Only under
     the lock, so no running build owns them."""
-    _remove(stage_dir(out))
+    remove(stage_dir(out))
     dirs = {out, out / STATE_DIR, *((out / a.filename).parent for a in artefacts)}
     for d in sorted(dirs):
         if d.is_dir():
             for p in d.iterdir():
-                if _TMP_RE.fullmatch(p.name) and p.is_file():
+                if TMP_RE.fullmatch(p.name) and p.is_file():
                     p.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _inputs_changed(state: Path, artefact: Artefact) -> bool:

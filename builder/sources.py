@@ -24,6 +24,8 @@ from pathlib import Path
 
 from .elf import host_path
 from .errors import RackbootError
+from .proc import run
+from .files import atomic_write_bytes, sha256_file
 
 LISTS = Path("/var/lib/apt/lists")
 
@@ -45,17 +47,6 @@ class PackageRef:
 
 def default_cache() -> Path:
     return Path(os.environ.get("RACKBOOT_CACHE") or Path.home() / ".cache" / "rackboot")
-
-
-def _run(cmd: list[str], what: str) -> str:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise RackbootError(f"{cmd[0]} is not installed; rackboot needs apt to {what}") from None
-    if done.returncode:
-        detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RackbootError(f"{' '.join(cmd[:2])} failed to {what}: {detail}")
-    return done.stdout
 
 
 def parse_records(text: str) -> list[dict[str, str]]:
@@ -90,12 +81,9 @@ def _dependency_names(record: dict[str, str]) -> tuple[str, ...]:
 def content_hash(path: Path) -> str:
     """sha256 of a file, or of a directory walk: relative path, type, exec bit, link target, content."""
     path = Path(path)
-    h = hashlib.sha256()
     if path.is_file():
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(path)
+    h = hashlib.sha256()
     if not path.exists():
         raise RackbootError(f"{path} does not exist")
     for dirpath, dirnames, filenames in os.walk(path):
@@ -140,7 +128,7 @@ class PackageCache:
         except (FileNotFoundError, ValueError, TypeError, KeyError):
             pass
         refs = self._resolve_with_apt(names, with_depends)
-        _write_atomic(memo, json.dumps([asdict(r) for r in refs], indent=1).encode())
+        atomic_write_bytes(memo, json.dumps([asdict(r) for r in refs], indent=1).encode())
         return refs
 
     def _show(self, names: list[str]) -> dict[str, PackageRef]:
@@ -210,7 +198,7 @@ class PackageCache:
                 raise RackbootError(f"Debian package {spec} has sha256 {digest[:16]}..., apt expects "
                                     f"{ref.sha256[:16]}...; not cached")
             os.replace(got[0], deb)
-        _write_atomic(verified, ref.sha256.encode() + b"\n")
+        atomic_write_bytes(verified, ref.sha256.encode() + b"\n")
         return deb
 
     def fetch_all(self, refs: list[PackageRef]) -> None:
@@ -223,7 +211,7 @@ class PackageCache:
                     got = list(Path(tmp).glob(f"{ref.name}_*.deb"))
                     if len(got) == 1 and content_hash(got[0]) == ref.sha256:
                         os.replace(got[0], self._deb(ref))
-                        _write_atomic(self._sidecar(ref), ref.sha256.encode() + b"\n")
+                        atomic_write_bytes(self._sidecar(ref), ref.sha256.encode() + b"\n")
         for ref in refs:  # anything the batch missed gets the one-by-one path and its error
             self.fetch(ref)
 
@@ -244,7 +232,7 @@ class PackageCache:
         deb = self.fetch(ref)
         work = Path(tempfile.mkdtemp(dir=self.root / "unpacked", prefix=".unpack-"))
         try:
-            _run(["dpkg-deb", "-x", str(deb), str(work)], f"unpack {deb.name}")
+            run(["dpkg-deb", "-x", str(deb), str(work)], f"cannot unpack {deb.name}", missing="apt-get install dpkg")
             os.rename(work, dest)
         except OSError:
             shutil.rmtree(work, ignore_errors=True)
@@ -312,7 +300,3 @@ def _link(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -17,27 +17,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from rackboot.errors import RackbootError
+from rackboot.proc import run
 from rackboot.initramfs.updater import mbr
 from rackboot.initramfs.updater.layout import FAT_TYPES  # the updater refuses a plan's boot of any other
 
 MIB = 1 << 20
 FAT_EPOCH = 315532800  # 1980-01-01: FAT cannot store anything earlier
 FAT32_LBA = 0x0C
-
-
-def _run(cmd: list[str], what: str) -> None:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
-    except FileNotFoundError:
-        raise RackbootError(f"{cmd[0]} is not installed (apt-get install dosfstools mtools)") from None
-    if done.returncode:
-        detail = " ".join((done.stderr or done.stdout).split())[:300]
-        raise RackbootError(f"{what}: {cmd[0]} failed: {detail}")
+MISSING = "apt-get install dosfstools mtools"
 
 
 def _stage(files: dict[str, Path | bytes], root: Path, mtime: int) -> None:
@@ -63,22 +54,16 @@ def fat_image(out: Path, files: dict[str, Path | bytes], *, size_mib: int, volum
     with open(out, "wb") as f:
         f.truncate(size_mib * MIB)
     # --invariant also sets the volume id to 1234abcd, so it must come before -i
-    _run(["mkfs.fat", "-F", "32", "--invariant", "-i", f"{volume_id:08x}", "-n", label, str(out)],
-         f"formatting the {size_mib} MiB boot partition")
+    run(["mkfs.fat", "-F", "32", "--invariant", "-i", f"{volume_id:08x}", "-n", label, str(out)],
+        f"formatting the {size_mib} MiB boot partition", missing=MISSING)
     with tempfile.TemporaryDirectory(prefix="rackboot-fat-") as tmp:
         stage = Path(tmp)
         _stage(files, stage, max(mtime, FAT_EPOCH))
         top = sorted(p.name for p in stage.iterdir())
         if top:
-            cmd = ["mcopy", "-i", str(out), "-s", "-m", "-Q", *top, "::/"]
-            try:
-                done = subprocess.run(cmd, cwd=stage, capture_output=True, text=True,
-                                      env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC0"})  # FAT times are local
-            except FileNotFoundError:
-                raise RackbootError("mcopy is not installed (apt-get install mtools)") from None
-            if done.returncode:
-                detail = " ".join((done.stderr or done.stdout).split())[:300]
-                raise RackbootError(f"copying files into the boot partition: {detail}")
+            run(["mcopy", "-i", str(out), "-s", "-m", "-Q", *top, "::/"], "copying files into the boot partition",
+                cwd=stage, missing=MISSING,
+                env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC0"})  # FAT times are local
 
 
 def _copy_data(src: Path, dst, offset: int) -> None:
