@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rackboot import config, demo
+from rackboot import config
+from rackboot.qemu import harness
 from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import install, layout, state as slot_state
@@ -153,7 +154,7 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
     return Verdict(True, f"slot {name} ({action}) holds v{version}", name)
 
 
-def published(master: Path, image: str = demo.IMAGE) -> dict[int, Manifest]:
+def published(master: Path, image: str = harness.IMAGE) -> dict[int, Manifest]:
     return {v: parse_manifest((master / "images" / image / str(v) / "manifest.json").read_bytes())
             for v in VERSIONS}
 
@@ -176,14 +177,14 @@ def follow(worker, until: re.Pattern, seen: dict[str, float], timeout: float = B
 
 def torture(cfg: config.Config, work: Path, cuts: list[Cut], log=print) -> list[Outcome]:
     """Build, publish the example image three times, serve, and run one cycle per cut."""
-    out = demo.prepare(cfg, work, log)
+    out = harness.prepare(cfg, work, log)
     for version in VERSIONS:
-        demo.publish_example(cfg, cfg.base / "rootfs", work, version)
+        harness.publish_example(cfg, cfg.base / "rootfs", work, version)
     manifests = published(cfg.get("master", "directory"))
     disk = work / "worker-disk.img"
     windows = dict(WINDOWS)
     outcomes: list[Outcome] = []
-    master = demo.Master(cfg)
+    master = harness.MasterThread(cfg)
     try:
         for n, cut in enumerate(cuts, start=1):
             if outcomes and not outcomes[-1].verdict.survived:
@@ -206,12 +207,12 @@ def cycle(cfg: config.Config, out: Path, disk: Path, logs: Path, cut: Cut, windo
     """One cut boot, then one recovery boot with the master still up."""
     start = time.monotonic()
     if cut.blank:
-        demo.blank_card(out / "sdcard.img", disk)
+        harness.blank_card(out / "sdcard.img", disk)
     with Disk(str(disk), writable=False) as d:
         version = next_version(slot_state.read(d))
-    plans.assign(cfg, node="default", image=demo.IMAGE, version=version)
+    plans.assign(cfg, node="default", image=harness.IMAGE, version=version)
     delay = 0.0
-    with demo.new_worker(cfg, out, disk, Path(f"{logs}-cut.log")) as worker:
+    with harness.new_worker(cfg, out, disk, Path(f"{logs}-cut.log")) as worker:
         seen: dict[str, float] = {}
         try:
             follow(worker, re.compile(MARKERS[cut.phase]), seen)
@@ -223,7 +224,7 @@ def cycle(cfg: config.Config, out: Path, disk: Path, logs: Path, cut: Cut, windo
         measure(seen, windows)
         where = landed(worker.console)
     recovery_log = Path(f"{logs}-recovery.log")
-    with demo.new_worker(cfg, out, disk, recovery_log) as worker:
+    with harness.new_worker(cfg, out, disk, recovery_log) as worker:
         seen = {}
         try:
             if UP.search(follow(worker, re.compile(f"{UP.pattern}|{RESCUE.pattern}"), seen).string):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rackboot import config, demo
+from rackboot.qemu import harness
 from rackboot.master import plans
 from rackboot.initramfs.updater import mbr, state
 from rackboot.initramfs.updater.disk import Disk
@@ -43,8 +44,8 @@ def card(tmp_path_factory) -> Card:
     work = directory / "demo"
     rows = demo.story(cfg, work, log=quiet, steps=[(1, False)])
     assert [r.action for r in rows] == ["installed"]
-    v2 = demo.publish_example(cfg, cfg.base / "rootfs", work, 2)
-    plans.assign(cfg, node="default", image=demo.IMAGE)
+    v2 = harness.publish_example(cfg, cfg.base / "rootfs", work, 2)
+    plans.assign(cfg, node="default", image=harness.IMAGE)
     disk = work / "worker-disk.img"
     with open(disk, "rb") as f:
         slot_b = mbr.parse(f.read(512)).entry(DEFAULT_NUMBERS["b"]).start
@@ -66,9 +67,9 @@ def boot(card: Card, disk: Path, log: Path, faults: list[DiskFault] = ()) -> tup
     """Boot ``disk`` with the master up until a version is up: the console and the reports
     the master got during this boot."""
     before = len(received(card.cfg))
-    master = demo.Master(card.cfg)
+    master = harness.MasterThread(card.cfg)
     try:
-        with demo.new_worker(card.cfg, card.out, disk, log, faults=faults) as worker:
+        with harness.new_worker(card.cfg, card.out, disk, log, faults=faults) as worker:
             worker.expect(r"rackboot-demo: v\d is up", timeout=300)
             worker.wait_exit(timeout=60)
     finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rackboot import config, demo
+from rackboot.qemu import harness
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
 from conftest import quiet
@@ -44,7 +45,7 @@ def rack(tmp_path_factory) -> Rack:
 
 
 def blank_card(rack: Rack, dest: Path) -> Path:
-    demo.blank_card(rack.out / "sdcard.img", dest)
+    harness.blank_card(rack.out / "sdcard.img", dest)
     return dest
 
 
@@ -52,10 +53,10 @@ def test_a_blank_worker_switched_on_before_its_master_installs_once_the_master_i
     disk = blank_card(rack, tmp_path / "blank.img")
     log = tmp_path / "console.log"
     # nothing listens on the master's port yet, and no TFTP either: the card's own initramfs runs
-    with demo.new_worker(rack.cfg, rack.out, disk, log, offline=True) as worker:
+    with harness.new_worker(rack.cfg, rack.out, disk, log, offline=True) as worker:
         worker.expect(re.escape(RESCUE.format(5)), timeout=300)
         worker.expect(re.escape(RESCUE.format(10)), timeout=120)  # the first wait ended by itself
-        master = demo.Master(rack.cfg)  # the worker is waiting out its second backoff now
+        master = harness.MasterThread(rack.cfg)  # the worker is waiting out its second backoff now
         try:
             worker.expect("installing example v1 into slot a", timeout=120)
             worker.expect("rackboot-demo: v1 is up", timeout=300)
@@ -72,7 +73,7 @@ def test_a_blank_worker_switched_on_before_its_master_installs_once_the_master_i
 def test_a_person_at_the_console_gets_a_shell_and_exit_retries(rack, tmp_path):
     disk = blank_card(rack, tmp_path / "blank.img")
     log = tmp_path / "console.log"
-    with demo.new_worker(rack.cfg, rack.out, disk, log, offline=True, console_input=True) as worker:
+    with harness.new_worker(rack.cfg, rack.out, disk, log, offline=True, console_input=True) as worker:
         worker.expect(re.escape(RESCUE.format(5) + " (press Enter for a shell)"), timeout=300)
         worker.type("\n")
         worker.expect(r"rescue shell: 'exit' retries now; it is closed after 900 s", timeout=30)
@@ -87,7 +88,7 @@ def test_a_worker_without_a_network_interface_boots_the_good_slot_on_its_card(ra
     disk = tmp_path / "card.img"
     subprocess.run(["cp", "--sparse=always", rack.card, disk], check=True)  # 1 GiB, mostly holes
     log = tmp_path / "console.log"
-    worker = demo.new_worker(rack.cfg, rack.out, disk, log, offline=True, nic=False)
+    worker = harness.new_worker(rack.cfg, rack.out, disk, log, offline=True, nic=False)
     assert ["-nic", "none"] == worker.command()[worker.command().index("-nic"):][:2]
     with worker:
         worker.expect("rackboot-demo: v1 is up", timeout=300)

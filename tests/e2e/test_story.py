@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rackboot import config, demo
+from rackboot.qemu import harness
 from rackboot.initramfs.updater import mbr
 from conftest import quiet, write_config
 
@@ -81,7 +82,7 @@ def test_card_is_laid_out_as_the_config_says(story):
     sizes = [e.sectors * 512 >> 20 for e in table.entries]
     wanted = [p["size_mib"] for p in cfg.get("layout", "partitions")]
     assert sizes[:3] == wanted[:3]
-    assert table.entries[-1].end * 512 == demo.DISK_MIB << 20  # data takes the rest
+    assert table.entries[-1].end * 512 == harness.DISK_MIB << 20  # data takes the rest
 
 
 def test_master_got_a_report_for_every_online_boot(story):

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from rackboot import config, demo
+from rackboot.qemu import harness
 from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import state
@@ -40,13 +41,13 @@ def test_a_hung_updater_is_reset_by_the_watchdog_and_the_next_boot_installs(tmp_
     cfg = config.load(example_config(tmp_path, initramfs={"watchdog": STALL}))
     work = tmp_path / "demo"
     assert [r.action for r in demo.story(cfg, work, log=quiet, steps=[(1, False)])] == ["installed"]
-    demo.publish_example(cfg, cfg.base / "rootfs", work, 2)
-    plans.assign(cfg, node="default", image=demo.IMAGE)
+    harness.publish_example(cfg, cfg.base / "rootfs", work, 2)
+    plans.assign(cfg, node="default", image=harness.IMAGE)
     disk = work / "worker-disk.img"
-    master = demo.Master(cfg)
+    master = harness.MasterThread(cfg)
     try:
         # pause, not reset, when it fires: QEMU's run state then says the watchdog did it
-        with demo.new_worker(cfg, cfg.get("output", "directory"), disk, tmp_path / "console.log",
+        with harness.new_worker(cfg, cfg.get("output", "directory"), disk, tmp_path / "console.log",
                              no_reboot=False, watchdog_action="pause") as worker:
             worker.expect(r"watchdog: /dev/watchdog armed", timeout=300)
             worker.expect(r"installing example v2 into slot b", timeout=120)

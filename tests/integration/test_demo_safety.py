@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rackboot import config, demo
+from rackboot import config
+from rackboot.qemu import harness
 from conftest import quiet, write_config
 
 
@@ -73,13 +74,13 @@ def test_the_demo_starts_its_own_directories_afresh_on_every_run(tmp_path):
     cfg = config.load(with_rootfs(tmp_path))
     master, work = tmp_path / "master", tmp_path / "demo"
     master.mkdir()  # an empty directory is the demo's to take
-    demo.prepare(cfg, work, log=quiet)
-    assert (master / demo.MARKER).is_file() and (work / demo.MARKER).is_file()
+    harness.prepare(cfg, work, log=quiet)
+    assert (master / harness.MARKER).is_file() and (work / harness.MARKER).is_file()
     (master / "images/example/1").mkdir(parents=True)
     (work / "logs/boot1.log").write_text("first run\n")
-    demo.prepare(cfg, work, log=quiet)
-    assert sorted(p.name for p in master.iterdir()) == [demo.MARKER]
-    assert sorted(p.name for p in work.iterdir()) == [demo.MARKER, "logs"]
+    harness.prepare(cfg, work, log=quiet)
+    assert sorted(p.name for p in master.iterdir()) == [harness.MARKER]
+    assert sorted(p.name for p in work.iterdir()) == [harness.MARKER, "logs"]
     assert list((work / "logs").iterdir()) == []
 
 
