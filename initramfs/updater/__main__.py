@@ -12,9 +12,9 @@ import sys
 from typing import Optional
 
 from .errors import UpdaterError
-from .formats import MOUNTS
+from .formats import DEFAULT_MOUNT, MOUNTS
 from .signature import PUBLIC_KEY, from_environment
-from .main import DEFAULT_MOUNT, Decision, NoIdentity, console_log, discover_identity, run
+from .main import Decision, NoIdentity, console_log, discover_identity, run
 from .watchdog import DEVICE, NoWatchdog, Watchdog
 
 

@@ -28,7 +28,7 @@ class _Retry(Exception):
     """A transient failure worth another attempt (carries the one-line reason)."""
 
 
-class Master:
+class MasterClient:
     def __init__(self, url: str, *, connect_timeout: float = 5.0, read_timeout: float = 15.0,
                  retries: int = 3, backoff: float = 0.5, report_timeout: float = 2.0,
                  sleep: Callable[[float], None] = time.sleep):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 from .errors import Refused, UpdaterError
-from .fetch import Master
+from .fetch import MasterClient
 from .formats import MAX_REPORT_OUTPUT, Hook, Manifest, beside
 
 SHELL = "/bin/sh"
@@ -28,7 +28,7 @@ RUN_DIR = "/run/rackboot"  # a tmpfs on the worker; the hooks' scripts never tou
 
 
 @dataclass(frozen=True)
-class Outcome:
+class HookResult:
     hook: str
     status: Optional[int]  # exit status; None when it was killed at its timeout
     output: str  # the tail, at most MAX_REPORT_OUTPUT characters
@@ -49,7 +49,7 @@ class Outcome:
         return f"hook {self.hook} {why}" + (f": {last.strip()[:200]}" if last else "")
 
 
-def fetch(master: Master, manifest_path: str, manifest: Manifest, signed: bool) -> dict[str, bytes]:
+def fetch(master: MasterClient, manifest_path: str, manifest: Manifest, signed: bool) -> dict[str, bytes]:
     """Every hook's script, checked against the signed manifest; Refused on any doubt."""
     if manifest.hooks and not signed:
         raise Refused(f"manifest: {manifest.image} v{manifest.version} carries hooks and this card has "
@@ -67,7 +67,7 @@ def fetch(master: Master, manifest_path: str, manifest: Manifest, signed: bool) 
 
 
 def run(hook: Hook, script: bytes, env: Mapping[str, str], *, log: Callable[[str], None],
-        shell: str = SHELL, now: Callable[[], float] = time.monotonic) -> Outcome:
+        shell: str = SHELL, now: Callable[[], float] = time.monotonic) -> HookResult:
     """Run one checked hook to completion or to its timeout; its lines go to ``log``."""
     base = RUN_DIR if os.path.isdir(RUN_DIR) else None
     with tempfile.TemporaryDirectory(prefix="hook-", dir=base) as tmp:
@@ -87,7 +87,7 @@ def run(hook: Hook, script: bytes, env: Mapping[str, str], *, log: Callable[[str
     text = raw.decode("utf-8", "replace")
     for line in text.splitlines():
         log(f"hook {hook.name}: {line}")
-    return Outcome(hook.name, status, text[-MAX_REPORT_OUTPUT:], round(now() - started, 3))
+    return HookResult(hook.name, status, text[-MAX_REPORT_OUTPUT:], round(now() - started, 3))
 
 
 def _drain(proc: subprocess.Popen) -> bytes:
@@ -117,6 +117,6 @@ def environment(manifest: Manifest, *, hook: str, node: str, slot: str, slot_dev
             "RACKBOOT_SLOT": slot, "RACKBOOT_SLOT_DEVICE": slot_device, "RACKBOOT_DISK": disk}
 
 
-def check(outcome: Outcome) -> None:
-    if not outcome.ok:
-        raise UpdaterError(outcome.problem())
+def check(result: HookResult) -> None:
+    if not result.ok:
+        raise UpdaterError(result.problem())

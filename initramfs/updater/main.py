@@ -14,22 +14,22 @@ import glob
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from . import hooks, install, layout
 from . import report as reports
 from . import state as slot_state
 from .disk import Disk, partition_device
 from .errors import Refused, UpdaterError
-from .fetch import Master
-from .formats import BOOTABLE, Manifest, Plan, Slot, SlotState, node_id, parse_manifest, parse_plan
+from .fetch import MasterClient
+from .formats import (BOOTABLE, DEFAULT_MOUNT, SLOTS, Manifest, Plan, Slot, SlotState, node_id, parse_manifest,
+                      parse_plan)
 from .mbr import Mbr
 from .signature import Verifier, from_environment
 from .watchdog import NoWatchdog, Watchdog
 
-SLOTS = ("a", "b")
-DEFAULT_MOUNT = "ro+overlay:tmpfs"
 WRITE_ATTEMPTS = 2  # a slot whose read-back differs is written once more, then left bad
 DEFAULT_NUMBERS = {"a": 2, "b": 3, "data": 4}  # the standard layout, for state written without numbers
 
@@ -126,7 +126,7 @@ def _read_text(path: str) -> Optional[str]:
 
 def run(disk_path: str, master_url: str, identity: Optional[Identity], *,
         now: Callable[[], float] = time.monotonic, layout_check: bool = True,
-        master: Optional[Master] = None, log: Callable[[str], None] = None,
+        master: Optional[MasterClient] = None, log: Callable[[str], None] = None,
         offline_mount: str = DEFAULT_MOUNT, verifier: Optional[Verifier] = None,
         open_disk: Callable[[str], Disk] = Disk, watchdog: Optional[Watchdog] = None) -> Decision:
     """Bring the card in line with this node's plan; the Decision says what /init boots.
@@ -135,10 +135,9 @@ def run(disk_path: str, master_url: str, identity: Optional[Identity], *,
     ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config);
     ``watchdog`` (started by the caller) hears of every step forward."""
     with open_disk(disk_path) as disk:
-        update = _Update(disk, disk_path, master or Master(master_url), identity, now, log or console_log)
-        update.offline_mount = offline_mount
-        update.verifier = verifier or from_environment()
-        update.watchdog = watchdog or NoWatchdog()
+        update = _Update(disk, disk_path, master or MasterClient(master_url), identity, now=now,
+                         log=log or console_log, offline_mount=offline_mount,
+                         verifier=verifier or from_environment(), watchdog=watchdog or NoWatchdog())
         return update.run(layout_check)
 
 
@@ -147,8 +146,9 @@ def console_log(message: str) -> None:
 
 
 class _Update:
-    def __init__(self, disk: Disk, disk_path: str, master: Master, identity: Optional[Identity],
-                 now: Callable[[], float], log: Callable[[str], None]):
+    def __init__(self, disk: Disk, disk_path: str, master: MasterClient, identity: Optional[Identity], *,
+                 now: Callable[[], float], log: Callable[[str], None], offline_mount: str,
+                 verifier: Verifier, watchdog: Watchdog):
         self.disk = disk
         self.disk_path = disk_path
         self.master = master
@@ -156,14 +156,14 @@ class _Update:
         self.node = identity.node if identity else None
         self.now = now
         self.log = log
+        self.offline_mount = offline_mount
+        self.verifier = verifier
+        self.watchdog = watchdog
         self.t0 = now()
         self.state = slot_state.read(disk)
         self.plan: Optional[Plan] = None
-        self.phase = "plan"
+        self.phase = "plan"  # the step under way: a failure's report and console line name it
         self.installing: tuple[Optional[str], Optional[int]] = (None, None)  # slot, version: for reports
-        self.offline_mount = DEFAULT_MOUNT
-        self.verifier = Verifier(None)
-        self.watchdog: Watchdog = NoWatchdog()
 
     def run(self, layout_check: bool) -> Decision:
         try:
@@ -175,7 +175,8 @@ class _Update:
             return self.fall_back("offline", NoIdentity("identity: no network interface with a MAC address"))
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
-            self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+            with self.step("plan"):
+                self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
         except Refused as e:
             return self.fall_back("refused", e)
         except UpdaterError as e:
@@ -183,8 +184,8 @@ class _Update:
         signed = "signature verified" if self.verifier.required else "unsigned: this card has no master key"
         self.log(f"plan for {self.plan.node}: image {self.plan.image or '(keep)'} ({signed})")
         try:
-            self.phase = "layout"
-            table = self.check_layout(layout_check)
+            with self.step("layout"):
+                table = self.check_layout(layout_check)
             return self.update(table)
         except Refused as e:
             return self.fall_back("refused", e)
@@ -193,7 +194,6 @@ class _Update:
 
     def signed_doc(self, path: str, parse, headers: Optional[dict] = None):
         """A plan or manifest, parsed only after its signature verified (when the card has a key)."""
-        self.watchdog.progress()  # each fetch is bounded by the master's timeouts and retries
         if not self.verifier.required:
             return self.master.get_doc(path, parse, headers=headers)
         data = self.master.get(path, headers=headers)
@@ -217,8 +217,8 @@ class _Update:
         if decision.action == "repartition":
             self.log(f"repartitioning: {', '.join(decision.changed)} change; "
                      f"kept: {', '.join(decision.kept) or 'none'}")
-            layout.write_table(self.disk, decision.table)
-            self.report("layout")
+            with self.step("layout", report=True):
+                layout.write_table(self.disk, decision.table)
         self.forget_moved_slots(set(decision.changed))
         return decision.table
 
@@ -238,27 +238,27 @@ class _Update:
     # --- install ----------------------------------------------------------------------
 
     def update(self, table: Mbr) -> Decision:
-        self.phase = "download"
-        if self.plan.image is None:
-            current = self.state.primary or self.state.last_good
-            if current is None:
-                raise UpdaterError("plan: assigns no image and no slot on the card is good")
-            return self.decision(current, "up-to-date")
-        manifest = self.signed_doc(self.plan.image, parse_manifest)
-        self.refuse_replay(manifest)
-        for name, slot in sorted(self.state.slots.items()):
-            if slot.state == "failed" and (slot.image, slot.sha256) == (manifest.image, manifest.sha256):
-                raise UpdaterError(f"{manifest.image} v{manifest.version} never confirmed itself in slot {name}; "
-                                   "it is not installed again until the plan assigns another version")
-        for name in SLOTS:
-            slot = self.state.slot(name)
-            if slot.holds(manifest) and slot.partition in (None, self.plan.layout.number(name)):
-                if self.state.primary != name:
-                    last_good = name if slot.state == "good" else self.state.last_good
-                    self.commit(replace(self.state, primary=name, last_good=last_good))
-                self.log(f"slot {name} already holds {manifest.image} v{manifest.version}")
-                return self.decision(name, "up-to-date", manifest)
-        target = self.inactive_slot()
+        with self.step("download"):  # the manifest, and whether a slot holds its image already
+            if self.plan.image is None:
+                current = self.state.primary or self.state.last_good
+                if current is None:
+                    raise UpdaterError("plan: assigns no image and no slot on the card is good")
+                return self.decision(current, "up-to-date")
+            manifest = self.signed_doc(self.plan.image, parse_manifest)
+            self.refuse_replay(manifest)
+            for name, slot in sorted(self.state.slots.items()):
+                if slot.state == "failed" and (slot.image, slot.sha256) == (manifest.image, manifest.sha256):
+                    raise UpdaterError(f"{manifest.image} v{manifest.version} never confirmed itself in slot "
+                                       f"{name}; it is not installed again until the plan assigns another version")
+            for name in SLOTS:
+                slot = self.state.slot(name)
+                if slot.holds(manifest) and slot.partition in (None, self.plan.layout.number(name)):
+                    if self.state.primary != name:
+                        last_good = name if slot.state == "good" else self.state.last_good
+                        self.commit(replace(self.state, primary=name, last_good=last_good))
+                    self.log(f"slot {name} already holds {manifest.image} v{manifest.version}")
+                    return self.decision(name, "up-to-date", manifest)
+            target = self.inactive_slot()
         self.install(target, manifest, table)
         return self.decision(target, "installed", manifest)
 
@@ -281,12 +281,12 @@ class _Update:
     def install(self, target: str, manifest: Manifest, table: Mbr) -> None:
         self.installing = (target, manifest.version)
         number = self.plan.layout.number(target)
-        offset, capacity = layout.partition_range(table, number)
-        if manifest.size > capacity:
-            raise UpdaterError(f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
-                               f"bytes, slot {target} has {capacity}")
-        self.watchdog.progress()
-        scripts = hooks.fetch(self.master, self.plan.image, manifest, self.verifier.required)
+        with self.step("download"):  # the slot's room and the hooks' scripts, before a byte of it is written
+            offset, capacity = layout.partition_range(table, number)
+            if manifest.size > capacity:
+                raise UpdaterError(f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
+                                   f"bytes, slot {target} has {capacity}")
+            scripts = hooks.fetch(self.master, self.plan.image, manifest, self.verifier.required)
         self.run_hook("pre-install", manifest, scripts, target, number)  # the slot is untouched so far
         entry = Slot("writing", manifest.image, manifest.version, manifest.sha256, number)
         if self.state.primary == target:  # replacing an unconfirmed slot: the good one boots meanwhile
@@ -302,12 +302,11 @@ class _Update:
         except UpdaterError:
             self.commit(self.with_slot(target, replace(entry, state="bad")))
             raise
-        self.phase = "commit"
-        self.log(f"committing slot {target}")
-        # on trial until the system it boots runs rackboot-mark-good; last_good stays the old slot
-        self.commit(replace(self.with_slot(target, replace(entry, state="trial", tries=self.plan.tries)),
-                            primary=target))
-        self.report("commit", slot=target, version=manifest.version)
+        with self.step("commit", report=True, slot=target, version=manifest.version):
+            self.log(f"committing slot {target}")
+            # on trial until the system it boots runs rackboot-mark-good; last_good stays the old slot
+            self.commit(replace(self.with_slot(target, replace(entry, state="trial", tries=self.plan.tries)),
+                                primary=target))
 
     def run_hook(self, name: str, manifest: Manifest, scripts: dict[str, bytes], target: str,
                  number: int) -> None:
@@ -316,32 +315,30 @@ class _Update:
         hook = manifest.hook(name)
         if hook is None:
             return
-        self.phase = name
-        env = hooks.environment(manifest, hook=name, node=self.node, slot=target,
-                                slot_device=partition_device(self.disk_path, number), disk=self.disk_path)
-        self.log(f"running the signed {name} hook {hook.file} (timeout {hook.timeout} s)")
-        self.watchdog.progress(allow=hook.timeout + self.watchdog.stall)  # it is killed before then
-        outcome = hooks.run(hook, scripts[name], env, log=self.log)
-        self.report("hook", seconds=outcome.seconds, slot=target, version=manifest.version,
-                    output=outcome.output, error=None if outcome.ok else outcome.problem())
-        hooks.check(outcome)
+        with self.step(name, allow=hook.timeout + self.watchdog.stall):  # it is killed before then
+            env = hooks.environment(manifest, hook=name, node=self.node, slot=target,
+                                    slot_device=partition_device(self.disk_path, number), disk=self.disk_path)
+            self.log(f"running the signed {name} hook {hook.file} (timeout {hook.timeout} s)")
+            result = hooks.run(hook, scripts[name], env, log=self.log)
+            # reported whether it passed or not: its output is what the master needs to see
+            self.report("hook", seconds=result.seconds, slot=target, version=manifest.version,
+                        output=result.output, error=None if result.ok else result.problem())
+            hooks.check(result)
 
     def write_and_read_back(self, target: str, offset: int, capacity: int, manifest: Manifest, *,
                             last: bool) -> bool:
         """Stream, verify what was written, then re-read the slot from the medium: False
         when the read-back differs and another attempt remains."""
-        self.phase = "download"
-        started = self.now()
-        stream = self.watchdog.watch(self.master.stream(manifest.stream_path(self.plan.image),
-                                                        manifest.stream_size))
-        written = install.write_stream(stream, self.disk, offset, capacity, manifest)
-        self.report("download", seconds=self.now() - started, slot=target, version=manifest.version)
-        self.phase = "verify"
-        install.verify(written, manifest)
-        self.phase = "read-back"
-        self.log(f"reading back slot {target}")
-        if install.read_back(self.disk, offset, manifest.size,
-                             progress=self.watchdog.progress) == (manifest.sha256, manifest.crc32):
+        with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
+            stream = self.watchdog.watch(self.master.stream(manifest.stream_path(self.plan.image),
+                                                            manifest.stream_size))
+            written = install.write_stream(stream, self.disk, offset, capacity, manifest)
+        with self.step("verify"):
+            install.verify(written, manifest)
+        with self.step("read-back"):
+            self.log(f"reading back slot {target}")
+            digests = install.read_back(self.disk, offset, manifest.size, progress=self.watchdog.progress)
+        if digests == (manifest.sha256, manifest.crc32):
             return True
         problem = f"read-back of slot {target} differs from what was written"
         if last:
@@ -350,7 +347,22 @@ class _Update:
         self.report("error", slot=target, version=manifest.version, error=problem)
         return False
 
-    # --- state, decisions, reports ------------------------------------------------------
+    # --- steps, state, decisions, reports -----------------------------------------------
+
+    @contextmanager
+    def step(self, phase: str, *, report: bool = False, timed: bool = False, slot: Optional[str] = None,
+             version: Optional[int] = None, allow: Optional[float] = None) -> Iterator[None]:
+        """One step of the update. ``self.phase`` names it from here on, so a step that
+        raises is the phase fall_back's error names. The watchdog hears of it (``allow``:
+        seconds it may then go quiet, for a hook). With ``report``, a step that ends well
+        is reported under its phase: ``timed``, with its own seconds (the download: the
+        stream alone), else with the seconds since the updater started."""
+        self.phase = phase
+        self.watchdog.progress(allow)
+        started = self.now()
+        yield
+        if report:
+            self.report(phase, seconds=self.now() - started if timed else None, slot=slot, version=version)
 
     def has_ext_superblock(self, number: int) -> bool:
         table = layout.read_table(self.disk)

@@ -6,11 +6,11 @@ import time
 from typing import Optional
 
 from . import formats
-from .fetch import Master
+from .fetch import MasterClient
 from .formats import MAX_REPORT_OUTPUT, Report
 
 
-def send(master: Optional[Master], report: Report, *, timeout: Optional[float] = None) -> bool:
+def send(master: Optional[MasterClient], report: Report, *, timeout: Optional[float] = None) -> bool:
     """POST /report once with a short timeout (the master's report_timeout); True on 2xx."""
     if master is None:
         return False

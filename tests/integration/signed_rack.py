@@ -12,7 +12,7 @@ import pytest
 from rackboot.master import signing
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
-from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.initramfs.updater.signature import Verifier
 
@@ -61,7 +61,8 @@ def release(root: Path, version: int, key: Optional[Path], *, hooks: Sequence = 
 
 def update(card: str, server, keys: Optional[dict], log=lambda m: None) -> object:
     """One boot's update; ``keys`` None is a card built without the master's key."""
-    master = Master(server.url, connect_timeout=1.0, read_timeout=2.0, retries=1, backoff=0.01, report_timeout=0.5)
+    master = MasterClient(server.url, connect_timeout=1.0, read_timeout=2.0, retries=1, backoff=0.01,
+                          report_timeout=0.5)
     verifier = Verifier(str(signing.public_key_path(keys["master"])) if keys else None)
     return run(card, server.url, Identity(MAC), master=master, log=log, verifier=verifier)
 

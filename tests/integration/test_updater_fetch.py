@@ -8,7 +8,7 @@ import pytest
 
 from rackboot.initramfs.updater import formats, report
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.fetch import MasterClient
 
 from updater_master import Server
 
@@ -27,7 +27,7 @@ def server(tmp_path):
 
 def client(url, **kw):
     sleeps = []
-    m = Master(url, connect_timeout=1.0, read_timeout=0.5, retries=2, backoff=0.01, sleep=sleeps.append,
+    m = MasterClient(url, connect_timeout=1.0, read_timeout=0.5, retries=2, backoff=0.01, sleep=sleeps.append,
                report_timeout=0.5, **kw)
     return m, sleeps
 
@@ -61,7 +61,7 @@ def test_500_is_retried_a_bounded_number_of_times_with_backoff(server):
 
 def test_hang_times_out(server):
     server.faults.hang = 2.0
-    m = Master(server.url, read_timeout=0.3, retries=0)
+    m = MasterClient(server.url, read_timeout=0.3, retries=0)
     with pytest.raises(UpdaterError, match="timed out"):
         m.get("/doc.json")
 
@@ -78,7 +78,7 @@ def test_refused_connection(tmp_path):
 def test_bad_urls():
     for url in ["https://x", "ftp://x/", "http://", "http://h:notaport"]:
         with pytest.raises(UpdaterError, match="master: "):
-            Master(url)
+            MasterClient(url)
 
 
 def test_stream_resumes_with_range(server):

@@ -17,7 +17,7 @@ from rackboot.initramfs.updater import mbr, state
 from rackboot.initramfs.updater.__main__ import main as cli_main
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.initramfs.updater.watchdog import NoWatchdog
 
@@ -28,8 +28,8 @@ MIB = 1 << 20
 SLOT_OFFSET = {"a": 20 * MIB, "b": 84 * MIB}  # STANDARD layout
 
 
-def client(url: str) -> Master:
-    return Master(url, connect_timeout=1.0, read_timeout=0.5, retries=2, backoff=0.01, report_timeout=0.5)
+def client(url: str) -> MasterClient:
+    return MasterClient(url, connect_timeout=1.0, read_timeout=0.5, retries=2, backoff=0.01, report_timeout=0.5)
 
 
 def update(card: str, url: str, **kw):

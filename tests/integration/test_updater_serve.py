@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
 
 from updater_master import MAC, NODE, image_bytes, publish, write_plan
@@ -38,7 +38,7 @@ def test_install_then_up_to_date_against_rackboot_serve(master, tmp_path):
 
     def update():
         return run(str(card), server.url, Identity(MAC), log=lambda m: None,
-                   master=Master(server.url, read_timeout=5.0, retries=1, backoff=0.01))
+                   master=MasterClient(server.url, read_timeout=5.0, retries=1, backoff=0.01))
 
     first = update()
     assert (first.slot, first.action) == ("a", "installed")
@@ -74,7 +74,7 @@ def test_updater_waits_out_a_master_full_of_stalled_connections(tmp_path):
         busy = probe.recv(100)  # the bound is full: a quick 503, no thread
         probe.close()
         result = run(str(card), server.url, Identity(MAC), log=lambda m: None,
-                     master=Master(server.url, read_timeout=5.0, retries=6, backoff=0.25))
+                     master=MasterClient(server.url, read_timeout=5.0, retries=6, backoff=0.25))
     finally:
         for sock in stalled:
             sock.close()

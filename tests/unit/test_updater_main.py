@@ -11,7 +11,7 @@ import pytest
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk, partition_device
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.fetch import Master
+from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Slot, SlotState
 from rackboot.initramfs.updater.main import Decision, NoIdentity, discover_identity, run
 
@@ -87,7 +87,7 @@ def test_a_board_without_identity_boots_its_good_slot_offline_and_asks_nobody(tm
     url = "http://127.0.0.1:%d" % silent_master.getsockname()[1]
     lines = []
     decision = run(card, url, None, log=lines.append,
-                   master=Master(url, connect_timeout=0.5, read_timeout=0.5, retries=0, report_timeout=0.5))
+                   master=MasterClient(url, connect_timeout=0.5, read_timeout=0.5, retries=0, report_timeout=0.5))
     assert (decision.slot, decision.action, decision.device, decision.version) == ("b", "offline", f"{card}3", 2)
     assert decision.error == "identity: no network interface with a MAC address"
     assert "plan failed: identity: no network interface with a MAC address" in lines
@@ -101,7 +101,7 @@ def test_a_board_without_identity_or_good_slot_is_left_to_the_rescue_loop(tmp_pa
     card = card_with(tmp_path, SlotState())
     url = "http://127.0.0.1:%d" % silent_master.getsockname()[1]
     with pytest.raises(UpdaterError, match=r"^no good slot to boot \(plan: identity: no network interface"):
-        run(card, url, None, log=lambda m: None, master=Master(url, connect_timeout=0.5, retries=0))
+        run(card, url, None, log=lambda m: None, master=MasterClient(url, connect_timeout=0.5, retries=0))
     assert not contacted(silent_master)
 
 
