@@ -74,7 +74,7 @@ def whole_process(config_path: Path, tmp: Path) -> dict:
 def _example_key(cfg: config.Config) -> None:
     """The config's signing key, made as `rackboot demo` makes it on its first run: the
     initramfs carries its public half, so the build needs it."""
-    key = cfg.get("master", "key")
+    key = cfg.master.key
     if key and not key.exists():
         signing.keygen(key)
 

@@ -15,14 +15,14 @@ def qemu_command(cfg: Config, *, expect: str | None, timeout: float, disks: list
     from rackboot.qemu.machines import profile
     from rackboot.qemu.runner import QemuWorker
 
-    out = cfg.get("output", "directory")
+    out = cfg.output.directory
     if not (out / build.NETBOOT_SCRIPT).is_file():
         raise RackbootError(f"{out} has no {build.NETBOOT_SCRIPT}; run rackboot build -c {cfg.path} first")
     for disk in disks:
         if not disk.is_file():
             raise RackbootError(f"disk image {disk} does not exist")
     log = log or out.parent / f"{out.name}-console.log"
-    machine = profile(cfg.get("board", "name"), cfg.get("board", "arch"))
+    machine = profile(cfg.board.name, cfg.board.arch)
     with QemuWorker(machine, log_path=log, tftp_dir=out, bootfile=build.NETBOOT_SCRIPT, disks=disks) as worker:
         print(f"booting {machine.name}/{machine.arch}; console log: {log}", flush=True)
         if expect is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, templates
 from .master import signing
-from .config import Config
+from .config import Config, plain
 from .errors import RackbootError
 from .sources import PackageCache, PackageRef, content_hash
 from rackboot.firmware import bmap, sdcard
@@ -72,7 +72,7 @@ class Inputs:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.board: Board = board_profile(cfg.get("board", "name"), cfg.get("board", "arch"))
+        self.board: Board = board_profile(cfg.board.name, cfg.board.arch)
         self.cache = PackageCache(arch=self.board.arch)
 
     def packages(self, names: list[str]) -> list[PackageRef]:
@@ -84,9 +84,9 @@ class Inputs:
 
     @cached_property
     def kernel_ref(self) -> PackageRef | None:
-        if self.cfg.get("kernel", "path"):
+        if self.cfg.kernel.path:
             return None
-        name = self.cfg.get("kernel", "package") or self.board.kernel_package
+        name = self.cfg.kernel.package or self.board.kernel_package
         ref = self.package(name)
         if not _is_kernel_image(ref.name):
             # a metapackage (linux-image-arm64) depends on the versioned image package
@@ -98,12 +98,12 @@ class Inputs:
 
     @cached_property
     def kernel_key(self) -> str:
-        path = self.cfg.get("kernel", "path")
+        path = self.cfg.kernel.path
         return content_hash(path) if path else self.kernel_ref.sha256
 
     @cached_property
     def kernel(self) -> Kernel:
-        path = self.cfg.get("kernel", "path")
+        path = self.cfg.kernel.path
         root = path if path else self.cache.unpack(self.kernel_ref)
         return Kernel(root=Path(root), key=self.kernel_key)
 
@@ -153,10 +153,10 @@ def initramfs_artefact(inp: Inputs, scratch: Path) -> graph.Artefact:
         if not root.is_dir():
             raise RackbootError(f"{cfg.path}: [initramfs] packages: local sysroot {root} is not a directory")
     inputs = {
-        "initramfs": cfg.section("initramfs"),
+        "initramfs": plain(cfg.initramfs),
         "board": [inp.board.name, inp.board.arch],
-        "master": cfg.section("master"),
-        "mount": cfg.get("layout", "mount"),
+        "master": plain(cfg.master),
+        "mount": cfg.layout.mount,
         "packages": sorted(f"{r.name}={r.version}:{r.sha256}" for r in refs),
         "local": {str(root): content_hash(root) for root in local_roots},
         "kernel": inp.kernel_key,
@@ -204,7 +204,7 @@ def initramfs_uimage_artefact(inp: Inputs, initramfs: graph.Artefact, out: Path)
 
 
 def master_url(cfg: Config) -> str:
-    return f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}"
+    return f"http://{cfg.master.address}:{cfg.master.port}"
 
 
 def script_context(inp: Inputs, kernel: str, initramfs: str) -> dict:
@@ -212,7 +212,7 @@ def script_context(inp: Inputs, kernel: str, initramfs: str) -> dict:
     return {
         "board": {"name": inp.board.name, "arch": inp.board.arch, "console": inp.board.console,
                   "boot_command": inp.board.boot_command},
-        "cmdline": inp.cfg.get("kernel", "cmdline"),
+        "cmdline": inp.cfg.kernel.cmdline,
         "master_url": master_url(inp.cfg),
         "kernel": kernel,
         "initramfs": initramfs,
@@ -236,7 +236,7 @@ def card_files(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> dict[st
     """What the SD card's boot partition holds: our artefacts, and for Pis the firmware,
     config.txt and U-Boot from Debian's raspi-firmware and u-boot-rpi."""
     files: dict[str, Path | bytes] = {a.filename: out / a.filename for a in on_card}
-    key = inp.cfg.get("master", "key")
+    key = inp.cfg.master.key
     if key:  # for people checking a card by hand; the updater reads the initramfs's copy
         files["rackboot.pub"] = signing.public_key_path(key)
     board = inp.board
@@ -255,15 +255,15 @@ def card_files(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> dict[st
 
 
 def _public_key_hash(cfg: Config) -> str:
-    key = cfg.get("master", "key")
+    key = cfg.master.key
     public = signing.public_key_path(key) if key else None
     return content_hash(public) if public and public.is_file() else ""
 
 
 def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> list[graph.Artefact]:
     board = inp.board
-    boot = inp.cfg.get("layout", "partitions")[0]
-    inputs = {"board": [board.name, board.arch], "boot_size_mib": boot["size_mib"], "boot_type": boot["type"],
+    boot_size_mib, boot_type = inp.cfg.layout.boot_size_mib, inp.cfg.layout.partitions[0].type
+    inputs = {"board": [board.name, board.arch], "boot_size_mib": boot_size_mib, "boot_type": boot_type,
               "epoch": source_date_epoch(),
               "config_txt": templates.source_hash("rackboot.firmware", "config.txt.j2"),
               "recipe": graph.code_hash(sdcard), "master_key": _public_key_hash(inp.cfg)}
@@ -272,8 +272,8 @@ def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> l
                               for r in (inp.package(board.uboot_package), inp.package(board.firmware_package))]
 
     def build_card(tmp: Path) -> None:
-        sdcard.build_sdcard(tmp, card_files(inp, out, on_card), boot_size_mib=boot["size_mib"],
-                            boot_type=int(boot["type"], 16),
+        sdcard.build_sdcard(tmp, card_files(inp, out, on_card), boot_size_mib=boot_size_mib,
+                            boot_type=int(boot_type, 16),
                             boot_start_mib=BOOT_START_MIB, disk_signature=DISK_SIGNATURE,
                             volume_id=DISK_SIGNATURE, mtime=source_date_epoch())
 
@@ -292,7 +292,7 @@ def artefacts(inp: Inputs, out: Path) -> list[graph.Artefact]:
     dtbs = dtb_artefacts(inp)
     ird = initramfs_artefact(inp, out)
     steps = [kernel, *dtbs, ird]
-    if inp.cfg.get("initramfs", "uboot_wrap"):
+    if inp.cfg.initramfs.uboot_wrap:
         steps.append(initramfs_uimage_artefact(inp, ird, out))
     context = script_context(inp, kernel.filename, ird.filename)
     netboot = script_artefact(inp, "netboot-script", NETBOOT_SCRIPT, "netboot.cmd.j2", context)
@@ -303,7 +303,7 @@ def artefacts(inp: Inputs, out: Path) -> list[graph.Artefact]:
 
 
 def build(cfg: Config, out: Path | None = None, log=print) -> Path:
-    out = Path(out) if out else cfg.get("output", "directory")
+    out = Path(out) if out else cfg.output.directory
     inp = Inputs(cfg)
     log(f"rackboot build: {cfg.path} -> {out}")
     result = graph.run(artefacts(inp, graph.stage_dir(out)), out, log=log)

@@ -34,19 +34,19 @@ def _cmd_publish(args) -> int:
     from . import config
     from .master import publish
     cfg = config.load(args.config)
-    master = cfg.get("master", "directory")
+    master = cfg.master.directory
     kernel_release, modules_from = args.kernel_release, args.modules_from
     if kernel_release is None and not args.no_modules:  # the kernel this config's workers boot
         from .build import Inputs
         kernel = Inputs(cfg).kernel
         kernel_release, modules_from = kernel.release, modules_from or kernel.root
     common = dict(image=args.image, version=args.version, label=args.label or "",
-                  kernel_release=kernel_release, source_date_epoch=_epoch(), key=cfg.get("master", "key"),
+                  kernel_release=kernel_release, source_date_epoch=_epoch(), key=cfg.master.key,
                   hooks=dict(args.hook), hook_timeout=args.hook_timeout)
     if args.directory:
         manifest = publish.publish_directory(args.directory, master, size_mib=args.size_mib,
                                              modules_from=modules_from,
-                                             modules=cfg.get("kernel", "root_modules"), **common)
+                                             modules=cfg.kernel.root_modules, **common)
     else:
         manifest = publish.publish_image(args.os_image, args.partition, master, **common)
     print(f"published {manifest.image} version {manifest.version} into {master}")
@@ -64,8 +64,8 @@ def _cmd_serve(args) -> int:
     from . import config
     from .master import serve
     cfg = config.load(args.config)
-    port = args.port if args.port is not None else cfg.get("master", "port")
-    serve.serve_forever(cfg.get("master", "directory"), args.bind, port,
+    port = args.port if args.port is not None else cfg.master.port
+    serve.serve_forever(cfg.master.directory, args.bind, port,
                         idle_timeout=args.timeout, max_connections=args.max_connections)
     return 0
 
@@ -90,7 +90,7 @@ def _cmd_keygen(args) -> int:
     from . import config
     from .master import signing
     cfg = config.load(args.config)
-    key = cfg.get("master", "key")
+    key = cfg.master.key
     if key is None:
         raise RackbootError(f"{cfg.path}: [master] key is not set; name the private key's path there first")
     print(f"public key written to {signing.keygen(key)}; rebuild so workers carry it")
@@ -122,8 +122,8 @@ def _cmd_config(args) -> int:
         print(config.reference())
         return 0
     cfg = config.load(args.config)
-    for section, values in cfg.values.items():
-        for key, value in values.items():
+    for section in config.SECTIONS:
+        for key, value in config.plain(getattr(cfg, section)).items():
             print(f"[{section}] {key} = {value!r}")
     return 0
 

@@ -12,10 +12,11 @@ import ipaddress
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from .errors import ConfigError
 from rackboot.firmware.sdcard import FAT_TYPES
@@ -180,28 +181,112 @@ for _s in SETTINGS:
 
 
 @dataclass(frozen=True)
+class Partition:
+    """One entry of [layout] partitions."""
+
+    name: str
+    size_mib: int | Literal["rest"]
+    type: str  # two lower-case hex digits: the MBR partition type
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "size_mib": self.size_mib, "type": self.type}
+
+
+# One frozen dataclass per section; its fields are the section's SETTINGS keys, in order
+# (tests/unit/test_config.py checks they stay the same). Choices are str.
+@dataclass(frozen=True)
+class BoardSection:
+    name: str
+    arch: str
+
+
+@dataclass(frozen=True)
+class KernelSection:
+    package: str
+    path: Path | None
+    cmdline: str
+    root_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InitramfsSection:
+    packages: tuple[str, ...]
+    binaries: tuple[str, ...]
+    modules: tuple[str, ...]
+    files: Mapping[str, Path]  # target path in the initramfs -> local source; read-only
+    compression: str
+    uboot_wrap: bool
+    updater: bool
+    watchdog: int
+
+
+@dataclass(frozen=True)
+class MasterSection:
+    address: str
+    port: int
+    key: Path | None
+    directory: Path
+
+
+@dataclass(frozen=True)
+class LayoutSection:
+    partitions: tuple[Partition, ...]
+    repartition: str
+    tries: int
+    mount: str
+
+    @property
+    def boot_size_mib(self) -> int:
+        """Never "rest": the layout check puts boot first and the slots after it."""
+        size = self.partitions[0].size_mib
+        assert isinstance(size, int)
+        return size
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    directory: Path
+
+
+SECTIONS: dict[str, type] = {
+    "board": BoardSection,
+    "kernel": KernelSection,
+    "initramfs": InitramfsSection,
+    "master": MasterSection,
+    "layout": LayoutSection,
+    "output": OutputSection,
+}
+
+
+@dataclass(frozen=True)
 class Config:
-    """A parsed, validated config: ``cfg.get("board", "arch")`` or ``cfg.board["arch"]``."""
+    """A parsed, validated config: ``cfg.layout.tries``, ``cfg.master.port``."""
 
     path: Path
-    values: MappingProxyType = field(repr=False)
-
-    def get(self, section: str, key: str) -> Any:
-        return self.values[section][key]
-
-    def section(self, section: str) -> dict:
-        """The slice of config one build step reads: part of its rebuild key."""
-        return dict(self.values[section])
-
-    def __getattr__(self, section: str) -> MappingProxyType:
-        try:
-            return self.values[section]
-        except KeyError:
-            raise AttributeError(section) from None
+    board: BoardSection
+    kernel: KernelSection
+    initramfs: InitramfsSection
+    master: MasterSection
+    layout: LayoutSection
+    output: OutputSection
 
     @property
     def base(self) -> Path:
         return self.path.parent
+
+
+def plain(value: Any) -> Any:
+    """A section (or any config value) as JSON-able data, Paths as str: what a build step
+    puts in its rebuild key."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _suggest(word: str, options) -> str:
@@ -355,9 +440,18 @@ def _default(setting: Setting, base: Path) -> Any:
     value = setting.default
     if setting.kind == "path" and value is not None:
         return (base / value).resolve()
-    if isinstance(value, (list, dict)):
-        import copy
-        return copy.deepcopy(value)
+    return value
+
+
+def _frozen(kind: str, value: Any) -> Any:
+    """A checked value as the section dataclass holds it: lists as tuples, tables read-only
+    (new containers, so the defaults in SETTINGS are never shared)."""
+    if kind == "list[str]":
+        return tuple(value)
+    if kind == "table[path]":
+        return MappingProxyType(dict(value))
+    if kind == "layout":
+        return tuple(Partition(name=p["name"], size_mib=p["size_mib"], type=p["type"]) for p in value)
     return value
 
 
@@ -368,7 +462,7 @@ def parse(text: str, path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     base = path.parent
-    values: dict[str, dict] = {}
+    sections: dict[str, Any] = {}
     for section, settings in _BY_SECTION.items():
         given = doc.get(section, {})
         if not isinstance(given, dict):
@@ -376,16 +470,18 @@ def parse(text: str, path: Path) -> Config:
         for key in given:
             if key not in settings:
                 raise ConfigError(f"{path}: [{section}] {key}: unknown key{_suggest(key, settings)}")
-        values[section] = {}
+        values = {}
         for key, setting in settings.items():
             if key in given:
-                values[section][key] = _CHECKS[setting.kind](f"{path}: {setting.name}", given[key], setting, base)
+                value = _CHECKS[setting.kind](f"{path}: {setting.name}", given[key], setting, base)
             else:
-                values[section][key] = _default(setting, base)
+                value = _default(setting, base)
+            values[key] = _frozen(setting.kind, value)
+        sections[section] = SECTIONS[section](**values)
     for section in doc:
         if section not in _BY_SECTION:
             raise ConfigError(f"{path}: [{section}]: unknown section{_suggest(section, _BY_SECTION)}")
-    return Config(path=path, values=MappingProxyType({k: MappingProxyType(v) for k, v in values.items()}))
+    return Config(path=path, **sections)
 
 
 def load(path: Path | str) -> Config:

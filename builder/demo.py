@@ -55,7 +55,7 @@ def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
     rootfs = rootfs or cfg.base / "rootfs"
     check_rootfs(rootfs)
     out = prepare(cfg, work, log)
-    master_dir = cfg.get("master", "directory")
+    master_dir = cfg.master.directory
 
     def release(version: int) -> None:
         publish_example(cfg, rootfs, work, version, broken=version in broken)
@@ -96,7 +96,7 @@ def table(rows: list[BootRow]) -> str:
 
 def run(config_path: Path, workdir: Path | None = None) -> int:
     cfg = config.load(config_path)
-    work = Path(workdir) if workdir else cfg.get("output", "directory").parent / "demo"
+    work = Path(workdir) if workdir else cfg.output.directory.parent / "demo"
     rows = story(cfg, work, log=lambda line: print(line, flush=True))
     print()
     print(table(rows))

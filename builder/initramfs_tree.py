@@ -40,32 +40,32 @@ class Spec:
 
 
 def spec(cfg: Config, board: Board) -> Spec:
-    updater = cfg.get("initramfs", "updater")
-    packages = list(cfg.get("initramfs", "packages")) + (list(PYTHON_PACKAGES) if updater else [])
-    binaries = list(cfg.get("initramfs", "binaries")) + ([PYTHON] if updater else [])
-    if updater and cfg.get("layout", "mount") == "ro+overlay:data":
+    updater = cfg.initramfs.updater
+    packages = list(cfg.initramfs.packages) + (list(PYTHON_PACKAGES) if updater else [])
+    binaries = list(cfg.initramfs.binaries) + ([PYTHON] if updater else [])
+    if updater and cfg.layout.mount == "ro+overlay:data":
         # /init formats a blank data partition as ext4 (busybox's mke2fs makes only ext2)
         packages.append("e2fsprogs")
         binaries.append("/sbin/mke2fs")
-    files = dict(cfg.get("initramfs", "files"))
-    key = cfg.get("master", "key")
+    files = dict(cfg.initramfs.files)
+    key = cfg.master.key
     if updater and key:  # the updater then takes only what this key signed, checked by openssl
         packages.append("openssl")
         binaries.append("/usr/bin/openssl")
         files[PUBLIC_KEY] = signing.public_key_path(key)
-    watchdog = cfg.get("initramfs", "watchdog") if updater and board.watchdog else 0
+    watchdog = cfg.initramfs.watchdog if updater and board.watchdog else 0
     wanted = (list(board.modules) + list(COMMON_MODULES) + list(board.watchdog if watchdog else ())
-              + list(cfg.get("initramfs", "modules")))
+              + list(cfg.initramfs.modules))
     init_conf = {
-        "RACKBOOT_MASTER": f"http://{cfg.get('master', 'address')}:{cfg.get('master', 'port')}",
+        "RACKBOOT_MASTER": f"http://{cfg.master.address}:{cfg.master.port}",
         "RACKBOOT_DISK": board.disk,
         "RACKBOOT_ACTION": "update" if updater else "probe",
-        "RACKBOOT_MOUNT": cfg.get("layout", "mount"),  # for offline boots, when no plan says
+        "RACKBOOT_MOUNT": cfg.layout.mount,  # for offline boots, when no plan says
         "RACKBOOT_WATCHDOG": str(watchdog),  # stall seconds; 0 = no watchdog
     }
     return Spec(arch=board.arch, packages=sorted(set(packages)), binaries=binaries,
                 modules=list(dict.fromkeys(wanted)), files=files,
-                compression=cfg.get("initramfs", "compression"), updater=updater, init_conf=init_conf)
+                compression=cfg.initramfs.compression, updater=updater, init_conf=init_conf)
 
 
 def _shim_dir():

@@ -40,23 +40,23 @@ def node_name(node: str) -> str:
 
 def layout(cfg: Config) -> Layout:
     """The config's partition list as the plan's Layout (the boot partition starts at 4 MiB)."""
-    parts = [dict(p) for p in cfg.get("layout", "partitions")]
+    parts = [p.to_dict() for p in cfg.layout.partitions]
     parts[0]["start_mib"] = BOOT_START_MIB
     try:
-        return Layout.from_dict({"partitions": parts, "repartition": cfg.get("layout", "repartition")})
+        return Layout.from_dict({"partitions": parts, "repartition": cfg.layout.repartition})
     except UpdaterError as exc:
         raise RackbootError(f"{cfg.path}: [layout]: {exc}") from None
 
 
 def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False) -> Plan:
-    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.get("layout", "mount"), pin=pin,
-                tries=cfg.get("layout", "tries"))
+    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.layout.mount, pin=pin,
+                tries=cfg.layout.tries)
 
 
 def assign(cfg: Config, *, node: str, image: str, version: int | None = None) -> Path:
     """Point ``node`` (a MAC, or 'default') at a published image: latest unless a version is pinned."""
     node = node_name(node)
-    master = cfg.get("master", "directory")
+    master = cfg.master.directory
     if version is None:
         latest = publish.latest(master, image)
         if latest is None:
@@ -67,7 +67,7 @@ def assign(cfg: Config, *, node: str, image: str, version: int | None = None) ->
         if not (Path(master) / manifest.lstrip("/")).is_file():
             raise RackbootError(f"image {image!r} has no version {version} in {master}")
     return write_plan(master, node, make_plan(cfg, node=node, manifest=manifest, pin=version is not None),
-                              key=cfg.get("master", "key"))
+                              key=cfg.master.key)
 
 
 def write_plan(master: Path, node: str, plan: Plan, key: Path | None = None) -> Path:

@@ -57,7 +57,7 @@ class MasterThread:
     """`rackboot serve` in a thread, on the port the worker's kernel command line names."""
 
     def __init__(self, cfg: config.Config):
-        self.server = serve.make_server(cfg.get("master", "directory"), "127.0.0.1", cfg.get("master", "port"),
+        self.server = serve.make_server(cfg.master.directory, "127.0.0.1", cfg.master.port,
                                         quiet=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -75,7 +75,7 @@ class MasterThread:
 def new_worker(cfg: config.Config, out: Path, disk: Path, log: Path, *, offline: bool = False, **options):
     """An emulated worker (not started) that netboots ``out`` with ``disk`` as its card;
     ``options`` go to QemuWorker (faults=[...], for one)."""
-    machine = profile(cfg.get("board", "name"), cfg.get("board", "arch"))
+    machine = profile(cfg.board.name, cfg.board.arch)
     # Offline: no TFTP either, so U-Boot falls back to the card's own kernel and initramfs.
     return QemuWorker(machine, log_path=log, tftp_dir=None if offline else out,
                       bootfile=build.NETBOOT_SCRIPT, disks=[disk], **options)
@@ -117,12 +117,12 @@ def prepare(cfg: config.Config, work: Path, log=print) -> Path:
     """Build, and start ``work`` (logs/) and the master's tree afresh; returns the build output.
     Either directory must be the demo's own (or new, or empty): anything else is refused
     before the build."""
-    master_dir = cfg.get("master", "directory")
+    master_dir = cfg.master.directory
     check_apart({"the master directory": master_dir, "the demo's work directory": work,
-                 "the build output": cfg.get("output", "directory")})
+                 "the build output": cfg.output.directory})
     check_owned(master_dir, "the master directory", f"{cfg.path}: [master] directory")
     check_owned(work, "the demo's work directory", "--workdir")
-    key = cfg.get("master", "key")
+    key = cfg.master.key
     if key and not key.exists():  # the demo's own key; a real rack makes one with rackboot keygen
         signing.keygen(key)
     out = build.build(cfg, log=log)
@@ -134,7 +134,7 @@ def prepare(cfg: config.Config, work: Path, log=print) -> Path:
 
 def example_hooks(cfg: config.Config) -> dict[str, Path]:
     """The example's signed hooks (hooks/<when>.sh beside the config), when it has a key."""
-    if not cfg.get("master", "key"):
+    if not cfg.master.key:
         return {}
     return {when: path for when in HOOKS if (path := cfg.base / "hooks" / f"{when}.sh").is_file()}
 
@@ -144,8 +144,8 @@ def publish_example(cfg: config.Config, rootfs: Path, work: Path, version: int, 
     returns its manifest."""
     kernel = Inputs(cfg).kernel
     root = example_root(cfg, rootfs, f"v{version}", work / f"rootfs-v{version}", broken=broken)
-    return publish.publish_directory(root, cfg.get("master", "directory"), image=IMAGE, version=version,
+    return publish.publish_directory(root, cfg.master.directory, image=IMAGE, version=version,
                                      label=f"v{version}", kernel_release=kernel.release,
-                                     modules_from=kernel.root, modules=cfg.get("kernel", "root_modules"),
-                                     source_date_epoch=build.source_date_epoch(), key=cfg.get("master", "key"),
+                                     modules_from=kernel.root, modules=cfg.kernel.root_modules,
+                                     source_date_epoch=build.source_date_epoch(), key=cfg.master.key,
                                      hooks=example_hooks(cfg))

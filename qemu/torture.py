@@ -180,7 +180,7 @@ def torture(cfg: config.Config, work: Path, cuts: list[Cut], log=print) -> list[
     out = harness.prepare(cfg, work, log)
     for version in VERSIONS:
         harness.publish_example(cfg, cfg.base / "rootfs", work, version)
-    manifests = published(cfg.get("master", "directory"))
+    manifests = published(cfg.master.directory)
     disk = work / "worker-disk.img"
     windows = dict(WINDOWS)
     outcomes: list[Outcome] = []
@@ -257,7 +257,7 @@ def run(config_path: Path, cuts: int, seed: int, workdir: Path | None = None) ->
     if cuts < 1:
         raise RackbootError(f"--cuts must be at least 1, got {cuts}")
     cfg = config.load(config_path)
-    work = Path(workdir) if workdir else cfg.get("output", "directory").parent / "torture"
+    work = Path(workdir) if workdir else cfg.output.directory.parent / "torture"
     start = time.monotonic()
     outcomes = torture(cfg, work, plan_cuts(random.Random(seed), cuts), log=lambda line: print(line, flush=True))
     lines = summary(outcomes, time.monotonic() - start, seed, work)

@@ -49,7 +49,7 @@ def card(tmp_path_factory) -> Card:
     disk = work / "worker-disk.img"
     with open(disk, "rb") as f:
         slot_b = mbr.parse(f.read(512)).entry(DEFAULT_NUMBERS["b"]).start
-    return Card(cfg, cfg.get("output", "directory"), disk, slot_b, v2.size // 512)
+    return Card(cfg, cfg.output.directory, disk, slot_b, v2.size // 512)
 
 
 def copy_card(card: Card, dest: Path) -> Path:
@@ -59,7 +59,7 @@ def copy_card(card: Card, dest: Path) -> Path:
 
 def received(cfg: config.Config) -> list[dict]:
     """Every report the master holds, oldest first (one worker: one file)."""
-    return [json.loads(line) for f in sorted((cfg.get("master", "directory") / "reports").glob("*.jsonl"))
+    return [json.loads(line) for f in sorted((cfg.master.directory / "reports").glob("*.jsonl"))
             for line in f.read_text().splitlines()]
 
 

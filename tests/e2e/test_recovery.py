@@ -41,7 +41,7 @@ def rack(tmp_path_factory) -> Rack:
     work = directory / "demo"
     rows = demo.story(cfg, work, log=quiet, steps=[(1, False)])  # the master is stopped after it
     assert [r.action for r in rows] == ["installed"]
-    return Rack(cfg, cfg.get("output", "directory"), work / "worker-disk.img")
+    return Rack(cfg, cfg.output.directory, work / "worker-disk.img")
 
 
 def blank_card(rack: Rack, dest: Path) -> Path:

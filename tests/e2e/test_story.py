@@ -34,10 +34,10 @@ def example_config(directory: Path, initramfs: dict = {}, **layout) -> Path:
     for part in ("rootfs", "hooks"):
         shutil.copytree(EXAMPLE / part, directory / part, symlinks=True)
     return write_config(directory, updater=True, initramfs=dict(initramfs),
-                        kernel={"root_modules": example.get("kernel", "root_modules")},
+                        kernel={"root_modules": list(example.kernel.root_modules)},
                         master={"port": free_port(), "key": "keys/master.key"},
-                        layout={"partitions": example.get("layout", "partitions"),
-                                "mount": example.get("layout", "mount"), **layout})
+                        layout={"partitions": [p.to_dict() for p in example.layout.partitions],
+                                "mount": example.layout.mount, **layout})
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_card_is_laid_out_as_the_config_says(story):
     with open(work / "worker-disk.img", "rb") as disk:
         table = mbr.parse(disk.read(512))
     sizes = [e.sectors * 512 >> 20 for e in table.entries]
-    wanted = [p["size_mib"] for p in cfg.get("layout", "partitions")]
+    wanted = [p.size_mib for p in cfg.layout.partitions]
     assert sizes[:3] == wanted[:3]
     assert table.entries[-1].end * 512 == harness.DISK_MIB << 20  # data takes the rest
 

@@ -44,7 +44,7 @@ def test_the_check_rejects_the_booted_slot_once_a_byte_of_it_changed(run):
     last = outcomes[-1]
     console = last.recovery_log.read_text(errors="replace").splitlines()
     disk = work / "worker-disk.img"
-    manifests = torture.published(cfg.get("master", "directory"))
+    manifests = torture.published(cfg.master.directory)
     assert torture.check(console, disk, manifests).survived
     with Disk(str(disk), writable=False) as d:  # the booted partition, as the MBR and slot state say
         entry = layout.read_table(d).entry(state.read(d).slot(last.verdict.slot).partition)

@@ -47,7 +47,7 @@ def test_a_hung_updater_is_reset_by_the_watchdog_and_the_next_boot_installs(tmp_
     master = harness.MasterThread(cfg)
     try:
         # pause, not reset, when it fires: QEMU's run state then says the watchdog did it
-        with harness.new_worker(cfg, cfg.get("output", "directory"), disk, tmp_path / "console.log",
+        with harness.new_worker(cfg, cfg.output.directory, disk, tmp_path / "console.log",
                              no_reboot=False, watchdog_action="pause") as worker:
             worker.expect(r"watchdog: /dev/watchdog armed", timeout=300)
             worker.expect(r"installing example v2 into slot b", timeout=120)

@@ -1,5 +1,7 @@
 """rackboot.toml parsing: defaults, validation, one-line errors with suggestions."""
 
+import dataclasses
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -16,18 +18,62 @@ def parse(text, tmp_path):
 
 def test_defaults_fill_every_setting(tmp_path):
     cfg = parse("", tmp_path)
-    assert cfg.get("board", "name") == "qemu-virt"
-    assert cfg.get("board", "arch") == "arm64"
-    assert cfg.get("output", "directory") == (tmp_path / "build").resolve()
-    assert [p["name"] for p in cfg.get("layout", "partitions")] == ["boot", "a", "b", "data"]
+    assert cfg.board.name == "qemu-virt"
+    assert cfg.board.arch == "arm64"
+    assert cfg.output.directory == (tmp_path / "build").resolve()
+    assert [p.name for p in cfg.layout.partitions] == ["boot", "a", "b", "data"]
+    assert cfg.layout.tries == 3 and cfg.master.port == 8080 and cfg.kernel.path is None
+    assert cfg.initramfs.packages == ("busybox-static",)
+
+
+def test_each_section_dataclass_has_exactly_the_settings_of_its_section():
+    """SETTINGS and the dataclasses cannot drift: same sections, same keys in the same order."""
+    assert list(config.SECTIONS) == [f.name for f in dataclasses.fields(config.Config)][1:]
+    for section, cls in config.SECTIONS.items():
+        keys = [s.key for s in config.SETTINGS if s.section == section]
+        assert [f.name for f in dataclasses.fields(cls)] == keys, section
+
+
+# The annotation each kind of setting is held under (a path without a default may be unset)
+KIND_TYPES = {"str": "str", "choice": "str", "int": "int", "bool": "bool", "path": "Path",
+              "list[str]": "tuple[str, ...]", "table[path]": "Mapping[str, Path]",
+              "layout": "tuple[Partition, ...]"}
+
+
+def test_each_field_is_typed_as_its_settings_kind():
     for s in config.SETTINGS:
-        assert s.key in cfg.values[s.section]
+        annotation = {f.name: f.type for f in dataclasses.fields(config.SECTIONS[s.section])}[s.key]
+        wanted = KIND_TYPES[s.kind] + (" | None" if s.kind == "path" and s.default is None else "")
+        assert annotation == wanted, s.name
+
+
+def test_a_config_is_immutable(tmp_path):
+    cfg = parse('[initramfs.files]\n"/etc/motd" = "motd.txt"\n', tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.layout.tries = 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.layout.partitions[0].size_mib = 1
+    with pytest.raises(TypeError):
+        cfg.initramfs.files["/etc/passwd"] = tmp_path
+    assert isinstance(cfg.initramfs.modules, tuple) and isinstance(cfg.layout.partitions, tuple)
+
+
+def test_plain_is_the_json_able_rebuild_key_of_a_section(tmp_path):
+    cfg = parse('[initramfs.files]\n"/etc/motd" = "motd.txt"\n[master]\nkey = "k"\n', tmp_path)
+    master = config.plain(cfg.master)
+    assert master == {"address": "10.0.2.2", "port": 8080, "key": str((tmp_path / "k").resolve()),
+                      "directory": str((tmp_path / "master").resolve())}
+    initramfs = config.plain(cfg.initramfs)
+    assert initramfs["files"] == {"/etc/motd": str((tmp_path / "motd.txt").resolve())}
+    assert initramfs["packages"] == ["busybox-static"]
+    assert json.loads(json.dumps(config.plain(cfg.layout)))["partitions"][3] == {
+        "name": "data", "size_mib": "rest", "type": "83"}
 
 
 def test_paths_are_relative_to_the_config_file(tmp_path):
     cfg = parse('[output]\ndirectory = "out/x"\n[initramfs.files]\n"/etc/motd" = "motd.txt"\n', tmp_path)
-    assert cfg.get("output", "directory") == (tmp_path / "out/x").resolve()
-    assert cfg.get("initramfs", "files") == {"/etc/motd": (tmp_path / "motd.txt").resolve()}
+    assert cfg.output.directory == (tmp_path / "out/x").resolve()
+    assert cfg.initramfs.files == {"/etc/motd": (tmp_path / "motd.txt").resolve()}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -128,7 +174,7 @@ def test_values_for_scripts_cmdlines_paths_and_mbr_are_checked_at_load(tmp_path,
 
 @pytest.mark.parametrize("address", ["10.0.2.2", "master", "master.rack.lan", "master-1.example.", "192.168.0.1"])
 def test_addresses_workers_can_reach_are_accepted(tmp_path, address):
-    assert parse(f"[master]\naddress = '{address}'\n", tmp_path).get("master", "address") == address
+    assert parse(f"[master]\naddress = '{address}'\n", tmp_path).master.address == address
 
 
 def test_ordinary_values_still_load(tmp_path):
@@ -136,13 +182,13 @@ def test_ordinary_values_still_load(tmp_path):
                 "[initramfs]\nbinaries = ['busybox', '/usr/sbin/mke2fs']\npackages = ['./tree', 'g++-12']\n"
                 "[master]\nport = 65535\n" + layout("{name='boot', size_mib=8, type='0e'}", SLOTS,
                                                       "{name='data_1', size_mib='rest'}"), tmp_path)
-    assert cfg.get("master", "port") == 65535 and cfg.get("layout", "partitions")[0]["type"] == "0e"
+    assert cfg.master.port == 65535 and cfg.layout.partitions[0].type == "0e"
 
 
 def test_a_boot_partition_without_a_type_is_the_card_images_fat32(tmp_path):
     """It was 83, as for the slots: the plan said 83, the card 0c, and the updater refused the card."""
     cfg = parse(layout("{name='boot', size_mib=8}", SLOTS), tmp_path)
-    assert [p["type"] for p in cfg.get("layout", "partitions")] == ["0c", "83", "83"]
+    assert [p.type for p in cfg.layout.partitions] == ["0c", "83", "83"]
 
 
 def test_reference_defaults_are_toml_a_user_can_paste(tmp_path):
@@ -154,4 +200,5 @@ def test_reference_defaults_are_toml_a_user_can_paste(tmp_path):
     for section, key, shown in rows:
         text = f"[{section}]\n{key} = {shown}\n"
         tomllib.loads(text)
-        assert parse(text, tmp_path).get(section, key) == defaults.get(section, key), (section, key)
+        parsed = getattr(parse(text, tmp_path), section)
+        assert getattr(parsed, key) == getattr(getattr(defaults, section), key), (section, key)
