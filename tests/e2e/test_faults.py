@@ -22,8 +22,8 @@ from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import BOOTABLE
 from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
 from rackboot.qemu.runner import DiskFault
-from conftest import quiet
-from test_story import example_config
+from tests.e2e.rack import example_config
+from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rackboot import build, config
-from conftest import quiet, write_config
+from tests.helpers import quiet, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 

@@ -19,8 +19,8 @@ from rackboot import config, demo
 from rackboot.qemu import harness
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
-from conftest import quiet
-from test_story import example_config
+from tests.e2e.rack import example_config
+from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 

@@ -6,38 +6,16 @@ stopped."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-from pathlib import Path
 
 import pytest
 
 from rackboot import config, demo
 from rackboot.qemu import harness
 from rackboot.initramfs.updater import mbr
-from conftest import quiet, write_config
+from tests.e2e.rack import example_config
+from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples/qemu-virt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def example_config(directory: Path, initramfs: dict = {}, **layout) -> Path:
-    """The qemu-virt example's settings, with output, master and a free port under ``directory``."""
-    example = config.load(EXAMPLE / "rackboot.toml")
-    for part in ("rootfs", "hooks"):
-        shutil.copytree(EXAMPLE / part, directory / part, symlinks=True)
-    return write_config(directory, updater=True, initramfs=dict(initramfs),
-                        kernel={"root_modules": list(example.kernel.root_modules)},
-                        master={"port": free_port(), "key": "keys/master.key"},
-                        layout={"partitions": [p.to_dict() for p in example.layout.partitions],
-                                "mount": example.layout.mount, **layout})
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from rackboot import config
 from rackboot.initramfs.updater import layout, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.qemu import torture
-from conftest import quiet
-from test_story import example_config
+from tests.e2e.rack import example_config
+from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 

@@ -15,8 +15,8 @@ from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
-from conftest import quiet
-from test_story import example_config
+from tests.e2e.rack import example_config
+from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 

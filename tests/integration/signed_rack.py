@@ -1,13 +1,11 @@
-"""A signed rack for the updater tests: keys made by rackboot's builder (openssl), a real
-HTTP master on loopback, a blank file-backed card, and helpers that publish, sign and
-run one boot's update. Fixtures here are imported by the test modules that use them."""
+"""A signed rack for the updater tests: helpers that publish, sign and run one boot's
+update. Its fixtures (keys, a real HTTP master on loopback, a blank file-backed card) are
+in tests/integration/conftest.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
-
-import pytest
 
 from rackboot.master import signing
 from rackboot.initramfs.updater import state
@@ -16,31 +14,7 @@ from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.initramfs.updater.signature import Verifier
 
-from updater_master import MAC, NODE, Server, image_bytes, publish, write_plan
-
-CARD = 256 << 20
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("keys")
-    return {name: d / f"{name}.key" for name in ("master", "other") if signing.keygen(d / f"{name}.key")}
-
-
-@pytest.fixture
-def server(tmp_path):
-    (tmp_path / "master").mkdir()
-    srv = Server(tmp_path / "master")
-    yield srv.master
-    srv.close()
-
-
-@pytest.fixture
-def card(tmp_path):
-    path = tmp_path / "card.img"
-    with open(path, "wb") as f:
-        f.truncate(CARD)
-    return str(path)
+from tests.integration.updater_master import MAC, NODE, image_bytes, publish, write_plan
 
 
 def sign(root: Path, url_path: str, key: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from rackboot import build, config, cpio
 from rackboot.errors import RackbootError
-from conftest import quiet, write_config
+from tests.helpers import quiet, write_config
 
 pytestmark = pytest.mark.network
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from rackboot import build, config
-from conftest import write_config
+from tests.helpers import write_config
 
 
 def rackboot(*args):

@@ -12,7 +12,7 @@ import pytest
 
 from rackboot import config
 from rackboot.qemu import harness
-from conftest import quiet, write_config
+from tests.helpers import quiet, write_config
 
 
 def rackboot(*args):

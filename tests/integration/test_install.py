@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from tests.helpers import write_config
 
 REPO = Path(__file__).resolve().parents[2]
 

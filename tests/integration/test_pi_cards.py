@@ -12,7 +12,7 @@ import pytest
 from rackboot import build, config, modules
 from rackboot.firmware.boards import BOARDS, COMMON_MODULES
 from rackboot.uboot import image as uimage
-from conftest import quiet, write_config
+from tests.helpers import quiet, write_config
 
 BOOT_OFFSET = f"@@{build.BOOT_START_MIB}M"
 

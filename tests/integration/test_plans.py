@@ -12,7 +12,7 @@ from rackboot import config
 from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater.formats import node_id
-from conftest import write_config
+from tests.helpers import write_config
 
 WORKER_MAC = "52:54:00:12:34:56"  # as the worker's kernel reports it
 

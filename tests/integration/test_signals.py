@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from tests.helpers import write_config
 
 pytestmark = pytest.mark.network  # the build test needs the Debian cache
 

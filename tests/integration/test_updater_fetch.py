@@ -10,7 +10,7 @@ from rackboot.initramfs.updater import formats, report
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
 
-from updater_master import Server
+from tests.integration.updater_master import Server
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 

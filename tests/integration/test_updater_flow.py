@@ -21,8 +21,7 @@ from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.initramfs.updater.watchdog import NoWatchdog
 
-from signed_rack import card, server  # noqa: F401 (fixtures)
-from updater_master import MAC, image_bytes, publish, write_plan
+from tests.integration.updater_master import MAC, image_bytes, publish, write_plan
 
 MIB = 1 << 20
 SLOT_OFFSET = {"a": 20 * MIB, "b": 84 * MIB}  # STANDARD layout

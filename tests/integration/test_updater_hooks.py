@@ -15,7 +15,7 @@ import pytest
 from rackboot.initramfs.updater import hooks
 from rackboot.initramfs.updater.formats import Hook
 
-from signed_rack import card, keys, primary, release, server, sign, slot, update  # noqa: F401 (fixtures)
+from tests.integration.signed_rack import primary, release, sign, slot, update
 
 
 def hook(root: Path, version: int, name: str, script: str, timeout: int = 30) -> Hook:

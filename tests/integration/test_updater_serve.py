@@ -11,7 +11,7 @@ import pytest
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
 
-from updater_master import MAC, NODE, image_bytes, publish, write_plan
+from tests.integration.updater_master import MAC, NODE, image_bytes, publish, write_plan
 
 serve = pytest.importorskip("rackboot.master.serve")
 

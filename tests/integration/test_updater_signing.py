@@ -15,8 +15,8 @@ from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import Refused, UpdaterError
 from rackboot.initramfs.updater.signature import Verifier
 
-from signed_rack import card, keys, primary, release, server, sign, update  # noqa: F401 (fixtures)
-from updater_master import NODE, write_plan
+from tests.integration.signed_rack import primary, release, sign, update
+from tests.integration.updater_master import NODE, write_plan
 
 def test_signed_plan_and_manifest_install(server, card, keys):
     release(server.root, 1, keys["master"])

@@ -11,9 +11,8 @@ from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.main import Identity, run
 
-from signed_rack import card, server  # noqa: F401 (fixtures)
-from test_updater_flow import SLOT_OFFSET, LossyCard, client
-from updater_master import MAC, image_bytes, publish, write_plan
+from tests.integration.test_updater_flow import SLOT_OFFSET, LossyCard, client
+from tests.integration.updater_master import MAC, image_bytes, publish, write_plan
 
 
 def update(card: str, url: str, **kw):
