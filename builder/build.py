@@ -8,18 +8,15 @@ build callbacks, which is what keeps a no-op rebuild cheap.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import cache, cached_property
-from importlib import resources
 from pathlib import Path
 
 from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, templates
 from .master import signing
-from .config import Config, plain
+from .config import BOOT_START_MIB, Config, plain, source_date_epoch
 from .errors import RackbootError
 from .sources import PackageCache, PackageRef, content_hash
 from rackboot.firmware import bmap, sdcard
@@ -29,16 +26,9 @@ from rackboot.uboot import script as uscript
 
 NETBOOT_SCRIPT = "boot.scr.uimg"  # the name U-Boot's distro boot asks DHCP/TFTP for
 CARD_SCRIPT = "boot.scr"  # the name distro boot looks for on the card's boot partition
-BOOT_START_MIB = 4  # the slot-state records live at 1 and 2 MiB, before the boot partition
+
 DISK_SIGNATURE = 0x7261636B  # "rack": pinned so the same inputs give the same card image
 
-
-def source_date_epoch() -> int:
-    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
-    try:
-        return int(raw)
-    except ValueError:
-        raise RackbootError(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
 
 
 @dataclass
@@ -203,17 +193,13 @@ def initramfs_uimage_artefact(inp: Inputs, initramfs: graph.Artefact, out: Path)
                           after=(initramfs.name,))
 
 
-def master_url(cfg: Config) -> str:
-    return f"http://{cfg.master.address}:{cfg.master.port}"
-
-
 def script_context(inp: Inputs, kernel: str, initramfs: str) -> dict:
     """What the boot script templates read: also the scripts' rebuild key."""
     return {
         "board": {"name": inp.board.name, "arch": inp.board.arch, "console": inp.board.console,
                   "boot_command": inp.board.boot_command},
         "cmdline": inp.cfg.kernel.cmdline,
-        "master_url": master_url(inp.cfg),
+        "master_url": inp.cfg.master.url,
         "kernel": kernel,
         "initramfs": initramfs,
         "dtb": f"dtbs/{Path(inp.board.dtbs[0]).name}" if inp.board.dtbs else "",

@@ -41,7 +41,7 @@ def _cmd_publish(args) -> int:
         kernel = Inputs(cfg).kernel
         kernel_release, modules_from = kernel.release, modules_from or kernel.root
     common = dict(image=args.image, version=args.version, label=args.label or "",
-                  kernel_release=kernel_release, source_date_epoch=_epoch(), key=cfg.master.key,
+                  kernel_release=kernel_release, source_date_epoch=config.source_date_epoch(), key=cfg.master.key,
                   hooks=dict(args.hook), hook_timeout=args.hook_timeout)
     if args.directory:
         manifest = publish.publish_directory(args.directory, master, size_mib=args.size_mib,
@@ -127,14 +127,6 @@ def _cmd_config(args) -> int:
             print(f"[{section}] {key} = {value!r}")
     return 0
 
-
-def _epoch() -> int:
-    import os
-    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
-    try:
-        return int(raw)
-    except ValueError:
-        raise RackbootError(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
 
 
 def parser() -> argparse.ArgumentParser:

@@ -10,21 +10,41 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
+from enum import StrEnum
 from typing import Any, Callable, Literal
 
-from .errors import ConfigError
 from rackboot.firmware.sdcard import FAT_TYPES
+from rackboot.initramfs.updater.formats import DEFAULT_MOUNT, DEFAULT_TRIES, NAME_RE, Mount, Repartition
 
-BOARDS = ("qemu-virt", "rpi3", "rpi4")
-ARCHES = ("arm64", "armhf")
-COMPRESSIONS = ("gzip", "xz", "zstd", "none")
-MOUNT_MODES = ("rw", "ro", "ro+overlay:tmpfs", "ro+overlay:data")
+from .errors import ConfigError
+
+
+
+class BoardName(StrEnum):
+    QEMU_VIRT = "qemu-virt"
+    RPI3 = "rpi3"
+    RPI4 = "rpi4"
+
+
+class Arch(StrEnum):
+    """Debian's name for the worker's architecture."""
+    ARM64 = "arm64"
+    ARMHF = "armhf"
+
+
+class InitramfsCompression(StrEnum):
+    GZIP = "gzip"
+    XZ = "xz"
+    ZSTD = "zstd"
+    NONE = "none"
+
 
 
 @dataclass(frozen=True)
@@ -34,7 +54,7 @@ class Setting:
     kind: str  # str | int | bool | path | list[str] | list[path] | table[path] | choice | layout
     default: Any
     help: str
-    choices: tuple[str, ...] = ()
+    choices: type[StrEnum] | None = None  # choice settings: what the value may be
     required: bool = False
     minimum: int | None = None  # int settings: the range U-Boot, the kernel or the updater can take
     maximum: int | None = None
@@ -63,7 +83,6 @@ BOOT_START_MIB = 4  # where the card image and every plan put the boot partition
 BOOT_TYPES = tuple(f"{t:02x}" for t in FAT_TYPES)
 MAX_CMDLINE = 512  # armhf kernels keep 1024 bytes of command line, the board's console and ours take the rest
 
-_PARTITION_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")  # the plan's (updater/formats.py)
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # Debian policy 5.6.1
 _MODULE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -123,8 +142,8 @@ def _binary(value: str) -> str | None:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("board", "name", "choice", "qemu-virt", "Board profile.", BOARDS),
-    Setting("board", "arch", "choice", "arm64", "Debian architecture of the worker.", ARCHES),
+    Setting("board", "name", "choice", "qemu-virt", "Board profile.", BoardName),
+    Setting("board", "arch", "choice", "arm64", "Debian architecture of the worker.", Arch),
     Setting("kernel", "package", "str", "", "Debian kernel package (metapackages are followed), "
             "e.g. linux-image-arm64; empty = the board profile's default.",
             check=lambda v: _package(v) if v else None),
@@ -146,7 +165,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Kernel modules loaded at boot, with their dependencies, in dependency order.", check=_module),
     Setting("initramfs", "files", "table[path]", {},
             "Extra files: target path = local source path."),
-    Setting("initramfs", "compression", "choice", "gzip", "Initramfs compression.", COMPRESSIONS),
+    Setting("initramfs", "compression", "choice", "gzip", "Initramfs compression.", InitramfsCompression),
     Setting("initramfs", "uboot_wrap", "bool", False,
             "Also wrap the initramfs as a U-Boot legacy ramdisk image."),
     Setting("initramfs", "updater", "bool", True,
@@ -166,12 +185,11 @@ SETTINGS: tuple[Setting, ...] = (
             "SD card layout: boot (a FAT type: 0b, 0c or 0e), slot a, slot b, data; size_mib in MiB or "
             "\"rest\"; the whole card within MBR's 2 TiB."),
     Setting("layout", "repartition", "choice", "allowed",
-            "Whether the updater may repartition a card whose table differs.", ("allowed", "never")),
-    Setting("layout", "tries", "int", 3,
+            "Whether the updater may repartition a card whose table differs.", Repartition),
+    Setting("layout", "tries", "int", DEFAULT_TRIES,
             "Boots a newly installed slot gets to run rackboot-mark-good before the previous slot "
             "boots again.", minimum=1),
-    Setting("layout", "mount", "choice", "ro+overlay:tmpfs", "How the worker mounts its slot.",
-            MOUNT_MODES),
+    Setting("layout", "mount", "choice", str(DEFAULT_MOUNT), "How the worker mounts its slot.", Mount),
     Setting("output", "directory", "path", "build", "Where build artefacts go."),
 )
 
@@ -196,8 +214,8 @@ class Partition:
 # (tests/unit/test_config.py checks they stay the same). Choices are str.
 @dataclass(frozen=True)
 class BoardSection:
-    name: str
-    arch: str
+    name: BoardName
+    arch: Arch
 
 
 @dataclass(frozen=True)
@@ -214,7 +232,7 @@ class InitramfsSection:
     binaries: tuple[str, ...]
     modules: tuple[str, ...]
     files: Mapping[str, Path]  # target path in the initramfs -> local source; read-only
-    compression: str
+    compression: InitramfsCompression
     uboot_wrap: bool
     updater: bool
     watchdog: int
@@ -227,13 +245,18 @@ class MasterSection:
     key: Path | None
     directory: Path
 
+    @property
+    def url(self) -> str:
+        """The master as workers reach it (boot scripts, the kernel command line, init.conf)."""
+        return f"http://{self.address}:{self.port}"
+
 
 @dataclass(frozen=True)
 class LayoutSection:
     partitions: tuple[Partition, ...]
-    repartition: str
+    repartition: Repartition
     tries: int
-    mount: str
+    mount: Mount
 
     @property
     def boot_size_mib(self) -> int:
@@ -322,7 +345,7 @@ def _check_layout(where: str, value: Any) -> list[dict]:
         if ptype == "00":
             raise ConfigError(f"{at}.type: 00 marks an unused MBR entry")
         name = part.get("name")
-        if not isinstance(name, str) or not _PARTITION_NAME_RE.fullmatch(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise _expect(f"{at}.name", "a partition name ([a-z0-9][a-z0-9_-]*, at most 32)", name)
         if any(p["name"] == name for p in out):
             raise ConfigError(f"{at}.name: '{name}' appears twice")
@@ -405,10 +428,12 @@ def _path(where, value, setting, base):
 
 @_check("choice")
 def _choice(where, value, setting, base):
-    if value not in setting.choices:
-        hint = _suggest(str(value), setting.choices)
-        raise ConfigError(f"{where}: expected one of {', '.join(setting.choices)}, got {value!r}{hint}")
-    return value
+    choices = setting.choices
+    assert choices is not None, setting.name
+    if not isinstance(value, str) or value not in set(choices):
+        hint = _suggest(str(value), choices)
+        raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}{hint}")
+    return choices(value)
 
 
 @_check("list[str]")
@@ -440,6 +465,8 @@ def _default(setting: Setting, base: Path) -> Any:
     value = setting.default
     if setting.kind == "path" and value is not None:
         return (base / value).resolve()
+    if setting.choices is not None:
+        return setting.choices(value)
     return value
 
 
@@ -482,6 +509,15 @@ def parse(text: str, path: Path) -> Config:
         if section not in _BY_SECTION:
             raise ConfigError(f"{path}: [{section}]: unknown section{_suggest(section, _BY_SECTION)}")
     return Config(path=path, **sections)
+
+
+def source_date_epoch() -> int:
+    """The one clock every artefact and publication is stamped with (0 unless set)."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
 
 
 def load(path: Path | str) -> Config:

@@ -19,11 +19,11 @@ from . import compress, cpio, elf, modules, pystdlib, sources
 from .master import signing
 from .config import Config
 from .errors import RackbootError
+from rackboot.initramfs.updater.signature import PUBLIC_KEY
 from rackboot.firmware.boards import COMMON_MODULES, Board
 
 PYTHON = "/usr/bin/python3.11"
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
-PUBLIC_KEY = "/etc/rackboot/master.pub"  # where the updater looks (updater/signature.py)
 SHIM_FILES = ("init.sh", "udhcpc.script")
 
 
@@ -57,7 +57,7 @@ def spec(cfg: Config, board: Board) -> Spec:
     wanted = (list(board.modules) + list(COMMON_MODULES) + list(board.watchdog if watchdog else ())
               + list(cfg.initramfs.modules))
     init_conf = {
-        "RACKBOOT_MASTER": f"http://{cfg.master.address}:{cfg.master.port}",
+        "RACKBOOT_MASTER": cfg.master.url,
         "RACKBOOT_DISK": board.disk,
         "RACKBOOT_ACTION": "update" if updater else "probe",
         "RACKBOOT_MOUNT": cfg.layout.mount,  # for offline boots, when no plan says

@@ -6,8 +6,8 @@ import os
 import re
 from pathlib import Path
 
-from rackboot.build import BOOT_START_MIB
-from rackboot.config import Config
+
+from rackboot.config import BOOT_START_MIB, Config
 from rackboot.errors import RackbootError
 from rackboot.files import TMP_RE, atomic_write_bytes, lock_dir, sweep
 from rackboot.initramfs.updater import formats
@@ -63,7 +63,7 @@ def assign(cfg: Config, *, node: str, image: str, version: int | None = None) ->
             raise RackbootError(f"image {image!r} is not published in {master} (run rackboot publish first)")
         manifest = latest.manifest
     else:
-        manifest = f"/images/{image}/{version}/manifest.json"
+        manifest = formats.manifest_path(image, version)
         if not (Path(master) / manifest.lstrip("/")).is_file():
             raise RackbootError(f"image {image!r} has no version {version} in {master}")
     return write_plan(master, node, make_plan(cfg, node=node, manifest=manifest, pin=version is not None),

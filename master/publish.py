@@ -182,7 +182,7 @@ class _Publication:
                                 "while publishing; not overwritten") from None
         fsync_dir(self.dir)
         if self.version >= self.newest:  # a forced older version does not move latest back
-            path = f"/images/{self.image}/{self.version}/manifest.json"
+            path = formats.manifest_path(self.image, self.version)
             atomic_write_bytes(self.dir / "latest.json",
                           formats.dump(Latest(image=self.image, version=self.version, manifest=path)))
         return manifest

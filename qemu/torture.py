@@ -25,7 +25,7 @@ from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import install, layout, state as slot_state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, SlotState, parse_manifest
+from rackboot.initramfs.updater.formats import BOOTABLE, manifest_path, Manifest, SlotState, parse_manifest
 from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
 
 VERSIONS = (1, 2, 3)
@@ -155,7 +155,7 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
 
 
 def published(master: Path, image: str = harness.IMAGE) -> dict[int, Manifest]:
-    return {v: parse_manifest((master / "images" / image / str(v) / "manifest.json").read_bytes())
+    return {v: parse_manifest((master / manifest_path(image, v).lstrip("/")).read_bytes())
             for v in VERSIONS}
 
 

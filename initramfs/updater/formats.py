@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from enum import StrEnum
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, TypeVar, Union
 
@@ -19,17 +20,76 @@ from .errors import UpdaterError
 FORMAT = 1
 MAX_DOCUMENT = 1 << 20  # bytes; plans and manifests are tiny, anything bigger is hostile
 
-COMPRESSIONS = ("gzip", "none")
-REPARTITION = ("allowed", "never")
-MOUNTS = ("rw", "ro", "ro+overlay:tmpfs", "ro+overlay:data")
-DEFAULT_MOUNT = "ro+overlay:tmpfs"  # how a slot mounts unless the plan (offline: the card's config) says otherwise
-# trial: installed, not yet confirmed by the system it booted; failed: never confirmed
-SLOT_STATES = ("good", "trial", "failed", "bad", "empty", "writing")
-BOOTABLE = ("good", "trial")
-PHASES = ("plan", "layout", "download", "verify", "commit", "confirm", "boot", "hook", "error")
-# Signed scripts a manifest may carry: before a byte of the slot is written, and after the
-# slot verified but before it is committed.
-HOOKS = ("pre-install", "post-install")
+
+
+# The fixed choices, each defined once: the builder, the master and the updater share them.
+# StrEnum members are their strings, so documents and the decision file read the same.
+
+class StreamCompression(StrEnum):
+    """How an image's stream is compressed on the master."""
+    GZIP = "gzip"
+    NONE = "none"
+
+
+class Repartition(StrEnum):
+    ALLOWED = "allowed"
+    NEVER = "never"
+
+
+class Mount(StrEnum):
+    """How /init mounts the slot it boots."""
+    RW = "rw"
+    RO = "ro"
+    OVERLAY_TMPFS = "ro+overlay:tmpfs"
+    OVERLAY_DATA = "ro+overlay:data"
+
+
+class SlotStatus(StrEnum):
+    GOOD = "good"
+    TRIAL = "trial"  # installed, not yet confirmed by the system it booted
+    FAILED = "failed"  # never confirmed itself within its tries
+    BAD = "bad"  # its install failed
+    EMPTY = "empty"
+    WRITING = "writing"
+
+
+class Phase(StrEnum):
+    """What a report is about."""
+    PLAN = "plan"
+    LAYOUT = "layout"
+    DOWNLOAD = "download"
+    VERIFY = "verify"
+    COMMIT = "commit"
+    CONFIRM = "confirm"
+    BOOT = "boot"
+    HOOK = "hook"
+    ERROR = "error"
+
+
+class Action(StrEnum):
+    """Why the decision boots the slot it names."""
+    INSTALLED = "installed"
+    UP_TO_DATE = "up-to-date"
+    OFFLINE = "offline"
+    FALLBACK = "fallback"
+    REFUSED = "refused"
+
+
+COMPRESSIONS = tuple(StreamCompression)
+REPARTITION = tuple(Repartition)
+MOUNTS = tuple(Mount)
+DEFAULT_MOUNT = Mount.OVERLAY_TMPFS  # how a slot mounts unless the plan (offline: the card's config) says otherwise
+SLOT_STATES = tuple(SlotStatus)
+BOOTABLE = (SlotStatus.GOOD, SlotStatus.TRIAL)
+PHASES = tuple(Phase)
+class HookName(StrEnum):
+    """Signed scripts a manifest may carry: before a byte of the slot is written, and after
+    the slot verified but before it is committed."""
+    PRE_INSTALL = "pre-install"
+    POST_INSTALL = "post-install"
+
+
+HOOKS = tuple(HookName)
 MAX_HOOK_BYTES = 256 << 10
 MAX_HOOK_TIMEOUT = 3600  # seconds
 HOOK_TIMEOUT = 120  # seconds a hook gets unless its publisher says otherwise
@@ -42,7 +102,7 @@ EXT_MAGIC = b"\x53\xef"  # s_magic of an ext2/3/4 superblock, little-endian 0xef
 EXT_MAGIC_OFFSET = 1024 + 0x38  # from the start of the filesystem
 
 IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MASTER_PATH_RE = re.compile(r"(/[A-Za-z0-9][A-Za-z0-9._-]*)+")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
@@ -52,6 +112,7 @@ _FSTYPE_RE = re.compile(r"[a-z0-9]{1,16}")
 _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 T = TypeVar("T")
+E = TypeVar("E", bound=StrEnum)
 
 
 # --- field readers: every check names the document and the field -------------------
@@ -105,11 +166,11 @@ class _Fields:
             raise self.fail(key, f"{value[:80]!r} is not {what or 'valid'}")
         return value
 
-    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+    def choice(self, key: str, choices: type[E]) -> E:
         value = self.raw(key)
-        if not isinstance(value, str) or value not in choices:
+        if not isinstance(value, str) or value not in set(choices):
             raise self.fail(key, f"must be one of {', '.join(choices)}, got {_short(value)}")
-        return value
+        return choices(value)
 
     def bool(self, key: str, *, default: bool = False) -> bool:
         value = self.obj.get(key, default)
@@ -180,7 +241,7 @@ def _parser(cls: Callable[..., T], doc: str) -> Callable[[Union[bytes, str]], T]
 class Hook:
     """A script beside the manifest, pinned by size and sha256: the manifest's signature
     covers it, so a hook runs only as the master signed it."""
-    name: str  # one of HOOKS
+    name: HookName
     file: str
     size: int
     sha256: str
@@ -195,7 +256,7 @@ class Hook:
         timeout = f.int("timeout", minimum=1)
         if timeout > MAX_HOOK_TIMEOUT:
             raise f.fail("timeout", f"{timeout} s is longer than the {MAX_HOOK_TIMEOUT} s allowed")
-        return cls(name=f.choice("name", HOOKS), file=f.str("file", _FILE_RE, what="a plain file name"),
+        return cls(name=f.choice("name", HookName), file=f.str("file", _FILE_RE, what="a plain file name"),
                    size=size, sha256=f.str("sha256", _HEX64_RE, what="64 lowercase hex digits"),
                    timeout=timeout)
 
@@ -234,7 +295,7 @@ class Manifest:
     stream: str
     stream_size: int
     stream_sha256: str
-    compression: str = "gzip"
+    compression: StreamCompression = StreamCompression.GZIP
     label: str = ""
     created: int = 0
     fstype: str = "ext4"
@@ -255,7 +316,7 @@ class Manifest:
             size=f.int("size", minimum=1),
             sha256=f.str("sha256", _HEX64_RE, what="64 lowercase hex digits"),
             crc32=f.str("crc32", _HEX8_RE, what="8 lowercase hex digits"),
-            compression=f.choice("compression", COMPRESSIONS),
+            compression=f.choice("compression", StreamCompression),
             stream=f.str("stream", _FILE_RE, what="a plain file name"),
             stream_size=f.int("stream_size", minimum=1),
             stream_sha256=f.str("stream_sha256", _HEX64_RE, what="64 lowercase hex digits"),
@@ -323,7 +384,7 @@ class Partition:
 @dataclass(frozen=True)
 class Layout:
     partitions: tuple[Partition, ...]
-    repartition: str = "allowed"
+    repartition: Repartition = Repartition.ALLOWED
 
     @classmethod
     def from_dict(cls, obj: Any) -> "Layout":
@@ -335,7 +396,7 @@ class Layout:
         start = None
         for i, item in enumerate(items):
             p = _Fields(f"plan: layout.partitions[{i}]", item)
-            name = p.str("name", _NAME_RE, what="a partition name")
+            name = p.str("name", NAME_RE, what="a partition name")
             given = p.int("start_mib", minimum=MIN_START_MIB if i == 0 else 1, optional=(i > 0))
             if start is not None and given is not None and given != start:
                 raise p.fail("start_mib", f"{given} leaves a gap or overlap (previous ends at {start})")
@@ -356,7 +417,7 @@ class Layout:
         names = {q.name for q in parts}
         if not set(SLOTS) <= names:
             raise f.fail("partitions", "must include the slots 'a' and 'b'")
-        return cls(partitions=tuple(parts), repartition=f.choice("repartition", REPARTITION))
+        return cls(partitions=tuple(parts), repartition=f.choice("repartition", Repartition))
 
     def to_dict(self) -> dict:
         return {"partitions": [p.to_dict() for p in self.partitions], "repartition": self.repartition}
@@ -377,7 +438,7 @@ class Plan:
     node: str
     layout: Layout
     image: Optional[str] = None  # manifest path on the master; None = keep what's there
-    mount: str = DEFAULT_MOUNT
+    mount: Mount = DEFAULT_MOUNT
     pin: bool = False  # the image's version may be older than a slot's (a deliberate rollback)
     tries: int = DEFAULT_TRIES
     format: int = FORMAT
@@ -390,7 +451,7 @@ class Plan:
                    layout=Layout.from_dict(f.raw("layout")),
                    image=f.str("image", _MASTER_PATH_RE, optional=True,
                                what="an absolute path on the master"),
-                   mount=f.choice("mount", MOUNTS), pin=f.bool("pin"),
+                   mount=f.choice("mount", Mount), pin=f.bool("pin"),
                    tries=f.int("tries", minimum=1, optional=True) or DEFAULT_TRIES)
 
     def to_dict(self) -> dict:
@@ -402,7 +463,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Slot:
-    state: str = "empty"
+    state: SlotStatus = SlotStatus.EMPTY
     image: Optional[str] = None
     version: Optional[int] = None
     sha256: Optional[str] = None
@@ -412,7 +473,7 @@ class Slot:
     @classmethod
     def from_dict(cls, obj: Any, name: str = "?") -> "Slot":
         f = _Fields(f"slot state: slots.{name}", obj)
-        slot = cls(state=f.choice("state", SLOT_STATES),
+        slot = cls(state=f.choice("state", SlotStatus),
                    image=f.str("image", IMAGE_RE, optional=True, what="an image name"),
                    version=f.int("version", minimum=1, optional=True),
                    sha256=f.str("sha256", _HEX64_RE, optional=True, what="64 lowercase hex digits"),
@@ -452,7 +513,7 @@ class SlotState:
             raise f.fail("slots", "expected an object of at most 4 slots")
         slots = {}
         for name, value in raw.items():
-            if not _NAME_RE.fullmatch(name):
+            if not NAME_RE.fullmatch(name):
                 raise f.fail("slots", f"{name[:40]!r} is not a slot name")
             slots[name] = Slot.from_dict(value, name)
         state = cls(format=f.format(), seq=f.int("seq"), slots=slots,
@@ -477,7 +538,7 @@ class SlotState:
 @dataclass(frozen=True)
 class Report:
     node: str
-    phase: str
+    phase: Phase
     bytes: int = 0
     seconds: float = 0.0
     error: Optional[str] = None
@@ -496,9 +557,9 @@ class Report:
         if output is not None and len(output) > MAX_REPORT_OUTPUT:
             raise f.fail("output", f"must be at most {MAX_REPORT_OUTPUT} characters")
         return cls(node=f.str("node", _NODE_RE, what="a node id"),
-                   phase=f.choice("phase", PHASES),
+                   phase=f.choice("phase", Phase),
                    bytes=f.int("bytes"), seconds=f.num("seconds"), error=error,
-                   slot=f.str("slot", _NAME_RE, optional=True, what="a slot name"),
+                   slot=f.str("slot", NAME_RE, optional=True, what="a slot name"),
                    version=f.int("version", minimum=1, optional=True),
                    time=f.num("time", optional=True) or 0.0, output=output)
 
@@ -514,6 +575,11 @@ parse_latest = _parser(Latest, "latest")
 parse_plan = _parser(Plan, "plan")
 parse_slot_state = _parser(SlotState, "slot state")
 parse_report = _parser(Report, "report")
+
+
+def manifest_path(image: str, version: int) -> str:
+    """Where a version's manifest lies on the master (its stream and hooks lie beside it)."""
+    return f"/images/{image}/{version}/manifest.json"
 
 
 def node_id(mac: str) -> str:

@@ -24,7 +24,7 @@ from . import state as slot_state
 from .disk import Disk, partition_device
 from .errors import Refused, UpdaterError
 from .fetch import MasterClient
-from .formats import (BOOTABLE, DEFAULT_MOUNT, SLOTS, Manifest, Plan, Slot, SlotState, node_id, parse_manifest,
+from .formats import (BOOTABLE, DEFAULT_MOUNT, EXT_MAGIC, EXT_MAGIC_OFFSET, Action, SLOTS, Manifest, Plan, Slot, SlotState, node_id, parse_manifest,
                       parse_plan)
 from .mbr import Mbr
 from .signature import Verifier, from_environment
@@ -49,7 +49,6 @@ class Identity:
         return node_id(self.mac)
 
 
-EXT_MAGIC_OFFSET = 1024 + 0x38  # s_magic in the ext2/3/4 superblock
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Decision:
     partition_number: int
     device: str
     mount: str
-    action: str  # installed | up-to-date | offline | fallback | refused
+    action: Action
     bytes_fetched: int = 0
     seconds: float = 0.0
     image: Optional[str] = None
@@ -172,15 +171,15 @@ class _Update:
             self.log(f"confirm failed: {e}")
             self.report("error", error=f"confirm: {e}")
         if self.identity is None:  # no plan to ask for: what the card holds boots
-            return self.fall_back("offline", NoIdentity("identity: no network interface with a MAC address"))
+            return self.fall_back(Action.OFFLINE, NoIdentity("identity: no network interface with a MAC address"))
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             with self.step("plan"):
                 self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
         except Refused as e:
-            return self.fall_back("refused", e)
+            return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
-            return self.fall_back("offline", e)
+            return self.fall_back(Action.OFFLINE, e)
         signed = "signature verified" if self.verifier.required else "unsigned: this card has no master key"
         self.log(f"plan for {self.plan.node}: image {self.plan.image or '(keep)'} ({signed})")
         try:
@@ -188,9 +187,9 @@ class _Update:
                 table = self.check_layout(layout_check)
             return self.update(table)
         except Refused as e:
-            return self.fall_back("refused", e)
+            return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
-            return self.fall_back("fallback", e)
+            return self.fall_back(Action.FALLBACK, e)
 
     def signed_doc(self, path: str, parse, headers: Optional[dict] = None):
         """A plan or manifest, parsed only after its signature verified (when the card has a key)."""
@@ -243,7 +242,7 @@ class _Update:
                 current = self.state.primary or self.state.last_good
                 if current is None:
                     raise UpdaterError("plan: assigns no image and no slot on the card is good")
-                return self.decision(current, "up-to-date")
+                return self.decision(current, Action.UP_TO_DATE)
             manifest = self.signed_doc(self.plan.image, parse_manifest)
             self.refuse_replay(manifest)
             for name, slot in sorted(self.state.slots.items()):
@@ -257,10 +256,10 @@ class _Update:
                         last_good = name if slot.state == "good" else self.state.last_good
                         self.commit(replace(self.state, primary=name, last_good=last_good))
                     self.log(f"slot {name} already holds {manifest.image} v{manifest.version}")
-                    return self.decision(name, "up-to-date", manifest)
+                    return self.decision(name, Action.UP_TO_DATE, manifest)
             target = self.inactive_slot()
         self.install(target, manifest, table)
-        return self.decision(target, "installed", manifest)
+        return self.decision(target, Action.INSTALLED, manifest)
 
     def refuse_replay(self, manifest: Manifest) -> None:
         """An older version of an image a slot holds is a replay unless the plan pins it."""
@@ -367,7 +366,7 @@ class _Update:
     def has_ext_superblock(self, number: int) -> bool:
         table = layout.read_table(self.disk)
         entry = table.entry(number) if table else None
-        return entry is not None and self.disk.read(entry.start * 512 + EXT_MAGIC_OFFSET, 2) == b"\x53\xef"
+        return entry is not None and self.disk.read(entry.start * 512 + EXT_MAGIC_OFFSET, 2) == EXT_MAGIC
 
     def with_slot(self, name: str, slot: Slot) -> SlotState:
         return replace(self.state, slots={**self.state.slots, name: slot})
@@ -397,7 +396,7 @@ class _Update:
         self.disk.write(slot_state.CONFIRM, bytes(512))
         self.disk.fsync()
 
-    def count_try(self, name: str, action: str, error: Optional[str]) -> tuple[str, str, Optional[str]]:
+    def count_try(self, name: str, action: Action, error: Optional[str]) -> tuple[str, Action, Optional[str]]:
         """Booting a trial slot spends one of its tries; with none left it has failed, and
         the last good slot boots instead (RAUC's BOOT_x_LEFT, kept in the slot state)."""
         slot = self.state.slot(name)
@@ -423,14 +422,14 @@ class _Update:
             self.log(f"slot {name}: cannot mark it failed ({e})")
         return self.give_up_trial(name, fallback, "never confirmed itself")
 
-    def give_up_trial(self, name: str, fallback: str, why: str) -> tuple[str, str, str]:
+    def give_up_trial(self, name: str, fallback: str, why: str) -> tuple[str, Action, str]:
         slot = self.state.slot(name)
         problem = f"slot {name} ({slot.image} v{slot.version}) {why}; back to slot {fallback}"
         self.log(problem)
         self.report("error", slot=name, version=slot.version, error=problem)
-        return fallback, "fallback", problem
+        return fallback, Action.FALLBACK, problem
 
-    def decision(self, name: str, action: str, manifest: Optional[Manifest] = None,
+    def decision(self, name: str, action: Action, manifest: Optional[Manifest] = None,
                  error: Optional[str] = None) -> Decision:
         name, action, error = self.count_try(name, action, error)
         slot = self.state.slot(name)
@@ -452,8 +451,8 @@ class _Update:
         self.log(f"boot slot {name} ({action}) from {result.device}")
         return result
 
-    def fall_back(self, action: str, error: UpdaterError) -> Decision:
-        self.log(f"{self.phase} {'refused' if action == 'refused' else 'failed'}: {error}")
+    def fall_back(self, action: Action, error: UpdaterError) -> Decision:
+        self.log(f"{self.phase} {'refused' if action == Action.REFUSED else 'failed'}: {error}")
         slot, version = self.installing
         self.report("error", error=f"{self.phase}: {error}", slot=slot, version=version)
         name = _bootable(self.state.slots, self.state.primary) or _good(self.state.slots, self.state.last_good)

@@ -10,6 +10,7 @@ import pytest
 
 from rackboot import config
 from rackboot.errors import ConfigError
+from rackboot.initramfs.updater.formats import DEFAULT_TRIES, Mount, Repartition
 
 
 def parse(text, tmp_path):
@@ -35,7 +36,7 @@ def test_each_section_dataclass_has_exactly_the_settings_of_its_section():
 
 
 # The annotation each kind of setting is held under (a path without a default may be unset)
-KIND_TYPES = {"str": "str", "choice": "str", "int": "int", "bool": "bool", "path": "Path",
+KIND_TYPES = {"str": "str", "int": "int", "bool": "bool", "path": "Path",
               "list[str]": "tuple[str, ...]", "table[path]": "Mapping[str, Path]",
               "layout": "tuple[Partition, ...]"}
 
@@ -43,8 +44,17 @@ KIND_TYPES = {"str": "str", "choice": "str", "int": "int", "bool": "bool", "path
 def test_each_field_is_typed_as_its_settings_kind():
     for s in config.SETTINGS:
         annotation = {f.name: f.type for f in dataclasses.fields(config.SECTIONS[s.section])}[s.key]
+        if s.kind == "choice":  # held as the StrEnum it is checked against
+            assert s.choices is not None and annotation == s.choices.__name__, s.name
+            continue
         wanted = KIND_TYPES[s.kind] + (" | None" if s.kind == "path" and s.default is None else "")
         assert annotation == wanted, s.name
+
+
+def test_choices_load_as_their_enums(tmp_path):
+    cfg = config.parse('[layout]\nmount = "rw"\n', tmp_path / "rackboot.toml")
+    assert cfg.layout.mount is Mount.RW and cfg.board.name is config.BoardName.QEMU_VIRT
+    assert cfg.layout.repartition is Repartition.ALLOWED and cfg.layout.tries == DEFAULT_TRIES
 
 
 def test_a_config_is_immutable(tmp_path):
