@@ -8,13 +8,17 @@ DEBS := qemu-system-arm qemu-utils u-boot-qemu u-boot-tools mtools dosfstools e2
 STAMP_DEBS := $(VENV)/.debs-installed
 STAMP_PIP := $(VENV)/.pip-installed
 
-.PHONY: demo test bench torture deps clean
+.PHONY: demo test check bench torture deps clean
 
 demo: $(STAMP_DEBS) $(STAMP_PIP)
 	$(VENV)/bin/rackboot demo -c examples/qemu-virt/rackboot.toml
 
 test: $(STAMP_DEBS) $(STAMP_PIP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The fast tier, under a minute: no QEMU boots (e2e) and none of the tests marked slow.
+check: $(STAMP_DEBS) $(STAMP_PIP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not e2e and not slow"
 
 # Power cuts at random points of updates (CUTS=N SEED=S to change the run); fails if any bricks.
 CUTS ?= 50

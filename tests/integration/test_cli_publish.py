@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from rackboot import build, config
 from tests.helpers import write_config
 
@@ -58,6 +60,7 @@ def test_publish_of_a_module_the_kernel_lacks_is_one_line_and_publishes_nothing(
     assert not list((tmp_path / "master").rglob("manifest.json"))
 
 
+@pytest.mark.slow
 def test_keygen_publish_and_plan_sign_and_the_build_carries_the_key(tmp_path):
     cfg_path = write_config(tmp_path, updater=True, master={"key": "keys/master.key"},
                             kernel={"root_modules": ["overlay"]})

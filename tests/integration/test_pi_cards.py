@@ -32,6 +32,7 @@ def card_names(card) -> set[str]:
     ("rpi4", "arm64", {"start4.elf", "fixup4.dat"}, {"start.elf", "bootcode.bin"}),
     ("rpi3", "armhf", {"bootcode.bin", "start.elf", "fixup.dat"}, {"start4.elf"}),
 ])
+@pytest.mark.slow
 def test_pi_card_holds_firmware_uboot_config_and_scripts(tmp_path, board, arch, firmware, absent):
     cfg_path = write_config(tmp_path, board={"name": board, "arch": arch})
     out = build.build(config.load(cfg_path), log=quiet)

@@ -61,6 +61,7 @@ def leftovers(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.slow
 def test_a_terminated_publish_removes_its_work_and_the_next_one_publishes(tmp_path, signum):
     cfg = write_config(tmp_path)
     big_root(tmp_path)
@@ -80,6 +81,7 @@ def test_a_terminated_publish_removes_its_work_and_the_next_one_publishes(tmp_pa
     assert sorted(p.name for p in image_dir.iterdir()) == ["1", "latest.json"]
 
 
+@pytest.mark.slow
 def test_a_killed_publishs_work_is_swept_by_the_next(tmp_path):
     cfg = write_config(tmp_path)
     big_root(tmp_path)
@@ -96,6 +98,7 @@ def test_a_killed_publishs_work_is_swept_by_the_next(tmp_path):
     assert sorted(p.name for p in image_dir.iterdir()) == ["1", "latest.json"]
 
 
+@pytest.mark.slow
 def test_a_terminated_build_removes_its_stage_and_the_next_one_builds(tmp_path):
     cfg = write_config(tmp_path)
     out = tmp_path / "build"

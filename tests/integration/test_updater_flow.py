@@ -294,6 +294,7 @@ def test_master_answering_500_boots_the_last_good_slot(server, card):
     assert len(plan_gets) == 3  # retries=2: bounded
 
 
+@pytest.mark.slow
 def test_master_hanging_times_out(server, card):
     install_v1(server, card)
     server.faults.hang = 3.0
@@ -302,6 +303,7 @@ def test_master_hanging_times_out(server, card):
     assert "timed out" in decision.error
 
 
+@pytest.mark.slow
 def test_hanging_master_on_a_fresh_card_raises(server, card):
     server.faults.hang = 3.0
     with pytest.raises(UpdaterError, match="no good slot.*timed out"):

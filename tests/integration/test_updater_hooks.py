@@ -118,6 +118,7 @@ def test_failing_post_install_leaves_the_slot_uncommitted(server, card, keys):
     assert errors == [("b", 2, "post-install: hook post-install exited with status 1")]
 
 
+@pytest.mark.slow
 def test_a_hanging_hook_is_killed_with_its_children_at_its_timeout(server, card, keys, tmp_path):
     provisioned(server, card, keys)
     late = tmp_path / "late"
@@ -137,6 +138,7 @@ def test_hook_runner_reports_signals_and_keeps_the_output_tail(tmp_path):
     assert len(out.output) == 4000 and out.output.endswith("line\n")
 
 
+@pytest.mark.slow
 def test_a_hook_whose_escaped_child_holds_its_output_still_ends(tmp_path):
     """setsid takes a child out of the hook's process group; the kill misses it and it keeps
     the output pipe open. The updater stops waiting for it all the same."""

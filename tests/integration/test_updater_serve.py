@@ -54,6 +54,7 @@ def test_install_then_up_to_date_against_rackboot_serve(master, tmp_path):
     assert phases.count("boot") == 2 and "commit" in phases
 
 
+@pytest.mark.slow
 def test_updater_waits_out_a_master_full_of_stalled_connections(tmp_path):
     """Past max_connections the master answers 503; the updater retries until stalled clients
     time out and it gets a connection, instead of hanging on one that never comes."""

@@ -141,7 +141,8 @@ class Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.master))
         self.httpd.daemon_threads = True
         self.master.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # shutdown() waits for the loop's next poll: the default 0.5 s would end each test with a wait
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def close(self) -> None:

@@ -41,6 +41,7 @@ def _drain(fd: int) -> bytes:
         out += chunk
 
 
+@pytest.mark.slow
 def test_fed_while_moving_starved_after_a_stall_and_disarmed_on_stop(device):
     path, feeds = device
     clock, lines = Clock(), []
