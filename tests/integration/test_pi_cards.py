@@ -14,7 +14,7 @@ from rackboot.firmware.boards import BOARDS, COMMON_MODULES
 from rackboot.uboot import image as uimage
 from tests.helpers import quiet, write_config
 
-BOOT_OFFSET = f"@@{build.BOOT_START_MIB}M"
+BOOT_OFFSET = f"@@{config.BOOT_START_MIB}M"
 
 
 def card_file(card, name: str) -> bytes:
