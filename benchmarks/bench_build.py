@@ -91,22 +91,30 @@ def bench(config_path: Path = EXAMPLE) -> dict:
         artefacts = {a["name"]: a for a in json.loads((out / "artefacts.json").read_text())["artefacts"]}
         packing = bench_cpio.bench(staged_initramfs(cfg, Path(tmp, "stage")))
         process = whole_process(config_path, Path(tmp))
-    return {"full_seconds": full, "noop_seconds": noop, "noop_ratio": noop / full, "process": process,
-            "initramfs_bytes": artefacts["initramfs"]["size"], "packing": packing}
+    return {
+        "full_seconds": full,
+        "noop_seconds": noop,
+        "noop_ratio": noop / full,
+        "process": process,
+        "initramfs_bytes": artefacts["initramfs"]["size"],
+        "packing": packing,
+    }
 
 
 def report(r: dict) -> str:
     p, w = r["packing"], r["process"]
-    return "\n".join([
-        f"in-process: full build {r['full_seconds']:.2f} s, no-op rebuild {r['noop_seconds']:.3f} s: "
-        f"ratio {r['noop_ratio']:.3f} (goal <= 0.05)",
-        f"whole process (rackboot build): full build {w['full_seconds']:.2f} s, no-op rebuild "
-        f"{w['noop_seconds']:.3f} s (median of {NOOP_RUNS}): ratio {w['noop_ratio']:.3f} (goal <= 0.05)",
-        f"initramfs packing on the staged tree: rackboot {p['ours_seconds']:.3f} s, "
-        f"find|cpio|gzip {p['reference_seconds']:.3f} s: ratio {p['ratio']:.2f} (goal <= 1.0)",
-        f"initramfs with the updater and its Python: {r['initramfs_bytes'] / 2**20:.2f} MiB compressed "
-        f"(goal < 12 MiB)",
-    ])
+    return "\n".join(
+        [
+            f"in-process: full build {r['full_seconds']:.2f} s, no-op rebuild {r['noop_seconds']:.3f} s: "
+            f"ratio {r['noop_ratio']:.3f} (goal <= 0.05)",
+            f"whole process (rackboot build): full build {w['full_seconds']:.2f} s, no-op rebuild "
+            f"{w['noop_seconds']:.3f} s (median of {NOOP_RUNS}): ratio {w['noop_ratio']:.3f} (goal <= 0.05)",
+            f"initramfs packing on the staged tree: rackboot {p['ours_seconds']:.3f} s, "
+            f"find|cpio|gzip {p['reference_seconds']:.3f} s: ratio {p['ratio']:.2f} (goal <= 1.0)",
+            f"initramfs with the updater and its Python: {r['initramfs_bytes'] / 2**20:.2f} MiB compressed "
+            f"(goal < 12 MiB)",
+        ]
+    )
 
 
 if __name__ == "__main__":

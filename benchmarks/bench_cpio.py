@@ -64,13 +64,15 @@ def bench(tree: Path) -> dict:
 
 def report(r: dict) -> str:
     mib = 1024 * 1024
-    return "\n".join([
-        f"tree: {r['tree']} ({r['input_bytes'] / mib:.1f} MiB of files)",
-        f"{'':<28}{'seconds':>10}{'MiB out':>10}",
-        f"{'rackboot cpio + gzip':<28}{r['ours_seconds']:>10.3f}{r['ours_bytes'] / mib:>10.2f}",
-        f"{'find|sort|cpio|gzip':<28}{r['reference_seconds']:>10.3f}{r['reference_bytes'] / mib:>10.2f}",
-        f"ratio ours/reference: {r['ratio']:.2f} (time), {r['ours_bytes'] / r['reference_bytes']:.3f} (size)",
-    ])
+    return "\n".join(
+        [
+            f"tree: {r['tree']} ({r['input_bytes'] / mib:.1f} MiB of files)",
+            f"{'':<28}{'seconds':>10}{'MiB out':>10}",
+            f"{'rackboot cpio + gzip':<28}{r['ours_seconds']:>10.3f}{r['ours_bytes'] / mib:>10.2f}",
+            f"{'find|sort|cpio|gzip':<28}{r['reference_seconds']:>10.3f}{r['reference_bytes'] / mib:>10.2f}",
+            f"ratio ours/reference: {r['ratio']:.2f} (time), {r['ours_bytes'] / r['reference_bytes']:.3f} (size)",
+        ]
+    )
 
 
 def main(argv: list[str]) -> int:

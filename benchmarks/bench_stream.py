@@ -23,18 +23,22 @@ import time
 from pathlib import Path
 
 import rackboot.initramfs
-from rackboot.master import plans, publish, serve
 from rackboot.initramfs.updater.formats import Layout, Plan
+from rackboot.master import plans, publish, serve
 
 IMAGE_MIB = 512
 TREE_BUDGET = 380 << 20  # bytes of files copied into the filesystem; the rest stays free
 TREE_SOURCES = ("/usr/lib/python3.11", "/usr/share/doc", "/usr/lib/x86_64-linux-gnu", "/usr/share")
 RUNS = 3
-LAYOUT = {"partitions": [{"name": "boot", "start_mib": 4, "size_mib": 16, "type": "0c"},
-                         {"name": "a", "size_mib": 600, "type": "83"},
-                         {"name": "b", "size_mib": 600, "type": "83"},
-                         {"name": "data", "size_mib": "rest", "type": "83"}],
-          "repartition": "allowed"}
+LAYOUT = {
+    "partitions": [
+        {"name": "boot", "start_mib": 4, "size_mib": 16, "type": "0c"},
+        {"name": "a", "size_mib": 600, "type": "83"},
+        {"name": "b", "size_mib": 600, "type": "83"},
+        {"name": "data", "size_mib": "rest", "type": "83"},
+    ],
+    "repartition": "allowed",
+}
 DISK_MIB = 1400
 MAC = "52:54:00:12:34:56"
 UPDATER_HOME = Path(rackboot.initramfs.__file__).parent  # holds updater/, as /usr/lib/rackboot does
@@ -60,11 +64,13 @@ def payload_tree(dest: Path) -> Path:
 # A child's ru_maxrss counts the memory it was spawned from: spawned straight from this
 # (large) process, the updater would be charged for it. A small interpreter in between
 # spawns it and writes the peak RSS it alone reached (KiB) to the path in argv[1].
-_MEASURE = ("import os, subprocess, sys\n"
-            "proc = subprocess.Popen(sys.argv[2:])\n"
-            "_, status, usage = os.wait4(proc.pid, 0)\n"
-            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
-            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+_MEASURE = (
+    "import os, subprocess, sys\n"
+    "proc = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(proc.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
 
 
 def _run_measured(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, int]:
@@ -72,8 +78,9 @@ def _run_measured(cmd: list[str], log: Path, env: dict | None = None) -> tuple[f
     peak = log.with_suffix(".rss")
     with open(log, "wb") as out:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", _MEASURE, str(peak), *cmd], stdout=out,
-                              stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(peak), *cmd], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
         seconds = time.perf_counter() - start
     if done.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
@@ -85,11 +92,11 @@ def bench() -> dict:
     with tempfile.TemporaryDirectory(prefix="rackboot-bench-stream-") as tmp:
         tmp = Path(tmp)
         master = tmp / "master"
-        manifest = publish.publish_directory(payload_tree(tmp / "tree"), master, image="bench", version=1,
-                                             size_mib=IMAGE_MIB)
+        manifest = publish.publish_directory(
+            payload_tree(tmp / "tree"), master, image="bench", version=1, size_mib=IMAGE_MIB
+        )
         manifest_path = "/images/bench/1/manifest.json"
-        plans.write_plan(master, "default", Plan(node="bench", layout=Layout.from_dict(LAYOUT),
-                                                   image=manifest_path))
+        plans.write_plan(master, "default", Plan(node="bench", layout=Layout.from_dict(LAYOUT), image=manifest_path))
         stream_url_path = f"/images/bench/1/{manifest.stream}"
         server = serve.make_server(master, "127.0.0.1", 0, quiet=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -101,35 +108,67 @@ def bench() -> dict:
                 with open(disk, "wb") as f:
                     f.truncate(DISK_MIB << 20)
                 # the updater as the worker runs it: a top-level package, no rackboot around it
-                ours.append(_run_measured([sys.executable, "-m", "updater", "--disk", str(disk),
-                                           "--master", url, "--mac", MAC, "--serial", "bench",
-                                           "--decision-file", str(tmp / "decision")], tmp / "log",
-                                          env={**os.environ, "PYTHONPATH": str(UPDATER_HOME)}))
+                ours.append(
+                    _run_measured(
+                        [
+                            sys.executable,
+                            "-m",
+                            "updater",
+                            "--disk",
+                            str(disk),
+                            "--master",
+                            url,
+                            "--mac",
+                            MAC,
+                            "--serial",
+                            "bench",
+                            "--decision-file",
+                            str(tmp / "decision"),
+                        ],
+                        tmp / "log",
+                        env={**os.environ, "PYTHONPATH": str(UPDATER_HOME)},
+                    )
+                )
                 disk.unlink()
                 ref = tmp / "ref.img"
-                theirs.append(_run_measured(
-                    ["sh", "-c", f"curl -sf {url}{stream_url_path} | gzip -d | "
-                                 f"dd of={ref} bs=1M conv=fsync status=none"], tmp / "log"))
+                theirs.append(
+                    _run_measured(
+                        [
+                            "sh",
+                            "-c",
+                            f"curl -sf {url}{stream_url_path} | gzip -d | dd of={ref} bs=1M conv=fsync status=none",
+                        ],
+                        tmp / "log",
+                    )
+                )
                 ref.unlink()
         finally:
             server.shutdown()
             server.server_close()
     t_ours = min(s for s, _ in ours)
     t_ref = min(s for s, _ in theirs)
-    return {"image_bytes": manifest.size, "stream_bytes": manifest.stream_size,
-            "ours_seconds": t_ours, "reference_seconds": t_ref,
-            "ours_mib_s": manifest.size / t_ours / 2**20, "reference_mib_s": manifest.size / t_ref / 2**20,
-            "throughput_ratio": t_ref / t_ours, "ours_peak_rss": max(r for _, r in ours)}
+    return {
+        "image_bytes": manifest.size,
+        "stream_bytes": manifest.stream_size,
+        "ours_seconds": t_ours,
+        "reference_seconds": t_ref,
+        "ours_mib_s": manifest.size / t_ours / 2**20,
+        "reference_mib_s": manifest.size / t_ref / 2**20,
+        "throughput_ratio": t_ref / t_ours,
+        "ours_peak_rss": max(r for _, r in ours),
+    }
 
 
 def report(r: dict) -> str:
-    return "\n".join([
-        f"image {r['image_bytes'] / 2**20:.0f} MiB ({r['stream_bytes'] / 2**20:.0f} MiB gzip) over loopback HTTP:",
-        f"  updater (layout, stream, sha256+CRC32 verify, read-back, commit): {r['ours_seconds']:.2f} s, "
-        f"{r['ours_mib_s']:.0f} MiB/s, peak RSS {r['ours_peak_rss'] / 2**20:.1f} MiB (goal < 64 MiB)",
-        f"  curl | gzip -d | dd: {r['reference_seconds']:.2f} s, {r['reference_mib_s']:.0f} MiB/s",
-        f"  throughput ratio updater/pipeline: {r['throughput_ratio']:.2f} (goal >= 0.9)",
-    ])
+    return "\n".join(
+        [
+            f"image {r['image_bytes'] / 2**20:.0f} MiB ({r['stream_bytes'] / 2**20:.0f} MiB gzip) over loopback HTTP:",
+            f"  updater (layout, stream, sha256+CRC32 verify, read-back, commit): {r['ours_seconds']:.2f} s, "
+            f"{r['ours_mib_s']:.0f} MiB/s, peak RSS {r['ours_peak_rss'] / 2**20:.1f} MiB (goal < 64 MiB)",
+            f"  curl | gzip -d | dd: {r['reference_seconds']:.2f} s, {r['reference_mib_s']:.0f} MiB/s",
+            f"  throughput ratio updater/pipeline: {r['throughput_ratio']:.2f} (goal >= 0.9)",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_build  # noqa: E402
-import bench_stream  # noqa: E402
+import bench_build
+import bench_stream
 
 
 def main() -> int:

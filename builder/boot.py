@@ -9,8 +9,7 @@ from .config import Config
 from .errors import RackbootError
 
 
-def qemu_command(cfg: Config, *, expect: str | None, timeout: float, disks: list[Path],
-                 log: Path | None) -> int:
+def qemu_command(cfg: Config, *, expect: str | None, timeout: float, disks: list[Path], log: Path | None) -> int:
     """Boot through U-Boot, DHCP and TFTP from the build directory; 0 when ``expect`` was seen."""
     from rackboot.qemu.machines import profile
     from rackboot.qemu.runner import QemuWorker

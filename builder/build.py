@@ -14,21 +14,22 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
-from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, templates
-from .master import signing
-from .config import BOOT_START_MIB, Config, plain, source_date_epoch
-from .errors import RackbootError
-from .sources import PackageCache, PackageRef, content_hash
 from rackboot.firmware import bmap, sdcard
-from rackboot.firmware.boards import Board, board as board_profile
+from rackboot.firmware.boards import Board
+from rackboot.firmware.boards import board as board_profile
 from rackboot.uboot import image as uimage
 from rackboot.uboot import script as uscript
+
+from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, templates
+from .config import BOOT_START_MIB, Config, plain, source_date_epoch
+from .errors import RackbootError
+from .master import signing
+from .sources import PackageCache, PackageRef, content_hash
 
 NETBOOT_SCRIPT = "boot.scr.uimg"  # the name U-Boot's distro boot asks DHCP/TFTP for
 CARD_SCRIPT = "boot.scr"  # the name distro boot looks for on the card's boot partition
 
 DISK_SIGNATURE = 0x7261636B  # "rack": pinned so the same inputs give the same card image
-
 
 
 @dataclass
@@ -115,16 +116,28 @@ def kernel_artefact(inp: Inputs) -> graph.Artefact:
             data = gzip.decompress(data)
         tmp.write_bytes(data)
 
-    return graph.Artefact("kernel", "kernel", "Image" if arm64 else "zImage",
-                          {"kernel": inp.kernel_key, "boot_command": inp.board.boot_command}, build)
+    return graph.Artefact(
+        "kernel",
+        "kernel",
+        "Image" if arm64 else "zImage",
+        {"kernel": inp.kernel_key, "boot_command": inp.board.boot_command},
+        build,
+    )
 
 
 def dtb_artefacts(inp: Inputs) -> list[graph.Artefact]:
     out = []
     for rel in inp.board.dtbs:
         name = Path(rel).name
-        out.append(graph.Artefact(f"dtb:{name}", "dtb", f"dtbs/{name}", {"kernel": inp.kernel_key, "dtb": rel},
-                                  lambda tmp, rel=rel: shutil.copyfile(inp.kernel.dtb(rel), tmp)))
+        out.append(
+            graph.Artefact(
+                f"dtb:{name}",
+                "dtb",
+                f"dtbs/{name}",
+                {"kernel": inp.kernel_key, "dtb": rel},
+                lambda tmp, rel=rel: shutil.copyfile(inp.kernel.dtb(rel), tmp),
+            )
+        )
     return out
 
 
@@ -186,18 +199,35 @@ def initramfs_artefact(inp: Inputs, scratch: Path) -> graph.Artefact:
 def initramfs_uimage_artefact(inp: Inputs, initramfs: graph.Artefact, out: Path) -> graph.Artefact:
     def build(tmp: Path) -> None:
         payload = (out / initramfs.filename).read_bytes()
-        tmp.write_bytes(uimage.legacy_image(payload, image_type="ramdisk", arch=inp.board.uboot_arch,
-                                            name="rackboot initramfs", timestamp=source_date_epoch()))
-    return graph.Artefact("initramfs-uimage", "initramfs", "initramfs.uimg",
-                          {"epoch": source_date_epoch(), "arch": inp.board.uboot_arch}, build,
-                          after=(initramfs.name,))
+        tmp.write_bytes(
+            uimage.legacy_image(
+                payload,
+                image_type="ramdisk",
+                arch=inp.board.uboot_arch,
+                name="rackboot initramfs",
+                timestamp=source_date_epoch(),
+            )
+        )
+
+    return graph.Artefact(
+        "initramfs-uimage",
+        "initramfs",
+        "initramfs.uimg",
+        {"epoch": source_date_epoch(), "arch": inp.board.uboot_arch},
+        build,
+        after=(initramfs.name,),
+    )
 
 
 def script_context(inp: Inputs, kernel: str, initramfs: str) -> dict:
     """What the boot script templates read: also the scripts' rebuild key."""
     return {
-        "board": {"name": inp.board.name, "arch": inp.board.arch, "console": inp.board.console,
-                  "boot_command": inp.board.boot_command},
+        "board": {
+            "name": inp.board.name,
+            "arch": inp.board.arch,
+            "console": inp.board.console,
+            "boot_command": inp.board.boot_command,
+        },
         "cmdline": inp.cfg.kernel.cmdline,
         "master_url": inp.cfg.master.url,
         "kernel": kernel,
@@ -210,11 +240,16 @@ def script_context(inp: Inputs, kernel: str, initramfs: str) -> dict:
 def script_artefact(inp: Inputs, name: str, filename: str, template: str, context: dict) -> graph.Artefact:
     def build(tmp: Path) -> None:
         text = uscript.render(template, **context)
-        tmp.write_bytes(uimage.script_image(text, arch=inp.board.uboot_arch, name=f"rackboot {name}",
-                                            timestamp=source_date_epoch()))
+        tmp.write_bytes(
+            uimage.script_image(text, arch=inp.board.uboot_arch, name=f"rackboot {name}", timestamp=source_date_epoch())
+        )
 
-    inputs = {"context": context, "template": uscript.template_hash(template), "epoch": source_date_epoch(),
-              "recipe": graph.code_hash(uimage, uscript)}
+    inputs = {
+        "context": context,
+        "template": uscript.template_hash(template),
+        "epoch": source_date_epoch(),
+        "recipe": graph.code_hash(uimage, uscript),
+    }
     return graph.Artefact(name, "uboot-script", filename, inputs, build)
 
 
@@ -249,26 +284,43 @@ def _public_key_hash(cfg: Config) -> str:
 def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> list[graph.Artefact]:
     board = inp.board
     boot_size_mib, boot_type = inp.cfg.layout.boot_size_mib, inp.cfg.layout.partitions[0].type
-    inputs = {"board": [board.name, board.arch], "boot_size_mib": boot_size_mib, "boot_type": boot_type,
-              "epoch": source_date_epoch(),
-              "config_txt": templates.source_hash("rackboot.firmware", "config.txt.j2"),
-              "recipe": graph.code_hash(sdcard), "master_key": _public_key_hash(inp.cfg)}
+    inputs = {
+        "board": [board.name, board.arch],
+        "boot_size_mib": boot_size_mib,
+        "boot_type": boot_type,
+        "epoch": source_date_epoch(),
+        "config_txt": templates.source_hash("rackboot.firmware", "config.txt.j2"),
+        "recipe": graph.code_hash(sdcard),
+        "master_key": _public_key_hash(inp.cfg),
+    }
     if board.is_pi:
-        inputs["packages"] = [f"{r.name}={r.version}:{r.sha256}"
-                              for r in (inp.package(board.uboot_package), inp.package(board.firmware_package))]
+        inputs["packages"] = [
+            f"{r.name}={r.version}:{r.sha256}"
+            for r in (inp.package(board.uboot_package), inp.package(board.firmware_package))
+        ]
 
     def build_card(tmp: Path) -> None:
-        sdcard.build_sdcard(tmp, card_files(inp, out, on_card), boot_size_mib=boot_size_mib,
-                            boot_type=int(boot_type, 16),
-                            boot_start_mib=BOOT_START_MIB, disk_signature=DISK_SIGNATURE,
-                            volume_id=DISK_SIGNATURE, mtime=source_date_epoch())
+        sdcard.build_sdcard(
+            tmp,
+            card_files(inp, out, on_card),
+            boot_size_mib=boot_size_mib,
+            boot_type=int(boot_type, 16),
+            boot_start_mib=BOOT_START_MIB,
+            disk_signature=DISK_SIGNATURE,
+            volume_id=DISK_SIGNATURE,
+            mtime=source_date_epoch(),
+        )
 
     def build_bmap(tmp: Path) -> None:
         tmp.write_text(bmap.bmap_text(out / "sdcard.img"))
 
-    card = graph.Artefact("sdcard", "sdcard", "sdcard.img", inputs, build_card,
-                          after=tuple(a.name for a in on_card))
-    return [card, graph.Artefact("sdcard-bmap", "bmap", "sdcard.bmap", {"recipe": graph.code_hash(bmap)}, build_bmap, after=("sdcard",))]
+    card = graph.Artefact("sdcard", "sdcard", "sdcard.img", inputs, build_card, after=tuple(a.name for a in on_card))
+    return [
+        card,
+        graph.Artefact(
+            "sdcard-bmap", "bmap", "sdcard.bmap", {"recipe": graph.code_hash(bmap)}, build_bmap, after=("sdcard",)
+        ),
+    ]
 
 
 def artefacts(inp: Inputs, out: Path) -> list[graph.Artefact]:

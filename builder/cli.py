@@ -12,12 +12,18 @@ from .signals import clean_up_on_termination
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", type=Path, default=Path("rackboot.toml"),
-                   help="the rackboot.toml to use (default: ./rackboot.toml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=Path("rackboot.toml"),
+        help="the rackboot.toml to use (default: ./rackboot.toml)",
+    )
 
 
 def _cmd_build(args) -> int:
     from . import build, config
+
     cfg = config.load(args.config)
     out = build.build(cfg, out=args.output)
     print(f"artefacts in {out}")
@@ -26,6 +32,7 @@ def _cmd_build(args) -> int:
 
 def _cmd_qemu(args) -> int:
     from . import boot, config
+
     cfg = config.load(args.config)
     return boot.qemu_command(cfg, expect=args.expect, timeout=args.timeout, disks=args.disk, log=args.log)
 
@@ -33,20 +40,34 @@ def _cmd_qemu(args) -> int:
 def _cmd_publish(args) -> int:
     from . import config
     from .master import publish
+
     cfg = config.load(args.config)
     master = cfg.master.directory
     kernel_release, modules_from = args.kernel_release, args.modules_from
     if kernel_release is None and not args.no_modules:  # the kernel this config's workers boot
         from .build import Inputs
+
         kernel = Inputs(cfg).kernel
         kernel_release, modules_from = kernel.release, modules_from or kernel.root
-    common = dict(image=args.image, version=args.version, label=args.label or "",
-                  kernel_release=kernel_release, source_date_epoch=config.source_date_epoch(), key=cfg.master.key,
-                  hooks=dict(args.hook), hook_timeout=args.hook_timeout)
+    common = dict(
+        image=args.image,
+        version=args.version,
+        label=args.label or "",
+        kernel_release=kernel_release,
+        source_date_epoch=config.source_date_epoch(),
+        key=cfg.master.key,
+        hooks=dict(args.hook),
+        hook_timeout=args.hook_timeout,
+    )
     if args.directory:
-        manifest = publish.publish_directory(args.directory, master, size_mib=args.size_mib,
-                                             modules_from=modules_from,
-                                             modules=cfg.kernel.root_modules, **common)
+        manifest = publish.publish_directory(
+            args.directory,
+            master,
+            size_mib=args.size_mib,
+            modules_from=modules_from,
+            modules=cfg.kernel.root_modules,
+            **common,
+        )
     else:
         manifest = publish.publish_image(args.os_image, args.partition, master, **common)
     print(f"published {manifest.image} version {manifest.version} into {master}")
@@ -63,10 +84,12 @@ def _hook_arg(value: str) -> tuple[str, Path]:
 def _cmd_serve(args) -> int:
     from . import config
     from .master import serve
+
     cfg = config.load(args.config)
     port = args.port if args.port is not None else cfg.master.port
-    serve.serve_forever(cfg.master.directory, args.bind, port,
-                        idle_timeout=args.timeout, max_connections=args.max_connections)
+    serve.serve_forever(
+        cfg.master.directory, args.bind, port, idle_timeout=args.timeout, max_connections=args.max_connections
+    )
     return 0
 
 
@@ -89,6 +112,7 @@ def _positive_float(value: str) -> float:
 def _cmd_keygen(args) -> int:
     from . import config
     from .master import signing
+
     cfg = config.load(args.config)
     key = cfg.master.key
     if key is None:
@@ -100,6 +124,7 @@ def _cmd_keygen(args) -> int:
 def _cmd_plan(args) -> int:
     from . import config
     from .master import plans
+
     cfg = config.load(args.config)
     path = plans.assign(cfg, node=args.node, image=args.image, version=args.version)
     print(f"plan written to {path}")
@@ -108,16 +133,19 @@ def _cmd_plan(args) -> int:
 
 def _cmd_demo(args) -> int:
     from . import demo
+
     return demo.run(args.config, workdir=args.workdir)
 
 
 def _cmd_torture(args) -> int:
     from rackboot.qemu import torture
+
     return torture.run(args.config, cuts=args.cuts, seed=args.seed, workdir=args.workdir)
 
 
 def _cmd_config(args) -> int:
     from . import config
+
     if args.reference:
         print(config.reference())
         return 0
@@ -128,10 +156,10 @@ def _cmd_config(args) -> int:
     return 0
 
 
-
 def parser() -> argparse.ArgumentParser:
     from .initramfs.updater.formats import HOOK_TIMEOUT  # one default for the CLI and publish
     from .master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS  # not serve: http.server is slow to import
+
     p = argparse.ArgumentParser(prog="rackboot", description="Netboot and update racks of Pi-class workers.")
     p.add_argument("--version", action="version", version=f"rackboot {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,27 +187,48 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--version", type=int, help="version number (default: latest + 1)")
     pub.add_argument("--label", help="free text shown to humans, e.g. v2")
     pub.add_argument("--size-mib", type=int, help="filesystem size (default: fitted to the content)")
-    pub.add_argument("--kernel-release",
-                     help="the kernel release whose modules the root must carry (default: the config's kernel)")
+    pub.add_argument(
+        "--kernel-release", help="the kernel release whose modules the root must carry (default: the config's kernel)"
+    )
     pub.add_argument("--no-modules", action="store_true", help="do not check or add kernel modules")
     pub.add_argument("--modules-from", type=Path, help="an unpacked kernel package to copy modules from")
-    pub.add_argument("--hook", type=_hook_arg, action="append", default=[], metavar="WHEN=SCRIPT",
-                     help="a script the worker runs as root, signed with the image: pre-install (before "
-                          "the slot is written) or post-install (after it verified, before it is committed)")
-    pub.add_argument("--hook-timeout", type=int, default=HOOK_TIMEOUT, metavar="S",
-                     help="seconds a hook may run before the worker kills it (default: %(default)s)")
+    pub.add_argument(
+        "--hook",
+        type=_hook_arg,
+        action="append",
+        default=[],
+        metavar="WHEN=SCRIPT",
+        help="a script the worker runs as root, signed with the image: pre-install (before "
+        "the slot is written) or post-install (after it verified, before it is committed)",
+    )
+    pub.add_argument(
+        "--hook-timeout",
+        type=int,
+        default=HOOK_TIMEOUT,
+        metavar="S",
+        help="seconds a hook may run before the worker kills it (default: %(default)s)",
+    )
     pub.set_defaults(func=_cmd_publish)
 
     s = sub.add_parser("serve", help="run the master: plans, images, reports over HTTP")
     _config_arg(s)
     s.add_argument("--bind", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: [master] port)")
-    s.add_argument("--timeout", type=_positive_float, default=IDLE_TIMEOUT, metavar="S",
-                   help="seconds a client may keep one read or write waiting before its connection "
-                        "is closed (default: %(default)s)")
-    s.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
-                   help="connections served at once; past that a client gets 503 and retries "
-                        "(default: %(default)s)")
+    s.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=IDLE_TIMEOUT,
+        metavar="S",
+        help="seconds a client may keep one read or write waiting before its connection "
+        "is closed (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="connections served at once; past that a client gets 503 and retries (default: %(default)s)",
+    )
     s.set_defaults(func=_cmd_serve)
 
     k = sub.add_parser("keygen", help="make the master's Ed25519 signing key ([master] key)")
@@ -188,12 +237,18 @@ def parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="assign an image to a node (or to 'default')")
     _config_arg(pl)
-    pl.add_argument("--node", default="default",
-                    help="the node's MAC (52:54:00:12:34:56, 52-54-00-12-34-56, 5254.0012.3456 or 525400123456, "
-                         "any case) or 'default' (default: %(default)s)")
+    pl.add_argument(
+        "--node",
+        default="default",
+        help="the node's MAC (52:54:00:12:34:56, 52-54-00-12-34-56, 5254.0012.3456 or 525400123456, "
+        "any case) or 'default' (default: %(default)s)",
+    )
     pl.add_argument("--image", required=True, help="published image name")
-    pl.add_argument("--version", type=int,
-                    help="pin a version (default: latest); workers take a pinned version even when it is older")
+    pl.add_argument(
+        "--version",
+        type=int,
+        help="pin a version (default: latest); workers take a pinned version even when it is older",
+    )
     pl.set_defaults(func=_cmd_plan)
 
     d = sub.add_parser("demo", help="the whole story on emulated workers")

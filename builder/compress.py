@@ -46,6 +46,7 @@ class Compressor(Protocol):
 
 # --- gzip ----------------------------------------------------------------------------
 
+
 def _gzip_header(level: int) -> bytes:
     xfl = 2 if level == 9 else 4 if level == 1 else 0  # as gzip(1) marks best / fastest
     return struct.pack("<BBBBIBB", 0x1F, 0x8B, 8, 0, 0, xfl, _GZIP_OS_UNIX)
@@ -63,8 +64,7 @@ def _deflate_block(block: bytes, history: bytes, level: int) -> bytes:
 class ParallelGzip:
     """One gzip member, deflated in fixed-size blocks on a thread pool (zlib drops the GIL)."""
 
-    def __init__(self, out: BinaryIO, level: int = 6, threads: int | None = None,
-                 block_size: int = GZIP_BLOCK):
+    def __init__(self, out: BinaryIO, level: int = 6, threads: int | None = None, block_size: int = GZIP_BLOCK):
         if not 1 <= level <= 9:
             raise RackbootError(f"gzip level {level} is outside 1..9")
         self._out, self._level, self._block = out, level, block_size
@@ -86,7 +86,7 @@ class ParallelGzip:
             view = memoryview(self._buf)
             whole = len(self._buf) - len(self._buf) % self._block
             for at in range(0, whole, self._block):
-                self._submit(bytes(view[at:at + self._block]))
+                self._submit(bytes(view[at : at + self._block]))
             view.release()
             del self._buf[:whole]
         return len(data)
@@ -127,6 +127,7 @@ class ParallelGzip:
 
 # --- xz, zstd, none ------------------------------------------------------------------
 
+
 class _Xz:
     def __init__(self, out: BinaryIO, level: int):
         self._out = out
@@ -151,8 +152,11 @@ class _Zstd:
         if exe is None:
             raise RackbootError("zstd compression needs the zstd command (apt-get install zstd)")
         workers = max(1, threads if threads is not None else (os.cpu_count() or 1))
-        self._proc = subprocess.Popen([exe, "-q", "-c", f"-{level}", f"-T{workers}", "--no-progress"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._proc = subprocess.Popen(
+            [exe, "-q", "-c", f"-{level}", f"-T{workers}", "--no-progress"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self._error: BaseException | None = None
         self._reader = threading.Thread(target=self._copy_out, args=(out,), daemon=True)
         self._reader.start()
@@ -211,8 +215,8 @@ class _Plain:
 
 # --- the public face -----------------------------------------------------------------
 
-def compressor(method: str, out: BinaryIO, *, level: int | None = None,
-               threads: int | None = None) -> Compressor:
+
+def compressor(method: str, out: BinaryIO, *, level: int | None = None, threads: int | None = None) -> Compressor:
     """A sink that compresses what is written to it into ``out``; ``close()`` finishes the stream.
 
     ``level`` defaults to gzip 6, xz 6, zstd 3. ``threads`` (gzip, zstd) defaults to
@@ -246,6 +250,7 @@ Source = Union[BinaryIO, Iterable[bytes]]
 
 def compress_stream(method: str, src: Source, out: BinaryIO, *, chunk_size: int = 1 << 20, **options) -> None:
     """Compress a readable file object or an iterable of byte strings into ``out``."""
+
     def produce(sink: BinaryIO) -> None:
         if hasattr(src, "read"):
             while chunk := src.read(chunk_size):

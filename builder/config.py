@@ -13,18 +13,17 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from enum import StrEnum
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from rackboot.firmware.sdcard import FAT_TYPES
 from rackboot.initramfs.updater.formats import DEFAULT_MOUNT, DEFAULT_TRIES, NAME_RE, Mount, Repartition
 
 from .errors import ConfigError
-
 
 
 class BoardName(StrEnum):
@@ -35,6 +34,7 @@ class BoardName(StrEnum):
 
 class Arch(StrEnum):
     """Debian's name for the worker's architecture."""
+
     ARM64 = "arm64"
     ARMHF = "armhf"
 
@@ -44,7 +44,6 @@ class InitramfsCompression(StrEnum):
     XZ = "xz"
     ZSTD = "zstd"
     NONE = "none"
-
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,10 @@ def _cmdline(value: str) -> str | None:
         return f"{len(value)} characters is longer than the {MAX_CMDLINE} allowed"
     bad = sorted({c for c in value if c in _CMDLINE_FORBIDDEN or not " " <= c <= "~"})
     if bad:
-        return (f"contains {', '.join(repr(c) for c in bad)}, which U-Boot's boot script would act on "
-                "(printable ASCII only, no double quote, dollar, backslash, semicolon or backtick)")
+        return (
+            f"contains {', '.join(repr(c) for c in bad)}, which U-Boot's boot script would act on "
+            "(printable ASCII only, no double quote, dollar, backslash, semicolon or backtick)"
+        )
     if "--" in value.split():
         return "'--' would hand the rest of the command line (panic=10, rackboot.master) to init, not the kernel"
     return None
@@ -144,51 +145,129 @@ def _binary(value: str) -> str | None:
 SETTINGS: tuple[Setting, ...] = (
     Setting("board", "name", "choice", "qemu-virt", "Board profile.", BoardName),
     Setting("board", "arch", "choice", "arm64", "Debian architecture of the worker.", Arch),
-    Setting("kernel", "package", "str", "", "Debian kernel package (metapackages are followed), "
-            "e.g. linux-image-arm64; empty = the board profile's default.",
-            check=lambda v: _package(v) if v else None),
-    Setting("kernel", "path", "path", None, "A local kernel tree (an unpacked kernel package: "
-            "boot/vmlinuz-*, lib/modules/*) used instead of the package."),
-    Setting("kernel", "cmdline", "str", "", "Extra kernel command line, after the board's console "
-            f"(printable ASCII, no double quote, dollar, backslash, semicolon or backtick; at most "
-            f"{MAX_CMDLINE} characters).", check=_cmdline),
-    Setting("kernel", "root_modules", "list[str]", [],
-            "Modules (with their dependencies) that publish puts into each root filesystem, indexed by depmod; "
-            "empty = the kernel's whole module tree.", check=_module),
-    Setting("initramfs", "packages", "list[str]", ["busybox-static"],
-            "Debian packages unpacked into the sysroot that binaries are taken from "
-            "(or local trees: paths starting with /, ./ or ../).", check=_package_or_tree),
-    Setting("initramfs", "binaries", "list[str]", ["/bin/busybox"],
-            "Binaries copied with their ELF closure (interpreter and libraries): absolute paths inside "
-            "the sysroot, or bare names.", check=_binary),
-    Setting("initramfs", "modules", "list[str]", [],
-            "Kernel modules loaded at boot, with their dependencies, in dependency order.", check=_module),
-    Setting("initramfs", "files", "table[path]", {},
-            "Extra files: target path = local source path."),
+    Setting(
+        "kernel",
+        "package",
+        "str",
+        "",
+        "Debian kernel package (metapackages are followed), "
+        "e.g. linux-image-arm64; empty = the board profile's default.",
+        check=lambda v: _package(v) if v else None,
+    ),
+    Setting(
+        "kernel",
+        "path",
+        "path",
+        None,
+        "A local kernel tree (an unpacked kernel package: boot/vmlinuz-*, lib/modules/*) used instead of the package.",
+    ),
+    Setting(
+        "kernel",
+        "cmdline",
+        "str",
+        "",
+        "Extra kernel command line, after the board's console "
+        f"(printable ASCII, no double quote, dollar, backslash, semicolon or backtick; at most "
+        f"{MAX_CMDLINE} characters).",
+        check=_cmdline,
+    ),
+    Setting(
+        "kernel",
+        "root_modules",
+        "list[str]",
+        [],
+        "Modules (with their dependencies) that publish puts into each root filesystem, indexed by depmod; "
+        "empty = the kernel's whole module tree.",
+        check=_module,
+    ),
+    Setting(
+        "initramfs",
+        "packages",
+        "list[str]",
+        ["busybox-static"],
+        "Debian packages unpacked into the sysroot that binaries are taken from "
+        "(or local trees: paths starting with /, ./ or ../).",
+        check=_package_or_tree,
+    ),
+    Setting(
+        "initramfs",
+        "binaries",
+        "list[str]",
+        ["/bin/busybox"],
+        "Binaries copied with their ELF closure (interpreter and libraries): absolute paths inside "
+        "the sysroot, or bare names.",
+        check=_binary,
+    ),
+    Setting(
+        "initramfs",
+        "modules",
+        "list[str]",
+        [],
+        "Kernel modules loaded at boot, with their dependencies, in dependency order.",
+        check=_module,
+    ),
+    Setting("initramfs", "files", "table[path]", {}, "Extra files: target path = local source path."),
     Setting("initramfs", "compression", "choice", "gzip", "Initramfs compression.", InitramfsCompression),
-    Setting("initramfs", "uboot_wrap", "bool", False,
-            "Also wrap the initramfs as a U-Boot legacy ramdisk image."),
-    Setting("initramfs", "updater", "bool", True,
-            "Carry the updater and the target Python; off = probe only (network up, power off)."),
-    Setting("initramfs", "watchdog", "int", 120,
-            "Seconds the updater may go without progress before it stops feeding the board's "
-            "hardware watchdog, which then resets the board; 0 = leave the watchdog alone.", minimum=0),
-    Setting("master", "address", "str", "10.0.2.2",
-            "The master's address as workers reach it: an IPv4 address or a hostname.", check=_address),
+    Setting("initramfs", "uboot_wrap", "bool", False, "Also wrap the initramfs as a U-Boot legacy ramdisk image."),
+    Setting(
+        "initramfs",
+        "updater",
+        "bool",
+        True,
+        "Carry the updater and the target Python; off = probe only (network up, power off).",
+    ),
+    Setting(
+        "initramfs",
+        "watchdog",
+        "int",
+        120,
+        "Seconds the updater may go without progress before it stops feeding the board's "
+        "hardware watchdog, which then resets the board; 0 = leave the watchdog alone.",
+        minimum=0,
+    ),
+    Setting(
+        "master",
+        "address",
+        "str",
+        "10.0.2.2",
+        "The master's address as workers reach it: an IPv4 address or a hostname.",
+        check=_address,
+    ),
     Setting("master", "port", "int", 8080, "The master's HTTP port.", minimum=1, maximum=65535),
-    Setting("master", "key", "path", None,
-            "The master's Ed25519 private key (rackboot keygen makes it): publish and plan sign with it, "
-            "and its .pub goes into the initramfs and the card, which then take only signed documents. "
-            "Unset = an unsigned rack."),
+    Setting(
+        "master",
+        "key",
+        "path",
+        None,
+        "The master's Ed25519 private key (rackboot keygen makes it): publish and plan sign with it, "
+        "and its .pub goes into the initramfs and the card, which then take only signed documents. "
+        "Unset = an unsigned rack.",
+    ),
     Setting("master", "directory", "path", "master", "The master's tree (published images, plans, reports)."),
-    Setting("layout", "partitions", "layout", _default_layout(),
-            "SD card layout: boot (a FAT type: 0b, 0c or 0e), slot a, slot b, data; size_mib in MiB or "
-            "\"rest\"; the whole card within MBR's 2 TiB."),
-    Setting("layout", "repartition", "choice", "allowed",
-            "Whether the updater may repartition a card whose table differs.", Repartition),
-    Setting("layout", "tries", "int", DEFAULT_TRIES,
-            "Boots a newly installed slot gets to run rackboot-mark-good before the previous slot "
-            "boots again.", minimum=1),
+    Setting(
+        "layout",
+        "partitions",
+        "layout",
+        _default_layout(),
+        "SD card layout: boot (a FAT type: 0b, 0c or 0e), slot a, slot b, data; size_mib in MiB or "
+        '"rest"; the whole card within MBR\'s 2 TiB.',
+    ),
+    Setting(
+        "layout",
+        "repartition",
+        "choice",
+        "allowed",
+        "Whether the updater may repartition a card whose table differs.",
+        Repartition,
+    ),
+    Setting(
+        "layout",
+        "tries",
+        "int",
+        DEFAULT_TRIES,
+        "Boots a newly installed slot gets to run rackboot-mark-good before the previous slot boots again.",
+        minimum=1,
+    ),
     Setting("layout", "mount", "choice", str(DEFAULT_MOUNT), "How the worker mounts its slot.", Mount),
     Setting("output", "directory", "path", "build", "Where build artefacts go."),
 )
@@ -336,12 +415,12 @@ def _check_layout(where: str, value: Any) -> list[dict]:
         size = part.get("size_mib")
         if size == "rest":
             if i != len(value) - 1:
-                raise ConfigError(f"{at}: size_mib \"rest\" is only allowed on the last partition")
+                raise ConfigError(f'{at}: size_mib "rest" is only allowed on the last partition')
         elif not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise _expect(f"{at}.size_mib", "a positive number of MiB or \"rest\"", size)
+            raise _expect(f"{at}.size_mib", 'a positive number of MiB or "rest"', size)
         ptype = part.get("type", "0c" if i == 0 else "83")  # boot is the card's FAT32
         if not isinstance(ptype, str) or len(ptype) != 2 or any(c not in "0123456789abcdef" for c in ptype.lower()):
-            raise _expect(f"{at}.type", "a two-digit hex MBR type such as \"83\"", ptype)
+            raise _expect(f"{at}.type", 'a two-digit hex MBR type such as "83"', ptype)
         if ptype == "00":
             raise ConfigError(f"{at}.type: 00 marks an unused MBR entry")
         name = part.get("name")
@@ -357,8 +436,10 @@ def _check_layout(where: str, value: Any) -> list[dict]:
     if names[0] != "boot":
         raise ConfigError(f"{where}: the first partition must be 'boot', the firmware reads it")
     if out[0]["type"] not in BOOT_TYPES:
-        raise ConfigError(f"{where}[0].type: the boot partition holds the card's FAT32 filesystem, which the "
-                          f"firmware reads only under a FAT type ({', '.join(BOOT_TYPES)}), got \"{out[0]['type']}\"")
+        raise ConfigError(
+            f"{where}[0].type: the boot partition holds the card's FAT32 filesystem, which the "
+            f'firmware reads only under a FAT type ({", ".join(BOOT_TYPES)}), got "{out[0]["type"]}"'
+        )
     _check_mbr_fits(where, out)
     return out
 
@@ -368,8 +449,9 @@ def _check_mbr_fits(where: str, parts: list[dict]) -> None:
     end_mib = BOOT_START_MIB + sum(1 if p["size_mib"] == "rest" else p["size_mib"] for p in parts)
     if end_mib * MIB_SECTORS > MBR_SECTORS:
         limit = MBR_SECTORS // MIB_SECTORS
-        raise ConfigError(f"{where}: the partitions end at {end_mib} MiB, past the {limit} MiB (2 TiB) "
-                          f"an MBR can address")
+        raise ConfigError(
+            f"{where}: the partitions end at {end_mib} MiB, past the {limit} MiB (2 TiB) an MBR can address"
+        )
 
 
 _CHECKS: dict[str, Callable[[str, Any, Setting, Path], Any]] = {}
@@ -379,6 +461,7 @@ def _check(kind: str):
     def register(fn):
         _CHECKS[kind] = fn
         return fn
+
     return register
 
 
@@ -450,9 +533,8 @@ def _table_path(where, value, setting, base):
     out = {}
     for target, source in sorted(value.items()):
         if not target.startswith("/") or "\0" in target or ".." in target.split("/"):
-            raise _expect(f"{where}.\"{target}\"", "an absolute target path inside the initramfs (no '..')",
-                          target)
-        out[target] = _path(f"{where}.\"{target}\"", source, setting, base)
+            raise _expect(f'{where}."{target}"', "an absolute target path inside the initramfs (no '..')", target)
+        out[target] = _path(f'{where}."{target}"', source, setting, base)
     return out
 
 

@@ -28,9 +28,19 @@ MAGIC = "070701"
 TRAILER = "TRAILER!!!"
 # The header after the magic, in order: field name and width in hex digits.
 FIELDS: tuple[tuple[str, int], ...] = (
-    ("ino", 8), ("mode", 8), ("uid", 8), ("gid", 8), ("nlink", 8), ("mtime", 8),
-    ("filesize", 8), ("devmajor", 8), ("devminor", 8), ("rdevmajor", 8), ("rdevminor", 8),
-    ("namesize", 8), ("check", 8),
+    ("ino", 8),
+    ("mode", 8),
+    ("uid", 8),
+    ("gid", 8),
+    ("nlink", 8),
+    ("mtime", 8),
+    ("filesize", 8),
+    ("devmajor", 8),
+    ("devminor", 8),
+    ("rdevmajor", 8),
+    ("rdevminor", 8),
+    ("namesize", 8),
+    ("check", 8),
 )
 HEADER_SIZE = len(MAGIC) + sum(width for _, width in FIELDS)
 _HEADER_FORMAT = MAGIC + "".join(f"%0{width}X" for _, width in FIELDS)
@@ -39,6 +49,7 @@ CHUNK = 1 << 20  # file contents are streamed in pieces this big
 
 
 # --- entries -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Directory:
@@ -50,7 +61,7 @@ class Directory:
 class File:
     path: str
     mode: int
-    source: Union[Path, bytes]  # a file on disk, read at write time, or the contents
+    source: Path | bytes  # a file on disk, read at write time, or the contents
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ Entry = Union[Directory, File, Symlink, HardLink, Device, Fifo]
 
 # --- header --------------------------------------------------------------------------
 
+
 def pack_header(**fields: int) -> bytes:
     """One header; fields not given are 0."""
     values = []
@@ -119,16 +131,16 @@ def read_members(data: bytes) -> list[Member]:
     """Parse a whole uncompressed archive up to and including its trailer."""
     members, pos = [], 0
     while True:
-        if data[pos:pos + len(MAGIC)] != MAGIC.encode():
+        if data[pos : pos + len(MAGIC)] != MAGIC.encode():
             raise RackbootError(f"cpio: no newc magic at offset {pos}")
         fields, at = {}, pos + len(MAGIC)
         for name, width in FIELDS:
             try:
-                fields[name] = int(data[at:at + width], 16)
+                fields[name] = int(data[at : at + width], 16)
             except ValueError:
                 raise RackbootError(f"cpio: header field {name} at offset {at} is not hex") from None
             at += width
-        name = data[at:at + fields["namesize"] - 1].decode("utf-8", "surrogateescape")
+        name = data[at : at + fields["namesize"] - 1].decode("utf-8", "surrogateescape")
         data_offset = _align(at + fields["namesize"])
         members.append(Member(name, fields, data_offset))
         if name == TRAILER:
@@ -145,6 +157,7 @@ def _pad(n: int) -> bytes:
 
 
 # --- paths and the plan --------------------------------------------------------------
+
 
 def normalise_path(path: str) -> str:
     """Archive paths are relative with no empty, '.' or '..' components."""
@@ -190,8 +203,9 @@ def _plan(entries: Iterable[Entry]) -> list[_Planned]:
         if isinstance(entry, HardLink):
             target = normalise_path(entry.target_path)
             if not isinstance(by_path.get(target), File):
-                raise RackbootError(f"cpio: hard link {path!r} names {entry.target_path!r}, "
-                                    f"which is not a file in the archive")
+                raise RackbootError(
+                    f"cpio: hard link {path!r} names {entry.target_path!r}, which is not a file in the archive"
+                )
             groups.setdefault(target, [target]).append(path)
     group_of = {member: target for target, members in groups.items() for member in members}
     last_of = {target: max(members, key=_sort_key) for target, members in groups.items()}
@@ -218,6 +232,7 @@ def _plan(entries: Iterable[Entry]) -> list[_Planned]:
 
 
 # --- writing -------------------------------------------------------------------------
+
 
 def write_archive(entries: Iterable[Entry], out: BinaryIO, *, mtime: int) -> None:
     """Write ``entries`` as one deterministic newc archive, trailer included, to ``out``."""
@@ -246,8 +261,11 @@ def _write_member(item: _Planned, out: BinaryIO, mtime: int) -> None:
         kind = {"c": stat.S_IFCHR, "b": stat.S_IFBLK}.get(entry.kind)
         if kind is None:
             raise RackbootError(f"cpio: device {item.path!r} has kind {entry.kind!r}, want 'c' or 'b'")
-        out.write(_member_head(item.path, mode=kind | _perm(entry), filesize=0,
-                               rdevmajor=entry.major, rdevminor=entry.minor, **common))
+        out.write(
+            _member_head(
+                item.path, mode=kind | _perm(entry), filesize=0, rdevmajor=entry.major, rdevminor=entry.minor, **common
+            )
+        )
     elif isinstance(entry, Fifo):
         out.write(_member_head(item.path, mode=stat.S_IFIFO | _perm(entry), filesize=0, **common))
     elif isinstance(entry, File):
@@ -310,6 +328,7 @@ def _read_chunks(fd: int, size: int) -> Iterator[bytes]:
 
 # --- staged trees --------------------------------------------------------------------
 
+
 def tree_entries(root: Path, prefix: str = "") -> list[Entry]:
     """Entries for everything under ``root`` (not ``root`` itself), at ``prefix`` in the archive.
 
@@ -342,8 +361,10 @@ def tree_entries(root: Path, prefix: str = "") -> list[Entry]:
         elif stat.S_ISFIFO(st.st_mode):
             entries.append(Fifo(path, 0o644))
         else:
-            raise RackbootError(f"cpio: {full} is a device node or socket; "
-                                f"add device nodes as cpio.Device entries, not files in the tree")
+            raise RackbootError(
+                f"cpio: {full} is a device node or socket; "
+                f"add device nodes as cpio.Device entries, not files in the tree"
+            )
     return entries
 
 

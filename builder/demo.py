@@ -48,8 +48,14 @@ def _last_action(log: Path) -> str:
 STORY = [(1, False), (1, False), (2, False), (2, True)]  # (version expected, master stopped)
 
 
-def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
-          steps: list[tuple[int, bool]] = STORY, broken: frozenset[int] = frozenset()) -> list[BootRow]:
+def story(
+    cfg: config.Config,
+    work: Path,
+    rootfs: Path | None = None,
+    log=print,
+    steps: list[tuple[int, bool]] = STORY,
+    broken: frozenset[int] = frozenset(),
+) -> list[BootRow]:
     """Build, publish v1, serve, and boot the worker through ``steps`` (version expected,
     master stopped); versions in ``broken`` never confirm their slot. One row per boot."""
     rootfs = rootfs or cfg.base / "rootfs"
@@ -76,8 +82,15 @@ def story(cfg: config.Config, work: Path, rootfs: Path | None = None, log=print,
                 master.stop()
                 master = None
             log(f"boot {n}: expecting v{version}{' (master stopped)' if offline else ''} ...")
-            row = _boot(cfg, out, disk, work / "logs" / f"boot{n}.log", rf"rackboot-demo: v{version} is up",
-                        master=master, offline=offline)
+            row = _boot(
+                cfg,
+                out,
+                disk,
+                work / "logs" / f"boot{n}.log",
+                rf"rackboot-demo: v{version} is up",
+                master=master,
+                offline=offline,
+            )
             row.boot = n
             rows.append(row)
     finally:

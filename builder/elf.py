@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path, PurePosixPath
 
 from .errors import RackbootError
@@ -121,7 +121,7 @@ def host_path(sysroot: Path, path: str) -> Path:
     return sysroot / final.lstrip("/")
 
 
-@lru_cache(maxsize=None)
+@cache
 def ld_so_conf_paths(sysroot: Path) -> tuple[str, ...]:
     """Directories from etc/ld.so.conf and its `include` globs, read inside the sysroot."""
     out: list[str] = []
@@ -235,7 +235,9 @@ def closure(binaries: list[str], sysroot: Path, arch: str) -> list[str]:
                 raise RackbootError(f"{name}, needed by {path}: {exc}") from None
             if found is None:
                 searched = ", ".join(search_paths(info, origin, sysroot, arch))
-                raise RackbootError(f"{name}, needed by {path}, not found for {arch} in {sysroot} (searched {searched})")
+                raise RackbootError(
+                    f"{name}, needed by {path}, not found for {arch} in {sysroot} (searched {searched})"
+                )
             queue.append(found)
             why.setdefault(found, f"needed by {path}")
     return sorted(result)

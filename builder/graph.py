@@ -22,10 +22,11 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import __version__
 from .errors import RackbootError
@@ -84,8 +85,11 @@ def _why(old: dict | None, artefact: Artefact, dep_hashes: dict[str, str], out: 
         return "output changed on disk"
     if old.get("builder") != __version__:
         return f"builder version {old.get('builder')} -> {__version__}"
-    changed = sorted(k for k in set(old.get("inputs", {})) | set(artefact.inputs)
-                     if canonical(old.get("inputs", {}).get(k)) != canonical(artefact.inputs.get(k)))
+    changed = sorted(
+        k
+        for k in set(old.get("inputs", {})) | set(artefact.inputs)
+        if canonical(old.get("inputs", {}).get(k)) != canonical(artefact.inputs.get(k))
+    )
     changed += sorted(f"{d} rebuilt" for d in dep_hashes if old.get("after", {}).get(d) != dep_hashes[d])
     return ", ".join(f"{c} changed" if not c.endswith("rebuilt") else c for c in changed) or None
 
@@ -158,9 +162,14 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
                 atomic_write(staged, artefact.build, shown=target)
                 digest = sha256_file(staged)
                 st = staged.stat()  # a rename keeps it: the stamp matches the committed output
-                stamps[artefact.name] = {"builder": __version__, "key": _key(artefact, deps),
-                                         "inputs": artefact.inputs, "after": deps, "sha256": digest,
-                                         "output_stat": [st.st_size, st.st_mtime_ns]}
+                stamps[artefact.name] = {
+                    "builder": __version__,
+                    "key": _key(artefact, deps),
+                    "inputs": artefact.inputs,
+                    "after": deps,
+                    "sha256": digest,
+                    "output_stat": [st.st_size, st.st_mtime_ns],
+                }
                 hashes[artefact.name] = digest
                 result.outcomes.append(Outcome(artefact.name, True, reason))
             _commit(out, artefacts, stamps, hashes)
@@ -210,8 +219,15 @@ def _manifest_paths(out: Path) -> set[str]:
         paths = {e["path"] for e in entries}
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return set()
-    return {p for p in paths if isinstance(p, str) and p and not p.startswith("/")
-            and not any(part in ("", ".", "..", STATE_DIR) for part in p.split("/")) and p != MANIFEST}
+    return {
+        p
+        for p in paths
+        if isinstance(p, str)
+        and p
+        and not p.startswith("/")
+        and not any(part in ("", ".", "..", STATE_DIR) for part in p.split("/"))
+        and p != MANIFEST
+    }
 
 
 def sweep(out: Path, artefacts: list[Artefact]) -> None:
@@ -242,8 +258,15 @@ def write_manifest(out: Path, artefacts: list[Artefact], hashes: dict[str, str])
     """artefacts.json: name, kind, path, size, sha256 of each artefact, sorted by name."""
     entries = []
     for a in sorted(artefacts, key=lambda a: a.name):
-        entries.append({"name": a.name, "kind": a.kind, "path": a.filename,
-                        "size": (out / a.filename).stat().st_size, "sha256": hashes[a.name]})
+        entries.append(
+            {
+                "name": a.name,
+                "kind": a.kind,
+                "path": a.filename,
+                "size": (out / a.filename).stat().st_size,
+                "sha256": hashes[a.name],
+            }
+        )
     doc = json.dumps({"builder": __version__, "artefacts": entries}, indent=2, sort_keys=True) + "\n"
     path = out / MANIFEST
     if not path.exists() or path.read_text() != doc:

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from rackboot.firmware.boards import COMMON_MODULES, Board
+from rackboot.initramfs.updater.signature import PUBLIC_KEY
+
 from . import compress, cpio, elf, modules, pystdlib, sources
-from .master import signing
 from .config import Config
 from .errors import RackbootError
-from rackboot.initramfs.updater.signature import PUBLIC_KEY
-from rackboot.firmware.boards import COMMON_MODULES, Board
+from .master import signing
 
 PYTHON = "/usr/bin/python3.11"
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
@@ -54,8 +55,12 @@ def spec(cfg: Config, board: Board) -> Spec:
         binaries.append("/usr/bin/openssl")
         files[PUBLIC_KEY] = signing.public_key_path(key)
     watchdog = cfg.initramfs.watchdog if updater and board.watchdog else 0
-    wanted = (list(board.modules) + list(COMMON_MODULES) + list(board.watchdog if watchdog else ())
-              + list(cfg.initramfs.modules))
+    wanted = (
+        list(board.modules)
+        + list(COMMON_MODULES)
+        + list(board.watchdog if watchdog else ())
+        + list(cfg.initramfs.modules)
+    )
     init_conf = {
         "RACKBOOT_MASTER": cfg.master.url,
         "RACKBOOT_DISK": board.disk,
@@ -63,9 +68,16 @@ def spec(cfg: Config, board: Board) -> Spec:
         "RACKBOOT_MOUNT": cfg.layout.mount,  # for offline boots, when no plan says
         "RACKBOOT_WATCHDOG": str(watchdog),  # stall seconds; 0 = no watchdog
     }
-    return Spec(arch=board.arch, packages=sorted(set(packages)), binaries=binaries,
-                modules=list(dict.fromkeys(wanted)), files=files,
-                compression=cfg.initramfs.compression, updater=updater, init_conf=init_conf)
+    return Spec(
+        arch=board.arch,
+        packages=sorted(set(packages)),
+        binaries=binaries,
+        modules=list(dict.fromkeys(wanted)),
+        files=files,
+        compression=cfg.initramfs.compression,
+        updater=updater,
+        init_conf=init_conf,
+    )
 
 
 def _shim_dir():

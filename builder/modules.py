@@ -49,6 +49,7 @@ def module_bytes(path: Path) -> bytes:
         return done.stdout
     if path.name.endswith(".gz"):
         import gzip
+
         return gzip.decompress(data)
     return data
 
@@ -150,8 +151,9 @@ class KernelModules:
         return RackbootError(f"kernel module '{name}' not found in linux {self.kver}{hint}")
 
 
-def module_closure(names: list[str], kernel_root: Path, kver: str | None = None, *,
-                   arch: str | None = None) -> ModuleClosure:
+def module_closure(
+    names: list[str], kernel_root: Path, kver: str | None = None, *, arch: str | None = None
+) -> ModuleClosure:
     """The wanted modules with their dependencies, in a deterministic topological load order."""
     kernel = KernelModules(kernel_root, kver)
     infos: dict[str, ModInfo] = {}
@@ -171,8 +173,9 @@ def module_closure(names: list[str], kernel_root: Path, kver: str | None = None,
             raise kernel.missing(name)
         info = read_modinfo(kernel.index[name])
         if arch and info.machine != ARCHES[arch][:2]:
-            raise RackbootError(f"kernel module {kernel.index[name]} is ELF{info.machine[0]} {info.machine[1]}, "
-                                f"not {arch}")
+            raise RackbootError(
+                f"kernel module {kernel.index[name]} is ELF{info.machine[0]} {info.machine[1]}, not {arch}"
+            )
         infos[name] = info
         pending += info.depends
         for soft in info.pre + info.post:
@@ -197,7 +200,7 @@ def _load_order(infos: dict[str, ModInfo]) -> list[str]:
         if name in done:
             return
         if name in visiting:
-            cycle = visiting[visiting.index(name):] + [name]
+            cycle = visiting[visiting.index(name) :] + [name]
             raise RackbootError(f"kernel modules depend on each other in a cycle: {' -> '.join(cycle)}")
         visiting.append(name)
         for dep in sorted(before[name]):
@@ -224,8 +227,9 @@ def copy_subset(closure: ModuleClosure, kernel_root: Path, dest: Path) -> None:
         target = dest / (kernel_root / module.path).relative_to(kernel.dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kernel_root / module.path, target)
-    (dest / "modules.order").write_text("".join(
-        str((kernel_root / m.path).relative_to(kernel.dir)) + "\n" for m in closure.modules))
+    (dest / "modules.order").write_text(
+        "".join(str((kernel_root / m.path).relative_to(kernel.dir)) + "\n" for m in closure.modules)
+    )
     for extra in ("modules.builtin", "modules.builtin.modinfo"):
         source = kernel.inside(kernel.dir / extra)
         if source.is_file():

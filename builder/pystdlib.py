@@ -19,14 +19,56 @@ STDLIB = "usr/lib/python3.11"
 TRIPLETS = {"arm64": "aarch64-linux-gnu", "armhf": "arm-linux-gnueabihf", "amd64": "x86_64-linux-gnu"}
 # What the interpreter imports before any user code runs, plus what C code imports by name
 # where modulefinder cannot see it: socket.getaddrinfo encodes host names with the idna codec.
-STARTUP = ("encodings", "encodings.aliases", "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
-           "encodings.idna",
-           "codecs", "io", "abc", "site", "os", "stat", "posixpath", "genericpath", "_collections_abc",
-           "_sitebuiltins", "runpy", "importlib.machinery", "importlib.util")
+STARTUP = (
+    "encodings",
+    "encodings.aliases",
+    "encodings.utf_8",
+    "encodings.latin_1",
+    "encodings.ascii",
+    "encodings.idna",
+    "codecs",
+    "io",
+    "abc",
+    "site",
+    "os",
+    "stat",
+    "posixpath",
+    "genericpath",
+    "_collections_abc",
+    "_sitebuiltins",
+    "runpy",
+    "importlib.machinery",
+    "importlib.util",
+)
 # Reached only through `if __name__ == "__main__"` blocks and test helpers of stdlib modules.
-EXCLUDE = ("doctest", "unittest", "pydoc", "pdb", "asyncio", "tkinter", "idlelib", "lib2to3", "test",
-           "distutils", "ensurepip", "sqlite3", "curses", "xmlrpc", "multiprocessing", "concurrent",
-           "ctypes", "lzma", "bz2", "tty", "pty", "readline", "rlcompleter", "webbrowser", "ssl", "decimal")
+EXCLUDE = (
+    "doctest",
+    "unittest",
+    "pydoc",
+    "pdb",
+    "asyncio",
+    "tkinter",
+    "idlelib",
+    "lib2to3",
+    "test",
+    "distutils",
+    "ensurepip",
+    "sqlite3",
+    "curses",
+    "xmlrpc",
+    "multiprocessing",
+    "concurrent",
+    "ctypes",
+    "lzma",
+    "bz2",
+    "tty",
+    "pty",
+    "readline",
+    "rlcompleter",
+    "webbrowser",
+    "ssl",
+    "decimal",
+)
 
 
 @dataclass(frozen=True)
@@ -48,9 +90,11 @@ def needed_stdlib(package_dir: Path, sysroot: Path, arch: str) -> StdlibSet:
     finally:
         script.unlink()
     root = sysroot.resolve()
-    sources = {"/" + str(Path(m.__file__).resolve().relative_to(root))
-               for m in finder.modules.values()
-               if m.__file__ and Path(m.__file__).resolve().is_relative_to(stdlib)}
+    sources = {
+        "/" + str(Path(m.__file__).resolve().relative_to(root))
+        for m in finder.modules.values()
+        if m.__file__ and Path(m.__file__).resolve().is_relative_to(stdlib)
+    }
     dynload = stdlib / "lib-dynload"
     extensions = set()
     for name in sorted(set(finder.badmodules) - set(EXCLUDE)):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from .elf import host_path
 from .errors import RackbootError
-from .proc import run
 from .files import atomic_write_bytes, sha256_file
+from .proc import run
 
 LISTS = Path("/var/lib/apt/lists")
 
@@ -146,11 +146,24 @@ class PackageCache:
         for rec in parse_records(done.stdout):
             if "SHA256" not in rec or "Filename" not in rec:
                 continue
-            found.setdefault(rec["Package"], PackageRef(
-                name=rec["Package"], version=rec["Version"], arch=rec.get("Architecture", self.arch),
-                sha256=rec["SHA256"], filename=rec["Filename"], size=int(rec.get("Size", 0)),
-                depends=_dependency_names(rec)))
-        if not found and done.returncode and "No packages found" not in done.stderr and "Unable to locate" not in done.stderr:
+            found.setdefault(
+                rec["Package"],
+                PackageRef(
+                    name=rec["Package"],
+                    version=rec["Version"],
+                    arch=rec.get("Architecture", self.arch),
+                    sha256=rec["SHA256"],
+                    filename=rec["Filename"],
+                    size=int(rec.get("Size", 0)),
+                    depends=_dependency_names(rec),
+                ),
+            )
+        if (
+            not found
+            and done.returncode
+            and "No packages found" not in done.stderr
+            and "Unable to locate" not in done.stderr
+        ):
             raise RackbootError(f"apt-cache show failed: {done.stderr.strip().splitlines()[-1:]}")
         return found
 
@@ -165,7 +178,8 @@ class PackageCache:
                 if missing:
                     raise RackbootError(
                         f"unknown Debian package '{missing[0]}' for {self.arch} (apt-cache has no candidate; "
-                        f"is the arch enabled with dpkg --add-architecture and apt-get update run?)")
+                        f"is the arch enabled with dpkg --add-architecture and apt-get update run?)"
+                    )
             first = False
             refs.update(found)
             if not with_depends:
@@ -195,8 +209,9 @@ class PackageCache:
                 raise RackbootError(f"cannot download Debian package {spec}: {detail}")
             digest = content_hash(got[0])
             if digest != ref.sha256:
-                raise RackbootError(f"Debian package {spec} has sha256 {digest[:16]}..., apt expects "
-                                    f"{ref.sha256[:16]}...; not cached")
+                raise RackbootError(
+                    f"Debian package {spec} has sha256 {digest[:16]}..., apt expects {ref.sha256[:16]}...; not cached"
+                )
             os.replace(got[0], deb)
         atomic_write_bytes(verified, ref.sha256.encode() + b"\n")
         return deb
@@ -298,5 +313,3 @@ def _link(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-

@@ -22,8 +22,12 @@ def render(package: str, name: str, **context) -> str:
     import jinja2  # here: a no-op `rackboot build` only hashes templates, and jinja2 is slow to import
 
     # StrictUndefined: a variable the caller forgot is an error, never an empty string
-    env = jinja2.Environment(loader=jinja2.FunctionLoader(lambda n: source(package, n)),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda n: source(package, n)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
     try:
         return env.get_template(name).render(version=__version__, **context)
     except jinja2.TemplateError as exc:

@@ -64,10 +64,9 @@ def render_bmap(image: Path, block: int = BLOCK) -> str:
         f"    <MappedBlocksCount> {mapped} </MappedBlocksCount>\n"
         "    <ChecksumType> sha256 </ChecksumType>\n"
         f"    <BmapFileChecksum> {_ZERO_SUM} </BmapFileChecksum>\n"
-        "    <BlockMap>\n"
-        + "".join(rows) +
-        "    </BlockMap>\n"
-        "</bmap>\n")
+        "    <BlockMap>\n" + "".join(rows) + "    </BlockMap>\n"
+        "</bmap>\n"
+    )
 
 
 def bmap_text(image: Path, block: int = BLOCK) -> str:

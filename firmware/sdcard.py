@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 from rackboot.errors import RackbootError
-from rackboot.proc import run
 from rackboot.initramfs.updater import mbr
 from rackboot.initramfs.updater.layout import FAT_TYPES  # the updater refuses a plan's boot of any other
+from rackboot.proc import run
 
 MIB = 1 << 20
 FAT_EPOCH = 315532800  # 1980-01-01: FAT cannot store anything earlier
@@ -44,26 +44,36 @@ def _stage(files: dict[str, Path | bytes], root: Path, mtime: int) -> None:
         os.utime(path, (mtime, mtime), follow_symlinks=False)
 
 
-def fat_image(out: Path, files: dict[str, Path | bytes], *, size_mib: int, volume_id: int, label: str,
-              mtime: int) -> None:
+def fat_image(
+    out: Path, files: dict[str, Path | bytes], *, size_mib: int, volume_id: int, label: str, mtime: int
+) -> None:
     """A FAT32 filesystem image holding ``files`` (target path -> source path or bytes)."""
     need = sum(len(s) if isinstance(s, bytes) else Path(s).stat().st_size for s in files.values())
     if need > (size_mib - 2) * MIB:
-        raise RackbootError(f"boot partition of {size_mib} MiB is too small for {need / MIB:.1f} MiB of files "
-                            f"(over by {(need - (size_mib - 2) * MIB) / MIB:.1f} MiB)")
+        raise RackbootError(
+            f"boot partition of {size_mib} MiB is too small for {need / MIB:.1f} MiB of files "
+            f"(over by {(need - (size_mib - 2) * MIB) / MIB:.1f} MiB)"
+        )
     with open(out, "wb") as f:
         f.truncate(size_mib * MIB)
     # --invariant also sets the volume id to 1234abcd, so it must come before -i
-    run(["mkfs.fat", "-F", "32", "--invariant", "-i", f"{volume_id:08x}", "-n", label, str(out)],
-        f"formatting the {size_mib} MiB boot partition", missing=MISSING)
+    run(
+        ["mkfs.fat", "-F", "32", "--invariant", "-i", f"{volume_id:08x}", "-n", label, str(out)],
+        f"formatting the {size_mib} MiB boot partition",
+        missing=MISSING,
+    )
     with tempfile.TemporaryDirectory(prefix="rackboot-fat-") as tmp:
         stage = Path(tmp)
         _stage(files, stage, max(mtime, FAT_EPOCH))
         top = sorted(p.name for p in stage.iterdir())
         if top:
-            run(["mcopy", "-i", str(out), "-s", "-m", "-Q", *top, "::/"], "copying files into the boot partition",
-                cwd=stage, missing=MISSING,
-                env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC0"})  # FAT times are local
+            run(
+                ["mcopy", "-i", str(out), "-s", "-m", "-Q", *top, "::/"],
+                "copying files into the boot partition",
+                cwd=stage,
+                missing=MISSING,
+                env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC0"},
+            )  # FAT times are local
 
 
 def _copy_data(src: Path, dst, offset: int) -> None:
@@ -86,18 +96,35 @@ def _copy_data(src: Path, dst, offset: int) -> None:
             pos = end
 
 
-def build_sdcard(out: Path, files: dict[str, Path | bytes], *, boot_size_mib: int, disk_signature: int,
-                 volume_id: int, boot_start_mib: int = 4, boot_type: int = FAT32_LBA, label: str = "RACKBOOT",
-                 mtime: int = 0) -> None:
+def build_sdcard(
+    out: Path,
+    files: dict[str, Path | bytes],
+    *,
+    boot_size_mib: int,
+    disk_signature: int,
+    volume_id: int,
+    boot_start_mib: int = 4,
+    boot_type: int = FAT32_LBA,
+    label: str = "RACKBOOT",
+    mtime: int = 0,
+) -> None:
     """Write the card image to ``out``: (boot_start + boot_size) MiB, sparse where unused."""
     if boot_type not in FAT_TYPES:
-        raise RackbootError(f"boot partition type {boot_type:02x} is not a FAT type the firmware reads "
-                            f"({', '.join(f'{t:02x}' for t in FAT_TYPES)})")
+        raise RackbootError(
+            f"boot partition type {boot_type:02x} is not a FAT type the firmware reads "
+            f"({', '.join(f'{t:02x}' for t in FAT_TYPES)})"
+        )
     with tempfile.TemporaryDirectory(prefix="rackboot-sdcard-") as tmp:
         fat = Path(tmp) / "boot.vfat"
         fat_image(fat, files, size_mib=boot_size_mib, volume_id=volume_id, label=label, mtime=mtime)
-        table = mbr.Mbr(disk_signature, (mbr.Entry(1, boot_type, boot_start_mib * MIB // mbr.SECTOR,
-                                                   boot_size_mib * MIB // mbr.SECTOR, bootable=True),))
+        table = mbr.Mbr(
+            disk_signature,
+            (
+                mbr.Entry(
+                    1, boot_type, boot_start_mib * MIB // mbr.SECTOR, boot_size_mib * MIB // mbr.SECTOR, bootable=True
+                ),
+            ),
+        )
         with open(out, "wb") as disk:
             disk.write(mbr.dump(table))
             disk.write(bytes(boot_start_mib * MIB - mbr.SECTOR))  # the slot-state gap, explicitly zero

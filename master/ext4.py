@@ -12,9 +12,9 @@ import math
 import os
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 from rackboot.errors import RackbootError
 from rackboot.proc import run
@@ -26,26 +26,43 @@ INODE_SIZE = 256
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://rackboot.invalid/ext4")
 
 
-def make_ext4(root: Path, out: Path, *, uuid_seed: str, size_mib: Optional[int],
-              source_date_epoch: int) -> None:
+def make_ext4(root: Path, out: Path, *, uuid_seed: str, size_mib: int | None, source_date_epoch: int) -> None:
     """`mke2fs -d root` into file `out`, reproducibly (see the module docstring)."""
     usage = tree_usage(root)
     if size_mib is None:
         size_mib = fitted_size_mib(usage)
     inodes = usage.inodes + usage.inodes // 4 + 64  # room for the worker's own files
     env = _fake_time_env(source_date_epoch)
-    cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", str(INODE_SIZE),
-           "-N", str(inodes), "-m", "0",
-           "-U", str(uuid.uuid5(_UUID_NAMESPACE, uuid_seed)),
-           "-E", f"root_owner=0:0,hash_seed={uuid.uuid5(_UUID_NAMESPACE, uuid_seed + '/hash')}",
-           "-d", str(root), str(out), f"{size_mib}M"]
+    cmd = [
+        "mke2fs",
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-b",
+        str(BLOCK),
+        "-I",
+        str(INODE_SIZE),
+        "-N",
+        str(inodes),
+        "-m",
+        "0",
+        "-U",
+        str(uuid.uuid5(_UUID_NAMESPACE, uuid_seed)),
+        "-E",
+        f"root_owner=0:0,hash_seed={uuid.uuid5(_UUID_NAMESPACE, uuid_seed + '/hash')}",
+        "-d",
+        str(root),
+        str(out),
+        f"{size_mib}M",
+    ]
     run(cmd, f"mke2fs could not make a {size_mib} MiB ext4 filesystem from {root}", env=env)
     _stamp_times(root, out, source_date_epoch, env)
 
 
 @dataclass(frozen=True)
 class TreeUsage:
-    bytes: int   # file data and directories, rounded up to blocks
+    bytes: int  # file data and directories, rounded up to blocks
     inodes: int
 
 
@@ -82,8 +99,13 @@ def _stamp_times(root: Path, fs: Path, epoch: int, env: dict) -> None:
     script = fs.with_name(fs.name + ".debugfs")
     script.write_text("\n".join(lines) + "\n")
     try:
-        proc = subprocess.run(["debugfs", "-w", "-f", str(script), str(fs)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            ["debugfs", "-w", "-f", str(script), str(fs)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     finally:
         script.unlink()
     problems = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("debugfs ")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import mbr
@@ -15,9 +14,9 @@ from rackboot.initramfs.updater.formats import EXT_MAGIC, EXT_MAGIC_OFFSET
 @dataclass(frozen=True)
 class Part:
     number: int
-    type: str   # two lowercase hex digits
+    type: str  # two lowercase hex digits
     start: int  # bytes
-    size: int   # bytes
+    size: int  # bytes
 
 
 def read_mbr(img: Path) -> list[Part]:
@@ -28,11 +27,10 @@ def read_mbr(img: Path) -> list[Part]:
         table = mbr.parse(sector)
     except UpdaterError as e:
         raise RackbootError(f"OS image {img}: {e}") from None
-    return [Part(e.number, f"{e.type:02x}", e.start * mbr.SECTOR, e.sectors * mbr.SECTOR)
-            for e in table.entries]
+    return [Part(e.number, f"{e.type:02x}", e.start * mbr.SECTOR, e.sectors * mbr.SECTOR) for e in table.entries]
 
 
-def find_partition(img: Path, which: Union[int, str]) -> Part:
+def find_partition(img: Path, which: int | str) -> Part:
     parts = read_mbr(img)
     size = img.stat().st_size
     spec = str(which).strip()
@@ -43,8 +41,7 @@ def find_partition(img: Path, which: Union[int, str]) -> Part:
     else:
         hits = [p for p in parts if fs_label(img, p) == spec][:1]
     if not hits:
-        have = ", ".join(f"{p.number} (type {p.type}, label {fs_label(img, p) or '-'})"
-                         for p in parts) or "none"
+        have = ", ".join(f"{p.number} (type {p.type}, label {fs_label(img, p) or '-'})" for p in parts) or "none"
         raise RackbootError(f"OS image {img} has no partition {spec!r}; it has: {have}")
     part = hits[0]
     if part.start + part.size > size:
@@ -58,7 +55,7 @@ def fs_label(img: Path, part: Part) -> str:
         f.seek(part.start)
         head = f.read(2048)
     if ext4_magic_in(head):
-        return head[1024 + 120: 1024 + 136].split(b"\0")[0].decode("utf-8", "replace")
+        return head[1024 + 120 : 1024 + 136].split(b"\0")[0].decode("utf-8", "replace")
     if head[510:512] == b"\x55\xaa":
         fat32 = head[82:87] == b"FAT32"
         raw = head[71:82] if fat32 else head[43:54]
@@ -67,7 +64,7 @@ def fs_label(img: Path, part: Part) -> str:
 
 
 def ext4_magic_in(head: bytes) -> bool:
-    return head[EXT_MAGIC_OFFSET:EXT_MAGIC_OFFSET + 2] == EXT_MAGIC
+    return head[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + 2] == EXT_MAGIC
 
 
 def ext4_magic(img: Path, offset: int) -> bool:

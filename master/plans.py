@@ -6,7 +6,6 @@ import os
 import re
 from pathlib import Path
 
-
 from rackboot.config import BOOT_START_MIB, Config
 from rackboot.errors import RackbootError
 from rackboot.files import TMP_RE, atomic_write_bytes, lock_dir, sweep
@@ -15,7 +14,6 @@ from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Plan, node_id
 
 from . import publish, signing
-
 
 DEFAULT = "default"  # the plan of every node without one of its own
 _MAC_FORMS = (
@@ -32,10 +30,12 @@ def node_name(node: str) -> str:
         return node
     mac = node.strip().lower()
     if not any(form.fullmatch(mac) for form in _MAC_FORMS):
-        raise RackbootError(f"node {node[:40]!r} is not a MAC address (52:54:00:12:34:56, 52-54-00-12-34-56, "
-                            f"5254.0012.3456 or 525400123456) or '{DEFAULT}'")
+        raise RackbootError(
+            f"node {node[:40]!r} is not a MAC address (52:54:00:12:34:56, 52-54-00-12-34-56, "
+            f"5254.0012.3456 or 525400123456) or '{DEFAULT}'"
+        )
     digits = re.sub(r"[^0-9a-f]", "", mac)
-    return node_id(":".join(digits[i:i + 2] for i in range(0, 12, 2)))
+    return node_id(":".join(digits[i : i + 2] for i in range(0, 12, 2)))
 
 
 def layout(cfg: Config) -> Layout:
@@ -49,8 +49,7 @@ def layout(cfg: Config) -> Layout:
 
 
 def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False) -> Plan:
-    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.layout.mount, pin=pin,
-                tries=cfg.layout.tries)
+    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.layout.mount, pin=pin, tries=cfg.layout.tries)
 
 
 def assign(cfg: Config, *, node: str, image: str, version: int | None = None) -> Path:
@@ -66,8 +65,9 @@ def assign(cfg: Config, *, node: str, image: str, version: int | None = None) ->
         manifest = formats.manifest_path(image, version)
         if not (Path(master) / manifest.lstrip("/")).is_file():
             raise RackbootError(f"image {image!r} has no version {version} in {master}")
-    return write_plan(master, node, make_plan(cfg, node=node, manifest=manifest, pin=version is not None),
-                              key=cfg.master.key)
+    return write_plan(
+        master, node, make_plan(cfg, node=node, manifest=manifest, pin=version is not None), key=cfg.master.key
+    )
 
 
 def write_plan(master: Path, node: str, plan: Plan, key: Path | None = None) -> Path:

@@ -18,8 +18,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Mapping, Optional, Sequence, Union
+from typing import BinaryIO, Union
 
 from rackboot.errors import RackbootError
 from rackboot.files import TMP_RE, atomic_write_bytes, fsync_dir, lock_dir, sweep, write_durable
@@ -38,12 +39,23 @@ PathLike = Union[str, Path]
 _PUBLICATION_RE = re.compile(rf"\.publish-\d+-.+|{TMP_RE.pattern}")
 
 
-def publish_directory(src: PathLike, master: PathLike, *, image: str, version: Optional[int] = None,
-                      label: str = "", size_mib: Optional[int] = None,
-                      kernel_release: Optional[str] = None, modules_from: Optional[PathLike] = None,
-                      modules: Sequence[str] = (), source_date_epoch: int = 0, force: bool = False,
-                      key: Optional[Path] = None, hooks: Mapping[str, PathLike] = {},
-                      hook_timeout: int = HOOK_TIMEOUT) -> Manifest:
+def publish_directory(
+    src: PathLike,
+    master: PathLike,
+    *,
+    image: str,
+    version: int | None = None,
+    label: str = "",
+    size_mib: int | None = None,
+    kernel_release: str | None = None,
+    modules_from: PathLike | None = None,
+    modules: Sequence[str] = (),
+    source_date_epoch: int = 0,
+    force: bool = False,
+    key: Path | None = None,
+    hooks: Mapping[str, PathLike] = {},
+    hook_timeout: int = HOOK_TIMEOUT,
+) -> Manifest:
     """Make an ext4 image of directory `src` and publish it; returns its manifest.
 
     version None = latest + 1. With `kernel_release`, the root must carry
@@ -61,23 +73,34 @@ def publish_directory(src: PathLike, master: PathLike, *, image: str, version: O
         if kernel_release and not has_modules(src, kernel_release) and modules_from is None:
             raise RackbootError(
                 f"root filesystem {src} has no modules for kernel {kernel_release}; "
-                f"pass --modules-from or add lib/modules/{kernel_release}")
+                f"pass --modules-from or add lib/modules/{kernel_release}"
+            )
         root = stage(src, pub.work / "root")
         if kernel_release and not has_modules(src, kernel_release):
             add_modules(root, src, Path(modules_from), kernel_release, modules)
         fs = pub.work / "rootfs.ext4"
-        make_ext4(root, fs, uuid_seed=f"{image}/{pub.version}", size_mib=size_mib,
-                  source_date_epoch=source_date_epoch)
+        make_ext4(root, fs, uuid_seed=f"{image}/{pub.version}", size_mib=size_mib, source_date_epoch=source_date_epoch)
         with open(fs, "rb") as f:
-            return pub.finish(f, os.path.getsize(fs), label=label, created=source_date_epoch,
-                              kernel_release=kernel_release)
+            return pub.finish(
+                f, os.path.getsize(fs), label=label, created=source_date_epoch, kernel_release=kernel_release
+            )
 
 
-def publish_image(img: PathLike, partition: Union[int, str], master: PathLike, *, image: str,
-                  version: Optional[int] = None, label: str = "",
-                  kernel_release: Optional[str] = None, source_date_epoch: int = 0,
-                  force: bool = False, key: Optional[Path] = None, hooks: Mapping[str, PathLike] = {},
-                  hook_timeout: int = HOOK_TIMEOUT) -> Manifest:
+def publish_image(
+    img: PathLike,
+    partition: int | str,
+    master: PathLike,
+    *,
+    image: str,
+    version: int | None = None,
+    label: str = "",
+    kernel_release: str | None = None,
+    source_date_epoch: int = 0,
+    force: bool = False,
+    key: Path | None = None,
+    hooks: Mapping[str, PathLike] = {},
+    hook_timeout: int = HOOK_TIMEOUT,
+) -> Manifest:
     """Publish the bytes of one ext4 partition of OS image `img` (MBR) as they are.
 
     `partition` is a number (1-4, or "2"), a filesystem label ("rootfs") or an MBR
@@ -91,16 +114,16 @@ def publish_image(img: PathLike, partition: Union[int, str], master: PathLike, *
     if not ext4_magic(img, part.start):
         raise RackbootError(f"{where} is not an ext4 filesystem")
     if kernel_release and not image_has_modules(img, part.start, kernel_release):
-        raise RackbootError(f"{where} has no modules for kernel {kernel_release} "
-                            f"(no /lib/modules/{kernel_release}); add them to the OS image")
-    with _Publication(Path(master), image, version, force, key, hooks, hook_timeout) as pub, \
-            open(img, "rb") as f:
+        raise RackbootError(
+            f"{where} has no modules for kernel {kernel_release} "
+            f"(no /lib/modules/{kernel_release}); add them to the OS image"
+        )
+    with _Publication(Path(master), image, version, force, key, hooks, hook_timeout) as pub, open(img, "rb") as f:
         f.seek(part.start)
-        return pub.finish(f, part.size, label=label, created=source_date_epoch,
-                          kernel_release=kernel_release)
+        return pub.finish(f, part.size, label=label, created=source_date_epoch, kernel_release=kernel_release)
 
 
-def latest(master: PathLike, image: str) -> Optional[Latest]:
+def latest(master: PathLike, image: str) -> Latest | None:
     """The image's latest.json, or None when nothing is published yet."""
     path = Path(master) / "images" / image / "latest.json"
     try:
@@ -116,9 +139,16 @@ def latest(master: PathLike, image: str) -> Optional[Latest]:
 class _Publication:
     """One version being published: picks the number, owns the work dir, commits by rename."""
 
-    def __init__(self, master: Path, image: str, version: Optional[int], force: bool,
-                 key: Optional[Path] = None, hooks: Mapping[str, PathLike] = {},
-                 hook_timeout: int = HOOK_TIMEOUT):
+    def __init__(
+        self,
+        master: Path,
+        image: str,
+        version: int | None,
+        force: bool,
+        key: Path | None = None,
+        hooks: Mapping[str, PathLike] = {},
+        hook_timeout: int = HOOK_TIMEOUT,
+    ):
         self.key = key
         self.hooks = read_hooks(hooks, hook_timeout, signed=key is not None)
         if not formats.IMAGE_RE.fullmatch(image):
@@ -127,7 +157,7 @@ class _Publication:
         self.dir = master / "images" / image
         self.asked, self.force = version, force
         self._choose_version()  # refuse a bad version before creating anything
-        self.lock: Optional[int] = None
+        self.lock: int | None = None
 
     def _choose_version(self) -> None:
         current = latest(self.master, self.image)
@@ -138,11 +168,13 @@ class _Publication:
         if (self.dir / str(version)).exists():
             raise RackbootError(f"image {self.image} version {version} is already published in {self.dir}")
         if version < newest and not self.force:
-            raise RackbootError(f"image {self.image}: version {version} is lower than the latest ({newest}); "
-                                "pass force=True to publish it anyway")
+            raise RackbootError(
+                f"image {self.image}: version {version} is lower than the latest ({newest}); "
+                "pass force=True to publish it anyway"
+            )
         self.version, self.newest = version, newest
 
-    def __enter__(self) -> "_Publication":
+    def __enter__(self) -> _Publication:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = lock_dir(self.dir)
         try:
@@ -160,16 +192,24 @@ class _Publication:
         finally:
             os.close(self.lock)  # closing drops the flock
 
-    def finish(self, data: BinaryIO, size: int, *, label: str, created: int,
-               kernel_release: Optional[str]) -> Manifest:
+    def finish(self, data: BinaryIO, size: int, *, label: str, created: int, kernel_release: str | None) -> Manifest:
         out = self.work / "out"
         out.mkdir()
         digests = compress_stream(data, size, out / STREAM_NAME)
         for hook, script in self.hooks:
             write_durable(out / hook.file, script)
-        manifest = Manifest(image=self.image, version=self.version, label=label, created=created,
-                            fstype="ext4", compression="gzip", stream=STREAM_NAME,
-                            kernel_release=kernel_release, hooks=tuple(h for h, _ in self.hooks), **digests)
+        manifest = Manifest(
+            image=self.image,
+            version=self.version,
+            label=label,
+            created=created,
+            fstype="ext4",
+            compression="gzip",
+            stream=STREAM_NAME,
+            kernel_release=kernel_release,
+            hooks=tuple(h for h, _ in self.hooks),
+            **digests,
+        )
         write_durable(out / "manifest.json", formats.dump(manifest))
         if self.key:
             write_durable(out / "manifest.json.sig", signing.sign(self.key, formats.dump(manifest)))
@@ -178,13 +218,15 @@ class _Publication:
         try:
             os.rename(out, final)
         except OSError:
-            raise RackbootError(f"image {self.image} version {self.version} appeared in {self.dir} "
-                                "while publishing; not overwritten") from None
+            raise RackbootError(
+                f"image {self.image} version {self.version} appeared in {self.dir} while publishing; not overwritten"
+            ) from None
         fsync_dir(self.dir)
         if self.version >= self.newest:  # a forced older version does not move latest back
             path = formats.manifest_path(self.image, self.version)
-            atomic_write_bytes(self.dir / "latest.json",
-                          formats.dump(Latest(image=self.image, version=self.version, manifest=path)))
+            atomic_write_bytes(
+                self.dir / "latest.json", formats.dump(Latest(image=self.image, version=self.version, manifest=path))
+            )
         return manifest
 
 
@@ -203,10 +245,10 @@ def read_hooks(hooks: Mapping[str, PathLike], timeout: int, *, signed: bool) -> 
         except OSError as e:
             raise RackbootError(f"hook {name}: cannot read {path}: {e.strerror}") from None
         if not 0 < len(script) <= formats.MAX_HOOK_BYTES:
-            raise RackbootError(f"hook {name}: {path} is {len(script)} bytes; a hook has 1 to "
-                                f"{formats.MAX_HOOK_BYTES}")
-        hook = Hook(name=name, file=f"{name}.sh", size=len(script),
-                    sha256=hashlib.sha256(script).hexdigest(), timeout=timeout)
+            raise RackbootError(f"hook {name}: {path} is {len(script)} bytes; a hook has 1 to {formats.MAX_HOOK_BYTES}")
+        hook = Hook(
+            name=name, file=f"{name}.sh", size=len(script), sha256=hashlib.sha256(script).hexdigest(), timeout=timeout
+        )
         out.append((hook, script))
     return out
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from rackboot import modules as kernel_modules
 from rackboot.errors import RackbootError
@@ -46,11 +46,9 @@ def stage(src: Path, staged: Path) -> Path:
     return staged
 
 
-def add_modules(staged: Path, src: Path, modules_from: Path, kernel_release: str,
-                 wanted: Sequence[str] = ()) -> None:
+def add_modules(staged: Path, src: Path, modules_from: Path, kernel_release: str, wanted: Sequence[str] = ()) -> None:
     """The kernel's modules (all, or ``wanted`` and their dependencies) added to ``staged``."""
-    found = [modules_from / d / kernel_release for d in MODULE_DIRS
-             if (modules_from / d / kernel_release).is_dir()]
+    found = [modules_from / d / kernel_release for d in MODULE_DIRS if (modules_from / d / kernel_release).is_dir()]
     if not found:
         raise RackbootError(f"--modules-from {modules_from} has no lib/modules/{kernel_release}")
     # usrmerged roots have lib -> usr/lib; never write through a link that may point off-tree.
@@ -70,10 +68,13 @@ def add_modules(staged: Path, src: Path, modules_from: Path, kernel_release: str
 def image_has_modules(img: Path, offset: int, kernel_release: str) -> bool:
     """Ask debugfs (through the e2fsprogs `?offset=` io option) without mounting anything."""
     for d in MODULE_DIRS:
-        proc = subprocess.run(["debugfs", "-R", f"ls -p /{d}", f"{img}?offset={offset}"],
-                              capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+        proc = subprocess.run(
+            ["debugfs", "-R", f"ls -p /{d}", f"{img}?offset={offset}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LC_ALL": "C"},
+        )
         # `ls -p` lines: /inode/mode/uid/gid/name/size/
-        if kernel_release in {line.split("/")[5] for line in proc.stdout.splitlines()
-                              if line.count("/") >= 6}:
+        if kernel_release in {line.split("/")[5] for line in proc.stdout.splitlines() if line.count("/") >= 6}:
             return True
     return False

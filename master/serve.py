@@ -20,7 +20,6 @@ from collections import Counter
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional, Union
 from urllib.parse import unquote, urlsplit
 
 from rackboot.errors import RackbootError
@@ -31,12 +30,13 @@ from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS
 MAX_REPORT = 64 * 1024
 SEND_CHUNK = 8 << 20
 _BUSY_BODY = b'{"error":"busy: too many connections, retry later"}\n'
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: rackboot\r\nRetry-After: 1\r\n"
-         b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-         % (len(_BUSY_BODY), _BUSY_BODY))
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nServer: rackboot\r\nRetry-After: 1\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+    % (len(_BUSY_BODY), _BUSY_BODY)
+)
 # control characters (and the backslash) as http.server's own log writes them: \x1b, \\
-_LOG_ESCAPES = str.maketrans({**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))},
-                              ord("\\"): "\\\\"})
+_LOG_ESCAPES = str.maketrans({**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}, ord("\\"): "\\\\"})
 _TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig": "application/octet-stream"}
 
 
@@ -46,8 +46,15 @@ class MasterServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # a rack powering on together connects at once (the default is 5)
 
-    def __init__(self, master: Path, address: tuple[str, int], quiet: bool = False, *,
-                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
+    def __init__(
+        self,
+        master: Path,
+        address: tuple[str, int],
+        quiet: bool = False,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ):
         self.master = master.resolve()
         self.quiet = quiet
         self.idle_timeout = idle_timeout
@@ -105,25 +112,36 @@ class MasterServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def make_server(master: Union[str, Path], host: str = "127.0.0.1", port: int = 0, *,
-                quiet: bool = False, idle_timeout: float = IDLE_TIMEOUT,
-                max_connections: int = MAX_CONNECTIONS) -> MasterServer:
+def make_server(
+    master: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    quiet: bool = False,
+    idle_timeout: float = IDLE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> MasterServer:
     """A bound, not yet running server for `master` (port 0 = any free port)."""
     master = Path(master)
     if not master.is_dir():
         raise RackbootError(f"master directory {master} does not exist")
     try:
-        return MasterServer(master, (host, port), quiet, idle_timeout=idle_timeout,
-                            max_connections=max_connections)
+        return MasterServer(master, (host, port), quiet, idle_timeout=idle_timeout, max_connections=max_connections)
     except OSError as e:
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def serve_forever(master: Union[str, Path], host: str, port: int, *, quiet: bool = False,
-                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
+def serve_forever(
+    master: str | Path,
+    host: str,
+    port: int,
+    *,
+    quiet: bool = False,
+    idle_timeout: float = IDLE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> None:
     """Run the master until interrupted (Ctrl-C returns normally)."""
-    server = make_server(master, host, port, quiet=quiet, idle_timeout=idle_timeout,
-                         max_connections=max_connections)
+    server = make_server(master, host, port, quiet=quiet, idle_timeout=idle_timeout, max_connections=max_connections)
     print(f"serving {server.master} on {server.url}", file=sys.stderr)
     try:
         server.serve_forever()
@@ -133,7 +151,7 @@ def serve_forever(master: Union[str, Path], host: str, port: int, *, quiet: bool
         server.server_close()
 
 
-def parse_range(header: Optional[str], size: int) -> Union[None, tuple[int, int], str]:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     """Range header -> (first, last) inclusive, None (send it all) or "unsatisfiable".
 
     One range only; anything else is ignored as RFC 9110 allows, and the whole file is sent.
@@ -164,8 +182,9 @@ def check_node_id(node: str) -> None:
     except UpdaterError:
         canonical = False
     if not canonical:
-        raise UpdaterError(f"report: node: {node[:128]!r} is not a node id "
-                           "(a MAC in lowercase with dashes, e.g. 52-54-00-12-34-56)")
+        raise UpdaterError(
+            f"report: node: {node[:128]!r} is not a node id (a MAC in lowercase with dashes, e.g. 52-54-00-12-34-56)"
+        )
 
 
 class MasterHandler(BaseHTTPRequestHandler):
@@ -203,10 +222,10 @@ class MasterHandler(BaseHTTPRequestHandler):
         if len(parts) == 2 and parts[0] == "plans":
             for suffix in (".json", ".json.sig"):  # a plan and its signature fall back together
                 if parts[1].endswith(suffix):
-                    return self._plan(parts[1][:-len(suffix)], body, suffix)
+                    return self._plan(parts[1][: -len(suffix)], body, suffix)
         self._file(path, self.server.master.joinpath(*parts), body)
 
-    def _url_path(self) -> Optional[str]:
+    def _url_path(self) -> str | None:
         """The decoded path of the request target, or None when it cannot be one."""
         target = urlsplit(self.path).path
         if not target.startswith("/"):
@@ -225,9 +244,11 @@ class MasterHandler(BaseHTTPRequestHandler):
         for candidate in (own, plans / f"default{suffix}"):
             if candidate.is_file():
                 return self._file(f"/plans/{candidate.name}", candidate, body)
-        self._json(HTTPStatus.NOT_FOUND,
-                   {"error": f"no plan for node {node[:128]} and no plans/default.json", "node": node[:128]},
-                   body)
+        self._json(
+            HTTPStatus.NOT_FOUND,
+            {"error": f"no plan for node {node[:128]} and no plans/default.json", "node": node[:128]},
+            body,
+        )
 
     def _file(self, url_path: str, path: Path, body: bool) -> None:
         try:
@@ -280,14 +301,16 @@ class MasterHandler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "report: Content-Length required"})
         if int(length) > MAX_REPORT:
             self.close_connection = True  # not reading a body that big
-            return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              {"error": f"report: {length} bytes is more than {MAX_REPORT}"})
+            return self._json(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"report: {length} bytes is more than {MAX_REPORT}"}
+            )
         try:
             data = self.rfile.read(int(length))
         except TimeoutError:
             self.close_connection = True
-            return self._json(HTTPStatus.REQUEST_TIMEOUT,
-                              {"error": f"report: body not sent within {self.server.idle_timeout:g} s"})
+            return self._json(
+                HTTPStatus.REQUEST_TIMEOUT, {"error": f"report: body not sent within {self.server.idle_timeout:g} s"}
+            )
         try:
             report = formats.parse_report(data)
             check_node_id(report.node)

@@ -44,5 +44,8 @@ def sign(private: Path, data: bytes) -> bytes:
     with tempfile.NamedTemporaryFile(prefix="rackboot-sign-") as doc:
         doc.write(data)
         doc.flush()
-        return run(["openssl", "pkeyutl", "-sign", "-inkey", str(private), "-rawin", "-in", doc.name],
-                        f"cannot sign with {private}", missing="apt-get install openssl")
+        return run(
+            ["openssl", "pkeyutl", "-sign", "-inkey", str(private), "-rawin", "-in", doc.name],
+            f"cannot sign with {private}",
+            missing="apt-get install openssl",
+        )

@@ -33,8 +33,13 @@ def compress_stream(data: BinaryIO, size: int, out: Path) -> dict:
                 done += len(chunk)
         f.flush()
         os.fsync(f.fileno())
-    return {"size": size, "sha256": raw_sha.hexdigest(), "crc32": f"{crc:08x}",
-            "stream_size": hashing.count, "stream_sha256": hashing.sha.hexdigest()}
+    return {
+        "size": size,
+        "sha256": raw_sha.hexdigest(),
+        "crc32": f"{crc:08x}",
+        "stream_size": hashing.count,
+        "stream_sha256": hashing.sha.hexdigest(),
+    }
 
 
 class _HashingWriter:

@@ -57,15 +57,17 @@ class MasterThread:
     """`rackboot serve` in a thread, on the port the worker's kernel command line names."""
 
     def __init__(self, cfg: config.Config):
-        self.server = serve.make_server(cfg.master.directory, "127.0.0.1", cfg.master.port,
-                                        quiet=True)
+        self.server = serve.make_server(cfg.master.directory, "127.0.0.1", cfg.master.port, quiet=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def bytes_sent(self) -> int:
         """Image bytes served: streams only, not the plans and manifests every boot reads."""
-        return sum(n for path, n in self.server.stats()["bytes_sent"].items()
-                   if path.startswith("/images/") and not path.endswith((".json", ".sig")))
+        return sum(
+            n
+            for path, n in self.server.stats()["bytes_sent"].items()
+            if path.startswith("/images/") and not path.endswith((".json", ".sig"))
+        )
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -77,8 +79,9 @@ def new_worker(cfg: config.Config, out: Path, disk: Path, log: Path, *, offline:
     ``options`` go to QemuWorker (faults=[...], for one)."""
     machine = profile(cfg.board.name, cfg.board.arch)
     # Offline: no TFTP either, so U-Boot falls back to the card's own kernel and initramfs.
-    return QemuWorker(machine, log_path=log, tftp_dir=None if offline else out,
-                      bootfile=build.NETBOOT_SCRIPT, disks=[disk], **options)
+    return QemuWorker(
+        machine, log_path=log, tftp_dir=None if offline else out, bootfile=build.NETBOOT_SCRIPT, disks=[disk], **options
+    )
 
 
 def check_rootfs(rootfs: Path) -> None:
@@ -91,18 +94,21 @@ def check_owned(path: Path, what: str, setting: str) -> None:
     if path.exists() and not path.is_dir():
         raise RackbootError(f"{what} {path} is not a directory")
     if path.is_dir() and not (path / MARKER).is_file() and any(path.iterdir()):
-        raise RackbootError(f"{what} {path} holds files the demo did not make; "
-                            f"point {setting} at a new directory for the demo")
+        raise RackbootError(
+            f"{what} {path} holds files the demo did not make; point {setting} at a new directory for the demo"
+        )
 
 
 def check_apart(dirs: dict[str, Path]) -> None:
     """The directories the demo empties must not hold each other or the build output."""
     named = [(what, path.resolve()) for what, path in dirs.items()]
     for i, (what, path) in enumerate(named):
-        for other, other_path in named[i + 1:]:
+        for other, other_path in named[i + 1 :]:
             if path == other_path or path.is_relative_to(other_path) or other_path.is_relative_to(path):
-                raise RackbootError(f"{what} {path} and {other} {other_path} overlap; the demo empties "
-                                    "its master and work directories on every run")
+                raise RackbootError(
+                    f"{what} {path} and {other} {other_path} overlap; the demo empties "
+                    "its master and work directories on every run"
+                )
 
 
 def start_afresh(path: Path) -> None:
@@ -118,8 +124,13 @@ def prepare(cfg: config.Config, work: Path, log=print) -> Path:
     Either directory must be the demo's own (or new, or empty): anything else is refused
     before the build."""
     master_dir = cfg.master.directory
-    check_apart({"the master directory": master_dir, "the demo's work directory": work,
-                 "the build output": cfg.output.directory})
+    check_apart(
+        {
+            "the master directory": master_dir,
+            "the demo's work directory": work,
+            "the build output": cfg.output.directory,
+        }
+    )
     check_owned(master_dir, "the master directory", f"{cfg.path}: [master] directory")
     check_owned(work, "the demo's work directory", "--workdir")
     key = cfg.master.key
@@ -144,8 +155,16 @@ def publish_example(cfg: config.Config, rootfs: Path, work: Path, version: int, 
     returns its manifest."""
     kernel = Inputs(cfg).kernel
     root = example_root(cfg, rootfs, f"v{version}", work / f"rootfs-v{version}", broken=broken)
-    return publish.publish_directory(root, cfg.master.directory, image=IMAGE, version=version,
-                                     label=f"v{version}", kernel_release=kernel.release,
-                                     modules_from=kernel.root, modules=cfg.kernel.root_modules,
-                                     source_date_epoch=build.source_date_epoch(), key=cfg.master.key,
-                                     hooks=example_hooks(cfg))
+    return publish.publish_directory(
+        root,
+        cfg.master.directory,
+        image=IMAGE,
+        version=version,
+        label=f"v{version}",
+        kernel_release=kernel.release,
+        modules_from=kernel.root,
+        modules=cfg.kernel.root_modules,
+        source_date_epoch=build.source_date_epoch(),
+        key=cfg.master.key,
+        hooks=example_hooks(cfg),
+    )

@@ -23,11 +23,28 @@ class MachineProfile:
 
 PROFILES: dict[tuple[str, str], MachineProfile] = {
     ("qemu-virt", "arm64"): MachineProfile(
-        "qemu-virt", "arm64", "qemu-system-aarch64", "virt", "cortex-a57", 1024,
-        "/usr/lib/u-boot/qemu_arm64/u-boot.bin", "virtio-net-pci", "virtio-blk-pci", watchdog="i6300esb"),
+        "qemu-virt",
+        "arm64",
+        "qemu-system-aarch64",
+        "virt",
+        "cortex-a57",
+        1024,
+        "/usr/lib/u-boot/qemu_arm64/u-boot.bin",
+        "virtio-net-pci",
+        "virtio-blk-pci",
+        watchdog="i6300esb",
+    ),
     ("qemu-virt", "armhf"): MachineProfile(
-        "qemu-virt", "armhf", "qemu-system-arm", "virt", "cortex-a15", 1024,
-        "/usr/lib/u-boot/qemu_arm/u-boot.bin", "virtio-net-pci", "virtio-blk-pci"),
+        "qemu-virt",
+        "armhf",
+        "qemu-system-arm",
+        "virt",
+        "cortex-a15",
+        1024,
+        "/usr/lib/u-boot/qemu_arm/u-boot.bin",
+        "virtio-net-pci",
+        "virtio-blk-pci",
+    ),
 }
 
 

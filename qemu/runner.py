@@ -25,11 +25,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from rackboot.errors import RackbootError
-from .machines import MachineProfile
 
+from .machines import MachineProfile
 
 # blkdebug arms a rule only when its event fires; QEMU 7.2's raw format fires these per request
 BLKDEBUG_EVENTS = {"read": "read_aio", "write": "write_aio"}
@@ -41,31 +40,47 @@ class DiskFault:
     each request that covers ``sector`` (512-byte units: blkdebug knows no ranges), or
     every request of its kind when ``sector`` is None. virtio-blk reports any errno to
     the guest as an I/O error."""
+
     iotype: str  # read | write
-    sector: Optional[int] = None
+    sector: int | None = None
     errno: int = 5  # EIO
     once: bool = False  # only the first hit fails (the guest kernel retries failed reads)
     disk: int = 0  # index into the worker's disks
 
     def __post_init__(self):
         if self.iotype not in BLKDEBUG_EVENTS:
-            raise RackbootError(f"disk fault: iotype {self.iotype!r} is not one of "
-                                f"{', '.join(BLKDEBUG_EVENTS)}")
+            raise RackbootError(f"disk fault: iotype {self.iotype!r} is not one of {', '.join(BLKDEBUG_EVENTS)}")
 
     def drive_options(self, rule: int) -> str:
         """This fault as inject-error rule number ``rule`` of a -drive's blkdebug layer."""
-        options = {"event": BLKDEBUG_EVENTS[self.iotype], "iotype": self.iotype, "errno": self.errno,
-                   "once": "on" if self.once else "off"}
+        options = {
+            "event": BLKDEBUG_EVENTS[self.iotype],
+            "iotype": self.iotype,
+            "errno": self.errno,
+            "once": "on" if self.once else "off",
+        }
         if self.sector is not None:
             options["sector"] = self.sector
         return ",".join(f"file.inject-error.{rule}.{k}={v}" for k, v in options.items())
 
 
 class QemuWorker:
-    def __init__(self, machine: MachineProfile, *, log_path: Path, tftp_dir: Path | None = None,
-                 bootfile: str | None = None, disks: list[Path] = (), no_reboot: bool = True,
-                 extra_netdev: str = "", extra_args: list[str] = (), faults: list[DiskFault] = (),
-                 watchdog_action: str = "reset", nic: bool = True, console_input: bool = False):
+    def __init__(
+        self,
+        machine: MachineProfile,
+        *,
+        log_path: Path,
+        tftp_dir: Path | None = None,
+        bootfile: str | None = None,
+        disks: list[Path] = (),
+        no_reboot: bool = True,
+        extra_netdev: str = "",
+        extra_args: list[str] = (),
+        faults: list[DiskFault] = (),
+        watchdog_action: str = "reset",
+        nic: bool = True,
+        console_input: bool = False,
+    ):
         if not nic and (tftp_dir is not None or extra_netdev):
             raise RackbootError("a worker without a network interface has no TFTP and no netdev options")
         self.machine = machine
@@ -95,9 +110,27 @@ class QemuWorker:
 
     def command(self) -> list[str]:
         m = self.machine
-        cmd = [m.qemu, "-M", m.machine, "-cpu", m.cpu, "-m", str(m.memory_mib), "-smp", "1",
-               "-bios", m.firmware, "-display", "none", "-monitor", "none", "-serial", "stdio",
-               "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        cmd = [
+            m.qemu,
+            "-M",
+            m.machine,
+            "-cpu",
+            m.cpu,
+            "-m",
+            str(m.memory_mib),
+            "-smp",
+            "1",
+            "-bios",
+            m.firmware,
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+        ]
         cmd += self._network()
         for i, disk in enumerate(self.disks):
             cmd += ["-drive", self._drive(i, disk), "-device", f"{m.block_device},drive=disk{i}"]
@@ -125,10 +158,12 @@ class QemuWorker:
         # blkdebug as the protocol layer under raw; errors go to the guest (werror's
         # default would pause the VM on ENOSPC instead)
         rules = ",".join(f.drive_options(n) for n, f in enumerate(faults))
-        return (f"if=none,id=disk{i},format=raw,cache=writeback,werror=report,rerror=report,"
-                f"file.driver=blkdebug,file.image.filename={disk},{rules}")
+        return (
+            f"if=none,id=disk{i},format=raw,cache=writeback,werror=report,rerror=report,"
+            f"file.driver=blkdebug,file.image.filename={disk},{rules}"
+        )
 
-    def start(self) -> "QemuWorker":
+    def start(self) -> QemuWorker:
         if shutil.which(self.machine.qemu) is None:
             raise RackbootError(f"{self.machine.qemu} is not installed (apt-get install qemu-system-arm)")
         if not os.path.exists(self.machine.firmware):
@@ -136,8 +171,9 @@ class QemuWorker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
         stdin = subprocess.PIPE if self.console_input else subprocess.DEVNULL
-        self._proc = subprocess.Popen(self.command(), stdin=stdin, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self._proc = subprocess.Popen(
+            self.command(), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._reader = threading.Thread(target=self._read_console, daemon=True)
         self._reader.start()
         return self
@@ -154,7 +190,7 @@ class QemuWorker:
         with self._cond:
             self._cond.notify_all()
 
-    def __enter__(self) -> "QemuWorker":
+    def __enter__(self) -> QemuWorker:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -199,11 +235,15 @@ class QemuWorker:
                         return match
                 left = deadline - time.monotonic()
                 if not self.running and self._seen >= len(self._lines):
-                    raise RackbootError(f"worker stopped before /{pattern}/ was seen; last console line: "
-                                        f"{self._last_line()!r} (log: {self.log_path})")
+                    raise RackbootError(
+                        f"worker stopped before /{pattern}/ was seen; last console line: "
+                        f"{self._last_line()!r} (log: {self.log_path})"
+                    )
                 if left <= 0:
-                    raise RackbootError(f"no console line matched /{pattern}/ within {timeout:g} s; last line: "
-                                        f"{self._last_line()!r} (log: {self.log_path})")
+                    raise RackbootError(
+                        f"no console line matched /{pattern}/ within {timeout:g} s; last line: "
+                        f"{self._last_line()!r} (log: {self.log_path})"
+                    )
                 self._cond.wait(min(left, 0.5))
 
     def type(self, text: str) -> None:

@@ -19,14 +19,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rackboot import config
-from rackboot.qemu import harness
-from rackboot.master import plans
 from rackboot.errors import RackbootError
-from rackboot.initramfs.updater import install, layout, state as slot_state
+from rackboot.initramfs.updater import install, layout
+from rackboot.initramfs.updater import state as slot_state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.formats import BOOTABLE, manifest_path, Manifest, SlotState, parse_manifest
+from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, SlotState, manifest_path, parse_manifest
 from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
+from rackboot.master import plans
+from rackboot.qemu import harness
 
 VERSIONS = (1, 2, 3)
 PHASES = ("layout", "stream", "read-back", "commit", "first-boot")
@@ -73,6 +74,7 @@ class Outcome:
 
 # --- pure parts ---------------------------------------------------------------------
 
+
 def plan_cuts(rng: random.Random, n: int) -> list[Cut]:
     """``n`` cuts: every phase once per round of five, in a shuffled order. Layout cuts
     start from a blank card, and so does the first cut (the card is new)."""
@@ -118,23 +120,23 @@ def check(console: list[str], disk: Path, manifests: dict[int, Manifest]) -> Ver
             return Verdict(False, "rescue shell")
         last = next((line for line in reversed(console) if line.strip()), "")
         return Verdict(False, f"never came up; last line: {last.strip()[:100]!r}")
-    booted = [m for line in console[:up[0]] if (m := BOOTING.search(line))]
+    booted = [m for line in console[: up[0]] if (m := BOOTING.search(line))]
     if not booted:
         return Verdict(False, "came up without the updater saying which slot it booted")
     name, action = booted[-1].groups()
     return check_slot(disk, name, int(up[1][1]), manifests, action)
 
 
-def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifest],
-               action: str = "") -> Verdict:
+def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifest], action: str = "") -> Verdict:
     """Slot ``name`` on the disk image is bootable, records ``version``'s sha256, and its
     first manifest.size bytes hash to it."""
     try:
         with Disk(str(disk), writable=False) as d:
             slot = slot_state.read(d).slot(name)
             if slot.state not in BOOTABLE or slot.version != version:
-                return Verdict(False, f"booted slot {name} (v{version} up), but the slot state says "
-                                      f"{slot.state} v{slot.version}")
+                return Verdict(
+                    False, f"booted slot {name} (v{version} up), but the slot state says {slot.state} v{slot.version}"
+                )
             manifest = manifests.get(version)
             if manifest is None:
                 return Verdict(False, f"slot {name} holds v{version}, which the master never published")
@@ -146,20 +148,23 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
     except UpdaterError as e:
         return Verdict(False, f"cannot read the disk image: {e}")
     if slot.sha256 != manifest.sha256:
-        return Verdict(False, f"slot {name}: the slot state's sha256 {slot.sha256[:12]} is not "
-                              f"v{version}'s {manifest.sha256[:12]}")
+        return Verdict(
+            False, f"slot {name}: the slot state's sha256 {slot.sha256[:12]} is not v{version}'s {manifest.sha256[:12]}"
+        )
     if digest != manifest.sha256:
-        return Verdict(False, f"slot {name}: its bytes hash to sha256 {digest[:12]}, "
-                              f"v{version}'s manifest says {manifest.sha256[:12]}")
+        return Verdict(
+            False,
+            f"slot {name}: its bytes hash to sha256 {digest[:12]}, v{version}'s manifest says {manifest.sha256[:12]}",
+        )
     return Verdict(True, f"slot {name} ({action}) holds v{version}", name)
 
 
 def published(master: Path, image: str = harness.IMAGE) -> dict[int, Manifest]:
-    return {v: parse_manifest((master / manifest_path(image, v).lstrip("/")).read_bytes())
-            for v in VERSIONS}
+    return {v: parse_manifest((master / manifest_path(image, v).lstrip("/")).read_bytes()) for v in VERSIONS}
 
 
 # --- the run ------------------------------------------------------------------------
+
 
 def follow(worker, until: re.Pattern, seen: dict[str, float], timeout: float = BOOT_TIMEOUT) -> re.Match:
     """Wait for a console line matching ``until``; note when each phase marker showed up."""
@@ -191,10 +196,12 @@ def torture(cfg: config.Config, work: Path, cuts: list[Cut], log=print) -> list[
                 cut = replace(cut, blank=True)  # one brick must not decide the next cycles
             outcome = cycle(cfg, out, disk, work / "logs" / f"{n:03}", cut, windows, manifests)
             outcomes.append(outcome)
-            log(f"cut {n:>3}/{len(cuts)} {cut.phase:<10} {'blank card, ' if cut.blank else ''}"
+            log(
+                f"cut {n:>3}/{len(cuts)} {cut.phase:<10} {'blank card, ' if cut.blank else ''}"
                 f"v{outcome.version}, +{outcome.delay:.3f} s, landed in {outcome.landed:<10} -> "
                 f"{'survived' if outcome.verdict.survived else 'BRICKED'}: {outcome.verdict.detail} "
-                f"({outcome.seconds:.0f} s)")
+                f"({outcome.seconds:.0f} s)"
+            )
             if not outcome.verdict.survived:
                 subprocess.run(["cp", "--sparse=always", str(disk), str(work / f"bricked-{n:03}.img")], check=False)
     finally:
@@ -202,8 +209,15 @@ def torture(cfg: config.Config, work: Path, cuts: list[Cut], log=print) -> list[
     return outcomes
 
 
-def cycle(cfg: config.Config, out: Path, disk: Path, logs: Path, cut: Cut, windows: dict[str, float],
-          manifests: dict[int, Manifest]) -> Outcome:
+def cycle(
+    cfg: config.Config,
+    out: Path,
+    disk: Path,
+    logs: Path,
+    cut: Cut,
+    windows: dict[str, float],
+    manifests: dict[int, Manifest],
+) -> Outcome:
     """One cut boot, then one recovery boot with the master still up."""
     start = time.monotonic()
     if cut.blank:
@@ -248,9 +262,11 @@ def _unplug(worker) -> None:
 def summary(outcomes: list[Outcome], seconds: float, seed: int, work: Path) -> list[str]:
     tally = {p: sum(o.landed == p for o in outcomes) for p in (*MARKERS, "boot")}
     bricked = sum(not o.verdict.survived for o in outcomes)
-    return ["cuts landed in: " + ", ".join(f"{p} {n}" for p, n in tally.items() if n),
-            f"{len(outcomes)} cycles in {seconds / 60:.1f} min (seed {seed}); console logs in {work / 'logs'}",
-            f"power-cuts: {len(outcomes)} survived: {len(outcomes) - bricked} bricked: {bricked}"]
+    return [
+        "cuts landed in: " + ", ".join(f"{p} {n}" for p, n in tally.items() if n),
+        f"{len(outcomes)} cycles in {seconds / 60:.1f} min (seed {seed}); console logs in {work / 'logs'}",
+        f"power-cuts: {len(outcomes)} survived: {len(outcomes) - bricked} bricked: {bricked}",
+    ]
 
 
 def run(config_path: Path, cuts: int, seed: int, workdir: Path | None = None) -> int:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from rackboot import build, config
+
 from tests.helpers import quiet, write_config
 
 

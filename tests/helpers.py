@@ -29,8 +29,9 @@ def write_config(directory: Path, *, arch: str = "arm64", updater: bool = False,
     }
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)
-    text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
-                   for name, values in doc.items())
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) for name, values in doc.items()
+    )
     path = directory / "rackboot.toml"
     path.write_text(text)
     return path

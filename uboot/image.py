@@ -14,8 +14,20 @@ from rackboot.errors import RackbootError
 
 MAGIC = 0x27051956
 # (field, struct code): the header declared as data; name is a NUL-padded 32-byte string.
-HEADER_FIELDS = (("magic", "I"), ("hcrc", "I"), ("time", "I"), ("size", "I"), ("load", "I"), ("ep", "I"),
-                 ("dcrc", "I"), ("os", "B"), ("arch", "B"), ("type", "B"), ("comp", "B"), ("name", "32s"))
+HEADER_FIELDS = (
+    ("magic", "I"),
+    ("hcrc", "I"),
+    ("time", "I"),
+    ("size", "I"),
+    ("load", "I"),
+    ("ep", "I"),
+    ("dcrc", "I"),
+    ("os", "B"),
+    ("arch", "B"),
+    ("type", "B"),
+    ("comp", "B"),
+    ("name", "32s"),
+)
 HEADER = struct.Struct(">" + "".join(code for _, code in HEADER_FIELDS))
 NAME_MAX = 32
 
@@ -59,8 +71,18 @@ def multi_payload(files: list[bytes]) -> bytes:
     return table + body
 
 
-def legacy_image(payload: bytes, *, image_type: str, arch: str, name: str, timestamp: int, load: int = 0,
-                 entry: int = 0, compression: str = "none", os: str = "linux") -> bytes:
+def legacy_image(
+    payload: bytes,
+    *,
+    image_type: str,
+    arch: str,
+    name: str,
+    timestamp: int,
+    load: int = 0,
+    entry: int = 0,
+    compression: str = "none",
+    os: str = "linux",
+) -> bytes:
     """Header + payload; a ``script`` payload is wrapped in the multi-file table as mkimage does."""
     encoded = name.encode()
     if len(encoded) >= NAME_MAX:
@@ -69,9 +91,20 @@ def legacy_image(payload: bytes, *, image_type: str, arch: str, name: str, times
     if not 0 <= timestamp < 1 << 32:
         raise RackbootError(f"U-Boot image timestamp {timestamp} does not fit 32 bits")
     data = multi_payload([payload]) if image_type == "script" else payload
-    header = Header(MAGIC, 0, timestamp, len(data), load, entry, zlib.crc32(data), _code(OS, "os", os),
-                    _code(ARCH, "arch", arch), _code(TYPES, "type", image_type),
-                    _code(COMPRESSION, "compression", compression), encoded.ljust(NAME_MAX, b"\0"))
+    header = Header(
+        MAGIC,
+        0,
+        timestamp,
+        len(data),
+        load,
+        entry,
+        zlib.crc32(data),
+        _code(OS, "os", os),
+        _code(ARCH, "arch", arch),
+        _code(TYPES, "type", image_type),
+        _code(COMPRESSION, "compression", compression),
+        encoded.ljust(NAME_MAX, b"\0"),
+    )
     packed = header.pack()
     return Header(**{**header.__dict__, "hcrc": zlib.crc32(packed)}).pack() + data
 
@@ -90,7 +123,7 @@ def parse_legacy_image(data: bytes) -> tuple[Header, bytes]:
     blank = Header(**{**header.__dict__, "hcrc": 0}).pack()
     if zlib.crc32(blank) != header.hcrc:
         raise RackbootError("U-Boot image: header CRC mismatch")
-    payload = data[HEADER.size:HEADER.size + header.size]
+    payload = data[HEADER.size : HEADER.size + header.size]
     if len(payload) != header.size:
         raise RackbootError(f"U-Boot image: truncated, header says {header.size} bytes, {len(payload)} present")
     if zlib.crc32(payload) != header.dcrc:

@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
 
 from .errors import UpdaterError
 from .formats import DEFAULT_MOUNT, MOUNTS
-from .signature import PUBLIC_KEY, from_environment
 from .main import Decision, NoIdentity, console_log, discover_identity, run
+from .signature import PUBLIC_KEY, from_environment
 from .watchdog import DEVICE, NoWatchdog, Watchdog
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="updater", description="rackboot worker updater")
     p.add_argument("--disk", required=True, help="whole-disk device (or image file) of the card")
     p.add_argument("--master", required=True, help="master URL, e.g. http://10.0.2.2:8080")
@@ -26,15 +25,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--serial", help="board serial (default: device tree or /proc/cpuinfo)")
     p.add_argument("--decision-file", help="write the decision here as shell KEY=VALUE lines")
     p.add_argument("--no-layout", action="store_true", help="use the card's partition table as is")
-    p.add_argument("--public-key", default=PUBLIC_KEY,
-                   help="the master's Ed25519 key; when the file exists, only signed plans and manifests "
-                        "are taken (default: %(default)s)")
-    p.add_argument("--offline-mount", default=DEFAULT_MOUNT, choices=MOUNTS,
-                   help="how to mount the slot when no plan arrives (default: %(default)s)")
+    p.add_argument(
+        "--public-key",
+        default=PUBLIC_KEY,
+        help="the master's Ed25519 key; when the file exists, only signed plans and manifests "
+        "are taken (default: %(default)s)",
+    )
+    p.add_argument(
+        "--offline-mount",
+        default=DEFAULT_MOUNT,
+        choices=MOUNTS,
+        help="how to mount the slot when no plan arrives (default: %(default)s)",
+    )
     p.add_argument("--watchdog", default=DEVICE, help="the board's watchdog device (default: %(default)s)")
-    p.add_argument("--watchdog-stall", type=float, default=0, metavar="S",
-                   help="feed the watchdog while the update shows progress within S seconds; "
-                        "0 = leave it alone (default)")
+    p.add_argument(
+        "--watchdog-stall",
+        type=float,
+        default=0,
+        metavar="S",
+        help="feed the watchdog while the update shows progress within S seconds; 0 = leave it alone (default)",
+    )
     return p.parse_args(argv)
 
 
@@ -48,7 +58,7 @@ def write_decision(path: str, decision: Decision) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         try:
@@ -56,12 +66,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         except NoIdentity as e:  # identity is for the master; the card's good slot boots without it
             console_log(f"{e}; the master cannot be asked: offline boot")
             identity = None
-        watchdog = (Watchdog(args.watchdog, stall=args.watchdog_stall, log=console_log)
-                    if args.watchdog_stall > 0 else NoWatchdog())
+        watchdog = (
+            Watchdog(args.watchdog, stall=args.watchdog_stall, log=console_log)
+            if args.watchdog_stall > 0
+            else NoWatchdog()
+        )
         with watchdog:
-            decision = run(args.disk, args.master, identity, layout_check=not args.no_layout,
-                           offline_mount=args.offline_mount, verifier=from_environment(args.public_key),
-                           watchdog=watchdog)
+            decision = run(
+                args.disk,
+                args.master,
+                identity,
+                layout_check=not args.no_layout,
+                offline_mount=args.offline_mount,
+                verifier=from_environment(args.public_key),
+                watchdog=watchdog,
+            )
         if args.decision_file:
             write_decision(args.decision_file, decision)
         else:

@@ -27,7 +27,7 @@ class Disk:
         # SEEK_END gives the size of block devices and files alike.
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
 
-    def __enter__(self) -> "Disk":
+    def __enter__(self) -> Disk:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,16 +82,15 @@ class Disk:
         if not self.is_block:
             return
         import fcntl  # built into python3.11-minimal; only needed on real devices
+
         try:
             fcntl.ioctl(self.fd, BLKRRPART)
         except OSError as e:
-            raise UpdaterError(f"disk {self.path}: kernel did not re-read the partition table: "
-                               f"{e.strerror}") from None
+            raise UpdaterError(f"disk {self.path}: kernel did not re-read the partition table: {e.strerror}") from None
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise UpdaterError(f"disk {self.path}: {length} bytes at {offset} "
-                               f"are outside its {self.size} bytes")
+            raise UpdaterError(f"disk {self.path}: {length} bytes at {offset} are outside its {self.size} bytes")
 
 
 def partition_device(disk_path: str, number: int) -> str:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import http.client
 import time
-from typing import Callable, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from .errors import UpdaterError
@@ -29,9 +30,17 @@ class _Retry(Exception):
 
 
 class MasterClient:
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, read_timeout: float = 15.0,
-                 retries: int = 3, backoff: float = 0.5, report_timeout: float = 2.0,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 15.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        report_timeout: float = 2.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise UpdaterError(f"master: {url!r} is not an http://host[:port] URL")
@@ -53,15 +62,20 @@ class MasterClient:
 
     # --- plumbing ---------------------------------------------------------------------
 
-    def _open(self, method: str, path: str, *, body: Optional[bytes] = None,
-              headers: Optional[dict] = None, timeout: Optional[float] = None
-              ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def _open(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: dict | None = None,
+        timeout: float | None = None,
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.connect_timeout)
         try:
             conn.connect()
             conn.sock.settimeout(timeout or self.read_timeout)
-            conn.request(method, self.prefix + path, body=body,
-                         headers={"User-Agent": USER_AGENT, **(headers or {})})
+            conn.request(method, self.prefix + path, body=body, headers={"User-Agent": USER_AGENT, **(headers or {})})
             return conn, conn.getresponse()
         except BaseException:
             conn.close()
@@ -84,8 +98,9 @@ class MasterClient:
 
     # --- documents --------------------------------------------------------------------
 
-    def get(self, path: str, *, headers: Optional[dict] = None) -> bytes:
+    def get(self, path: str, *, headers: dict | None = None) -> bytes:
         """The body of a small document; 404 and other 4xx fail at once."""
+
         def attempt() -> bytes:
             conn, resp = self._open("GET", path, headers=headers)
             try:
@@ -99,9 +114,10 @@ class MasterClient:
                 return body
             finally:
                 conn.close()
+
         return self._attempts(f"GET {path}", attempt)
 
-    def get_doc(self, path: str, parse: Callable[[bytes], T], *, headers: Optional[dict] = None) -> T:
+    def get_doc(self, path: str, parse: Callable[[bytes], T], *, headers: dict | None = None) -> T:
         return parse(self.get(path, headers=headers))
 
     # --- image streams ----------------------------------------------------------------
@@ -125,8 +141,7 @@ class MasterClient:
                     failures, delay = 0, self.backoff
                 failures += 1
                 if failures > self.retries:
-                    raise UpdaterError(f"master {self.url}: GET {path}: {reason} "
-                                       f"(after {failures} attempts)") from None
+                    raise UpdaterError(f"master {self.url}: GET {path}: {reason} (after {failures} attempts)") from None
                 self.sleep(delay)
                 delay *= 2
 
@@ -147,8 +162,7 @@ class MasterClient:
                 cl = resp.getheader("Content-Length")
                 length = int(cl) if cl is not None and cl.isdigit() else None
             if length is not None and length != size:
-                raise UpdaterError(f"master: GET {path}: {length} bytes on the master, "
-                                   f"the manifest says {size}")
+                raise UpdaterError(f"master: GET {path}: {length} bytes on the master, the manifest says {size}")
             while True:
                 piece = resp.read(chunk)
                 if not piece:
@@ -161,8 +175,9 @@ class MasterClient:
                     if not piece:
                         continue
                 if offset + len(piece) > size:
-                    raise UpdaterError(f"master: GET {path}: stream is longer than the "
-                                       f"manifest's {size} bytes (oversized)")
+                    raise UpdaterError(
+                        f"master: GET {path}: stream is longer than the manifest's {size} bytes (oversized)"
+                    )
                 offset += len(piece)
                 yield piece
         finally:
@@ -170,10 +185,15 @@ class MasterClient:
 
     # --- reports ----------------------------------------------------------------------
 
-    def post(self, path: str, body: bytes, *, timeout: Optional[float] = None) -> int:
+    def post(self, path: str, body: bytes, *, timeout: float | None = None) -> int:
         """One attempt, short timeout; returns the HTTP status (raises on transport errors)."""
-        conn, resp = self._open("POST", path, body=body, timeout=timeout or self.report_timeout,
-                                headers={"Content-Type": "application/json"})
+        conn, resp = self._open(
+            "POST",
+            path,
+            body=body,
+            timeout=timeout or self.report_timeout,
+            headers={"Content-Type": "application/json"},
+        )
         try:
             resp.read(MAX_DOCUMENT)
             return resp.status
@@ -191,7 +211,7 @@ def _check_status(url: str, path: str, resp: http.client.HTTPResponse, ok: tuple
     raise UpdaterError(f"master {url}: GET {path}: HTTP {resp.status} {resp.reason}")
 
 
-def _content_range(value: str) -> tuple[int, Optional[int]]:
+def _content_range(value: str) -> tuple[int, int | None]:
     """'bytes N-M/T' -> (N, T or None for '*'); anything else is a transient failure."""
     try:
         unit, spec = value.split(" ", 1)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-from enum import StrEnum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, TypeVar, Union
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from .errors import UpdaterError
 
@@ -21,12 +22,13 @@ FORMAT = 1
 MAX_DOCUMENT = 1 << 20  # bytes; plans and manifests are tiny, anything bigger is hostile
 
 
-
 # The fixed choices, each defined once: the builder, the master and the updater share them.
 # StrEnum members are their strings, so documents and the decision file read the same.
 
+
 class StreamCompression(StrEnum):
     """How an image's stream is compressed on the master."""
+
     GZIP = "gzip"
     NONE = "none"
 
@@ -38,6 +40,7 @@ class Repartition(StrEnum):
 
 class Mount(StrEnum):
     """How /init mounts the slot it boots."""
+
     RW = "rw"
     RO = "ro"
     OVERLAY_TMPFS = "ro+overlay:tmpfs"
@@ -55,6 +58,7 @@ class SlotStatus(StrEnum):
 
 class Phase(StrEnum):
     """What a report is about."""
+
     PLAN = "plan"
     LAYOUT = "layout"
     DOWNLOAD = "download"
@@ -68,6 +72,7 @@ class Phase(StrEnum):
 
 class Action(StrEnum):
     """Why the decision boots the slot it names."""
+
     INSTALLED = "installed"
     UP_TO_DATE = "up-to-date"
     OFFLINE = "offline"
@@ -82,9 +87,12 @@ DEFAULT_MOUNT = Mount.OVERLAY_TMPFS  # how a slot mounts unless the plan (offlin
 SLOT_STATES = tuple(SlotStatus)
 BOOTABLE = (SlotStatus.GOOD, SlotStatus.TRIAL)
 PHASES = tuple(Phase)
+
+
 class HookName(StrEnum):
     """Signed scripts a manifest may carry: before a byte of the slot is written, and after
     the slot verified but before it is committed."""
+
     PRE_INSTALL = "pre-install"
     POST_INSTALL = "post-install"
 
@@ -117,6 +125,7 @@ E = TypeVar("E", bound=StrEnum)
 
 # --- field readers: every check names the document and the field -------------------
 
+
 class _Fields:
     """A JSON object being validated; each getter raises UpdaterError naming doc.key."""
 
@@ -136,7 +145,7 @@ class _Fields:
             raise self.fail(key, "missing")
         return self.obj[key]
 
-    def int(self, key: str, *, minimum: int = 0, optional: bool = False) -> Optional[int]:
+    def int(self, key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
         value = self.raw(key, optional=optional)
         if value is None and optional:
             return None
@@ -146,7 +155,7 @@ class _Fields:
             raise self.fail(key, f"must be >= {minimum}, got {value}")
         return value
 
-    def num(self, key: str, *, optional: bool = False) -> Optional[float]:
+    def num(self, key: str, *, optional: bool = False) -> float | None:
         value = self.raw(key, optional=optional)
         if value is None and optional:
             return None
@@ -155,8 +164,9 @@ class _Fields:
             raise self.fail(key, f"expected a finite number >= 0, got {_kind(value)}")
         return float(value)
 
-    def str(self, key: str, pattern: Optional[re.Pattern] = None, *, optional: bool = False,
-            what: str = "") -> Optional[str]:
+    def str(
+        self, key: str, pattern: re.Pattern | None = None, *, optional: bool = False, what: str = ""
+    ) -> str | None:
         value = self.raw(key, optional=optional)
         if value is None and optional:
             return None
@@ -190,8 +200,15 @@ def _is_int(value: Any) -> bool:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "null", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _short(value: Any) -> str:
@@ -200,7 +217,7 @@ def _short(value: Any) -> str:
     return _kind(value)
 
 
-def load_json(doc: str, data: Union[bytes, str]) -> Any:
+def load_json(doc: str, data: bytes | str) -> Any:
     """Untrusted bytes -> JSON value; any failure is an UpdaterError naming `doc`."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
@@ -227,9 +244,10 @@ def dump(doc: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
-def _parser(cls: Callable[..., T], doc: str) -> Callable[[Union[bytes, str]], T]:
-    def parse(data: Union[bytes, str]) -> T:
+def _parser(cls: Callable[..., T], doc: str) -> Callable[[bytes | str], T]:
+    def parse(data: bytes | str) -> T:
         return cls.from_dict(load_json(doc, data))  # type: ignore[attr-defined]
+
     parse.__name__ = f"parse_{doc.replace(' ', '_')}"
     parse.__doc__ = f"Untrusted bytes -> validated {cls.__name__}; only UpdaterError escapes."
     return parse
@@ -237,10 +255,12 @@ def _parser(cls: Callable[..., T], doc: str) -> Callable[[Union[bytes, str]], T]
 
 # --- Manifest ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Hook:
     """A script beside the manifest, pinned by size and sha256: the manifest's signature
     covers it, so a hook runs only as the master signed it."""
+
     name: HookName
     file: str
     size: int
@@ -248,7 +268,7 @@ class Hook:
     timeout: int  # seconds before it is killed
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str = "manifest: hooks") -> "Hook":
+    def from_dict(cls, obj: Any, where: str = "manifest: hooks") -> Hook:
         f = _Fields(where, obj)
         size = f.int("size", minimum=1)
         if size > MAX_HOOK_BYTES:
@@ -256,13 +276,16 @@ class Hook:
         timeout = f.int("timeout", minimum=1)
         if timeout > MAX_HOOK_TIMEOUT:
             raise f.fail("timeout", f"{timeout} s is longer than the {MAX_HOOK_TIMEOUT} s allowed")
-        return cls(name=f.choice("name", HookName), file=f.str("file", _FILE_RE, what="a plain file name"),
-                   size=size, sha256=f.str("sha256", _HEX64_RE, what="64 lowercase hex digits"),
-                   timeout=timeout)
+        return cls(
+            name=f.choice("name", HookName),
+            file=f.str("file", _FILE_RE, what="a plain file name"),
+            size=size,
+            sha256=f.str("sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            timeout=timeout,
+        )
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "file": self.file, "size": self.size, "sha256": self.sha256,
-                "timeout": self.timeout}
+        return {"name": self.name, "file": self.file, "size": self.size, "sha256": self.sha256, "timeout": self.timeout}
 
 
 def beside(manifest_path: str, file: str) -> str:
@@ -299,12 +322,12 @@ class Manifest:
     label: str = ""
     created: int = 0
     fstype: str = "ext4"
-    kernel_release: Optional[str] = None
+    kernel_release: str | None = None
     hooks: tuple[Hook, ...] = ()
     format: int = FORMAT
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "Manifest":
+    def from_dict(cls, obj: Any) -> Manifest:
         f = _Fields("manifest", obj)
         return cls(
             format=f.format(),
@@ -325,15 +348,25 @@ class Manifest:
         )
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "image": self.image, "version": self.version,
-                "label": self.label, "created": self.created, "fstype": self.fstype,
-                "size": self.size, "sha256": self.sha256, "crc32": self.crc32,
-                "compression": self.compression, "stream": self.stream,
-                "stream_size": self.stream_size, "stream_sha256": self.stream_sha256,
-                "kernel_release": self.kernel_release,
-                **({"hooks": [h.to_dict() for h in self.hooks]} if self.hooks else {})}
+        return {
+            "format": self.format,
+            "image": self.image,
+            "version": self.version,
+            "label": self.label,
+            "created": self.created,
+            "fstype": self.fstype,
+            "size": self.size,
+            "sha256": self.sha256,
+            "crc32": self.crc32,
+            "compression": self.compression,
+            "stream": self.stream,
+            "stream_size": self.stream_size,
+            "stream_sha256": self.stream_sha256,
+            "kernel_release": self.kernel_release,
+            **({"hooks": [h.to_dict() for h in self.hooks]} if self.hooks else {}),
+        }
 
-    def hook(self, name: str) -> Optional[Hook]:
+    def hook(self, name: str) -> Hook | None:
         return next((h for h in self.hooks if h.name == name), None)
 
     def stream_path(self, manifest_path: str) -> str:
@@ -343,6 +376,7 @@ class Manifest:
 
 # --- latest.json -------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Latest:
     image: str
@@ -351,25 +385,27 @@ class Latest:
     format: int = FORMAT
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "Latest":
+    def from_dict(cls, obj: Any) -> Latest:
         f = _Fields("latest", obj)
-        return cls(format=f.format(),
-                   image=f.str("image", IMAGE_RE, what="an image name"),
-                   version=f.int("version", minimum=1),
-                   manifest=f.str("manifest", _MASTER_PATH_RE, what="an absolute path on the master"))
+        return cls(
+            format=f.format(),
+            image=f.str("image", IMAGE_RE, what="an image name"),
+            version=f.int("version", minimum=1),
+            manifest=f.str("manifest", _MASTER_PATH_RE, what="an absolute path on the master"),
+        )
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "image": self.image, "version": self.version,
-                "manifest": self.manifest}
+        return {"format": self.format, "image": self.image, "version": self.version, "manifest": self.manifest}
 
 
 # --- Plan --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Partition:
     name: str
     start_mib: int
-    size_mib: Union[int, str]  # MiB, or REST for "to the end of the card" (last only)
+    size_mib: int | str  # MiB, or REST for "to the end of the card" (last only)
     type: str  # MBR type, two lowercase hex digits
 
     @property
@@ -377,8 +413,7 @@ class Partition:
         return self.size_mib == REST
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "start_mib": self.start_mib, "size_mib": self.size_mib,
-                "type": self.type}
+        return {"name": self.name, "start_mib": self.start_mib, "size_mib": self.size_mib, "type": self.type}
 
 
 @dataclass(frozen=True)
@@ -387,7 +422,7 @@ class Layout:
     repartition: Repartition = Repartition.ALLOWED
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "Layout":
+    def from_dict(cls, obj: Any) -> Layout:
         f = _Fields("plan: layout", obj)
         items = f.raw("partitions")
         if not isinstance(items, list) or not 1 <= len(items) <= 4:
@@ -422,7 +457,7 @@ class Layout:
     def to_dict(self) -> dict:
         return {"partitions": [p.to_dict() for p in self.partitions], "repartition": self.repartition}
 
-    def get(self, name: str) -> Optional[Partition]:
+    def get(self, name: str) -> Partition | None:
         return next((p for p in self.partitions if p.name == name), None)
 
     def number(self, name: str) -> int:
@@ -437,48 +472,60 @@ class Layout:
 class Plan:
     node: str
     layout: Layout
-    image: Optional[str] = None  # manifest path on the master; None = keep what's there
+    image: str | None = None  # manifest path on the master; None = keep what's there
     mount: Mount = DEFAULT_MOUNT
     pin: bool = False  # the image's version may be older than a slot's (a deliberate rollback)
     tries: int = DEFAULT_TRIES
     format: int = FORMAT
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "Plan":
+    def from_dict(cls, obj: Any) -> Plan:
         f = _Fields("plan", obj)
-        return cls(format=f.format(),
-                   node=f.str("node", _NODE_RE, what="a node name"),
-                   layout=Layout.from_dict(f.raw("layout")),
-                   image=f.str("image", _MASTER_PATH_RE, optional=True,
-                               what="an absolute path on the master"),
-                   mount=f.choice("mount", Mount), pin=f.bool("pin"),
-                   tries=f.int("tries", minimum=1, optional=True) or DEFAULT_TRIES)
+        return cls(
+            format=f.format(),
+            node=f.str("node", _NODE_RE, what="a node name"),
+            layout=Layout.from_dict(f.raw("layout")),
+            image=f.str("image", _MASTER_PATH_RE, optional=True, what="an absolute path on the master"),
+            mount=f.choice("mount", Mount),
+            pin=f.bool("pin"),
+            tries=f.int("tries", minimum=1, optional=True) or DEFAULT_TRIES,
+        )
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "node": self.node, "layout": self.layout.to_dict(),
-                "image": self.image, "mount": self.mount, "pin": self.pin, "tries": self.tries}
+        return {
+            "format": self.format,
+            "node": self.node,
+            "layout": self.layout.to_dict(),
+            "image": self.image,
+            "mount": self.mount,
+            "pin": self.pin,
+            "tries": self.tries,
+        }
 
 
 # --- Slot state ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Slot:
     state: SlotStatus = SlotStatus.EMPTY
-    image: Optional[str] = None
-    version: Optional[int] = None
-    sha256: Optional[str] = None
-    partition: Optional[int] = None  # MBR number it lives in, so an offline boot needs no plan
-    tries: Optional[int] = None  # trial slots: unconfirmed boots left before it is given up
+    image: str | None = None
+    version: int | None = None
+    sha256: str | None = None
+    partition: int | None = None  # MBR number it lives in, so an offline boot needs no plan
+    tries: int | None = None  # trial slots: unconfirmed boots left before it is given up
 
     @classmethod
-    def from_dict(cls, obj: Any, name: str = "?") -> "Slot":
+    def from_dict(cls, obj: Any, name: str = "?") -> Slot:
         f = _Fields(f"slot state: slots.{name}", obj)
-        slot = cls(state=f.choice("state", SlotStatus),
-                   image=f.str("image", IMAGE_RE, optional=True, what="an image name"),
-                   version=f.int("version", minimum=1, optional=True),
-                   sha256=f.str("sha256", _HEX64_RE, optional=True, what="64 lowercase hex digits"),
-                   partition=f.int("partition", minimum=1, optional=True),
-                   tries=f.int("tries", optional=True))
+        slot = cls(
+            state=f.choice("state", SlotStatus),
+            image=f.str("image", IMAGE_RE, optional=True, what="an image name"),
+            version=f.int("version", minimum=1, optional=True),
+            sha256=f.str("sha256", _HEX64_RE, optional=True, what="64 lowercase hex digits"),
+            partition=f.int("partition", minimum=1, optional=True),
+            tries=f.int("tries", optional=True),
+        )
         if slot.partition is not None and slot.partition > 4:
             raise f.fail("partition", f"{slot.partition} is not an MBR primary (1..4)")
         if slot.state in (*BOOTABLE, "failed") and None in (slot.image, slot.version, slot.sha256):
@@ -488,25 +535,35 @@ class Slot:
         return slot
 
     def to_dict(self) -> dict:
-        return {"state": self.state, "image": self.image, "version": self.version,
-                "sha256": self.sha256, "partition": self.partition, "tries": self.tries}
+        return {
+            "state": self.state,
+            "image": self.image,
+            "version": self.version,
+            "sha256": self.sha256,
+            "partition": self.partition,
+            "tries": self.tries,
+        }
 
     def holds(self, manifest: Manifest) -> bool:
         """True when this slot is bootable and holds exactly `manifest`'s image."""
-        return (self.state in BOOTABLE and self.image == manifest.image
-                and self.version == manifest.version and self.sha256 == manifest.sha256)
+        return (
+            self.state in BOOTABLE
+            and self.image == manifest.image
+            and self.version == manifest.version
+            and self.sha256 == manifest.sha256
+        )
 
 
 @dataclass(frozen=True)
 class SlotState:
     seq: int = 0
     slots: Mapping[str, Slot] = field(default_factory=dict)
-    primary: Optional[str] = None
-    last_good: Optional[str] = None
+    primary: str | None = None
+    last_good: str | None = None
     format: int = FORMAT
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "SlotState":
+    def from_dict(cls, obj: Any) -> SlotState:
         f = _Fields("slot state", obj)
         raw = f.raw("slots")
         if not isinstance(raw, dict) or len(raw) > 4:
@@ -516,8 +573,13 @@ class SlotState:
             if not NAME_RE.fullmatch(name):
                 raise f.fail("slots", f"{name[:40]!r} is not a slot name")
             slots[name] = Slot.from_dict(value, name)
-        state = cls(format=f.format(), seq=f.int("seq"), slots=slots,
-                    primary=f.str("primary", optional=True), last_good=f.str("last_good", optional=True))
+        state = cls(
+            format=f.format(),
+            seq=f.int("seq"),
+            slots=slots,
+            primary=f.str("primary", optional=True),
+            last_good=f.str("last_good", optional=True),
+        )
         for key, allowed in (("primary", BOOTABLE), ("last_good", ("good",))):
             name = getattr(state, key)
             if name is not None and (name not in slots or slots[name].state not in allowed):
@@ -525,9 +587,13 @@ class SlotState:
         return state
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "seq": self.seq,
-                "slots": {k: v.to_dict() for k, v in sorted(self.slots.items())},
-                "primary": self.primary, "last_good": self.last_good}
+        return {
+            "format": self.format,
+            "seq": self.seq,
+            "slots": {k: v.to_dict() for k, v in sorted(self.slots.items())},
+            "primary": self.primary,
+            "last_good": self.last_good,
+        }
 
     def slot(self, name: str) -> Slot:
         return self.slots.get(name, Slot())
@@ -535,20 +601,21 @@ class SlotState:
 
 # --- Report --------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Report:
     node: str
     phase: Phase
     bytes: int = 0
     seconds: float = 0.0
-    error: Optional[str] = None
-    slot: Optional[str] = None
-    version: Optional[int] = None
+    error: str | None = None
+    slot: str | None = None
+    version: int | None = None
     time: float = 0.0
-    output: Optional[str] = None  # the tail of a hook's output
+    output: str | None = None  # the tail of a hook's output
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "Report":
+    def from_dict(cls, obj: Any) -> Report:
         f = _Fields("report", obj)
         error = f.str("error", optional=True)
         if error is not None and ("\n" in error or len(error) > 1000):
@@ -556,18 +623,30 @@ class Report:
         output = f.str("output", optional=True)
         if output is not None and len(output) > MAX_REPORT_OUTPUT:
             raise f.fail("output", f"must be at most {MAX_REPORT_OUTPUT} characters")
-        return cls(node=f.str("node", _NODE_RE, what="a node id"),
-                   phase=f.choice("phase", Phase),
-                   bytes=f.int("bytes"), seconds=f.num("seconds"), error=error,
-                   slot=f.str("slot", NAME_RE, optional=True, what="a slot name"),
-                   version=f.int("version", minimum=1, optional=True),
-                   time=f.num("time", optional=True) or 0.0, output=output)
+        return cls(
+            node=f.str("node", _NODE_RE, what="a node id"),
+            phase=f.choice("phase", Phase),
+            bytes=f.int("bytes"),
+            seconds=f.num("seconds"),
+            error=error,
+            slot=f.str("slot", NAME_RE, optional=True, what="a slot name"),
+            version=f.int("version", minimum=1, optional=True),
+            time=f.num("time", optional=True) or 0.0,
+            output=output,
+        )
 
     def to_dict(self) -> dict:
-        return {"node": self.node, "phase": self.phase, "bytes": self.bytes,
-                "seconds": self.seconds, "error": self.error, "slot": self.slot,
-                "version": self.version, "time": self.time,
-                **({"output": self.output} if self.output is not None else {})}
+        return {
+            "node": self.node,
+            "phase": self.phase,
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+            "error": self.error,
+            "slot": self.slot,
+            "version": self.version,
+            "time": self.time,
+            **({"output": self.output} if self.output is not None else {}),
+        }
 
 
 parse_manifest = _parser(Manifest, "manifest")

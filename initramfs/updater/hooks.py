@@ -15,8 +15,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
 
 from .errors import Refused, UpdaterError
 from .fetch import MasterClient
@@ -30,7 +30,7 @@ RUN_DIR = "/run/rackboot"  # a tmpfs on the worker; the hooks' scripts never tou
 @dataclass(frozen=True)
 class HookResult:
     hook: str
-    status: Optional[int]  # exit status; None when it was killed at its timeout
+    status: int | None  # exit status; None when it was killed at its timeout
     output: str  # the tail, at most MAX_REPORT_OUTPUT characters
     seconds: float
 
@@ -52,22 +52,33 @@ class HookResult:
 def fetch(master: MasterClient, manifest_path: str, manifest: Manifest, signed: bool) -> dict[str, bytes]:
     """Every hook's script, checked against the signed manifest; Refused on any doubt."""
     if manifest.hooks and not signed:
-        raise Refused(f"manifest: {manifest.image} v{manifest.version} carries hooks and this card has "
-                      "no master key to check them with; an unsigned hook never runs")
+        raise Refused(
+            f"manifest: {manifest.image} v{manifest.version} carries hooks and this card has "
+            "no master key to check them with; an unsigned hook never runs"
+        )
     scripts = {}
     for hook in manifest.hooks:
         path = beside(manifest_path, hook.file)
         data = master.get(path)
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != hook.size or digest != hook.sha256:
-            raise Refused(f"hook {hook.name}: {path} is {len(data)} bytes with sha256 {digest[:16]}..., "
-                          f"the signed manifest says {hook.size} bytes, {hook.sha256[:16]}...; not run")
+            raise Refused(
+                f"hook {hook.name}: {path} is {len(data)} bytes with sha256 {digest[:16]}..., "
+                f"the signed manifest says {hook.size} bytes, {hook.sha256[:16]}...; not run"
+            )
         scripts[hook.name] = data
     return scripts
 
 
-def run(hook: Hook, script: bytes, env: Mapping[str, str], *, log: Callable[[str], None],
-        shell: str = SHELL, now: Callable[[], float] = time.monotonic) -> HookResult:
+def run(
+    hook: Hook,
+    script: bytes,
+    env: Mapping[str, str],
+    *,
+    log: Callable[[str], None],
+    shell: str = SHELL,
+    now: Callable[[], float] = time.monotonic,
+) -> HookResult:
     """Run one checked hook to completion or to its timeout; its lines go to ``log``."""
     base = RUN_DIR if os.path.isdir(RUN_DIR) else None
     with tempfile.TemporaryDirectory(prefix="hook-", dir=base) as tmp:
@@ -75,11 +86,18 @@ def run(hook: Hook, script: bytes, env: Mapping[str, str], *, log: Callable[[str
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "wb") as f:
             f.write(script)
         started = now()
-        proc = subprocess.Popen([shell, path], cwd=tmp, env=dict(env), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [shell, path],
+            cwd=tmp,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             raw, _ = proc.communicate(timeout=hook.timeout)
-            status: Optional[int] = proc.returncode
+            status: int | None = proc.returncode
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid)  # its children too: a hook must not outlive its timeout
             raw = _drain(proc)
@@ -109,12 +127,18 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def environment(manifest: Manifest, *, hook: str, node: str, slot: str, slot_device: str,
-                disk: str) -> dict[str, str]:
+def environment(manifest: Manifest, *, hook: str, node: str, slot: str, slot_device: str, disk: str) -> dict[str, str]:
     """What a hook knows: which image goes where. PATH is the initramfs's."""
-    return {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "RACKBOOT_HOOK": hook, "RACKBOOT_NODE": node,
-            "RACKBOOT_IMAGE": manifest.image, "RACKBOOT_VERSION": str(manifest.version),
-            "RACKBOOT_SLOT": slot, "RACKBOOT_SLOT_DEVICE": slot_device, "RACKBOOT_DISK": disk}
+    return {
+        "PATH": "/sbin:/bin:/usr/sbin:/usr/bin",
+        "RACKBOOT_HOOK": hook,
+        "RACKBOOT_NODE": node,
+        "RACKBOOT_IMAGE": manifest.image,
+        "RACKBOOT_VERSION": str(manifest.version),
+        "RACKBOOT_SLOT": slot,
+        "RACKBOOT_SLOT_DEVICE": slot_device,
+        "RACKBOOT_DISK": disk,
+    }
 
 
 def check(result: HookResult) -> None:

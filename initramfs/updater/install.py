@@ -15,8 +15,8 @@ import os
 import queue
 import threading
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
 
 from .disk import Disk
 from .errors import UpdaterError
@@ -39,17 +39,29 @@ class Written:
 
 def verify(written: Written, manifest: Manifest) -> None:
     """The bytes written are the manifest's image, or UpdaterError naming what differs."""
-    checks = (("size", written.size, manifest.size), ("sha256", written.sha256, manifest.sha256),
-              ("crc32", written.crc32, manifest.crc32),
-              ("stream_sha256", written.stream_sha256, manifest.stream_sha256))
+    checks = (
+        ("size", written.size, manifest.size),
+        ("sha256", written.sha256, manifest.sha256),
+        ("crc32", written.crc32, manifest.crc32),
+        ("stream_sha256", written.stream_sha256, manifest.stream_sha256),
+    )
     for name, got, want in checks:
         if got != want:
-            raise UpdaterError(f"verify {manifest.image} v{manifest.version}: {name} is {got}, "
-                               f"the manifest says {want}")
+            raise UpdaterError(
+                f"verify {manifest.image} v{manifest.version}: {name} is {got}, the manifest says {want}"
+            )
 
 
-def write_stream(chunks: Iterable[bytes], disk: Disk, offset: int, capacity: int, manifest: Manifest,
-                 *, sync_every: int = SYNC_EVERY, chunk: int = CHUNK) -> Written:
+def write_stream(
+    chunks: Iterable[bytes],
+    disk: Disk,
+    offset: int,
+    capacity: int,
+    manifest: Manifest,
+    *,
+    sync_every: int = SYNC_EVERY,
+    chunk: int = CHUNK,
+) -> Written:
     """Inflate `chunks` (the compressed stream) into disk[offset:offset+capacity]."""
     limit = min(manifest.size, capacity)
     what = f"image {manifest.image} v{manifest.version}"
@@ -64,22 +76,25 @@ def write_stream(chunks: Iterable[bytes], disk: Disk, offset: int, capacity: int
             for out in inflate.feed(data, chunk):
                 total += len(out)
                 if total > limit:
-                    raise UpdaterError(f"{what}: stream inflates to more than {limit} bytes "
-                                       f"({_why_limit(manifest, capacity)}): oversized")
+                    raise UpdaterError(
+                        f"{what}: stream inflates to more than {limit} bytes "
+                        f"({_why_limit(manifest, capacity)}): oversized"
+                    )
                 writer.put(out)
         if not inflate.finished() or total < manifest.size:
-            raise UpdaterError(f"{what}: stream ended after {total} of {manifest.size} bytes "
-                               f"({manifest.compression}): truncated")
+            raise UpdaterError(
+                f"{what}: stream ended after {total} of {manifest.size} bytes ({manifest.compression}): truncated"
+            )
     finally:
         reader.stop()
         writer.close()  # joins; re-raises a write error unless another error is on its way
     sink.finish()
-    return Written(total, sink.sha256.hexdigest(), f"{sink.crc32:08x}", source.size,
-                   source.sha256.hexdigest())
+    return Written(total, sink.sha256.hexdigest(), f"{sink.crc32:08x}", source.size, source.sha256.hexdigest())
 
 
-def read_back(disk: Disk, offset: int, size: int, *, chunk: int = CHUNK,
-              progress: Callable[[], None] = lambda: None) -> tuple[str, str]:
+def read_back(
+    disk: Disk, offset: int, size: int, *, chunk: int = CHUNK, progress: Callable[[], None] = lambda: None
+) -> tuple[str, str]:
     """sha256 and CRC32 of the slot's first ``size`` bytes as the medium now returns them
     (cards that ack writes they lost are why: bmaptool issue 56); ``progress`` hears of
     each chunk."""
@@ -183,7 +198,7 @@ class _Reader:
     def __init__(self, chunks: Iterable[bytes]):
         self.q: queue.Queue = queue.Queue(DEPTH)
         self.stopping = threading.Event()
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(chunks,), daemon=True)
         self.thread.start()
 
@@ -221,7 +236,7 @@ class _Writer:
 
     def __init__(self, write: Callable[[bytes], None]):
         self.q: queue.Queue = queue.Queue(DEPTH)
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(write,), daemon=True)
         self.thread.start()
 

@@ -47,14 +47,20 @@ def wanted_entries(layout: Layout, disk_bytes: int) -> tuple[mbr.Entry, ...]:
             fixed = sum(q.size_mib for q in layout.partitions if not q.is_rest)
             needed = layout.partitions[0].start_mib + fixed + (1 if layout.partitions[-1].is_rest else 0)
             reach = " that MBR can address" if disk_bytes > MBR_BYTES else ""
-            raise UpdaterError(f"layout: card too small: the plan needs {needed} MiB, "
-                               f"the card has {card_mib} MiB{reach}")
+            raise UpdaterError(
+                f"layout: card too small: the plan needs {needed} MiB, the card has {card_mib} MiB{reach}"
+            )
         ptype = int(p.type, 16)
         if ptype in UNREADABLE_TYPES:
-            raise UpdaterError(f"layout: partition {p.name}: type {p.type} is an extended or GPT entry, "
-                               f"which this card's MBR cannot hold")
-        entries.append(mbr.Entry(i + 1, ptype, p.start_mib * SECTORS_PER_MIB,
-                                 size_mib * SECTORS_PER_MIB, bootable=(p.name == BOOT)))
+            raise UpdaterError(
+                f"layout: partition {p.name}: type {p.type} is an extended or GPT entry, "
+                f"which this card's MBR cannot hold"
+            )
+        entries.append(
+            mbr.Entry(
+                i + 1, ptype, p.start_mib * SECTORS_PER_MIB, size_mib * SECTORS_PER_MIB, bootable=(p.name == BOOT)
+            )
+        )
     return tuple(entries)
 
 
@@ -69,14 +75,14 @@ def decide(layout: Layout, current: mbr.Mbr | None, disk_bytes: int, *, node: st
         return Decision("ok", current)  # type: ignore[arg-type]
     diff = ", ".join(changed + tuple(f"extra partition {n}" for n in extra))
     if layout.repartition == "never":
-        raise UpdaterError(f"layout: the card's partition table differs from the plan ({diff}) "
-                           f"and the plan says repartition never")
+        raise UpdaterError(
+            f"layout: the card's partition table differs from the plan ({diff}) and the plan says repartition never"
+        )
     if BOOT in names and current is not None:
         boot = wanted[names.index(BOOT)]
         old = current.entry(boot.number)
         if old is not None and (old.start, old.sectors, old.type) != (boot.start, boot.sectors, boot.type):
-            raise UpdaterError(f"layout: the plan would change the boot partition's {_boot_diff(old, boot)}; "
-                               f"refusing")
+            raise UpdaterError(f"layout: the plan would change the boot partition's {_boot_diff(old, boot)}; refusing")
     kept = tuple(names[w.number - 1] for w in wanted if _kept(current, w))
     signature = current.signature if current is not None and current.signature else _signature(node)
     boot_code = current.boot_code if current is not None else bytes(440)
@@ -85,8 +91,11 @@ def decide(layout: Layout, current: mbr.Mbr | None, disk_bytes: int, *, node: st
 
 def _boot_diff(old: mbr.Entry, new: mbr.Entry) -> str:
     """What differs, card -> plan: 'type (card 0c, plan 0e)', 'start (card 8192, plan 16384 sectors)'."""
-    fields = (("start", old.start, new.start, " sectors"), ("size", old.sectors, new.sectors, " sectors"),
-              ("type", f"{old.type:02x}", f"{new.type:02x}", ""))
+    fields = (
+        ("start", old.start, new.start, " sectors"),
+        ("size", old.sectors, new.sectors, " sectors"),
+        ("type", f"{old.type:02x}", f"{new.type:02x}", ""),
+    )
     return " and ".join(f"{name} (card {a}, plan {b}{unit})" for name, a, b, unit in fields if a != b)
 
 

@@ -14,9 +14,9 @@ import glob
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional
 
 from . import hooks, install, layout
 from . import report as reports
@@ -24,8 +24,21 @@ from . import state as slot_state
 from .disk import Disk, partition_device
 from .errors import Refused, UpdaterError
 from .fetch import MasterClient
-from .formats import (BOOTABLE, DEFAULT_MOUNT, EXT_MAGIC, EXT_MAGIC_OFFSET, Action, SLOTS, Manifest, Plan, Slot, SlotState, node_id, parse_manifest,
-                      parse_plan)
+from .formats import (
+    BOOTABLE,
+    DEFAULT_MOUNT,
+    EXT_MAGIC,
+    EXT_MAGIC_OFFSET,
+    SLOTS,
+    Action,
+    Manifest,
+    Plan,
+    Slot,
+    SlotState,
+    node_id,
+    parse_manifest,
+    parse_plan,
+)
 from .mbr import Mbr
 from .signature import Verifier, from_environment
 from .watchdog import NoWatchdog, Watchdog
@@ -42,13 +55,11 @@ class NoIdentity(UpdaterError):
 @dataclass(frozen=True)
 class Identity:
     mac: str
-    serial: Optional[str] = None
+    serial: str | None = None
 
     @property
     def node(self) -> str:
         return node_id(self.mac)
-
-
 
 
 @dataclass(frozen=True)
@@ -60,21 +71,31 @@ class Decision:
     action: Action
     bytes_fetched: int = 0
     seconds: float = 0.0
-    image: Optional[str] = None
-    version: Optional[int] = None
-    sha256: Optional[str] = None
-    data_device: Optional[str] = None
+    image: str | None = None
+    version: int | None = None
+    sha256: str | None = None
+    data_device: str | None = None
     data_blank: bool = False  # no ext2/3/4 superblock on the data partition: /init formats it
-    error: Optional[str] = None
+    error: str | None = None
 
     def to_shell(self) -> str:
         """KEY=VALUE lines that /init sources (lowercase keys, single-quoted values)."""
-        fields = {"slot": self.slot, "partition_number": self.partition_number, "device": self.device,
-                  "mount": self.mount, "action": self.action, "bytes_fetched": self.bytes_fetched,
-                  "seconds": f"{self.seconds:.3f}", "image": self.image, "version": self.version,
-                  "sha256": self.sha256, "confirm_offset": slot_state.CONFIRM,
-                  "data_device": self.data_device, "data_blank": "1" if self.data_blank else "",
-                  "error": self.error}
+        fields = {
+            "slot": self.slot,
+            "partition_number": self.partition_number,
+            "device": self.device,
+            "mount": self.mount,
+            "action": self.action,
+            "bytes_fetched": self.bytes_fetched,
+            "seconds": f"{self.seconds:.3f}",
+            "image": self.image,
+            "version": self.version,
+            "sha256": self.sha256,
+            "confirm_offset": slot_state.CONFIRM,
+            "data_device": self.data_device,
+            "data_blank": "1" if self.data_blank else "",
+            "error": self.error,
+        }
         return "".join(f"{k}={_quote('' if v is None else str(v))}\n" for k, v in fields.items())
 
 
@@ -84,8 +105,8 @@ def _quote(value: str) -> str:
 
 # --- identity -----------------------------------------------------------------------
 
-def discover_identity(mac: Optional[str] = None, serial: Optional[str] = None, *,
-                      root: str = "/") -> Identity:
+
+def discover_identity(mac: str | None = None, serial: str | None = None, *, root: str = "/") -> Identity:
     """MAC of the first real interface (sorted, as /init picks it); the board serial if any."""
     if mac is None:
         for path in sorted(glob.glob(os.path.join(root, "sys/class/net/*/address"))):
@@ -102,7 +123,7 @@ def discover_identity(mac: Optional[str] = None, serial: Optional[str] = None, *
     return Identity(mac.strip().lower(), serial)
 
 
-def _board_serial(root: str) -> Optional[str]:
+def _board_serial(root: str) -> str | None:
     value = _read_text(os.path.join(root, "proc/device-tree/serial-number"))
     if value:
         return value
@@ -113,7 +134,7 @@ def _board_serial(root: str) -> Optional[str]:
     return None
 
 
-def _read_text(path: str) -> Optional[str]:
+def _read_text(path: str) -> str | None:
     try:
         with open(path, "rb") as f:
             return f.read(65536).decode("ascii", "replace").strip("\0 \n\t") or None
@@ -123,20 +144,38 @@ def _read_text(path: str) -> Optional[str]:
 
 # --- the flow -----------------------------------------------------------------------
 
-def run(disk_path: str, master_url: str, identity: Optional[Identity], *,
-        now: Callable[[], float] = time.monotonic, layout_check: bool = True,
-        master: Optional[MasterClient] = None, log: Callable[[str], None] = None,
-        offline_mount: str = DEFAULT_MOUNT, verifier: Optional[Verifier] = None,
-        open_disk: Callable[[str], Disk] = Disk, watchdog: Optional[Watchdog] = None) -> Decision:
+
+def run(
+    disk_path: str,
+    master_url: str,
+    identity: Identity | None,
+    *,
+    now: Callable[[], float] = time.monotonic,
+    layout_check: bool = True,
+    master: MasterClient | None = None,
+    log: Callable[[str], None] = None,
+    offline_mount: str = DEFAULT_MOUNT,
+    verifier: Verifier | None = None,
+    open_disk: Callable[[str], Disk] = Disk,
+    watchdog: Watchdog | None = None,
+) -> Decision:
     """Bring the card in line with this node's plan; the Decision says what /init boots.
     ``identity`` None: the board has none (discover_identity raised NoIdentity), so the
     master is neither asked nor told, and the card's good slot boots offline.
     ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config);
     ``watchdog`` (started by the caller) hears of every step forward."""
     with open_disk(disk_path) as disk:
-        update = _Update(disk, disk_path, master or MasterClient(master_url), identity, now=now,
-                         log=log or console_log, offline_mount=offline_mount,
-                         verifier=verifier or from_environment(), watchdog=watchdog or NoWatchdog())
+        update = _Update(
+            disk,
+            disk_path,
+            master or MasterClient(master_url),
+            identity,
+            now=now,
+            log=log or console_log,
+            offline_mount=offline_mount,
+            verifier=verifier or from_environment(),
+            watchdog=watchdog or NoWatchdog(),
+        )
         return update.run(layout_check)
 
 
@@ -145,9 +184,19 @@ def console_log(message: str) -> None:
 
 
 class _Update:
-    def __init__(self, disk: Disk, disk_path: str, master: MasterClient, identity: Optional[Identity], *,
-                 now: Callable[[], float], log: Callable[[str], None], offline_mount: str,
-                 verifier: Verifier, watchdog: Watchdog):
+    def __init__(
+        self,
+        disk: Disk,
+        disk_path: str,
+        master: MasterClient,
+        identity: Identity | None,
+        *,
+        now: Callable[[], float],
+        log: Callable[[str], None],
+        offline_mount: str,
+        verifier: Verifier,
+        watchdog: Watchdog,
+    ):
         self.disk = disk
         self.disk_path = disk_path
         self.master = master
@@ -160,9 +209,9 @@ class _Update:
         self.watchdog = watchdog
         self.t0 = now()
         self.state = slot_state.read(disk)
-        self.plan: Optional[Plan] = None
+        self.plan: Plan | None = None
         self.phase = "plan"  # the step under way: a failure's report and console line name it
-        self.installing: tuple[Optional[str], Optional[int]] = (None, None)  # slot, version: for reports
+        self.installing: tuple[str | None, int | None] = (None, None)  # slot, version: for reports
 
     def run(self, layout_check: bool) -> Decision:
         try:
@@ -191,7 +240,7 @@ class _Update:
         except UpdaterError as e:
             return self.fall_back(Action.FALLBACK, e)
 
-    def signed_doc(self, path: str, parse, headers: Optional[dict] = None):
+    def signed_doc(self, path: str, parse, headers: dict | None = None):
         """A plan or manifest, parsed only after its signature verified (when the card has a key)."""
         if not self.verifier.required:
             return self.master.get_doc(path, parse, headers=headers)
@@ -211,11 +260,11 @@ class _Update:
             if table is None:
                 raise UpdaterError(f"layout: {self.disk_path} has no MBR and layout checks are off")
             return table
-        decision = layout.decide(self.plan.layout, layout.read_table(self.disk), self.disk.size,
-                                 node=self.plan.node)
+        decision = layout.decide(self.plan.layout, layout.read_table(self.disk), self.disk.size, node=self.plan.node)
         if decision.action == "repartition":
-            self.log(f"repartitioning: {', '.join(decision.changed)} change; "
-                     f"kept: {', '.join(decision.kept) or 'none'}")
+            self.log(
+                f"repartitioning: {', '.join(decision.changed)} change; kept: {', '.join(decision.kept) or 'none'}"
+            )
             with self.step("layout", report=True):
                 layout.write_table(self.disk, decision.table)
         self.forget_moved_slots(set(decision.changed))
@@ -227,12 +276,16 @@ class _Update:
         for name, slot in self.state.slots.items():
             part = self.plan.layout.get(name)
             number = self.plan.layout.number(name) if part else None
-            if slot.state != "empty" and (name in changed or number is None
-                                          or slot.partition not in (None, number)):
+            if slot.state != "empty" and (name in changed or number is None or slot.partition not in (None, number)):
                 slots[name] = Slot()
         if slots != dict(self.state.slots):
-            self.commit(SlotState(slots=slots, primary=_bootable(slots, self.state.primary),
-                                  last_good=_good(slots, self.state.last_good)))
+            self.commit(
+                SlotState(
+                    slots=slots,
+                    primary=_bootable(slots, self.state.primary),
+                    last_good=_good(slots, self.state.last_good),
+                )
+            )
 
     # --- install ----------------------------------------------------------------------
 
@@ -247,8 +300,10 @@ class _Update:
             self.refuse_replay(manifest)
             for name, slot in sorted(self.state.slots.items()):
                 if slot.state == "failed" and (slot.image, slot.sha256) == (manifest.image, manifest.sha256):
-                    raise UpdaterError(f"{manifest.image} v{manifest.version} never confirmed itself in slot "
-                                       f"{name}; it is not installed again until the plan assigns another version")
+                    raise UpdaterError(
+                        f"{manifest.image} v{manifest.version} never confirmed itself in slot "
+                        f"{name}; it is not installed again until the plan assigns another version"
+                    )
             for name in SLOTS:
                 slot = self.state.slot(name)
                 if slot.holds(manifest) and slot.partition in (None, self.plan.layout.number(name)):
@@ -263,13 +318,20 @@ class _Update:
 
     def refuse_replay(self, manifest: Manifest) -> None:
         """An older version of an image a slot holds is a replay unless the plan pins it."""
-        newer = [(name, slot.version) for name, slot in sorted(self.state.slots.items())
-                 if slot.state in BOOTABLE and slot.image == manifest.image and slot.version is not None
-                 and slot.version > manifest.version]
+        newer = [
+            (name, slot.version)
+            for name, slot in sorted(self.state.slots.items())
+            if slot.state in BOOTABLE
+            and slot.image == manifest.image
+            and slot.version is not None
+            and slot.version > manifest.version
+        ]
         if newer and not self.plan.pin:
             name, version = newer[0]
-            raise Refused(f"manifest: {manifest.image} v{manifest.version} is older than v{version} in "
-                                 f"slot {name}; refused as a replay (a plan with \"pin\": true rolls back)")
+            raise Refused(
+                f"manifest: {manifest.image} v{manifest.version} is older than v{version} in "
+                f'slot {name}; refused as a replay (a plan with "pin": true rolls back)'
+            )
 
     def inactive_slot(self) -> str:
         """The slot to write: never the last good one. A slot still on trial is replaced
@@ -283,16 +345,20 @@ class _Update:
         with self.step("download"):  # the slot's room and the hooks' scripts, before a byte of it is written
             offset, capacity = layout.partition_range(table, number)
             if manifest.size > capacity:
-                raise UpdaterError(f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
-                                   f"bytes, slot {target} has {capacity}")
+                raise UpdaterError(
+                    f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
+                    f"bytes, slot {target} has {capacity}"
+                )
             scripts = hooks.fetch(self.master, self.plan.image, manifest, self.verifier.required)
         self.run_hook("pre-install", manifest, scripts, target, number)  # the slot is untouched so far
         entry = Slot("writing", manifest.image, manifest.version, manifest.sha256, number)
         if self.state.primary == target:  # replacing an unconfirmed slot: the good one boots meanwhile
             self.state = replace(self.state, primary=_good(self.state.slots, self.state.last_good))
         self.commit(self.with_slot(target, entry))
-        self.log(f"installing {manifest.image} v{manifest.version} into slot {target} "
-                 f"({partition_device(self.disk_path, number)})")
+        self.log(
+            f"installing {manifest.image} v{manifest.version} into slot {target} "
+            f"({partition_device(self.disk_path, number)})"
+        )
         try:
             for attempt in range(1, WRITE_ATTEMPTS + 1):
                 if self.write_and_read_back(target, offset, capacity, manifest, last=attempt == WRITE_ATTEMPTS):
@@ -304,33 +370,45 @@ class _Update:
         with self.step("commit", report=True, slot=target, version=manifest.version):
             self.log(f"committing slot {target}")
             # on trial until the system it boots runs rackboot-mark-good; last_good stays the old slot
-            self.commit(replace(self.with_slot(target, replace(entry, state="trial", tries=self.plan.tries)),
-                                primary=target))
+            self.commit(
+                replace(self.with_slot(target, replace(entry, state="trial", tries=self.plan.tries)), primary=target)
+            )
 
-    def run_hook(self, name: str, manifest: Manifest, scripts: dict[str, bytes], target: str,
-                 number: int) -> None:
+    def run_hook(self, name: str, manifest: Manifest, scripts: dict[str, bytes], target: str, number: int) -> None:
         """Run the manifest's signed hook ``name``, if it has one; its output goes to the
         master either way, and a failure stops the install."""
         hook = manifest.hook(name)
         if hook is None:
             return
         with self.step(name, allow=hook.timeout + self.watchdog.stall):  # it is killed before then
-            env = hooks.environment(manifest, hook=name, node=self.node, slot=target,
-                                    slot_device=partition_device(self.disk_path, number), disk=self.disk_path)
+            env = hooks.environment(
+                manifest,
+                hook=name,
+                node=self.node,
+                slot=target,
+                slot_device=partition_device(self.disk_path, number),
+                disk=self.disk_path,
+            )
             self.log(f"running the signed {name} hook {hook.file} (timeout {hook.timeout} s)")
             result = hooks.run(hook, scripts[name], env, log=self.log)
             # reported whether it passed or not: its output is what the master needs to see
-            self.report("hook", seconds=result.seconds, slot=target, version=manifest.version,
-                        output=result.output, error=None if result.ok else result.problem())
+            self.report(
+                "hook",
+                seconds=result.seconds,
+                slot=target,
+                version=manifest.version,
+                output=result.output,
+                error=None if result.ok else result.problem(),
+            )
             hooks.check(result)
 
-    def write_and_read_back(self, target: str, offset: int, capacity: int, manifest: Manifest, *,
-                            last: bool) -> bool:
+    def write_and_read_back(self, target: str, offset: int, capacity: int, manifest: Manifest, *, last: bool) -> bool:
         """Stream, verify what was written, then re-read the slot from the medium: False
         when the read-back differs and another attempt remains."""
         with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
-            stream = self.watchdog.watch(self.master.stream(manifest.stream_path(self.plan.image),
-                                                            manifest.stream_size))
+            stream = self.watchdog.watch(
+                self.master.stream(manifest.stream_path(self.plan.image), manifest.stream_size)
+            )
             written = install.write_stream(stream, self.disk, offset, capacity, manifest)
         with self.step("verify"):
             install.verify(written, manifest)
@@ -349,8 +427,16 @@ class _Update:
     # --- steps, state, decisions, reports -----------------------------------------------
 
     @contextmanager
-    def step(self, phase: str, *, report: bool = False, timed: bool = False, slot: Optional[str] = None,
-             version: Optional[int] = None, allow: Optional[float] = None) -> Iterator[None]:
+    def step(
+        self,
+        phase: str,
+        *,
+        report: bool = False,
+        timed: bool = False,
+        slot: str | None = None,
+        version: int | None = None,
+        allow: float | None = None,
+    ) -> Iterator[None]:
         """One step of the update. ``self.phase`` names it from here on, so a step that
         raises is the phase fall_back's error names. The watchdog hears of it (``allow``:
         seconds it may then go quiet, for a hook). With ``report``, a step that ends well
@@ -396,7 +482,7 @@ class _Update:
         self.disk.write(slot_state.CONFIRM, bytes(512))
         self.disk.fsync()
 
-    def count_try(self, name: str, action: Action, error: Optional[str]) -> tuple[str, Action, Optional[str]]:
+    def count_try(self, name: str, action: Action, error: str | None) -> tuple[str, Action, str | None]:
         """Booting a trial slot spends one of its tries; with none left it has failed, and
         the last good slot boots instead (RAUC's BOOT_x_LEFT, kept in the slot state)."""
         slot = self.state.slot(name)
@@ -413,8 +499,10 @@ class _Update:
                     self.log(f"slot {name}: its try cannot be counted ({e}); booting it all the same")
                     return name, action, error
                 return self.give_up_trial(name, fallback, f"its try cannot be counted ({e})")
-            self.log(f"slot {name} is on trial: {tries} more unconfirmed boots before "
-                     + (f"slot {fallback} takes over" if not alone else "nothing (no other slot)"))
+            self.log(
+                f"slot {name} is on trial: {tries} more unconfirmed boots before "
+                + (f"slot {fallback} takes over" if not alone else "nothing (no other slot)")
+            )
             return name, action, error
         try:
             self.commit(replace(self.with_slot(name, replace(slot, state="failed", tries=None)), primary=fallback))
@@ -429,24 +517,34 @@ class _Update:
         self.report("error", slot=name, version=slot.version, error=problem)
         return fallback, Action.FALLBACK, problem
 
-    def decision(self, name: str, action: Action, manifest: Optional[Manifest] = None,
-                 error: Optional[str] = None) -> Decision:
+    def decision(
+        self, name: str, action: Action, manifest: Manifest | None = None, error: str | None = None
+    ) -> Decision:
         name, action, error = self.count_try(name, action, error)
         slot = self.state.slot(name)
-        number = slot.partition or (self.plan.layout.number(name) if self.plan and self.plan.layout.get(name)
-                                    else DEFAULT_NUMBERS.get(name, 0))
+        number = slot.partition or (
+            self.plan.layout.number(name) if self.plan and self.plan.layout.get(name) else DEFAULT_NUMBERS.get(name, 0)
+        )
         if self.plan:
             data = self.plan.layout.number("data") if self.plan.layout.get("data") else None
         else:  # offline: the standard data partition, if the card has one
             table = layout.read_table(self.disk)
             data = DEFAULT_NUMBERS["data"] if table and table.entry(DEFAULT_NUMBERS["data"]) else None
         result = Decision(
-            slot=name, partition_number=number, device=partition_device(self.disk_path, number),
-            mount=self.plan.mount if self.plan else self.offline_mount, action=action,
-            bytes_fetched=self.master.stream_bytes, seconds=round(self.now() - self.t0, 3),
-            image=slot.image, version=slot.version, sha256=slot.sha256,
+            slot=name,
+            partition_number=number,
+            device=partition_device(self.disk_path, number),
+            mount=self.plan.mount if self.plan else self.offline_mount,
+            action=action,
+            bytes_fetched=self.master.stream_bytes,
+            seconds=round(self.now() - self.t0, 3),
+            image=slot.image,
+            version=slot.version,
+            sha256=slot.sha256,
             data_device=partition_device(self.disk_path, data) if data else None,
-            data_blank=bool(data) and not self.has_ext_superblock(data), error=error)
+            data_blank=bool(data) and not self.has_ext_superblock(data),
+            error=error,
+        )
         self.report("boot", slot=name, version=slot.version, error=error)
         self.log(f"boot slot {name} ({action}) from {result.device}")
         return result
@@ -460,21 +558,38 @@ class _Update:
             raise UpdaterError(f"no good slot to boot ({self.phase}: {error})")
         return self.decision(name, action, error=str(error))
 
-    def report(self, phase: str, *, seconds: Optional[float] = None, error: Optional[str] = None,
-               slot: Optional[str] = None, version: Optional[int] = None,
-               output: Optional[str] = None) -> None:
+    def report(
+        self,
+        phase: str,
+        *,
+        seconds: float | None = None,
+        error: str | None = None,
+        slot: str | None = None,
+        version: int | None = None,
+        output: str | None = None,
+    ) -> None:
         if self.identity is None:  # no network interface: no master to tell, nor a node name
             return
         elapsed = self.now() - self.t0 if seconds is None else seconds
         self.watchdog.progress()
-        reports.send(self.master, reports.make(self.node, phase, bytes=self.master.stream_bytes,
-                                             seconds=elapsed, error=error, slot=slot, version=version,
-                                             output=output))
+        reports.send(
+            self.master,
+            reports.make(
+                self.node,
+                phase,
+                bytes=self.master.stream_bytes,
+                seconds=elapsed,
+                error=error,
+                slot=slot,
+                version=version,
+                output=output,
+            ),
+        )
 
 
-def _bootable(slots, name: Optional[str]) -> Optional[str]:
+def _bootable(slots, name: str | None) -> str | None:
     return name if name is not None and name in slots and slots[name].state in BOOTABLE else None
 
 
-def _good(slots, name: Optional[str]) -> Optional[str]:
+def _good(slots, name: str | None) -> str | None:
     return name if name is not None and name in slots and slots[name].state == "good" else None

@@ -92,8 +92,16 @@ def dump(mbr: Mbr) -> bytes:
             raise UpdaterError(f"{where}: type {e.type} is not 01..ff")
         if not (1 <= e.start <= 0xFFFFFFFF and 1 <= e.sectors <= 0xFFFFFFFF and e.end <= 1 << 32):
             raise UpdaterError(f"{where}: start {e.start} + {e.sectors} sectors is outside MBR's 2 TiB")
-        _ENTRY.pack_into(out, _ENTRIES + 16 * (e.number - 1), 0x80 if e.bootable else 0,
-                         _CHS_MAX, e.type, _CHS_MAX, e.start, e.sectors)
+        _ENTRY.pack_into(
+            out,
+            _ENTRIES + 16 * (e.number - 1),
+            0x80 if e.bootable else 0,
+            _CHS_MAX,
+            e.type,
+            _CHS_MAX,
+            e.start,
+            e.sectors,
+        )
     _check_overlaps(list(mbr.entries))
     out[510:512] = _BOOT_SIG
     return bytes(out)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from . import formats
 from .fetch import MasterClient
 from .formats import MAX_REPORT_OUTPUT, Report
 
 
-def send(master: Optional[MasterClient], report: Report, *, timeout: Optional[float] = None) -> bool:
+def send(master: MasterClient | None, report: Report, *, timeout: float | None = None) -> bool:
     """POST /report once with a short timeout (the master's report_timeout); True on 2xx."""
     if master is None:
         return False
@@ -20,10 +19,25 @@ def send(master: Optional[MasterClient], report: Report, *, timeout: Optional[fl
         return False
 
 
-def make(node: str, phase: str, *, bytes: int = 0, seconds: float = 0.0,
-         error: Optional[str] = None, slot: Optional[str] = None,
-         version: Optional[int] = None, output: Optional[str] = None) -> Report:
-    return Report(node=node, phase=phase, bytes=bytes, seconds=round(seconds, 3),
-                  error=None if error is None else " ".join(error.split())[:1000],
-                  slot=slot, version=version, time=round(time.time(), 3),
-                  output=None if output is None else output[-MAX_REPORT_OUTPUT:])
+def make(
+    node: str,
+    phase: str,
+    *,
+    bytes: int = 0,
+    seconds: float = 0.0,
+    error: str | None = None,
+    slot: str | None = None,
+    version: int | None = None,
+    output: str | None = None,
+) -> Report:
+    return Report(
+        node=node,
+        phase=phase,
+        bytes=bytes,
+        seconds=round(seconds, 3),
+        error=None if error is None else " ".join(error.split())[:1000],
+        slot=slot,
+        version=version,
+        time=round(time.time(), 3),
+        output=None if output is None else output[-MAX_REPORT_OUTPUT:],
+    )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from typing import Optional
 
 from .errors import Refused
 
@@ -22,7 +21,7 @@ OPENSSL = "openssl"
 
 
 class Verifier:
-    def __init__(self, public_key: Optional[str], openssl: str = OPENSSL):
+    def __init__(self, public_key: str | None, openssl: str = OPENSSL):
         self.public_key = public_key
         self.openssl = openssl
 
@@ -33,17 +32,31 @@ class Verifier:
     def check(self, what: str, data: bytes, signature: bytes) -> None:
         """Return quietly when ``signature`` is the master's over ``data``; else Refused."""
         if len(signature) != SIGNATURE_BYTES:
-            raise Refused(f"{what}: signature is {len(signature)} bytes, an Ed25519 signature is "
-                               f"{SIGNATURE_BYTES}")
+            raise Refused(f"{what}: signature is {len(signature)} bytes, an Ed25519 signature is {SIGNATURE_BYTES}")
         with tempfile.TemporaryDirectory(prefix="rackboot-sig-") as tmp:
             doc, sig = os.path.join(tmp, "doc"), os.path.join(tmp, "sig")
             for path, content in ((doc, data), (sig, signature)):
                 with open(path, "wb") as f:
                     f.write(content)
             try:
-                done = subprocess.run([self.openssl, "pkeyutl", "-verify", "-pubin", "-inkey", self.public_key,
-                                       "-rawin", "-in", doc, "-sigfile", sig],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+                done = subprocess.run(
+                    [
+                        self.openssl,
+                        "pkeyutl",
+                        "-verify",
+                        "-pubin",
+                        "-inkey",
+                        self.public_key,
+                        "-rawin",
+                        "-in",
+                        doc,
+                        "-sigfile",
+                        sig,
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    timeout=30,
+                )
             except (OSError, subprocess.TimeoutExpired) as e:
                 raise Refused(f"{what}: cannot run {self.openssl} to check the signature: {e}") from None
         if done.returncode != 0:

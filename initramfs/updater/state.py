@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Optional
 
 from . import formats
 from .disk import Disk
@@ -42,7 +41,7 @@ class NewerState(UpdaterError):
     """The card's state was written by a newer updater: reading it as blank would lose it."""
 
 
-def _body(raw: bytes) -> Optional[tuple[int, bytes]]:
+def _body(raw: bytes) -> tuple[int, bytes] | None:
     """A whole record's (seq, body), or None when the copy is torn, blank or not ours."""
     if len(raw) < _HEAD.size or raw[:4] != MAGIC:
         return None
@@ -52,10 +51,10 @@ def _body(raw: bytes) -> Optional[tuple[int, bytes]]:
         return None
     if _CRC.unpack_from(raw, end)[0] != zlib.crc32(raw[:end]):
         return None
-    return seq, raw[_HEAD.size:end]
+    return seq, raw[_HEAD.size : end]
 
 
-def decode(raw: bytes) -> Optional[SlotState]:
+def decode(raw: bytes) -> SlotState | None:
     """A record's state, or None when the copy is torn, blank or otherwise invalid."""
     whole = _body(raw)
     if whole is None:
@@ -68,7 +67,7 @@ def decode(raw: bytes) -> Optional[SlotState]:
     return state if state.seq == seq else None
 
 
-def newer_format(raw: bytes) -> Optional[int]:
+def newer_format(raw: bytes) -> int | None:
     """The format number of a whole record that a newer updater wrote, else None."""
     whole = _body(raw)
     try:
@@ -78,20 +77,22 @@ def newer_format(raw: bytes) -> Optional[int]:
     return value if type(value) is int and value > formats.FORMAT else None
 
 
-def read_copies(disk: Disk) -> tuple[Optional[SlotState], ...]:
+def read_copies(disk: Disk) -> tuple[SlotState | None, ...]:
     """Each copy's state; a whole copy of a newer format stops everything (NewerState):
     this updater cannot tell which slot it calls good, and must not write over it."""
     raws = [disk.read(offset, RESERVED) for offset in COPIES]
     for offset, raw in zip(COPIES, raws):
         newer = newer_format(raw)
         if newer is not None:
-            raise NewerState(f"slot state: the copy at {offset >> 20} MiB is format {newer}, newer than "
-                             f"this updater reads ({formats.FORMAT}); the card is left as it is until "
-                             "the worker boots a newer initramfs")
+            raise NewerState(
+                f"slot state: the copy at {offset >> 20} MiB is format {newer}, newer than "
+                f"this updater reads ({formats.FORMAT}); the card is left as it is until "
+                "the worker boots a newer initramfs"
+            )
     return tuple(decode(raw) for raw in raws)
 
 
-def pick(copies: tuple[Optional[SlotState], ...]) -> SlotState:
+def pick(copies: tuple[SlotState | None, ...]) -> SlotState:
     """The valid copy with the highest seq; a card with none starts empty at seq 0."""
     valid = [c for c in copies if c is not None]
     return max(valid, key=lambda c: c.seq) if valid else SlotState()
@@ -101,7 +102,7 @@ def read(disk: Disk) -> SlotState:
     return pick(read_copies(disk))
 
 
-def target_copy(copies: tuple[Optional[SlotState], ...]) -> int:
+def target_copy(copies: tuple[SlotState | None, ...]) -> int:
     """Index of the copy to overwrite: an invalid one, else the one with the older seq."""
     seqs = [c.seq if c is not None else -1 for c in copies]
     return seqs.index(min(seqs))
@@ -111,8 +112,7 @@ def write(disk: Disk, state: SlotState) -> SlotState:
     """Store `state` with the next seq over the older copy; returns what was stored."""
     copies = read_copies(disk)
     seq = max((c.seq for c in copies if c is not None), default=0) + 1
-    stored = SlotState(seq=seq, slots=dict(state.slots), primary=state.primary,
-                       last_good=state.last_good)
+    stored = SlotState(seq=seq, slots=dict(state.slots), primary=state.primary, last_good=state.last_good)
     disk.write(COPIES[target_copy(copies)], encode(stored))
     disk.fsync()
     return stored

@@ -15,7 +15,7 @@ import os
 import struct
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
 
 DEVICE = "/dev/watchdog"
 TIMEOUT = 15  # seconds the hardware waits for a feed; the driver may round it
@@ -24,24 +24,31 @@ WDIOC_GETTIMEOUT = 0x80045707  # _IOR('W', 7, int)
 
 
 class Watchdog:
-    def __init__(self, path: str = DEVICE, *, stall: float, timeout: int = TIMEOUT,
-                 now: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda m: None):
+    def __init__(
+        self,
+        path: str = DEVICE,
+        *,
+        stall: float,
+        timeout: int = TIMEOUT,
+        now: Callable[[], float] = time.monotonic,
+        log: Callable[[str], None] = lambda m: None,
+    ):
         self.path = path
         self.stall = stall
         self.timeout = timeout
         self.now = now
         self.log = log
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
         self.deadline = 0.0
         self.starved = False
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     @property
     def armed(self) -> bool:
         return self.fd is not None
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # hooks must not inherit it
         except OSError as e:
@@ -51,11 +58,12 @@ class Watchdog:
         self.progress()
         self._thread = threading.Thread(target=self._feed, name="watchdog", daemon=True)
         self._thread.start()
-        self.log(f"watchdog: {self.path} armed ({self.timeout} s); fed while the update moves "
-                 f"(stall limit {self.stall:g} s)")
+        self.log(
+            f"watchdog: {self.path} armed ({self.timeout} s); fed while the update moves (stall limit {self.stall:g} s)"
+        )
         return self
 
-    def progress(self, allow: Optional[float] = None) -> None:
+    def progress(self, allow: float | None = None) -> None:
         """The update moved; the next sign of life is due within ``allow`` (default: stall) s."""
         self.deadline = self.now() + (self.stall if allow is None else allow)
 
@@ -71,8 +79,10 @@ class Watchdog:
                 os.write(self.fd, b"\0")
             elif not self.starved:
                 self.starved = True
-                self.log(f"watchdog: no progress for {self.stall:g} s; no longer feeding it, "
-                         f"the board resets within {self.timeout} s")
+                self.log(
+                    f"watchdog: no progress for {self.stall:g} s; no longer feeding it, "
+                    f"the board resets within {self.timeout} s"
+                )
 
     def stop(self) -> None:
         """Stop feeding and disarm: the updater is done, /init takes over."""
@@ -86,7 +96,7 @@ class Watchdog:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -109,5 +119,5 @@ class NoWatchdog(Watchdog):
     def __init__(self):
         super().__init__("", stall=0)
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         return self

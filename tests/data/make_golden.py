@@ -26,14 +26,14 @@ REPO = HERE.parents[1]
 KEY = HERE / "keys" / "test-master.key"
 
 # The commit that introduced each revision of a writer (README.md has the table).
-FIRST = "343430d"       # every document, rev1
-SIGNED = "83c0782"      # plan rev2 (pin); .sig files
-TRIAL = "a6e6891"       # plan rev3 (tries), slot state rev2 (trial/failed, tries), confirm sector, booted file
-HOOKS = "8e35f29"       # manifest rev2 (hooks), report rev2 (output, phase hook)
-CONFIRM = "f609d68"     # report rev3 (phase confirm)
+FIRST = "343430d"  # every document, rev1
+SIGNED = "83c0782"  # plan rev2 (pin); .sig files
+TRIAL = "a6e6891"  # plan rev3 (tries), slot state rev2 (trial/failed, tries), confirm sector, booted file
+HOOKS = "8e35f29"  # manifest rev2 (hooks), report rev2 (output, phase hook)
+CONFIRM = "f609d68"  # report rev3 (phase confirm)
 
 NODE = "52-54-00-12-34-56"
-CARD = 256 << 20        # the card the MBR sample is laid out for
+CARD = 256 << 20  # the card the MBR sample is laid out for
 MIB = 1 << 20
 
 
@@ -49,7 +49,9 @@ HOOK_SCRIPT = b"#!/bin/sh\n# golden post-install hook: checks nothing, says so\n
 def revision(rev: str, tmp: Path):
     """That commit's updater package, importable as updater_<rev>; its files under tmp/<rev>."""
     root = tmp / rev
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "initramfs"], capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "initramfs"], capture_output=True, check=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root, filter="data")
     (root / "initramfs" / "updater").rename(root / f"updater_{rev}")
@@ -63,8 +65,9 @@ def sub(package, name: str):
 
 def layout(formats, repartition: str = "allowed"):
     P = formats.Partition
-    return formats.Layout((P("boot", 4, 16, "0c"), P("a", 20, 64, "83"), P("b", 84, 64, "83"),
-                           P("data", 148, "rest", "83")), repartition)
+    return formats.Layout(
+        (P("boot", 4, 16, "0c"), P("a", 20, 64, "83"), P("b", 84, 64, "83"), P("data", 148, "rest", "83")), repartition
+    )
 
 
 def write(name: str, data: bytes) -> None:
@@ -74,6 +77,7 @@ def write(name: str, data: bytes) -> None:
 
 def sign(name: str) -> None:
     from rackboot.master import signing
+
     write(name + ".sig", signing.sign(KEY, (HERE / name).read_bytes()))
 
 
@@ -81,10 +85,12 @@ def ensure_key() -> None:
     """The test key is made once (openssl genpkey) and committed; never remade."""
     if not KEY.exists():
         from rackboot.master import signing
+
         signing.keygen(KEY)
 
 
 # --- card --------------------------------------------------------------------------------
+
 
 def slot_state_area(pkg, states) -> bytes:
     """Write `states` one after another with the revision's state.write on a blank card;
@@ -101,26 +107,40 @@ def slot_state_area(pkg, states) -> bytes:
 def slot_states_rev1(formats):
     S, St = formats.Slot, formats.SlotState
     a = S("good", "example", 1, H1, 2)
-    return [St(slots={"a": a}, primary="a", last_good="a"),
-            St(slots={"a": a, "b": S("writing", "example", 2, H2, 3)}, primary="a", last_good="a"),
-            St(slots={"a": a, "b": S("good", "example", 2, H2, 3)}, primary="b", last_good="b")]
+    return [
+        St(slots={"a": a}, primary="a", last_good="a"),
+        St(slots={"a": a, "b": S("writing", "example", 2, H2, 3)}, primary="a", last_good="a"),
+        St(slots={"a": a, "b": S("good", "example", 2, H2, 3)}, primary="b", last_good="b"),
+    ]
 
 
 def slot_states_rev2(formats):
     S, St = formats.Slot, formats.SlotState
     a = S("good", "example", 1, H1, 2)
-    return [St(slots={"a": a}, primary="a", last_good="a"),
-            St(slots={"a": a, "b": S("writing", "example", 2, H2, 3)}, primary="a", last_good="a"),
-            St(slots={"a": a, "b": S("trial", "example", 2, H2, 3, tries=3)}, primary="b", last_good="a"),
-            St(slots={"a": a, "b": S("trial", "example", 2, H2, 3, tries=2)}, primary="b", last_good="a")]
+    return [
+        St(slots={"a": a}, primary="a", last_good="a"),
+        St(slots={"a": a, "b": S("writing", "example", 2, H2, 3)}, primary="a", last_good="a"),
+        St(slots={"a": a, "b": S("trial", "example", 2, H2, 3, tries=3)}, primary="b", last_good="a"),
+        St(slots={"a": a, "b": S("trial", "example", 2, H2, 3, tries=2)}, primary="b", last_good="a"),
+    ]
 
 
 def booted_rev1(pkg) -> bytes:
     """/run/rackboot/booted as /init leaves it: the updater's decision plus the disk line."""
     decision = sub(pkg, "main").Decision(
-        slot="b", partition_number=3, device="/dev/mmcblk0p3", mount="ro+overlay:tmpfs",
-        action="installed", bytes_fetched=1234, seconds=5.5, image="example", version=2, sha256=H2,
-        data_device="/dev/mmcblk0p4", data_blank=False)
+        slot="b",
+        partition_number=3,
+        device="/dev/mmcblk0p3",
+        mount="ro+overlay:tmpfs",
+        action="installed",
+        bytes_fetched=1234,
+        seconds=5.5,
+        image="example",
+        version=2,
+        sha256=H2,
+        data_device="/dev/mmcblk0p4",
+        data_blank=False,
+    )
     return (decision.to_shell() + "disk='/dev/mmcblk0'\n").encode()
 
 
@@ -131,8 +151,12 @@ def confirm_rev1(root: Path) -> bytes:
         with open(card, "wb") as f:
             f.truncate(4 * MIB)
         booted.write_bytes((HERE / "booted.rev1.sh").read_bytes() + f"disk='{card}'\n".encode())
-        subprocess.run(["sh", str(root / "initramfs/rackboot-mark-good.sh")], check=True, capture_output=True,
-                       env={"RACKBOOT_BOOTED": str(booted), "PATH": os.environ["PATH"]})
+        subprocess.run(
+            ["sh", str(root / "initramfs/rackboot-mark-good.sh")],
+            check=True,
+            capture_output=True,
+            env={"RACKBOOT_BOOTED": str(booted), "PATH": os.environ["PATH"]},
+        )
         with open(card, "rb") as f:
             f.seek(3 * MIB)
             return f.read(512)
@@ -145,9 +169,14 @@ def mbr_rev1(pkg) -> bytes:
 
 # --- master ------------------------------------------------------------------------------
 
+
 def plan(formats, rev: int, **extra):
-    fields = {"node": "default", "layout": layout(formats), "image": "/images/example/2/manifest.json",
-              "mount": "ro+overlay:tmpfs"}
+    fields = {
+        "node": "default",
+        "layout": layout(formats),
+        "image": "/images/example/2/manifest.json",
+        "mount": "ro+overlay:tmpfs",
+    }
     if rev >= 2:
         fields["pin"] = True
     if rev >= 3:
@@ -156,20 +185,31 @@ def plan(formats, rev: int, **extra):
 
 
 def manifest(formats, version: int, **extra):
-    return formats.Manifest(image="example", version=version, size=64 * MIB, sha256=digest(f"example v{version}"),
-                            crc32="0badcafe", stream="rootfs.ext4.gz", stream_size=12345678,
-                            stream_sha256=digest(f"example v{version} stream"), label=f"v{version}",
-                            created=1700000000, fstype="ext4", kernel_release="6.1.0-28-arm64", **extra)
+    return formats.Manifest(
+        image="example",
+        version=version,
+        size=64 * MIB,
+        sha256=digest(f"example v{version}"),
+        crc32="0badcafe",
+        stream="rootfs.ext4.gz",
+        stream_size=12345678,
+        stream_sha256=digest(f"example v{version} stream"),
+        label=f"v{version}",
+        created=1700000000,
+        fstype="ext4",
+        kernel_release="6.1.0-28-arm64",
+        **extra,
+    )
 
 
 def reports(pkg_by_rev) -> dict[str, object]:
     r1 = sub(pkg_by_rev[FIRST], "formats").Report(
-        node=NODE, phase="boot", bytes=1234, seconds=5.5, slot="b", version=2, time=1700000100.25)
+        node=NODE, phase="boot", bytes=1234, seconds=5.5, slot="b", version=2, time=1700000100.25
+    )
     r2 = sub(pkg_by_rev[HOOKS], "formats").Report(
-        node=NODE, phase="hook", seconds=0.125, slot="b", version=2, time=1700000200.5,
-        output="post-install ok\n")
-    r3 = sub(pkg_by_rev[CONFIRM], "formats").Report(
-        node=NODE, phase="confirm", slot="b", version=2, time=1700000300.75)
+        node=NODE, phase="hook", seconds=0.125, slot="b", version=2, time=1700000200.5, output="post-install ok\n"
+    )
+    r3 = sub(pkg_by_rev[CONFIRM], "formats").Report(node=NODE, phase="confirm", slot="b", version=2, time=1700000300.75)
     return {"rev1": r1, "rev2": r2, "rev3": r3}
 
 
@@ -177,6 +217,7 @@ def artefacts_rev1() -> bytes:
     """artefacts.json by builder/graph.py's write_manifest (unchanged since a489f1f), for files
     whose content is their name and a newline."""
     from rackboot import graph
+
     with tempfile.TemporaryDirectory() as tmp:
         out, arts, hashes = Path(tmp), [], {}
         for name, kind, filename in ARTEFACTS:
@@ -187,8 +228,12 @@ def artefacts_rev1() -> bytes:
         return (out / "artefacts.json").read_bytes()
 
 
-ARTEFACTS = (("kernel", "kernel", "vmlinuz"), ("initramfs", "initramfs", "initramfs.cpio.gz"),
-             ("card-script", "uboot-script", "boot.scr"), ("sdcard", "sdcard", "sdcard.img"))
+ARTEFACTS = (
+    ("kernel", "kernel", "vmlinuz"),
+    ("initramfs", "initramfs", "initramfs.cpio.gz"),
+    ("card-script", "uboot-script", "boot.scr"),
+    ("sdcard", "sdcard", "sdcard.img"),
+)
 
 
 def main() -> None:
@@ -210,18 +255,27 @@ def main() -> None:
         sign("plan.format1.rev2.json")
         write("plan.format1.rev3.json", f[TRIAL].dump(plan(f[TRIAL], 3)))
         sign("plan.format1.rev3.json")
-        write("plan.format1.rev3.unsigned.json", f[TRIAL].dump(
-            plan(f[TRIAL], 3, node=NODE, image=None, mount="ro+overlay:data", pin=False, tries=3)))
+        write(
+            "plan.format1.rev3.unsigned.json",
+            f[TRIAL].dump(plan(f[TRIAL], 3, node=NODE, image=None, mount="ro+overlay:data", pin=False, tries=3)),
+        )
 
         write("manifest.format1.rev1.json", f[FIRST].dump(manifest(f[FIRST], 1)))
         sign("manifest.format1.rev1.json")
         write("post-install.rev1.sh", HOOK_SCRIPT)
-        hook = f[HOOKS].Hook(name="post-install", file="post-install.sh", size=len(HOOK_SCRIPT),
-                             sha256=hashlib.sha256(HOOK_SCRIPT).hexdigest(), timeout=120)
+        hook = f[HOOKS].Hook(
+            name="post-install",
+            file="post-install.sh",
+            size=len(HOOK_SCRIPT),
+            sha256=hashlib.sha256(HOOK_SCRIPT).hexdigest(),
+            timeout=120,
+        )
         write("manifest.format1.rev2.hooks.json", f[HOOKS].dump(manifest(f[HOOKS], 2, hooks=(hook,))))
         sign("manifest.format1.rev2.hooks.json")
-        write("latest.format1.rev1.json", f[FIRST].dump(
-            f[FIRST].Latest(image="example", version=2, manifest="/images/example/2/manifest.json")))
+        write(
+            "latest.format1.rev1.json",
+            f[FIRST].dump(f[FIRST].Latest(image="example", version=2, manifest="/images/example/2/manifest.json")),
+        )
 
         made = reports(pkg)
         for rev, report in made.items():

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from rackboot import config
+
 from tests.helpers import write_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples/qemu-virt"
@@ -24,8 +25,15 @@ def example_config(directory: Path, initramfs: dict = {}, **layout) -> Path:
     example = config.load(EXAMPLE / "rackboot.toml")
     for part in ("rootfs", "hooks"):
         shutil.copytree(EXAMPLE / part, directory / part, symlinks=True)
-    return write_config(directory, updater=True, initramfs=dict(initramfs),
-                        kernel={"root_modules": list(example.kernel.root_modules)},
-                        master={"port": free_port(), "key": "keys/master.key"},
-                        layout={"partitions": [p.to_dict() for p in example.layout.partitions],
-                                "mount": example.layout.mount, **layout})
+    return write_config(
+        directory,
+        updater=True,
+        initramfs=dict(initramfs),
+        kernel={"root_modules": list(example.kernel.root_modules)},
+        master={"port": free_port(), "key": "keys/master.key"},
+        layout={
+            "partitions": [p.to_dict() for p in example.layout.partitions],
+            "mount": example.layout.mount,
+            **layout,
+        },
+    )

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from rackboot import config, demo
-from rackboot.qemu import harness
-from rackboot.master import plans
 from rackboot.initramfs.updater import mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import BOOTABLE
 from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
+from rackboot.master import plans
+from rackboot.qemu import harness
 from rackboot.qemu.runner import DiskFault
+
 from tests.e2e.rack import example_config
 from tests.helpers import quiet
 
@@ -59,8 +59,11 @@ def copy_card(card: Card, dest: Path) -> Path:
 
 def received(cfg: config.Config) -> list[dict]:
     """Every report the master holds, oldest first (one worker: one file)."""
-    return [json.loads(line) for f in sorted((cfg.master.directory / "reports").glob("*.jsonl"))
-            for line in f.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for f in sorted((cfg.master.directory / "reports").glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
 
 
 def boot(card: Card, disk: Path, log: Path, faults: list[DiskFault] = ()) -> tuple[str, list[dict]]:
@@ -101,11 +104,18 @@ def test_fault_rules_reach_qemu(qemu_worker, tmp_path):
     """The runner's blkdebug spec, checked by qemu-io inside a paused worker (no guest runs)."""
     scratch = tmp_path / "scratch.img"
     scratch.write_bytes(bytes(1 << 20))
-    worker = qemu_worker(disks=[scratch], extra_args=["-S"],
-                         faults=[DiskFault("write", sector=8), DiskFault("read", sector=16, once=True)])
-    steps = [("write 0 4k", "wrote 4096/4096"), ("write 4k 4k", "write failed: Input/output error"),
-             ("read 8k 4k", "read failed: Input/output error"), ("read 8k 4k", "read 4096/4096"),
-             ("read 4k 4k", "read 4096/4096")]  # reads ignore the write rule; once means once
+    worker = qemu_worker(
+        disks=[scratch],
+        extra_args=["-S"],
+        faults=[DiskFault("write", sector=8), DiskFault("read", sector=16, once=True)],
+    )
+    steps = [
+        ("write 0 4k", "wrote 4096/4096"),
+        ("write 4k 4k", "write failed: Input/output error"),
+        ("read 8k 4k", "read failed: Input/output error"),
+        ("read 8k 4k", "read 4096/4096"),
+        ("read 4k 4k", "read 4096/4096"),
+    ]  # reads ignore the write rule; once means once
     for command, answer in steps:
         worker.qmp("human-monitor-command", **{"command-line": f'qemu-io disk0 "{command}"'})
         worker.expect(re.escape(answer), timeout=10)  # qemu-io prints on QEMU's stdout: the console
@@ -124,7 +134,11 @@ def test_write_errors_in_slot_b_leave_it_uncommitted_and_a_clean_boot_installs_v
     after = slots(disk)
     assert (after.slots["b"].state, after.primary, after.last_good) == ("trial", "b", "a")
     assert [(r["phase"], r["slot"], r["version"]) for r in reports] == [
-        ("download", "b", 2), ("hook", "b", 2), ("commit", "b", 2), ("boot", "b", 2)]
+        ("download", "b", 2),
+        ("hook", "b", 2),
+        ("commit", "b", 2),
+        ("boot", "b", 2),
+    ]
 
 
 def test_read_errors_during_read_back_leave_slot_b_uncommitted(card, tmp_path):

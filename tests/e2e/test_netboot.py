@@ -8,16 +8,20 @@ import subprocess
 import sys
 
 import pytest
-
 from rackboot import build, config
+
 from tests.helpers import quiet, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
 
 def rackboot_qemu(cfg_path, *args):
-    return subprocess.run([sys.executable, "-m", "rackboot", "qemu", "-c", str(cfg_path), *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rackboot", "qemu", "-c", str(cfg_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("arch", ["arm64", "armhf"])

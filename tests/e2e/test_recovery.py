@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from rackboot import config, demo
-from rackboot.qemu import harness
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
+from rackboot.qemu import harness
+
 from tests.e2e.rack import example_config
 from tests.helpers import quiet
 
@@ -89,15 +89,17 @@ def test_a_worker_without_a_network_interface_boots_the_good_slot_on_its_card(ra
     subprocess.run(["cp", "--sparse=always", rack.card, disk], check=True)  # 1 GiB, mostly holes
     log = tmp_path / "console.log"
     worker = harness.new_worker(rack.cfg, rack.out, disk, log, offline=True, nic=False)
-    assert ["-nic", "none"] == worker.command()[worker.command().index("-nic"):][:2]
+    assert worker.command()[worker.command().index("-nic") :][:2] == ["-nic", "none"]
     with worker:
         worker.expect("rackboot-demo: v1 is up", timeout=300)
         worker.wait_exit(timeout=60)
     console = log.read_text(errors="replace")
     assert "master unreachable; booting from the card" in console  # U-Boot found no NIC either
     assert "rackboot: no network interface" in console  # /init
-    assert ("rackboot: identity: no network interface with a MAC address in /sys/class/net; "
-            "the master cannot be asked: offline boot") in console
+    assert (
+        "rackboot: identity: no network interface with a MAC address in /sys/class/net; "
+        "the master cannot be asked: offline boot"
+    ) in console
     assert "slot a confirmed itself good (example v1)" in console  # v1's confirmation, taken offline
     assert "booting slot a (offline)" in console
     assert "rescue" not in console and "Traceback" not in console

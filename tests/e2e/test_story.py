@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from rackboot import config, demo
-from rackboot.qemu import harness
 from rackboot.initramfs.updater import mbr
+from rackboot.qemu import harness
+
 from tests.e2e.rack import example_config
 from tests.helpers import quiet
 
@@ -65,18 +65,31 @@ def test_card_is_laid_out_as_the_config_says(story):
 
 def test_master_got_a_report_for_every_online_boot(story):
     directory, _, _ = story
-    lines = [json.loads(line) for f in sorted((directory / "master/reports").glob("*.jsonl"))
-             for line in f.read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for f in sorted((directory / "master/reports").glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
     phases = [(r["phase"], r["slot"], r["version"]) for r in lines]
-    assert phases == [("layout", None, None), ("download", "a", 1), ("hook", "a", 1), ("commit", "a", 1),
-                      ("boot", "a", 1),
-                      ("confirm", "a", 1), ("boot", "a", 1),
-                      ("download", "b", 2), ("hook", "b", 2), ("commit", "b", 2), ("boot", "b", 2)]
+    assert phases == [
+        ("layout", None, None),
+        ("download", "a", 1),
+        ("hook", "a", 1),
+        ("commit", "a", 1),
+        ("boot", "a", 1),
+        ("confirm", "a", 1),
+        ("boot", "a", 1),
+        ("download", "b", 2),
+        ("hook", "b", 2),
+        ("commit", "b", 2),
+        ("boot", "b", 2),
+    ]
     assert all(r["error"] is None for r in lines)
     # the example's signed post-install hook ran in the worker's initramfs, on the new slot
     outputs = [r["output"] for r in lines if r["phase"] == "hook"]
-    assert outputs == [f"example v{v} in slot {s}: ext4 superblock found on /dev/vda{n}\n"
-                       for v, s, n in ((1, "a", 2), (2, "b", 3))]
+    assert outputs == [
+        f"example v{v} in slot {s}: ext4 superblock found on /dev/vda{n}\n" for v, s, n in ((1, "a", 2), (2, "b", 3))
+    ]
 
 
 def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(tmp_path):
@@ -92,8 +105,9 @@ def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(tmp_pa
 
 def test_a_version_that_never_confirms_itself_gives_way_to_the_last_good_one(tmp_path):
     cfg = config.load(example_config(tmp_path, tries=1))
-    rows = demo.story(cfg, tmp_path / "demo", log=quiet, steps=[(1, False), (2, False), (1, False)],
-                      broken=frozenset({2}))
+    rows = demo.story(
+        cfg, tmp_path / "demo", log=quiet, steps=[(1, False), (2, False), (1, False)], broken=frozenset({2})
+    )
     assert [r.action for r in rows] == ["installed", "installed", "fallback"]
     logs = [(tmp_path / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in (1, 2, 3)]
     assert "rackboot-mark-good: slot a (example v1) confirmed" in logs[0]

@@ -7,18 +7,21 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from rackboot import config
 from rackboot.initramfs.updater import layout, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.qemu import torture
+
 from tests.e2e.rack import example_config
 from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
-CUTS = [torture.Cut("layout", 0.3, blank=True), torture.Cut("stream", 0.5, blank=False),
-        torture.Cut("first-boot", 0.3, blank=False)]
+CUTS = [
+    torture.Cut("layout", 0.3, blank=True),
+    torture.Cut("stream", 0.5, blank=False),
+    torture.Cut("first-boot", 0.3, blank=False),
+]
 
 
 @pytest.fixture(scope="module")

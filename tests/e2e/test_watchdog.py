@@ -8,13 +8,13 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from rackboot import config, demo
-from rackboot.qemu import harness
-from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
+from rackboot.master import plans
+from rackboot.qemu import harness
+
 from tests.e2e.rack import example_config
 from tests.helpers import quiet
 
@@ -47,8 +47,9 @@ def test_a_hung_updater_is_reset_by_the_watchdog_and_the_next_boot_installs(tmp_
     master = harness.MasterThread(cfg)
     try:
         # pause, not reset, when it fires: QEMU's run state then says the watchdog did it
-        with harness.new_worker(cfg, cfg.output.directory, disk, tmp_path / "console.log",
-                             no_reboot=False, watchdog_action="pause") as worker:
+        with harness.new_worker(
+            cfg, cfg.output.directory, disk, tmp_path / "console.log", no_reboot=False, watchdog_action="pause"
+        ) as worker:
             worker.expect(r"watchdog: /dev/watchdog armed", timeout=300)
             worker.expect(r"installing example v2 into slot b", timeout=120)
             throttle_writes(worker, 1)

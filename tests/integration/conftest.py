@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from rackboot.master import signing
+
 from tests.integration.updater_master import Server
 
 CARD = 256 << 20

@@ -12,17 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rackboot import build, config, cpio
 from rackboot.errors import RackbootError
+
 from tests.helpers import quiet, write_config
 
 pytestmark = pytest.mark.network
 
 
 def rackboot(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rackboot", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "rackboot", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def members(initramfs: Path) -> dict[str, cpio.Member]:
@@ -32,7 +31,7 @@ def members(initramfs: Path) -> dict[str, cpio.Member]:
 def member_data(initramfs: Path, name: str) -> bytes:
     raw = gzip.decompress(initramfs.read_bytes())
     m = members(initramfs)[name]
-    return raw[m.data_offset:m.data_offset + m.filesize]
+    return raw[m.data_offset : m.data_offset + m.filesize]
 
 
 def test_artefacts_json_describes_every_output(probe_build):
@@ -98,28 +97,40 @@ def test_same_inputs_same_bytes_whatever_umask_and_mtimes(tmp_path):
 
 
 def _boot_of(size_mib: int, boot_type: str = "0c") -> dict:
-    return {"partitions": [{"name": "boot", "size_mib": size_mib, "type": boot_type},
-                           {"name": "a", "size_mib": 256, "type": "83"},
-                           {"name": "b", "size_mib": 256, "type": "83"},
-                           {"name": "data", "size_mib": "rest", "type": "83"}]}
+    return {
+        "partitions": [
+            {"name": "boot", "size_mib": size_mib, "type": boot_type},
+            {"name": "a", "size_mib": 256, "type": "83"},
+            {"name": "b", "size_mib": 256, "type": "83"},
+            {"name": "data", "size_mib": "rest", "type": "83"},
+        ]
+    }
 
 
 def _only_state(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name != ".rackboot") if out.exists() else []
 
 
-@pytest.mark.parametrize("sections, pattern, status", [
-    ({"initramfs": {"modles": ["x"]}}, r"\[initramfs\] modles: unknown key \(did you mean 'modules'\?\)", 2),
-    pytest.param({"initramfs": {"packages": ["busybox-static", "no-such-package-rackboot"]}},
-                 r"unknown Debian package 'no-such-package-rackboot'", 1, marks=pytest.mark.slow),
-    ({"initramfs": {"modules": ["virtio_nett"]}}, r"virtio_nett.*did you mean 'virtio_net'", 1),
-    ({"master": {"port": 99999}}, r"\[master\] port: expected an integer from 1 to 65535, got 99999", 2),
-    ({"kernel": {"cmdline": 'quiet" ; reset ; echo "'}}, r"\[kernel\] cmdline: .*U-Boot's boot script", 2),
-    ({"layout": _boot_of(64, "05")}, r"\[layout\] partitions\[0\]\.type: .*FAT type", 2),
-    ({"initramfs": {"binaries": ["/bin/../../etc/passwd"]}}, r"binaries\[0\]: .*must stay inside the sysroot", 2),
-])
+@pytest.mark.parametrize(
+    "sections, pattern, status",
+    [
+        ({"initramfs": {"modles": ["x"]}}, r"\[initramfs\] modles: unknown key \(did you mean 'modules'\?\)", 2),
+        pytest.param(
+            {"initramfs": {"packages": ["busybox-static", "no-such-package-rackboot"]}},
+            r"unknown Debian package 'no-such-package-rackboot'",
+            1,
+            marks=pytest.mark.slow,
+        ),
+        ({"initramfs": {"modules": ["virtio_nett"]}}, r"virtio_nett.*did you mean 'virtio_net'", 1),
+        ({"master": {"port": 99999}}, r"\[master\] port: expected an integer from 1 to 65535, got 99999", 2),
+        ({"kernel": {"cmdline": 'quiet" ; reset ; echo "'}}, r"\[kernel\] cmdline: .*U-Boot's boot script", 2),
+        ({"layout": _boot_of(64, "05")}, r"\[layout\] partitions\[0\]\.type: .*FAT type", 2),
+        ({"initramfs": {"binaries": ["/bin/../../etc/passwd"]}}, r"binaries\[0\]: .*must stay inside the sysroot", 2),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, sections, pattern, status):
     import re
+
     result = rackboot("build", "-c", write_config(tmp_path, **sections))
     assert result.returncode == status, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -131,8 +142,14 @@ def test_wrong_arch_binary_is_refused_by_name(tmp_path):
     local = tmp_path / "extra"
     (local / "usr/bin").mkdir(parents=True)
     shutil.copy("/bin/ls", local / "usr/bin/hostls")
-    result = rackboot("build", "-c", write_config(
-        tmp_path, initramfs={"packages": ["busybox-static", "./extra"], "binaries": ["/bin/busybox", "/usr/bin/hostls"]}))
+    result = rackboot(
+        "build",
+        "-c",
+        write_config(
+            tmp_path,
+            initramfs={"packages": ["busybox-static", "./extra"], "binaries": ["/bin/busybox", "/usr/bin/hostls"]},
+        ),
+    )
     assert result.returncode == 1
     assert "/usr/bin/hostls" in result.stderr and "arm64" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -157,16 +174,24 @@ def test_warm_cache_builds_without_network(tmp_path, probe_build):
     """The probe build warmed the cache; a new output directory needs no mirror."""
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     cfg = write_config(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "rackboot", "build", "-c", str(cfg)], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "rackboot", "build", "-c", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "build/sdcard.img").is_file()
 
 
 def _files(out: Path) -> dict[str, str]:
     """sha256 of every file in the output directory but the build's own state."""
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and ".rackboot" not in p.relative_to(out).parts}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and ".rackboot" not in p.relative_to(out).parts
+    }
 
 
 @pytest.mark.slow
@@ -202,12 +227,13 @@ def test_switching_compression_leaves_only_the_new_initramfs(tmp_path):
 def test_the_card_carries_the_boot_type_the_plan_carries(tmp_path):
     """[layout] boot type 0e went into the plan while the card said 0c: the updater refused the
     card's own boot partition and a new worker went to rescue."""
-    from rackboot.master import plans
     from rackboot.initramfs.updater import layout, mbr
+    from rackboot.master import plans
+
     cfg = config.load(write_config(tmp_path, layout=_boot_of(64, "0e")))
     out = build.build(cfg, log=quiet)
     card = (out / "sdcard.img").read_bytes()
-    decision = layout.decide(plans.layout(cfg), mbr.parse(card[:mbr.SECTOR]), 1 << 30)
+    decision = layout.decide(plans.layout(cfg), mbr.parse(card[: mbr.SECTOR]), 1 << 30)
     assert decision.action == "repartition" and "boot" not in decision.changed and "boot" in decision.kept
 
 
@@ -215,9 +241,11 @@ def _stage_with_a_link_out(tmp_path, **files):
     """Stage a probe initramfs into a tree that already holds lib -> <outside> (as a package's
     absolute link, copied into the stage, would): every write must land inside the stage."""
     from types import SimpleNamespace
+
     from rackboot import initramfs_tree
     from rackboot.firmware.boards import board as board_profile
     from rackboot.sources import PackageCache
+
     cfg = config.load(write_config(tmp_path, initramfs={"modules": ["virtio_net"]}))
     inputs = build.Inputs(cfg)
     spec = initramfs_tree.spec(cfg, board_profile("qemu-virt", "arm64"))

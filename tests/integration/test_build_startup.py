@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from rackboot import build, config
+
 from tests.helpers import quiet, write_config
 
 pytestmark = pytest.mark.network

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from rackboot import elf, modules
 from rackboot.errors import RackbootError
 from rackboot.sources import PackageCache, content_hash
@@ -144,7 +143,8 @@ def test_load_order_text_lists_plain_ko_paths_even_for_compressed_modules(kernel
     assert modules.load_order_text(closure).splitlines() == [
         f"lib/modules/{kver}/kernel/net/core/failover.ko",
         f"lib/modules/{kver}/kernel/drivers/net/net_failover.ko",
-        f"lib/modules/{kver}/kernel/drivers/net/virtio_net.ko"]
+        f"lib/modules/{kver}/kernel/drivers/net/virtio_net.ko",
+    ]
 
 
 def test_copy_subset_writes_transitive_modules_dep_that_kmod_agrees_with(kernel_root, tmp_path):
@@ -165,11 +165,17 @@ def test_copy_subset_writes_transitive_modules_dep_that_kmod_agrees_with(kernel_
     if not shutil.which("modprobe"):
         pytest.skip("kmod's modprobe is not installed")
     for name, deps in dep.items():
-        shown = subprocess.run(["modprobe", "--dirname", tmp_path, "--set-version", closure.kver,
-                                "--show-depends", name], capture_output=True, text=True)
+        shown = subprocess.run(
+            ["modprobe", "--dirname", tmp_path, "--set-version", closure.kver, "--show-depends", name],
+            capture_output=True,
+            text=True,
+        )
         assert shown.returncode == 0, shown.stderr
-        loaded = {modules.module_name(Path(line.split()[1])) for line in shown.stdout.splitlines()
-                  if line.startswith("insmod ")}
+        loaded = {
+            modules.module_name(Path(line.split()[1]))
+            for line in shown.stdout.splitlines()
+            if line.startswith("insmod ")
+        }
         assert loaded == {name, *deps}, name
 
 
@@ -189,6 +195,7 @@ def test_content_hash_follows_bytes_not_mtimes(tmp_path):
 
 
 # --- paths from the config or a package stay inside their root ---------------------------
+
 
 def copy_closure(root: Path, dest: Path, arch: str, binary: str = "/usr/bin/python3.11") -> None:
     for p in elf.closure([binary], root, arch):
@@ -221,8 +228,11 @@ def test_a_package_link_out_of_the_sysroot_is_refused_naming_the_link(python_roo
     libz = sysroot / f"lib/{TRIPLETS[arch]}/libz.so.1"
     libz.unlink()
     libz.symlink_to("../../../outside/libz.so.1")  # out of the sysroot, where the host's root would be
-    with pytest.raises(RackbootError, match=rf"^libz\.so\.1, needed by /usr/bin/python3\.11: .* leads out of "
-                                            rf".* through the link /lib/{TRIPLETS[arch]}/libz\.so\.1"):
+    with pytest.raises(
+        RackbootError,
+        match=rf"^libz\.so\.1, needed by /usr/bin/python3\.11: .* leads out of "
+        rf".* through the link /lib/{TRIPLETS[arch]}/libz\.so\.1",
+    ):
         elf.closure(["/usr/bin/python3.11"], sysroot, arch)
 
 
@@ -234,7 +244,7 @@ def test_an_interpreter_link_out_of_the_sysroot_is_refused(python_root, tmp_path
     loader = sysroot / interp.lstrip("/")
     loader.unlink()
     loader.symlink_to("../" * 6 + "outside/loader")
-    with pytest.raises(RackbootError, match=rf"leads out of .* \(the interpreter of /usr/bin/python3\.11\)"):
+    with pytest.raises(RackbootError, match=r"leads out of .* \(the interpreter of /usr/bin/python3\.11\)"):
         elf.closure(["/usr/bin/python3.11"], sysroot, arch)
 
 
@@ -272,8 +282,10 @@ def test_kernel_tree_links_are_followed_inside_it(kernel_root, tmp_path):
     kver = modules.KernelModules(kernel_root).kver
     host = tmp_path / "host"
     (host / "modules" / kver / "kernel").mkdir(parents=True)
-    shutil.copy(kernel_root / modules.KernelModules(kernel_root).index["failover"].relative_to(kernel_root),
-                host / "modules" / kver / "kernel")
+    shutil.copy(
+        kernel_root / modules.KernelModules(kernel_root).index["failover"].relative_to(kernel_root),
+        host / "modules" / kver / "kernel",
+    )
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "lib").symlink_to(host)
@@ -296,6 +308,7 @@ def test_a_module_link_out_of_the_kernel_tree_is_refused(kernel_root, tmp_path):
 def test_merging_package_trees_follows_links_inside_the_tree_not_on_the_host(tmp_path):
     """One package's absolute lib link used to carry the next package's files into the host."""
     from rackboot import initramfs_tree, sources
+
     host = tmp_path / "host-lib"
     host.mkdir()
     first, second = tmp_path / "first", tmp_path / "second"
@@ -319,6 +332,7 @@ def test_merging_package_trees_follows_links_inside_the_tree_not_on_the_host(tmp
 def test_merge_tree_lays_real_packages_out_as_the_cached_sysroot(python_root, tmp_path):
     """The merge that replaced shutil.copytree gives the same tree on Debian's packages."""
     from rackboot import sources
+
     arch, root = python_root
     cache = PackageCache(arch=arch)
     dest = tmp_path / "merged"

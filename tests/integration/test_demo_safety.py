@@ -9,15 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rackboot import config
 from rackboot.qemu import harness
+
 from tests.helpers import quiet, write_config
 
 
 def rackboot(*args):
-    return subprocess.run([sys.executable, "-m", "rackboot", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rackboot", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def with_rootfs(tmp_path: Path) -> Path:
@@ -28,8 +29,12 @@ def with_rootfs(tmp_path: Path) -> Path:
 
 def a_real_master(master: Path) -> dict[Path, bytes]:
     """What a rack's master holds: another image, plans, reports."""
-    files = {master / "images/lab/1/manifest.json": b"{}", master / "images/lab/latest.json": b"{}",
-             master / "plans/default.json": b"{}", master / "reports/02-00-00-00-00-01.jsonl": b"{}\n"}
+    files = {
+        master / "images/lab/1/manifest.json": b"{}",
+        master / "images/lab/latest.json": b"{}",
+        master / "plans/default.json": b"{}",
+        master / "reports/02-00-00-00-00-01.jsonl": b"{}\n",
+    }
     for path, data in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)

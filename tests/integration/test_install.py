@@ -25,15 +25,28 @@ def installed(tmp_path_factory) -> dict:
     # from a copy: setuptools leaves build/ and egg-info behind in the tree it builds
     source = tmp_path_factory.mktemp("src") / "rackboot"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "out", "build", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     deps = sysconfig.get_paths()["purelib"]
     return dict(os.environ, PYTHONPATH=f"{target}{os.pathsep}{deps}")
 
 
 def run(env, *args, cwd=None):
-    return subprocess.run([sys.executable, "-S", *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-S", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_nothing_generic_lands_at_the_top_of_site_packages(installed):
@@ -51,6 +64,10 @@ def test_installed_package_builds_from_its_own_templates(installed, tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("boot.scr.uimg", "boot.scr", "initramfs.cpio.gz", "sdcard.img"):
         assert (tmp_path / "build" / name).stat().st_size > 0
-    listing = subprocess.run(["sh", "-c", f"gzip -dc {tmp_path}/build/initramfs.cpio.gz | cpio -t"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        ["sh", "-c", f"gzip -dc {tmp_path}/build/initramfs.cpio.gz | cpio -t"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert "init" in listing and "usr/lib/rackboot/updater/install.py" in listing

@@ -8,30 +8,33 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from rackboot import build, config, modules
 from rackboot.firmware.boards import BOARDS, COMMON_MODULES
 from rackboot.uboot import image as uimage
+
 from tests.helpers import quiet, write_config
 
 BOOT_OFFSET = f"@@{config.BOOT_START_MIB}M"
 
 
 def card_file(card, name: str) -> bytes:
-    return subprocess.run(["mtype", "-i", f"{card}{BOOT_OFFSET}", f"::{name}"], capture_output=True,
-                          check=True).stdout
+    return subprocess.run(["mtype", "-i", f"{card}{BOOT_OFFSET}", f"::{name}"], capture_output=True, check=True).stdout
 
 
 def card_names(card) -> set[str]:
-    out = subprocess.run(["mdir", "-i", f"{card}{BOOT_OFFSET}", "-b", "-/", "::"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["mdir", "-i", f"{card}{BOOT_OFFSET}", "-b", "-/", "::"], capture_output=True, text=True, check=True
+    ).stdout
     return {line.removeprefix("::/").rstrip("/") for line in out.split()}
 
 
-@pytest.mark.parametrize("board, arch, firmware, absent", [
-    ("rpi4", "arm64", {"start4.elf", "fixup4.dat"}, {"start.elf", "bootcode.bin"}),
-    ("rpi3", "armhf", {"bootcode.bin", "start.elf", "fixup.dat"}, {"start4.elf"}),
-])
+@pytest.mark.parametrize(
+    "board, arch, firmware, absent",
+    [
+        ("rpi4", "arm64", {"start4.elf", "fixup4.dat"}, {"start.elf", "bootcode.bin"}),
+        ("rpi3", "armhf", {"bootcode.bin", "start.elf", "fixup.dat"}, {"start4.elf"}),
+    ],
+)
 @pytest.mark.slow
 def test_pi_card_holds_firmware_uboot_config_and_scripts(tmp_path, board, arch, firmware, absent):
     cfg_path = write_config(tmp_path, board={"name": board, "arch": arch})

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-
 from rackboot import config
-from rackboot.master import plans
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater.formats import node_id
+from rackboot.master import plans
+
 from tests.helpers import write_config
 
 WORKER_MAC = "52:54:00:12:34:56"  # as the worker's kernel reports it
@@ -30,9 +30,18 @@ def rackboot(*args):
     return subprocess.run([sys.executable, "-m", "rackboot", *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("spelling", ["52:54:00:12:34:56", "52:54:00:12:34:56".upper(), "52-54-00-12-34-56",
-                                      "52-54-00-12-34-56".upper(), "5254.0012.3456", "525400123456",
-                                      "525400123456".upper()])
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "52:54:00:12:34:56",
+        "52:54:00:12:34:56".upper(),
+        "52-54-00-12-34-56",
+        "52-54-00-12-34-56".upper(),
+        "5254.0012.3456",
+        "525400123456",
+        "525400123456".upper(),
+    ],
+)
 def test_any_mac_spelling_is_stored_as_the_name_the_worker_asks_for(cfg_path, spelling):
     path = plans.assign(config.load(cfg_path), node=spelling, image="lab", version=1)
     assert path.name == f"{node_id(WORKER_MAC)}.json"  # what initramfs/updater fetches: plans/<node_id>.json
@@ -49,8 +58,9 @@ def test_the_cli_takes_a_colon_mac_and_default_stays_valid(cfg_path, tmp_path):
     assert sorted(p.name for p in (tmp_path / "master/plans").iterdir()) == ["52-54-00-ab-cd-ef.json", "default.json"]
 
 
-@pytest.mark.parametrize("node", ["52:54-00:12:34:56", "52:54:00:12:34", "52:54:00:12:34:5g", "worker1", "../x",
-                                  "DEFAULT", ""])
+@pytest.mark.parametrize(
+    "node", ["52:54-00:12:34:56", "52:54:00:12:34", "52:54:00:12:34:5g", "worker1", "../x", "DEFAULT", ""]
+)
 def test_anything_else_is_one_line_and_writes_nothing(cfg_path, tmp_path, node):
     with pytest.raises(RackbootError, match="is not a MAC address"):
         plans.assign(config.load(cfg_path), node=node, image="lab", version=1)

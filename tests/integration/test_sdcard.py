@@ -11,7 +11,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from rackboot.errors import RackbootError
 from rackboot.firmware import bmap, sdcard
 from rackboot.initramfs.updater import mbr
@@ -29,8 +28,16 @@ MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
 
 
 def make_card(out: Path, files=FILES, **kw) -> Path:
-    args = dict(boot_size_mib=SIZE_MIB, boot_start_mib=START_MIB, disk_signature=SIGNATURE,
-                volume_id=VOLUME_ID, mtime=1_700_000_000) | kw
+    args = (
+        dict(
+            boot_size_mib=SIZE_MIB,
+            boot_start_mib=START_MIB,
+            disk_signature=SIGNATURE,
+            volume_id=VOLUME_ID,
+            mtime=1_700_000_000,
+        )
+        | kw
+    )
     sdcard.build_sdcard(out, dict(files), **args)
     return out
 
@@ -69,11 +76,12 @@ def block_map(text: str) -> tuple[int, list[tuple[int, int, str]]]:
 def test_mbr_has_one_fat32_partition_and_a_zero_gap_before_it(card):
     data = card.read_bytes()
     assert len(data) == (START_MIB + SIZE_MIB) * MIB
-    table = mbr.parse(data[:mbr.SECTOR])
+    table = mbr.parse(data[: mbr.SECTOR])
     assert table.signature == SIGNATURE
     assert [(e.number, e.type, e.start, e.sectors, e.bootable) for e in table.entries] == [
-        (1, 0x0C, START_MIB * MIB // 512, SIZE_MIB * MIB // 512, True)]
-    assert data[mbr.SECTOR:START_MIB * MIB] == bytes(START_MIB * MIB - mbr.SECTOR), "slot-state gap is not zero"
+        (1, 0x0C, START_MIB * MIB // 512, SIZE_MIB * MIB // 512, True)
+    ]
+    assert data[mbr.SECTOR : START_MIB * MIB] == bytes(START_MIB * MIB - mbr.SECTOR), "slot-state gap is not zero"
     ranges = bmap.mapped_ranges(card)
     assert ranges[0][0] == 0 and ranges[0][1] >= START_MIB * MIB // bmap.BLOCK - 1, "gap must be written, not a hole"
 
@@ -82,7 +90,7 @@ def test_partition_start_and_size_follow_the_arguments(tmp_path):
     data = make_card(tmp_path / "c.img", boot_start_mib=1, boot_size_mib=36).read_bytes()
     (entry,) = mbr.parse(data[:512]).entries
     assert (entry.start * 512, entry.sectors * 512, len(data)) == (MIB, 36 * MIB, 37 * MIB)
-    assert data[MIB + 510:MIB + 512] == b"\x55\xaa" and data[MIB + 0x52:MIB + 0x5a] == b"FAT32   "
+    assert data[MIB + 510 : MIB + 512] == b"\x55\xaa" and data[MIB + 0x52 : MIB + 0x5A] == b"FAT32   "
 
 
 @pytest.mark.parametrize("boot_type", [0x0B, 0x0E])
@@ -104,7 +112,7 @@ def test_a_boot_type_the_firmware_cannot_read_is_one_line_and_writes_nothing(tmp
 
 def test_fat32_passes_fsck_and_holds_every_file_byte_for_byte(card, tmp_path):
     part = tmp_path / "boot.vfat"
-    part.write_bytes(card.read_bytes()[START_MIB * MIB:])
+    part.write_bytes(card.read_bytes()[START_MIB * MIB :])
     fsck = subprocess.run(["fsck.vfat", "-n", str(part)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     listed = set(mtools("mdir", card, "-/", "-b", "::/").decode().split())
@@ -192,7 +200,7 @@ def test_bmaptool_copy_with_our_bmap_writes_every_mapped_range(card, tmp_path, b
     for first, last, _ in block_map(ours.read_text())[1]:
         span = slice(first * bmap.BLOCK, (last + 1) * bmap.BLOCK)
         assert written[span] == image[span], (first, last)
-    assert written[mbr.SECTOR:START_MIB * MIB] == bytes(START_MIB * MIB - mbr.SECTOR)
+    assert written[mbr.SECTOR : START_MIB * MIB] == bytes(START_MIB * MIB - mbr.SECTOR)
 
 
 def test_corrupted_mapped_byte_makes_bmaptool_copy_fail(card, tmp_path, bmaptool):
@@ -201,8 +209,9 @@ def test_corrupted_mapped_byte_makes_bmaptool_copy_fail(card, tmp_path, bmaptool
     with open(card, "r+b") as f:  # one flipped byte in the middle of the zero gap, a mapped range
         f.seek(START_MIB * MIB // 2)
         f.write(b"\x01")
-    done = subprocess.run([bmaptool, "copy", str(card), str(tmp_path / "dest.img"), "--bmap", str(ours)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [bmaptool, "copy", str(card), str(tmp_path / "dest.img"), "--bmap", str(ours)], capture_output=True, text=True
+    )
     assert done.returncode != 0
     assert "checksum mismatch" in done.stderr.lower(), done.stderr
 
@@ -212,7 +221,10 @@ def test_built_card_bmap_is_ours_and_bmaptool_flashes_it(probe_build, tmp_path, 
     image, ours = probe_build / "sdcard.img", probe_build / "sdcard.bmap"
     assert ours.read_text() == bmap.bmap_text(image)
     assert [e.type for e in mbr.parse(image.read_bytes()[:512]).entries] == [0x0C]
-    done = subprocess.run([bmaptool, "copy", str(image), str(tmp_path / "flashed.img"), "--bmap", str(ours)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [bmaptool, "copy", str(image), str(tmp_path / "flashed.img"), "--bmap", str(ours)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "flashed.img").read_bytes() == image.read_bytes()

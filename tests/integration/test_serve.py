@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from rackboot.master import publish, serve
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
+from rackboot.master import publish, serve
 
 STREAM = "/images/example/1/rootfs.ext4.gz"
 DEFAULT_PLAN = b'{"format":1,"node":"default"}\n'
@@ -73,9 +72,21 @@ def request(srv, method: str, path: str, headers: dict | None = None, body: byte
 
 def curl(srv, path: str, *args: str) -> tuple[int, bytes]:
     """Body and status as curl sees them (curl -r sends the Range header)."""
-    proc = subprocess.run(["curl", "-s", "--path-as-is", "-o", "-", "-w", "%{http_code}", *args,
-                           f"http://127.0.0.1:{srv.server_address[1]}{path}"],
-                          capture_output=True, check=True)
+    proc = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "--path-as-is",
+            "-o",
+            "-",
+            "-w",
+            "%{http_code}",
+            *args,
+            f"http://127.0.0.1:{srv.server_address[1]}{path}",
+        ],
+        capture_output=True,
+        check=True,
+    )
     return int(proc.stdout[-3:]), proc.stdout[:-3]
 
 
@@ -87,9 +98,17 @@ def test_get_whole_file(server, master):
     assert resp.getheader("Accept-Ranges") == "bytes"
 
 
-@pytest.mark.parametrize("spec,python_slice", [
-    ("0-0", slice(0, 1)), ("10-20", slice(10, 21)), ("99990-", slice(99990, None)),
-    ("-50", slice(-50, None)), ("90000-999999999", slice(90000, None)), ("0-99999", slice(0, None))])
+@pytest.mark.parametrize(
+    "spec,python_slice",
+    [
+        ("0-0", slice(0, 1)),
+        ("10-20", slice(10, 21)),
+        ("99990-", slice(99990, None)),
+        ("-50", slice(-50, None)),
+        ("90000-999999999", slice(90000, None)),
+        ("0-99999", slice(0, None)),
+    ],
+)
 def test_ranges_match_curl(server, master, spec, python_slice):
     data = (master / STREAM.lstrip("/")).read_bytes()
     status, body = curl(server, STREAM, "-r", spec)
@@ -135,10 +154,23 @@ def test_keep_alive_serves_several_requests_on_one_connection(server, master):
     assert got == data
 
 
-@pytest.mark.parametrize("path", [
-    "/../secret", "/images/../../secret", "/images/%2e%2e/%2e%2e/secret", "/%2E%2E/secret",
-    "/images%2f..%2f..%2fsecret", "//secret", "/images/example/./1/rootfs.ext4.gz", "/images/",
-    "/images", "/", "/plans/..%2f..%2fsecret.json", "/images/.publish-1-x/out"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../secret",
+        "/images/../../secret",
+        "/images/%2e%2e/%2e%2e/secret",
+        "/%2E%2E/secret",
+        "/images%2f..%2f..%2fsecret",
+        "//secret",
+        "/images/example/./1/rootfs.ext4.gz",
+        "/images/",
+        "/images",
+        "/",
+        "/plans/..%2f..%2fsecret.json",
+        "/images/.publish-1-x/out",
+    ],
+)
 def test_traversal_hidden_files_and_directories_are_refused(server, master, path):
     (master / "images/.publish-1-x").mkdir()
     (master / "images/.publish-1-x/out").write_text("half-written")
@@ -171,16 +203,23 @@ def test_unknown_node_is_404_until_there_is_a_default(server, master):
 
 
 def report(**kw) -> bytes:
-    doc = {"node": "52-54-00-12-34-56", "phase": "download", "bytes": 4096, "seconds": 1.5,
-           "error": None, "slot": "b", "version": 2, "time": 12.0}
+    doc = {
+        "node": "52-54-00-12-34-56",
+        "phase": "download",
+        "bytes": 4096,
+        "seconds": 1.5,
+        "error": None,
+        "slot": "b",
+        "version": 2,
+        "time": 12.0,
+    }
     doc.update(kw)
     return json.dumps(doc).encode()
 
 
 def test_reports_are_appended_one_line_each(server, master):
     for phase in ("download", "commit"):
-        resp, body = request(server, "POST", "/report", {"Content-Type": "application/json"},
-                             report(phase=phase))
+        resp, body = request(server, "POST", "/report", {"Content-Type": "application/json"}, report(phase=phase))
         assert (resp.status, body) == (204, b"")
     lines = (master / "reports/52-54-00-12-34-56.jsonl").read_bytes().splitlines()
     assert [json.loads(l)["phase"] for l in lines] == ["download", "commit"]
@@ -189,11 +228,15 @@ def test_reports_are_appended_one_line_each(server, master):
     assert formats.parse_report(lines[0]).node == "52-54-00-12-34-56"
 
 
-@pytest.mark.parametrize("body,reason", [
-    (b"{not json", "report: not valid JSON"),
-    (report(phase="dancing"), "report: phase: must be one of"),
-    (report(node="../../etc"), "report: node: '../../etc' is not a node id"),
-    (json.dumps({"phase": "boot", "bytes": 0, "seconds": 0}).encode(), "report: node: missing")])
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (b"{not json", "report: not valid JSON"),
+        (report(phase="dancing"), "report: phase: must be one of"),
+        (report(node="../../etc"), "report: node: '../../etc' is not a node id"),
+        (json.dumps({"phase": "boot", "bytes": 0, "seconds": 0}).encode(), "report: node: missing"),
+    ],
+)
 def test_bad_reports_are_400_with_a_reason(server, master, body, reason):
     resp, data = request(server, "POST", "/report", {}, body)
     assert resp.status == 400
@@ -216,8 +259,12 @@ def test_stats_count_body_bytes_per_path(server, master):
     # One keep-alive connection: the server finishes counting a response before it reads
     # the next request, so /stats sees every byte (a new connection could overtake it).
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-    for path, headers in ((STREAM, {}), (STREAM, {"Range": "bytes=0-999"}), ("/plans/aa-bb-cc-dd-ee-ff.json", {}),
-                          ("/stats", {})):
+    for path, headers in (
+        (STREAM, {}),
+        (STREAM, {"Range": "bytes=0-999"}),
+        ("/plans/aa-bb-cc-dd-ee-ff.json", {}),
+        ("/stats", {}),
+    ):
         conn.request("GET", path, headers=headers)
         body = conn.getresponse().read()
     conn.close()
@@ -241,8 +288,17 @@ def test_published_image_fetched_over_http_matches_its_manifest(tmp_path, server
     (root / "etc").mkdir(parents=True)
     (root / "etc/hostname").write_text("worker\n")
     shutil.rmtree(master / "images")
-    m = publish.publish_directory(root, master, image="example", version=None, label="v1", size_mib=None,
-                                  kernel_release=None, modules_from=None, source_date_epoch=0)
+    m = publish.publish_directory(
+        root,
+        master,
+        image="example",
+        version=None,
+        label="v1",
+        size_mib=None,
+        kernel_release=None,
+        modules_from=None,
+        source_date_epoch=0,
+    )
     _, latest = request(server, "GET", "/images/example/latest.json")
     manifest_path = formats.parse_latest(latest).manifest
     resp, raw = request(server, "GET", manifest_path)
@@ -271,8 +327,18 @@ def test_request_lines_are_logged_unless_quiet(master, capfd):
     assert len(lines) == 1 and '"GET /plans/52-54-00-12-34-56.json HTTP/1.1" 200' in lines[0]
 
 
-@pytest.mark.parametrize("node", ["hello", "default", "52:54:00:12:34:56", "52-54-00-12-34-5A",
-                                  "52-54-00-12-34-56-78", "5254.0012.3456", "52-54-00-12-34"])
+@pytest.mark.parametrize(
+    "node",
+    [
+        "hello",
+        "default",
+        "52:54:00:12:34:56",
+        "52-54-00-12-34-5A",
+        "52-54-00-12-34-56-78",
+        "5254.0012.3456",
+        "52-54-00-12-34",
+    ],
+)
 def test_reports_only_for_canonical_node_ids(master, capfd, node):
     srv = running(master, quiet=False)
     try:
@@ -281,8 +347,9 @@ def test_reports_only_for_canonical_node_ids(master, capfd, node):
         srv.shutdown()
         srv.server_close()
     assert resp.status == 400
-    assert json.loads(data)["error"] == (f"report: node: {node!r} is not a node id "
-                                         "(a MAC in lowercase with dashes, e.g. 52-54-00-12-34-56)")
+    assert json.loads(data)["error"] == (
+        f"report: node: {node!r} is not a node id (a MAC in lowercase with dashes, e.g. 52-54-00-12-34-56)"
+    )
     assert not (master / "reports").exists()
     refused = [l for l in capfd.readouterr().err.splitlines() if "report refused" in l]
     assert len(refused) == 1 and repr(node) in refused[0]
@@ -291,7 +358,7 @@ def test_reports_only_for_canonical_node_ids(master, capfd, node):
 def stalled_report(srv) -> socket.socket:
     """A client that sends half a report and then nothing more."""
     sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10)
-    sock.sendall(b"POST /report HTTP/1.1\r\nHost: master\r\nContent-Length: 1000\r\n\r\n{\"node\": ")
+    sock.sendall(b'POST /report HTTP/1.1\r\nHost: master\r\nContent-Length: 1000\r\n\r\n{"node": ')
     return sock
 
 
@@ -412,9 +479,24 @@ def test_slow_reader_is_not_cut_off_while_data_moves(master):
 @pytest.mark.slow
 def test_cli_takes_the_timeout_and_the_connection_bound(tmp_path, master):
     (tmp_path / "rackboot.toml").write_text('[master]\ndirectory = "master"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "rackboot", "serve", "-c", str(tmp_path / "rackboot.toml"),
-                             "--port", "0", "--timeout", "2", "--max-connections", "1"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rackboot",
+            "serve",
+            "-c",
+            str(tmp_path / "rackboot.toml"),
+            "--port",
+            "0",
+            "--timeout",
+            "2",
+            "--max-connections",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = proc.stderr.readline()
         assert first.startswith(f"serving {master} on http://127.0.0.1:"), first

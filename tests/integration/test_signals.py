@@ -22,8 +22,13 @@ def start(tmp_path: Path, *args) -> subprocess.Popen:
     tmp = tmp_path / "tmpdir"  # the command's own TMPDIR, so the test sees only its temporaries
     tmp.mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(tmp))
-    return subprocess.Popen([sys.executable, "-m", "rackboot", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rackboot", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(proc: subprocess.Popen, found, what: str, limit: float = 120) -> None:
@@ -67,8 +72,11 @@ def test_a_terminated_publish_removes_its_work_and_the_next_one_publishes(tmp_pa
     big_root(tmp_path)
     proc = publish(tmp_path, cfg)
     image_dir = tmp_path / "master/images/lab"
-    wait_for(proc, lambda: image_dir.is_dir() and any(image_dir.glob(".publish-*/rootfs.ext4")),
-             "publication work directory with its filesystem")
+    wait_for(
+        proc,
+        lambda: image_dir.is_dir() and any(image_dir.glob(".publish-*/rootfs.ext4")),
+        "publication work directory with its filesystem",
+    )
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -87,8 +95,11 @@ def test_a_killed_publishs_work_is_swept_by_the_next(tmp_path):
     big_root(tmp_path)
     proc = publish(tmp_path, cfg)
     image_dir = tmp_path / "master/images/lab"
-    wait_for(proc, lambda: image_dir.is_dir() and any(image_dir.glob(".publish-*/rootfs.ext4")),
-             "publication work directory with its filesystem")
+    wait_for(
+        proc,
+        lambda: image_dir.is_dir() and any(image_dir.glob(".publish-*/rootfs.ext4")),
+        "publication work directory with its filesystem",
+    )
     proc.kill()  # SIGKILL: nothing runs on the way out
     proc.communicate(timeout=60)
     assert any(name.startswith(".publish-") for name in leftovers(tmp_path))

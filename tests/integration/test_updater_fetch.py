@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-
 from rackboot.initramfs.updater import formats, report
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
@@ -20,15 +19,25 @@ def server(tmp_path):
     srv = Server(tmp_path)
     (tmp_path / "images").mkdir()
     (tmp_path / "images/blob").write_bytes(DATA)
-    (tmp_path / "doc.json").write_bytes(b'{"format":1,"image":"x","version":3,"manifest":"/images/x/3/manifest.json"}\n')
+    (tmp_path / "doc.json").write_bytes(
+        b'{"format":1,"image":"x","version":3,"manifest":"/images/x/3/manifest.json"}\n'
+    )
     yield srv.master
     srv.close()
 
 
 def client(url, **kw):
     sleeps = []
-    m = MasterClient(url, connect_timeout=1.0, read_timeout=0.5, retries=2, backoff=0.01, sleep=sleeps.append,
-               report_timeout=0.5, **kw)
+    m = MasterClient(
+        url,
+        connect_timeout=1.0,
+        read_timeout=0.5,
+        retries=2,
+        backoff=0.01,
+        sleep=sleeps.append,
+        report_timeout=0.5,
+        **kw,
+    )
     return m, sleeps
 
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rackboot.initramfs.updater import mbr, state
 from rackboot.initramfs.updater.__main__ import main as cli_main
 from rackboot.initramfs.updater.disk import Disk
@@ -53,8 +52,13 @@ def mark_good(card: str, decision, tmp_path: Path) -> str:
     """What the booted system does: rackboot-mark-good, fed the file /init leaves in /run."""
     booted = tmp_path / "booted"
     booted.write_text(decision.to_shell() + f"disk='{card}'\n")
-    done = subprocess.run(["sh", str(MARK_GOOD)], env={"RACKBOOT_BOOTED": str(booted), "PATH": os.environ["PATH"]},
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["sh", str(MARK_GOOD)],
+        env={"RACKBOOT_BOOTED": str(booted), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return done.stdout
 
 
@@ -77,7 +81,11 @@ def test_fresh_card_is_laid_out_installed_and_committed(server, card):
     with open(card, "rb") as f:
         table = mbr.parse(f.read(512))
     assert [(e.number, e.start // 2048, e.sectors // 2048, e.type) for e in table.entries] == [
-        (1, 4, 16, 0x0C), (2, 20, 64, 0x83), (3, 84, 64, 0x83), (4, 148, 108, 0x83)]
+        (1, 4, 16, 0x0C),
+        (2, 20, 64, 0x83),
+        (3, 84, 64, 0x83),
+        (4, 148, 108, 0x83),
+    ]
     assert slot_bytes(card, "a", len(data)) == data
     st = card_state(card)
     # on trial (its first boot spent one of three tries) until the system confirms itself
@@ -320,10 +328,13 @@ def test_no_layout_uses_the_card_table(server, card):
 def test_cli_writes_a_decision_init_can_source(server, card, tmp_path):
     write_plan(server.root, publish(server.root, 1, image_bytes(1)))
     out = tmp_path / "decision"
-    assert cli_main(["--disk", card, "--master", server.url, "--mac", MAC,
-                     "--decision-file", str(out)]) == 0
-    shown = subprocess.run(["sh", "-c", f'. "{out}"; echo "$slot|$device|$mount|$action|$data_device"'],
-                           capture_output=True, text=True, check=True).stdout
+    assert cli_main(["--disk", card, "--master", server.url, "--mac", MAC, "--decision-file", str(out)]) == 0
+    shown = subprocess.run(
+        ["sh", "-c", f'. "{out}"; echo "$slot|$device|$mount|$action|$data_device"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert shown == f"a|{card}2|ro+overlay:tmpfs|installed|{card}4\n"
 
 
@@ -337,13 +348,31 @@ def test_cli_without_a_good_slot_exits_1(server, card, tmp_path, capsys):
 def test_module_runs_as_a_top_level_package_like_on_the_worker(server, card, tmp_path):
     """/init runs `python3 -m updater` from /usr/lib/rackboot: only relative imports work there."""
     import rackboot.initramfs.updater as pkg
+
     lib = tmp_path / "lib"
     shutil.copytree(os.path.dirname(pkg.__file__), lib / "updater", ignore=shutil.ignore_patterns("__pycache__"))
     write_plan(server.root, publish(server.root, 1, image_bytes(1)))
     out = tmp_path / "decision"
-    proc = subprocess.run([sys.executable, "-s", "-m", "updater", "--disk", card, "--master", server.url,
-                           "--mac", MAC, "--decision-file", str(out)], cwd=lib,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-s",
+            "-m",
+            "updater",
+            "--disk",
+            card,
+            "--master",
+            server.url,
+            "--mac",
+            MAC,
+            "--decision-file",
+            str(out),
+        ],
+        cwd=lib,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "slot='a'" in out.read_text()
 
@@ -500,8 +529,7 @@ def test_unwritable_slot_state_still_boots_a_confirmed_slot_and_installs_nothing
     decision = install_v2(server, card)
     mark_good(card, decision, tmp_path)  # v2 confirmed itself; the updater has not seen it yet
     lines: list[str] = []
-    again = run(card, server.url, Identity(MAC), master=client(server.url), log=lines.append,
-                open_disk=StateWritesFail)
+    again = run(card, server.url, Identity(MAC), master=client(server.url), log=lines.append, open_disk=StateWritesFail)
     assert (again.slot, again.action, again.version) == ("b", "up-to-date", 2)
     assert any(line.startswith("confirm failed: disk") for line in lines)
     assert card_state(card).slots["b"].state == "trial"  # nothing was written...
@@ -515,8 +543,9 @@ def test_unwritable_slot_state_boots_the_good_slot_instead_of_an_uncountable_tri
     install_v2(server, card)  # v2 on trial in b, never confirmed
     write_plan(server.root, publish(server.root, 3, image_bytes(3)))
     served = server.image_bytes
-    decision = run(card, server.url, Identity(MAC), master=client(server.url), log=lambda m: None,
-                   open_disk=StateWritesFail)
+    decision = run(
+        card, server.url, Identity(MAC), master=client(server.url), log=lambda m: None, open_disk=StateWritesFail
+    )
     assert (decision.slot, decision.action, decision.version) == ("a", "fallback", 1)
     assert "Input/output error" in decision.error and server.image_bytes == served  # nothing streamed
     st = card_state(card)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from rackboot.initramfs.updater import hooks
 from rackboot.initramfs.updater.formats import Hook
 
@@ -24,8 +23,7 @@ def hook(root: Path, version: int, name: str, script: str, timeout: int = 30) ->
     where = root / "images" / "example" / str(version)
     where.mkdir(parents=True, exist_ok=True)
     (where / f"{name}.sh").write_bytes(data)
-    return Hook(name=name, file=f"{name}.sh", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                timeout=timeout)
+    return Hook(name=name, file=f"{name}.sh", size=len(data), sha256=hashlib.sha256(data).hexdigest(), timeout=timeout)
 
 
 def provisioned(server, card, keys) -> None:
@@ -42,11 +40,19 @@ def hook_reports(server) -> list[dict]:
 def test_signed_hooks_run_in_order_with_the_slot_they_install(server, card, keys, tmp_path):
     provisioned(server, card, keys)
     trace = tmp_path / "trace"
-    pre = hook(server.root, 2, "pre-install",
-               f'echo "pre $RACKBOOT_IMAGE v$RACKBOOT_VERSION slot $RACKBOOT_SLOT" | tee -a {trace}\n')
+    pre = hook(
+        server.root,
+        2,
+        "pre-install",
+        f'echo "pre $RACKBOOT_IMAGE v$RACKBOOT_VERSION slot $RACKBOOT_SLOT" | tee -a {trace}\n',
+    )
     # post-install sees the slot written: its first bytes are the image's
-    post = hook(server.root, 2, "post-install",
-                f'head -c 16 "$RACKBOOT_DISK" >/dev/null && echo "post $RACKBOOT_SLOT_DEVICE" | tee -a {trace}\n')
+    post = hook(
+        server.root,
+        2,
+        "post-install",
+        f'head -c 16 "$RACKBOOT_DISK" >/dev/null && echo "post $RACKBOOT_SLOT_DEVICE" | tee -a {trace}\n',
+    )
     release(server.root, 2, keys["master"], hooks=[pre, post])
     lines: list[str] = []
     decision = update(card, server, keys, log=lines.append)
@@ -104,7 +110,7 @@ def test_failing_pre_install_leaves_the_slot_untouched_and_reports_its_output(se
     assert (decision.action, decision.slot) == ("fallback", "a")
     assert decision.error == "hook pre-install exited with status 3: fan is dead"
     assert server.image_bytes == served and slot(card, "b").state == "empty"
-    report, = hook_reports(server)
+    (report,) = hook_reports(server)
     assert report["output"] == "checking the fan\nfan is dead\n" and "status 3" in report["error"]
 
 

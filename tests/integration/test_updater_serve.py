@@ -7,7 +7,6 @@ import socket
 import threading
 
 import pytest
-
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
 
@@ -37,8 +36,13 @@ def test_install_then_up_to_date_against_rackboot_serve(master, tmp_path):
     write_plan(root, publish(root, 1, data))
 
     def update():
-        return run(str(card), server.url, Identity(MAC), log=lambda m: None,
-                   master=MasterClient(server.url, read_timeout=5.0, retries=1, backoff=0.01))
+        return run(
+            str(card),
+            server.url,
+            Identity(MAC),
+            log=lambda m: None,
+            master=MasterClient(server.url, read_timeout=5.0, retries=1, backoff=0.01),
+        )
 
     first = update()
     assert (first.slot, first.action) == ("a", "installed")
@@ -66,16 +70,20 @@ def test_updater_waits_out_a_master_full_of_stalled_connections(tmp_path):
     with open(card, "wb") as f:
         f.truncate(256 << 20)
     write_plan(root, publish(root, 1, image_bytes(3)))
-    stalled = [socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
-               for _ in range(2)]
+    stalled = [socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) for _ in range(2)]
     try:
         for sock in stalled:
             sock.sendall(b"POST /report HTTP/1.1\r\nHost: master\r\nContent-Length: 500\r\n\r\n{")
         probe = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
         busy = probe.recv(100)  # the bound is full: a quick 503, no thread
         probe.close()
-        result = run(str(card), server.url, Identity(MAC), log=lambda m: None,
-                     master=MasterClient(server.url, read_timeout=5.0, retries=6, backoff=0.25))
+        result = run(
+            str(card),
+            server.url,
+            Identity(MAC),
+            log=lambda m: None,
+            master=MasterClient(server.url, read_timeout=5.0, retries=6, backoff=0.25),
+        )
     finally:
         for sock in stalled:
             sock.close()

@@ -5,18 +5,17 @@ refusal leaves the good slot good and boots it."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
-
-from rackboot.master import signing
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import Refused, UpdaterError
 from rackboot.initramfs.updater.signature import Verifier
+from rackboot.master import signing
 
 from tests.integration.signed_rack import primary, release, sign, update
 from tests.integration.updater_master import NODE, write_plan
+
 
 def test_signed_plan_and_manifest_install(server, card, keys):
     release(server.root, 1, keys["master"])
@@ -24,12 +23,15 @@ def test_signed_plan_and_manifest_install(server, card, keys):
     assert (decision.action, decision.version) == ("installed", 1) and primary(card) == ("a", 1)
 
 
-@pytest.mark.parametrize("spoil, message", [
-    ("tamper", "does not verify"),
-    ("other-key", "does not verify"),
-    ("unsigned", "no signature"),
-    ("truncated", "signature is 32 bytes"),
-])
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        ("tamper", "does not verify"),
+        ("other-key", "does not verify"),
+        ("unsigned", "no signature"),
+        ("truncated", "signature is 32 bytes"),
+    ],
+)
 def test_bad_manifest_signature_is_refused_and_the_good_slot_boots(server, card, keys, spoil, message):
     release(server.root, 1, keys["master"])
     update(card, server, keys)

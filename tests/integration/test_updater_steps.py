@@ -5,7 +5,6 @@ time their own step (the download) rather than the whole update so far."""
 from __future__ import annotations
 
 import pytest
-
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
@@ -34,8 +33,12 @@ def install_v1(server, card) -> int:
 
 def test_an_install_reports_each_step_with_its_slot_and_version(server, card):
     install_v1(server, card)
-    assert heard(server) == [("layout", None, None, None), ("download", "a", 1, None),
-                             ("commit", "a", 1, None), ("boot", "a", 1, None)]
+    assert heard(server) == [
+        ("layout", None, None, None),
+        ("download", "a", 1, None),
+        ("commit", "a", 1, None),
+        ("boot", "a", 1, None),
+    ]
     assert all(r["bytes"] == server.image_bytes for r in server.reports[1:])
 
 
@@ -57,9 +60,12 @@ def test_a_read_back_that_differs_twice_is_named_in_the_error(server, card):
     decision, lines = update(card, server.url, open_disk=lambda path: LossyCard(path, bad_reads=2))
     assert (decision.action, decision.slot) == ("fallback", "a")
     assert heard(server, seen) == [
-        ("download", "b", 2, None), ("error", "b", 2, "read-back of slot b differs from what was written"),
-        ("download", "b", 2, None), ("error", "b", 2, f"read-back: {decision.error}"),
-        ("boot", "a", 1, decision.error)]
+        ("download", "b", 2, None),
+        ("error", "b", 2, "read-back of slot b differs from what was written"),
+        ("download", "b", 2, None),
+        ("error", "b", 2, f"read-back: {decision.error}"),
+        ("boot", "a", 1, decision.error),
+    ]
     assert f"read-back failed: {decision.error}" in lines
     assert lines.count("reading back slot b") == 2
 
@@ -69,8 +75,7 @@ def test_a_plan_that_cannot_be_had_is_named_in_the_error(server, card):
     (server.root / "plans/52-54-00-12-34-56.json").unlink()
     decision, lines = update(card, server.url)
     assert (decision.action, decision.slot) == ("offline", "a")
-    assert heard(server, seen) == [("error", None, None, f"plan: {decision.error}"),
-                                   ("boot", "a", 1, decision.error)]
+    assert heard(server, seen) == [("error", None, None, f"plan: {decision.error}"), ("boot", "a", 1, decision.error)]
     assert f"plan failed: {decision.error}" in lines
 
 
@@ -79,8 +84,10 @@ def test_a_plan_without_image_on_a_blank_card_fails_in_the_download_step(server,
     lines: list[str] = []
     with pytest.raises(UpdaterError, match=r"^no good slot to boot \(download: plan: assigns no image"):
         run(card, server.url, Identity(MAC), master=client(server.url), log=lines.append)
-    assert heard(server) == [("layout", None, None, None),
-                             ("error", None, None, "download: plan: assigns no image and no slot on the card is good")]
+    assert heard(server) == [
+        ("layout", None, None, None),
+        ("error", None, None, "download: plan: assigns no image and no slot on the card is good"),
+    ]
     assert lines[-1] == "download failed: plan: assigns no image and no slot on the card is good"
 
 

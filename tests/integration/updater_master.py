@@ -19,7 +19,6 @@ import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
 
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
@@ -31,8 +30,8 @@ NODE = "52-54-00-12-34-56"
 
 @dataclass
 class Faults:
-    drop_after: Optional[int] = None  # close a stream after this many body bytes, once
-    status: Optional[int] = None  # answer every request with this status
+    drop_after: int | None = None  # close a stream after this many body bytes, once
+    status: int | None = None  # answer every request with this status
     hang: float = 0.0  # sleep this long before answering
     ignore_range: bool = False  # always 200 with the whole file
 
@@ -152,20 +151,29 @@ class Server:
 
 # --- the master's tree ---------------------------------------------------------------
 
+
 def image_bytes(seed: int, size: int = 3 << 20) -> bytes:
     """Small ext4-sized stand-in: random head (incompressible) and a zero tail."""
     head = random.Random(seed).randbytes(size // 3)
     return head + bytes(size - len(head))
 
 
-def publish(root: Path, version: int, data: bytes, *, image: str = "example",
-            stream: Optional[bytes] = None, **override) -> str:
+def publish(
+    root: Path, version: int, data: bytes, *, image: str = "example", stream: bytes | None = None, **override
+) -> str:
     """Write images/<image>/<version>/{manifest.json,rootfs.ext4.gz}; returns the manifest path."""
     compressed = gzip.compress(data, mtime=0) if stream is None else stream
-    fields = dict(image=image, version=version, label=f"v{version}", size=len(data),
-                  sha256=hashlib.sha256(data).hexdigest(), crc32=f"{zlib.crc32(data):08x}",
-                  stream="rootfs.ext4.gz", stream_size=len(compressed),
-                  stream_sha256=hashlib.sha256(compressed).hexdigest())
+    fields = dict(
+        image=image,
+        version=version,
+        label=f"v{version}",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        crc32=f"{zlib.crc32(data):08x}",
+        stream="rootfs.ext4.gz",
+        stream_size=len(compressed),
+        stream_sha256=hashlib.sha256(compressed).hexdigest(),
+    )
     fields.update(override)
     manifest = Manifest(**fields)
     where = root / "images" / image / str(version)
@@ -187,11 +195,20 @@ def layout(parts=STANDARD, repartition: str = "allowed") -> Layout:
     return Layout(tuple(out), repartition)
 
 
-def write_plan(root: Path, manifest_path: Optional[str], *, node: str = NODE, parts=STANDARD,
-               repartition: str = "allowed", mount: str = "ro+overlay:tmpfs", pin: bool = False,
-               tries: int = 3) -> Plan:
-    plan = Plan(node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount, pin=pin,
-                tries=tries)
+def write_plan(
+    root: Path,
+    manifest_path: str | None,
+    *,
+    node: str = NODE,
+    parts=STANDARD,
+    repartition: str = "allowed",
+    mount: str = "ro+overlay:tmpfs",
+    pin: bool = False,
+    tries: int = 3,
+) -> Plan:
+    plan = Plan(
+        node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount, pin=pin, tries=tries
+    )
     (root / "plans").mkdir(parents=True, exist_ok=True)
     (root / "plans" / f"{node}.json").write_bytes(formats.dump(plan))
     return plan

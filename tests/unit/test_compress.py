@@ -11,7 +11,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-
 from rackboot import compress
 from rackboot.errors import RackbootError
 
@@ -88,7 +87,7 @@ def test_write_sizes_do_not_change_the_bytes(method):
     pieces, at, sizes = [], 0, [1, 7, BLOCK - 8, 3, BLOCK * 2, 1000]
     while at < len(data):
         n = sizes[len(pieces) % len(sizes)]
-        pieces.append(data[at:at + n])
+        pieces.append(data[at : at + n])
         at += n
     assert compress.compress_bytes(method, data) == _compress_pieces(method, pieces)
 

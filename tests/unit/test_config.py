@@ -7,7 +7,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from rackboot import config
 from rackboot.errors import ConfigError
 from rackboot.initramfs.updater.formats import DEFAULT_TRIES, Mount, Repartition
@@ -36,9 +35,15 @@ def test_each_section_dataclass_has_exactly_the_settings_of_its_section():
 
 
 # The annotation each kind of setting is held under (a path without a default may be unset)
-KIND_TYPES = {"str": "str", "int": "int", "bool": "bool", "path": "Path",
-              "list[str]": "tuple[str, ...]", "table[path]": "Mapping[str, Path]",
-              "layout": "tuple[Partition, ...]"}
+KIND_TYPES = {
+    "str": "str",
+    "int": "int",
+    "bool": "bool",
+    "path": "Path",
+    "list[str]": "tuple[str, ...]",
+    "table[path]": "Mapping[str, Path]",
+    "layout": "tuple[Partition, ...]",
+}
 
 
 def test_each_field_is_typed_as_its_settings_kind():
@@ -71,13 +76,20 @@ def test_a_config_is_immutable(tmp_path):
 def test_plain_is_the_json_able_rebuild_key_of_a_section(tmp_path):
     cfg = parse('[initramfs.files]\n"/etc/motd" = "motd.txt"\n[master]\nkey = "k"\n', tmp_path)
     master = config.plain(cfg.master)
-    assert master == {"address": "10.0.2.2", "port": 8080, "key": str((tmp_path / "k").resolve()),
-                      "directory": str((tmp_path / "master").resolve())}
+    assert master == {
+        "address": "10.0.2.2",
+        "port": 8080,
+        "key": str((tmp_path / "k").resolve()),
+        "directory": str((tmp_path / "master").resolve()),
+    }
     initramfs = config.plain(cfg.initramfs)
     assert initramfs["files"] == {"/etc/motd": str((tmp_path / "motd.txt").resolve())}
     assert initramfs["packages"] == ["busybox-static"]
     assert json.loads(json.dumps(config.plain(cfg.layout)))["partitions"][3] == {
-        "name": "data", "size_mib": "rest", "type": "83"}
+        "name": "data",
+        "size_mib": "rest",
+        "type": "83",
+    }
 
 
 def test_paths_are_relative_to_the_config_file(tmp_path):
@@ -86,20 +98,33 @@ def test_paths_are_relative_to_the_config_file(tmp_path):
     assert cfg.initramfs.files == {"/etc/motd": (tmp_path / "motd.txt").resolve()}
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("[initramfs]\nmodles = []\n", r"\[initramfs\] modles: unknown key \(did you mean 'modules'\?\)"),
-    ("[bord]\nname = 'rpi3'\n", r"\[bord\]: unknown section \(did you mean 'board'\?\)"),
-    ("[board]\narch = 'arm46'\n", r"\[board\] arch: expected one of arm64, armhf, got 'arm46' \(did you mean 'arm64'\?\)"),
-    ("[master]\nport = '80'\n", r"\[master\] port: expected an integer, got '80'"),
-    ("[initramfs]\nmodules = 'virtio_net'\n", r"\[initramfs\] modules: expected a list of strings"),
-    ("[initramfs]\nuboot_wrap = 1\n", r"uboot_wrap: expected true or false"),
-    ("[board\n", r"not valid TOML"),
-    ("[layout]\npartitions = [{name='boot', size_mib='rest'}, {name='a', size_mib=1}]\n",
-     r"only allowed on the last partition"),
-    ("[layout]\npartitions = [{name='boot', size_mib=8}, {name='a', size_mib=8}]\n",
-     r"needs a partition named 'b'"),
-    ("[layout]\npartitions = [{name='boot', size_mib=8, typ='83'}]\n", r"unknown key 'typ' \(did you mean 'type'\?\)"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[initramfs]\nmodles = []\n", r"\[initramfs\] modles: unknown key \(did you mean 'modules'\?\)"),
+        ("[bord]\nname = 'rpi3'\n", r"\[bord\]: unknown section \(did you mean 'board'\?\)"),
+        (
+            "[board]\narch = 'arm46'\n",
+            r"\[board\] arch: expected one of arm64, armhf, got 'arm46' \(did you mean 'arm64'\?\)",
+        ),
+        ("[master]\nport = '80'\n", r"\[master\] port: expected an integer, got '80'"),
+        ("[initramfs]\nmodules = 'virtio_net'\n", r"\[initramfs\] modules: expected a list of strings"),
+        ("[initramfs]\nuboot_wrap = 1\n", r"uboot_wrap: expected true or false"),
+        ("[board\n", r"not valid TOML"),
+        (
+            "[layout]\npartitions = [{name='boot', size_mib='rest'}, {name='a', size_mib=1}]\n",
+            r"only allowed on the last partition",
+        ),
+        (
+            "[layout]\npartitions = [{name='boot', size_mib=8}, {name='a', size_mib=8}]\n",
+            r"needs a partition named 'b'",
+        ),
+        (
+            "[layout]\npartitions = [{name='boot', size_mib=8, typ='83'}]\n",
+            r"unknown key 'typ' \(did you mean 'type'\?\)",
+        ),
+    ],
+)
 def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected) as info:
         parse(text, tmp_path)
@@ -132,50 +157,89 @@ def layout(*parts):
 SLOTS = "{name='a', size_mib=8}, {name='b', size_mib=8}"
 
 
-@pytest.mark.parametrize("text, expected", [
-    # what lands in boot scripts, the kernel command line and /init's init.conf
-    ("[master]\nport = 99999\n", r"\[master\] port: expected an integer from 1 to 65535, got 99999"),
-    ("[master]\nport = 0\n", r"\[master\] port: expected an integer from 1 to 65535, got 0"),
-    ("[master]\naddress = 'http://10.0.0.1'\n", r"\[master\] address: 'http://10.0.0.1': not an IPv4 address or a hostname"),
-    ("[master]\naddress = 'master .lan'\n", r"\[master\] address: 'master .lan': not an IPv4 address or a hostname"),
-    ("[master]\naddress = '10.0.0.1:80'\n", r"\[master\] address: .*not an IPv4 address or a hostname"),
-    ("[master]\naddress = '10.0.0.256'\n", r"\[master\] address: '10.0.0.256': not an IPv4 address"),
-    ("[master]\naddress = '$(reboot)'\n", r"\[master\] address: .*not an IPv4 address or a hostname"),
-    ("[kernel]\ncmdline = 'quiet\" ; reset ; echo \"'\n", r"\[kernel\] cmdline: .*contains '\"', ';'"),
-    ("[kernel]\ncmdline = 'root=${x}'\n", r"\[kernel\] cmdline: .*contains '\$'"),
-    ("[kernel]\ncmdline = \"a\\nb\"\n", r"\[kernel\] cmdline: .*contains '\\n'"),
-    ("[kernel]\ncmdline = 'a\\b'\n", r"\[kernel\] cmdline: .*contains " + re.escape(repr("\\"))),
-    ("[kernel]\ncmdline = '" + "x" * 513 + "'\n", r"\[kernel\] cmdline: .*513 characters is longer than the 512"),
-    ("[kernel]\ncmdline = 'quiet -- single'\n", r"\[kernel\] cmdline: .*'--' would hand the rest"),
-    ("[layout]\ntries = -1\n", r"\[layout\] tries: expected an integer >= 1, got -1"),
-    ("[layout]\ntries = 0\n", r"\[layout\] tries: expected an integer >= 1, got 0"),
-    ("[initramfs]\nwatchdog = -5\n", r"\[initramfs\] watchdog: expected an integer >= 0, got -5"),
-    ("[kernel]\npackage = 'linux image'\n", r"\[kernel\] package: 'linux image': not a Debian package name"),
-    ("[initramfs]\npackages = ['busybox-static', 'Bad;Name']\n",
-     r"\[initramfs\] packages\[1\]: 'Bad;Name': not a Debian package name"),
-    ("[initramfs]\nmodules = ['../../etc/x']\n", r"\[initramfs\] modules\[0\]: '../../etc/x': not a kernel module name"),
-    ("[kernel]\nroot_modules = ['ext4', 'a/b']\n", r"\[kernel\] root_modules\[1\]: 'a/b': not a kernel module name"),
-    # partitions past what MBR holds, names the plan would refuse, boot types the firmware cannot read
-    (layout("{name='boot', size_mib=128}", "{name='a', size_mib=1048576}", "{name='b', size_mib=1048576}"),
-     r"the partitions end at 2097284 MiB, past the 2097152 MiB \(2 TiB\) an MBR can address"),
-    (layout("{name='boot', size_mib=64, type='0c'}", "{name='a', size_mib=1048000}", "{name='b', size_mib=1049084}",
-            "{name='data', size_mib='rest'}"), r"end at 2097153 MiB, past the 2097152 MiB"),
-    (layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='Data Store', size_mib=8}"),
-     r"partitions\[3\].name: expected a partition name"),
-    (layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='a', size_mib=8}"),
-     r"partitions\[3\].name: 'a' appears twice"),
-    (layout("{name='boot', size_mib=8, type='05'}", SLOTS),
-     r"partitions\[0\].type: the boot partition holds the card's FAT32 filesystem.*got \"05\""),
-    (layout("{name='boot', size_mib=8, type='83'}", SLOTS), r"partitions\[0\].type: .*0b, 0c, 0e\), got \"83\""),
-    (layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='data', size_mib=8, type='00'}"),
-     r"partitions\[3\].type: 00 marks an unused MBR entry"),
-    # paths that would leave the sysroot or the staging directory
-    ("[initramfs]\nbinaries = ['/bin/../../etc/passwd']\n",
-     r"\[initramfs\] binaries\[0\]: '/bin/../../etc/passwd': must stay inside the sysroot"),
-    ("[initramfs]\nbinaries = ['../sbin/x']\n", r"binaries\[0\]: '../sbin/x': must stay inside the sysroot"),
-    ("[initramfs]\nbinaries = ['sbin/x']\n", r"binaries\[0\]: 'sbin/x': must be an absolute path or a bare name"),
-    ("[initramfs.files]\n'/../../tmp/x' = 'x'\n", r"\[initramfs\] files.\"/../../tmp/x\": expected an absolute target"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # what lands in boot scripts, the kernel command line and /init's init.conf
+        ("[master]\nport = 99999\n", r"\[master\] port: expected an integer from 1 to 65535, got 99999"),
+        ("[master]\nport = 0\n", r"\[master\] port: expected an integer from 1 to 65535, got 0"),
+        (
+            "[master]\naddress = 'http://10.0.0.1'\n",
+            r"\[master\] address: 'http://10.0.0.1': not an IPv4 address or a hostname",
+        ),
+        (
+            "[master]\naddress = 'master .lan'\n",
+            r"\[master\] address: 'master .lan': not an IPv4 address or a hostname",
+        ),
+        ("[master]\naddress = '10.0.0.1:80'\n", r"\[master\] address: .*not an IPv4 address or a hostname"),
+        ("[master]\naddress = '10.0.0.256'\n", r"\[master\] address: '10.0.0.256': not an IPv4 address"),
+        ("[master]\naddress = '$(reboot)'\n", r"\[master\] address: .*not an IPv4 address or a hostname"),
+        ("[kernel]\ncmdline = 'quiet\" ; reset ; echo \"'\n", r"\[kernel\] cmdline: .*contains '\"', ';'"),
+        ("[kernel]\ncmdline = 'root=${x}'\n", r"\[kernel\] cmdline: .*contains '\$'"),
+        ('[kernel]\ncmdline = "a\\nb"\n', r"\[kernel\] cmdline: .*contains '\\n'"),
+        ("[kernel]\ncmdline = 'a\\b'\n", r"\[kernel\] cmdline: .*contains " + re.escape(repr("\\"))),
+        ("[kernel]\ncmdline = '" + "x" * 513 + "'\n", r"\[kernel\] cmdline: .*513 characters is longer than the 512"),
+        ("[kernel]\ncmdline = 'quiet -- single'\n", r"\[kernel\] cmdline: .*'--' would hand the rest"),
+        ("[layout]\ntries = -1\n", r"\[layout\] tries: expected an integer >= 1, got -1"),
+        ("[layout]\ntries = 0\n", r"\[layout\] tries: expected an integer >= 1, got 0"),
+        ("[initramfs]\nwatchdog = -5\n", r"\[initramfs\] watchdog: expected an integer >= 0, got -5"),
+        ("[kernel]\npackage = 'linux image'\n", r"\[kernel\] package: 'linux image': not a Debian package name"),
+        (
+            "[initramfs]\npackages = ['busybox-static', 'Bad;Name']\n",
+            r"\[initramfs\] packages\[1\]: 'Bad;Name': not a Debian package name",
+        ),
+        (
+            "[initramfs]\nmodules = ['../../etc/x']\n",
+            r"\[initramfs\] modules\[0\]: '../../etc/x': not a kernel module name",
+        ),
+        (
+            "[kernel]\nroot_modules = ['ext4', 'a/b']\n",
+            r"\[kernel\] root_modules\[1\]: 'a/b': not a kernel module name",
+        ),
+        # partitions past what MBR holds, names the plan would refuse, boot types the firmware cannot read
+        (
+            layout("{name='boot', size_mib=128}", "{name='a', size_mib=1048576}", "{name='b', size_mib=1048576}"),
+            r"the partitions end at 2097284 MiB, past the 2097152 MiB \(2 TiB\) an MBR can address",
+        ),
+        (
+            layout(
+                "{name='boot', size_mib=64, type='0c'}",
+                "{name='a', size_mib=1048000}",
+                "{name='b', size_mib=1049084}",
+                "{name='data', size_mib='rest'}",
+            ),
+            r"end at 2097153 MiB, past the 2097152 MiB",
+        ),
+        (
+            layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='Data Store', size_mib=8}"),
+            r"partitions\[3\].name: expected a partition name",
+        ),
+        (
+            layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='a', size_mib=8}"),
+            r"partitions\[3\].name: 'a' appears twice",
+        ),
+        (
+            layout("{name='boot', size_mib=8, type='05'}", SLOTS),
+            r"partitions\[0\].type: the boot partition holds the card's FAT32 filesystem.*got \"05\"",
+        ),
+        (layout("{name='boot', size_mib=8, type='83'}", SLOTS), r"partitions\[0\].type: .*0b, 0c, 0e\), got \"83\""),
+        (
+            layout("{name='boot', size_mib=8, type='0c'}", SLOTS, "{name='data', size_mib=8, type='00'}"),
+            r"partitions\[3\].type: 00 marks an unused MBR entry",
+        ),
+        # paths that would leave the sysroot or the staging directory
+        (
+            "[initramfs]\nbinaries = ['/bin/../../etc/passwd']\n",
+            r"\[initramfs\] binaries\[0\]: '/bin/../../etc/passwd': must stay inside the sysroot",
+        ),
+        ("[initramfs]\nbinaries = ['../sbin/x']\n", r"binaries\[0\]: '../sbin/x': must stay inside the sysroot"),
+        ("[initramfs]\nbinaries = ['sbin/x']\n", r"binaries\[0\]: 'sbin/x': must be an absolute path or a bare name"),
+        (
+            "[initramfs.files]\n'/../../tmp/x' = 'x'\n",
+            r"\[initramfs\] files.\"/../../tmp/x\": expected an absolute target",
+        ),
+    ],
+)
 def test_values_for_scripts_cmdlines_paths_and_mbr_are_checked_at_load(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected) as info:
         parse(text, tmp_path)
@@ -188,10 +252,13 @@ def test_addresses_workers_can_reach_are_accepted(tmp_path, address):
 
 
 def test_ordinary_values_still_load(tmp_path):
-    cfg = parse("[kernel]\ncmdline = 'quiet loglevel=3 ip=dhcp root=PARTUUID=7261636b-02 x=a,b:c/d'\n"
-                "[initramfs]\nbinaries = ['busybox', '/usr/sbin/mke2fs']\npackages = ['./tree', 'g++-12']\n"
-                "[master]\nport = 65535\n" + layout("{name='boot', size_mib=8, type='0e'}", SLOTS,
-                                                      "{name='data_1', size_mib='rest'}"), tmp_path)
+    cfg = parse(
+        "[kernel]\ncmdline = 'quiet loglevel=3 ip=dhcp root=PARTUUID=7261636b-02 x=a,b:c/d'\n"
+        "[initramfs]\nbinaries = ['busybox', '/usr/sbin/mke2fs']\npackages = ['./tree', 'g++-12']\n"
+        "[master]\nport = 65535\n"
+        + layout("{name='boot', size_mib=8, type='0e'}", SLOTS, "{name='data_1', size_mib='rest'}"),
+        tmp_path,
+    )
     assert cfg.master.port == 65535 and cfg.layout.partitions[0].type == "0e"
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from rackboot import cpio
 from rackboot.errors import RackbootError
 
@@ -25,8 +24,9 @@ def archive_bytes(entries, mtime=MTIME) -> bytes:
 
 def extract(data: bytes, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=data, cwd=dest,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=data, cwd=dest, check=True, capture_output=True
+    )
 
 
 def listing(data: bytes) -> list[str]:
@@ -68,20 +68,33 @@ def snapshot(root: Path) -> dict:
 
 def parse_headers(data: bytes) -> list[dict]:
     """An independent reader: magic, 13 hex fields, name, each start checked for alignment."""
-    names = ["ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
-             "rdevmajor", "rdevminor", "namesize", "check"]
+    names = [
+        "ino",
+        "mode",
+        "uid",
+        "gid",
+        "nlink",
+        "mtime",
+        "filesize",
+        "devmajor",
+        "devminor",
+        "rdevmajor",
+        "rdevminor",
+        "namesize",
+        "check",
+    ]
     members, pos = [], 0
     while True:
         assert pos % 4 == 0, f"member at {pos} is not 4-aligned"
-        h = {"magic": data[pos:pos + 6].decode()}
+        h = {"magic": data[pos : pos + 6].decode()}
         for i, name in enumerate(names):
-            h[name] = int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16)
+            h[name] = int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16)
         name_end = pos + 110 + h["namesize"]
         assert data[name_end - 1] == 0, "namesize must count the NUL"
-        h["name"] = data[pos + 110:name_end - 1].decode()
+        h["name"] = data[pos + 110 : name_end - 1].decode()
         data_at = (name_end + 3) & ~3
         assert data[name_end:data_at] == bytes(data_at - name_end)
-        h["data"] = data[data_at:data_at + h["filesize"]]
+        h["data"] = data[data_at : data_at + h["filesize"]]
         members.append(h)
         end = data_at + h["filesize"]
         pos = (end + 3) & ~3
@@ -129,6 +142,7 @@ def stage(root: Path, order=1, umask=0o022, mtime_seed=0) -> Path:
 
 # --- GNU cpio reads what we meant ----------------------------------------------------
 
+
 def test_gnu_cpio_extracts_the_same_tree(tmp_path):
     src = stage(tmp_path / "src")
     entries = cpio.tree_entries(src)
@@ -148,8 +162,12 @@ def test_gnu_cpio_extracts_the_same_tree(tmp_path):
 def test_device_nodes_and_fifos_come_out_as_nodes(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("creating device nodes needs root")
-    entries = [cpio.Device("dev/console", 0o600, "c", 5, 1), cpio.Device("dev/mmcblk0", 0o660, "b", 179, 0),
-               cpio.Device("dev/big", 0o600, "c", 511, 70000), cpio.Fifo("run/pipe", 0o600)]
+    entries = [
+        cpio.Device("dev/console", 0o600, "c", 5, 1),
+        cpio.Device("dev/mmcblk0", 0o660, "b", 179, 0),
+        cpio.Device("dev/big", 0o600, "c", 511, 70000),
+        cpio.Fifo("run/pipe", 0o600),
+    ]
     extract(archive_bytes(entries), tmp_path)
     got = snapshot(tmp_path)
     assert got["dev/console"] == ("c", 0o600, 5, 1)
@@ -162,8 +180,21 @@ def test_device_nodes_and_fifos_come_out_as_nodes(tmp_path):
 def test_cpio_lists_exactly_our_paths_parents_first(tmp_path):
     entries = cpio.tree_entries(stage(tmp_path / "src")) + [cpio.Device("dev/console", 0o600, "c", 5, 1)]
     names = listing(archive_bytes(entries))
-    assert names == ["bin", "bin/busybox", "bin/sh", "dev", "dev/console", "empty", "etc", "etc/conf",
-                     "init", "lib", "lib/alias.ko", "lib/modules", "lib/modules/a.ko"]
+    assert names == [
+        "bin",
+        "bin/busybox",
+        "bin/sh",
+        "dev",
+        "dev/console",
+        "empty",
+        "etc",
+        "etc/conf",
+        "init",
+        "lib",
+        "lib/alias.ko",
+        "lib/modules",
+        "lib/modules/a.ko",
+    ]
 
 
 def test_archive_ignores_umask_mtimes_and_creation_order(tmp_path):
@@ -179,16 +210,21 @@ def test_archive_ignores_umask_mtimes_and_creation_order(tmp_path):
 def test_prefix_places_the_tree_below_a_path(tmp_path):
     src = stage(tmp_path / "src")
     names = [m["name"] for m in parse_headers(archive_bytes(cpio.tree_entries(src / "lib", prefix="/usr/lib")))]
-    assert names == ["usr", "usr/lib", "usr/lib/alias.ko", "usr/lib/modules", "usr/lib/modules/a.ko",
-                     "TRAILER!!!"]
+    assert names == ["usr", "usr/lib", "usr/lib/alias.ko", "usr/lib/modules", "usr/lib/modules/a.ko", "TRAILER!!!"]
 
 
 # --- the bytes themselves ------------------------------------------------------------
 
+
 def test_header_fields(tmp_path):
-    entries = [cpio.Directory("a"), cpio.Directory("a/b"), cpio.Directory("a/c", 0o700),
-               cpio.File("a/b/f", 0o644, b"hello"), cpio.Symlink("a/l", "b/f"),
-               cpio.Device("dev/console", 0o600, "c", 5, 1)]
+    entries = [
+        cpio.Directory("a"),
+        cpio.Directory("a/b"),
+        cpio.Directory("a/c", 0o700),
+        cpio.File("a/b/f", 0o644, b"hello"),
+        cpio.Symlink("a/l", "b/f"),
+        cpio.Device("dev/console", 0o600, "c", 5, 1),
+    ]
     members = parse_headers(archive_bytes(entries, mtime=42))
     by_name = {m["name"]: m for m in members}
     assert all(m["magic"] == "070701" for m in members)
@@ -208,8 +244,12 @@ def test_header_fields(tmp_path):
 
 
 def test_hard_link_group_carries_data_once_on_its_last_member():
-    entries = [cpio.File("m/z", 0o755, b"payload"), cpio.HardLink("a", "m/z"), cpio.HardLink("m/b", "/m/z"),
-               cpio.File("other", 0o644, b"x")]
+    entries = [
+        cpio.File("m/z", 0o755, b"payload"),
+        cpio.HardLink("a", "m/z"),
+        cpio.HardLink("m/b", "/m/z"),
+        cpio.File("other", 0o644, b"x"),
+    ]
     members = {m["name"]: m for m in parse_headers(archive_bytes(entries))}
     group = [members[n] for n in ("a", "m/b", "m/z")]
     assert len({m["ino"] for m in group}) == 1 and members["other"]["ino"] != group[0]["ino"]
@@ -221,7 +261,10 @@ def test_hard_link_group_carries_data_once_on_its_last_member():
 def test_implied_parents_are_added_as_0755_directories():
     members = parse_headers(archive_bytes([cpio.File("usr/lib/x/y", 0o644, b"")]))
     assert [(m["name"], m["mode"]) for m in members[:3]] == [
-        ("usr", 0o040755), ("usr/lib", 0o040755), ("usr/lib/x", 0o040755)]
+        ("usr", 0o040755),
+        ("usr/lib", 0o040755),
+        ("usr/lib/x", 0o040755),
+    ]
 
 
 def test_large_file_streams_whole(tmp_path):
@@ -234,31 +277,43 @@ def test_large_file_streams_whole(tmp_path):
 
 def test_read_members_parses_gnu_cpio_output(tmp_path):
     stage(tmp_path / "src")
-    data = subprocess.run("find . | LC_ALL=C sort | cpio -o -H newc --quiet", shell=True, cwd=tmp_path / "src",
-                          check=True, capture_output=True).stdout
+    data = subprocess.run(
+        "find . | LC_ALL=C sort | cpio -o -H newc --quiet",
+        shell=True,
+        cwd=tmp_path / "src",
+        check=True,
+        capture_output=True,
+    ).stdout
     members = cpio.read_members(data)
     assert members[-1].name == "TRAILER!!!"
     busybox = next(m for m in members if m.name.removeprefix("./") == "bin/busybox")
-    assert data[busybox.data_offset:busybox.data_offset + busybox.filesize] == (tmp_path / "src/bin/busybox").read_bytes()
+    assert (
+        data[busybox.data_offset : busybox.data_offset + busybox.filesize]
+        == (tmp_path / "src/bin/busybox").read_bytes()
+    )
 
 
 # --- refusals ------------------------------------------------------------------------
+
 
 def test_duplicate_path_is_refused_by_name():
     with pytest.raises(RackbootError, match="dev/console"):
         archive_bytes([cpio.Device("dev/console", 0o600, "c", 5, 1), cpio.File("/dev/console", 0o644, b"")])
 
 
-@pytest.mark.parametrize("entries, message", [
-    ([cpio.File("a/../b", 0o644, b"")], "bad archive path"),
-    ([cpio.Directory("/")], "bad archive path"),
-    ([cpio.File("f", 0o644, b""), cpio.File("f/g", 0o644, b"")], "not a directory"),
-    ([cpio.HardLink("h", "missing")], "not a file"),
-    ([cpio.Symlink("s", "x"), cpio.HardLink("h", "s")], "not a file"),
-    ([cpio.Device("d", 0o600, "x", 1, 1)], "kind"),
-    ([cpio.File("f", 0o100644, b"")], "permission bits"),
-    ([cpio.File("f", 0o644, Path("/nonexistent/rackboot"))], "cannot read"),
-])
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ([cpio.File("a/../b", 0o644, b"")], "bad archive path"),
+        ([cpio.Directory("/")], "bad archive path"),
+        ([cpio.File("f", 0o644, b""), cpio.File("f/g", 0o644, b"")], "not a directory"),
+        ([cpio.HardLink("h", "missing")], "not a file"),
+        ([cpio.Symlink("s", "x"), cpio.HardLink("h", "s")], "not a file"),
+        ([cpio.Device("d", 0o600, "x", 1, 1)], "kind"),
+        ([cpio.File("f", 0o100644, b"")], "permission bits"),
+        ([cpio.File("f", 0o644, Path("/nonexistent/rackboot"))], "cannot read"),
+    ],
+)
 def test_bad_entries_are_refused(entries, message):
     with pytest.raises(RackbootError, match=message):
         archive_bytes(entries)
@@ -281,8 +336,10 @@ def test_device_nodes_in_the_tree_are_refused(tmp_path):
 
 NAMES = st.sampled_from(["a", "b", "c", "d.txt", "e-f", "Z", "ü", "a b"])
 NODES = st.recursive(
-    st.one_of(st.tuples(st.just("file"), st.binary(max_size=300), st.booleans()),
-              st.tuples(st.just("link"), st.sampled_from(["a", "../b", "/x/y", "nowhere"]))),
+    st.one_of(
+        st.tuples(st.just("file"), st.binary(max_size=300), st.booleans()),
+        st.tuples(st.just("link"), st.sampled_from(["a", "../b", "/x/y", "nowhere"])),
+    ),
     lambda children: st.dictionaries(NAMES, children, max_size=4),
     max_leaves=12,
 )

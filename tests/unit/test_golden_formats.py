@@ -20,9 +20,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-
 from rackboot import graph
-from rackboot.master import plans, publish, serve, signing
 from rackboot.initramfs.updater import formats, layout, mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import Refused, UpdaterError
@@ -30,6 +28,7 @@ from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Hook, Latest, Layout, Manifest, Partition, Plan, Report, Slot, SlotState
 from rackboot.initramfs.updater.main import Decision, Identity, run
 from rackboot.initramfs.updater.signature import Verifier
+from rackboot.master import plans, publish, serve, signing
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -42,8 +41,15 @@ MIB = 1 << 20
 CARD = 256 * MIB
 H1 = hashlib.sha256(b"example v1").hexdigest()
 H2 = hashlib.sha256(b"example v2").hexdigest()
-LAYOUT = Layout((Partition("boot", 4, 16, "0c"), Partition("a", 20, 64, "83"), Partition("b", 84, 64, "83"),
-                 Partition("data", 148, "rest", "83")), "allowed")
+LAYOUT = Layout(
+    (
+        Partition("boot", 4, 16, "0c"),
+        Partition("a", 20, 64, "83"),
+        Partition("b", 84, 64, "83"),
+        Partition("data", 148, "rest", "83"),
+    ),
+    "allowed",
+)
 GOOD_A = Slot("good", "example", 1, H1, 2)
 
 
@@ -53,6 +59,7 @@ def sample(name: str) -> bytes:
 
 # --- slot state: two copies at 1 MiB and 2 MiB ------------------------------------------------
 
+
 def card_with(tmp_path, *, area: bytes = b"", confirm: bytes = b"", table: bytes = b"") -> str:
     """A sparse card with the given samples where the writers put them."""
     path = tmp_path / "card.img"
@@ -61,7 +68,7 @@ def card_with(tmp_path, *, area: bytes = b"", confirm: bytes = b"", table: bytes
         f.write(table)
         for i, offset in enumerate(state.COPIES):
             f.seek(offset)
-            f.write(area[i * state.RESERVED:(i + 1) * state.RESERVED])
+            f.write(area[i * state.RESERVED : (i + 1) * state.RESERVED])
         if confirm:
             f.seek(state.CONFIRM)
             f.write(confirm)
@@ -75,19 +82,23 @@ def copies(tmp_path, name: str):
 
 def test_slot_state_rev1_without_tries_is_read(tmp_path):
     (newer, older), current = copies(tmp_path, "slot-state.format1.rev1.bin")
-    assert newer == current == SlotState(seq=3, slots={"a": GOOD_A, "b": Slot("good", "example", 2, H2, 3)},
-                                         primary="b", last_good="b")
-    assert older == SlotState(seq=2, slots={"a": GOOD_A, "b": Slot("writing", "example", 2, H2, 3)},
-                              primary="a", last_good="a")
+    assert (
+        newer
+        == current
+        == SlotState(seq=3, slots={"a": GOOD_A, "b": Slot("good", "example", 2, H2, 3)}, primary="b", last_good="b")
+    )
+    assert older == SlotState(
+        seq=2, slots={"a": GOOD_A, "b": Slot("writing", "example", 2, H2, 3)}, primary="a", last_good="a"
+    )
     assert all(s.tries is None for s in newer.slots.values())
 
 
-REV2_STATES = [SlotState(slots={"a": GOOD_A}, primary="a", last_good="a"),
-               SlotState(slots={"a": GOOD_A, "b": Slot("writing", "example", 2, H2, 3)}, primary="a", last_good="a"),
-               SlotState(slots={"a": GOOD_A, "b": Slot("trial", "example", 2, H2, 3, tries=3)},
-                         primary="b", last_good="a"),
-               SlotState(slots={"a": GOOD_A, "b": Slot("trial", "example", 2, H2, 3, tries=2)},
-                         primary="b", last_good="a")]
+REV2_STATES = [
+    SlotState(slots={"a": GOOD_A}, primary="a", last_good="a"),
+    SlotState(slots={"a": GOOD_A, "b": Slot("writing", "example", 2, H2, 3)}, primary="a", last_good="a"),
+    SlotState(slots={"a": GOOD_A, "b": Slot("trial", "example", 2, H2, 3, tries=3)}, primary="b", last_good="a"),
+    SlotState(slots={"a": GOOD_A, "b": Slot("trial", "example", 2, H2, 3, tries=2)}, primary="b", last_good="a"),
+]
 
 
 def test_slot_state_rev2_with_trial_slots_is_read(tmp_path):
@@ -114,9 +125,9 @@ def record(body: dict, seq: int) -> bytes:
 
 
 def newest_record(name: str) -> dict:
-    raw = sample(name)[state.RESERVED:]  # rev2's seq 4 is the second copy
+    raw = sample(name)[state.RESERVED :]  # rev2's seq 4 is the second copy
     length = struct.unpack_from("<I", raw, 8)[0]
-    return json.loads(raw[12:12 + length])
+    return json.loads(raw[12 : 12 + length])
 
 
 def test_slot_state_record_with_unknown_keys_is_read():
@@ -134,9 +145,20 @@ def test_slot_state_of_a_higher_format_is_refused_by_name():
 
 # --- the confirmation sector and the file it is made from -------------------------------------
 
-BOOTED = Decision(slot="b", partition_number=3, device="/dev/mmcblk0p3", mount="ro+overlay:tmpfs",
-                  action="installed", bytes_fetched=1234, seconds=5.5, image="example", version=2, sha256=H2,
-                  data_device="/dev/mmcblk0p4", data_blank=False)
+BOOTED = Decision(
+    slot="b",
+    partition_number=3,
+    device="/dev/mmcblk0p3",
+    mount="ro+overlay:tmpfs",
+    action="installed",
+    bytes_fetched=1234,
+    seconds=5.5,
+    image="example",
+    version=2,
+    sha256=H2,
+    data_device="/dev/mmcblk0p4",
+    data_blank=False,
+)
 
 
 def test_booted_file_is_what_init_writes_today():
@@ -147,8 +169,12 @@ def test_mark_good_writes_the_confirmation_sector_byte_for_byte(tmp_path):
     path = card_with(tmp_path)
     booted = tmp_path / "booted"
     booted.write_bytes(sample("booted.rev1.sh") + f"disk='{path}'\n".encode())  # the card, not /dev/mmcblk0
-    subprocess.run(["sh", str(MARK_GOOD)], env={"RACKBOOT_BOOTED": str(booted), "PATH": os.environ["PATH"]},
-                   capture_output=True, check=True)
+    subprocess.run(
+        ["sh", str(MARK_GOOD)],
+        env={"RACKBOOT_BOOTED": str(booted), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        check=True,
+    )
     with open(path, "rb") as f:
         f.seek(state.CONFIRM)
         assert f.read(512) == sample("confirm.rev1.bin")
@@ -157,17 +183,22 @@ def test_mark_good_writes_the_confirmation_sector_byte_for_byte(tmp_path):
 
 # --- the partition table --------------------------------------------------------------------
 
+
 def test_mbr_is_read_and_laid_out_byte_for_byte():
     table = mbr.parse(sample("mbr.rev1.bin"))
     assert [(e.number, e.type, e.start, e.sectors, e.bootable) for e in table.entries] == [
-        (1, 0x0C, 4 * 2048, 16 * 2048, True), (2, 0x83, 20 * 2048, 64 * 2048, False),
-        (3, 0x83, 84 * 2048, 64 * 2048, False), (4, 0x83, 148 * 2048, 108 * 2048, False)]
+        (1, 0x0C, 4 * 2048, 16 * 2048, True),
+        (2, 0x83, 20 * 2048, 64 * 2048, False),
+        (3, 0x83, 84 * 2048, 64 * 2048, False),
+        (4, 0x83, 148 * 2048, 108 * 2048, False),
+    ]
     assert table.signature == zlib.crc32(b"rackboot:" + NODE.encode())
     assert mbr.dump(table) == sample("mbr.rev1.bin")
     assert mbr.dump(layout.decide(LAYOUT, None, CARD, node=NODE).table) == sample("mbr.rev1.bin")
 
 
 # --- a card in the field: today's updater boots it offline -------------------------------------
+
 
 def boot_offline(path: str):
     with socket.socket() as s:
@@ -184,8 +215,12 @@ def test_rev1_card_boots_its_primary_slot(tmp_path):
 
 
 def test_rev2_card_takes_its_confirmation_and_boots_the_confirmed_slot(tmp_path):
-    path = card_with(tmp_path, area=sample("slot-state.format1.rev2.bin"), table=sample("mbr.rev1.bin"),
-                     confirm=sample("confirm.rev1.bin"))
+    path = card_with(
+        tmp_path,
+        area=sample("slot-state.format1.rev2.bin"),
+        table=sample("mbr.rev1.bin"),
+        confirm=sample("confirm.rev1.bin"),
+    )
     decision = boot_offline(path)
     assert (decision.slot, decision.action, decision.device) == ("b", "offline", path + "3")
     with Disk(path, writable=False) as d:
@@ -196,18 +231,30 @@ def test_rev2_card_takes_its_confirmation_and_boots_the_confirmed_slot(tmp_path)
 
 # --- plans -----------------------------------------------------------------------------------
 
-PLAN_REV3 = Plan(node="default", layout=LAYOUT, image="/images/example/2/manifest.json",
-                 mount="ro+overlay:tmpfs", pin=True, tries=5)
+PLAN_REV3 = Plan(
+    node="default", layout=LAYOUT, image="/images/example/2/manifest.json", mount="ro+overlay:tmpfs", pin=True, tries=5
+)
 PLAN_UNSIGNED = Plan(node=NODE, layout=LAYOUT, image=None, mount="ro+overlay:data", pin=False, tries=3)
 
 
-@pytest.mark.parametrize("name, pin, tries", [("plan.format1.rev1.json", False, 3),  # no pin, no tries: defaults
-                                              ("plan.format1.rev2.json", True, 3),   # no tries: default
-                                              ("plan.format1.rev3.json", True, 5)])
+@pytest.mark.parametrize(
+    "name, pin, tries",
+    [
+        ("plan.format1.rev1.json", False, 3),  # no pin, no tries: defaults
+        ("plan.format1.rev2.json", True, 3),  # no tries: default
+        ("plan.format1.rev3.json", True, 5),
+    ],
+)
 def test_plans_of_every_revision_are_read(name, pin, tries):
     plan = formats.parse_plan(sample(name))
-    assert plan == Plan(node="default", layout=LAYOUT, image="/images/example/2/manifest.json",
-                        mount="ro+overlay:tmpfs", pin=pin, tries=tries)
+    assert plan == Plan(
+        node="default",
+        layout=LAYOUT,
+        image="/images/example/2/manifest.json",
+        mount="ro+overlay:tmpfs",
+        pin=pin,
+        tries=tries,
+    )
     assert (plan.layout.number("a"), plan.layout.number("b"), plan.layout.number("data")) == (2, 3, 4)
 
 
@@ -226,17 +273,32 @@ def test_publish_writes_the_current_plans_and_signature_byte_for_byte(tmp_path):
 
 # --- manifests, hooks, latest.json --------------------------------------------------------------
 
+
 def manifest(version: int, **extra) -> Manifest:
-    return Manifest(image="example", version=version, size=64 * MIB,
-                    sha256=hashlib.sha256(f"example v{version}".encode()).hexdigest(), crc32="0badcafe",
-                    stream="rootfs.ext4.gz", stream_size=12345678,
-                    stream_sha256=hashlib.sha256(f"example v{version} stream".encode()).hexdigest(),
-                    label=f"v{version}", created=1700000000, fstype="ext4", kernel_release="6.1.0-28-arm64",
-                    **extra)
+    return Manifest(
+        image="example",
+        version=version,
+        size=64 * MIB,
+        sha256=hashlib.sha256(f"example v{version}".encode()).hexdigest(),
+        crc32="0badcafe",
+        stream="rootfs.ext4.gz",
+        stream_size=12345678,
+        stream_sha256=hashlib.sha256(f"example v{version} stream".encode()).hexdigest(),
+        label=f"v{version}",
+        created=1700000000,
+        fstype="ext4",
+        kernel_release="6.1.0-28-arm64",
+        **extra,
+    )
 
 
-HOOK = Hook(name="post-install", file="post-install.sh", size=83,
-            sha256="edeadc0c7e7ffeec014877c6fb4484021c6721b14c75a40daa22b75894e25229", timeout=120)
+HOOK = Hook(
+    name="post-install",
+    file="post-install.sh",
+    size=83,
+    sha256="edeadc0c7e7ffeec014877c6fb4484021c6721b14c75a40daa22b75894e25229",
+    timeout=120,
+)
 
 
 def test_manifest_rev1_without_hooks_is_read_and_written_byte_for_byte():
@@ -269,8 +331,12 @@ def test_latest_is_read_and_written_byte_for_byte():
 
 # --- signatures ------------------------------------------------------------------------------
 
-SIGNED = ["plan.format1.rev2.json", "plan.format1.rev3.json", "manifest.format1.rev1.json",
-          "manifest.format1.rev2.hooks.json"]
+SIGNED = [
+    "plan.format1.rev2.json",
+    "plan.format1.rev3.json",
+    "manifest.format1.rev1.json",
+    "manifest.format1.rev2.hooks.json",
+]
 
 
 @pytest.mark.parametrize("name", SIGNED)
@@ -285,10 +351,12 @@ def test_signatures_verify_on_the_worker_and_are_remade_byte_for_byte(name):
 # --- reports --------------------------------------------------------------------------------
 
 REPORTS = {
-    "report.rev1.json": Report(node=NODE, phase="boot", bytes=1234, seconds=5.5, slot="b", version=2,
-                               time=1700000100.25),
-    "report.rev2.json": Report(node=NODE, phase="hook", seconds=0.125, slot="b", version=2, time=1700000200.5,
-                               output="post-install ok\n"),
+    "report.rev1.json": Report(
+        node=NODE, phase="boot", bytes=1234, seconds=5.5, slot="b", version=2, time=1700000100.25
+    ),
+    "report.rev2.json": Report(
+        node=NODE, phase="hook", seconds=0.125, slot="b", version=2, time=1700000200.5, output="post-install ok\n"
+    ),
     "report.rev3.json": Report(node=NODE, phase="confirm", slot="b", version=2, time=1700000300.75),
 }
 
@@ -331,15 +399,20 @@ def test_serve_stores_each_report_as_the_sample_line(master):
 
 # --- artefacts.json ----------------------------------------------------------------------------
 
-ARTEFACTS = (("kernel", "kernel", "vmlinuz"), ("initramfs", "initramfs", "initramfs.cpio.gz"),
-             ("card-script", "uboot-script", "boot.scr"), ("sdcard", "sdcard", "sdcard.img"))
+ARTEFACTS = (
+    ("kernel", "kernel", "vmlinuz"),
+    ("initramfs", "initramfs", "initramfs.cpio.gz"),
+    ("card-script", "uboot-script", "boot.scr"),
+    ("sdcard", "sdcard", "sdcard.img"),
+)
 
 
 def test_artefacts_json_is_read_and_written_byte_for_byte(tmp_path, monkeypatch):
     doc = json.loads(sample("artefacts.rev1.json"))
     assert doc["builder"] == "0.1.0"
     assert {e["name"]: (e["kind"], e["path"], e["size"]) for e in doc["artefacts"]} == {
-        name: (kind, path, len(name) + 1) for name, kind, path in ARTEFACTS}
+        name: (kind, path, len(name) + 1) for name, kind, path in ARTEFACTS
+    }
     monkeypatch.setattr(graph, "__version__", doc["builder"])  # a value in the sample, not its format
     arts, hashes = [], {}
     for name, kind, path in ARTEFACTS:  # each file holds its name and a newline
@@ -353,11 +426,24 @@ def test_artefacts_json_is_read_and_written_byte_for_byte(tmp_path, monkeypatch)
 
 # --- evolution: later additions are tolerated, a higher format is refused -----------------------
 
-PARSERS = {"plan": formats.parse_plan, "manifest": formats.parse_manifest, "latest": formats.parse_latest,
-           "report": formats.parse_report}
-DOCUMENTS = ["plan.format1.rev1.json", "plan.format1.rev2.json", "plan.format1.rev3.json",
-             "plan.format1.rev3.unsigned.json", "manifest.format1.rev1.json", "manifest.format1.rev2.hooks.json",
-             "latest.format1.rev1.json", "report.rev1.json", "report.rev2.json", "report.rev3.json"]
+PARSERS = {
+    "plan": formats.parse_plan,
+    "manifest": formats.parse_manifest,
+    "latest": formats.parse_latest,
+    "report": formats.parse_report,
+}
+DOCUMENTS = [
+    "plan.format1.rev1.json",
+    "plan.format1.rev2.json",
+    "plan.format1.rev3.json",
+    "plan.format1.rev3.unsigned.json",
+    "manifest.format1.rev1.json",
+    "manifest.format1.rev2.hooks.json",
+    "latest.format1.rev1.json",
+    "report.rev1.json",
+    "report.rev2.json",
+    "report.rev3.json",
+]
 
 
 def parser(name: str):
@@ -392,9 +478,18 @@ def test_a_higher_format_is_refused_by_name(name):
 
 def test_every_sample_is_covered():
     """A sample added to tests/data without a test here is a sample nobody checks."""
-    covered = {*DOCUMENTS, *(n + ".sig" for n in SIGNED), "slot-state.format1.rev1.bin",
-               "slot-state.format1.rev2.bin", "booted.rev1.sh", "confirm.rev1.bin", "mbr.rev1.bin",
-               "post-install.rev1.sh", "reports.rev1.jsonl", "artefacts.rev1.json"}
+    covered = {
+        *DOCUMENTS,
+        *(n + ".sig" for n in SIGNED),
+        "slot-state.format1.rev1.bin",
+        "slot-state.format1.rev2.bin",
+        "booted.rev1.sh",
+        "confirm.rev1.bin",
+        "mbr.rev1.bin",
+        "post-install.rev1.sh",
+        "reports.rev1.jsonl",
+        "artefacts.rev1.json",
+    }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {"README.md", "make_golden.py"}
     assert present == covered
 
@@ -405,6 +500,8 @@ def test_a_plan_cannot_put_a_partition_over_the_slot_state_or_the_confirmation_s
     confirmation sector at 3 MiB (which rackboot-mark-good writes and the updater zeroes)."""
     doc = json.loads(sample("plan.format1.rev3.json"))
     doc["layout"]["partitions"][0]["start_mib"] = start_mib
-    with pytest.raises(UpdaterError, match=rf"^plan: layout.partitions\[0\]: start_mib: must be >= 4, got {start_mib}$"):
+    with pytest.raises(
+        UpdaterError, match=rf"^plan: layout.partitions\[0\]: start_mib: must be >= 4, got {start_mib}$"
+    ):
         formats.parse_plan(json.dumps(doc))
     assert state.CONFIRM + 512 <= formats.MIN_START_MIB * MIB

@@ -1,13 +1,10 @@
 """The build graph: rebuild only what changed, say why, never leave half artefacts."""
 
 import json
-import os
 import subprocess
-import sys
 import threading
 
 import pytest
-
 from rackboot import graph
 from rackboot.errors import RackbootError
 
@@ -16,8 +13,10 @@ def artefact(name, data, calls, **kw):
     def build(tmp):
         calls.append(name)
         tmp.write_bytes(data())
-    return graph.Artefact(name=name, kind="test", filename=f"{name}.bin", inputs=kw.pop("inputs", {"v": 1}),
-                          build=build, **kw)
+
+    return graph.Artefact(
+        name=name, kind="test", filename=f"{name}.bin", inputs=kw.pop("inputs", {"v": 1}), build=build, **kw
+    )
 
 
 def quiet(_):
@@ -34,8 +33,14 @@ def test_second_run_rebuilds_nothing_and_manifest_is_complete(tmp_path):
     doc = json.loads((tmp_path / "artefacts.json").read_text())
     assert [e["name"] for e in doc["artefacts"]] == ["a", "b"]
     import hashlib
-    assert doc["artefacts"][0] == {"name": "a", "kind": "test", "path": "a.bin", "size": 1,
-                                   "sha256": hashlib.sha256(b"A").hexdigest()}
+
+    assert doc["artefacts"][0] == {
+        "name": "a",
+        "kind": "test",
+        "path": "a.bin",
+        "size": 1,
+        "sha256": hashlib.sha256(b"A").hexdigest(),
+    }
 
 
 def test_changed_input_rebuilds_it_and_says_why(tmp_path):
@@ -49,8 +54,10 @@ def test_changed_input_rebuilds_it_and_says_why(tmp_path):
 def test_dependent_rebuilds_only_when_dependency_output_changes(tmp_path):
     calls = []
     content = {"a": b"1"}
-    arts = lambda inputs: [artefact("a", lambda: content["a"], calls, inputs=inputs),
-                           artefact("b", lambda: b"B", calls, after=("a",))]
+    arts = lambda inputs: [
+        artefact("a", lambda: content["a"], calls, inputs=inputs),
+        artefact("b", lambda: b"B", calls, after=("a",)),
+    ]
     graph.run(arts({"v": 1}), tmp_path, log=quiet)
     graph.run(arts({"v": 2}), tmp_path, log=quiet)  # a rebuilt, same bytes: b stays
     assert calls == ["a", "b", "a"]
@@ -73,6 +80,7 @@ def test_failed_build_leaves_no_partial_output(tmp_path):
     def build(tmp):
         tmp.write_bytes(b"half")
         raise RackbootError("boom")
+
     with pytest.raises(RackbootError, match="boom"):
         graph.run([graph.Artefact("a", "test", "a.bin", {}, build)], tmp_path, log=quiet)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != graph.STATE_DIR]
@@ -102,10 +110,12 @@ def test_concurrent_runs_are_serialised(tmp_path):
             active[0] += 1
             overlap.append(active[0])
         import time
+
         time.sleep(0.2)
         tmp.write_bytes(b"x")
         with lock:
             active[0] -= 1
+
     # flock is per open file description, so two threads contend like two processes would
     arts = lambda n: [graph.Artefact("a", "test", "a.bin", {"n": n}, build)]
     threads = [threading.Thread(target=graph.run, args=(arts(n), tmp_path), kwargs={"log": quiet}) for n in (1, 2)]
@@ -120,9 +130,12 @@ def test_a_late_failure_leaves_the_previous_build_whole(tmp_path):
     """a is rebuilt, then b fails: a.bin, its stamp and artefacts.json stay as the last
     build left them, and the next good run commits both."""
     calls = []
-    arts = lambda v, fail: [artefact("a", lambda: f"A{v}".encode(), calls, inputs={"v": v}),
-                            graph.Artefact("b", "test", "b.bin", {}, after=("a",),
-                                           build=lambda tmp: _fail() if fail else tmp.write_bytes(b"B"))]
+    arts = lambda v, fail: [
+        artefact("a", lambda: f"A{v}".encode(), calls, inputs={"v": v}),
+        graph.Artefact(
+            "b", "test", "b.bin", {}, after=("a",), build=lambda tmp: _fail() if fail else tmp.write_bytes(b"B")
+        ),
+    ]
     graph.run(arts(1, False), tmp_path, log=quiet)
     before = {p: (tmp_path / p).read_bytes() for p in ("a.bin", "b.bin", "artefacts.json")}
     with pytest.raises(RackbootError, match="card step failed"):
@@ -140,10 +153,14 @@ def _fail():
 
 def test_steps_read_what_this_run_built(tmp_path):
     """b copies a's output: it must see this run's a, not the previous build's."""
+
     def copy_a(tmp):
         tmp.write_bytes(b"from " + (graph.stage_dir(tmp_path) / "a.bin").read_bytes())
-    arts = lambda v: [artefact("a", lambda: f"A{v}".encode(), [], inputs={"v": v}),
-                      graph.Artefact("b", "test", "b.bin", {}, copy_a, after=("a",))]
+
+    arts = lambda v: [
+        artefact("a", lambda: f"A{v}".encode(), [], inputs={"v": v}),
+        graph.Artefact("b", "test", "b.bin", {}, copy_a, after=("a",)),
+    ]
     graph.run(arts(1), tmp_path, log=quiet)
     graph.run(arts(2), tmp_path, log=quiet)
     assert (tmp_path / "b.bin").read_bytes() == b"from A2"
@@ -152,9 +169,16 @@ def test_steps_read_what_this_run_built(tmp_path):
 def test_an_output_the_build_no_longer_makes_goes_when_it_commits(tmp_path):
     """Switching compression renames the initramfs: the old file leaves with the commit,
     not before (a failed run keeps it) and not never."""
+
     def initramfs(suffix, fail=False):
-        return graph.Artefact("initramfs", "initramfs", f"initramfs.cpio{suffix}", {"suffix": suffix},
-                              lambda tmp: _fail() if fail else tmp.write_bytes(suffix.encode()))
+        return graph.Artefact(
+            "initramfs",
+            "initramfs",
+            f"initramfs.cpio{suffix}",
+            {"suffix": suffix},
+            lambda tmp: _fail() if fail else tmp.write_bytes(suffix.encode()),
+        )
+
     graph.run([initramfs(".gz"), artefact("extra", lambda: b"E", [])], tmp_path, log=quiet)
     with pytest.raises(RackbootError):
         graph.run([initramfs(".xz", fail=True)], tmp_path, log=quiet)

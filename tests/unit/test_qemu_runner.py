@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from rackboot.errors import RackbootError
 from rackboot.qemu.machines import profile
 from rackboot.qemu.runner import DiskFault, QemuWorker
@@ -24,13 +23,15 @@ def drives(**options) -> list[str]:
 def test_plain_disks_are_raw_files_as_before():
     assert drives(disks=[Path("/c/a.img"), Path("/c/b.img")]) == [
         "if=none,id=disk0,format=raw,file=/c/a.img,cache=writeback",
-        "if=none,id=disk1,format=raw,file=/c/b.img,cache=writeback"]
+        "if=none,id=disk1,format=raw,file=/c/b.img,cache=writeback",
+    ]
 
 
 def test_faults_put_blkdebug_under_raw_on_their_disk_only():
-    plain, faulty = drives(disks=[Path("/c/a.img"), Path("/c/b.img")],
-                           faults=[DiskFault("write", sector=2048, disk=1),
-                                   DiskFault("read", errno=28, once=True, disk=1)])
+    plain, faulty = drives(
+        disks=[Path("/c/a.img"), Path("/c/b.img")],
+        faults=[DiskFault("write", sector=2048, disk=1), DiskFault("read", errno=28, once=True, disk=1)],
+    )
     assert plain == "if=none,id=disk0,format=raw,file=/c/a.img,cache=writeback"
     assert faulty == (
         "if=none,id=disk1,format=raw,cache=writeback,werror=report,rerror=report,"
@@ -38,7 +39,8 @@ def test_faults_put_blkdebug_under_raw_on_their_disk_only():
         "file.inject-error.0.event=write_aio,file.inject-error.0.iotype=write,file.inject-error.0.errno=5,"
         "file.inject-error.0.once=off,file.inject-error.0.sector=2048,"
         "file.inject-error.1.event=read_aio,file.inject-error.1.iotype=read,file.inject-error.1.errno=28,"
-        "file.inject-error.1.once=on")
+        "file.inject-error.1.once=on"
+    )
 
 
 def test_bad_faults_are_refused_in_one_line():

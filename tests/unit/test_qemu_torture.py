@@ -7,7 +7,6 @@ import random
 from types import SimpleNamespace
 
 import pytest
-
 from rackboot.initramfs.updater import layout, mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import Slot, SlotState
@@ -21,15 +20,19 @@ def test_cuts_repeat_for_a_seed_and_visit_every_phase_each_round():
     assert cuts == torture.plan_cuts(random.Random(7), 12)
     assert cuts != torture.plan_cuts(random.Random(8), 12)
     for start in (0, 5):
-        assert sorted(c.phase for c in cuts[start:start + 5]) == sorted(torture.PHASES)
+        assert sorted(c.phase for c in cuts[start : start + 5]) == sorted(torture.PHASES)
     assert cuts[0].blank and all(c.blank for c in cuts if c.phase == "layout")
     assert all(0 <= c.fraction < 1 for c in cuts)
 
 
 def test_each_cycle_pins_a_version_no_slot_holds():
     def card(**slots):
-        return SlotState(slots={n: Slot(s, "example", v, "ab" * 32, None, 1 if s == "trial" else None)
-                                for n, (s, v) in slots.items()})
+        return SlotState(
+            slots={
+                n: Slot(s, "example", v, "ab" * 32, None, 1 if s == "trial" else None) for n, (s, v) in slots.items()
+            }
+        )
+
     assert torture.next_version(SlotState()) == 1
     assert torture.next_version(card(a=("good", 1), b=("trial", 2))) == 3
     assert torture.next_version(card(a=("good", 3), b=("good", 2))) == 1
@@ -85,11 +88,14 @@ def test_check_rejects_a_version_the_slot_state_does_not_record(card):
     assert not verdict.survived and "slot state says good v1" in verdict.detail
 
 
-@pytest.mark.parametrize("console, why", [
-    (["rackboot: rescue: updater failed; retrying in 5 s"], "rescue shell"),
-    (["rackboot: installing example v1 into slot a"], "never came up"),
-    (["rackboot-demo: v1 is up"], "without the updater saying"),
-])
+@pytest.mark.parametrize(
+    "console, why",
+    [
+        (["rackboot: rescue: updater failed; retrying in 5 s"], "rescue shell"),
+        (["rackboot: installing example v1 into slot a"], "never came up"),
+        (["rackboot-demo: v1 is up"], "without the updater saying"),
+    ],
+)
 def test_check_counts_a_worker_that_never_came_up_as_bricked(card, console, why):
     verdict = torture.check(console, card[0], card[1])
     assert not verdict.survived and why in verdict.detail

@@ -4,8 +4,8 @@ import os
 import subprocess
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rackboot.errors import RackbootError
 from rackboot.uboot.image import legacy_image, parse_legacy_image
 
@@ -13,9 +13,31 @@ from rackboot.uboot.image import legacy_image, parse_legacy_image
 def mkimage(tmp_path, payload, *, arch, image_type, load=0, entry=0, name="rackboot", epoch=1700000000):
     src, out = tmp_path / "in", tmp_path / "out"
     src.write_bytes(payload)
-    subprocess.run(["mkimage", "-A", arch, "-O", "linux", "-T", image_type, "-C", "none", "-a", hex(load),
-                    "-e", hex(entry), "-n", name, "-d", str(src), str(out)], check=True, capture_output=True,
-                   env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)})
+    subprocess.run(
+        [
+            "mkimage",
+            "-A",
+            arch,
+            "-O",
+            "linux",
+            "-T",
+            image_type,
+            "-C",
+            "none",
+            "-a",
+            hex(load),
+            "-e",
+            hex(entry),
+            "-n",
+            name,
+            "-d",
+            str(src),
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)},
+    )
     return out.read_bytes()
 
 
@@ -25,8 +47,9 @@ def mkimage(tmp_path, payload, *, arch, image_type, load=0, entry=0, name="rackb
 def test_byte_identical_to_mkimage(tmp_path, arch, image_type, size):
     payload = os.urandom(size) if image_type != "script" else (b"echo rackboot\n" * size)[:size]
     load = 0x40000000 if image_type == "kernel" else 0
-    ours = legacy_image(payload, image_type=image_type, arch=arch, name="rackboot", timestamp=1700000000,
-                        load=load, entry=load)
+    ours = legacy_image(
+        payload, image_type=image_type, arch=arch, name="rackboot", timestamp=1700000000, load=load, entry=load
+    )
     assert ours == mkimage(tmp_path, payload, arch=arch, image_type=image_type, load=load, entry=load)
 
 
@@ -36,7 +59,11 @@ def test_mkimage_lists_and_dumpimage_extracts_ours(tmp_path):
     image.write_bytes(legacy_image(payload, image_type="ramdisk", arch="arm64", name="initramfs", timestamp=0))
     listing = subprocess.run(["mkimage", "-l", str(image)], capture_output=True, text=True, check=True).stdout
     assert "initramfs" in listing and "RAMDisk Image" in listing and "AArch64" in listing
-    subprocess.run(["dumpimage", "-T", "ramdisk", "-p", "0", "-o", str(tmp_path / "x"), str(image)], check=True, capture_output=True)
+    subprocess.run(
+        ["dumpimage", "-T", "ramdisk", "-p", "0", "-o", str(tmp_path / "x"), str(image)],
+        check=True,
+        capture_output=True,
+    )
     assert (tmp_path / "x").read_bytes() == payload
 
 
@@ -67,9 +94,14 @@ _valid = legacy_image(b"echo fuzz\n", image_type="script", arch="arm64", name="f
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=200),
-                 st.tuples(st.integers(0, len(_valid) - 1), st.integers(0, 255)).map(
-                     lambda t: _valid[:t[0]] + bytes([t[1]]) + _valid[t[0] + 1:])))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.tuples(st.integers(0, len(_valid) - 1), st.integers(0, 255)).map(
+            lambda t: _valid[: t[0]] + bytes([t[1]]) + _valid[t[0] + 1 :]
+        ),
+    )
+)
 def test_parser_fuzz_only_clean_errors(data):
     try:
         parse_legacy_image(data)

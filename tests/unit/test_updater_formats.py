@@ -7,31 +7,69 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Manifest, Report, Slot, SlotState
 
-PLAN = {"format": 1, "node": "worker-1",
-        "layout": {"partitions": [{"name": "boot", "start_mib": 4, "size_mib": 128, "type": "0c"},
-                                  {"name": "a", "size_mib": 512, "type": "83"},
-                                  {"name": "b", "size_mib": 512, "type": "83"},
-                                  {"name": "data", "size_mib": "rest", "type": "83"}],
-                   "repartition": "allowed"},
-        "image": "/images/example/2/manifest.json", "mount": "ro+overlay:tmpfs"}
-MANIFEST = {"format": 1, "image": "example", "version": 2, "label": "v2", "created": 1700000000,
-            "fstype": "ext4", "size": 67108864, "sha256": "ab" * 32, "crc32": "0badcafe",
-            "compression": "gzip", "stream": "rootfs.ext4.gz", "stream_size": 1234,
-            "stream_sha256": "cd" * 32, "kernel_release": "6.1.0-50-arm64"}
+PLAN = {
+    "format": 1,
+    "node": "worker-1",
+    "layout": {
+        "partitions": [
+            {"name": "boot", "start_mib": 4, "size_mib": 128, "type": "0c"},
+            {"name": "a", "size_mib": 512, "type": "83"},
+            {"name": "b", "size_mib": 512, "type": "83"},
+            {"name": "data", "size_mib": "rest", "type": "83"},
+        ],
+        "repartition": "allowed",
+    },
+    "image": "/images/example/2/manifest.json",
+    "mount": "ro+overlay:tmpfs",
+}
+MANIFEST = {
+    "format": 1,
+    "image": "example",
+    "version": 2,
+    "label": "v2",
+    "created": 1700000000,
+    "fstype": "ext4",
+    "size": 67108864,
+    "sha256": "ab" * 32,
+    "crc32": "0badcafe",
+    "compression": "gzip",
+    "stream": "rootfs.ext4.gz",
+    "stream_size": 1234,
+    "stream_sha256": "cd" * 32,
+    "kernel_release": "6.1.0-50-arm64",
+}
 HOOK = {"name": "post-install", "file": "post-install.sh", "size": 12, "sha256": "c" * 64, "timeout": 60}
-STATE = {"format": 1, "seq": 7,
-         "slots": {"a": {"image": "example", "version": 1, "sha256": "11" * 32, "state": "good"},
-                   "b": {"image": "example", "version": 2, "sha256": "22" * 32, "state": "good"}},
-         "primary": "b", "last_good": "b"}
-REPORT = {"node": "52-54-00-12-34-56", "phase": "download", "bytes": 10, "seconds": 1.5,
-          "error": None, "slot": "a", "version": 2, "time": 12.0}
-PARSERS = [formats.parse_plan, formats.parse_manifest, formats.parse_slot_state,
-           formats.parse_report, formats.parse_latest]
+STATE = {
+    "format": 1,
+    "seq": 7,
+    "slots": {
+        "a": {"image": "example", "version": 1, "sha256": "11" * 32, "state": "good"},
+        "b": {"image": "example", "version": 2, "sha256": "22" * 32, "state": "good"},
+    },
+    "primary": "b",
+    "last_good": "b",
+}
+REPORT = {
+    "node": "52-54-00-12-34-56",
+    "phase": "download",
+    "bytes": 10,
+    "seconds": 1.5,
+    "error": None,
+    "slot": "a",
+    "version": 2,
+    "time": 12.0,
+}
+PARSERS = [
+    formats.parse_plan,
+    formats.parse_manifest,
+    formats.parse_slot_state,
+    formats.parse_report,
+    formats.parse_latest,
+]
 
 
 def raw(obj) -> bytes:
@@ -41,13 +79,21 @@ def raw(obj) -> bytes:
 def test_plan_from_the_spec_resolves_starts():
     plan = formats.parse_plan(raw(PLAN))
     assert [(p.name, p.start_mib, p.size_mib) for p in plan.layout.partitions] == [
-        ("boot", 4, 128), ("a", 132, 512), ("b", 644, 512), ("data", 1156, "rest")]
+        ("boot", 4, 128),
+        ("a", 132, 512),
+        ("b", 644, 512),
+        ("data", 1156, "rest"),
+    ]
     assert plan.layout.number("b") == 3 and plan.image == PLAN["image"]
 
 
 def test_dump_is_canonical_and_round_trips():
-    for parse, obj in [(formats.parse_plan, PLAN), (formats.parse_manifest, MANIFEST),
-                       (formats.parse_slot_state, STATE), (formats.parse_report, REPORT)]:
+    for parse, obj in [
+        (formats.parse_plan, PLAN),
+        (formats.parse_manifest, MANIFEST),
+        (formats.parse_slot_state, STATE),
+        (formats.parse_report, REPORT),
+    ]:
         doc = parse(raw(obj))
         data = formats.dump(doc)
         assert data.endswith(b"}\n") and b" " not in data.replace(b"ro+overlay:tmpfs", b"")
@@ -60,16 +106,19 @@ def test_manifest_dump_is_exactly_sorted_compact():
     assert formats.dump(m) == (json.dumps({**MANIFEST}, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"sha256": "AB" * 32}, "manifest: sha256: "),
-    ({"version": 0}, "manifest: version: must be >= 1"),
-    ({"version": True}, "manifest: version: expected an integer, got a boolean"),
-    ({"compression": "lz4"}, "manifest: compression: must be one of gzip, none"),
-    ({"stream": "../etc/passwd"}, "manifest: stream: "),
-    ({"image": "Bad Name"}, "manifest: image: "),
-    ({"format": 2}, "manifest: format: unsupported format 2"),
-    ({"crc32": "123"}, "manifest: crc32: "),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sha256": "AB" * 32}, "manifest: sha256: "),
+        ({"version": 0}, "manifest: version: must be >= 1"),
+        ({"version": True}, "manifest: version: expected an integer, got a boolean"),
+        ({"compression": "lz4"}, "manifest: compression: must be one of gzip, none"),
+        ({"stream": "../etc/passwd"}, "manifest: stream: "),
+        ({"image": "Bad Name"}, "manifest: image: "),
+        ({"format": 2}, "manifest: format: unsupported format 2"),
+        ({"crc32": "123"}, "manifest: crc32: "),
+    ],
+)
 def test_manifest_errors_name_the_field(change, message):
     with pytest.raises(UpdaterError) as e:
         formats.parse_manifest(raw({**MANIFEST, **change}))
@@ -83,26 +132,45 @@ def test_missing_field_is_named():
         formats.parse_manifest(raw(obj))
 
 
-@pytest.mark.parametrize("parts, message", [
-    ([{"name": "a", "start_mib": 4, "size_mib": "rest", "type": "83"},
-      {"name": "b", "size_mib": 8, "type": "83"}], 'partitions\\[0\\]: size_mib: "rest" is only allowed'),
-    ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"},
-      {"name": "b", "start_mib": 13, "size_mib": 8, "type": "83"}], "partitions\\[1\\]: start_mib: 13 leaves a gap"),
-    ([{"name": "a", "start_mib": 1, "size_mib": 8, "type": "83"},
-      {"name": "b", "size_mib": 8, "type": "83"}], "partitions\\[0\\]: start_mib: must be >= 4"),
-    ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"}], "must include the slots"),
-    ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "00"},
-      {"name": "b", "size_mib": 8, "type": "83"}], "type: 00 marks an unused entry"),
-    ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"}] * 5, "1 to 4 MBR primaries"),
-])
+@pytest.mark.parametrize(
+    "parts, message",
+    [
+        (
+            [
+                {"name": "a", "start_mib": 4, "size_mib": "rest", "type": "83"},
+                {"name": "b", "size_mib": 8, "type": "83"},
+            ],
+            'partitions\\[0\\]: size_mib: "rest" is only allowed',
+        ),
+        (
+            [
+                {"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"},
+                {"name": "b", "start_mib": 13, "size_mib": 8, "type": "83"},
+            ],
+            "partitions\\[1\\]: start_mib: 13 leaves a gap",
+        ),
+        (
+            [{"name": "a", "start_mib": 1, "size_mib": 8, "type": "83"}, {"name": "b", "size_mib": 8, "type": "83"}],
+            "partitions\\[0\\]: start_mib: must be >= 4",
+        ),
+        ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"}], "must include the slots"),
+        (
+            [{"name": "a", "start_mib": 4, "size_mib": 8, "type": "00"}, {"name": "b", "size_mib": 8, "type": "83"}],
+            "type: 00 marks an unused entry",
+        ),
+        ([{"name": "a", "start_mib": 4, "size_mib": 8, "type": "83"}] * 5, "1 to 4 MBR primaries"),
+    ],
+)
 def test_layout_errors(parts, message):
     with pytest.raises(UpdaterError, match=message):
         formats.parse_plan(raw({**PLAN, "layout": {"partitions": parts, "repartition": "never"}}))
 
 
 def test_slot_state_requires_primary_to_be_bootable():
-    bad = {**STATE, "slots": {**STATE["slots"], "b": {"state": "writing", "image": None,
-                                                       "version": None, "sha256": None}}}
+    bad = {
+        **STATE,
+        "slots": {**STATE["slots"], "b": {"state": "writing", "image": None, "version": None, "sha256": None}},
+    }
     with pytest.raises(UpdaterError, match="slot state: primary: 'b' is not a good or trial slot"):
         formats.parse_slot_state(raw(bad))
 
@@ -120,8 +188,7 @@ def test_trial_slots_and_only_trial_slots_count_tries():
 
 def test_good_slot_must_name_its_image():
     with pytest.raises(UpdaterError, match="slot state: slots.a: state: a good slot must name"):
-        formats.parse_slot_state(raw({**STATE, "slots": {"a": {"state": "good"}}, "primary": None,
-                                      "last_good": None}))
+        formats.parse_slot_state(raw({**STATE, "slots": {"a": {"state": "good"}}, "primary": None, "last_good": None}))
 
 
 def test_slot_holds_compares_image_version_and_hash():
@@ -149,8 +216,21 @@ def test_stream_path_is_beside_the_manifest():
     assert m.stream_path("/images/example/2/manifest.json") == "/images/example/2/rootfs.ext4.gz"
 
 
-@pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"[" * 50000, b"NaN", b"1e999", b"{" + b'"a":' * 3,
-                                  b'{"format":1e400}', b"9" * 5000, b"\"\\ud800\"", b"null"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff\xfe",
+        b"[" * 50000,
+        b"NaN",
+        b"1e999",
+        b"{" + b'"a":' * 3,
+        b'{"format":1e400}',
+        b"9" * 5000,
+        b'"\\ud800"',
+        b"null",
+    ],
+)
 def test_hostile_bytes_raise_only_updater_error(data):
     for parse in PARSERS:
         with pytest.raises(UpdaterError):
@@ -173,10 +253,15 @@ def test_fuzz_random_bytes(data):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
     | st.sampled_from(["rest", "good", "gzip", "a", "b", "83", "example", "ab" * 32]),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
-    max_leaves=20)
+    max_leaves=20,
+)
 
 
 def _mutations(base: dict):
@@ -185,9 +270,16 @@ def _mutations(base: dict):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(_mutations(PLAN), _mutations(MANIFEST), _mutations(STATE), _mutations(REPORT),
-                 _mutations({**PLAN, "layout": {**PLAN["layout"], "partitions": [{"name": 1}]}}),
-                 st.builds(lambda hook: {**MANIFEST, "hooks": [hook]}, _mutations(HOOK))))
+@given(
+    st.one_of(
+        _mutations(PLAN),
+        _mutations(MANIFEST),
+        _mutations(STATE),
+        _mutations(REPORT),
+        _mutations({**PLAN, "layout": {**PLAN["layout"], "partitions": [{"name": 1}]}}),
+        st.builds(lambda hook: {**MANIFEST, "hooks": [hook]}, _mutations(HOOK)),
+    )
+)
 def test_fuzz_structured_mutations(obj):
     data = json.dumps(obj).encode()
     for parse in PARSERS:
@@ -201,8 +293,10 @@ def test_fuzz_structured_mutations(obj):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "boot", "data", "x"]), json_values), max_size=6))
 def test_fuzz_partitions(items):
-    parts = [{"name": n, "start_mib": v, "size_mib": v, "type": v} if i % 2 else
-             {"name": n, "size_mib": v, "type": "83"} for i, (n, v) in enumerate(items)]
+    parts = [
+        {"name": n, "start_mib": v, "size_mib": v, "type": v} if i % 2 else {"name": n, "size_mib": v, "type": "83"}
+        for i, (n, v) in enumerate(items)
+    ]
     try:
         formats.parse_plan(raw({**PLAN, "layout": {"partitions": parts, "repartition": "allowed"}}))
     except UpdaterError:
@@ -221,10 +315,17 @@ def test_report_make_round_trips():
 
 
 def test_manifest_constructed_in_code_dumps_all_fields():
-    m = Manifest(image="x", version=1, size=1, sha256="0" * 64, crc32="0" * 8, stream="s.gz",
-                 stream_size=1, stream_sha256="0" * 64)
+    m = Manifest(
+        image="x",
+        version=1,
+        size=1,
+        sha256="0" * 64,
+        crc32="0" * 8,
+        stream="s.gz",
+        stream_size=1,
+        stream_sha256="0" * 64,
+    )
     assert set(json.loads(formats.dump(m))) == set(MANIFEST)
-
 
 
 def test_hooks_round_trip_and_old_manifests_dump_as_before():
@@ -234,17 +335,20 @@ def test_hooks_round_trip_and_old_manifests_dump_as_before():
     assert b"hooks" not in formats.dump(formats.parse_manifest(raw(MANIFEST)))  # signed bytes unchanged
 
 
-@pytest.mark.parametrize("hooks, message", [
-    ([{**HOOK, "name": "pre-boot"}], "manifest: hooks[0]: name: must be one of pre-install, post-install"),
-    ([HOOK, HOOK], "manifest: hooks: each hook may appear once"),
-    ([HOOK] * 3, "manifest: hooks: expected a list of at most 2 hooks"),
-    ({"name": "x"}, "manifest: hooks: expected a list"),
-    ([{**HOOK, "file": "../../sbin/init"}], "manifest: hooks[0]: file: '../../sbin/init' is not a plain file"),
-    ([{**HOOK, "file": "manifest.json"}], "manifest: hooks: a hook cannot be the manifest"),
-    ([{**HOOK, "size": 1 << 20}], "manifest: hooks[0]: size: 1048576 bytes is larger than"),
-    ([{**HOOK, "timeout": 0}], "manifest: hooks[0]: timeout: must be >= 1"),
-    ([{**HOOK, "timeout": 86400}], "manifest: hooks[0]: timeout: 86400 s is longer than"),
-])
+@pytest.mark.parametrize(
+    "hooks, message",
+    [
+        ([{**HOOK, "name": "pre-boot"}], "manifest: hooks[0]: name: must be one of pre-install, post-install"),
+        ([HOOK, HOOK], "manifest: hooks: each hook may appear once"),
+        ([HOOK] * 3, "manifest: hooks: expected a list of at most 2 hooks"),
+        ({"name": "x"}, "manifest: hooks: expected a list"),
+        ([{**HOOK, "file": "../../sbin/init"}], "manifest: hooks[0]: file: '../../sbin/init' is not a plain file"),
+        ([{**HOOK, "file": "manifest.json"}], "manifest: hooks: a hook cannot be the manifest"),
+        ([{**HOOK, "size": 1 << 20}], "manifest: hooks[0]: size: 1048576 bytes is larger than"),
+        ([{**HOOK, "timeout": 0}], "manifest: hooks[0]: timeout: must be >= 1"),
+        ([{**HOOK, "timeout": 86400}], "manifest: hooks[0]: timeout: 86400 s is longer than"),
+    ],
+)
 def test_bad_hooks_name_the_field(hooks, message):
     with pytest.raises(UpdaterError) as e:
         formats.parse_manifest(raw({**MANIFEST, "hooks": hooks}))

@@ -9,7 +9,6 @@ import time
 import zlib
 
 import pytest
-
 from rackboot.initramfs.updater import install
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
@@ -35,16 +34,24 @@ def image(size=5 * MIB + 123) -> bytes:
 
 
 def manifest_for(data: bytes, stream: bytes, compression="gzip", **override) -> Manifest:
-    fields = dict(image="example", version=1, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                  crc32=f"{zlib.crc32(data):08x}", stream="s", stream_size=len(stream),
-                  stream_sha256=hashlib.sha256(stream).hexdigest(), compression=compression)
+    fields = dict(
+        image="example",
+        version=1,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        crc32=f"{zlib.crc32(data):08x}",
+        stream="s",
+        stream_size=len(stream),
+        stream_sha256=hashlib.sha256(stream).hexdigest(),
+        compression=compression,
+    )
     fields.update(override)
     return Manifest(**fields)
 
 
 def chunks(data: bytes, size: int = 65536):
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 def test_writes_inflated_bytes_at_the_offset_and_hashes_them(disk):
@@ -100,8 +107,7 @@ def test_short_gzip_is_truncated(disk):
 def test_short_plain_stream_is_truncated(disk):
     data = image(MIB)
     with pytest.raises(UpdaterError, match=f"after {MIB - 10} of {MIB} bytes.*truncated"):
-        install.write_stream(chunks(data[:-10]), disk, OFFSET, CAPACITY,
-                             manifest_for(data, data, compression="none"))
+        install.write_stream(chunks(data[:-10]), disk, OFFSET, CAPACITY, manifest_for(data, data, compression="none"))
 
 
 def test_garbage_is_not_gzip(disk):
@@ -142,9 +148,8 @@ def test_write_errors_reach_the_caller(tmp_path):
         f.truncate(4 * MIB)
     data = image(2 * MIB)
     stream = gzip.compress(data, mtime=0)
-    with Disk(str(path)) as small:
-        with pytest.raises(UpdaterError, match="outside its"):
-            install.write_stream(chunks(stream), small, 3 * MIB, CAPACITY, manifest_for(data, stream))
+    with Disk(str(path)) as small, pytest.raises(UpdaterError, match="outside its"):
+        install.write_stream(chunks(stream), small, 3 * MIB, CAPACITY, manifest_for(data, stream))
 
 
 def test_a_failed_install_stops_the_reader_thread(disk):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from rackboot.initramfs.updater import layout, mbr
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Partition
@@ -12,16 +11,25 @@ MIB = 1 << 20
 
 
 def plan(a=64, b=64, repartition="allowed", boot_start=4, boot=16) -> Layout:
-    return Layout((Partition("boot", boot_start, boot, "0c"), Partition("a", boot_start + boot, a, "83"),
-                   Partition("b", boot_start + boot + a, b, "83"),
-                   Partition("data", boot_start + boot + a + b, "rest", "83")), repartition)
+    return Layout(
+        (
+            Partition("boot", boot_start, boot, "0c"),
+            Partition("a", boot_start + boot, a, "83"),
+            Partition("b", boot_start + boot + a, b, "83"),
+            Partition("data", boot_start + boot + a + b, "rest", "83"),
+        ),
+        repartition,
+    )
 
 
 def test_rest_runs_to_the_card_end_aligned_down_to_a_mib():
     entries = layout.wanted_entries(plan(), 256 * MIB + 12345)
     assert [(e.number, e.start, e.sectors, e.type, e.bootable) for e in entries] == [
-        (1, 4 * 2048, 16 * 2048, 0x0C, True), (2, 20 * 2048, 64 * 2048, 0x83, False),
-        (3, 84 * 2048, 64 * 2048, 0x83, False), (4, 148 * 2048, 108 * 2048, 0x83, False)]
+        (1, 4 * 2048, 16 * 2048, 0x0C, True),
+        (2, 20 * 2048, 64 * 2048, 0x83, False),
+        (3, 84 * 2048, 64 * 2048, 0x83, False),
+        (4, 148 * 2048, 108 * 2048, 0x83, False),
+    ]
 
 
 def test_blank_card_gets_everything():
@@ -73,11 +81,17 @@ def test_repartition_never_refuses_a_mismatch():
 
 def test_boot_partition_never_moves():
     current = mbr.Mbr(7, layout.wanted_entries(plan(), 256 * MIB))
-    with pytest.raises(UpdaterError, match=r"change the boot partition's size \(card 32768, plan 65536 sectors\); "
-                                           r"refusing$"):
+    with pytest.raises(
+        UpdaterError,
+        match=r"change the boot partition's size \(card 32768, plan 65536 sectors\); "
+        r"refusing$",
+    ):
         layout.decide(plan(boot=32), current, 256 * MIB)
-    with pytest.raises(UpdaterError, match=r"boot partition's start \(card 8192, plan 16384 sectors\) and size "
-                                           r"\(card 32768, plan 30720 sectors\); refusing$"):
+    with pytest.raises(
+        UpdaterError,
+        match=r"boot partition's start \(card 8192, plan 16384 sectors\) and size "
+        r"\(card 32768, plan 30720 sectors\); refusing$",
+    ):
         layout.decide(plan(boot_start=8, boot=15), current, 256 * MIB)
 
 

@@ -7,7 +7,6 @@ import socket
 import subprocess
 
 import pytest
-
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk, partition_device
 from rackboot.initramfs.updater.errors import UpdaterError
@@ -32,8 +31,11 @@ def fake_root(tmp_path, nets: dict, dt_serial=None, cpuinfo=None):
 
 
 def test_first_real_interface_and_device_tree_serial(tmp_path):
-    root = fake_root(tmp_path, {"lo": "00:00:00:00:00:00", "eth0": "B8:27:EB:00:11:22", "wlan0": "b8:27:eb:99:99:99"},
-                     dt_serial=b"00000000abcdef01\0")
+    root = fake_root(
+        tmp_path,
+        {"lo": "00:00:00:00:00:00", "eth0": "B8:27:EB:00:11:22", "wlan0": "b8:27:eb:99:99:99"},
+        dt_serial=b"00000000abcdef01\0",
+    )
     ident = discover_identity(root=root)
     assert (ident.mac, ident.serial, ident.node) == ("b8:27:eb:00:11:22", "00000000abcdef01", "b8-27-eb-00-11-22")
 
@@ -80,14 +82,24 @@ def contacted(sock: socket.socket) -> bool:
 
 def test_a_board_without_identity_boots_its_good_slot_offline_and_asks_nobody(tmp_path, silent_master):
     # slot b confirmed itself on its last boot: that is taken without a master as well
-    card = card_with(tmp_path, SlotState(slots={"a": Slot("good", "lab", 1, SHA_A, 2),
-                                                "b": Slot("trial", "lab", 2, SHA_B, 3, tries=2)},
-                                         primary="b", last_good="a"),
-                     confirm=f"rackboot-good b {SHA_B}\n".encode())
+    card = card_with(
+        tmp_path,
+        SlotState(
+            slots={"a": Slot("good", "lab", 1, SHA_A, 2), "b": Slot("trial", "lab", 2, SHA_B, 3, tries=2)},
+            primary="b",
+            last_good="a",
+        ),
+        confirm=f"rackboot-good b {SHA_B}\n".encode(),
+    )
     url = "http://127.0.0.1:%d" % silent_master.getsockname()[1]
     lines = []
-    decision = run(card, url, None, log=lines.append,
-                   master=MasterClient(url, connect_timeout=0.5, read_timeout=0.5, retries=0, report_timeout=0.5))
+    decision = run(
+        card,
+        url,
+        None,
+        log=lines.append,
+        master=MasterClient(url, connect_timeout=0.5, read_timeout=0.5, retries=0, report_timeout=0.5),
+    )
     assert (decision.slot, decision.action, decision.device, decision.version) == ("b", "offline", f"{card}3", 2)
     assert decision.error == "identity: no network interface with a MAC address"
     assert "plan failed: identity: no network interface with a MAC address" in lines
@@ -112,8 +124,20 @@ def test_partition_device_names():
 
 
 def test_decision_shell_lines_survive_quotes():
-    d = Decision(slot="b", partition_number=3, device="/dev/vda3", mount="ro+overlay:tmpfs",
-                 action="fallback", bytes_fetched=10, seconds=1.5, error="it's $(broken) `x`")
-    out = subprocess.run(["sh", "-c", d.to_shell() + 'printf "%s|%s|%s|%s" "$slot" "$partition_number" "$error" "$data_device"'],
-                         capture_output=True, text=True, check=True).stdout
+    d = Decision(
+        slot="b",
+        partition_number=3,
+        device="/dev/vda3",
+        mount="ro+overlay:tmpfs",
+        action="fallback",
+        bytes_fetched=10,
+        seconds=1.5,
+        error="it's $(broken) `x`",
+    )
+    out = subprocess.run(
+        ["sh", "-c", d.to_shell() + 'printf "%s|%s|%s|%s" "$slot" "$partition_number" "$error" "$data_device"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out == "b|3|it's $(broken) `x`|"

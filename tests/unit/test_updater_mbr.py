@@ -9,13 +9,14 @@ import subprocess
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from rackboot.initramfs.updater import mbr
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.mbr import Entry, Mbr
 
-TABLE = Mbr(0x12345678, (Entry(1, 0x0C, 8192, 32768, bootable=True), Entry(2, 0x83, 40960, 131072),
-                         Entry(4, 0x83, 172032, 100000)))
+TABLE = Mbr(
+    0x12345678,
+    (Entry(1, 0x0C, 8192, 32768, bootable=True), Entry(2, 0x83, 40960, 131072), Entry(4, 0x83, 172032, 100000)),
+)
 
 
 def test_round_trip_keeps_entries_signature_and_boot_code():
@@ -30,7 +31,7 @@ def test_entry_bytes():
     sector = mbr.dump(TABLE)
     assert struct.unpack_from("<I", sector, 440)[0] == 0x12345678
     assert sector[446:462] == bytes([0x80, 0xFE, 0xFF, 0xFF, 0x0C, 0xFE, 0xFF, 0xFF]) + struct.pack("<II", 8192, 32768)
-    assert sector[446 + 32:446 + 48] == bytes(16)  # entry 3 unused
+    assert sector[446 + 32 : 446 + 48] == bytes(16)  # entry 3 unused
 
 
 @pytest.mark.skipif(shutil.which("sfdisk") is None, reason="needs sfdisk")
@@ -63,11 +64,14 @@ def test_blank_sector_has_no_table():
         mbr.parse(bytes(512))
 
 
-@pytest.mark.parametrize("patch, message", [
-    ((446 + 4, 0xEE), "GPT protective"),
-    ((446 + 4, 0x05), "extended partitions"),
-    ((446, 0x12), "status byte 0x12"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ((446 + 4, 0xEE), "GPT protective"),
+        ((446 + 4, 0x05), "extended partitions"),
+        ((446, 0x12), "status byte 0x12"),
+    ],
+)
 def test_refusals(patch, message):
     sector = bytearray(mbr.dump(TABLE))
     sector[patch[0]] = patch[1]

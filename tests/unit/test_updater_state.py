@@ -7,7 +7,6 @@ import zlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
@@ -82,9 +81,11 @@ def test_torn_write_through_the_real_writer(disk, monkeypatch):
     old = state.read(disk)
     real = Disk.write
     for cut in (0, 1, 11, 12, 100, 200):
+
         def torn(self, offset, data, cut=cut):
             real(self, offset, bytes(data)[:cut])
             raise OSError("power cut")
+
         monkeypatch.setattr(Disk, "write", torn)
         with pytest.raises(OSError):
             state.write(disk, good(3))
@@ -115,7 +116,9 @@ def test_a_copy_of_a_newer_format_stops_reads_and_writes(disk):
     head = state._HEAD.pack(state.MAGIC, 2, len(body)) + body
     disk.write(state.COPIES[1], head + state._CRC.pack(zlib.crc32(head)))
     before = disk.read(0, 4 << 20)
-    with pytest.raises(state.NewerState, match=r"^slot state: the copy at 2 MiB is format 2, newer than this updater reads \(1\)"):
+    with pytest.raises(
+        state.NewerState, match=r"^slot state: the copy at 2 MiB is format 2, newer than this updater reads \(1\)"
+    ):
         state.read(disk)
     with pytest.raises(state.NewerState):
         state.write(disk, good(3))

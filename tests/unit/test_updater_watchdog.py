@@ -8,7 +8,6 @@ import os
 import time
 
 import pytest
-
 from rackboot.initramfs.updater.watchdog import Watchdog
 
 
