@@ -88,7 +88,7 @@ def fitted_size_mib(usage: TreeUsage) -> int:
     return math.ceil((base + journal + 8 * MIB) / MIB)
 
 
-def _stamp_times(root: Path, fs: Path, epoch: int, env: dict) -> None:
+def _stamp_times(root: Path, fs: Path, epoch: int, env: dict[str, str]) -> None:
     """Set every inode's times to `epoch` with one debugfs run."""
     lines = []
     for rel in ["/", "/lost+found", *("/" + p for p in _tree_paths(root))]:
@@ -108,7 +108,7 @@ def _stamp_times(root: Path, fs: Path, epoch: int, env: dict) -> None:
         )
     finally:
         script.unlink()
-    problems = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("debugfs ")]
+    problems = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")]
     if proc.returncode != 0 or problems:
         raise RackbootError(f"debugfs could not set times in {fs}: {(problems or ['exit status'])[0]}")
 
@@ -121,6 +121,6 @@ def _tree_paths(root: Path) -> Iterator[str]:
             yield name if rel == "." else f"{rel}/{name}"
 
 
-def _fake_time_env(epoch: int) -> dict:
+def _fake_time_env(epoch: int) -> dict[str, str]:
     # E2FSPROGS_FAKE_TIME = 0 means "not set" to e2fsprogs; 1 s past the epoch is close enough.
     return {**os.environ, "E2FSPROGS_FAKE_TIME": str(epoch or 1), "LC_ALL": "C"}

@@ -20,13 +20,13 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 from rackboot.errors import RackbootError
 from rackboot.files import TMP_RE, atomic_write_bytes, fsync_dir, lock_dir, sweep, write_durable
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.formats import HOOK_TIMEOUT, Hook, Latest, Manifest
+from rackboot.initramfs.updater.formats import HOOK_TIMEOUT, Hook, HookName, Latest, Manifest, StreamCompression
 
 from . import signing
 from .ext4 import make_ext4
@@ -34,7 +34,7 @@ from .osimage import ext4_magic, find_partition
 from .rootfs import add_modules, has_modules, image_has_modules, stage
 from .stream import STREAM_NAME, compress_stream
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 # a publication's work directory, and atomic_write's temporaries
 _PUBLICATION_RE = re.compile(rf"\.publish-\d+-.+|{TMP_RE.pattern}")
 
@@ -77,6 +77,7 @@ def publish_directory(
             )
         root = stage(src, pub.work / "root")
         if kernel_release and not has_modules(src, kernel_release):
+            assert modules_from is not None  # refused above
             add_modules(root, src, Path(modules_from), kernel_release, modules)
         fs = pub.work / "rootfs.ext4"
         make_ext4(root, fs, uuid_seed=f"{image}/{pub.version}", size_mib=size_mib, source_date_epoch=source_date_epoch)
@@ -186,7 +187,8 @@ class _Publication:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
+        assert self.lock is not None  # __enter__ took it
         try:
             shutil.rmtree(self.work, ignore_errors=True)
         finally:
@@ -204,7 +206,7 @@ class _Publication:
             label=label,
             created=created,
             fstype="ext4",
-            compression="gzip",
+            compression=StreamCompression.GZIP,
             stream=STREAM_NAME,
             kernel_release=kernel_release,
             hooks=tuple(h for h, _ in self.hooks),
@@ -247,7 +249,11 @@ def read_hooks(hooks: Mapping[str, PathLike], timeout: int, *, signed: bool) -> 
         if not 0 < len(script) <= formats.MAX_HOOK_BYTES:
             raise RackbootError(f"hook {name}: {path} is {len(script)} bytes; a hook has 1 to {formats.MAX_HOOK_BYTES}")
         hook = Hook(
-            name=name, file=f"{name}.sh", size=len(script), sha256=hashlib.sha256(script).hexdigest(), timeout=timeout
+            name=HookName(name),
+            file=f"{name}.sh",
+            size=len(script),
+            sha256=hashlib.sha256(script).hexdigest(),
+            timeout=timeout,
         )
         out.append((hook, script))
     return out

@@ -20,6 +20,7 @@ from collections import Counter
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, BinaryIO, Literal
 from urllib.parse import unquote, urlsplit
 
 from rackboot.errors import RackbootError
@@ -37,6 +38,8 @@ _BUSY = (
 )
 # control characters (and the backslash) as http.server's own log writes them: \x1b, \\
 _LOG_ESCAPES = str.maketrans({**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}, ord("\\"): "\\\\"})
+# what socketserver's methods take: a TCP server's is always the connection's socket
+_Request = socket.socket | tuple[bytes, socket.socket]
 _TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig": "application/octet-stream"}
 
 
@@ -66,20 +69,21 @@ class MasterServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]  # what server_address holds, as str (the stub allows bytes)
         return f"http://{host}:{port}"
 
     def count(self, path: str, n: int) -> None:
         with self.lock:
             self.sent[path] += n
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         with self.lock:
             return {"bytes_sent": dict(self.sent), "total_bytes_sent": sum(self.sent.values())}
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request: _Request, client_address: Any) -> None:
         """A thread for the connection while there are fewer than max_connections, else a 503."""
         if not self.connections.acquire(blocking=False):
+            assert isinstance(request, socket.socket)  # a TCP server's request is the connection
             return self.refuse(request, client_address)
         try:
             super().process_request(request, client_address)
@@ -87,13 +91,13 @@ class MasterServer(ThreadingHTTPServer):
             self.connections.release()  # no thread started to release it
             raise
 
-    def process_request_thread(self, request, client_address) -> None:
+    def process_request_thread(self, request: _Request, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.connections.release()
 
-    def refuse(self, request: socket.socket, client_address) -> None:
+    def refuse(self, request: socket.socket, client_address: Any) -> None:
         """Answer 503 and close, without waiting on the client: this runs in the accept loop."""
         if not self.quiet:
             sys.stderr.write(f"{client_address[0]} refused: all {self.max_connections} connections busy\n")
@@ -105,7 +109,7 @@ class MasterServer(ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
 
-    def handle_error(self, request, client_address) -> None:
+    def handle_error(self, request: _Request, client_address: Any) -> None:
         # a worker that loses power resets its connections, a stalled one times out:
         # routine, not worth a traceback
         if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
@@ -151,7 +155,7 @@ def serve_forever(
         server.server_close()
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
     """Range header -> (first, last) inclusive, None (send it all) or "unsatisfiable".
 
     One range only; anything else is ignored as RFC 9110 allows, and the whole file is sent.
@@ -193,8 +197,8 @@ class MasterHandler(BaseHTTPRequestHandler):
     server_version = "rackboot"
 
     def setup(self) -> None:
-        self.timeout = self.server.idle_timeout  # StreamRequestHandler sets it on the socket
         super().setup()
+        self.connection.settimeout(self.server.idle_timeout)  # per socket operation, for reads and writes
 
     # --- dispatch -----------------------------------------------------------------------
 
@@ -261,7 +265,7 @@ class MasterHandler(BaseHTTPRequestHandler):
         with open(real, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             wanted = parse_range(self.headers.get("Range"), size)
-            if wanted == "unsatisfiable":
+            if isinstance(wanted, str):  # "unsatisfiable"
                 self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
@@ -278,7 +282,7 @@ class MasterHandler(BaseHTTPRequestHandler):
             if body:
                 self._send_file(url_path, f, first, last - first + 1)
 
-    def _send_file(self, url_path: str, f, offset: int, count: int) -> None:
+    def _send_file(self, url_path: str, f: BinaryIO, offset: int, count: int) -> None:
         """sendfile in chunks, counting as it goes so /stats is right even after a hang-up."""
         while count > 0:
             try:
@@ -329,7 +333,7 @@ class MasterHandler(BaseHTTPRequestHandler):
 
     # --- replies and logging --------------------------------------------------------------------
 
-    def _json(self, status: HTTPStatus, obj: dict, body: bool = True) -> None:
+    def _json(self, status: HTTPStatus, obj: dict[str, Any], body: bool = True) -> None:
         data = formats.dump(obj)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -338,7 +342,7 @@ class MasterHandler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def log_message(self, format: str, *args) -> None:
+    def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:  # a client must not write terminal escapes into the master's log
             message = (format % args).translate(_LOG_ESCAPES)
             sys.stderr.write(f"{self.address_string()} {message}\n")

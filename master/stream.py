@@ -8,7 +8,7 @@ import hashlib
 import os
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypedDict
 
 from rackboot.errors import RackbootError
 
@@ -16,7 +16,17 @@ STREAM_NAME = "rootfs.ext4.gz"
 CHUNK = 1 << 20
 
 
-def compress_stream(data: BinaryIO, size: int, out: Path) -> dict:
+class StreamDigests(TypedDict):
+    """The manifest's fields that describe the slot's bytes and their stream."""
+
+    size: int
+    sha256: str
+    crc32: str
+    stream_size: int
+    stream_sha256: str
+
+
+def compress_stream(data: BinaryIO, size: int, out: Path) -> StreamDigests:
     """gzip `size` bytes of `data` into `out`; the manifest's sizes and digests of both sides."""
     raw_sha, crc, done = hashlib.sha256(), 0, 0
     with open(out, "wb") as f:
@@ -48,7 +58,7 @@ class _HashingWriter:
     def __init__(self, f: BinaryIO):
         self.f, self.sha, self.count = f, hashlib.sha256(), 0
 
-    def write(self, b) -> int:
+    def write(self, b: bytes) -> int:
         self.sha.update(b)
         self.count += len(b)
         return self.f.write(b)
