@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -21,7 +22,7 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _cmd_build(args) -> int:
+def _cmd_build(args: argparse.Namespace) -> int:
     from . import build, config
 
     cfg = config.load(args.config)
@@ -30,14 +31,14 @@ def _cmd_build(args) -> int:
     return 0
 
 
-def _cmd_qemu(args) -> int:
+def _cmd_qemu(args: argparse.Namespace) -> int:
     from . import boot, config
 
     cfg = config.load(args.config)
     return boot.qemu_command(cfg, expect=args.expect, timeout=args.timeout, disks=args.disk, log=args.log)
 
 
-def _cmd_publish(args) -> int:
+def _cmd_publish(args: argparse.Namespace) -> int:
     from . import config
     from .master import publish
 
@@ -81,7 +82,7 @@ def _hook_arg(value: str) -> tuple[str, Path]:
     return when, Path(script)
 
 
-def _cmd_serve(args) -> int:
+def _cmd_serve(args: argparse.Namespace) -> int:
     from . import config
     from .master import serve
 
@@ -109,7 +110,7 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def _cmd_keygen(args) -> int:
+def _cmd_keygen(args: argparse.Namespace) -> int:
     from . import config
     from .master import signing
 
@@ -121,7 +122,7 @@ def _cmd_keygen(args) -> int:
     return 0
 
 
-def _cmd_plan(args) -> int:
+def _cmd_plan(args: argparse.Namespace) -> int:
     from . import config
     from .master import plans
 
@@ -131,19 +132,19 @@ def _cmd_plan(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
+def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.run(args.config, workdir=args.workdir)
 
 
-def _cmd_torture(args) -> int:
+def _cmd_torture(args: argparse.Namespace) -> int:
     from rackboot.qemu import torture
 
     return torture.run(args.config, cuts=args.cuts, seed=args.seed, workdir=args.workdir)
 
 
-def _cmd_config(args) -> int:
+def _cmd_config(args: argparse.Namespace) -> int:
     from . import config
 
     if args.reference:
@@ -273,8 +274,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     clean_up_on_termination()  # SIGTERM and SIGHUP unwind like Ctrl-C, so temporaries are removed
+    command: Callable[[argparse.Namespace], int] = args.func  # set by each subparser
     try:
-        return args.func(args)
+        return command(args)
     except RackbootError as exc:
         print(f"rackboot: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -13,15 +13,15 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
-from rackboot.firmware.sdcard import FAT_TYPES
 from rackboot.initramfs.updater.formats import DEFAULT_MOUNT, DEFAULT_TRIES, NAME_RE, Mount, Repartition
+from rackboot.initramfs.updater.layout import FAT_TYPES
 
 from .errors import ConfigError
 
@@ -66,7 +66,15 @@ class Setting:
         return f"[{self.section}] {self.key}"
 
 
-def _default_layout() -> list[dict]:
+class PartitionTable(TypedDict):
+    """One entry of [layout] partitions as the TOML gives it, once checked."""
+
+    name: str
+    size_mib: int | Literal["rest"]
+    type: str
+
+
+def _default_layout() -> list[PartitionTable]:
     return [
         {"name": "boot", "size_mib": 128, "type": "0c"},
         {"name": "a", "size_mib": 384, "type": "83"},
@@ -391,7 +399,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _suggest(word: str, options) -> str:
+def _suggest(word: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -400,10 +408,10 @@ def _expect(where: str, what: str, got: Any) -> ConfigError:
     return ConfigError(f"{where}: expected {what}, got {got!r}")
 
 
-def _check_layout(where: str, value: Any) -> list[dict]:
+def _check_layout(where: str, value: Any) -> list[PartitionTable]:
     if not isinstance(value, list) or not value or len(value) > 4:
         raise _expect(where, "a list of 1 to 4 partition tables", value)
-    out = []
+    out: list[PartitionTable] = []
     for i, part in enumerate(value):
         at = f"{where}[{i}]"
         if not isinstance(part, dict):
@@ -444,7 +452,7 @@ def _check_layout(where: str, value: Any) -> list[dict]:
     return out
 
 
-def _check_mbr_fits(where: str, parts: list[dict]) -> None:
+def _check_mbr_fits(where: str, parts: list[PartitionTable]) -> None:
     """The layout's end (a "rest" partition needs at least 1 MiB) within MBR's 32-bit sectors."""
     end_mib = BOOT_START_MIB + sum(1 if p["size_mib"] == "rest" else p["size_mib"] for p in parts)
     if end_mib * MIB_SECTORS > MBR_SECTORS:
@@ -454,11 +462,13 @@ def _check_mbr_fits(where: str, parts: list[dict]) -> None:
         )
 
 
-_CHECKS: dict[str, Callable[[str, Any, Setting, Path], Any]] = {}
+# A setting's check: (where, value as given, setting, config folder) -> the checked value.
+_Check = Callable[[str, Any, Setting, Path], Any]
+_CHECKS: dict[str, _Check] = {}
 
 
-def _check(kind: str):
-    def register(fn):
+def _check(kind: str) -> Callable[[_Check], _Check]:
+    def register(fn: _Check) -> _Check:
         _CHECKS[kind] = fn
         return fn
 
@@ -473,14 +483,14 @@ def _checked(where: str, value: str, setting: Setting) -> str:
 
 
 @_check("str")
-def _str(where, value, setting, base):
+def _str(where: str, value: Any, setting: Setting, base: Path) -> str:
     if not isinstance(value, str):
         raise _expect(where, "a string", value)
     return _checked(where, value, setting)
 
 
 @_check("int")
-def _int(where, value, setting, base):
+def _int(where: str, value: Any, setting: Setting, base: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise _expect(where, "an integer", value)
     low, high = setting.minimum, setting.maximum
@@ -496,21 +506,21 @@ def _range(setting: Setting) -> str:
 
 
 @_check("bool")
-def _bool(where, value, setting, base):
+def _bool(where: str, value: Any, setting: Setting, base: Path) -> bool:
     if not isinstance(value, bool):
         raise _expect(where, "true or false", value)
     return value
 
 
 @_check("path")
-def _path(where, value, setting, base):
+def _path(where: str, value: Any, setting: Setting, base: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise _expect(where, "a path", value)
     return (base / value).resolve()
 
 
 @_check("choice")
-def _choice(where, value, setting, base):
+def _choice(where: str, value: Any, setting: Setting, base: Path) -> StrEnum:
     choices = setting.choices
     assert choices is not None, setting.name
     if not isinstance(value, str) or value not in set(choices):
@@ -520,17 +530,17 @@ def _choice(where, value, setting, base):
 
 
 @_check("list[str]")
-def _list_str(where, value, setting, base):
+def _list_str(where: str, value: Any, setting: Setting, base: Path) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise _expect(where, "a list of strings", value)
     return [_checked(f"{where}[{i}]", v, setting) for i, v in enumerate(value)]
 
 
 @_check("table[path]")
-def _table_path(where, value, setting, base):
+def _table_path(where: str, value: Any, setting: Setting, base: Path) -> dict[str, Path]:
     if not isinstance(value, dict):
         raise _expect(where, "a table of target path = source path", value)
-    out = {}
+    out: dict[str, Path] = {}
     for target, source in sorted(value.items()):
         if not target.startswith("/") or "\0" in target or ".." in target.split("/"):
             raise _expect(f'{where}."{target}"', "an absolute target path inside the initramfs (no '..')", target)
@@ -539,7 +549,7 @@ def _table_path(where, value, setting, base):
 
 
 @_check("layout")
-def _layout(where, value, setting, base):
+def _layout(where: str, value: Any, setting: Setting, base: Path) -> list[PartitionTable]:
     return _check_layout(where, value)
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rackboot import build, config
 from rackboot.build import Inputs
 from rackboot.errors import RackbootError
-from rackboot.initramfs.updater.formats import HOOKS
+from rackboot.initramfs.updater.formats import HOOKS, Manifest
 from rackboot.master import publish, serve, signing
 
 from .machines import profile
@@ -74,7 +76,9 @@ class MasterThread:
         self.server.server_close()
 
 
-def new_worker(cfg: config.Config, out: Path, disk: Path, log: Path, *, offline: bool = False, **options):
+def new_worker(
+    cfg: config.Config, out: Path, disk: Path, log: Path, *, offline: bool = False, **options: Any
+) -> QemuWorker:
     """An emulated worker (not started) that netboots ``out`` with ``disk`` as its card;
     ``options`` go to QemuWorker (faults=[...], for one)."""
     machine = profile(cfg.board.name, cfg.board.arch)
@@ -119,7 +123,7 @@ def start_afresh(path: Path) -> None:
     (path / MARKER).write_text("made by `rackboot demo`, which empties this directory on every run\n")
 
 
-def prepare(cfg: config.Config, work: Path, log=print) -> Path:
+def prepare(cfg: config.Config, work: Path, log: Callable[[str], None] = print) -> Path:
     """Build, and start ``work`` (logs/) and the master's tree afresh; returns the build output.
     Either directory must be the demo's own (or new, or empty): anything else is refused
     before the build."""
@@ -150,7 +154,7 @@ def example_hooks(cfg: config.Config) -> dict[str, Path]:
     return {when: path for when in HOOKS if (path := cfg.base / "hooks" / f"{when}.sh").is_file()}
 
 
-def publish_example(cfg: config.Config, rootfs: Path, work: Path, version: int, *, broken: bool = False):
+def publish_example(cfg: config.Config, rootfs: Path, work: Path, version: int, *, broken: bool = False) -> Manifest:
     """Publish ``rootfs`` as the example image's ``version``, with the example's hooks;
     returns its manifest."""
     kernel = Inputs(cfg).kernel
@@ -164,7 +168,7 @@ def publish_example(cfg: config.Config, rootfs: Path, work: Path, version: int, 
         kernel_release=kernel.release,
         modules_from=kernel.root,
         modules=cfg.kernel.root_modules,
-        source_date_epoch=build.source_date_epoch(),
+        source_date_epoch=config.source_date_epoch(),
         key=cfg.master.key,
         hooks=example_hooks(cfg),
     )

@@ -10,6 +10,9 @@ Workers are killed at teardown; a missing QEMU fails the test loudly, never skip
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +21,10 @@ from .runner import QemuWorker
 
 
 @pytest.fixture
-def qemu_worker(tmp_path):
+def qemu_worker(tmp_path: Path) -> Iterator[Callable[..., QemuWorker]]:
     started: list[QemuWorker] = []
 
-    def start(board: str = "qemu-virt", arch: str = "arm64", **options) -> QemuWorker:
+    def start(board: str = "qemu-virt", arch: str = "arm64", **options: Any) -> QemuWorker:
         machine = profile(board, arch)
         if shutil.which(machine.qemu) is None:
             pytest.fail(f"{machine.qemu} is not installed: run `make test`, which installs qemu-system-arm")

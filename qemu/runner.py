@@ -23,8 +23,10 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rackboot.errors import RackbootError
 
@@ -47,7 +49,7 @@ class DiskFault:
     once: bool = False  # only the first hit fails (the guest kernel retries failed reads)
     disk: int = 0  # index into the worker's disks
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.iotype not in BLKDEBUG_EVENTS:
             raise RackbootError(f"disk fault: iotype {self.iotype!r} is not one of {', '.join(BLKDEBUG_EVENTS)}")
 
@@ -72,11 +74,11 @@ class QemuWorker:
         log_path: Path,
         tftp_dir: Path | None = None,
         bootfile: str | None = None,
-        disks: list[Path] = (),
+        disks: Sequence[Path] = (),
         no_reboot: bool = True,
         extra_netdev: str = "",
-        extra_args: list[str] = (),
-        faults: list[DiskFault] = (),
+        extra_args: Sequence[str] = (),
+        faults: Sequence[DiskFault] = (),
         watchdog_action: str = "reset",
         nic: bool = True,
         console_input: bool = False,
@@ -102,7 +104,7 @@ class QemuWorker:
         self._tail: deque[str] = deque(maxlen=15)
         self._cond = threading.Condition()
         self._seen = 0  # lines already matched by expect(): each line matches once
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._tmp = tempfile.mkdtemp(prefix="rackboot-qemu-")
         self.qmp_path = os.path.join(self._tmp, "qmp.sock")
 
@@ -169,7 +171,8 @@ class QemuWorker:
         if not os.path.exists(self.machine.firmware):
             raise RackbootError(f"U-Boot firmware {self.machine.firmware} is missing (apt-get install u-boot-qemu)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
+        # open for the worker's life, not one block: the console reader writes it, kill() closes it
+        self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115
         stdin = subprocess.PIPE if self.console_input else subprocess.DEVNULL
         self._proc = subprocess.Popen(
             self.command(), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -179,7 +182,9 @@ class QemuWorker:
         return self
 
     def _read_console(self) -> None:
-        for raw in iter(self._proc.stdout.readline, b""):
+        stdout = self._process().stdout
+        assert stdout is not None  # start() asks for a pipe
+        for raw in iter(stdout.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n").replace("\r", "")
             self._log.write(line + "\n")
             self._log.flush()
@@ -193,7 +198,7 @@ class QemuWorker:
     def __enter__(self) -> QemuWorker:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.kill()
 
     def kill(self) -> None:
@@ -221,7 +226,7 @@ class QemuWorker:
         with self._cond:
             return list(self._lines)
 
-    def expect(self, pattern: str, timeout: float) -> re.Match:
+    def expect(self, pattern: str, timeout: float) -> re.Match[str]:
         """The first console line, not matched before, that matches ``pattern``."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -250,21 +255,28 @@ class QemuWorker:
         """Type ``text`` on the serial console, as a person at it would."""
         if not self.console_input:
             raise RackbootError("this worker was started without console_input=True")
-        self._proc.stdin.write(text.encode())
-        self._proc.stdin.flush()
+        stdin = self._process().stdin
+        assert stdin is not None  # console_input: start() asks for a pipe
+        stdin.write(text.encode())
+        stdin.flush()
+
+    def _process(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise RackbootError("the worker has not been started")
+        return self._proc
 
     def _last_line(self) -> str:
         return next((line for line in reversed(self._tail) if line.strip()), "")
 
     def wait_exit(self, timeout: float) -> int:
         try:
-            return self._proc.wait(timeout)
+            return self._process().wait(timeout)
         except subprocess.TimeoutExpired:
             raise RackbootError(f"worker did not power off within {timeout:g} s (log: {self.log_path})") from None
 
     # --- QMP -----------------------------------------------------------------------------
 
-    def qmp(self, command: str, **arguments) -> dict:
+    def qmp(self, command: str, **arguments: Any) -> Any:
         """Run one QMP command on a fresh connection; returns its 'return' value."""
         deadline = time.monotonic() + 10
         while True:

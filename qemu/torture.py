@@ -11,10 +11,12 @@ the sha256 that the slot state records and that the master published.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, SlotState, ma
 from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
 from rackboot.master import plans
 from rackboot.qemu import harness
+from rackboot.qemu.runner import QemuWorker
 
 VERSIONS = (1, 2, 3)
 PHASES = ("layout", "stream", "read-back", "commit", "first-boot")
@@ -87,7 +90,7 @@ def plan_cuts(rng: random.Random, n: int) -> list[Cut]:
     return [replace(cuts[0], blank=True)] + cuts[1:] if cuts else cuts
 
 
-def next_version(state: SlotState, versions=VERSIONS) -> int:
+def next_version(state: SlotState, versions: Sequence[int] = VERSIONS) -> int:
     """The first version no slot holds (bootable, or failed and never installed again)."""
     held = {s.version for s in state.slots.values() if s.state in (*BOOTABLE, "failed")}
     free = [v for v in versions if v not in held]
@@ -107,7 +110,7 @@ def landed(console: list[str]) -> str:
 def measure(seen: dict[str, float], windows: dict[str, float]) -> None:
     """A phase lasts from its marker to the next one; keep the latest length."""
     names = list(MARKERS)
-    for phase, following in zip(names, names[1:]):
+    for phase, following in itertools.pairwise(names):
         if phase in seen and following in seen and seen[following] > seen[phase]:
             windows[phase] = seen[following] - seen[phase]
 
@@ -137,6 +140,7 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
                 return Verdict(
                     False, f"booted slot {name} (v{version} up), but the slot state says {slot.state} v{slot.version}"
                 )
+            assert slot.sha256 is not None  # formats refuses a bootable slot without one
             manifest = manifests.get(version)
             if manifest is None:
                 return Verdict(False, f"slot {name} holds v{version}, which the master never published")
@@ -166,9 +170,11 @@ def published(master: Path, image: str = harness.IMAGE) -> dict[int, Manifest]:
 # --- the run ------------------------------------------------------------------------
 
 
-def follow(worker, until: re.Pattern, seen: dict[str, float], timeout: float = BOOT_TIMEOUT) -> re.Match:
+def follow(
+    worker: QemuWorker, until: re.Pattern[str], seen: dict[str, float], timeout: float = BOOT_TIMEOUT
+) -> re.Match[str]:
     """Wait for a console line matching ``until``; note when each phase marker showed up."""
-    anything = re.compile("|".join(f"(?:{p})" for p in (*MARKERS.values(), until.pattern)))
+    anything = "|".join(f"(?:{p})" for p in (*MARKERS.values(), until.pattern))
     deadline = time.monotonic() + timeout
     while True:
         line = worker.expect(anything, max(deadline - time.monotonic(), 0.1)).string
@@ -180,7 +186,7 @@ def follow(worker, until: re.Pattern, seen: dict[str, float], timeout: float = B
             return match
 
 
-def torture(cfg: config.Config, work: Path, cuts: list[Cut], log=print) -> list[Outcome]:
+def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str], None] = print) -> list[Outcome]:
     """Build, publish the example image three times, serve, and run one cycle per cut."""
     out = harness.prepare(cfg, work, log)
     for version in VERSIONS:
@@ -252,7 +258,7 @@ def cycle(
     return Outcome(cut, version, delay, where, verdict, time.monotonic() - start, recovery_log)
 
 
-def _unplug(worker) -> None:
+def _unplug(worker: QemuWorker) -> None:
     if worker.running:
         worker.power_off()
     else:

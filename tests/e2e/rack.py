@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 from rackboot import config
 
@@ -20,7 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def example_config(directory: Path, initramfs: dict = {}, **layout) -> Path:
+def example_config(directory: Path, initramfs: dict[str, Any] | None = None, **layout: Any) -> Path:
     """The qemu-virt example's settings, with output, master and a free port under ``directory``."""
     example = config.load(EXAMPLE / "rackboot.toml")
     for part in ("rootfs", "hooks"):
@@ -28,7 +29,7 @@ def example_config(directory: Path, initramfs: dict = {}, **layout) -> Path:
     return write_config(
         directory,
         updater=True,
-        initramfs=dict(initramfs),
+        initramfs=dict(initramfs or {}),
         kernel={"root_modules": list(example.kernel.root_modules)},
         master={"port": free_port(), "key": "keys/master.key"},
         layout={

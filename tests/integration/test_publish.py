@@ -95,7 +95,7 @@ def test_filesystem_holds_the_tree_owned_by_root(tmp_path):
     assert debugfs(fs, "cat /etc/hostname") == "worker\n"
     assert debugfs(fs, "stat /bin").count('Fast link dest: "usr/bin"') == 1
     listing = debugfs(fs, "ls -p /etc")
-    hard = {l.split("/")[5]: l.split("/")[1] for l in listing.splitlines() if l.count("/") >= 6}
+    hard = {line.split("/")[5]: line.split("/")[1] for line in listing.splitlines() if line.count("/") >= 6}
     assert hard["hostname"] == hard["hostname.hard"]  # hard link kept, one inode
     stat = debugfs(fs, "stat /usr/bin/tool")
     assert "Mode:  0755" in stat and "User:     0   Group:     0" in stat

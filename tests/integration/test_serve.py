@@ -222,7 +222,7 @@ def test_reports_are_appended_one_line_each(server, master):
         resp, body = request(server, "POST", "/report", {"Content-Type": "application/json"}, report(phase=phase))
         assert (resp.status, body) == (204, b"")
     lines = (master / "reports/52-54-00-12-34-56.jsonl").read_bytes().splitlines()
-    assert [json.loads(l)["phase"] for l in lines] == ["download", "commit"]
+    assert [json.loads(line)["phase"] for line in lines] == ["download", "commit"]
     first = json.loads(lines[0])
     assert first["received"] > 0 and first["bytes"] == 4096 and first["slot"] == "b"
     assert formats.parse_report(lines[0]).node == "52-54-00-12-34-56"
@@ -301,7 +301,7 @@ def test_published_image_fetched_over_http_matches_its_manifest(tmp_path, server
     )
     _, latest = request(server, "GET", "/images/example/latest.json")
     manifest_path = formats.parse_latest(latest).manifest
-    resp, raw = request(server, "GET", manifest_path)
+    _, raw = request(server, "GET", manifest_path)
     assert formats.parse_manifest(raw) == m
     half = m.stream_size // 2
     _, a = request(server, "GET", m.stream_path(manifest_path), {"Range": f"bytes=0-{half - 1}"})
@@ -323,7 +323,7 @@ def test_request_lines_are_logged_unless_quiet(master, capfd):
     finally:
         srv.shutdown()
         srv.server_close()
-    lines = [l for l in capfd.readouterr().err.splitlines() if l]
+    lines = [line for line in capfd.readouterr().err.splitlines() if line]
     assert len(lines) == 1 and '"GET /plans/52-54-00-12-34-56.json HTTP/1.1" 200' in lines[0]
 
 
@@ -351,7 +351,7 @@ def test_reports_only_for_canonical_node_ids(master, capfd, node):
         f"report: node: {node!r} is not a node id (a MAC in lowercase with dashes, e.g. 52-54-00-12-34-56)"
     )
     assert not (master / "reports").exists()
-    refused = [l for l in capfd.readouterr().err.splitlines() if "report refused" in l]
+    refused = [line for line in capfd.readouterr().err.splitlines() if "report refused" in line]
     assert len(refused) == 1 and repr(node) in refused[0]
 
 

@@ -52,7 +52,7 @@ def written(root: Path) -> str:
 
 
 def body(text: str) -> str:
-    return "".join(l + "\n" for l in text.splitlines() if not l.startswith("#"))
+    return "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
 
 
 def test_deb822_sources_give_their_uri_suites_and_keyring(tmp_path):

@@ -54,10 +54,13 @@ def test_changed_input_rebuilds_it_and_says_why(tmp_path):
 def test_dependent_rebuilds_only_when_dependency_output_changes(tmp_path):
     calls = []
     content = {"a": b"1"}
-    arts = lambda inputs: [
-        artefact("a", lambda: content["a"], calls, inputs=inputs),
-        artefact("b", lambda: b"B", calls, after=("a",)),
-    ]
+
+    def arts(inputs):
+        return [
+            artefact("a", lambda: content["a"], calls, inputs=inputs),
+            artefact("b", lambda: b"B", calls, after=("a",)),
+        ]
+
     graph.run(arts({"v": 1}), tmp_path, log=quiet)
     graph.run(arts({"v": 2}), tmp_path, log=quiet)  # a rebuilt, same bytes: b stays
     assert calls == ["a", "b", "a"]
@@ -117,7 +120,9 @@ def test_concurrent_runs_are_serialised(tmp_path):
             active[0] -= 1
 
     # flock is per open file description, so two threads contend like two processes would
-    arts = lambda n: [graph.Artefact("a", "test", "a.bin", {"n": n}, build)]
+    def arts(n):
+        return [graph.Artefact("a", "test", "a.bin", {"n": n}, build)]
+
     threads = [threading.Thread(target=graph.run, args=(arts(n), tmp_path), kwargs={"log": quiet}) for n in (1, 2)]
     for t in threads:
         t.start()
@@ -130,12 +135,15 @@ def test_a_late_failure_leaves_the_previous_build_whole(tmp_path):
     """a is rebuilt, then b fails: a.bin, its stamp and artefacts.json stay as the last
     build left them, and the next good run commits both."""
     calls = []
-    arts = lambda v, fail: [
-        artefact("a", lambda: f"A{v}".encode(), calls, inputs={"v": v}),
-        graph.Artefact(
-            "b", "test", "b.bin", {}, after=("a",), build=lambda tmp: _fail() if fail else tmp.write_bytes(b"B")
-        ),
-    ]
+
+    def arts(v, fail):
+        return [
+            artefact("a", lambda: f"A{v}".encode(), calls, inputs={"v": v}),
+            graph.Artefact(
+                "b", "test", "b.bin", {}, after=("a",), build=lambda tmp: _fail() if fail else tmp.write_bytes(b"B")
+            ),
+        ]
+
     graph.run(arts(1, False), tmp_path, log=quiet)
     before = {p: (tmp_path / p).read_bytes() for p in ("a.bin", "b.bin", "artefacts.json")}
     with pytest.raises(RackbootError, match="card step failed"):
@@ -157,10 +165,12 @@ def test_steps_read_what_this_run_built(tmp_path):
     def copy_a(tmp):
         tmp.write_bytes(b"from " + (graph.stage_dir(tmp_path) / "a.bin").read_bytes())
 
-    arts = lambda v: [
-        artefact("a", lambda: f"A{v}".encode(), [], inputs={"v": v}),
-        graph.Artefact("b", "test", "b.bin", {}, copy_a, after=("a",)),
-    ]
+    def arts(v):
+        return [
+            artefact("a", lambda: f"A{v}".encode(), [], inputs={"v": v}),
+            graph.Artefact("b", "test", "b.bin", {}, copy_a, after=("a",)),
+        ]
+
     graph.run(arts(1), tmp_path, log=quiet)
     graph.run(arts(2), tmp_path, log=quiet)
     assert (tmp_path / "b.bin").read_bytes() == b"from A2"
