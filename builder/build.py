@@ -10,9 +10,11 @@ from __future__ import annotations
 import gzip
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
+from typing import TypedDict
 
 from rackboot.firmware import bmap, sdcard
 from rackboot.firmware.boards import Board
@@ -74,9 +76,8 @@ class Inputs:
         return self.cache.resolve([name], with_depends=False)[0]
 
     @cached_property
-    def kernel_ref(self) -> PackageRef | None:
-        if self.cfg.kernel.path:
-            return None
+    def kernel_ref(self) -> PackageRef:
+        """The kernel's Debian package, when [kernel] path does not name a local tree."""
         name = self.cfg.kernel.package or self.board.kernel_package
         ref = self.package(name)
         if not _is_kernel_image(ref.name):
@@ -135,10 +136,19 @@ def dtb_artefacts(inp: Inputs) -> list[graph.Artefact]:
                 "dtb",
                 f"dtbs/{name}",
                 {"kernel": inp.kernel_key, "dtb": rel},
-                lambda tmp, rel=rel: shutil.copyfile(inp.kernel.dtb(rel), tmp),
+                _dtb_copier(inp, rel),
             )
         )
     return out
+
+
+def _dtb_copier(inp: Inputs, rel: str) -> Callable[[Path], None]:
+    """Builds one dtb artefact; the kernel is unpacked only if it runs."""
+
+    def build(tmp: Path) -> None:
+        shutil.copyfile(inp.kernel.dtb(rel), tmp)
+
+    return build
 
 
 def _is_local(package: str) -> bool:
@@ -219,7 +229,26 @@ def initramfs_uimage_artefact(inp: Inputs, initramfs: graph.Artefact, out: Path)
     )
 
 
-def script_context(inp: Inputs, kernel: str, initramfs: str) -> dict:
+class BoardContext(TypedDict):
+    name: str
+    arch: str
+    console: str
+    boot_command: str
+
+
+class ScriptContext(TypedDict):
+    """What the boot script templates read."""
+
+    board: BoardContext
+    cmdline: str
+    master_url: str
+    kernel: str
+    initramfs: str
+    dtb: str
+    netboot_script: str
+
+
+def script_context(inp: Inputs, kernel: str, initramfs: str) -> ScriptContext:
     """What the boot script templates read: also the scripts' rebuild key."""
     return {
         "board": {
@@ -237,7 +266,7 @@ def script_context(inp: Inputs, kernel: str, initramfs: str) -> dict:
     }
 
 
-def script_artefact(inp: Inputs, name: str, filename: str, template: str, context: dict) -> graph.Artefact:
+def script_artefact(inp: Inputs, name: str, filename: str, template: str, context: ScriptContext) -> graph.Artefact:
     def build(tmp: Path) -> None:
         text = uscript.render(template, **context)
         tmp.write_bytes(
@@ -340,7 +369,7 @@ def artefacts(inp: Inputs, out: Path) -> list[graph.Artefact]:
     return steps
 
 
-def build(cfg: Config, out: Path | None = None, log=print) -> Path:
+def build(cfg: Config, out: Path | None = None, log: Callable[[str], None] = print) -> Path:
     out = Path(out) if out else cfg.output.directory
     inp = Inputs(cfg)
     log(f"rackboot build: {cfg.path} -> {out}")

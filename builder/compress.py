@@ -27,7 +27,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Protocol, Union
+from typing import IO, BinaryIO, Protocol
 
 from .errors import RackbootError
 
@@ -39,7 +39,7 @@ _GZIP_OS_UNIX = 3
 
 
 class Compressor(Protocol):
-    def write(self, data: bytes) -> int: ...
+    def write(self, data: bytes, /) -> int: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -70,7 +70,7 @@ class ParallelGzip:
         self._out, self._level, self._block = out, level, block_size
         self._threads = max(1, threads if threads is not None else (os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
-        self._pending: deque[Future] = deque()
+        self._pending: deque[Future[bytes]] = deque()
         self._buf = bytearray()
         self._history = b""
         self._crc = 0
@@ -131,9 +131,11 @@ class ParallelGzip:
 class _Xz:
     def __init__(self, out: BinaryIO, level: int):
         self._out = out
-        self._c = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=level)
+        self._c: lzma.LZMACompressor | None = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=level)
 
     def write(self, data: bytes) -> int:
+        if self._c is None:
+            raise RackbootError("xz: write after the stream was closed")
         self._out.write(self._c.compress(data))
         return len(data)
 
@@ -157,13 +159,17 @@ class _Zstd:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
+        # Both are pipes, as asked for above; Popen types them Optional for the other cases.
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin: IO[bytes] = self._proc.stdin
+        self._stdout: IO[bytes] = self._proc.stdout
         self._error: BaseException | None = None
         self._reader = threading.Thread(target=self._copy_out, args=(out,), daemon=True)
         self._reader.start()
 
     def _copy_out(self, out: BinaryIO) -> None:
         try:
-            while chunk := self._proc.stdout.read(1 << 20):
+            while chunk := self._stdout.read(1 << 20):
                 out.write(chunk)
         except BaseException as e:  # surfaced by write() or close()
             self._error = e
@@ -171,7 +177,7 @@ class _Zstd:
 
     def write(self, data: bytes) -> int:
         try:
-            self._proc.stdin.write(data)
+            self._stdin.write(data)
         except BrokenPipeError:
             self.abort()
             if self._error is not None:
@@ -180,9 +186,9 @@ class _Zstd:
         return len(data)
 
     def close(self) -> None:
-        if self._proc.stdin.closed:
+        if self._stdin.closed:
             return
-        self._proc.stdin.close()
+        self._stdin.close()
         self._reader.join()
         status = self._proc.wait()
         if self._error is not None:
@@ -193,9 +199,9 @@ class _Zstd:
     def abort(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
-        if not self._proc.stdin.closed:
+        if not self._stdin.closed:
             try:
-                self._proc.stdin.close()
+                self._stdin.close()
             except BrokenPipeError:
                 pass
         self._reader.join()
@@ -224,34 +230,49 @@ def compressor(method: str, out: BinaryIO, *, level: int | None = None, threads:
     """
     if method not in METHODS:
         raise RackbootError(f"unknown compression {method!r}; choose one of {', '.join(METHODS)}")
-    level = DEFAULT_LEVELS.get(method) if level is None else level
+    if method == "none":
+        return _Plain(out)
+    level = DEFAULT_LEVELS[method] if level is None else level
     if method == "gzip":
         return ParallelGzip(out, level, threads)
     if method == "xz":
         return _Xz(out, level)
-    if method == "zstd":
-        return _Zstd(out, level, threads)
-    return _Plain(out)
+    return _Zstd(out, level, threads)
 
 
-def write_compressed(method: str, produce: Callable[[BinaryIO], None], out: BinaryIO, **options) -> None:
+def write_compressed(
+    method: str,
+    produce: Callable[[Compressor], None],
+    out: BinaryIO,
+    *,
+    level: int | None = None,
+    threads: int | None = None,
+) -> None:
     """Run ``produce(sink)`` and compress everything it writes into ``out``."""
-    sink = compressor(method, out, **options)
+    sink = compressor(method, out, level=level, threads=threads)
     try:
-        produce(sink)  # type: ignore[arg-type]
+        produce(sink)
     except BaseException:
         sink.abort()  # stop worker threads and processes; the caller discards ``out``
         raise
     sink.close()
 
 
-Source = Union[BinaryIO, Iterable[bytes]]
+Source = BinaryIO | Iterable[bytes]
 
 
-def compress_stream(method: str, src: Source, out: BinaryIO, *, chunk_size: int = 1 << 20, **options) -> None:
+def compress_stream(
+    method: str,
+    src: Source,
+    out: BinaryIO,
+    *,
+    chunk_size: int = 1 << 20,
+    level: int | None = None,
+    threads: int | None = None,
+) -> None:
     """Compress a readable file object or an iterable of byte strings into ``out``."""
 
-    def produce(sink: BinaryIO) -> None:
+    def produce(sink: Compressor) -> None:
         if hasattr(src, "read"):
             while chunk := src.read(chunk_size):
                 sink.write(chunk)
@@ -259,11 +280,11 @@ def compress_stream(method: str, src: Source, out: BinaryIO, *, chunk_size: int 
             for chunk in src:
                 sink.write(chunk)
 
-    write_compressed(method, produce, out, **options)
+    write_compressed(method, produce, out, level=level, threads=threads)
 
 
-def compress_bytes(method: str, data: bytes, **options) -> bytes:
+def compress_bytes(method: str, data: bytes, *, level: int | None = None, threads: int | None = None) -> bytes:
     """Convenience for small inputs and tests."""
     out = io.BytesIO()
-    compress_stream(method, [data], out, **options)
+    compress_stream(method, [data], out, level=level, threads=threads)
     return out.getvalue()

@@ -20,7 +20,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, Union
+from typing import Literal, Protocol
 
 from .errors import RackbootError
 
@@ -93,7 +93,13 @@ class Fifo:
     mode: int = 0o644
 
 
-Entry = Union[Directory, File, Symlink, HardLink, Device, Fifo]
+Entry = Directory | File | Symlink | HardLink | Device | Fifo
+
+
+class Sink(Protocol):
+    """Where an archive goes: a binary file, or a compressor's input."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 # --- header --------------------------------------------------------------------------
@@ -216,7 +222,8 @@ def _plan(entries: Iterable[Entry]) -> list[_Planned]:
             parent = path.rpartition("/")[0]
             subdirs[parent] = subdirs.get(parent, 0) + 1
 
-    planned, inos = [], {}
+    planned: list[_Planned] = []
+    inos: dict[str, int] = {}
     for path in sorted(by_path, key=_sort_key):
         entry = by_path[path]
         group = group_of.get(path)
@@ -234,7 +241,7 @@ def _plan(entries: Iterable[Entry]) -> list[_Planned]:
 # --- writing -------------------------------------------------------------------------
 
 
-def write_archive(entries: Iterable[Entry], out: BinaryIO, *, mtime: int) -> None:
+def write_archive(entries: Iterable[Entry], out: Sink, *, mtime: int) -> None:
     """Write ``entries`` as one deterministic newc archive, trailer included, to ``out``."""
     if not 0 <= mtime <= _FIELD_MAX:
         raise RackbootError(f"cpio: mtime {mtime} is outside 0..2**32-1")
@@ -248,7 +255,7 @@ def _member_head(name: str, **fields: int) -> bytes:
     return pack_header(namesize=len(raw), **fields) + raw + _pad(HEADER_SIZE + len(raw))
 
 
-def _write_member(item: _Planned, out: BinaryIO, mtime: int) -> None:
+def _write_member(item: _Planned, out: Sink, mtime: int) -> None:
     entry = item.entry
     common = dict(ino=item.ino, nlink=item.nlink, mtime=mtime)
     if isinstance(entry, Directory):
@@ -278,13 +285,13 @@ def _write_member(item: _Planned, out: BinaryIO, mtime: int) -> None:
         raise RackbootError(f"cpio: {item.path!r}: unknown entry type {type(entry).__name__}")
 
 
-def _perm(entry: Entry) -> int:
+def _perm(entry: Directory | File | Device | Fifo) -> int:
     if not 0 <= entry.mode <= 0o7777:
         raise RackbootError(f"cpio: {entry.path!r} has mode {entry.mode:#o}; give permission bits only")
     return entry.mode
 
 
-def _write_file(path: str, source: Path | bytes, mode: int, common: dict, out: BinaryIO) -> None:
+def _write_file(path: str, source: Path | bytes, mode: int, common: dict[str, int], out: Sink) -> None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         out.write(_member_head(path, mode=mode, filesize=len(data), **common) + data + _pad(len(data)))

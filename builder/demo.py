@@ -9,6 +9,7 @@ boots v2 from the card. A summary table ends it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,9 @@ class BootRow:
     seconds: float
 
 
-def _boot(cfg, out: Path, disk: Path, log: Path, expect: str, *, master: MasterThread | None, offline: bool) -> BootRow:
+def _boot(
+    cfg: config.Config, out: Path, disk: Path, log: Path, expect: str, *, master: MasterThread | None, offline: bool
+) -> BootRow:
     before = master.bytes_sent() if master else 0
     start = time.monotonic()
     with new_worker(cfg, out, disk, log, offline=offline) as worker:
@@ -52,7 +55,7 @@ def story(
     cfg: config.Config,
     work: Path,
     rootfs: Path | None = None,
-    log=print,
+    log: Callable[[str], None] = print,
     steps: list[tuple[int, bool]] = STORY,
     broken: frozenset[int] = frozenset(),
 ) -> list[BootRow]:

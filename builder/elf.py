@@ -15,8 +15,12 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from .errors import RackbootError
+
+if TYPE_CHECKING:  # pyelftools is imported where it is used: it is slow to import
+    from elftools.elf.dynamic import DynamicTag
 
 # Debian arch -> (ELF class, e_machine, multiarch triplet)
 ARCHES = {
@@ -44,27 +48,37 @@ def read_elf_info(path: Path) -> ElfInfo:
     from elftools.common.exceptions import ELFError
     from elftools.elf.dynamic import DynamicSection
     from elftools.elf.elffile import ELFFile
+    from elftools.elf.segments import InterpSegment
 
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)
             interp = None
-            needed, rpath, runpath = [], [], []
+            needed: list[str] = []
+            rpath: list[str] = []
+            runpath: list[str] = []
             for seg in elf.iter_segments():
-                if seg["p_type"] == "PT_INTERP":
+                if isinstance(seg, InterpSegment):  # what pyelftools makes of PT_INTERP
                     interp = seg.get_interp_name()
             for section in elf.iter_sections():
                 if isinstance(section, DynamicSection):
                     for tag in section.iter_tags():
                         if tag.entry.d_tag == "DT_NEEDED":
-                            needed.append(tag.needed)
+                            needed.append(_tag_string(tag))
                         elif tag.entry.d_tag == "DT_RPATH":
-                            rpath += tag.rpath.split(":")
+                            rpath += _tag_string(tag).split(":")
                         elif tag.entry.d_tag == "DT_RUNPATH":
-                            runpath += tag.runpath.split(":")
+                            runpath += _tag_string(tag).split(":")
             return ElfInfo(elf.elfclass, elf["e_machine"], interp, tuple(needed), tuple(rpath), tuple(runpath))
     except (ELFError, OSError) as exc:
         raise RackbootError(f"{path} is not an ELF file ({exc})") from None
+
+
+def _tag_string(tag: DynamicTag) -> str:
+    """The string of a DT_NEEDED, DT_RPATH or DT_RUNPATH tag. pyelftools sets it as an
+    attribute named after the tag (``needed``...), which its type hints cannot list."""
+    value: str = getattr(tag, tag.entry.d_tag[3:].lower())
+    return value
 
 
 def _describe(info: ElfInfo) -> str:
@@ -160,7 +174,10 @@ def ld_so_conf_paths(sysroot: Path) -> tuple[str, ...]:
 
 def search_paths(info: ElfInfo, origin: str, sysroot: Path, arch: str) -> list[str]:
     triplet = ARCHES[arch][2]
-    expand = lambda p: p.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+
+    def expand(p: str) -> str:
+        return p.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+
     paths = [] if info.runpath else [expand(p) for p in info.rpath]
     paths += [expand(p) for p in info.runpath]
     paths += list(ld_so_conf_paths(sysroot))

@@ -46,7 +46,7 @@ def write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], shown: Path | None = None) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object], shown: Path | None = None) -> None:
     """Run ``write(tmp)``, fsync, rename tmp over ``path`` and fsync the directory: readers
     see the old file or the new one, never a torn one. On failure tmp is removed; errors
     name ``shown`` (default ``path``)."""

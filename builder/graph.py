@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, TypedDict
 
 from . import __version__
 from .errors import RackbootError
@@ -65,6 +66,17 @@ class BuildResult:
         return [o.name for o in self.outcomes if o.rebuilt]
 
 
+class Stamp(TypedDict):
+    """What ``<out>/.rackboot/<name>.json`` remembers of an artefact's last build."""
+
+    builder: str
+    key: str
+    inputs: dict[str, Any]
+    after: dict[str, str]
+    sha256: str
+    output_stat: list[int]
+
+
 def canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
 
@@ -74,7 +86,7 @@ def _key(artefact: Artefact, dep_hashes: dict[str, str]) -> str:
     return hashlib.sha256(canonical(material)).hexdigest()
 
 
-def _why(old: dict | None, artefact: Artefact, dep_hashes: dict[str, str], out: Path) -> str | None:
+def _why(old: dict[str, Any] | None, artefact: Artefact, dep_hashes: dict[str, str], out: Path) -> str | None:
     """None when up to date, else a short reason naming what changed."""
     if old is None:
         return "never built"
@@ -94,11 +106,13 @@ def _why(old: dict | None, artefact: Artefact, dep_hashes: dict[str, str], out: 
     return ", ".join(f"{c} changed" if not c.endswith("rebuilt") else c for c in changed) or None
 
 
-def code_hash(*modules) -> str:
+def code_hash(*modules: ModuleType) -> str:
     """Identity of the builder code that makes an artefact: part of its rebuild key, so a
     fix to a recipe rebuilds what it made even before the version number moves."""
     h = hashlib.sha256()
     for module in sorted(modules, key=lambda m: m.__name__):
+        if module.__file__ is None:
+            raise RackbootError(f"{module.__name__} has no source file to hash")
         h.update(module.__name__.encode() + b"\0" + Path(module.__file__).read_bytes())
     return h.hexdigest()
 
@@ -143,7 +157,7 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
                 if artefact.check and _inputs_changed(state, artefact):
                     artefact.check()
             hashes: dict[str, str] = {}
-            stamps: dict[str, dict] = {}  # of the rebuilt artefacts, written at the commit
+            stamps: dict[str, Stamp] = {}  # of the rebuilt artefacts, written at the commit
             for artefact in artefacts:
                 missing = [d for d in artefact.after if d not in hashes]
                 if missing:
@@ -153,6 +167,7 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
                 target, staged = out / artefact.filename, stage / artefact.filename
                 reason = _why(old, artefact, deps, target)
                 if reason is None:
+                    assert old is not None  # _why calls a missing stamp "never built"
                     _link_or_copy(target, staged)
                     hashes[artefact.name] = old["sha256"]
                     result.outcomes.append(Outcome(artefact.name, False, "up to date"))
@@ -187,7 +202,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _commit(out: Path, artefacts: list[Artefact], stamps: dict[str, dict], hashes: dict[str, str]) -> None:
+def _commit(out: Path, artefacts: list[Artefact], stamps: dict[str, Stamp], hashes: dict[str, str]) -> None:
     """Rename the rebuilt outputs into place with their stamps, drop what the previous build
     made and this one does not (another compression's initramfs), then write artefacts.json."""
     stage, state = stage_dir(out), out / STATE_DIR
@@ -247,11 +262,13 @@ def _inputs_changed(state: Path, artefact: Artefact) -> bool:
     return old is None or canonical(old.get("inputs")) != canonical(artefact.inputs)
 
 
-def _read_stamp(path: Path) -> dict | None:
+def _read_stamp(path: Path) -> dict[str, Any] | None:
+    """The stamp as JSON: one an older builder wrote may lack keys, so readers use .get."""
     try:
-        return json.loads(path.read_bytes())
+        stamp = json.loads(path.read_bytes())
     except (FileNotFoundError, ValueError):
         return None
+    return stamp if isinstance(stamp, dict) else None
 
 
 def write_manifest(out: Path, artefacts: list[Artefact], hashes: dict[str, str]) -> None:

@@ -13,7 +13,9 @@ import posixpath
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Protocol
 
 from rackboot.firmware.boards import COMMON_MODULES, Board
 from rackboot.initramfs.updater.signature import PUBLIC_KEY
@@ -80,7 +82,7 @@ def spec(cfg: Config, board: Board) -> Spec:
     )
 
 
-def _shim_dir():
+def _shim_dir() -> Traversable:
     return resources.files("rackboot.initramfs")
 
 
@@ -147,7 +149,14 @@ def _copy_file(source: Path, dst: Path) -> None:
     shutil.copymode(source, dst)
 
 
-def check(spec: Spec, *, sysroot: Path, kernel) -> None:
+class KernelTree(Protocol):
+    """What the initramfs reads of a kernel (build.Kernel): its unpacked tree."""
+
+    @property
+    def root(self) -> Path: ...
+
+
+def check(spec: Spec, *, sysroot: Path, kernel: KernelTree) -> None:
     """Fail on what would stop the build (wrong-arch binaries, missing libraries or
     modules) before anything is written; both closures are cheap next to compression."""
     for target, src in sorted(spec.files.items()):
@@ -158,7 +167,7 @@ def check(spec: Spec, *, sysroot: Path, kernel) -> None:
     modules.module_closure(spec.modules, kernel.root, arch=spec.arch)
 
 
-def stage(root: Path, spec: Spec, *, sysroot: Path, kernel) -> None:
+def stage(root: Path, spec: Spec, *, sysroot: Path, kernel: KernelTree) -> None:
     """Lay out the initramfs tree under ``root``."""
     _copy_from_sysroot(elf.closure(spec.binaries, sysroot, spec.arch), sysroot, root)
     if not _in_root(root, "/bin/busybox").is_file():

@@ -73,7 +73,9 @@ def read_modinfo(path: Path) -> ModInfo:
         raw = section.data() if section is not None else b""
     except (ELFError, lzma.LZMAError, OSError, EOFError) as exc:
         raise RackbootError(f"kernel module {path} is not a readable ELF object ({exc})") from None
-    depends, pre, post = [], [], []
+    depends: list[str] = []
+    pre: list[str] = []
+    post: list[str] = []
     for item in raw.split(b"\0"):
         key, _, value = item.decode("utf-8", "replace").partition("=")
         if key == "depends":
@@ -126,7 +128,7 @@ class KernelModules:
 
     @cached_property
     def index(self) -> dict[str, Path]:
-        found = {}
+        found: dict[str, Path] = {}
         for path in sorted(self.dir.rglob("*.ko*")):  # rglob lists links but does not enter linked directories
             if path.name.endswith(SUFFIXES):
                 try:
@@ -194,7 +196,9 @@ def _load_order(infos: dict[str, ModInfo]) -> list[str]:
         for post in info.post:
             if post in infos:
                 before[post].add(name)
-    order, done, visiting = [], set(), []
+    order: list[str] = []
+    done: set[str] = set()
+    visiting: list[str] = []
 
     def visit(name: str) -> None:
         if name in done:

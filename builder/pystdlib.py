@@ -90,10 +90,12 @@ def needed_stdlib(package_dir: Path, sysroot: Path, arch: str) -> StdlibSet:
     finally:
         script.unlink()
     root = sysroot.resolve()
+    # typeshed leaves out the attributes of modulefinder's (undocumented) Module class.
+    files: list[str | None] = [m.__file__ for m in finder.modules.values()]  # type: ignore[attr-defined]
     sources = {
-        "/" + str(Path(m.__file__).resolve().relative_to(root))
-        for m in finder.modules.values()
-        if m.__file__ and Path(m.__file__).resolve().is_relative_to(stdlib)
+        "/" + str(Path(file).resolve().relative_to(root))
+        for file in files
+        if file and Path(file).resolve().is_relative_to(stdlib)
     }
     dynload = stdlib / "lib-dynload"
     extensions = set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from types import FrameType
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -19,7 +20,7 @@ class Terminated(KeyboardInterrupt):
 _terminating = threading.Event()
 
 
-def _raise(signum: int, _frame) -> None:
+def _raise(signum: int, _frame: FrameType | None) -> None:
     if _terminating.is_set():
         return  # a second signal must not cut short the cleanup the first one started
     _terminating.set()

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def default_cache() -> Path:
 
 def parse_records(text: str) -> list[dict[str, str]]:
     """Debian control records (apt-cache show output) as dicts; continuation lines joined."""
-    records, current, key = [], {}, None
+    records: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    key: str | None = None
     for line in text.splitlines():
         if not line.strip():
             if current:
@@ -142,7 +145,7 @@ class PackageCache:
     def _show_qualified(self, names: list[str], arch: str) -> dict[str, PackageRef]:
         qualified = [f"{n}:{arch}" for n in names]
         done = subprocess.run(["apt-cache", "show", "--no-all-versions", *qualified], capture_output=True, text=True)
-        found = {}
+        found: dict[str, PackageRef] = {}
         for rec in parse_records(done.stdout):
             if "SHA256" not in rec or "Filename" not in rec:
                 continue
@@ -284,7 +287,7 @@ def _spec(ref: PackageRef) -> str:
     return f"{ref.name}:{ref.arch}={ref.version}" if ref.arch != "all" else f"{ref.name}={ref.version}"
 
 
-def merge_tree(src: Path, root: Path, at: str = "/", copy_file=None) -> None:
+def merge_tree(src: Path, root: Path, at: str = "/", copy_file: Callable[[Path, Path], None] | None = None) -> None:
     """Lay the tree ``src`` into the tree ``root`` at ``at``, as unpacking it there would:
     links already in ``root`` are followed inside it (a package's lib/x lands where another's
     lib link points), never on the host, where shutil.copytree followed them; a later file
@@ -306,7 +309,7 @@ def merge_tree(src: Path, root: Path, at: str = "/", copy_file=None) -> None:
                 copy_file(source, dest)
 
 
-def _link(src: str, dst: str) -> None:
+def _link(src: Path, dst: Path) -> None:
     try:
         if os.path.lexists(dst):
             os.unlink(dst)

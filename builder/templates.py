@@ -18,7 +18,7 @@ def source_hash(package: str, name: str) -> str:
     return hashlib.sha256(source(package, name).encode()).hexdigest()
 
 
-def render(package: str, name: str, **context) -> str:
+def render(package: str, name: str, **context: object) -> str:
     import jinja2  # here: a no-op `rackboot build` only hashes templates, and jinja2 is slow to import
 
     # StrictUndefined: a variable the caller forgot is an error, never an empty string

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 BLOCK = 4096
 _ZERO_SUM = "0" * 64
@@ -31,7 +32,7 @@ def mapped_ranges(image: Path, block: int = BLOCK) -> list[tuple[int, int]]:
     return ranges
 
 
-def _range_sha256(f, first: int, last: int, block: int) -> str:
+def _range_sha256(f: BinaryIO, first: int, last: int, block: int) -> str:
     h = hashlib.sha256()
     f.seek(first * block)
     left = (last - first + 1) * block

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import mbr
@@ -76,7 +77,7 @@ def fat_image(
             )  # FAT times are local
 
 
-def _copy_data(src: Path, dst, offset: int) -> None:
+def _copy_data(src: Path, dst: BinaryIO, offset: int) -> None:
     """Copy the data extents of ``src`` into ``dst`` at ``offset``, leaving holes as holes."""
     with open(src, "rb") as f:
         fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0

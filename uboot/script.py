@@ -5,7 +5,7 @@ from __future__ import annotations
 from rackboot import templates
 
 
-def render(template: str, **context) -> str:
+def render(template: str, **context: object) -> str:
     text = templates.render(__package__, template, **context)
     # The comments are for people reading the templates: U-Boot's hush parser trips on
     # quotes inside them, and blank lines and trailing spaces only cost bytes.
