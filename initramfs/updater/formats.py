@@ -145,31 +145,41 @@ class _Fields:
             raise self.fail(key, "missing")
         return self.obj[key]
 
-    def int(self, key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
-        value = self.raw(key, optional=optional)
-        if value is None and optional:
-            return None
+    def integer(self, key: str, *, minimum: int = 0) -> int:
+        return self._integer(key, self.raw(key), minimum)
+
+    def optional_integer(self, key: str, *, minimum: int = 0) -> int | None:
+        value = self.raw(key, optional=True)
+        return None if value is None else self._integer(key, value, minimum)
+
+    def _integer(self, key: str, value: Any, minimum: int) -> int:
         if not _is_int(value):
             raise self.fail(key, f"expected an integer, got {_kind(value)}")
         if value < minimum:
             raise self.fail(key, f"must be >= {minimum}, got {value}")
         return value
 
-    def num(self, key: str, *, optional: bool = False) -> float | None:
-        value = self.raw(key, optional=optional)
-        if value is None and optional:
-            return None
+    def number(self, key: str) -> float:
+        return self._number(key, self.raw(key))
+
+    def optional_number(self, key: str) -> float | None:
+        value = self.raw(key, optional=True)
+        return None if value is None else self._number(key, value)
+
+    def _number(self, key: str, value: Any) -> float:
         finite = _is_int(value) or (isinstance(value, float) and abs(value) < float("inf"))
         if not finite or value < 0:
             raise self.fail(key, f"expected a finite number >= 0, got {_kind(value)}")
         return float(value)
 
-    def str(
-        self, key: str, pattern: re.Pattern | None = None, *, optional: bool = False, what: str = ""
-    ) -> str | None:
-        value = self.raw(key, optional=optional)
-        if value is None and optional:
-            return None
+    def text(self, key: str, pattern: re.Pattern[str] | None = None, *, what: str = "") -> str:
+        return self._text(key, self.raw(key), pattern, what)
+
+    def optional_text(self, key: str, pattern: re.Pattern[str] | None = None, *, what: str = "") -> str | None:
+        value = self.raw(key, optional=True)
+        return None if value is None else self._text(key, value, pattern, what)
+
+    def _text(self, key: str, value: Any, pattern: re.Pattern[str] | None, what: str) -> str:
         if not isinstance(value, str):
             raise self.fail(key, f"expected a string, got {_kind(value)}")
         if pattern is not None and not pattern.fullmatch(value):
@@ -182,7 +192,7 @@ class _Fields:
             raise self.fail(key, f"must be one of {', '.join(choices)}, got {_short(value)}")
         return choices(value)
 
-    def bool(self, key: str, *, default: bool = False) -> bool:
+    def flag(self, key: str, *, default: bool = False) -> bool:
         value = self.obj.get(key, default)
         if not isinstance(value, bool):
             raise self.fail(key, f"expected true or false, got {_short(value)}")
@@ -244,12 +254,12 @@ def dump(doc: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
-def _parser(cls: Callable[..., T], doc: str) -> Callable[[bytes | str], T]:
+def _parser(from_dict: Callable[[Any], T], doc: str) -> Callable[[bytes | str], T]:
     def parse(data: bytes | str) -> T:
-        return cls.from_dict(load_json(doc, data))  # type: ignore[attr-defined]
+        return from_dict(load_json(doc, data))
 
     parse.__name__ = f"parse_{doc.replace(' ', '_')}"
-    parse.__doc__ = f"Untrusted bytes -> validated {cls.__name__}; only UpdaterError escapes."
+    parse.__doc__ = f"Untrusted bytes -> validated {doc}; only UpdaterError escapes."
     return parse
 
 
@@ -270,21 +280,21 @@ class Hook:
     @classmethod
     def from_dict(cls, obj: Any, where: str = "manifest: hooks") -> Hook:
         f = _Fields(where, obj)
-        size = f.int("size", minimum=1)
+        size = f.integer("size", minimum=1)
         if size > MAX_HOOK_BYTES:
             raise f.fail("size", f"{size} bytes is larger than the {MAX_HOOK_BYTES} a hook may have")
-        timeout = f.int("timeout", minimum=1)
+        timeout = f.integer("timeout", minimum=1)
         if timeout > MAX_HOOK_TIMEOUT:
             raise f.fail("timeout", f"{timeout} s is longer than the {MAX_HOOK_TIMEOUT} s allowed")
         return cls(
             name=f.choice("name", HookName),
-            file=f.str("file", _FILE_RE, what="a plain file name"),
+            file=f.text("file", _FILE_RE, what="a plain file name"),
             size=size,
-            sha256=f.str("sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            sha256=f.text("sha256", _HEX64_RE, what="64 lowercase hex digits"),
             timeout=timeout,
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "file": self.file, "size": self.size, "sha256": self.sha256, "timeout": self.timeout}
 
 
@@ -331,23 +341,23 @@ class Manifest:
         f = _Fields("manifest", obj)
         return cls(
             format=f.format(),
-            image=f.str("image", IMAGE_RE, what="an image name ([a-z0-9][a-z0-9._-]*)"),
-            version=f.int("version", minimum=1),
-            label=f.str("label"),
-            created=f.int("created"),
-            fstype=f.str("fstype", _FSTYPE_RE, what="a filesystem type"),
-            size=f.int("size", minimum=1),
-            sha256=f.str("sha256", _HEX64_RE, what="64 lowercase hex digits"),
-            crc32=f.str("crc32", _HEX8_RE, what="8 lowercase hex digits"),
+            image=f.text("image", IMAGE_RE, what="an image name ([a-z0-9][a-z0-9._-]*)"),
+            version=f.integer("version", minimum=1),
+            label=f.text("label"),
+            created=f.integer("created"),
+            fstype=f.text("fstype", _FSTYPE_RE, what="a filesystem type"),
+            size=f.integer("size", minimum=1),
+            sha256=f.text("sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            crc32=f.text("crc32", _HEX8_RE, what="8 lowercase hex digits"),
             compression=f.choice("compression", StreamCompression),
-            stream=f.str("stream", _FILE_RE, what="a plain file name"),
-            stream_size=f.int("stream_size", minimum=1),
-            stream_sha256=f.str("stream_sha256", _HEX64_RE, what="64 lowercase hex digits"),
-            kernel_release=f.str("kernel_release", optional=True),
+            stream=f.text("stream", _FILE_RE, what="a plain file name"),
+            stream_size=f.integer("stream_size", minimum=1),
+            stream_sha256=f.text("stream_sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            kernel_release=f.optional_text("kernel_release"),
             hooks=_hooks(f),
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
             "image": self.image,
@@ -389,12 +399,12 @@ class Latest:
         f = _Fields("latest", obj)
         return cls(
             format=f.format(),
-            image=f.str("image", IMAGE_RE, what="an image name"),
-            version=f.int("version", minimum=1),
-            manifest=f.str("manifest", _MASTER_PATH_RE, what="an absolute path on the master"),
+            image=f.text("image", IMAGE_RE, what="an image name"),
+            version=f.integer("version", minimum=1),
+            manifest=f.text("manifest", _MASTER_PATH_RE, what="an absolute path on the master"),
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "image": self.image, "version": self.version, "manifest": self.manifest}
 
 
@@ -412,7 +422,7 @@ class Partition:
     def is_rest(self) -> bool:
         return self.size_mib == REST
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "start_mib": self.start_mib, "size_mib": self.size_mib, "type": self.type}
 
 
@@ -428,33 +438,36 @@ class Layout:
         if not isinstance(items, list) or not 1 <= len(items) <= 4:
             raise f.fail("partitions", "expected a list of 1 to 4 MBR primaries")
         parts: list[Partition] = []
-        start = None
+        start = 0  # where the previous partition ends; the first names its start
         for i, item in enumerate(items):
             p = _Fields(f"plan: layout.partitions[{i}]", item)
-            name = p.str("name", NAME_RE, what="a partition name")
-            given = p.int("start_mib", minimum=MIN_START_MIB if i == 0 else 1, optional=(i > 0))
-            if start is not None and given is not None and given != start:
-                raise p.fail("start_mib", f"{given} leaves a gap or overlap (previous ends at {start})")
-            start = given if given is not None else start
+            name = p.text("name", NAME_RE, what="a partition name")
+            if i == 0:
+                start = p.integer("start_mib", minimum=MIN_START_MIB)
+            else:
+                given = p.optional_integer("start_mib", minimum=1)
+                if given is not None and given != start:
+                    raise p.fail("start_mib", f"{given} leaves a gap or overlap (previous ends at {start})")
             size = p.raw("size_mib")
             if size == REST:
                 if i != len(items) - 1:
                     raise p.fail("size_mib", '"rest" is only allowed for the last partition')
             elif not _is_int(size) or size < 1:
                 raise p.fail("size_mib", f'expected a positive integer or "rest", got {_short(size)}')
-            ptype = p.str("type", _TYPE_RE, what="two lowercase hex digits")
+            ptype = p.text("type", _TYPE_RE, what="two lowercase hex digits")
             if ptype == "00":
                 raise p.fail("type", "00 marks an unused entry")
             if any(q.name == name for q in parts):
                 raise p.fail("name", f"{name!r} appears twice")
             parts.append(Partition(name, start, size, ptype))
-            start = start + size if size != REST else None
+            if size != REST:  # "rest" is last: nothing starts after it
+                start += size
         names = {q.name for q in parts}
         if not set(SLOTS) <= names:
             raise f.fail("partitions", "must include the slots 'a' and 'b'")
         return cls(partitions=tuple(parts), repartition=f.choice("repartition", Repartition))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"partitions": [p.to_dict() for p in self.partitions], "repartition": self.repartition}
 
     def get(self, name: str) -> Partition | None:
@@ -483,15 +496,15 @@ class Plan:
         f = _Fields("plan", obj)
         return cls(
             format=f.format(),
-            node=f.str("node", _NODE_RE, what="a node name"),
+            node=f.text("node", _NODE_RE, what="a node name"),
             layout=Layout.from_dict(f.raw("layout")),
-            image=f.str("image", _MASTER_PATH_RE, optional=True, what="an absolute path on the master"),
+            image=f.optional_text("image", _MASTER_PATH_RE, what="an absolute path on the master"),
             mount=f.choice("mount", Mount),
-            pin=f.bool("pin"),
-            tries=f.int("tries", minimum=1, optional=True) or DEFAULT_TRIES,
+            pin=f.flag("pin"),
+            tries=f.optional_integer("tries", minimum=1) or DEFAULT_TRIES,
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
             "node": self.node,
@@ -520,11 +533,11 @@ class Slot:
         f = _Fields(f"slot state: slots.{name}", obj)
         slot = cls(
             state=f.choice("state", SlotStatus),
-            image=f.str("image", IMAGE_RE, optional=True, what="an image name"),
-            version=f.int("version", minimum=1, optional=True),
-            sha256=f.str("sha256", _HEX64_RE, optional=True, what="64 lowercase hex digits"),
-            partition=f.int("partition", minimum=1, optional=True),
-            tries=f.int("tries", optional=True),
+            image=f.optional_text("image", IMAGE_RE, what="an image name"),
+            version=f.optional_integer("version", minimum=1),
+            sha256=f.optional_text("sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            partition=f.optional_integer("partition", minimum=1),
+            tries=f.optional_integer("tries"),
         )
         if slot.partition is not None and slot.partition > 4:
             raise f.fail("partition", f"{slot.partition} is not an MBR primary (1..4)")
@@ -534,7 +547,7 @@ class Slot:
             raise f.fail("tries", "a trial slot, and only a trial slot, counts its tries")
         return slot
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "state": self.state,
             "image": self.image,
@@ -575,10 +588,10 @@ class SlotState:
             slots[name] = Slot.from_dict(value, name)
         state = cls(
             format=f.format(),
-            seq=f.int("seq"),
+            seq=f.integer("seq"),
             slots=slots,
-            primary=f.str("primary", optional=True),
-            last_good=f.str("last_good", optional=True),
+            primary=f.optional_text("primary"),
+            last_good=f.optional_text("last_good"),
         )
         for key, allowed in (("primary", BOOTABLE), ("last_good", ("good",))):
             name = getattr(state, key)
@@ -586,7 +599,7 @@ class SlotState:
                 raise f.fail(key, f"{name[:40]!r} is not a {' or '.join(allowed)} slot")
         return state
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
             "seq": self.seq,
@@ -617,25 +630,25 @@ class Report:
     @classmethod
     def from_dict(cls, obj: Any) -> Report:
         f = _Fields("report", obj)
-        error = f.str("error", optional=True)
+        error = f.optional_text("error")
         if error is not None and ("\n" in error or len(error) > 1000):
             raise f.fail("error", "must be one line of at most 1000 characters")
-        output = f.str("output", optional=True)
+        output = f.optional_text("output")
         if output is not None and len(output) > MAX_REPORT_OUTPUT:
             raise f.fail("output", f"must be at most {MAX_REPORT_OUTPUT} characters")
         return cls(
-            node=f.str("node", _NODE_RE, what="a node id"),
+            node=f.text("node", _NODE_RE, what="a node id"),
             phase=f.choice("phase", Phase),
-            bytes=f.int("bytes"),
-            seconds=f.num("seconds"),
+            bytes=f.integer("bytes"),
+            seconds=f.number("seconds"),
             error=error,
-            slot=f.str("slot", NAME_RE, optional=True, what="a slot name"),
-            version=f.int("version", minimum=1, optional=True),
-            time=f.num("time", optional=True) or 0.0,
+            slot=f.optional_text("slot", NAME_RE, what="a slot name"),
+            version=f.optional_integer("version", minimum=1),
+            time=f.optional_number("time") or 0.0,
             output=output,
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "node": self.node,
             "phase": self.phase,
@@ -649,11 +662,11 @@ class Report:
         }
 
 
-parse_manifest = _parser(Manifest, "manifest")
-parse_latest = _parser(Latest, "latest")
-parse_plan = _parser(Plan, "plan")
-parse_slot_state = _parser(SlotState, "slot state")
-parse_report = _parser(Report, "report")
+parse_manifest = _parser(Manifest.from_dict, "manifest")
+parse_latest = _parser(Latest.from_dict, "latest")
+parse_plan = _parser(Plan.from_dict, "plan")
+parse_slot_state = _parser(SlotState.from_dict, "slot state")
+parse_report = _parser(Report.from_dict, "report")
 
 
 def manifest_path(image: str, version: int) -> str:

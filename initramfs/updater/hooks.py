@@ -56,7 +56,7 @@ def fetch(master: MasterClient, manifest_path: str, manifest: Manifest, signed: 
             f"manifest: {manifest.image} v{manifest.version} carries hooks and this card has "
             "no master key to check them with; an unsigned hook never runs"
         )
-    scripts = {}
+    scripts: dict[str, bytes] = {}
     for hook in manifest.hooks:
         path = beside(manifest_path, hook.file)
         data = master.get(path)
@@ -108,14 +108,15 @@ def run(
     return HookResult(hook.name, status, text[-MAX_REPORT_OUTPUT:], round(now() - started, 3))
 
 
-def _drain(proc: subprocess.Popen) -> bytes:
+def _drain(proc: subprocess.Popen[bytes]) -> bytes:
     """The killed hook's output. A process that left its group (setsid) may still hold the
     pipe open: the wait for it is bounded, and whatever arrived by then is kept."""
     try:
         raw, _ = proc.communicate(timeout=DRAIN_SECONDS)
         return raw
     except subprocess.TimeoutExpired as e:
-        proc.stdout.close()
+        if proc.stdout is not None:  # always: run() opens it as a pipe
+            proc.stdout.close()
         proc.wait()
         return (e.output or b"") + b"\n(output cut: a process the hook started outside its group still holds it)\n"
 

@@ -139,8 +139,8 @@ class _Inflater:
         self.z = None if self.plain else zlib.decompressobj(31)
         self.ended = self.plain
 
-    def feed(self, data: bytes, chunk: int):
-        if self.plain:
+    def feed(self, data: bytes, chunk: int) -> Iterator[bytes]:
+        if self.z is None:  # plain
             yield data
             return
         while data:
@@ -158,7 +158,7 @@ class _Inflater:
             data = self.z.unused_data if self.z.eof else b""
 
     def finished(self) -> bool:
-        return self.plain or self.z.eof
+        return self.z is None or self.z.eof
 
 
 class _Sink:

@@ -4,7 +4,8 @@ Pure: `wanted_entries` and `decide` take numbers and tables, not devices. Rules:
 partition i of the plan is MBR entry i+1; a match is exact (start, sectors, type);
 "rest" runs to the card's size (or MBR's 2 TiB, whichever ends first) aligned down to
 1 MiB. Repartitioning never moves, resizes or retypes the boot partition, and a
-partition whose start and type stay the same keeps its contents (the data partition survives; a slot that changes is emptied).
+partition whose start and type stay the same keeps its contents (the data partition
+survives; a slot that changes is emptied).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def wanted_entries(layout: Layout, disk_bytes: int) -> tuple[mbr.Entry, ...]:
     card_mib = min(disk_bytes, MBR_BYTES) // MIB  # MBR cannot address past 2 TiB: "rest" stops there
     entries = []
     for i, p in enumerate(layout.partitions):
-        size_mib = card_mib - p.start_mib if p.is_rest else p.size_mib
+        size_mib = p.size_mib if isinstance(p.size_mib, int) else card_mib - p.start_mib  # else: "rest"
         if p.start_mib + max(size_mib, 1) > card_mib:
-            fixed = sum(q.size_mib for q in layout.partitions if not q.is_rest)
+            fixed = sum(q.size_mib for q in layout.partitions if isinstance(q.size_mib, int))
             needed = layout.partitions[0].start_mib + fixed + (1 if layout.partitions[-1].is_rest else 0)
             reach = " that MBR can address" if disk_bytes > MBR_BYTES else ""
             raise UpdaterError(

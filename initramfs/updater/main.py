@@ -14,7 +14,7 @@ import glob
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -31,10 +31,14 @@ from .formats import (
     EXT_MAGIC_OFFSET,
     SLOTS,
     Action,
+    HookName,
     Manifest,
+    Phase,
     Plan,
     Slot,
     SlotState,
+    SlotStatus,
+    T,
     node_id,
     parse_manifest,
     parse_plan,
@@ -153,7 +157,7 @@ def run(
     now: Callable[[], float] = time.monotonic,
     layout_check: bool = True,
     master: MasterClient | None = None,
-    log: Callable[[str], None] = None,
+    log: Callable[[str], None] | None = None,
     offline_mount: str = DEFAULT_MOUNT,
     verifier: Verifier | None = None,
     open_disk: Callable[[str], Disk] = Disk,
@@ -218,29 +222,29 @@ class _Update:
             self.take_confirmation()
         except UpdaterError as e:  # the state cannot be written: boot as it stands, confirm next time
             self.log(f"confirm failed: {e}")
-            self.report("error", error=f"confirm: {e}")
+            self.report(Phase.ERROR, error=f"confirm: {e}")
         if self.identity is None:  # no plan to ask for: what the card holds boots
             return self.fall_back(Action.OFFLINE, NoIdentity("identity: no network interface with a MAC address"))
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             with self.step("plan"):
-                self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+                plan = self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
         except Refused as e:
             return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
             return self.fall_back(Action.OFFLINE, e)
         signed = "signature verified" if self.verifier.required else "unsigned: this card has no master key"
-        self.log(f"plan for {self.plan.node}: image {self.plan.image or '(keep)'} ({signed})")
+        self.log(f"plan for {plan.node}: image {plan.image or '(keep)'} ({signed})")
         try:
             with self.step("layout"):
-                table = self.check_layout(layout_check)
-            return self.update(table)
+                table = self.check_layout(plan, layout_check)
+            return self.update(plan, table)
         except Refused as e:
             return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
             return self.fall_back(Action.FALLBACK, e)
 
-    def signed_doc(self, path: str, parse, headers: dict | None = None):
+    def signed_doc(self, path: str, parse: Callable[[bytes], T], headers: dict[str, str] | None = None) -> T:
         """A plan or manifest, parsed only after its signature verified (when the card has a key)."""
         if not self.verifier.required:
             return self.master.get_doc(path, parse, headers=headers)
@@ -254,28 +258,28 @@ class _Update:
 
     # --- layout -----------------------------------------------------------------------
 
-    def check_layout(self, layout_check: bool) -> Mbr:
+    def check_layout(self, plan: Plan, layout_check: bool) -> Mbr:
         if not layout_check:
             table = layout.read_table(self.disk)
             if table is None:
                 raise UpdaterError(f"layout: {self.disk_path} has no MBR and layout checks are off")
             return table
-        decision = layout.decide(self.plan.layout, layout.read_table(self.disk), self.disk.size, node=self.plan.node)
+        decision = layout.decide(plan.layout, layout.read_table(self.disk), self.disk.size, node=plan.node)
         if decision.action == "repartition":
             self.log(
                 f"repartitioning: {', '.join(decision.changed)} change; kept: {', '.join(decision.kept) or 'none'}"
             )
             with self.step("layout", report=True):
                 layout.write_table(self.disk, decision.table)
-        self.forget_moved_slots(set(decision.changed))
+        self.forget_moved_slots(plan, set(decision.changed))
         return decision.table
 
-    def forget_moved_slots(self, changed: set[str]) -> None:
+    def forget_moved_slots(self, plan: Plan, changed: set[str]) -> None:
         """A slot whose partition moved (or was renumbered) no longer holds its image."""
         slots = dict(self.state.slots)
         for name, slot in self.state.slots.items():
-            part = self.plan.layout.get(name)
-            number = self.plan.layout.number(name) if part else None
+            part = plan.layout.get(name)
+            number = plan.layout.number(name) if part else None
             if slot.state != "empty" and (name in changed or number is None or slot.partition not in (None, number)):
                 slots[name] = Slot()
         if slots != dict(self.state.slots):
@@ -289,15 +293,15 @@ class _Update:
 
     # --- install ----------------------------------------------------------------------
 
-    def update(self, table: Mbr) -> Decision:
+    def update(self, plan: Plan, table: Mbr) -> Decision:
         with self.step("download"):  # the manifest, and whether a slot holds its image already
-            if self.plan.image is None:
+            if plan.image is None:
                 current = self.state.primary or self.state.last_good
                 if current is None:
                     raise UpdaterError("plan: assigns no image and no slot on the card is good")
                 return self.decision(current, Action.UP_TO_DATE)
-            manifest = self.signed_doc(self.plan.image, parse_manifest)
-            self.refuse_replay(manifest)
+            manifest = self.signed_doc(plan.image, parse_manifest)
+            self.refuse_replay(plan, manifest)
             for name, slot in sorted(self.state.slots.items()):
                 if slot.state == "failed" and (slot.image, slot.sha256) == (manifest.image, manifest.sha256):
                     raise UpdaterError(
@@ -306,17 +310,17 @@ class _Update:
                     )
             for name in SLOTS:
                 slot = self.state.slot(name)
-                if slot.holds(manifest) and slot.partition in (None, self.plan.layout.number(name)):
+                if slot.holds(manifest) and slot.partition in (None, plan.layout.number(name)):
                     if self.state.primary != name:
                         last_good = name if slot.state == "good" else self.state.last_good
                         self.commit(replace(self.state, primary=name, last_good=last_good))
                     self.log(f"slot {name} already holds {manifest.image} v{manifest.version}")
                     return self.decision(name, Action.UP_TO_DATE, manifest)
             target = self.inactive_slot()
-        self.install(target, manifest, table)
+        self.install(plan, plan.image, target, manifest, table)
         return self.decision(target, Action.INSTALLED, manifest)
 
-    def refuse_replay(self, manifest: Manifest) -> None:
+    def refuse_replay(self, plan: Plan, manifest: Manifest) -> None:
         """An older version of an image a slot holds is a replay unless the plan pins it."""
         newer = [
             (name, slot.version)
@@ -326,7 +330,7 @@ class _Update:
             and slot.version is not None
             and slot.version > manifest.version
         ]
-        if newer and not self.plan.pin:
+        if newer and not plan.pin:
             name, version = newer[0]
             raise Refused(
                 f"manifest: {manifest.image} v{manifest.version} is older than v{version} in "
@@ -339,9 +343,10 @@ class _Update:
         keep = _good(self.state.slots, self.state.last_good) or self.state.primary
         return next(name for name in SLOTS if name != keep)
 
-    def install(self, target: str, manifest: Manifest, table: Mbr) -> None:
+    def install(self, plan: Plan, path: str, target: str, manifest: Manifest, table: Mbr) -> None:
+        """Write ``manifest``'s image (which the master has at ``path``) into slot ``target``."""
         self.installing = (target, manifest.version)
-        number = self.plan.layout.number(target)
+        number = plan.layout.number(target)
         with self.step("download"):  # the slot's room and the hooks' scripts, before a byte of it is written
             offset, capacity = layout.partition_range(table, number)
             if manifest.size > capacity:
@@ -349,9 +354,9 @@ class _Update:
                     f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
                     f"bytes, slot {target} has {capacity}"
                 )
-            scripts = hooks.fetch(self.master, self.plan.image, manifest, self.verifier.required)
-        self.run_hook("pre-install", manifest, scripts, target, number)  # the slot is untouched so far
-        entry = Slot("writing", manifest.image, manifest.version, manifest.sha256, number)
+            scripts = hooks.fetch(self.master, path, manifest, self.verifier.required)
+        self.run_hook(HookName.PRE_INSTALL, manifest, scripts, target, number)  # the slot is untouched so far
+        entry = Slot(SlotStatus.WRITING, manifest.image, manifest.version, manifest.sha256, number)
         if self.state.primary == target:  # replacing an unconfirmed slot: the good one boots meanwhile
             self.state = replace(self.state, primary=_good(self.state.slots, self.state.last_good))
         self.commit(self.with_slot(target, entry))
@@ -361,25 +366,28 @@ class _Update:
         )
         try:
             for attempt in range(1, WRITE_ATTEMPTS + 1):
-                if self.write_and_read_back(target, offset, capacity, manifest, last=attempt == WRITE_ATTEMPTS):
+                if self.write_and_read_back(path, target, offset, capacity, manifest, last=attempt == WRITE_ATTEMPTS):
                     break
-            self.run_hook("post-install", manifest, scripts, target, number)
+            self.run_hook(HookName.POST_INSTALL, manifest, scripts, target, number)
         except UpdaterError:
-            self.commit(self.with_slot(target, replace(entry, state="bad")))
+            self.commit(self.with_slot(target, replace(entry, state=SlotStatus.BAD)))
             raise
         with self.step("commit", report=True, slot=target, version=manifest.version):
             self.log(f"committing slot {target}")
             # on trial until the system it boots runs rackboot-mark-good; last_good stays the old slot
             self.commit(
-                replace(self.with_slot(target, replace(entry, state="trial", tries=self.plan.tries)), primary=target)
+                replace(
+                    self.with_slot(target, replace(entry, state=SlotStatus.TRIAL, tries=plan.tries)), primary=target
+                )
             )
 
-    def run_hook(self, name: str, manifest: Manifest, scripts: dict[str, bytes], target: str, number: int) -> None:
+    def run_hook(self, name: HookName, manifest: Manifest, scripts: dict[str, bytes], target: str, number: int) -> None:
         """Run the manifest's signed hook ``name``, if it has one; its output goes to the
         master either way, and a failure stops the install."""
         hook = manifest.hook(name)
         if hook is None:
             return
+        assert self.node is not None  # a hook comes with a plan, which only a board with an identity gets
         with self.step(name, allow=hook.timeout + self.watchdog.stall):  # it is killed before then
             env = hooks.environment(
                 manifest,
@@ -393,7 +401,7 @@ class _Update:
             result = hooks.run(hook, scripts[name], env, log=self.log)
             # reported whether it passed or not: its output is what the master needs to see
             self.report(
-                "hook",
+                Phase.HOOK,
                 seconds=result.seconds,
                 slot=target,
                 version=manifest.version,
@@ -402,13 +410,13 @@ class _Update:
             )
             hooks.check(result)
 
-    def write_and_read_back(self, target: str, offset: int, capacity: int, manifest: Manifest, *, last: bool) -> bool:
+    def write_and_read_back(
+        self, path: str, target: str, offset: int, capacity: int, manifest: Manifest, *, last: bool
+    ) -> bool:
         """Stream, verify what was written, then re-read the slot from the medium: False
         when the read-back differs and another attempt remains."""
         with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
-            stream = self.watchdog.watch(
-                self.master.stream(manifest.stream_path(self.plan.image), manifest.stream_size)
-            )
+            stream = self.watchdog.watch(self.master.stream(manifest.stream_path(path), manifest.stream_size))
             written = install.write_stream(stream, self.disk, offset, capacity, manifest)
         with self.step("verify"):
             install.verify(written, manifest)
@@ -421,7 +429,7 @@ class _Update:
         if last:
             raise UpdaterError(f"{problem}, again; the slot stays uncommitted")
         self.log(f"{problem}; writing it once more")
-        self.report("error", slot=target, version=manifest.version, error=problem)
+        self.report(Phase.ERROR, slot=target, version=manifest.version, error=problem)
         return False
 
     # --- steps, state, decisions, reports -----------------------------------------------
@@ -447,7 +455,7 @@ class _Update:
         started = self.now()
         yield
         if report:
-            self.report(phase, seconds=self.now() - started if timed else None, slot=slot, version=version)
+            self.report(Phase(phase), seconds=self.now() - started if timed else None, slot=slot, version=version)
 
     def has_ext_superblock(self, number: int) -> bool:
         table = layout.read_table(self.disk)
@@ -470,15 +478,15 @@ class _Update:
         words = raw.split(b"\n", 1)[0].decode("ascii", "replace").split()
         name = words[1] if len(words) == 3 and words[0] == slot_state.CONFIRM_WORD else None
         slot = self.state.slot(name) if name else None
-        if slot and slot.state == "trial" and slot.sha256 == words[2]:
-            confirmed = replace(self.with_slot(name, replace(slot, state="good", tries=None)), last_good=name)
+        if name and slot and slot.state == "trial" and slot.sha256 == words[2]:
+            confirmed = replace(self.with_slot(name, replace(slot, state=SlotStatus.GOOD, tries=None)), last_good=name)
             try:
                 self.commit(confirmed)
             except UpdaterError:
                 self.state = confirmed  # it did confirm itself; the sector stays for the next boot
                 raise
             self.log(f"slot {name} confirmed itself good ({slot.image} v{slot.version})")
-            self.report("confirm", slot=name, version=slot.version)
+            self.report(Phase.CONFIRM, slot=name, version=slot.version)
         self.disk.write(slot_state.CONFIRM, bytes(512))
         self.disk.fsync()
 
@@ -486,26 +494,27 @@ class _Update:
         """Booting a trial slot spends one of its tries; with none left it has failed, and
         the last good slot boots instead (RAUC's BOOT_x_LEFT, kept in the slot state)."""
         slot = self.state.slot(name)
-        if slot.state != "trial":
+        if slot.state != "trial" or slot.tries is None:  # (slot state makes every trial slot count its tries)
             return name, action, error
-        fallback = _good(self.state.slots, self.state.last_good)
-        alone = fallback in (None, name)
-        if slot.tries > 0 or alone:
+        fallback = _good(self.state.slots, self.state.last_good)  # never this slot: it is on trial, not good
+        if slot.tries > 0 or fallback is None:
             tries = max(slot.tries - 1, 0)
             try:
                 self.commit(self.with_slot(name, replace(slot, tries=tries)))
             except UpdaterError as e:
-                if alone:  # nothing else to boot: an uncounted try beats no boot
+                if fallback is None:  # nothing else to boot: an uncounted try beats no boot
                     self.log(f"slot {name}: its try cannot be counted ({e}); booting it all the same")
                     return name, action, error
                 return self.give_up_trial(name, fallback, f"its try cannot be counted ({e})")
             self.log(
                 f"slot {name} is on trial: {tries} more unconfirmed boots before "
-                + (f"slot {fallback} takes over" if not alone else "nothing (no other slot)")
+                + (f"slot {fallback} takes over" if fallback is not None else "nothing (no other slot)")
             )
             return name, action, error
         try:
-            self.commit(replace(self.with_slot(name, replace(slot, state="failed", tries=None)), primary=fallback))
+            self.commit(
+                replace(self.with_slot(name, replace(slot, state=SlotStatus.FAILED, tries=None)), primary=fallback)
+            )
         except UpdaterError as e:  # boot the good slot anyway; the next boot marks it failed again
             self.log(f"slot {name}: cannot mark it failed ({e})")
         return self.give_up_trial(name, fallback, "never confirmed itself")
@@ -514,7 +523,7 @@ class _Update:
         slot = self.state.slot(name)
         problem = f"slot {name} ({slot.image} v{slot.version}) {why}; back to slot {fallback}"
         self.log(problem)
-        self.report("error", slot=name, version=slot.version, error=problem)
+        self.report(Phase.ERROR, slot=name, version=slot.version, error=problem)
         return fallback, Action.FALLBACK, problem
 
     def decision(
@@ -542,17 +551,17 @@ class _Update:
             version=slot.version,
             sha256=slot.sha256,
             data_device=partition_device(self.disk_path, data) if data else None,
-            data_blank=bool(data) and not self.has_ext_superblock(data),
+            data_blank=not self.has_ext_superblock(data) if data else False,
             error=error,
         )
-        self.report("boot", slot=name, version=slot.version, error=error)
+        self.report(Phase.BOOT, slot=name, version=slot.version, error=error)
         self.log(f"boot slot {name} ({action}) from {result.device}")
         return result
 
     def fall_back(self, action: Action, error: UpdaterError) -> Decision:
         self.log(f"{self.phase} {'refused' if action == Action.REFUSED else 'failed'}: {error}")
         slot, version = self.installing
-        self.report("error", error=f"{self.phase}: {error}", slot=slot, version=version)
+        self.report(Phase.ERROR, error=f"{self.phase}: {error}", slot=slot, version=version)
         name = _bootable(self.state.slots, self.state.primary) or _good(self.state.slots, self.state.last_good)
         if name is None:
             raise UpdaterError(f"no good slot to boot ({self.phase}: {error})")
@@ -560,7 +569,7 @@ class _Update:
 
     def report(
         self,
-        phase: str,
+        phase: Phase,
         *,
         seconds: float | None = None,
         error: str | None = None,
@@ -575,7 +584,7 @@ class _Update:
         reports.send(
             self.master,
             reports.make(
-                self.node,
+                self.identity.node,
                 phase,
                 bytes=self.master.stream_bytes,
                 seconds=elapsed,
@@ -587,9 +596,9 @@ class _Update:
         )
 
 
-def _bootable(slots, name: str | None) -> str | None:
+def _bootable(slots: Mapping[str, Slot], name: str | None) -> str | None:
     return name if name is not None and name in slots and slots[name].state in BOOTABLE else None
 
 
-def _good(slots, name: str | None) -> str | None:
+def _good(slots: Mapping[str, Slot], name: str | None) -> str | None:
     return name if name is not None and name in slots and slots[name].state == "good" else None

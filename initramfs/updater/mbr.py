@@ -7,6 +7,7 @@ marker; nothing that boots these cards reads them. Boot code bytes are preserved
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -109,6 +110,6 @@ def dump(mbr: Mbr) -> bytes:
 
 def _check_overlaps(entries: list[Entry]) -> None:
     ordered = sorted(entries, key=lambda e: e.start)
-    for prev, cur in zip(ordered, ordered[1:]):
+    for prev, cur in itertools.pairwise(ordered):
         if cur.start < prev.end:
             raise UpdaterError(f"mbr: partitions {prev.number} and {cur.number} overlap")

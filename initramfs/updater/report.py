@@ -6,7 +6,7 @@ import time
 
 from . import formats
 from .fetch import MasterClient
-from .formats import MAX_REPORT_OUTPUT, Report
+from .formats import MAX_REPORT_OUTPUT, Phase, Report
 
 
 def send(master: MasterClient | None, report: Report, *, timeout: float | None = None) -> bool:
@@ -21,7 +21,7 @@ def send(master: MasterClient | None, report: Report, *, timeout: float | None =
 
 def make(
     node: str,
-    phase: str,
+    phase: Phase,
     *,
     bytes: int = 0,
     seconds: float = 0.0,

@@ -31,6 +31,8 @@ class Verifier:
 
     def check(self, what: str, data: bytes, signature: bytes) -> None:
         """Return quietly when ``signature`` is the master's over ``data``; else Refused."""
+        if self.public_key is None:
+            raise Refused(f"{what}: this card has no master key to check the signature with")
         if len(signature) != SIGNATURE_BYTES:
             raise Refused(f"{what}: signature is {len(signature)} bytes, an Ed25519 signature is {SIGNATURE_BYTES}")
         with tempfile.TemporaryDirectory(prefix="rackboot-sig-") as tmp:

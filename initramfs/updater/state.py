@@ -81,7 +81,7 @@ def read_copies(disk: Disk) -> tuple[SlotState | None, ...]:
     """Each copy's state; a whole copy of a newer format stops everything (NewerState):
     this updater cannot tell which slot it calls good, and must not write over it."""
     raws = [disk.read(offset, RESERVED) for offset in COPIES]
-    for offset, raw in zip(COPIES, raws):
+    for offset, raw in zip(COPIES, raws, strict=True):
         newer = newer_format(raw)
         if newer is not None:
             raise NewerState(

@@ -56,7 +56,7 @@ class Watchdog:
             return self
         self.timeout = _set_timeout(self.fd, self.timeout)
         self.progress()
-        self._thread = threading.Thread(target=self._feed, name="watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._feed, args=(self.fd,), name="watchdog", daemon=True)
         self._thread.start()
         self.log(
             f"watchdog: {self.path} armed ({self.timeout} s); fed while the update moves (stall limit {self.stall:g} s)"
@@ -73,10 +73,10 @@ class Watchdog:
             self.progress()
             yield chunk
 
-    def _feed(self) -> None:
+    def _feed(self, fd: int) -> None:
         while not self._stop.wait(max(self.timeout / 3, 0.2)):
             if self.now() < self.deadline:
-                os.write(self.fd, b"\0")
+                os.write(fd, b"\0")
             elif not self.starved:
                 self.starved = True
                 self.log(
@@ -89,7 +89,8 @@ class Watchdog:
         if self.fd is None:
             return
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:  # always, once armed
+            self._thread.join()
         try:
             os.write(self.fd, b"V")  # magic close: the driver stops the timer on close
         finally:

@@ -264,13 +264,18 @@ def test_layout_change_keeps_boot_and_data(server, card):
 
 def test_layout_mismatch_with_repartition_never_is_refused(server, card):
     install_v1(server, card)
-    before = open(card, "rb").read(512)
+    before = first_sector(card)
     new = (("boot", 4, 16, "0c"), ("a", None, 48, "83"), ("b", None, 80, "83"), ("data", None, "rest", "83"))
     write_plan(server.root, publish(server.root, 2, image_bytes(2)), parts=new, repartition="never")
     decision = update(card, server.url)
     assert (decision.slot, decision.action) == ("a", "fallback")
     assert "repartition never" in decision.error
-    assert open(card, "rb").read(512) == before
+    assert first_sector(card) == before
+
+
+def first_sector(card: str) -> bytes:
+    with open(card, "rb") as f:
+        return f.read(512)
 
 
 def test_offline_boot_mounts_as_the_card_was_built_to(server, card):

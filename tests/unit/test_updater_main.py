@@ -91,7 +91,7 @@ def test_a_board_without_identity_boots_its_good_slot_offline_and_asks_nobody(tm
         ),
         confirm=f"rackboot-good b {SHA_B}\n".encode(),
     )
-    url = "http://127.0.0.1:%d" % silent_master.getsockname()[1]
+    url = f"http://127.0.0.1:{silent_master.getsockname()[1]}"
     lines = []
     decision = run(
         card,
@@ -111,7 +111,7 @@ def test_a_board_without_identity_boots_its_good_slot_offline_and_asks_nobody(tm
 
 def test_a_board_without_identity_or_good_slot_is_left_to_the_rescue_loop(tmp_path, silent_master):
     card = card_with(tmp_path, SlotState())
-    url = "http://127.0.0.1:%d" % silent_master.getsockname()[1]
+    url = f"http://127.0.0.1:{silent_master.getsockname()[1]}"
     with pytest.raises(UpdaterError, match=r"^no good slot to boot \(plan: identity: no network interface"):
         run(card, url, None, log=lambda m: None, master=MasterClient(url, connect_timeout=0.5, retries=0))
     assert not contacted(silent_master)

@@ -52,7 +52,7 @@ def test_record_layout(disk):
 
 def test_corrupt_newest_copy_falls_back_to_the_other(disk):
     state.write(disk, good(1))
-    newest = state.write(disk, good(2))
+    state.write(disk, good(2))
     disk.write(state.COPIES[1] + 20, b"X")
     assert state.read(disk).seq == 1
     assert state.write(disk, good(3)).seq == 2  # the invalid copy is rewritten, seq continues
