@@ -89,7 +89,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     port = args.port if args.port is not None else cfg.master.port
     serve.serve_forever(
-        cfg.master.directory, args.bind, port, idle_timeout=args.timeout, max_connections=args.max_connections
+        cfg.master.directory,
+        args.bind,
+        port,
+        idle_timeout=args.timeout,
+        max_connections=args.max_connections,
+        max_streams=cfg.master.max_streams,
     )
     return 0
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypedDict
 
 from rackboot.initramfs.updater.formats import DEFAULT_MOUNT, DEFAULT_TRIES, NAME_RE, Mount, Repartition
 from rackboot.initramfs.updater.layout import FAT_TYPES
+from rackboot.master.limits import MAX_STREAMS
 
 from .errors import ConfigError
 
@@ -244,6 +245,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("master", "port", "int", 8080, "The master's HTTP port.", minimum=1, maximum=65535),
     Setting(
         "master",
+        "max_streams",
+        "int",
+        MAX_STREAMS,
+        "Image streams rackboot serve sends at once; past it a worker is told to come back "
+        "(503 with Retry-After) and waits its turn. 8 streams of a worker writing its card at "
+        "~15 MB/s fill a gigabit link; more only share it thinner.",
+        minimum=1,
+        maximum=1024,
+    ),
+    Setting(
+        "master",
         "key",
         "path",
         None,
@@ -329,6 +341,7 @@ class InitramfsSection:
 class MasterSection:
     address: str
     port: int
+    max_streams: int
     key: Path | None
     directory: Path
 

@@ -3,3 +3,4 @@ the CLI can show them without importing http.server (every `rackboot build` woul
 
 IDLE_TIMEOUT = 30.0  # seconds one read or write on a connection may wait for the client
 MAX_CONNECTIONS = 256  # connections served at once, each with its thread
+MAX_STREAMS = 8  # image streams sent at once ([master] max_streams): past it, 503 with Retry-After

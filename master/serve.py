@@ -7,6 +7,12 @@ sent per path. Files go out with sendfile in chunks, so a multi-GiB stream costs
 A stalled client cannot pin a thread: every socket operation has a timeout (not the whole
 request, so a slow stream that keeps moving is never cut off), and past MAX_CONNECTIONS
 open connections a new one gets a quick 503, which the updater retries with backoff.
+
+A rack switched on together must not split the link a hundred ways: at most max_streams
+image streams (GETs of the stream files under /images/, not of manifests, signatures or
+hooks) are sent at once. One more gets a 503 with Retry-After at once, which the updater
+waits out (with jitter) before it asks again; a stream keeps its slot until its response
+is sent or its connection drops. /stats shows the streams at their peak.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS
+from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
 
 MAX_REPORT = 64 * 1024
 SEND_CHUNK = 8 << 20
@@ -41,6 +47,9 @@ _LOG_ESCAPES = str.maketrans({**{c: f"\\x{c:02x}" for c in (*range(0x20), *range
 # what socketserver's methods take: a TCP server's is always the connection's socket
 _Request = socket.socket | tuple[bytes, socket.socket]
 _TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig": "application/octet-stream"}
+_NOT_STREAMS = (".json", ".sig", ".sh")  # under /images/: manifests, latest.json, signatures, hook scripts
+RETRY_AFTER = 2  # seconds a refused stream is told to wait while few others wait too
+RETRY_AFTER_MAX = 10  # however long the queue: a worker should see its turn soon after it comes
 
 
 class MasterServer(ThreadingHTTPServer):
@@ -57,6 +66,7 @@ class MasterServer(ThreadingHTTPServer):
         *,
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        max_streams: int = MAX_STREAMS,
     ):
         self.master = master.resolve()
         self.quiet = quiet
@@ -65,6 +75,11 @@ class MasterServer(ThreadingHTTPServer):
         self.connections = threading.BoundedSemaphore(max_connections)
         self.sent: Counter[str] = Counter()  # URL path -> body bytes sent
         self.lock = threading.Lock()
+        self.max_streams = max_streams
+        self.streams = 0  # image streams being sent now
+        self.peak_streams = 0
+        self.refused_streams = 0
+        self.refusals: deque[float] = deque()  # when streams were refused in the last RETRY_AFTER s
         super().__init__(address, MasterHandler)
 
     @property
@@ -78,7 +93,36 @@ class MasterServer(ThreadingHTTPServer):
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
-            return {"bytes_sent": dict(self.sent), "total_bytes_sent": sum(self.sent.values())}
+            return {
+                "bytes_sent": dict(self.sent),
+                "total_bytes_sent": sum(self.sent.values()),
+                "streams": {
+                    "max": self.max_streams,
+                    "active": self.streams,
+                    "peak": self.peak_streams,
+                    "refused": self.refused_streams,
+                },
+            }
+
+    def start_stream(self) -> int | None:
+        """Take a stream slot: None when taken, else the seconds to tell the client to wait.
+        Each waiting client asks about once per RETRY_AFTER s, so the refusals of the last
+        RETRY_AFTER s count the queue: a second more for each max_streams of it."""
+        with self.lock:
+            if self.streams < self.max_streams:
+                self.streams += 1
+                self.peak_streams = max(self.peak_streams, self.streams)
+                return None
+            self.refused_streams += 1
+            now = time.monotonic()
+            while self.refusals and self.refusals[0] < now - RETRY_AFTER:
+                self.refusals.popleft()
+            self.refusals.append(now)
+            return min(RETRY_AFTER + (len(self.refusals) - 1) // self.max_streams, RETRY_AFTER_MAX)
+
+    def end_stream(self) -> None:
+        with self.lock:
+            self.streams -= 1
 
     def process_request(self, request: _Request, client_address: Any) -> None:
         """A thread for the connection while there are fewer than max_connections, else a 503."""
@@ -124,13 +168,21 @@ def make_server(
     quiet: bool = False,
     idle_timeout: float = IDLE_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
+    max_streams: int = MAX_STREAMS,
 ) -> MasterServer:
     """A bound, not yet running server for `master` (port 0 = any free port)."""
     master = Path(master)
     if not master.is_dir():
         raise RackbootError(f"master directory {master} does not exist")
     try:
-        return MasterServer(master, (host, port), quiet, idle_timeout=idle_timeout, max_connections=max_connections)
+        return MasterServer(
+            master,
+            (host, port),
+            quiet,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            max_streams=max_streams,
+        )
     except OSError as e:
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
@@ -143,9 +195,18 @@ def serve_forever(
     quiet: bool = False,
     idle_timeout: float = IDLE_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
+    max_streams: int = MAX_STREAMS,
 ) -> None:
     """Run the master until interrupted (Ctrl-C returns normally)."""
-    server = make_server(master, host, port, quiet=quiet, idle_timeout=idle_timeout, max_connections=max_connections)
+    server = make_server(
+        master,
+        host,
+        port,
+        quiet=quiet,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
+        max_streams=max_streams,
+    )
     print(f"serving {server.master} on {server.url}", file=sys.stderr)
     try:
         server.serve_forever()
@@ -227,7 +288,8 @@ class MasterHandler(BaseHTTPRequestHandler):
             for suffix in (".json", ".json.sig"):  # a plan and its signature fall back together
                 if parts[1].endswith(suffix):
                     return self._plan(parts[1][: -len(suffix)], body, suffix)
-        self._file(path, self.server.master.joinpath(*parts), body)
+        stream = body and parts[0] == "images" and not parts[-1].endswith(_NOT_STREAMS)
+        self._file(path, self.server.master.joinpath(*parts), body, stream=stream)
 
     def _url_path(self) -> str | None:
         """The decoded path of the request target, or None when it cannot be one."""
@@ -254,7 +316,7 @@ class MasterHandler(BaseHTTPRequestHandler):
             body,
         )
 
-    def _file(self, url_path: str, path: Path, body: bool) -> None:
+    def _file(self, url_path: str, path: Path, body: bool, *, stream: bool = False) -> None:
         try:
             real = path.resolve(strict=True)
             inside = real.is_relative_to(self.server.master) and real.is_file()
@@ -271,16 +333,34 @@ class MasterHandler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            first, last = wanted if wanted else (0, size - 1)
-            self.send_response(HTTPStatus.PARTIAL_CONTENT if wanted else HTTPStatus.OK)
-            if wanted:
-                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-            self.send_header("Content-Type", _TYPES.get(real.suffix, "application/octet-stream"))
-            self.send_header("Content-Length", str(last - first + 1))
-            self.send_header("Accept-Ranges", "bytes")
-            self.end_headers()
-            if body:
-                self._send_file(url_path, f, first, last - first + 1)
+            if stream and (wait := self.server.start_stream()) is not None:
+                return self._busy(wait)
+            try:
+                first, last = wanted if wanted else (0, size - 1)
+                self.send_response(HTTPStatus.PARTIAL_CONTENT if wanted else HTTPStatus.OK)
+                if wanted:
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+                self.send_header("Content-Type", _TYPES.get(real.suffix, "application/octet-stream"))
+                self.send_header("Content-Length", str(last - first + 1))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if body:
+                    self._send_file(url_path, f, first, last - first + 1)
+            finally:
+                if stream:  # sent, or the connection dropped: the next worker's turn
+                    self.server.end_stream()
+
+    def _busy(self, wait: int) -> None:
+        """All stream slots taken: come back in ``wait`` s (and free this thread now)."""
+        self.close_connection = True
+        data = formats.dump({"error": f"busy: all {self.server.max_streams} image streams in use, retry in {wait} s"})
+        self.send_response(HTTPStatus.SERVICE_UNAVAILABLE)
+        self.send_header("Retry-After", str(wait))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
 
     def _send_file(self, url_path: str, f: BinaryIO, offset: int, count: int) -> None:
         """sendfile in chunks, counting as it goes so /stats is right even after a hang-up."""

@@ -59,7 +59,9 @@ class MasterThread:
     """`rackboot serve` in a thread, on the port the worker's kernel command line names."""
 
     def __init__(self, cfg: config.Config):
-        self.server = serve.make_server(cfg.master.directory, "127.0.0.1", cfg.master.port, quiet=True)
+        self.server = serve.make_server(
+            cfg.master.directory, "127.0.0.1", cfg.master.port, quiet=True, max_streams=cfg.master.max_streams
+        )
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

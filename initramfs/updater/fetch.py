@@ -6,11 +6,18 @@ become one UpdaterError. A 4xx is an answer, not a failure, and is never retried
 An image stream resumes after a dropped connection with `Range: bytes=N-`; a 206
 must say it starts at N; a server that ignores the range (200) is read from 0 and
 the part already delivered is skipped, so the consumer sees one continuous stream.
+
+A master at its cap of image streams answers a stream 503 with Retry-After: that is an
+answer, not a failure. The client waits that long plus up to JITTER of it (a rack refused
+together comes back spread out), calling ``on_wait`` first so the watchdog knows the update
+still moves, and asks again; the waits of one stream together are bounded by busy_limit,
+past which the stream fails like any other (the updater falls back, the next boot retries).
 """
 
 from __future__ import annotations
 
 import http.client
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -23,10 +30,39 @@ T = TypeVar("T")
 CHUNK = 1 << 20
 USER_AGENT = "rackboot-updater/1"
 _TRANSIENT = (OSError, http.client.HTTPException)
+# Seconds one stream may spend waiting on a busy master, all its waits together. Long enough
+# for a big rack to pass a small cap (48 workers, 8 streams, a 2 GiB image at ~15 MB/s each:
+# 6 rounds of ~2.5 min), short enough that a master stuck saying busy ends in a fallback boot
+# within a quarter of an hour, not never.
+BUSY_LIMIT = 900.0
+MAX_RETRY_AFTER = 60  # a longer Retry-After is read as this: the client looks again within a minute
+JITTER = 0.5  # each wait is Retry-After times 1 to 1 + JITTER
 
 
 class _Retry(Exception):
     """A transient failure worth another attempt (carries the one-line reason)."""
+
+
+class _Busy(Exception):
+    """The master is at its cap of streams: ask again after ``seconds``."""
+
+    def __init__(self, seconds: int):
+        super().__init__(f"busy, retry after {seconds} s")
+        self.seconds = seconds
+
+
+def retry_after(value: str | None) -> int | None:
+    """A Retry-After header's delay in whole seconds, 1 to MAX_RETRY_AFTER; None when it is
+    missing or an HTTP date (a worker without a real-time clock cannot read one)."""
+    value = (value or "").strip()
+    if not value.isdigit():
+        return None
+    return min(max(int(value), 1), MAX_RETRY_AFTER)
+
+
+def jittered(seconds: float, rng: random.Random) -> float:
+    """``seconds`` stretched by a random 0 to JITTER of itself."""
+    return seconds * (1 + rng.uniform(0, JITTER))
 
 
 class MasterClient:
@@ -40,6 +76,8 @@ class MasterClient:
         backoff: float = 0.5,
         report_timeout: float = 2.0,
         sleep: Callable[[float], None] = time.sleep,
+        busy_limit: float = BUSY_LIMIT,
+        rng: random.Random | None = None,
     ):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
@@ -57,8 +95,12 @@ class MasterClient:
         self.backoff = backoff
         self.report_timeout = report_timeout
         self.sleep = sleep
+        self.busy_limit = busy_limit
+        self.rng = rng or random.Random()
         self.stream_bytes = 0  # image bytes received, resumed and restarted parts included
         self.range_requests = 0
+        self.busy_waits = 0  # times a busy master told a stream to come back
+        self.busy_seconds = 0.0  # seconds spent waiting for it
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -122,11 +164,15 @@ class MasterClient:
 
     # --- image streams ----------------------------------------------------------------
 
-    def stream(self, path: str, size: int, *, chunk: int = CHUNK) -> Iterator[bytes]:
-        """The `size` bytes of `path` in order, resuming after drops; more is an error."""
+    def stream(
+        self, path: str, size: int, *, chunk: int = CHUNK, on_wait: Callable[[float], None] | None = None
+    ) -> Iterator[bytes]:
+        """The `size` bytes of `path` in order, resuming after drops; more is an error.
+        ``on_wait(seconds)`` hears of each wait a busy master asks for, before it starts."""
         offset = 0
         failures = 0
         delay = self.backoff
+        waited = 0.0
         while offset < size:
             before = offset
             try:
@@ -135,6 +181,19 @@ class MasterClient:
                     yield piece
                 if offset < size:
                     raise _Retry(f"connection closed at byte {offset} of {size}")
+            except _Busy as e:
+                wait = jittered(e.seconds, self.rng)
+                if waited + wait > self.busy_limit:
+                    raise UpdaterError(
+                        f"master {self.url}: GET {path}: busy for {waited:.0f} s of waiting, "
+                        f"more than the {self.busy_limit:g} s a stream waits"
+                    ) from None
+                if on_wait:
+                    on_wait(wait)
+                self.sleep(wait)
+                waited += wait
+                self.busy_waits += 1
+                self.busy_seconds += wait
             except (_Retry, *_TRANSIENT) as e:
                 reason = str(e) if isinstance(e, _Retry) else _describe(e)
                 if offset > before:  # the budget is for attempts in a row that get nowhere
@@ -151,6 +210,8 @@ class MasterClient:
             self.range_requests += 1
         conn, resp = self._open("GET", path, headers=headers)
         try:
+            if resp.status == 503 and (seconds := retry_after(resp.getheader("Retry-After"))) is not None:
+                raise _Busy(seconds)
             _check_status(self.url, path, resp, (200, 206))
             skip = 0
             if resp.status == 206:

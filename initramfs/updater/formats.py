@@ -68,6 +68,7 @@ class Phase(StrEnum):
     BOOT = "boot"
     HOOK = "hook"
     ERROR = "error"
+    WAIT = "wait"  # a busy master kept a stream waiting: seconds is how long, in all
 
 
 class Action(StrEnum):

@@ -416,8 +416,15 @@ class _Update:
         """Stream, verify what was written, then re-read the slot from the medium: False
         when the read-back differs and another attempt remains."""
         with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
-            stream = self.watchdog.watch(self.master.stream(manifest.stream_path(path), manifest.stream_size))
+            waits, waited = self.master.busy_waits, self.master.busy_seconds
+            stream = self.watchdog.watch(
+                self.master.stream(manifest.stream_path(path), manifest.stream_size, on_wait=self.wait_for_stream)
+            )
             written = install.write_stream(stream, self.disk, offset, capacity, manifest)
+            if self.master.busy_waits > waits:  # the master was busy: how long this stream queued
+                self.report(
+                    Phase.WAIT, seconds=self.master.busy_seconds - waited, slot=target, version=manifest.version
+                )
         with self.step("verify"):
             install.verify(written, manifest)
         with self.step("read-back"):
@@ -431,6 +438,12 @@ class _Update:
         self.log(f"{problem}; writing it once more")
         self.report(Phase.ERROR, slot=target, version=manifest.version, error=problem)
         return False
+
+    def wait_for_stream(self, seconds: float) -> None:
+        """The master is busy and asked for a wait: the update still moves, it queues. The
+        watchdog is fed through it (the client bounds the waits, so this ends too)."""
+        self.log(f"master busy: waiting {seconds:.1f} s for an image stream")
+        self.watchdog.progress(seconds + self.watchdog.stall)
 
     # --- steps, state, decisions, reports -----------------------------------------------
 
