@@ -8,17 +8,23 @@ DEBS := qemu-system-arm qemu-utils u-boot-qemu u-boot-tools mtools dosfstools e2
 STAMP_DEBS := $(VENV)/.debs-installed
 STAMP_PIP := $(VENV)/.pip-installed
 
-.PHONY: demo test check bench torture deps clean
+.PHONY: demo test check lint bench torture deps clean
 
 demo: $(STAMP_DEBS) $(STAMP_PIP)
 	$(VENV)/bin/rackboot demo -c examples/qemu-virt/rackboot.toml
 
-test: $(STAMP_DEBS) $(STAMP_PIP)
+test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-# The fast tier, under a minute: no QEMU boots (e2e) and none of the tests marked slow.
-check: $(STAMP_DEBS) $(STAMP_PIP)
+# The fast tier, under a minute: lint and types, no QEMU boots (e2e), none of the tests marked slow.
+check: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not e2e and not slow"
+
+# ruff (lint and format) and mypy (strict on the host side; the updater against Python 3.11).
+lint: $(STAMP_DEBS) $(STAMP_PIP)
+	$(VENV)/bin/ruff check --quiet .
+	$(VENV)/bin/ruff format --check --quiet .
+	$(PY) tools/typecheck
 
 # Power cuts at random points of updates (CUTS=N SEED=S to change the run); fails if any bricks.
 CUTS ?= 50
@@ -50,4 +56,4 @@ $(STAMP_PIP): setup.cfg pyproject.toml
 	@touch $@
 
 clean:
-	rm -rf build out .pytest_cache
+	rm -rf build out .pytest_cache .typecheck .typecheck-cache .ruff_cache
