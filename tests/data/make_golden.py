@@ -31,6 +31,7 @@ SIGNED = "83c0782"  # plan rev2 (pin); .sig files
 TRIAL = "a6e6891"  # plan rev3 (tries), slot state rev2 (trial/failed, tries), confirm sector, booted file
 HOOKS = "8e35f29"  # manifest rev2 (hooks), report rev2 (output, phase hook)
 CONFIRM = "f609d68"  # report rev3 (phase confirm)
+WAIT = "02e2eb7"  # report rev4 (phase wait)
 
 NODE = "52-54-00-12-34-56"
 CARD = 256 << 20  # the card the MBR sample is laid out for
@@ -210,7 +211,10 @@ def reports(pkg_by_rev) -> dict[str, object]:
         node=NODE, phase="hook", seconds=0.125, slot="b", version=2, time=1700000200.5, output="post-install ok\n"
     )
     r3 = sub(pkg_by_rev[CONFIRM], "formats").Report(node=NODE, phase="confirm", slot="b", version=2, time=1700000300.75)
-    return {"rev1": r1, "rev2": r2, "rev3": r3}
+    r4 = sub(pkg_by_rev[WAIT], "formats").Report(
+        node=NODE, phase="wait", bytes=12345678, seconds=7.25, slot="b", version=2, time=1700000400.5
+    )
+    return {"rev1": r1, "rev2": r2, "rev3": r3, "rev4": r4}
 
 
 def artefacts_rev1() -> bytes:
@@ -240,7 +244,7 @@ def main() -> None:
     os.chdir(REPO)
     ensure_key()
     with tempfile.TemporaryDirectory() as tmp:
-        pkgs = {rev: revision(rev, Path(tmp)) for rev in (FIRST, SIGNED, TRIAL, HOOKS, CONFIRM)}
+        pkgs = {rev: revision(rev, Path(tmp)) for rev in (FIRST, SIGNED, TRIAL, HOOKS, CONFIRM, WAIT)}
         pkg = {rev: p for rev, (p, _) in pkgs.items()}
         f = {rev: sub(p, "formats") for rev, p in pkg.items()}
 

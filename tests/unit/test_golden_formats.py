@@ -358,6 +358,9 @@ REPORTS = {
         node=NODE, phase="hook", seconds=0.125, slot="b", version=2, time=1700000200.5, output="post-install ok\n"
     ),
     "report.rev3.json": Report(node=NODE, phase="confirm", slot="b", version=2, time=1700000300.75),
+    "report.rev4.json": Report(
+        node=NODE, phase="wait", bytes=12345678, seconds=7.25, slot="b", version=2, time=1700000400.5
+    ),
 }
 
 
@@ -370,7 +373,12 @@ def test_reports_of_every_revision_are_read_and_written_byte_for_byte(name):
 def test_stored_report_lines_are_read():
     lines = sample("reports.rev1.jsonl").splitlines(keepends=True)
     assert [formats.parse_report(line) for line in lines] == list(REPORTS.values())
-    assert [json.loads(line)["received"] for line in lines] == [1700000100.75, 1700000201.0, 1700000301.25]
+    assert [json.loads(line)["received"] for line in lines] == [
+        1700000100.75,
+        1700000201.0,
+        1700000301.25,
+        1700000401.0,
+    ]
 
 
 @pytest.fixture
@@ -443,6 +451,7 @@ DOCUMENTS = [
     "report.rev1.json",
     "report.rev2.json",
     "report.rev3.json",
+    "report.rev4.json",
 ]
 
 
