@@ -51,7 +51,7 @@ class Artefact:
 
 
 @dataclass
-class Outcome:
+class ArtefactResult:
     name: str
     rebuilt: bool
     reason: str
@@ -59,7 +59,7 @@ class Outcome:
 
 @dataclass
 class BuildResult:
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[ArtefactResult] = field(default_factory=list)
 
     @property
     def rebuilt(self) -> list[str]:
@@ -170,7 +170,7 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
                     assert old is not None  # _why calls a missing stamp "never built"
                     _link_or_copy(target, staged)
                     hashes[artefact.name] = old["sha256"]
-                    result.outcomes.append(Outcome(artefact.name, False, "up to date"))
+                    result.outcomes.append(ArtefactResult(artefact.name, False, "up to date"))
                     log(f"  {artefact.name:<16} up to date")
                     continue
                 log(f"  {artefact.name:<16} rebuilding ({reason})")
@@ -186,7 +186,7 @@ def run(artefacts: list[Artefact], out: Path, log: Callable[[str], None] = print
                     "output_stat": [st.st_size, st.st_mtime_ns],
                 }
                 hashes[artefact.name] = digest
-                result.outcomes.append(Outcome(artefact.name, True, reason))
+                result.outcomes.append(ArtefactResult(artefact.name, True, reason))
             _commit(out, artefacts, stamps, hashes)
         finally:
             remove(stage)

@@ -65,7 +65,7 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class CutResult:
     cut: Cut
     version: int  # the version the plan pinned
     delay: float  # seconds after the phase's marker
@@ -186,7 +186,7 @@ def follow(
             return match
 
 
-def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str], None] = print) -> list[Outcome]:
+def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str], None] = print) -> list[CutResult]:
     """Build, publish the example image three times, serve, and run one cycle per cut."""
     out = harness.prepare(cfg, work, log)
     for version in VERSIONS:
@@ -194,7 +194,7 @@ def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str]
     manifests = published(cfg.master.directory)
     disk = work / "worker-disk.img"
     windows = dict(WINDOWS)
-    outcomes: list[Outcome] = []
+    outcomes: list[CutResult] = []
     master = harness.MasterThread(cfg)
     try:
         for n, cut in enumerate(cuts, start=1):
@@ -223,7 +223,7 @@ def cycle(
     cut: Cut,
     windows: dict[str, float],
     manifests: dict[int, Manifest],
-) -> Outcome:
+) -> CutResult:
     """One cut boot, then one recovery boot with the master still up."""
     start = time.monotonic()
     if cut.blank:
@@ -255,7 +255,7 @@ def cycle(
         measure(seen, windows)
         console = worker.console
     verdict = check(console, disk, manifests)
-    return Outcome(cut, version, delay, where, verdict, time.monotonic() - start, recovery_log)
+    return CutResult(cut, version, delay, where, verdict, time.monotonic() - start, recovery_log)
 
 
 def _unplug(worker: QemuWorker) -> None:
@@ -265,7 +265,7 @@ def _unplug(worker: QemuWorker) -> None:
         worker.kill()  # it powered itself off; QMP would wait for a socket that is gone
 
 
-def summary(outcomes: list[Outcome], seconds: float, seed: int, work: Path) -> list[str]:
+def summary(outcomes: list[CutResult], seconds: float, seed: int, work: Path) -> list[str]:
     tally = {p: sum(o.landed == p for o in outcomes) for p in (*MARKERS, "boot")}
     bricked = sum(not o.verdict.survived for o in outcomes)
     return [

@@ -81,7 +81,6 @@ class Action(StrEnum):
     REFUSED = "refused"
 
 
-COMPRESSIONS = tuple(StreamCompression)
 REPARTITION = tuple(Repartition)
 MOUNTS = tuple(Mount)
 DEFAULT_MOUNT = Mount.OVERLAY_TMPFS  # how a slot mounts unless the plan (offline: the card's config) says otherwise
