@@ -8,6 +8,7 @@ build callbacks, which is what keeps a no-op rebuild cheap.
 from __future__ import annotations
 
 import gzip
+import ipaddress
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -236,16 +237,33 @@ class BoardContext(TypedDict):
     boot_command: str
 
 
+class TftpContext(TypedDict):
+    blocksize: int
+    timeout_ms: int
+    timeout_count: int
+
+
 class ScriptContext(TypedDict):
     """What the boot script templates read."""
 
     board: BoardContext
     cmdline: str
     master_url: str
+    serverip: str
+    tftp: TftpContext
     kernel: str
     initramfs: str
     dtb: str
     netboot_script: str
+
+
+def serverip(address: str) -> str:
+    """The master as U-Boot's TFTP server: its IPv4 address, or "" for a hostname (U-Boot
+    resolves none; the DHCP server's next-server stays)."""
+    try:
+        return str(ipaddress.IPv4Address(address))
+    except ValueError:
+        return ""
 
 
 def script_context(inp: Inputs, kernel: str, initramfs: str) -> ScriptContext:
@@ -259,6 +277,12 @@ def script_context(inp: Inputs, kernel: str, initramfs: str) -> ScriptContext:
         },
         "cmdline": inp.cfg.kernel.cmdline,
         "master_url": inp.cfg.master.url,
+        "serverip": serverip(inp.cfg.master.address),
+        "tftp": {
+            "blocksize": inp.board.tftp_blocksize,
+            "timeout_ms": inp.board.tftp_timeout_ms,
+            "timeout_count": inp.board.tftp_timeout_count,
+        },
         "kernel": kernel,
         "initramfs": initramfs,
         "dtb": f"dtbs/{Path(inp.board.dtbs[0]).name}" if inp.board.dtbs else "",

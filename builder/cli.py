@@ -95,6 +95,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         idle_timeout=args.timeout,
         max_connections=args.max_connections,
         max_streams=cfg.master.max_streams,
+        netboot=None if args.no_netboot else cfg,
     )
     return 0
 
@@ -234,6 +235,11 @@ def parser() -> argparse.ArgumentParser:
         default=MAX_CONNECTIONS,
         metavar="N",
         help="connections served at once; past that a client gets 503 and retries (default: %(default)s)",
+    )
+    s.add_argument(
+        "--no-netboot",
+        action="store_true",
+        help="HTTP only: do not run dnsmasq even when [network] interface is set",
     )
     s.set_defaults(func=_cmd_serve)
 

@@ -40,6 +40,13 @@ class Arch(StrEnum):
     ARMHF = "armhf"
 
 
+class DhcpMode(StrEnum):
+    """Who answers the workers' DHCP: the site's router (none) or the master's dnsmasq (full)."""
+
+    NONE = "none"
+    FULL = "full"
+
+
 class InitramfsCompression(StrEnum):
     GZIP = "gzip"
     XZ = "xz"
@@ -111,6 +118,21 @@ def _address(value: str) -> str | None:
     labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
     if len(value) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
         return "not an IPv4 address or a hostname (no scheme, port, path or spaces)"
+    return None
+
+
+def _ipv4(value: str) -> str | None:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return "not an IPv4 address"
+    return None
+
+
+def _interface(value: str) -> str | None:
+    """A Linux interface name (IFNAMSIZ): it lands in dnsmasq's config."""
+    if len(value) > 15 or not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        return "not a network interface name (at most 15 letters, digits, '_', '.' or '-')"
     return None
 
 
@@ -265,6 +287,51 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("master", "directory", "path", "master", "The master's tree (published images, plans, reports)."),
     Setting(
+        "network",
+        "interface",
+        "str",
+        "",
+        "The rack interface on which `rackboot serve` runs the netboot service (dnsmasq: TFTP of the "
+        'build directory, and DHCP with dhcp = "full"); [master] address must be an IPv4 address '
+        "on it. Empty = no netboot service (QEMU's user network serves TFTP itself).",
+        check=lambda v: _interface(v) if v else None,
+    ),
+    Setting(
+        "network",
+        "dhcp",
+        "choice",
+        "none",
+        "none: the site's DHCP server gives workers their address (the master serves TFTP only); "
+        "full: an isolated rack, the master's dnsmasq also serves DHCP from range_start to range_end.",
+        DhcpMode,
+    ),
+    Setting(
+        "network",
+        "prefix",
+        "int",
+        24,
+        "The rack subnet's prefix length: the subnet is [master] address/prefix.",
+        minimum=8,
+        maximum=30,
+    ),
+    Setting(
+        "network",
+        "range_start",
+        "str",
+        "",
+        'First address dnsmasq leases with dhcp = "full" (inside the subnet, the master outside the range).',
+        check=lambda v: _ipv4(v) if v else None,
+    ),
+    Setting(
+        "network",
+        "range_end",
+        "str",
+        "",
+        'Last address dnsmasq leases with dhcp = "full".',
+        check=lambda v: _ipv4(v) if v else None,
+    ),
+    Setting("network", "lease_time", "int", 3600, 'Seconds a DHCP lease lasts with dhcp = "full".', minimum=120),
+    Setting(
         "layout",
         "partitions",
         "layout",
@@ -352,6 +419,16 @@ class MasterSection:
 
 
 @dataclass(frozen=True)
+class NetworkSection:
+    interface: str
+    dhcp: DhcpMode
+    prefix: int
+    range_start: str
+    range_end: str
+    lease_time: int
+
+
+@dataclass(frozen=True)
 class LayoutSection:
     partitions: tuple[Partition, ...]
     repartition: Repartition
@@ -376,6 +453,7 @@ SECTIONS: dict[str, type] = {
     "kernel": KernelSection,
     "initramfs": InitramfsSection,
     "master": MasterSection,
+    "network": NetworkSection,
     "layout": LayoutSection,
     "output": OutputSection,
 }
@@ -390,6 +468,7 @@ class Config:
     kernel: KernelSection
     initramfs: InitramfsSection
     master: MasterSection
+    network: NetworkSection
     layout: LayoutSection
     output: OutputSection
 
@@ -613,7 +692,47 @@ def parse(text: str, path: Path) -> Config:
     for section in doc:
         if section not in _BY_SECTION:
             raise ConfigError(f"{path}: [{section}]: unknown section{_suggest(section, _BY_SECTION)}")
+    _check_network(path, sections["master"], sections["network"])
     return Config(path=path, **sections)
+
+
+def _check_network(path: Path, master: MasterSection, network: NetworkSection) -> None:
+    """The netboot service's addresses agree: the master on the rack subnet, the DHCP range
+    inside it and the master outside the range (dnsmasq would lease the master's own address)."""
+    if not network.interface:
+        if network.dhcp is DhcpMode.FULL:
+            raise ConfigError(f'{path}: [network] dhcp: "full" needs [network] interface, the rack interface')
+        return
+    if _ipv4(master.address):
+        raise ConfigError(
+            f"{path}: [master] address: {master.address!r}: the netboot service needs an IPv4 address "
+            "(dnsmasq listens on it, U-Boot's serverip is one)"
+        )
+    subnet = ipaddress.IPv4Interface(f"{master.address}/{network.prefix}").network
+    if ipaddress.IPv4Address(master.address) in (subnet.network_address, subnet.broadcast_address):
+        raise ConfigError(f"{path}: [master] address: {master.address} is not a host address of {subnet}")
+    if network.dhcp is not DhcpMode.FULL:
+        return
+    ends = {}
+    for key in ("range_start", "range_end"):
+        value = getattr(network, key)
+        if not value:
+            raise ConfigError(f'{path}: [network] {key}: dhcp = "full" needs the range of addresses to lease')
+        address = ipaddress.IPv4Address(value)
+        if address not in subnet or address in (subnet.network_address, subnet.broadcast_address):
+            raise ConfigError(
+                f"{path}: [network] {key}: {value} is outside the rack subnet {subnet} "
+                f"([master] address {master.address}, [network] prefix {network.prefix})"
+            )
+        ends[key] = address
+    first, last = ends["range_start"], ends["range_end"]
+    if first > last:
+        raise ConfigError(f"{path}: [network] range_start: {first} comes after range_end {last}")
+    if first <= ipaddress.IPv4Address(master.address) <= last:
+        raise ConfigError(
+            f"{path}: [network] range_start..range_end: {first}..{last} contains [master] address "
+            f"{master.address}; keep the master's address outside the leases"
+        )
 
 
 def source_date_epoch() -> int:

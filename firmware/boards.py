@@ -33,6 +33,12 @@ class Board:
     arm_64bit: bool = False
     uboot_arch: str = "arm64"  # U-Boot legacy image arch field
     watchdog: tuple[str, ...] = ()  # the hardware watchdog's driver, loaded by /init
+    # U-Boot's TFTP client, as the boot scripts set it: bytes per block (1468 fills one
+    # 1500-byte frame; larger needs IP reassembly in U-Boot), milliseconds before a block is
+    # asked for again, and timeouts in a row before the transfer fails (and the card boots)
+    tftp_blocksize: int = 1468
+    tftp_timeout_ms: int = 1000
+    tftp_timeout_count: int = 3
 
     @property
     def is_pi(self) -> bool:
@@ -45,6 +51,10 @@ _PI4_FIRMWARE = ("start4.elf", "fixup4.dat")
 _PI3_NET = ("dwc2", "smsc95xx", "lan78xx", "bcm2835", "sdhci_iproc", "mmc_block")  # bcm2835: the SD host
 _PI4_NET = ("genet", "broadcom", "sdhci_iproc", "mmc_block")
 _PI_WATCHDOG = ("bcm2835_wdt",)  # the PM block's watchdog, on every Pi
+# A Pi's U-Boot drives its Ethernet through USB (Pi 3) or GENET with a slow link-up, and a
+# rack switching on together loses packets: more patience per block than on QEMU
+_PI_TFTP_TIMEOUT_MS = 2000
+_PI_TFTP_TIMEOUT_COUNT = 5
 
 BOARDS: dict[tuple[str, str], Board] = {
     ("qemu-virt", "arm64"): Board(
@@ -85,6 +95,8 @@ BOARDS: dict[tuple[str, str], Board] = {
         firmware_files=_PI3_FIRMWARE,
         arm_64bit=True,
         watchdog=_PI_WATCHDOG,
+        tftp_timeout_ms=_PI_TFTP_TIMEOUT_MS,
+        tftp_timeout_count=_PI_TFTP_TIMEOUT_COUNT,
     ),
     ("rpi3", "armhf"): Board(
         "rpi3",
@@ -101,6 +113,8 @@ BOARDS: dict[tuple[str, str], Board] = {
         firmware_files=_PI3_FIRMWARE,
         uboot_arch="arm",
         watchdog=_PI_WATCHDOG,
+        tftp_timeout_ms=_PI_TFTP_TIMEOUT_MS,
+        tftp_timeout_count=_PI_TFTP_TIMEOUT_COUNT,
     ),
     ("rpi4", "arm64"): Board(
         "rpi4",
@@ -117,6 +131,8 @@ BOARDS: dict[tuple[str, str], Board] = {
         firmware_files=_PI4_FIRMWARE,
         arm_64bit=True,
         watchdog=_PI_WATCHDOG,
+        tftp_timeout_ms=_PI_TFTP_TIMEOUT_MS,
+        tftp_timeout_count=_PI_TFTP_TIMEOUT_COUNT,
     ),
     # No ("rpi4", "armhf"): Debian's armmp-lpae kernel builds no driver for the Pi 4's
     # GENET Ethernet, so the worker could never reach its master. Pi 4s run arm64.

@@ -26,13 +26,16 @@ from collections import Counter, deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 from urllib.parse import unquote, urlsplit
 
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
+
+if TYPE_CHECKING:
+    from rackboot.config import Config
 
 MAX_REPORT = 64 * 1024
 SEND_CHUNK = 8 << 20
@@ -196,8 +199,16 @@ def serve_forever(
     idle_timeout: float = IDLE_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     max_streams: int = MAX_STREAMS,
+    netboot: Config | None = None,
 ) -> None:
-    """Run the master until interrupted (Ctrl-C returns normally)."""
+    """Run the master until interrupted (Ctrl-C returns normally). With ``netboot``, a config
+    whose [network] interface is set, dnsmasq serves TFTP (and DHCP) beside it and stops with it."""
+    from rackboot.master.dnsmasq import NetbootService, check_can_run
+
+    service = None
+    if netboot is not None and netboot.network.interface:
+        check_can_run(netboot)  # before anything listens
+        service = NetbootService(netboot)
     server = make_server(
         master,
         host,
@@ -207,12 +218,16 @@ def serve_forever(
         max_connections=max_connections,
         max_streams=max_streams,
     )
-    print(f"serving {server.master} on {server.url}", file=sys.stderr)
     try:
+        if service is not None:
+            service.start()
+        print(f"serving {server.master} on {server.url}", file=sys.stderr)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        if service is not None:
+            service.stop()
         server.server_close()
 
 
