@@ -5,8 +5,12 @@ serving in a thread, and an emulated worker that netboots the build.
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from rackboot.initramfs.updater.formats import HOOKS, Manifest
 from rackboot.master import publish, serve, signing
 
 from .machines import profile
+from .netns import RackNetwork
 from .runner import QemuWorker
 
 DISK_MIB = 1024
@@ -87,6 +92,111 @@ def new_worker(
     # Offline: no TFTP either, so U-Boot falls back to the card's own kernel and initramfs.
     return QemuWorker(
         machine, log_path=log, tftp_dir=None if offline else out, bootfile=build.NETBOOT_SCRIPT, disks=[disk], **options
+    )
+
+
+def rackboot_command() -> Path:
+    """The `rackboot` entry point of the Python running us (the venv's, in a venv)."""
+    return Path(sys.executable).parent / "rackboot"
+
+
+class MasterProcess:
+    """`rackboot serve` as a process inside a rack network's namespace, bound to the
+    master's address there; its log (and its dnsmasq's) goes to ``log``."""
+
+    def __init__(self, cfg: config.Config, rack: RackNetwork, log: Path, *, timeout: float = 30):
+        self.rack = rack
+        self.log = log
+        self.url = f"http://{rack.master}:{cfg.master.port}"
+        command = [str(rackboot_command()), "serve", "-c", str(cfg.path), "--bind", rack.master]
+        self.proc = rack.spawn(command, log)
+        self._wait_up(timeout)
+
+    def get(self, path: str) -> bytes:
+        """GET ``path`` from the master, from inside the namespace (the host has no route there)."""
+        done = subprocess.run(
+            self.rack.command(["curl", "-sSf", "--max-time", "10", self.url + path]), capture_output=True
+        )
+        if done.returncode != 0:
+            raise RackbootError(f"GET {self.url}{path}: {done.stderr.decode(errors='replace').strip()}")
+        return done.stdout
+
+    def _wait_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RackbootError(f"rackboot serve in {self.rack.name} exited: {_last_line(self.log)}")
+            try:
+                self.get("/stats")
+                return
+            except RackbootError:
+                if time.monotonic() > deadline:
+                    raise RackbootError(
+                        f"rackboot serve in {self.rack.name} did not answer within {timeout:g} s: "
+                        f"{_last_line(self.log)}"
+                    ) from None
+                time.sleep(0.2)
+
+    def bytes_sent(self) -> int:
+        """Image bytes served, as MasterThread.bytes_sent counts them."""
+        stats = json.loads(self.get("/stats"))
+        return sum(
+            n
+            for path, n in stats["bytes_sent"].items()
+            if path.startswith("/images/") and not path.endswith((".json", ".sig"))
+        )
+
+    def stop(self) -> None:
+        self.rack.stop(self.proc)
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    return lines[-1] if lines else f"(nothing in {log})"
+
+
+def start_dnsmasq(
+    rack: RackNetwork,
+    work: Path,
+    name: str,
+    *,
+    tftp_root: Path | None = None,
+    dhcp: bool = True,
+    next_server: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """A dnsmasq of the test's own inside ``rack``: DHCP for the workers (boot file
+    boot.scr.uimg, next-server ``next_server`` when given) and/or TFTP from ``tftp_root``;
+    never DNS. A site's router is one with DHCP only; its config and log are
+    ``work``/``name``.conf and .log."""
+    lines = [
+        f"# {name}: a dnsmasq the rackboot test harness started in {rack.name}",
+        "port=0",
+        f"interface={rack.bridge}",
+        "bind-interfaces",
+        "user=root",  # the build and the leases are in root's private tmp directories
+        f"dhcp-leasefile={work / (name + '.leases')}",
+        "log-facility=-",
+    ]
+    if dhcp:
+        first, last = rack.dhcp_range()
+        lines += [f"dhcp-range={first},{last},{rack.network.netmask},1h", "dhcp-authoritative", "log-dhcp"]
+        if next_server:
+            lines.append(f"dhcp-boot={build.NETBOOT_SCRIPT},,{next_server}")
+        else:
+            lines.append(f"dhcp-boot={build.NETBOOT_SCRIPT}")
+    if tftp_root is not None:
+        lines += ["enable-tftp", f"tftp-root={tftp_root.resolve()}"]
+    conf = work / f"{name}.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return rack.spawn(["dnsmasq", "--keep-in-foreground", "--pid-file", f"--conf-file={conf}"], work / f"{name}.log")
+
+
+def new_rack_worker(cfg: config.Config, rack: RackNetwork, i: int, disk: Path, log: Path, **options: Any) -> QemuWorker:
+    """Worker ``i`` of ``rack`` (not started): QEMU in the namespace on tap ``i`` with its
+    own MAC; DHCP and TFTP come from the rack's servers."""
+    machine = profile(cfg.board.name, cfg.board.arch)
+    return QemuWorker(
+        machine, log_path=log, netns=rack.name, tap=rack.taps[i], mac=rack.mac(i), disks=[disk], **options
     )
 
 

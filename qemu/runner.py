@@ -9,6 +9,11 @@ log, a QMP socket for power control, user-mode networking (DHCP + TFTP) and raw 
 A disk can fail chosen requests (QEMU's blkdebug): faults=[DiskFault("write", sector=N)].
 A worker with nic=False has no network interface at all (QEMU's -nic none). With
 console_input=True, worker.type("...") types on its serial console.
+
+On a rack network (qemu/netns.py) a worker has a tap NIC instead of user-mode networking
+and QEMU runs inside the namespace; its QMP socket and console stay on the host's side:
+
+    QemuWorker(machine, log_path=log, netns=rack.name, tap=rack.taps[0], mac=rack.mac(0), disks=[card])
 """
 
 from __future__ import annotations
@@ -82,9 +87,14 @@ class QemuWorker:
         watchdog_action: str = "reset",
         nic: bool = True,
         console_input: bool = False,
+        netns: str | None = None,
+        tap: str | None = None,
+        mac: str | None = None,
     ):
         if not nic and (tftp_dir is not None or extra_netdev):
             raise RackbootError("a worker without a network interface has no TFTP and no netdev options")
+        if tap is not None and (tftp_dir is not None or extra_netdev or not nic):
+            raise RackbootError("a worker on a tap device gets DHCP and TFTP from its rack network, not from QEMU")
         self.machine = machine
         self.log_path = Path(log_path)
         self.tftp_dir = tftp_dir
@@ -100,6 +110,9 @@ class QemuWorker:
         self.nic = nic
         self.console_input = console_input  # else the console's input is closed: nobody is there
         self.extra_args = list(extra_args)
+        self.netns = netns  # QEMU runs inside this network namespace
+        self.tap = tap
+        self.mac = mac
         self._lines: list[str] = []
         self._tail: deque[str] = deque(maxlen=15)
         self._cond = threading.Condition()
@@ -140,18 +153,24 @@ class QemuWorker:
             cmd += ["-device", m.watchdog, "-action", f"watchdog={self.watchdog_action}"]
         if self.no_reboot:
             cmd.append("-no-reboot")
-        return cmd + self.extra_args
+        cmd += self.extra_args
+        return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
 
     def _network(self) -> list[str]:
         if not self.nic:
             return ["-nic", "none"]  # not even QEMU's default NIC: a board whose interface is missing
+        device = f"{self.machine.net_device},netdev=net0,romfile="
+        if self.mac:
+            device += f",mac={self.mac}"
+        if self.tap is not None:
+            return ["-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no", "-device", device]
         netdev = "user,id=net0"
         if self.tftp_dir is not None:
             netdev += f",tftp={Path(self.tftp_dir).resolve()}"
             if self.bootfile:
                 netdev += f",bootfile={self.bootfile}"
         netdev += self.extra_netdev
-        return ["-netdev", netdev, "-device", f"{self.machine.net_device},netdev=net0,romfile="]
+        return ["-netdev", netdev, "-device", device]
 
     def _drive(self, i: int, disk: Path) -> str:
         faults = [f for f in self.faults if f.disk == i]
