@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -201,6 +202,13 @@ class NetbootService:
         except BaseException:
             self.stop()
             raise
+        net = self.cfg.network
+        dhcp = f", DHCP leases {net.range_start}-{net.range_end}" if full else " (DHCP is the site's)"
+        print(
+            f"netboot: dnsmasq serves {self.cfg.output.directory} over TFTP on {net.interface} "
+            f"{self.cfg.master.address}{dhcp}",
+            file=sys.stderr,
+        )
         if full:
             self._watcher = threading.Thread(target=self._watch_plans, name="dnsmasq-hosts", daemon=True)
             self._watcher.start()
