@@ -16,6 +16,7 @@ import ctypes
 import errno
 import grp
 import ipaddress
+import json
 import os
 import pwd
 import re
@@ -31,6 +32,7 @@ from pathlib import Path
 from rackboot.config import Config, DhcpMode
 from rackboot.errors import ConfigError, RackbootError
 from rackboot.files import atomic_write_bytes
+from rackboot.proc import run
 
 NETBOOT_SCRIPT = "boot.scr.uimg"  # builder/build.py's name; build pulls in jinja2, so not imported
 # In the master's tree, under names starting with a dot, which serve never sends
@@ -64,10 +66,11 @@ def render_config(cfg: Config) -> str:
         f"listen-address={master.address}",
         "enable-tftp",
         f"tftp-root={cfg.output.directory}",
-        # dnsmasq drops root after binding: it reads the build as the user who built it
-        # (as root it sends only world-readable files)
+        # dnsmasq drops root after binding: it reads the build as the user who built it, and
+        # sends only that user's files (as root: only world-readable ones)
         f"user={user}",
         f"group={group}",
+        "tftp-secure",
         "log-facility=-",  # stderr, which is serve's: one log for the master
         "keep-in-foreground",
         "pid-file=",
@@ -139,11 +142,23 @@ def check_can_run(cfg: Config) -> str:
         raise ConfigError(
             f"{cfg.path}: [network] interface: {net.interface!r}: no such interface on this host"
         ) from None
+    addresses = interface_addresses(net.interface)
+    if cfg.master.address not in addresses:
+        raise ConfigError(
+            f"{cfg.path}: [master] address: {cfg.master.address} is not an address of [network] interface "
+            f"{net.interface} (it has {', '.join(addresses) or 'none'})"
+        )
     _check_free(cfg.master.address, TFTP_PORT, "TFTP")
     if net.dhcp is DhcpMode.FULL:
         _check_free("0.0.0.0", DHCP_PORT, "DHCP", net.interface)
     _owner(cfg.output.directory)
     return binary
+
+
+def interface_addresses(interface: str) -> list[str]:
+    """The IPv4 addresses on ``interface``, as iproute2 lists them."""
+    out = run(["ip", "-j", "-4", "addr", "show", "dev", interface], f"list the addresses of {interface}")
+    return [a["local"] for link in json.loads(out) for a in link.get("addr_info", []) if "local" in a]
 
 
 def _check_free(address: str, port: int, what: str, interface: str = "") -> None:

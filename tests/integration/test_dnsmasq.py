@@ -280,6 +280,16 @@ def test_an_unknown_interface_is_one_line_exit_2(tmp_path, netns):
 
 
 @pytest.mark.slow  # starts serve in a namespace
+def test_a_master_address_on_another_interface_is_one_line_exit_2(tmp_path, netns):
+    result = run_serve(netns, rack_config(tmp_path, interface="lo"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert f"[master] address: {MASTER} is not an address of [network] interface lo (it has 127.0.0.1)" in (
+        result.stderr
+    )
+
+
+@pytest.mark.slow  # starts serve in a namespace
 def test_a_taken_tftp_port_is_one_line(tmp_path, netns):
     holder = subprocess.Popen(
         in_ns(

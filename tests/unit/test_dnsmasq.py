@@ -37,6 +37,7 @@ def test_tftp_only_config(tmp_path):
         f"tftp-root={tmp_path / 'build'}",
         f"user={user}",  # the build's owner
         f"group={group}",
+        "tftp-secure",
         "log-facility=-",
         "keep-in-foreground",
         "pid-file=",
@@ -46,8 +47,8 @@ def test_tftp_only_config(tmp_path):
 def test_full_dhcp_config(tmp_path):
     cfg = rack_config(tmp_path, dhcp="full", range_start="10.213.0.100", range_end="10.213.0.199", lease_time=600)
     lines = dnsmasq.render_config(cfg).splitlines()
-    assert lines[:14] == dnsmasq.render_config(rack_config(tmp_path)).splitlines()
-    assert lines[14:] == [
+    assert lines[:15] == dnsmasq.render_config(rack_config(tmp_path)).splitlines()
+    assert lines[15:] == [
         "dhcp-range=10.213.0.100,10.213.0.199,255.255.255.0,600",
         "dhcp-authoritative",
         "dhcp-option=option:router",
