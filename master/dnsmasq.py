@@ -34,7 +34,7 @@ from rackboot.errors import ConfigError, RackbootError
 from rackboot.files import atomic_write_bytes
 from rackboot.proc import run
 
-NETBOOT_SCRIPT = "boot.scr.uimg"  # builder/build.py's name; build pulls in jinja2, so not imported
+NETBOOT_SCRIPT = "boot.scr.uimg"  # builder/build.py's (a test keeps them equal): serve need not import the builder
 # In the master's tree, under names starting with a dot, which serve never sends
 CONF = ".dnsmasq.conf"
 HOSTS = ".dnsmasq.hosts"
@@ -203,7 +203,9 @@ class NetbootService:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
 
         def die_with_parent() -> None:
-            """SIGTERM when serve's process ends, even by SIGKILL: no orphan dnsmasq."""
+            """SIGTERM when serve's process ends, even by SIGKILL: no orphan dnsmasq. (The kernel
+            clears this when dnsmasq drops root for a non-root build owner; then only serve's
+            way out, which SIGTERM and Ctrl-C take, stops it.)"""
             prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
         # stdout and stderr stay serve's: dnsmasq logs where the master logs
