@@ -226,9 +226,8 @@ class NetbootService:
             f"{self.cfg.master.address}{dhcp}",
             file=sys.stderr,
         )
-        if full:
-            self._watcher = threading.Thread(target=self._watch_plans, name="dnsmasq-hosts", daemon=True)
-            self._watcher.start()
+        self._watcher = threading.Thread(target=self._watch, name="dnsmasq-watch", daemon=True)
+        self._watcher.start()
 
     def _wait_listening(self) -> None:
         """Until dnsmasq holds the TFTP port, or it exits."""
@@ -242,16 +241,27 @@ class NetbootService:
             time.sleep(0.05)
         raise RackbootError(f"dnsmasq did not open its TFTP port within {START_WAIT:g} s")
 
-    def _watch_plans(self) -> None:
-        """A new plan names a new node: rewrite the hosts file and have dnsmasq re-read it."""
+    def _watch(self) -> None:
+        """A new plan names a new node: rewrite the hosts file and have dnsmasq re-read it.
+        A dnsmasq that dies on its own is said once in the log (HTTP goes on serving)."""
         master = self.cfg.master.directory
+        proc = self.proc
+        assert proc is not None
         while not self._stop.wait(PLAN_POLL):
+            if proc.poll() is not None:
+                print(
+                    f"netboot: dnsmasq exited with status {proc.returncode}; no TFTP until serve restarts",
+                    file=sys.stderr,
+                )
+                return
+            if self.cfg.network.dhcp is not DhcpMode.FULL:
+                continue
             try:
                 changed = write_if_changed(master / HOSTS, render_hosts(master))
             except (OSError, RackbootError):
                 continue  # the next look tries again
-            if changed and self.proc is not None and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGHUP)
+            if changed:
+                proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers; always reaped."""

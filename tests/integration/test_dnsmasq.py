@@ -160,6 +160,23 @@ def test_a_killed_serve_takes_its_dnsmasq_along(tmp_path, netns):
 
 
 @pytest.mark.slow  # starts serve in a namespace
+def test_a_dnsmasq_that_dies_is_said_in_serves_log(tmp_path, netns):
+    log = tmp_path / "serve.log"
+    proc = serve(netns, rack_config(tmp_path), log)
+    try:
+        [pid] = dnsmasq_pids(tmp_path / "master" / dnsmasq.CONF)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "netboot: dnsmasq exited" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "netboot: dnsmasq exited with status -9; no TFTP until serve restarts" in log.read_text()
+        assert proc.poll() is None  # HTTP goes on
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.slow  # starts serve in a namespace
 def test_a_second_start_rewrites_nothing(tmp_path, netns):
     cfg_path = rack_config(tmp_path)
     conf = tmp_path / "master" / dnsmasq.CONF
