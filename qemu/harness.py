@@ -155,40 +155,27 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else f"(nothing in {log})"
 
 
-def start_dnsmasq(
-    rack: RackNetwork,
-    work: Path,
-    name: str,
-    *,
-    tftp_root: Path | None = None,
-    dhcp: bool = True,
-    next_server: str | None = None,
-) -> subprocess.Popen[bytes]:
-    """A dnsmasq of the test's own inside ``rack``: DHCP for the workers (boot file
-    boot.scr.uimg, next-server ``next_server`` when given) and/or TFTP from ``tftp_root``;
-    never DNS. A site's router is one with DHCP only; its config and log are
-    ``work``/``name``.conf and .log."""
+def start_site_router(rack: RackNetwork, work: Path, next_server: str) -> subprocess.Popen[bytes]:
+    """A dnsmasq standing in for a site's router inside ``rack``: DHCP only (no DNS, no
+    TFTP), leasing from rack.dhcp_range() with ``next_server`` as the next-server, which
+    U-Boot's dhcp takes for serverip. Its config, leases and log are work/router.*."""
+    first, last = rack.dhcp_range()
     lines = [
-        f"# {name}: a dnsmasq the rackboot test harness started in {rack.name}",
+        f"# the site's router: a DHCP-only dnsmasq the rackboot harness started in {rack.name}",
         "port=0",
         f"interface={rack.bridge}",
         "bind-interfaces",
-        "user=root",  # the build and the leases are in root's private tmp directories
-        f"dhcp-leasefile={work / (name + '.leases')}",
+        "user=root",  # its leases are in root's private tmp directory
+        f"dhcp-leasefile={work / 'router.leases'}",
         "log-facility=-",
+        f"dhcp-range={first},{last},{rack.network.netmask},1h",
+        "dhcp-authoritative",
+        "log-dhcp",
+        f"dhcp-boot={build.NETBOOT_SCRIPT},,{next_server}",  # points netboots at another server
     ]
-    if dhcp:
-        first, last = rack.dhcp_range()
-        lines += [f"dhcp-range={first},{last},{rack.network.netmask},1h", "dhcp-authoritative", "log-dhcp"]
-        if next_server:
-            lines.append(f"dhcp-boot={build.NETBOOT_SCRIPT},,{next_server}")
-        else:
-            lines.append(f"dhcp-boot={build.NETBOOT_SCRIPT}")
-    if tftp_root is not None:
-        lines += ["enable-tftp", f"tftp-root={tftp_root.resolve()}"]
-    conf = work / f"{name}.conf"
+    conf = work / "router.conf"
     conf.write_text("\n".join(lines) + "\n")
-    return rack.spawn(["dnsmasq", "--keep-in-foreground", "--pid-file", f"--conf-file={conf}"], work / f"{name}.log")
+    return rack.spawn(["dnsmasq", "--keep-in-foreground", "--pid-file", f"--conf-file={conf}"], work / "router.log")
 
 
 def new_rack_worker(cfg: config.Config, rack: RackNetwork, i: int, disk: Path, log: Path, **options: Any) -> QemuWorker:
