@@ -58,7 +58,7 @@ def test_pi_card_holds_firmware_uboot_config_and_scripts(tmp_path, board, arch, 
     header, script = uimage.parse_legacy_image(card_file(card, "boot.scr"))
     assert header.type == uimage.TYPES["script"]
     assert b"tftpboot" in script and inp.board.boot_command.encode() in script
-    kernel = "Image" if arch == "arm64" else "zImage"
+    kernel = "Image.lzma" if arch == "arm64" else "zImage"
     assert card_file(card, kernel) == (out / kernel).read_bytes()
 
 
