@@ -10,8 +10,10 @@ STAMP_PIP := $(VENV)/.pip-installed
 
 .PHONY: demo test check lint bench torture deps clean
 
+# RACK=N: N blank workers switched on together on a rack network (a namespace with dnsmasq).
+RACK ?=
 demo: $(STAMP_DEBS) $(STAMP_PIP)
-	$(VENV)/bin/rackboot demo -c examples/qemu-virt/rackboot.toml
+	$(VENV)/bin/rackboot demo -c examples/qemu-virt/rackboot.toml$(if $(RACK), --rack $(RACK))
 
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider

@@ -141,7 +141,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.run(args.config, workdir=args.workdir)
+    return demo.run(args.config, workdir=args.workdir, rack=args.rack or 0)
 
 
 def _cmd_torture(args: argparse.Namespace) -> int:
@@ -266,6 +266,13 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole story on emulated workers")
     _config_arg(d)
     d.add_argument("--workdir", type=Path, help="where the demo keeps its master, disks and logs")
+    d.add_argument(
+        "--rack",
+        type=_positive_int,
+        metavar="N",
+        help="switch N blank workers on together on a rack network in a namespace (needs root; "
+        "default: one worker on QEMU's user-mode network)",
+    )
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("torture", help="cut an emulated worker's power during updates; check what it boots")

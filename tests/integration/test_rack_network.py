@@ -1,6 +1,6 @@
 """The rack network the e2e rack tests and `rackboot demo --rack` boot workers on: a real
-namespace with a bridge and taps (needs root), torn down with whatever runs in it; and
-the QEMU command line of a worker on one of its taps."""
+namespace with a bridge and taps (needs root), torn down with whatever runs in it; the
+QEMU command line of a worker on one of its taps; the rack demo's config."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import subprocess
 import time
 
 import pytest
+from rackboot import config, demo
+from rackboot.config import DhcpMode
 from rackboot.errors import RackbootError
 from rackboot.qemu.machines import profile
 from rackboot.qemu.netns import MAX_WORKERS, RackNetwork
 from rackboot.qemu.runner import QemuWorker
+
+from tests.e2e.rack import EXAMPLE
 
 
 def _namespaces() -> list[str]:
@@ -79,3 +83,16 @@ def test_a_worker_on_a_tap_runs_qemu_inside_the_namespace_with_its_own_mac(tmp_p
     assert not any(arg.startswith("user,") for arg in cmd)  # no slirp
     with pytest.raises(RackbootError, match="tap device"):
         QemuWorker(machine, log_path=tmp_path / "log", tap="tap0", tftp_dir=tmp_path)
+
+
+def test_the_rack_demo_runs_the_example_with_the_master_and_its_netboot_service_on_the_rack(tmp_path):
+    example = config.load(EXAMPLE / "rackboot.toml")
+    rack = RackNetwork(4)
+    cfg = demo.rack_config(example, tmp_path, rack)
+    assert cfg.path == tmp_path / "rackboot.toml"
+    assert cfg.master.url == "http://10.213.0.1:8080" and cfg.master.key == example.master.key
+    assert cfg.network.interface == "br0" and cfg.network.dhcp is DhcpMode.FULL
+    assert (cfg.network.range_start, cfg.network.range_end) == rack.dhcp_range()
+    assert (cfg.output.directory, cfg.master.directory) == (tmp_path / "build", tmp_path / "master")
+    for section in ("board", "kernel", "initramfs", "layout"):  # the rest as the example says
+        assert config.plain(getattr(cfg, section)) == config.plain(getattr(example, section))
