@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from rackboot import config
 from rackboot.errors import RackbootError
-from rackboot.master import plans
+from rackboot.master import dnsmasq, plans
 from rackboot.qemu import harness
 from rackboot.qemu.netns import RackNetwork
 from rackboot.qemu.runner import QemuWorker
@@ -152,6 +152,11 @@ def _check(i: int, log: str, *wanted: str) -> None:
 NETBOOTED = (f"rackboot: netboot qemu-virt/arm64 from {MASTER}", "rackboot.source=net")
 
 
+def _leases(path: Path) -> dict[str, str]:
+    """dnsmasq's lease file: MAC -> address."""
+    return {fields[1]: fields[2] for line in path.read_text().splitlines() if len(fields := line.split()) >= 3}
+
+
 def _address(i: int, log: str) -> str:
     found = re.search(r"rackboot: network up: eth0 (10\.213\.0\.\d+)/24", log)
     assert found, f"worker {i}: no address in its console log"
@@ -169,8 +174,9 @@ def test_a_blank_rack_netboots_installs_and_updates_with_the_masters_dhcp(rack):
             i, log, *NETBOOTED, "installing example v1 into slot a", "rackboot-mark-good: slot a (example v1) confirmed"
         )
     addresses = [_address(i, log) for i, log in enumerate(logs)]
-    assert len(set(addresses)) == WORKERS  # a lease each
-    assert all(a != MASTER for a in addresses)
+    assert len(set(addresses)) == WORKERS and MASTER not in addresses
+    leases = _leases(r.cfg.master.directory / dnsmasq.LEASES)
+    assert [leases.get(r.network.mac(i)) for i in range(WORKERS)] == addresses  # each from the master's dnsmasq
 
     r.release(2)
     second = r.boot_all(2, r"rackboot-demo: v2 is up")
