@@ -35,7 +35,9 @@ from .sources import PackageCache, PackageRef, content_hash
 NETBOOT_SCRIPT = "boot.scr.uimg"  # the name U-Boot's distro boot asks DHCP/TFTP for
 CARD_SCRIPT = "boot.scr"  # the name distro boot looks for on the card's boot partition
 # What an arm64 netboot sends of the kernel: U-Boot 2023.01's booti inflates gzip, lzma, lz4
-# and bzip2 (not zstd); lzma sends 8 MB of a 33 MB Image, gzip 11 MB.
+# and bzip2 (not zstd); lzma sends 8 MB of a 33 MB Image, gzip 11 MB. A Pi's U-Boot moves one
+# TFTP block per round trip, so bytes are what a boot waits for. Under QEMU's emulation TFTP is
+# cheap and inflating is not: lzma there costs seconds to /init (benchmarks/bench_netboot.py).
 ARM64_KERNEL_COMPRESSION = "lzma"
 _KERNEL_SUFFIX = {"none": "", "gzip": ".gz", "lzma": ".lzma"}
 
