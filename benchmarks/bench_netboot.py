@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "qemu-virt" / "rackboot.toml"
 GOAL_BYTES = 16_000_000
 RUNS = 3
-_TFTP_LOAD = re.compile(rb"tftpboot \$\{\w+\} (\S+)")
+_TFTP_LOAD = re.compile(rb"\btftpboot \$\{\w+\} ([^\s;]+)")  # as a line or an `if`'s condition
 
 
 def netboot_files(out: Path) -> list[Path]:
