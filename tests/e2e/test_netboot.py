@@ -4,6 +4,8 @@ network and powers off."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 
@@ -49,3 +51,20 @@ def test_expect_that_never_comes_fails_with_the_last_line(probe_build):
 def test_qemu_without_a_build_says_so(tmp_path):
     result = rackboot_qemu(write_config(tmp_path), "--expect", "x")
     assert result.returncode == 1 and "run rackboot build" in result.stderr
+
+
+def test_a_netboot_whose_kernel_download_fails_boots_the_card(probe_build, qemu_worker, tmp_path):
+    """U-Boot's hush does not end a sourced script on `exit`: a netboot script that went on
+    after a failed download booted half a kernel. Now it hands back to the card's script,
+    which boots the card's own kernel and initramfs."""
+    script = (probe_build / build.NETBOOT_SCRIPT).read_bytes().decode("latin-1")
+    kernel = re.search(r"tftpboot \$\{kernel_addr_r\} (\S+?);", script)
+    assert kernel, "the netboot script names no kernel"
+    tftp = tmp_path / "tftp"
+    shutil.copytree(probe_build, tftp, ignore=shutil.ignore_patterns(kernel.group(1)))
+    card = tmp_path / "card.img"
+    shutil.copyfile(probe_build / "sdcard.img", card)
+    worker = qemu_worker("qemu-virt", "arm64", tftp_dir=tftp, bootfile=build.NETBOOT_SCRIPT, disks=[card])
+    worker.expect("rackboot: netboot download failed, back to the card script", timeout=120)
+    worker.expect("rackboot: master unreachable; booting from the card", timeout=30)
+    worker.expect(r"rackboot: network up: eth0 10\.0\.2\.\d+/24", timeout=120)  # the card's /init ran
