@@ -51,6 +51,7 @@ def test_full_dhcp_config(tmp_path):
     assert lines[15:] == [
         "dhcp-range=10.213.0.100,10.213.0.199,255.255.255.0,600",
         "dhcp-authoritative",
+        "no-ping",
         "dhcp-option=option:router",
         "dhcp-boot=boot.scr.uimg,,10.213.0.1",
         f"dhcp-hostsfile={tmp_path / 'master' / '.dnsmasq.hosts'}",
