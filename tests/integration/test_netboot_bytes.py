@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from rackboot import build, config
+from rackboot.master import signing
 from rackboot.uboot import image as uimage
 
 from tests.helpers import quiet
@@ -21,9 +22,17 @@ _LOAD = re.compile(r"\btftpboot \$\{(\w+)\} ([^\s;]+)")  # as a line or an `if`'
 
 @pytest.fixture(scope="module")
 def example_build(tmp_path_factory) -> Path:
+    """The example as configured, but with its key, master and output of the test's own
+    (a fresh clone has no key yet: the demo makes it on its first run)."""
     cfg = config.load(EXAMPLE)
-    out = tmp_path_factory.mktemp("example") / "build"
-    cfg = replace(cfg, output=replace(cfg.output, directory=out))
+    directory = tmp_path_factory.mktemp("example")
+    key = directory / "keys" / "master.key"
+    signing.keygen(key)
+    cfg = replace(
+        cfg,
+        master=replace(cfg.master, key=key, directory=directory / "master"),
+        output=replace(cfg.output, directory=directory / "build"),
+    )
     return build.build(cfg, log=quiet)
 
 
