@@ -29,10 +29,12 @@ MASTER = "10.213.0.1"
 FULL = {"dhcp": "full", "range_start": "10.213.0.100", "range_end": "10.213.0.199"}
 _names = itertools.count()
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("dnsmasq", path="/usr/sbin:/usr/bin:/sbin:/bin"),
-    reason="needs root and dnsmasq",
-)
+
+@pytest.fixture(autouse=True)
+def _root_and_dnsmasq() -> None:
+    """Fails loudly, never skips: a skipped netboot test would hide a missing install."""
+    if os.geteuid() != 0 or not shutil.which("dnsmasq", path="/usr/sbin:/usr/bin:/sbin:/bin"):
+        pytest.fail("the netboot service tests need root and dnsmasq (make test installs it)")
 
 
 def rack_config(directory: Path, interface: str = "rk0", **network) -> Path:

@@ -9,10 +9,9 @@ import threading
 import pytest
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
+from rackboot.master import serve
 
 from tests.integration.updater_master import MAC, NODE, image_bytes, publish, write_plan
-
-serve = pytest.importorskip("rackboot.master.serve")
 
 
 @pytest.fixture
