@@ -377,7 +377,7 @@ class Partition:
 
 
 # One frozen dataclass per section; its fields are the section's SETTINGS keys, in order
-# (tests/unit/test_config.py checks they stay the same). Choices are str.
+# (tests/unit/test_config.py checks they stay the same). Choices are their StrEnums.
 @dataclass(frozen=True)
 class BoardSection:
     name: BoardName

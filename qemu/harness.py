@@ -60,6 +60,15 @@ def blank_card(sdcard: Path, disk: Path) -> None:
         out.truncate(DISK_MIB << 20)
 
 
+def image_bytes(stats: dict[str, Any]) -> int:
+    """Image bytes a master's /stats says it served: not the plans and manifests every boot reads."""
+    return sum(
+        n
+        for path, n in stats["bytes_sent"].items()
+        if path.startswith("/images/") and not path.endswith((".json", ".sig"))
+    )
+
+
 class MasterThread:
     """`rackboot serve` in a thread, on the port the worker's kernel command line names."""
 
@@ -71,12 +80,7 @@ class MasterThread:
         self.thread.start()
 
     def bytes_sent(self) -> int:
-        """Image bytes served: streams only, not the plans and manifests every boot reads."""
-        return sum(
-            n
-            for path, n in self.server.stats()["bytes_sent"].items()
-            if path.startswith("/images/") and not path.endswith((".json", ".sig"))
-        )
+        return image_bytes(self.server.stats())
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -138,13 +142,7 @@ class MasterProcess:
                 time.sleep(0.2)
 
     def bytes_sent(self) -> int:
-        """Image bytes served, as MasterThread.bytes_sent counts them."""
-        stats = json.loads(self.get("/stats"))
-        return sum(
-            n
-            for path, n in stats["bytes_sent"].items()
-            if path.startswith("/images/") and not path.endswith((".json", ".sig"))
-        )
+        return image_bytes(json.loads(self.get("/stats")))
 
     def stop(self) -> None:
         self.rack.stop(self.proc)
