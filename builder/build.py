@@ -34,6 +34,7 @@ from .sources import PackageCache, PackageRef, content_hash
 
 NETBOOT_SCRIPT = "boot.scr.uimg"  # the name U-Boot's distro boot asks DHCP/TFTP for
 CARD_SCRIPT = "boot.scr"  # the name distro boot looks for on the card's boot partition
+BOOT_IMAGE = "boot.vfat"  # one boot area's FAT32: the card's area A, and what `rackboot plan` publishes
 # What an arm64 netboot sends of the kernel: U-Boot 2023.01's booti inflates gzip, lzma, lz4
 # and bzip2 (not zstd); lzma sends 8 MB of a 33 MB Image, gzip 11 MB. A Pi's U-Boot moves one
 # TFTP block per round trip, so bytes are what a boot waits for. Under QEMU's emulation TFTP is
@@ -382,23 +383,34 @@ def sdcard_artefacts(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> l
             for r in (inp.package(board.uboot_package), inp.package(board.firmware_package))
         ]
 
-    def build_card(tmp: Path) -> None:
-        sdcard.build_sdcard(
+    def build_boot(tmp: Path) -> None:
+        sdcard.boot_image(
             tmp,
             card_files(inp, out, on_card),
+            boot_size_mib=boot_size_mib,
+            boot_start_mib=BOOT_START_MIB,
+            volume_id=DISK_SIGNATURE,
+            mtime=source_date_epoch(),
+        )
+
+    def build_card(tmp: Path) -> None:
+        sdcard.card_image(
+            tmp,
+            out / BOOT_IMAGE,
             boot_size_mib=boot_size_mib,
             boot_type=int(boot_type, 16),
             boot_start_mib=BOOT_START_MIB,
             disk_signature=DISK_SIGNATURE,
-            volume_id=DISK_SIGNATURE,
-            mtime=source_date_epoch(),
         )
 
     def build_bmap(tmp: Path) -> None:
         tmp.write_text(bmap.bmap_text(out / "sdcard.img"))
 
-    card = graph.Artefact("sdcard", "sdcard", "sdcard.img", inputs, build_card, after=tuple(a.name for a in on_card))
+    # the boot area's FAT (the master serves it to keep cards current, bootfiles.py), then the card around it
+    boot = graph.Artefact("boot-image", "boot", BOOT_IMAGE, inputs, build_boot, after=tuple(a.name for a in on_card))
+    card = graph.Artefact("sdcard", "sdcard", "sdcard.img", inputs, build_card, after=(boot.name,))
     return [
+        boot,
         card,
         graph.Artefact(
             "sdcard-bmap", "bmap", "sdcard.bmap", {"recipe": graph.code_hash(bmap)}, build_bmap, after=("sdcard",)

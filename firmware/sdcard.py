@@ -1,4 +1,10 @@
-"""The dd-able SD card image for new workers: an MBR and one FAT32 boot partition.
+"""The dd-able SD card image for new workers: an MBR and the boot region's two FAT32 areas.
+
+The config's boot partition is the card's boot region, split into boot areas A and B
+(initramfs/updater/bootfiles.py): the image holds this build's boot files in area A,
+where MBR entry 1 points, and leaves area B a hole (zeros, not in the bmap), which the
+updater fills with a later build's boot files before it moves entry 1 there. The FAT of
+area A is also the build's boot.vfat, the image the master serves to keep cards current.
 
 The boot partition's MBR type is the config's (the plan carries the same one, and the
 updater refuses a boot partition that differs from the plan), so only the FAT types the
@@ -22,7 +28,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from rackboot.errors import RackbootError
-from rackboot.initramfs.updater import mbr
+from rackboot.initramfs.updater import bootfiles, mbr
+from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.layout import FAT_TYPES  # the updater refuses a plan's boot of any other
 from rackboot.proc import run
 
@@ -45,14 +52,32 @@ def _stage(files: dict[str, Path | bytes], root: Path, mtime: int) -> None:
         os.utime(path, (mtime, mtime), follow_symlinks=False)
 
 
+def area_mib(boot_size_mib: int, boot_start_mib: int = 4) -> int:
+    """One boot area's MiB: half the boot partition, as the updater splits it; the whole
+    partition when a half is too small for FAT32 (such a card keeps the boot files it was
+    flashed with, and its updater says so)."""
+    per_mib = MIB // mbr.SECTOR
+    try:
+        return bootfiles.areas(boot_start_mib * per_mib, boot_size_mib * per_mib)["a"][1] // per_mib
+    except UpdaterError:
+        return boot_size_mib
+
+
 def fat_image(
-    out: Path, files: dict[str, Path | bytes], *, size_mib: int, volume_id: int, label: str, mtime: int
+    out: Path,
+    files: dict[str, Path | bytes],
+    *,
+    size_mib: int,
+    volume_id: int,
+    label: str,
+    mtime: int,
+    what: str = "boot partition",
 ) -> None:
     """A FAT32 filesystem image holding ``files`` (target path -> source path or bytes)."""
     need = sum(len(s) if isinstance(s, bytes) else Path(s).stat().st_size for s in files.values())
     if need > (size_mib - 2) * MIB:
         raise RackbootError(
-            f"boot partition of {size_mib} MiB is too small for {need / MIB:.1f} MiB of files "
+            f"{what} of {size_mib} MiB is too small for {need / MIB:.1f} MiB of files "
             f"(over by {(need - (size_mib - 2) * MIB) / MIB:.1f} MiB)"
         )
     with open(out, "wb") as f:
@@ -97,6 +122,24 @@ def _copy_data(src: Path, dst: BinaryIO, offset: int) -> None:
             pos = end
 
 
+def boot_image(
+    out: Path,
+    files: dict[str, Path | bytes],
+    *,
+    boot_size_mib: int,
+    volume_id: int,
+    boot_start_mib: int = 4,
+    label: str = "RACKBOOT",
+    mtime: int = 0,
+) -> None:
+    """One boot area's FAT32 image: what the card's area A holds and the master serves."""
+    size = area_mib(boot_size_mib, boot_start_mib)
+    what = "boot partition"
+    if size < boot_size_mib:
+        what = f"a boot area (half the {boot_size_mib} MiB boot partition: the other half takes the next build's)"
+    fat_image(out, files, size_mib=size, volume_id=volume_id, label=label, mtime=mtime, what=what)
+
+
 def build_sdcard(
     out: Path,
     files: dict[str, Path | bytes],
@@ -110,24 +153,53 @@ def build_sdcard(
     mtime: int = 0,
 ) -> None:
     """Write the card image to ``out``: (boot_start + boot_size) MiB, sparse where unused."""
+    with tempfile.TemporaryDirectory(prefix="rackboot-sdcard-") as tmp:
+        fat = Path(tmp) / "boot.vfat"
+        boot_image(
+            fat,
+            files,
+            boot_size_mib=boot_size_mib,
+            volume_id=volume_id,
+            boot_start_mib=boot_start_mib,
+            label=label,
+            mtime=mtime,
+        )
+        card_image(
+            out,
+            fat,
+            boot_size_mib=boot_size_mib,
+            disk_signature=disk_signature,
+            boot_start_mib=boot_start_mib,
+            boot_type=boot_type,
+        )
+
+
+def card_image(
+    out: Path,
+    fat: Path,
+    *,
+    boot_size_mib: int,
+    disk_signature: int,
+    boot_start_mib: int = 4,
+    boot_type: int = FAT32_LBA,
+) -> None:
+    """The card image around a boot area image (boot_image): MBR, the zero gap, area A,
+    and area B and whatever follows as a hole."""
     if boot_type not in FAT_TYPES:
         raise RackbootError(
             f"boot partition type {boot_type:02x} is not a FAT type the firmware reads "
             f"({', '.join(f'{t:02x}' for t in FAT_TYPES)})"
         )
-    with tempfile.TemporaryDirectory(prefix="rackboot-sdcard-") as tmp:
-        fat = Path(tmp) / "boot.vfat"
-        fat_image(fat, files, size_mib=boot_size_mib, volume_id=volume_id, label=label, mtime=mtime)
-        table = mbr.Mbr(
-            disk_signature,
-            (
-                mbr.Entry(
-                    1, boot_type, boot_start_mib * MIB // mbr.SECTOR, boot_size_mib * MIB // mbr.SECTOR, bootable=True
-                ),
-            ),
-        )
-        with open(out, "wb") as disk:
-            disk.write(mbr.dump(table))
-            disk.write(bytes(boot_start_mib * MIB - mbr.SECTOR))  # the slot-state gap, explicitly zero
-            _copy_data(fat, disk, boot_start_mib * MIB)
-            disk.truncate((boot_start_mib + boot_size_mib) * MIB)
+    size_mib = area_mib(boot_size_mib, boot_start_mib)
+    if fat.stat().st_size != size_mib * MIB:
+        raise RackbootError(f"{fat}: {fat.stat().st_size} bytes is not a boot area of {size_mib} MiB")
+    per_mib = MIB // mbr.SECTOR
+    table = mbr.Mbr(
+        disk_signature,
+        (mbr.Entry(1, boot_type, boot_start_mib * per_mib, size_mib * per_mib, bootable=True),),
+    )
+    with open(out, "wb") as disk:
+        disk.write(mbr.dump(table))
+        disk.write(bytes(boot_start_mib * MIB - mbr.SECTOR))  # the slot-state gap, explicitly zero
+        _copy_data(fat, disk, boot_start_mib * MIB)
+        disk.truncate((boot_start_mib + boot_size_mib) * MIB)

@@ -13,7 +13,7 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Plan, node_id
 
-from . import publish, signing
+from . import bootfiles, publish, signing
 
 DEFAULT = "default"  # the plan of every node without one of its own
 _MAC_FORMS = (
@@ -49,7 +49,16 @@ def layout(cfg: Config) -> Layout:
 
 
 def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False) -> Plan:
-    return Plan(node=node, layout=layout(cfg), image=manifest, mount=cfg.layout.mount, pin=pin, tries=cfg.layout.tries)
+    """The plan, naming the build's boot files (published on the way) when there is a build."""
+    return Plan(
+        node=node,
+        layout=layout(cfg),
+        image=manifest,
+        mount=cfg.layout.mount,
+        pin=pin,
+        tries=cfg.layout.tries,
+        boot=bootfiles.publish(cfg),  # the build's boot files, published on the way (none before a build)
+    )
 
 
 def assign(cfg: Config, *, node: str, image: str, version: int | None = None) -> Path:

@@ -69,6 +69,7 @@ class Phase(StrEnum):
     HOOK = "hook"
     ERROR = "error"
     WAIT = "wait"  # a busy master kept a stream waiting: seconds is how long, in all
+    BOOT_FILES = "boot-files"  # the card's boot area was checked against the plan's boot manifest (bootfiles.py)
 
 
 class Action(StrEnum):
@@ -489,6 +490,7 @@ class Plan:
     mount: Mount = DEFAULT_MOUNT
     pin: bool = False  # the image's version may be older than a slot's (a deliberate rollback)
     tries: int = DEFAULT_TRIES
+    boot: str | None = None  # the boot manifest's path on the master (bootfiles.py); None: boot files stay
     format: int = FORMAT
 
     @classmethod
@@ -502,6 +504,7 @@ class Plan:
             mount=f.choice("mount", Mount),
             pin=f.flag("pin"),
             tries=f.optional_integer("tries", minimum=1) or DEFAULT_TRIES,
+            boot=f.optional_text("boot", _MASTER_PATH_RE, what="an absolute path on the master"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -513,6 +516,7 @@ class Plan:
             "mount": self.mount,
             "pin": self.pin,
             "tries": self.tries,
+            **({"boot": self.boot} if self.boot is not None else {}),  # rev5: absent keeps the bytes before it
         }
 
 

@@ -3,7 +3,8 @@
 Pure: `wanted_entries` and `decide` take numbers and tables, not devices. Rules:
 partition i of the plan is MBR entry i+1; a match is exact (start, sectors, type);
 "rest" runs to the card's size (or MBR's 2 TiB, whichever ends first) aligned down to
-1 MiB. Repartitioning never moves, resizes or retypes the boot partition, and a
+1 MiB. The plan's boot partition is the card's boot region, whose entry points at one of
+two boot areas (bootfiles.py). Repartitioning never moves, resizes or retypes it, and a
 partition whose start and type stay the same keeps its contents (the data partition
 survives; a slot that changes is emptied).
 """
@@ -11,9 +12,9 @@ survives; a slot that changes is emptied).
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from . import mbr
+from . import bootfiles, mbr
 from .disk import Disk
 from .errors import UpdaterError
 from .formats import Layout
@@ -67,7 +68,7 @@ def wanted_entries(layout: Layout, disk_bytes: int) -> tuple[mbr.Entry, ...]:
 
 def decide(layout: Layout, current: mbr.Mbr | None, disk_bytes: int, *, node: str = "") -> Decision:
     """ok | repartition (with the new table) | UpdaterError (refuse)."""
-    wanted = wanted_entries(layout, disk_bytes)
+    wanted = _boot_as_the_card_has_it(layout, current, wanted_entries(layout, disk_bytes))
     have = current.entries if current is not None else ()
     names = [p.name for p in layout.partitions]
     changed = tuple(names[w.number - 1] for w in wanted if not _same(current, w))
@@ -88,6 +89,29 @@ def decide(layout: Layout, current: mbr.Mbr | None, disk_bytes: int, *, node: st
     signature = current.signature if current is not None and current.signature else _signature(node)
     boot_code = current.boot_code if current is not None else bytes(440)
     return Decision("repartition", mbr.Mbr(signature, wanted, boot_code), changed, kept)
+
+
+def _boot_as_the_card_has_it(
+    layout: Layout, current: mbr.Mbr | None, wanted: tuple[mbr.Entry, ...]
+) -> tuple[mbr.Entry, ...]:
+    """The plan's boot partition is the card's boot region (bootfiles.py): entry 1 may point at
+    either boot area or, on a card from before boot areas, span the region. The card's entry
+    stands when it is one of those; a card without one gets area A."""
+    names = [p.name for p in layout.partitions]
+    if BOOT not in names:
+        return wanted
+    region = wanted[names.index(BOOT)]
+    old = current.entry(region.number) if current is not None else None
+    try:
+        area = bootfiles.which_area(old, region.start, region.sectors)
+        start, sectors = bootfiles.areas(region.start, region.sectors)["a"]
+    except UpdaterError:  # a region too small for two areas: it stays one
+        return wanted
+    if old is not None and area is not None and old.type == region.type:
+        start, sectors = old.start, old.sectors
+    elif old is not None:
+        return wanted  # some other boot partition: decide refuses to touch it
+    return tuple(replace(w, start=start, sectors=sectors) if w is region else w for w in wanted)
 
 
 def _boot_diff(old: mbr.Entry, new: mbr.Entry) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from . import hooks, install, layout
 from . import report as reports
 from . import state as slot_state
+from .bootfiles import run as update_boot_files
 from .disk import Disk, partition_device
 from .errors import Refused, UpdaterError
 from .fetch import MasterClient
@@ -238,6 +239,7 @@ class _Update:
         try:
             with self.step("layout"):
                 table = self.check_layout(plan, layout_check)
+            table = update_boot_files(self, table)  # never fails the boot: the old boot area still boots
             return self.update(plan, table)
         except Refused as e:
             return self.fall_back(Action.REFUSED, e)

@@ -16,7 +16,8 @@ from rackboot.firmware import bmap, sdcard
 from rackboot.initramfs.updater import mbr
 
 MIB = 1 << 20
-START_MIB, SIZE_MIB = 4, 40
+START_MIB, SIZE_MIB = 4, 80  # boot areas of 40 MiB: FAT32 under mtools needs 33 or more
+AREA_MIB = SIZE_MIB // 2
 SIGNATURE, VOLUME_ID = 0x7261636B, 0xC0FFEE42
 FILES = {
     "config.txt": b"arm_64bit=1\nkernel=u-boot.bin\n",
@@ -73,13 +74,13 @@ def block_map(text: str) -> tuple[int, list[tuple[int, int, str]]]:
     return int(root.findtext("MappedBlocksCount")), ranges
 
 
-def test_mbr_has_one_fat32_partition_and_a_zero_gap_before_it(card):
+def test_mbr_has_one_fat32_partition_on_area_a_and_a_zero_gap_before_it(card):
     data = card.read_bytes()
     assert len(data) == (START_MIB + SIZE_MIB) * MIB
     table = mbr.parse(data[: mbr.SECTOR])
     assert table.signature == SIGNATURE
     assert [(e.number, e.type, e.start, e.sectors, e.bootable) for e in table.entries] == [
-        (1, 0x0C, START_MIB * MIB // 512, SIZE_MIB * MIB // 512, True)
+        (1, 0x0C, START_MIB * MIB // 512, AREA_MIB * MIB // 512, True)
     ]
     assert data[mbr.SECTOR : START_MIB * MIB] == bytes(START_MIB * MIB - mbr.SECTOR), "slot-state gap is not zero"
     ranges = bmap.mapped_ranges(card)
@@ -87,9 +88,9 @@ def test_mbr_has_one_fat32_partition_and_a_zero_gap_before_it(card):
 
 
 def test_partition_start_and_size_follow_the_arguments(tmp_path):
-    data = make_card(tmp_path / "c.img", boot_start_mib=1, boot_size_mib=36).read_bytes()
+    data = make_card(tmp_path / "c.img", boot_start_mib=1, boot_size_mib=73).read_bytes()
     (entry,) = mbr.parse(data[:512]).entries
-    assert (entry.start * 512, entry.sectors * 512, len(data)) == (MIB, 36 * MIB, 37 * MIB)
+    assert (entry.start * 512, entry.sectors * 512, len(data)) == (MIB, 36 * MIB, 74 * MIB)
     assert data[MIB + 510 : MIB + 512] == b"\x55\xaa" and data[MIB + 0x52 : MIB + 0x5A] == b"FAT32   "
 
 
@@ -112,7 +113,7 @@ def test_a_boot_type_the_firmware_cannot_read_is_one_line_and_writes_nothing(tmp
 
 def test_fat32_passes_fsck_and_holds_every_file_byte_for_byte(card, tmp_path):
     part = tmp_path / "boot.vfat"
-    part.write_bytes(card.read_bytes()[START_MIB * MIB :])
+    part.write_bytes(card.read_bytes()[START_MIB * MIB : (START_MIB + AREA_MIB) * MIB])
     fsck = subprocess.run(["fsck.vfat", "-n", str(part)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     listed = set(mtools("mdir", card, "-/", "-b", "::/").decode().split())
@@ -155,13 +156,13 @@ def test_same_inputs_same_bytes_whatever_mtimes_umask_and_timezone(tmp_path, mon
     assert changed.read_bytes() != images[0]
 
 
-@pytest.mark.parametrize("size", [SIZE_MIB * MIB, (SIZE_MIB - 2) * MIB + 1])
+@pytest.mark.parametrize("size", [AREA_MIB * MIB, (AREA_MIB - 2) * MIB + 1])
 def test_file_too_large_for_the_partition_is_one_line_and_writes_nothing(tmp_path, size):
     big = tmp_path / "Image"
     with open(big, "wb") as f:
         f.truncate(size)
     out = tmp_path / "sdcard.img"
-    with pytest.raises(RackbootError, match=f"boot partition of {SIZE_MIB} MiB is too small") as err:
+    with pytest.raises(RackbootError, match=rf"boot area \(half the {SIZE_MIB} MiB boot partition.*\) of {AREA_MIB} MiB is too small") as err:
         make_card(out, {"config.txt": b"x\n", "Image": big})
     assert "\n" not in str(err.value)
     assert not out.exists()

@@ -35,7 +35,7 @@ def test_rest_runs_to_the_card_end_aligned_down_to_a_mib():
 def test_blank_card_gets_everything():
     d = layout.decide(plan(), None, 256 * MIB, node="w1")
     assert d.action == "repartition" and d.changed == ("boot", "a", "b", "data") and d.kept == ()
-    assert d.table.entries == layout.wanted_entries(plan(), 256 * MIB)
+    assert d.table.entries == layout.wanted_entries(plan(), 256 * MIB)  # 16 MiB: no room for two boot areas
     assert d.table.signature == layout.decide(plan(), None, 256 * MIB, node="w1").table.signature != 0
 
 
@@ -93,6 +93,34 @@ def test_boot_partition_never_moves():
         r"\(card 32768, plan 30720 sectors\); refusing$",
     ):
         layout.decide(plan(boot_start=8, boot=15), current, 256 * MIB)
+
+
+def test_a_blank_card_with_room_for_two_boot_areas_gets_area_a():
+    d = layout.decide(plan(boot=80), None, 512 * MIB, node="w1")
+    boot, *rest = layout.wanted_entries(plan(boot=80), 512 * MIB)
+    assert d.table.entries[0] == mbr.Entry(1, 0x0C, 4 * 2048, 40 * 2048, bootable=True)
+    assert list(d.table.entries[1:]) == rest
+
+
+@pytest.mark.parametrize("area", ["a", "b", "whole"])
+def test_entry_1_on_either_boot_area_or_the_whole_region_is_the_plans_boot(area):
+    """The plan's boot partition is the card's boot region: entry 1 points at area A or B
+    (bootfiles.py), or spans the region on a card from before boot areas; each is kept as
+    it is, also when the slots are repartitioned."""
+    start, sectors = {"a": (4, 40), "b": (44, 40), "whole": (4, 80)}[area]
+    entries = layout.wanted_entries(plan(boot=80), 512 * MIB)
+    boot = mbr.Entry(1, 0x0C, start * 2048, sectors * 2048, bootable=True)
+    current = mbr.Mbr(7, (boot, *entries[1:]))
+    assert layout.decide(plan(boot=80), current, 512 * MIB).action == "ok"
+    d = layout.decide(plan(boot=80, a=48, b=80), current, 512 * MIB)
+    assert d.changed == ("a", "b") and d.table.entries[0] == boot
+
+
+def test_entry_1_on_half_an_area_is_refused():
+    entries = layout.wanted_entries(plan(boot=80), 512 * MIB)
+    current = mbr.Mbr(7, (mbr.Entry(1, 0x0C, 4 * 2048, 20 * 2048, bootable=True), *entries[1:]))
+    with pytest.raises(UpdaterError, match=r"boot partition's size \(card 40960, plan 163840 sectors\); refusing$"):
+        layout.decide(plan(boot=80), current, 512 * MIB)
 
 
 def with_boot_type(ptype: str) -> Layout:
