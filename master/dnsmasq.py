@@ -8,6 +8,13 @@ The config is generated from rackboot.toml (as PiServer and Cobbler generate the
 rewritten only when its content changes. The nodes the master knows (plans/<node id>.json)
 go to a separate hosts file that dnsmasq re-reads on SIGHUP, so `rackboot plan` never
 restarts dnsmasq under a rack that is downloading kernels over TFTP.
+
+No dnsmasq outlives its serve for long. serve stops it on its way out; the parent-death
+signal covers a SIGKILLed serve while dnsmasq runs as root; and dnsmasq that dropped root
+(which clears that signal) is ended by the next serve, which finds its pid in the master
+tree and ends it only if that process is a dnsmasq running this master's config. rackboot
+keeps the drop: dnsmasq parses packets from the whole rack, and as the build's owner a bug
+there cannot reach the rest of the master.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import socket
@@ -34,11 +42,14 @@ from rackboot.errors import ConfigError, RackbootError
 from rackboot.files import atomic_write_bytes
 from rackboot.proc import run
 
+from . import hostnames
+
 NETBOOT_SCRIPT = "boot.scr.uimg"  # builder/build.py's (a test keeps them equal): serve need not import the builder
 # In the master's tree, under names starting with a dot, which serve never sends
 CONF = ".dnsmasq.conf"
 HOSTS = ".dnsmasq.hosts"
 LEASES = ".dnsmasq.leases"
+PID = ".dnsmasq.pid"  # serve's dnsmasq while it runs: the next serve ends one a killed serve left
 TFTP_PORT = 69
 DHCP_PORT = 67
 START_WAIT = 10.0  # seconds dnsmasq gets to bind its TFTP socket
@@ -93,11 +104,17 @@ def render_config(cfg: Config) -> str:
 
 
 def render_hosts(master: Path) -> str:
-    """One dhcp-host line per node with a plan: its MAC, and its node id as the lease's name
-    (so dnsmasq's log names the node)."""
+    """One dhcp-host line per node with a plan: its MAC, and as the lease's name its hostname
+    (hostnames.py; DHCP option 12 hands it to the worker) or else its node id (so dnsmasq's
+    log names the node)."""
     plans = master / "plans"
     nodes = sorted(p.name[: -len(".json")] for p in plans.glob("*.json")) if plans.is_dir() else []
-    return "".join(f"{node.replace('-', ':')},{node}\n" for node in nodes if _NODE_RE.fullmatch(node))
+    names = hostnames.read(master)
+    return "".join(
+        f"{node.replace('-', ':')},{names[node].hostname if node in names else node}\n"
+        for node in nodes
+        if _NODE_RE.fullmatch(node)
+    )
 
 
 def write_if_changed(path: Path, text: str) -> bool:
@@ -140,6 +157,7 @@ def check_can_run(cfg: Config) -> str:
             "the netboot service needs root (TFTP's port 69, DHCP's 67); run serve as root "
             "or leave [network] interface empty"
         )
+    end_orphan(cfg)  # it would hold the ports checked below
     try:
         socket.if_nametoindex(net.interface)
     except OSError:
@@ -179,6 +197,48 @@ def _check_free(address: str, port: int, what: str, interface: str = "") -> None
             raise RackbootError(f"cannot bind {what} port {address}:{port}/udp: {e.strerror}") from None
 
 
+def end_orphan(cfg: Config) -> int | None:
+    """End the dnsmasq a killed serve left running (its pid in the master tree), if that pid is
+    still a dnsmasq with this master's config on its command line; any other process is left
+    alone. Returns the pid it ended."""
+    pid_file = cfg.master.directory / PID
+    try:
+        pid = int(pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        handle = os.pidfd_open(pid)  # from here on the pid cannot be reused under us
+    except OSError:
+        pid_file.unlink(missing_ok=True)  # no such process: the file is stale
+        return None
+    try:
+        if not _runs_our_config(pid, conf_path(cfg)):
+            pid_file.unlink(missing_ok=True)
+            return None
+        print(f"netboot: ending dnsmasq {pid}, left running by a serve that was killed", file=sys.stderr)
+        for sig, wait in ((signal.SIGTERM, STOP_WAIT), (signal.SIGKILL, STOP_WAIT)):
+            try:
+                signal.pidfd_send_signal(handle, sig)
+            except ProcessLookupError:
+                break
+            if select.select([handle], [], [], wait)[0]:  # readable once the process has exited
+                break
+        else:
+            raise RackbootError(f"dnsmasq {pid}, left by a killed serve, did not end; end it and start serve again")
+    finally:
+        os.close(handle)
+    pid_file.unlink(missing_ok=True)
+    return pid
+
+
+def _runs_our_config(pid: int, conf: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return Path(os.fsdecode(argv[0])).name == "dnsmasq" and f"--conf-file={conf}".encode() in argv
+
+
 def _tftp_bound() -> bool:
     """Whether a UDP socket of this network namespace holds port 69 (/proc/net/udp's local
     addresses are hex IP:port); reading it, unlike a test bind, cannot take the port from dnsmasq."""
@@ -208,8 +268,9 @@ class NetbootService:
 
         def die_with_parent() -> None:
             """SIGTERM when serve's process ends, even by SIGKILL: no orphan dnsmasq. (The kernel
-            clears this when dnsmasq drops root for a non-root build owner; then only serve's
-            way out, which SIGTERM and Ctrl-C take, stops it.)"""
+            clears this when dnsmasq drops root for a non-root build owner; then serve's way
+            out, which SIGTERM and Ctrl-C take, stops it, and after a SIGKILL the next serve
+            does: end_orphan.)"""
             prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
         # stdout and stderr stay serve's: dnsmasq logs where the master logs
@@ -219,6 +280,7 @@ class NetbootService:
             preexec_fn=die_with_parent,
         )
         try:
+            atomic_write_bytes(master / PID, f"{self.proc.pid}\n".encode())
             self._wait_listening()
         except BaseException:
             self.stop()
@@ -282,6 +344,7 @@ class NetbootService:
             except subprocess.TimeoutExpired:
                 proc.kill()
         proc.wait()
+        (self.cfg.master.directory / PID).unlink(missing_ok=True)
 
     def __enter__(self) -> NetbootService:
         self.start()

@@ -1,7 +1,8 @@
 """rackboot serve's netboot service with the real dnsmasq: the generated configs pass
 `dnsmasq --test`, and serve, started inside a network namespace this test makes, serves
 the build over TFTP, leases addresses in the full DHCP mode, refuses to start with one
-line when it cannot run, and leaves no dnsmasq behind when it stops or is killed."""
+line when it cannot run, and leaves no dnsmasq behind when it stops or is killed (the
+next serve ends one that dropped root and so outlived a SIGKILLed serve)."""
 
 from __future__ import annotations
 
@@ -159,6 +160,88 @@ def test_a_killed_serve_takes_its_dnsmasq_along(tmp_path, netns):
     proc.kill()
     proc.wait(timeout=30)
     wait_gone(conf)
+
+
+@pytest.fixture
+def nobodys_build() -> Iterator[Path]:
+    """A directory whose build/ belongs to nobody, which dnsmasq then runs as; readable by
+    nobody (pytest's tmp dirs are root's alone)."""
+    directory = Path(tempfile.mkdtemp(prefix="rbdns-"))
+    try:
+        directory.chmod(0o755)
+        rack_config(directory)
+        for path in (directory / "build", directory / "build" / "boot.scr.uimg"):
+            os.chown(path, 65534, 65534)
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (whoever inherited an orphan reaps it when it will)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def uid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:")))
+
+
+@pytest.mark.slow  # starts serve in a namespace, twice
+def test_the_next_serve_ends_the_dnsmasq_a_killed_serve_left(nobodys_build, netns):
+    """dnsmasq that dropped root for the build's owner lost the parent-death signal, so a
+    SIGKILLed serve leaves it running with the TFTP port; the next serve ends it and starts
+    its own."""
+    directory, cfg_path = nobodys_build, nobodys_build / "rackboot.toml"
+    master = directory / "master"
+    first = serve(netns, cfg_path, directory / "serve1.log")
+    [orphan] = dnsmasq_pids(master / dnsmasq.CONF)
+    assert uid(orphan) == 65534  # dropped root: no parent-death signal
+    assert (master / dnsmasq.PID).read_text() == f"{orphan}\n"
+    first.kill()
+    first.wait(timeout=30)
+    second = serve(netns, cfg_path, directory / "serve2.log")
+    try:
+        [running] = dnsmasq_pids(master / dnsmasq.CONF)
+        assert running != orphan and not alive(orphan)
+        assert f"netboot: ending dnsmasq {orphan}, left running by a serve that was killed" in (
+            (directory / "serve2.log").read_text()
+        )
+        assert (master / dnsmasq.PID).read_text() == f"{running}\n"
+        got = directory / "got"
+        fetched = subprocess.run(
+            in_ns(netns, "curl", "-sS", "--max-time", "60", "-o", str(got), f"tftp://{MASTER}/boot.scr.uimg"),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert fetched.returncode == 0, fetched.stderr
+        assert got.read_bytes() == (directory / "build/boot.scr.uimg").read_bytes()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
+    assert dnsmasq_pids(master / dnsmasq.CONF) == [] and not (master / dnsmasq.PID).exists()
+
+
+def test_a_pid_file_naming_another_process_ends_nothing(tmp_path):
+    """The pid in the master tree is ended only while it is a dnsmasq with our config: a pid
+    reused by another program, or gone, only drops the stale file."""
+    cfg = config.load(rack_config(tmp_path))
+    pid_file = tmp_path / "master" / dnsmasq.PID
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file.write_text(f"{other.pid}\n")
+        assert dnsmasq.end_orphan(cfg) is None
+        assert other.poll() is None and not pid_file.exists()
+    finally:
+        other.kill()
+        other.wait()
+    pid_file.write_text(f"{other.pid}\n")  # reaped: no such process now
+    assert dnsmasq.end_orphan(cfg) is None and not pid_file.exists()
 
 
 @pytest.mark.slow  # starts serve in a namespace
