@@ -198,7 +198,9 @@ def initramfs_artefact(inp: Inputs, scratch: Path) -> graph.Artefact:
     inputs = {
         "initramfs": plain(cfg.initramfs),
         "board": [inp.board.name, inp.board.arch],
-        "master": {k: v for k, v in plain(cfg.master).items() if k != "max_streams"},  # serve's alone
+        "master": {
+            k: v for k, v in plain(cfg.master).items() if k not in ("max_streams", "adopt", "token", "stale")
+        },  # serve's alone
         "mount": cfg.layout.mount,
         "packages": sorted(f"{r.name}={r.version}:{r.sha256}" for r in refs),
         "local": {str(root): content_hash(root) for root in local_roots},

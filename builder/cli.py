@@ -96,6 +96,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_streams=cfg.master.max_streams,
         netboot=None if args.no_netboot else cfg,
+        config=cfg,
     )
     return 0
 
@@ -135,6 +136,76 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     path = plans.assign(cfg, node=args.node, image=args.image, version=args.version)
     print(f"plan written to {path}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from . import config
+    from .master import inventory, plans, status
+
+    cfg = config.load(args.config)
+    node = plans.node_name(args.node) if args.node else None
+    inv = inventory.Inventory(cfg.master.directory)
+    return status.run(inv, cfg.master.stale, sys.stdout, as_json=args.json, node=node)
+
+
+def _cmd_adopt(args: argparse.Namespace) -> int:
+    from . import config
+    from .master import inventory, web
+
+    cfg = config.load(args.config)
+    node = web.adopt(cfg, inventory.Inventory(cfg.master.directory), args.node, image=args.image, version=args.version)
+    plan = f"its own plan ({args.image})" if args.image else "the default plan"
+    print(f"{node.id} adopted: it gets {plan} from its next boot")
+    return 0
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from . import config
+    from .master import inventory, power, rollout
+
+    cfg = config.load(args.config)
+    inv = inventory.Inventory(cfg.master.directory)
+    progress: rollout.Progress | None
+    if args.abort:
+        progress = rollout.abort(inv)
+    elif args.status:
+        progress = rollout.advance(cfg, inv)
+        if progress is None:
+            print("no rollouts yet")
+            return 0
+    else:
+        if not args.image:
+            raise RackbootError("rollout needs --image NAME (or --status, --abort)")
+        progress = rollout.start(
+            cfg,
+            inv,
+            image=args.image,
+            version=args.version,
+            waves=args.waves,
+            max_failed=args.max_failed,
+            cycle=args.cycle,
+            power=power.cycler(cfg, print) if args.cycle else None,
+        )
+    assert progress is not None  # start made one
+    print(progress.text())
+    return 1 if progress.state == rollout.HALTED else 0
+
+
+def _cmd_power(args: argparse.Namespace) -> int:
+    from . import config
+    from .master import inventory, plans, power
+
+    cfg = config.load(args.config)
+    if args.all:
+        nodes = [n.id for n in inventory.Inventory(cfg.master.directory).nodes()]
+        if not nodes:
+            raise RackbootError(f"no nodes in the inventory of {cfg.master.directory}")
+    elif args.node:
+        nodes = [plans.node_name(args.node)]
+    else:
+        raise RackbootError("power needs a NODE or --all")
+    power.check(power.switch(cfg, nodes, args.action, stagger=args.stagger, log=print))
     return 0
 
 
@@ -262,6 +333,53 @@ def parser() -> argparse.ArgumentParser:
         help="pin a version (default: latest); workers take a pinned version even when it is older",
     )
     pl.set_defaults(func=_cmd_plan)
+
+    st = sub.add_parser("status", help="every node: what it runs, its state, when it was last seen")
+    _config_arg(st)
+    st.add_argument("--json", action="store_true", help="JSON for scripts")
+    st.add_argument("--node", help="one node (its MAC) with its report history")
+    st.set_defaults(func=_cmd_status)
+
+    ad = sub.add_parser("adopt", help='let a new node have a plan ([master] adopt = "manual")')
+    _config_arg(ad)
+    ad.add_argument("node", help="the node's MAC")
+    ad.add_argument("--image", help="write its own plan for this image (default: it gets the default plan)")
+    ad.add_argument("--version", type=int, help="with --image: pin a version (default: latest)")
+    ad.set_defaults(func=_cmd_adopt)
+
+    ro = sub.add_parser("rollout", help="roll a version out in waves, halting when a wave fails")
+    _config_arg(ro)
+    ro.add_argument("--image", help="published image name")
+    ro.add_argument("--version", type=int, help="the version to roll out (default: latest)")
+    ro.add_argument(
+        "--waves",
+        default="1,25%,rest",
+        help="wave sizes: node counts, percentages of all nodes, and 'rest' (default: %(default)s)",
+    )
+    ro.add_argument(
+        "--max-failed",
+        type=int,
+        default=0,
+        metavar="K",
+        help="halt when more than K nodes of a wave fail (default: %(default)s)",
+    )
+    ro.add_argument("--cycle", action="store_true", help="power-cycle each wave's nodes when it starts ([power])")
+    ro.add_argument("--status", action="store_true", help="show the newest rollout (and move it on)")
+    ro.add_argument("--abort", action="store_true", help="stop the running rollout; nodes keep their plans")
+    ro.set_defaults(func=_cmd_rollout)
+
+    pw = sub.add_parser("power", help="switch nodes on, off or cycle them ([power] driver)")
+    _config_arg(pw)
+    pw.add_argument("action", choices=("on", "off", "cycle"))
+    pw.add_argument("node", nargs="?", help="the node's MAC")
+    pw.add_argument("--all", action="store_true", help="every node in the inventory")
+    pw.add_argument(
+        "--stagger",
+        type=float,
+        metavar="S",
+        help="seconds between two nodes switched on (default: [power] stagger)",
+    )
+    pw.set_defaults(func=_cmd_power)
 
     d = sub.add_parser("demo", help="the whole story on emulated workers")
     _config_arg(d)

@@ -47,6 +47,21 @@ class DhcpMode(StrEnum):
     FULL = "full"
 
 
+class AdoptMode(StrEnum):
+    """What a node that asks for a plan and has none of its own gets."""
+
+    AUTO = "auto"  # the default plan
+    MANUAL = "manual"  # nothing, until `rackboot adopt NODE`
+
+
+class PowerDriver(StrEnum):
+    """How `rackboot power` switches a node: not at all, QEMU's QMP, or a command."""
+
+    NONE = "none"
+    QEMU = "qemu"
+    COMMAND = "command"
+
+
 class InitramfsCompression(StrEnum):
     GZIP = "gzip"
     XZ = "xz"
@@ -148,6 +163,26 @@ def _cmdline(value: str) -> str | None:
     if "--" in value.split():
         return "'--' would hand the rest of the command line (panic=10, rackboot.master) to init, not the kernel"
     return None
+
+
+def _token(value: str) -> str | None:
+    if len(value) < 16 or len(value) > 256 or not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", value):
+        return "not a token: 16 to 256 letters, digits or ._~+/=- (e.g. from `openssl rand -hex 32`)"
+    return None
+
+
+def _power_command(value: str) -> str | None:
+    if "{node}" not in value:
+        return "must contain {node}, or every node would be switched the same"
+    try:
+        value.format(node="n", action="a")
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"only {{node}} and {{action}} may be filled in ({exc})"
+    return None
+
+
+def _qmp_template(value: str) -> str | None:
+    return _power_command(value) or (None if value.startswith("/") else "must be an absolute path")
 
 
 def _package(value: str) -> str | None:
@@ -287,6 +322,33 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("master", "directory", "path", "master", "The master's tree (published images, plans, reports)."),
     Setting(
+        "master",
+        "adopt",
+        "choice",
+        "auto",
+        "A node that asks for a plan and has none of its own is recorded as new; auto: it gets the default "
+        "plan; manual: it gets none (and boots its last good slot) until `rackboot adopt NODE`.",
+        AdoptMode,
+    ),
+    Setting(
+        "master",
+        "token",
+        "str",
+        "",
+        "The bearer token the web API's actions (adopt, assign, power) need "
+        "(`Authorization: Bearer TOKEN`); empty = no actions over HTTP, read-only.",
+        check=lambda v: _token(v) if v else None,
+    ),
+    Setting(
+        "master",
+        "stale",
+        "int",
+        86400,
+        "Seconds after which a node not heard from is marked stale in `rackboot status` and the web page "
+        "(a worker talks to the master when it boots).",
+        minimum=60,
+    ),
+    Setting(
         "network",
         "interface",
         "str",
@@ -357,6 +419,33 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("layout", "mount", "choice", str(DEFAULT_MOUNT), "How the worker mounts its slot.", Mount),
     Setting("output", "directory", "path", "build", "Where build artefacts go."),
+    Setting("power", "driver", "choice", "none", "How `rackboot power` switches nodes.", PowerDriver),
+    Setting(
+        "power",
+        "command",
+        "str",
+        "",
+        'driver = "command": the shell command that switches one node, with {node} (its id) and {action} '
+        "(on, off or cycle), e.g. a relay board's tool, a PoE switch's CLI or uhubctl.",
+        check=lambda v: _power_command(v) if v else None,
+    ),
+    Setting(
+        "power",
+        "qmp",
+        "str",
+        "",
+        'driver = "qemu": the QMP socket of each emulated node, with {node}, e.g. /run/rackboot/{node}.qmp.',
+        check=lambda v: _qmp_template(v) if v else None,
+    ),
+    Setting(
+        "power",
+        "stagger",
+        "int",
+        2,
+        "Seconds between two nodes switched on by one command, so a rack does not storm the master.",
+        minimum=0,
+        maximum=600,
+    ),
 )
 
 _BY_SECTION: dict[str, dict[str, Setting]] = {}
@@ -411,6 +500,9 @@ class MasterSection:
     max_streams: int
     key: Path | None
     directory: Path
+    adopt: AdoptMode
+    token: str
+    stale: int
 
     @property
     def url(self) -> str:
@@ -448,6 +540,14 @@ class OutputSection:
     directory: Path
 
 
+@dataclass(frozen=True)
+class PowerSection:
+    driver: PowerDriver
+    command: str
+    qmp: str
+    stagger: int
+
+
 SECTIONS: dict[str, type] = {
     "board": BoardSection,
     "kernel": KernelSection,
@@ -456,6 +556,7 @@ SECTIONS: dict[str, type] = {
     "network": NetworkSection,
     "layout": LayoutSection,
     "output": OutputSection,
+    "power": PowerSection,
 }
 
 
@@ -471,6 +572,7 @@ class Config:
     network: NetworkSection
     layout: LayoutSection
     output: OutputSection
+    power: PowerSection
 
     @property
     def base(self) -> Path:

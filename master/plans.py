@@ -11,9 +11,9 @@ from rackboot.errors import RackbootError
 from rackboot.files import TMP_RE, atomic_write_bytes, lock_dir, sweep
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.formats import Layout, Plan, node_id
+from rackboot.initramfs.updater.formats import Layout, Method, Plan, node_id
 
-from . import bootfiles, publish, signing
+from . import bootfiles, publish, rsyncd, signing
 
 DEFAULT = "default"  # the plan of every node without one of its own
 _MAC_FORMS = (
@@ -61,7 +61,7 @@ def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False
     )
 
 
-def assign(cfg: Config, *, node: str, image: str, version: int | None = None) -> Path:
+def assign(cfg: Config, *, node: str, image: str, version: int | None = None, method: Method = Method.IMAGE) -> Path:
     """Point ``node`` (a MAC, or 'default') at a published image: latest unless a version is pinned."""
     node = node_name(node)
     master = cfg.master.directory
@@ -74,9 +74,10 @@ def assign(cfg: Config, *, node: str, image: str, version: int | None = None) ->
         manifest = formats.manifest_path(image, version)
         if not (Path(master) / manifest.lstrip("/")).is_file():
             raise RackbootError(f"image {image!r} has no version {version} in {master}")
-    return write_plan(
-        master, node, make_plan(cfg, node=node, manifest=manifest, pin=version is not None), key=cfg.master.key
-    )
+    plan = make_plan(cfg, node=node, manifest=manifest, pin=version is not None)
+    if method is Method.RSYNC:
+        plan = rsyncd.rsync_plan(cfg, plan)
+    return write_plan(master, node, plan, key=cfg.master.key)
 
 
 def write_plan(master: Path, node: str, plan: Plan, key: Path | None = None) -> Path:

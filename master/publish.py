@@ -28,7 +28,7 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import HOOK_TIMEOUT, Hook, HookName, Latest, Manifest, StreamCompression
 
-from . import signing
+from . import filemanifest, signing
 from .ext4 import make_ext4
 from .osimage import ext4_magic, find_partition
 from .rootfs import add_modules, has_modules, image_has_modules, stage
@@ -81,6 +81,7 @@ def publish_directory(
             add_modules(root, src, Path(modules_from), kernel_release, modules)
         fs = pub.work / "rootfs.ext4"
         make_ext4(root, fs, uuid_seed=f"{image}/{pub.version}", size_mib=size_mib, source_date_epoch=source_date_epoch)
+        pub.files = filemanifest.prepare(root, pub.work / "files", image=image, version=pub.version)  # rsync mode
         with open(fs, "rb") as f:
             return pub.finish(
                 f, os.path.getsize(fs), label=label, created=source_date_epoch, kernel_release=kernel_release
@@ -159,6 +160,7 @@ class _Publication:
         self.asked, self.force = version, force
         self._choose_version()  # refuse a bad version before creating anything
         self.lock: int | None = None
+        self.files: formats.FileList | None = None  # the tree rsync serves, when published from a directory
 
     def _choose_version(self) -> None:
         current = latest(self.master, self.image)
@@ -197,6 +199,8 @@ class _Publication:
     def finish(self, data: BinaryIO, size: int, *, label: str, created: int, kernel_release: str | None) -> Manifest:
         out = self.work / "out"
         out.mkdir()
+        if self.files:
+            filemanifest.place(self.work / "files", out)
         digests = compress_stream(data, size, out / STREAM_NAME)
         for hook, script in self.hooks:
             write_durable(out / hook.file, script)
@@ -210,6 +214,7 @@ class _Publication:
             stream=STREAM_NAME,
             kernel_release=kernel_release,
             hooks=tuple(h for h, _ in self.hooks),
+            files=self.files,
             **digests,
         )
         write_durable(out / "manifest.json", formats.dump(manifest))

@@ -37,7 +37,10 @@ from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
 if TYPE_CHECKING:
     from rackboot.config import Config
 
+    from .web import Reply
+
 MAX_REPORT = 64 * 1024
+MAX_ACTION = 4096  # an API action's JSON body
 SEND_CHUNK = 8 << 20
 _BUSY_BODY = b'{"error":"busy: too many connections, retry later"}\n'
 _BUSY = (
@@ -70,9 +73,13 @@ class MasterServer(ThreadingHTTPServer):
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         max_streams: int = MAX_STREAMS,
+        config: Config | None = None,
     ):
+        from .web import Fleet  # the inventory, the page and the API
+
         self.master = master.resolve()
         self.quiet = quiet
+        self.fleet = Fleet.open(self.master, config, log=None if quiet else lambda line: print(line, file=sys.stderr))
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.connections = threading.BoundedSemaphore(max_connections)
@@ -172,8 +179,10 @@ def make_server(
     idle_timeout: float = IDLE_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     max_streams: int = MAX_STREAMS,
+    config: Config | None = None,
 ) -> MasterServer:
-    """A bound, not yet running server for `master` (port 0 = any free port)."""
+    """A bound, not yet running server for `master` (port 0 = any free port); ``config``
+    gives the inventory its adoption mode, the API its token and rollouts their plans."""
     master = Path(master)
     if not master.is_dir():
         raise RackbootError(f"master directory {master} does not exist")
@@ -185,6 +194,7 @@ def make_server(
             idle_timeout=idle_timeout,
             max_connections=max_connections,
             max_streams=max_streams,
+            config=config,
         )
     except OSError as e:
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -200,15 +210,21 @@ def serve_forever(
     max_connections: int = MAX_CONNECTIONS,
     max_streams: int = MAX_STREAMS,
     netboot: Config | None = None,
+    config: Config | None = None,
 ) -> None:
     """Run the master until interrupted (Ctrl-C returns normally). With ``netboot``, a config
     whose [network] interface is set, dnsmasq serves TFTP (and DHCP) beside it and stops with it."""
+    from rackboot.master import rsyncd
     from rackboot.master.dnsmasq import NetbootService, check_can_run
 
     service = None
     if netboot is not None and netboot.network.interface:
         check_can_run(netboot)  # before anything listens
         service = NetbootService(netboot)
+    cfg = config or netboot
+    rsync = rsyncd.RsyncService(Path(master), host, cfg.master.rsync_port) if cfg and cfg.master.rsync_port else None
+    if rsync is not None:
+        rsyncd.check_can_run(rsync.master, host, rsync.port)
     server = make_server(
         master,
         host,
@@ -217,15 +233,20 @@ def serve_forever(
         idle_timeout=idle_timeout,
         max_connections=max_connections,
         max_streams=max_streams,
+        config=config or netboot,
     )
     try:
         if service is not None:
             service.start()
+        if rsync is not None:
+            rsync.start()
         print(f"serving {server.master} on {server.url}", file=sys.stderr)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        if rsync is not None:
+            rsync.stop()
         if service is not None:
             service.stop()
         server.server_close()
@@ -287,6 +308,8 @@ class MasterHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if self._url_path() == "/report":
             self._report()
+        elif (path := self._url_path() or "").startswith("/api/"):
+            self._web_post(path)
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": "only POST /report is accepted"})
 
@@ -296,6 +319,8 @@ class MasterHandler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.BAD_REQUEST, {"error": "malformed request path"}, body)
         if path == "/stats":
             return self._json(HTTPStatus.OK, self.server.stats(), body)
+        if path == "/" or path.startswith("/api/"):  # the fleet page and its API (master/web.py)
+            return self._reply(self.server.fleet.get(path), body)
         parts = path.split("/")[1:]
         if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {path[:200]}"}, body)
@@ -320,14 +345,16 @@ class MasterHandler(BaseHTTPRequestHandler):
     # --- GET: plans and files --------------------------------------------------------------
 
     def _plan(self, node: str, body: bool, suffix: str = ".json") -> None:
-        plans = self.server.master / "plans"
-        own = plans / f"{node}{suffix}"
-        for candidate in (own, plans / f"default{suffix}"):
-            if candidate.is_file():
-                return self._file(f"/plans/{candidate.name}", candidate, body)
+        fleet = self.server.fleet
+        candidate = fleet.plan_for(node, suffix)  # its own, else the default one (unless not adopted)
+        if suffix == ".json":  # the inventory: a plan request is a node seen (its .sig comes next)
+            fleet.saw_plan_request(node, self.client_address[0], self.headers.get("X-Rackboot-Serial"), candidate)
+        if candidate is not None:
+            return self._file(f"/plans/{candidate.name}", candidate, body)
+        why = f": it is not adopted yet (rackboot adopt {node[:128]})" if fleet.manual else " and no plans/default.json"
         self._json(
             HTTPStatus.NOT_FOUND,
-            {"error": f"no plan for node {node[:128]} and no plans/default.json", "node": node[:128]},
+            {"error": f"no plan for node {node[:128]}{why}", "node": node[:128]},
             body,
         )
 
@@ -416,7 +443,15 @@ class MasterHandler(BaseHTTPRequestHandler):
         except UpdaterError as e:
             self.log_message("report refused: %s", e)
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-        line = {**report.to_dict(), "received": round(time.time(), 3)}
+        received = round(time.time(), 3)
+        try:
+            taken = self.server.fleet.inventory.ingest(report, received=received, ip=self.client_address[0])
+        except Exception as e:  # the inventory must never cost the master a report: the file below keeps it
+            self.log_message("report kept only in reports/: inventory: %s: %s", type(e).__name__, e)
+        else:
+            if taken.outcome == "replay":  # (the inventory logged why)
+                return self._json(HTTPStatus.OK, {"ignored": taken.reason})
+        line = {**report.to_dict(), "received": received}
         reports = self.server.master / "reports"
         with self.server.lock:  # one writer at a time keeps lines whole
             reports.mkdir(exist_ok=True)
@@ -425,6 +460,32 @@ class MasterHandler(BaseHTTPRequestHandler):
         self.send_response(HTTPStatus.NO_CONTENT)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    # --- the fleet API's actions (master/web.py) ------------------------------------------------
+
+    def _web_post(self, path: str) -> None:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > MAX_ACTION:
+            self.close_connection = True
+            return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"action: body over {MAX_ACTION} bytes"})
+        try:
+            data = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            return self._json(HTTPStatus.REQUEST_TIMEOUT, {"error": "action: body not sent in time"})
+        reply = self.server.fleet.post(path, self.headers.get("Authorization"), data)
+        if reply.status != HTTPStatus.OK:
+            self.log_message("action refused: POST %s: %s", path[:200], reply.body[:200].decode(errors="replace"))
+        self._reply(reply)
+
+    def _reply(self, reply: Reply, body: bool = True) -> None:
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if body:
+            self.wfile.write(reply.body)
 
     # --- replies and logging --------------------------------------------------------------------
 

@@ -74,7 +74,12 @@ class MasterThread:
 
     def __init__(self, cfg: config.Config):
         self.server = serve.make_server(
-            cfg.master.directory, "127.0.0.1", cfg.master.port, quiet=True, max_streams=cfg.master.max_streams
+            cfg.master.directory,
+            "127.0.0.1",
+            cfg.master.port,
+            quiet=True,
+            max_streams=cfg.master.max_streams,
+            config=cfg,  # the inventory's adoption mode, rollouts' plans
         )
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

@@ -33,6 +33,14 @@ class StreamCompression(StrEnum):
     NONE = "none"
 
 
+class Method(StrEnum):
+    """How a plan's image reaches the slot: the image's blocks (the stream) or rsync of its
+    files into a freshly formatted slot, checked against the signed file manifest."""
+
+    IMAGE = "image"
+    RSYNC = "rsync"
+
+
 class Repartition(StrEnum):
     ALLOWED = "allowed"
     NEVER = "never"
@@ -119,6 +127,8 @@ _HEX8_RE = re.compile(r"[0-9a-f]{8}")
 _TYPE_RE = re.compile(r"[0-9a-f]{2}")
 _FSTYPE_RE = re.compile(r"[a-z0-9]{1,16}")
 _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_MODULE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")  # an rsyncd.conf module name: no slash, bracket or space
+MAX_FILE_LIST = 64 << 20  # bytes of a file manifest (filemanifest.MAX_BYTES)
 
 T = TypeVar("T")
 E = TypeVar("E", bound=StrEnum)
@@ -320,6 +330,37 @@ def _hooks(f: _Fields) -> tuple[Hook, ...]:
 
 
 @dataclass(frozen=True)
+class FileList:
+    """The version's file manifest (filemanifest.py) beside the manifest, pinned by size
+    and sha256: what an rsync install is checked against. ``module``: the master's rsync
+    module that serves the same tree."""
+
+    file: str
+    size: int
+    sha256: str
+    module: str
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> FileList:
+        f = _Fields("manifest: files", obj)
+        size = f.integer("size", minimum=1)
+        if size > MAX_FILE_LIST:
+            raise f.fail("size", f"{size} bytes is larger than the {MAX_FILE_LIST} a file manifest may have")
+        file = f.text("file", _FILE_RE, what="a plain file name")
+        if file in ("manifest.json", "manifest.json.sig"):
+            raise f.fail("file", "the file manifest cannot be the manifest")
+        return cls(
+            file=file,
+            size=size,
+            sha256=f.text("sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            module=f.text("module", _MODULE_RE, what="an rsync module name"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "size": self.size, "sha256": self.sha256, "module": self.module}
+
+
+@dataclass(frozen=True)
 class Manifest:
     image: str
     version: int
@@ -335,6 +376,7 @@ class Manifest:
     fstype: str = "ext4"
     kernel_release: str | None = None
     hooks: tuple[Hook, ...] = ()
+    files: FileList | None = None  # rsync mode's signed file list; publish_image has none
     format: int = FORMAT
 
     @classmethod
@@ -356,6 +398,7 @@ class Manifest:
             stream_sha256=f.text("stream_sha256", _HEX64_RE, what="64 lowercase hex digits"),
             kernel_release=f.optional_text("kernel_release"),
             hooks=_hooks(f),
+            files=None if f.raw("files", optional=True) is None else FileList.from_dict(f.raw("files")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -375,6 +418,7 @@ class Manifest:
             "stream_sha256": self.stream_sha256,
             "kernel_release": self.kernel_release,
             **({"hooks": [h.to_dict() for h in self.hooks]} if self.hooks else {}),
+            **({"files": self.files.to_dict()} if self.files else {}),
         }
 
     def hook(self, name: str) -> Hook | None:
@@ -491,6 +535,8 @@ class Plan:
     pin: bool = False  # the image's version may be older than a slot's (a deliberate rollback)
     tries: int = DEFAULT_TRIES
     boot: str | None = None  # the boot manifest's path on the master (bootfiles.py); None: boot files stay
+    method: Method = Method.IMAGE  # rsync: files into a fresh slot, checked against the signed file manifest
+    rsync_port: int | None = None  # the master's rsync daemon, for method rsync
     format: int = FORMAT
 
     @classmethod
@@ -505,6 +551,7 @@ class Plan:
             pin=f.flag("pin"),
             tries=f.optional_integer("tries", minimum=1) or DEFAULT_TRIES,
             boot=f.optional_text("boot", _MASTER_PATH_RE, what="an absolute path on the master"),
+            **_method(f),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -517,7 +564,20 @@ class Plan:
             "pin": self.pin,
             "tries": self.tries,
             **({"boot": self.boot} if self.boot is not None else {}),  # rev5: absent keeps the bytes before it
+            # rev6: left out for the image method, which keeps the bytes before it
+            **({"method": self.method, "rsync_port": self.rsync_port} if self.method is Method.RSYNC else {}),
         }
+
+
+def _method(f: _Fields) -> dict[str, Any]:
+    """A plan's method (image unless it says rsync) and, for rsync, the master's daemon port."""
+    method = f.choice("method", Method) if f.raw("method", optional=True) is not None else Method.IMAGE
+    if method is not Method.RSYNC:
+        return {"method": method}
+    port = f.integer("rsync_port", minimum=1)
+    if port > 65535:
+        raise f.fail("rsync_port", f"{port} is not a TCP port (1..65535)")
+    return {"method": method, "rsync_port": port}
 
 
 # --- Slot state ------------------------------------------------------------------------

@@ -20,11 +20,13 @@ from dataclasses import dataclass, replace
 
 from . import hooks, install, layout
 from . import report as reports
+from . import rsync as rsync_mode
 from . import state as slot_state
 from .bootfiles import run as update_boot_files
 from .disk import Disk, partition_device
 from .errors import Refused, UpdaterError
 from .fetch import MasterClient
+from .filemanifest import Entry as FileEntry
 from .formats import (
     BOOTABLE,
     DEFAULT_MOUNT,
@@ -34,6 +36,7 @@ from .formats import (
     Action,
     HookName,
     Manifest,
+    Method,
     Phase,
     Plan,
     Slot,
@@ -357,6 +360,7 @@ class _Update:
                     f"bytes, slot {target} has {capacity}"
                 )
             scripts = hooks.fetch(self.master, path, manifest, self.verifier.required)
+            listed = self.rsync_list(plan, path, manifest)  # rsync mode: checked before the slot is touched
         self.run_hook(HookName.PRE_INSTALL, manifest, scripts, target, number)  # the slot is untouched so far
         entry = Slot(SlotStatus.WRITING, manifest.image, manifest.version, manifest.sha256, number)
         if self.state.primary == target:  # replacing an unconfirmed slot: the good one boots meanwhile
@@ -367,7 +371,9 @@ class _Update:
             f"({partition_device(self.disk_path, number)})"
         )
         try:
-            for attempt in range(1, WRITE_ATTEMPTS + 1):
+            if listed is not None:
+                self.rsync_fill(plan, target, number, offset, capacity, manifest, listed)
+            for attempt in range(1, WRITE_ATTEMPTS + 1 if listed is None else 1):
                 if self.write_and_read_back(path, target, offset, capacity, manifest, last=attempt == WRITE_ATTEMPTS):
                     break
             self.run_hook(HookName.POST_INSTALL, manifest, scripts, target, number)
@@ -440,6 +446,46 @@ class _Update:
         self.log(f"{problem}; writing it once more")
         self.report(Phase.ERROR, slot=target, version=manifest.version, error=problem)
         return False
+
+    def rsync_list(self, plan: Plan, path: str, manifest: Manifest) -> list[FileEntry] | None:
+        """For a plan of method rsync: the tools, and the file manifest checked against the signed one."""
+        if plan.method is not Method.RSYNC:
+            return None
+        rsync_mode.tools()
+        return rsync_mode.fetch_list(self.master, path, manifest)
+
+    def rsync_fill(
+        self,
+        plan: Plan,
+        target: str,
+        number: int,
+        offset: int,
+        capacity: int,
+        manifest: Manifest,
+        listed: list[FileEntry],
+    ) -> None:
+        """Format slot ``target`` and rsync ``manifest``'s tree into it, checked file by file."""
+        assert manifest.files is not None and plan.rsync_port is not None  # fetch_list and the plan parser
+        with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
+            filled = rsync_mode.fill(
+                master_host=self.master.host or "",
+                port=plan.rsync_port,
+                files=manifest.files,
+                expected=listed,
+                device=partition_device(self.disk_path, number),
+                disk_path=self.disk_path,
+                offset=offset,
+                capacity=capacity,
+                log=self.log,
+                progress=self.watchdog.progress,
+                stage=lambda phase: setattr(self, "phase", phase),
+            )
+            self.master.stream_bytes += filled.bytes_received  # the report's and decision's bytes fetched
+        self.disk.drop_cache(offset, capacity)  # written through the partition's node, not this disk's
+        self.log(
+            f"slot {target} matches the signed file manifest ({filled.files} entries; "
+            f"{filled.bytes_received} bytes over rsync in {filled.seconds:.1f} s)"
+        )
 
     def wait_for_stream(self, seconds: float) -> None:
         """The master is busy and asked for a wait: the update still moves, it queues. The

@@ -82,6 +82,9 @@ def test_plain_is_the_json_able_rebuild_key_of_a_section(tmp_path):
         "max_streams": 8,
         "key": str((tmp_path / "k").resolve()),
         "directory": str((tmp_path / "master").resolve()),
+        "adopt": "auto",
+        "token": "",
+        "stale": 86400,
     }
     initramfs = config.plain(cfg.initramfs)
     assert initramfs["files"] == {"/etc/motd": str((tmp_path / "motd.txt").resolve())}

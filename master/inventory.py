@@ -1,0 +1,528 @@
+"""The fleet's inventory: one SQLite file in the master's tree, fed by plan requests and reports.
+
+`rackboot serve` records every plan request (node, IP, board serial, the plan it got) and
+every report (the full history, and what it says about the node: booted slot and version,
+each slot's image, version and state, the last action and error, the last install's bytes
+and seconds). `rackboot status`, the web page, adoption and rollouts read it.
+
+The file is `.inventory.db` (a dot name: serve's static side never hands it out), in WAL
+mode so readers never wait for the writer and other processes (`rackboot status`,
+`rackboot rollout`) share it with serve. Its schema version is SQLite's user_version; a
+file of an older version is migrated step by step when it is opened, one transaction per
+step; a newer one is refused. A new file takes in the reports an older master kept in
+`reports/<node>.jsonl`.
+
+Reports are checked before they count: a replay (the same report again) is ignored and an
+out-of-order one (older, by the worker's clock, than the last one taken from that node
+within REORDER_WINDOW) goes into the history but changes nothing; both are logged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rackboot.errors import RackbootError
+from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.formats import Phase, Report
+
+FILE = ".inventory.db"
+SCHEMA = 3
+BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (a rack reporting at once queues here)
+CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
+REORDER_WINDOW = 3600.0  # further back than this is a clock that was reset, not a late report
+MAX_SERIAL = 64
+_SERIAL_RE = re.compile(r"[A-Za-z0-9:._-]{1,64}")
+_MANIFEST_RE = re.compile(r"/images/([a-z0-9][a-z0-9_-]*)/([0-9]+)/manifest\.json")
+
+
+class NodeState:
+    """What `rackboot status` says a node is doing (stale is added when it is read)."""
+
+    NEW = "new"  # asked for a plan, has none of its own, nothing reported yet
+    WAITING = "waiting"  # not adopted ([master] adopt = "manual"): gets no plan
+    INSTALLING = "installing"
+    TRIAL = "trial"  # booted a new slot that has not confirmed itself yet
+    OK = "ok"
+    ERROR = "error"  # reported an error; what it boots comes next
+    FALLBACK = "fallback"  # booted its last good slot after an error
+
+
+# Each step takes the schema from the version before it to its own (index + 1).
+MIGRATIONS: tuple[str, ...] = (
+    # 1: nodes, their slots, the report history
+    """
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY, serial TEXT, ip TEXT, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+        adopted INTEGER NOT NULL DEFAULT 1, plan TEXT, image TEXT, version INTEGER,
+        state TEXT NOT NULL, booted_slot TEXT, booted_version INTEGER, last_phase TEXT, last_action TEXT,
+        last_error TEXT, last_error_at REAL, install_bytes INTEGER, install_seconds REAL,
+        installing INTEGER NOT NULL DEFAULT 0, last_time REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE slots (
+        node TEXT NOT NULL, slot TEXT NOT NULL, image TEXT, version INTEGER, state TEXT NOT NULL,
+        PRIMARY KEY (node, slot)
+    );
+    CREATE TABLE reports (
+        id INTEGER PRIMARY KEY, node TEXT NOT NULL, received REAL NOT NULL, ip TEXT, time REAL NOT NULL,
+        phase TEXT NOT NULL, slot TEXT, version INTEGER, bytes INTEGER NOT NULL, seconds REAL NOT NULL,
+        error TEXT, output TEXT, late INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX reports_node ON reports (node, id);
+    """,
+    # 2: rolling waves
+    """
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY, image TEXT NOT NULL, version INTEGER NOT NULL, manifest TEXT NOT NULL,
+        waves TEXT NOT NULL, max_failed INTEGER NOT NULL, cycle INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL, wave INTEGER NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, message TEXT
+    );
+    CREATE TABLE rollout_nodes (
+        rollout INTEGER NOT NULL, node TEXT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL,
+        reason TEXT, assigned_at REAL, previous_plan BLOB, previous_sig BLOB, pending_error TEXT,
+        PRIMARY KEY (rollout, node)
+    );
+    """,
+    # 3: a label per node (a rack position, a hostname) and the replay lookup
+    """
+    ALTER TABLE nodes ADD COLUMN label TEXT NOT NULL DEFAULT '';
+    CREATE INDEX reports_replay ON reports (node, time);
+    """,
+)
+assert len(MIGRATIONS) == SCHEMA
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    image: str | None
+    version: int | None
+    state: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "version": self.version, "state": self.state}
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node as the inventory knows it (the row, its slots), and what a report makes of it."""
+
+    id: str
+    state: str = NodeState.NEW
+    label: str = ""
+    serial: str | None = None
+    ip: str | None = None
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    adopted: bool = True
+    plan: str | None = None  # "own", "default" or None (none served)
+    image: str | None = None  # what its plan assigns
+    version: int | None = None
+    booted_slot: str | None = None
+    booted_version: int | None = None
+    last_phase: str | None = None
+    last_action: str | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    install_bytes: int | None = None
+    install_seconds: float | None = None
+    installing: bool = False
+    last_time: float = 0.0
+    slots: dict[str, SlotInfo] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in _NODE_COLUMNS}
+        out["adopted"] = self.adopted
+        out["slots"] = {name: s.to_dict() for name, s in sorted(self.slots.items())}
+        del out["installing"], out["last_time"]
+        return out
+
+
+_NODE_COLUMNS = (
+    "id",
+    "label",
+    "serial",
+    "ip",
+    "first_seen",
+    "last_seen",
+    "adopted",
+    "plan",
+    "image",
+    "version",
+    "state",
+    "booted_slot",
+    "booted_version",
+    "last_phase",
+    "last_action",
+    "last_error",
+    "last_error_at",
+    "install_bytes",
+    "install_seconds",
+    "installing",
+    "last_time",
+)
+
+
+def apply(node: Node, report: Report, received: float) -> Node:
+    """What ``report`` says about ``node``: a pure step of the node's state machine."""
+    slots = dict(node.slots)
+    slot = slots.get(report.slot) if report.slot else None
+    image = node.image if report.version is not None and report.version == node.version else None
+    changes: dict[str, Any] = {"last_phase": str(report.phase), "last_seen": max(node.last_seen, received)}
+    if report.time >= CLOCK_SET:
+        changes["last_time"] = report.time
+    phase = report.phase
+    if phase in (Phase.PLAN, Phase.LAYOUT, Phase.DOWNLOAD, Phase.VERIFY, Phase.HOOK, Phase.WAIT):
+        changes.update(state=NodeState.INSTALLING, installing=True)
+        if phase == Phase.DOWNLOAD and report.slot:
+            changes.update(install_bytes=report.bytes, install_seconds=report.seconds)
+            slots[report.slot] = SlotInfo(image, report.version, "writing")
+    elif phase == Phase.COMMIT and report.slot:
+        slots[report.slot] = SlotInfo(image or (slot.image if slot else None), report.version, "trial")
+        changes.update(state=NodeState.TRIAL, installing=True)
+    elif phase == Phase.CONFIRM and report.slot:
+        kept = slot.image if slot else image
+        slots[report.slot] = SlotInfo(kept, report.version, "good")
+        changes.update(state=NodeState.OK)
+    elif phase == Phase.ERROR:
+        changes.update(state=NodeState.ERROR, last_error=report.error, last_error_at=received)
+        if report.slot and report.version is not None:
+            on_trial = slot is not None and slot.state == "trial" and slot.version == report.version
+            kept = slot.image if slot else image
+            slots[report.slot] = SlotInfo(kept, report.version, "failed" if on_trial else "bad")
+    elif phase == Phase.BOOT:
+        if report.error:
+            action, state = "fallback", NodeState.FALLBACK
+            changes.update(last_error=report.error, last_error_at=received)
+        else:
+            action = "installed" if node.installing else "up-to-date"
+            state = NodeState.TRIAL if slot is not None and slot.state == "trial" else NodeState.OK
+        if report.slot and (slot is None or slot.version != report.version):
+            slots[report.slot] = SlotInfo(image, report.version, "good")  # a slot it had before we knew it
+        changes.update(
+            state=state,
+            last_action=action,
+            installing=False,
+            booted_slot=report.slot,
+            booted_version=report.version,
+        )
+    if not node.adopted:  # what it reports is kept; what it waits for is adoption
+        changes["state"] = NodeState.WAITING
+    return replace(node, slots=slots, **changes)
+
+
+def parse_manifest_path(path: str | None) -> tuple[str | None, int | None]:
+    """A plan's image path as (image, version); (None, None) for anything else."""
+    match = _MANIFEST_RE.fullmatch(path or "")
+    return (match[1], int(match[2])) if match else (None, None)
+
+
+def clean_serial(value: str | None) -> str | None:
+    """The X-Rackboot-Serial header as stored: only what a board serial can look like."""
+    return value if value and _SERIAL_RE.fullmatch(value) else None
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What became of a report: taken (it changed the node), late (history only) or a replay."""
+
+    outcome: str  # "taken", "late", "replay"
+    reason: str = ""
+
+
+class Inventory:
+    """The inventory of the master tree ``master``; one connection per thread."""
+
+    def __init__(self, master: Path, *, log: Callable[[str], None] | None = None):
+        self.path = Path(master) / FILE
+        self.log = log or (lambda _line: None)
+        self._local = threading.local()
+        self.hooks: list[Callable[[Inventory, str], object]] = []  # run after a report was taken
+        if not Path(master).is_dir():
+            raise RackbootError(f"master directory {master} does not exist")
+        created = not self.path.exists()
+        try:
+            self._migrate()
+            if created:
+                self._import_reports(Path(master) / "reports")
+        except sqlite3.Error as e:
+            raise RackbootError(f"{self.path}: {e}") from None
+
+    # --- connections, schema ------------------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut loses at most the last reports, never the file
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: writers queue up front, never deadlock)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def schema(self) -> int:
+        version: int = self.db.execute("PRAGMA user_version").fetchone()[0]
+        return version
+
+    def _migrate(self) -> None:
+        with self.write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA:
+                raise RackbootError(
+                    f"{self.path}: schema version {version} is newer than this rackboot's {SCHEMA}; "
+                    "upgrade rackboot on the master"
+                )
+        first = version
+        while version < SCHEMA:
+            with self.write() as db:  # one step per transaction: a crash leaves a whole version
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                version += 1
+                db.execute(f"PRAGMA user_version = {version}")
+            if first:  # a new file says nothing; an older one says what it became
+                self.log(f"inventory {self.path}: migrated from schema {version - 1} to {version}")
+
+    def _import_reports(self, reports: Path) -> None:
+        """The reports an older master kept only as files, so a new inventory starts with them."""
+        if not reports.is_dir():
+            return
+        for path in sorted(reports.glob("*.jsonl")):
+            for n, line in enumerate(path.read_bytes().splitlines(), start=1):
+                try:
+                    obj = json.loads(line)
+                    received = float(obj.pop("received"))
+                    report = formats.parse_report(formats.dump(obj))
+                except (ValueError, KeyError, TypeError, UpdaterError) as e:
+                    self.log(f"inventory: {path.name}:{n} not imported: {str(e)[:200]}")
+                    continue
+                self.ingest(report, received=received, ip=None)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- feeding it ---------------------------------------------------------------------------
+
+    def plan_request(
+        self,
+        node: str,
+        *,
+        ip: str | None,
+        serial: str | None,
+        plan: str | None,
+        manifest: str | None,
+        adopt: bool,
+        now: float | None = None,
+    ) -> Node:
+        """A node asked for its plan; ``plan`` is what it got ("own", "default", None) and
+        ``manifest`` the image path in it. A node seen for the first time is new, adopted
+        when ``adopt`` (auto adoption); returns the node as recorded."""
+        now = time.time() if now is None else now
+        image, version = parse_manifest_path(manifest)
+        with self.write() as db:
+            row = db.execute("SELECT state, adopted FROM nodes WHERE id = ?", (node,)).fetchone()
+            if row is None:
+                state = NodeState.NEW if adopt or plan == "own" else NodeState.WAITING
+                db.execute(
+                    "INSERT INTO nodes (id, serial, ip, first_seen, last_seen, adopted, plan, image, version, state) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        node,
+                        clean_serial(serial),
+                        ip,
+                        now,
+                        now,
+                        int(adopt or plan == "own"),
+                        plan,
+                        image,
+                        version,
+                        state,
+                    ),
+                )
+                self.log(f"inventory: new node {node} from {ip} ({'adopted' if adopt else 'waiting for adoption'})")
+            else:
+                adopted = bool(row["adopted"]) or plan == "own"
+                state = row["state"]
+                if not adopted:
+                    state = NodeState.WAITING
+                elif state == NodeState.WAITING:
+                    state = NodeState.NEW
+                db.execute(
+                    "UPDATE nodes SET serial = COALESCE(?, serial), ip = COALESCE(?, ip),"
+                    " last_seen = MAX(last_seen, ?), adopted = ?, plan = ?, image = ?, version = ?, state = ?"
+                    " WHERE id = ?",
+                    (clean_serial(serial), ip, now, int(adopted), plan, image, version, state, node),
+                )
+        found = self.node(node)
+        assert found is not None
+        return found
+
+    def ingest(self, report: Report, *, received: float | None = None, ip: str | None = None) -> Ingested:
+        """Take one parsed report (its node id already checked) into the history and the node."""
+        received = time.time() if received is None else received
+        with self.write() as db:
+            node = self._load(db, report.node)
+            if report.time >= CLOCK_SET:
+                same = db.execute(
+                    "SELECT 1 FROM reports WHERE node = ? AND time = ? AND phase = ? AND slot IS ? AND version IS ?"
+                    " AND bytes = ? AND seconds = ? AND error IS ?",
+                    (
+                        report.node,
+                        report.time,
+                        str(report.phase),
+                        report.slot,
+                        report.version,
+                        report.bytes,
+                        report.seconds,
+                        report.error,
+                    ),
+                ).fetchone()
+                if same:
+                    result = Ingested("replay", f"the same report from {report.node} at {report.time} came before")
+                    self.log(f"inventory: report ignored: {result.reason}")
+                    return result
+            late = (
+                node is not None
+                and report.time >= CLOCK_SET
+                and node.last_time >= CLOCK_SET
+                and node.last_time - REORDER_WINDOW < report.time < node.last_time
+            )
+            db.execute(
+                "INSERT INTO reports (node, received, ip, time, phase, slot, version, bytes, seconds, error, output,"
+                " late) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    report.node,
+                    received,
+                    ip,
+                    report.time,
+                    str(report.phase),
+                    report.slot,
+                    report.version,
+                    report.bytes,
+                    report.seconds,
+                    report.error,
+                    report.output,
+                    int(late),
+                ),
+            )
+            if late:
+                assert node is not None
+                reason = (
+                    f"{report.phase} report from {report.node} is older ({report.time:.3f}) than the last one taken "
+                    f"({node.last_time:.3f}); kept in the history, the node's state unchanged"
+                )
+                self.log(f"inventory: out of order: {reason}")
+                return Ingested("late", reason)
+            if node is None:  # reported without asking for a plan first (an older master's node)
+                node = Node(id=report.node, first_seen=received, last_seen=received)
+            self._store(db, apply(node, report, received), ip)
+        for hook in self.hooks:
+            try:
+                hook(self, report.node)
+            except Exception as e:  # a rollout step that fails must not lose the report or the master
+                self.log(f"inventory: after a report from {report.node}: {type(e).__name__}: {e}")
+        return Ingested("taken")
+
+    def _load(self, db: sqlite3.Connection, node_id: str) -> Node | None:
+        row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is None:
+            return None
+        slots = {
+            s["slot"]: SlotInfo(s["image"], s["version"], s["state"])
+            for s in db.execute("SELECT * FROM slots WHERE node = ? ORDER BY slot", (node_id,))
+        }
+        values = {k: row[k] for k in _NODE_COLUMNS}
+        values["adopted"], values["installing"] = bool(row["adopted"]), bool(row["installing"])
+        return Node(**values, slots=slots)
+
+    def _store(self, db: sqlite3.Connection, node: Node, ip: str | None) -> None:
+        values = {k: getattr(node, k) for k in _NODE_COLUMNS}
+        values["ip"] = ip or node.ip
+        values["adopted"], values["installing"] = int(node.adopted), int(node.installing)
+        names = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        db.execute(f"INSERT OR REPLACE INTO nodes ({names}) VALUES ({marks})", tuple(values.values()))
+        db.execute("DELETE FROM slots WHERE node = ?", (node.id,))
+        db.executemany(
+            "INSERT INTO slots (node, slot, image, version, state) VALUES (?, ?, ?, ?, ?)",
+            [(node.id, name, s.image, s.version, s.state) for name, s in sorted(node.slots.items())],
+        )
+
+    # --- reading it ---------------------------------------------------------------------------
+
+    def nodes(self) -> list[Node]:
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            ids = [r[0] for r in db.execute("SELECT id FROM nodes ORDER BY id")]
+            found = [self._load(db, i) for i in ids]
+        finally:
+            db.execute("COMMIT")
+        return [n for n in found if n is not None]
+
+    def node(self, node_id: str) -> Node | None:
+        return self._load(self.db, node_id)
+
+    def history(self, node_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The node's last ``limit`` reports, oldest first."""
+        rows = self.db.execute(
+            "SELECT * FROM (SELECT * FROM reports WHERE node = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (node_id, limit),
+        ).fetchall()
+        return [{k: v for k, v in dict(r).items() if k not in ("id", "node")} | {"late": bool(r["late"])} for r in rows]
+
+    def reports_after(self, node_id: str, after: float) -> list[sqlite3.Row]:
+        return self.db.execute(
+            "SELECT * FROM reports WHERE node = ? AND received >= ? AND late = 0 ORDER BY id", (node_id, after)
+        ).fetchall()
+
+    def count_reports(self) -> int:
+        n: int = self.db.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+        return n
+
+    # --- changing it --------------------------------------------------------------------------
+
+    def adopt(self, node_id: str) -> Node:
+        """Mark a node adopted (it gets the default plan, or its own once written)."""
+        with self.write() as db:
+            row = db.execute("SELECT state FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO nodes (id, first_seen, last_seen, adopted, state) VALUES (?, 0, 0, 1, ?)",
+                    (node_id, NodeState.NEW),
+                )
+            else:
+                state = NodeState.NEW if row["state"] == NodeState.WAITING else row["state"]
+                db.execute("UPDATE nodes SET adopted = 1, state = ? WHERE id = ?", (state, node_id))
+        found = self.node(node_id)
+        assert found is not None
+        return found
+
+    def set_label(self, node_id: str, label: str) -> None:
+        with self.write() as db:
+            db.execute("UPDATE nodes SET label = ? WHERE id = ?", (label, node_id))

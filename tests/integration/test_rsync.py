@@ -1,0 +1,227 @@
+"""rsync mode on the host: rackboot publish keeps the tree and its file manifest, a real
+`rsync --daemon` (master/rsyncd.py) serves it on loopback beside rackboot serve's HTTP,
+and the updater formats a slot of a file-backed card, rsyncs into it and checks it
+against the signed file manifest before it commits. A file changed on the rsync side, a
+changed file manifest and a daemon that is not there are each refused with one line,
+and the slot is not committed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from rackboot.initramfs.updater import filemanifest, formats
+from rackboot.initramfs.updater.disk import Disk
+from rackboot.initramfs.updater.fetch import MasterClient
+from rackboot.initramfs.updater.formats import Action, Method, Plan
+from rackboot.initramfs.updater.main import Identity, run
+from rackboot.initramfs.updater.signature import Verifier
+from rackboot.initramfs.updater.state import read as read_state
+from rackboot.master import plans, publish, rsyncd, serve, signing
+
+from tests.integration.updater_master import MAC, NODE, layout
+
+CARD = 256 << 20
+IMAGE = "example"
+
+
+def _need_root_and_rsync() -> None:
+    if os.geteuid() != 0 or not shutil.which("rsync") or not shutil.which("mke2fs"):
+        pytest.fail("the rsync mode tests need root (mount, chroot), rsync and e2fsprogs (make test installs them)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_root(where: Path, version: int) -> Path:
+    """A small root with what rsync mode must carry exactly: owners, a setuid file, a
+    root-only file, hard links, absolute and relative symlinks, a device, a fifo, an xattr."""
+    root = where / f"root-v{version}"
+    for d in ("etc", "usr/bin", "usr/sbin", "dev", "var/empty"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "etc/rackboot-release").write_text(f"v{version}\n")
+    (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (root / "etc/shadow").chmod(0o640)
+    os.chown(root / "etc/shadow", 0, 42)
+    (root / "usr/bin/tool").write_bytes(os.urandom(200_000) if version == 1 else b"tool v2\n" * 1000)
+    (root / "usr/bin/tool").chmod(0o4755)
+    os.link(root / "usr/bin/tool", root / "usr/bin/tool-again")
+    (root / "bin").symlink_to("usr/bin")
+    (root / "etc/mtab").symlink_to("/proc/self/mounts")
+    os.mknod(root / "dev/null", 0o20666, os.makedev(1, 3))
+    os.mkfifo(root / "dev/initctl", 0o600)
+    os.chown(root / "var/empty", 1000, 1000)
+    os.setxattr(root / "usr/bin/tool", "user.rackboot", b"kept")
+    if version >= 2:
+        (root / "etc/new-in-v2").write_text("added\n")
+    return root
+
+
+class Master:
+    """rackboot's HTTP server and rsync daemon on loopback over one master tree."""
+
+    def __init__(self, root: Path, key: Path):
+        self.root, self.key = root, key
+        self.http = serve.make_server(root, "127.0.0.1", 0, quiet=True)
+        threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.rsync = rsyncd.RsyncService(root, "127.0.0.1", _free_port(), log=False)
+        self.rsync.start()
+
+    def release(self, src: Path, version: int, *, method: Method = Method.RSYNC) -> str:
+        manifest = publish.publish_directory(src, self.root, image=IMAGE, version=version, key=self.key)
+        assert manifest.files is not None
+        self.rsync.refresh()
+        path = formats.manifest_path(IMAGE, version)
+        plan = Plan(
+            node=NODE,
+            layout=layout(),
+            image=path,
+            method=method,
+            rsync_port=self.rsync.port if method is Method.RSYNC else None,
+        )
+        plans.write_plan(self.root, NODE, plan, key=self.key)
+        return path
+
+    def close(self) -> None:
+        self.rsync.stop()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def master(tmp_path, keys):
+    _need_root_and_rsync()
+    (tmp_path / "master").mkdir()
+    m = Master(tmp_path / "master", keys["master"])
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def card(tmp_path) -> str:
+    path = tmp_path / "card.img"
+    with open(path, "wb") as f:
+        f.truncate(CARD)
+    return str(path)
+
+
+def update(card: str, master: Master, keys: dict, lines: list[str] | None = None):
+    client = MasterClient(
+        f"http://127.0.0.1:{master.http.server_address[1]}",
+        connect_timeout=1.0,
+        read_timeout=5.0,
+        retries=1,
+        backoff=0.01,
+        report_timeout=0.5,
+    )
+    verifier = Verifier(str(signing.public_key_path(keys["master"])))
+    log = lines.append if lines is not None else lambda m: None
+    return run(card, client.url, Identity(MAC), master=client, log=log, verifier=verifier)
+
+
+def slot_tree(card: str, number: int, where: Path) -> list[filemanifest.Entry]:
+    """The slot's files as the file manifest lists them, read through a loop mount."""
+    entry = layout().partitions[number - 1]
+    offset, size = entry.start_mib << 20, int(entry.size_mib) << 20
+    point = where / f"mnt{number}"
+    point.mkdir(exist_ok=True)
+    subprocess.run(
+        ["mount", "-o", f"ro,loop,offset={offset},sizelimit={size}", card, str(point)], check=True, capture_output=True
+    )
+    try:
+        return filemanifest.scan(point, skip=frozenset([b"lost+found"]))
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def state(card: str):
+    with Disk(card, writable=False) as disk:
+        return read_state(disk)
+
+
+def test_publish_keeps_the_tree_for_rsync_and_pins_its_file_manifest(tmp_path, master):
+    master.release(make_root(tmp_path, 1), 1)
+    version = master.root / "images" / IMAGE / "1"
+    manifest = formats.parse_manifest((version / "manifest.json").read_bytes())
+    assert manifest.files is not None and manifest.files.module == "example.1"
+    listed = filemanifest.parse((version / "files.list").read_bytes())
+    assert filemanifest.difference(listed, filemanifest.scan(version / ".tree")) is None
+    kinds = {e.path: e.type for e in listed}
+    assert kinds[b"usr/bin/tool"] == "f" and kinds[b"usr/bin/tool-again"] == "h" and kinds[b"dev/null"] == "c"
+    assert b"usr/sbin/rackboot-mark-good" in kinds  # the staged root, as the image has it
+    # HTTP never serves the tree (a dot name); rsync serves only published versions
+    client = MasterClient(f"http://127.0.0.1:{master.http.server_address[1]}", retries=0)
+    with pytest.raises(Exception, match="404"):
+        client.get("/images/example/1/.tree/etc/rackboot-release")
+    listing = subprocess.run(
+        ["rsync", f"rsync://127.0.0.1:{master.rsync.port}/"], capture_output=True, text=True, check=True
+    )
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["example.1"]
+
+
+def test_rsync_installs_v1_then_v2_each_checked_against_the_signed_file_manifest(tmp_path, master, keys, card):
+    master.release(make_root(tmp_path, 1), 1)
+    lines: list[str] = []
+    first = update(card, master, keys, lines)
+    assert (first.action, first.slot, first.version) == (Action.INSTALLED, "a", 1), lines
+    assert any("matches the signed file manifest" in line for line in lines), lines
+    assert first.bytes_fetched > 200_000  # the incompressible tool came over rsync (and the file list over HTTP)
+    st = state(card)
+    assert st.primary == "a" and st.slot("a").state == "trial"
+    published = filemanifest.parse((master.root / "images/example/1/files.list").read_bytes())
+    assert filemanifest.difference(published, slot_tree(card, 2, tmp_path)) is None
+
+    master.release(make_root(tmp_path, 2), 2)
+    second = update(card, master, keys)
+    assert (second.action, second.slot, second.version) == (Action.INSTALLED, "b", 2)
+    tree = slot_tree(card, 3, tmp_path)
+    assert b"etc/new-in-v2" in {e.path for e in tree}
+    v2 = filemanifest.parse((master.root / "images/example/2/files.list").read_bytes())
+    assert filemanifest.difference(v2, tree) is None
+
+
+def test_a_file_changed_on_the_rsync_side_is_refused_and_not_committed(tmp_path, master, keys, card):
+    master.release(make_root(tmp_path, 1), 1)
+    assert update(card, master, keys).slot == "a"
+    master.release(make_root(tmp_path, 2), 2)
+    tampered = master.root / "images/example/2/.tree/etc/rackboot-release"
+    tampered.write_text("v9\n")  # as long as the signed v2: only its sha256 tells
+    lines: list[str] = []
+    decision = update(card, master, keys, lines)
+    assert (decision.action, decision.slot, decision.version) == (Action.REFUSED, "a", 1)
+    assert decision.error is not None and "\n" not in decision.error
+    assert "/etc/rackboot-release: sha256 is" in decision.error and "not committed" in decision.error
+    assert state(card).slot("b").state == "bad"  # written, not verified: never bootable
+
+
+def test_a_changed_file_manifest_is_refused_before_the_slot_is_touched(tmp_path, master, keys, card):
+    master.release(make_root(tmp_path, 1), 1)
+    assert update(card, master, keys).slot == "a"
+    master.release(make_root(tmp_path, 2), 2)
+    listing = master.root / "images/example/2/files.list"
+    listing.write_bytes(listing.read_bytes().replace(b"v2", b"v3"))  # same size, other bytes: not what was signed
+    before = Path(card).read_bytes()[(84 << 20) : (84 << 20) + (1 << 20)]
+    decision = update(card, master, keys)
+    assert (decision.action, decision.slot) == (Action.REFUSED, "a")
+    assert "file manifest" in (decision.error or "") and "signed manifest says" in (decision.error or "")
+    assert state(card).slot("b").state == "empty"
+    assert Path(card).read_bytes()[(84 << 20) : (84 << 20) + (1 << 20)] == before
+
+
+def test_no_rsync_daemon_falls_back_to_the_good_slot_with_one_line(tmp_path, master, keys, card):
+    master.release(make_root(tmp_path, 1), 1)
+    assert update(card, master, keys).slot == "a"
+    master.release(make_root(tmp_path, 2), 2)
+    master.rsync.stop()
+    decision = update(card, master, keys)
+    assert (decision.action, decision.slot) == (Action.FALLBACK, "a")
+    assert decision.error is not None and "rsync" in decision.error and "\n" not in decision.error
+    assert state(card).slot("b").state == "bad"

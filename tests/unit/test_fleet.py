@@ -1,0 +1,200 @@
+"""The fleet's pure parts: a node's state machine over its reports, the status table, the wave
+arithmetic, a rollout node's judgement, the token check and the power command template."""
+
+from __future__ import annotations
+
+import pytest
+from rackboot import config
+from rackboot.errors import ConfigError, RackbootError
+from rackboot.initramfs.updater.formats import Phase, Report
+from rackboot.master import rollout, status, web
+from rackboot.master.inventory import Node, NodeState, apply, clean_serial, parse_manifest_path
+
+NODE = "52-54-00-12-34-56"
+
+
+def report(phase: Phase, **fields) -> Report:
+    return Report(node=NODE, phase=phase, **fields)
+
+
+def run(*reports: Report, node: Node | None = None) -> Node:
+    node = node or Node(id=NODE, image="example", version=2)
+    for i, r in enumerate(reports):
+        node = apply(node, r, received=1000.0 + i)
+    return node
+
+
+def test_an_install_then_its_confirmation_walks_the_node_through_its_states():
+    node = run(report(Phase.DOWNLOAD, slot="b", version=2, bytes=5000, seconds=2.5))
+    assert node.state == NodeState.INSTALLING and node.slots["b"].state == "writing"
+    node = run(report(Phase.COMMIT, slot="b", version=2), node=node)
+    assert node.state == NodeState.TRIAL and node.slots["b"].image == "example"
+    node = run(report(Phase.BOOT, slot="b", version=2), node=node)
+    assert (node.state, node.last_action, node.booted_slot, node.booted_version) == (
+        NodeState.TRIAL,
+        "installed",
+        "b",
+        2,
+    )
+    assert (node.install_bytes, node.install_seconds) == (5000, 2.5)
+    node = run(report(Phase.CONFIRM, slot="b", version=2), report(Phase.BOOT, slot="b", version=2), node=node)
+    assert (node.state, node.last_action, node.slots["b"].state) == (NodeState.OK, "up-to-date", "good")
+
+
+def test_a_trial_that_never_confirms_is_failed_and_the_node_falls_back():
+    node = run(
+        report(Phase.BOOT, slot="a", version=1),
+        report(Phase.COMMIT, slot="b", version=2),
+        report(Phase.BOOT, slot="b", version=2),
+        report(Phase.ERROR, slot="b", version=2, error="slot b (example v2) never confirmed itself; back to slot a"),
+        report(Phase.BOOT, slot="a", version=1, error="never confirmed itself"),
+    )
+    assert node.slots["b"].state == "failed" and node.slots["a"].state == "good"
+    assert (node.state, node.last_action, node.booted_slot) == (NodeState.FALLBACK, "fallback", "a")
+    assert node.last_error == "never confirmed itself"
+
+
+def test_an_install_error_marks_the_slot_bad_not_failed():
+    node = run(
+        report(Phase.DOWNLOAD, slot="b", version=2),
+        report(Phase.ERROR, slot="b", version=2, error="verify: sha256 differs"),
+    )
+    assert node.slots["b"].state == "bad" and node.state == NodeState.ERROR and node.last_error_at == 1001.0
+
+
+@pytest.mark.parametrize(
+    "seconds, said",
+    [
+        (-3, "just now"),
+        (2, "just now"),
+        (42, "42 s ago"),
+        (150, "2 min ago"),
+        (7300, "2 h ago"),
+        (3 * 86400, "3 d ago"),
+    ],
+)
+def test_ago_says_it_as_a_person_would(seconds, said):
+    assert status.ago(seconds) == said
+
+
+def nodes() -> list[Node]:
+    ok = run(report(Phase.BOOT, slot="a", version=2))
+    broken = apply(
+        Node(id="52-54-00-00-00-02", last_seen=10.0),
+        report(Phase.ERROR, error="plan: master unreachable " + "x" * 100),
+        received=10.0,
+    )
+    return [ok, broken]
+
+
+def test_the_status_table_is_plain_when_piped_and_marks_stale_nodes():
+    now = 1000.0 + 86400 * 2
+    text = status.table(nodes(), now=1042.0, stale_after=86400)
+    assert "\x1b[" not in text
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["NODE", "LABEL", "IP"]
+    assert NODE in lines[1] and "a example v2 (good)" in lines[1] and " ok " in lines[1] and "42 s ago" in lines[1]
+    assert "error" in lines[2] and "…" in lines[2] and "x" * 100 not in lines[2]
+    assert lines[-1] == "2 nodes: 1 error, 1 ok"
+    stale = status.table(nodes(), now=now, stale_after=86400)
+    assert stale.splitlines()[-1] == "2 nodes: 2 stale"
+
+
+def test_the_status_table_colours_states_only_when_asked():
+    text = status.table(nodes(), now=1003.0, stale_after=86400, colour=True)
+    assert "\x1b[32mok" in text and "\x1b[31merror" in text
+
+
+def test_status_on_an_empty_rack_says_what_to_expect():
+    assert "asks the master for its plan" in status.table([], now=0, stale_after=60)
+
+
+@pytest.mark.parametrize(
+    "spec, count, waves",
+    [
+        ("1,25%,rest", 8, [1, 2, 5]),
+        ("1,25%,rest", 1, [1]),
+        ("1,25%,rest", 2, [1, 1]),
+        ("2,50%", 10, [2, 5, 3]),  # nodes left after the last wave form one more
+        ("10%,rest", 40, [4, 36]),
+        ("1,1,1", 2, [1, 1]),  # empty waves are dropped
+        ("100%", 3, [3]),
+    ],
+)
+def test_waves_split_the_nodes_in_order(spec, count, waves):
+    ids = [f"n{i:02d}" for i in range(count)]
+    split = rollout.split(rollout.parse_waves(spec), ids)
+    assert [len(w) for w in split] == waves
+    assert [n for w in split for n in w] == ids
+
+
+@pytest.mark.parametrize(
+    "spec, problem",
+    [("rest,1", "only be the last"), ("0", "not a number"), ("150%", "more than 100%"), ("1,,2", "not a number")],
+)
+def test_bad_waves_are_one_clear_line(spec, problem):
+    with pytest.raises(RackbootError, match=problem):
+        rollout.parse_waves(spec)
+
+
+def rep(phase: str, version: int | None = None, error: str | None = None) -> dict:
+    return {"phase": phase, "version": version, "error": error}
+
+
+def test_judge_confirmed_failed_or_still_waiting():
+    assert rollout.judge([rep("download", 2), rep("commit", 2), rep("boot", 2)], 2) == (rollout.ASSIGNED, None)
+    assert rollout.judge([rep("boot", 2), rep("confirm", 2), rep("boot", 2)], 2) == (rollout.CONFIRMED, None)
+    never = [rep("boot", 2), rep("error", 2, "slot b (example v2) never confirmed itself"), rep("boot", 1, "x")]
+    assert rollout.judge(never, 2) == (rollout.FAILED, "slot b (example v2) never confirmed itself")
+    # a read-back retried and then written well is no failure
+    retried = [rep("error", 2, "read-back differs"), rep("commit", 2), rep("boot", 2)]
+    assert rollout.judge(retried, 2) == (rollout.ASSIGNED, None)
+    refused = [rep("error", None, "download: manifest refused"), rep("boot", 1, "download: manifest refused")]
+    assert rollout.judge(refused, 2) == (rollout.FAILED, "download: manifest refused")
+
+
+@pytest.mark.parametrize(
+    "header, ok",
+    [
+        ("Bearer 0123456789abcdef", True),
+        ("bearer 0123456789abcdef", True),
+        ("Bearer 0123456789abcdeX", False),
+        ("Bearer 0123456789abcdef0", False),
+        ("Basic 0123456789abcdef", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_the_token_check(header, ok):
+    assert web.check_token(header, "0123456789abcdef") is ok
+
+
+def test_no_token_set_lets_nothing_through():
+    assert not web.check_token("Bearer ", "")
+
+
+def test_manifest_paths_and_serials_are_read_only_as_they_can_be():
+    assert parse_manifest_path("/images/example/12/manifest.json") == ("example", 12)
+    assert parse_manifest_path("/images/../x/1/manifest.json") == (None, None)
+    assert parse_manifest_path(None) == (None, None)
+    assert clean_serial("10000000abcdef") == "10000000abcdef"
+    assert clean_serial("\x1b[31m") is None and clean_serial("x" * 65) is None
+
+
+def test_fleet_settings_are_checked_where_they_enter(tmp_path):
+    cfg = config.parse(
+        '[master]\nadopt = "manual"\ntoken = "0123456789abcdef"\n'
+        '[power]\ndriver = "command"\ncommand = "relay {node} {action}"\n',
+        tmp_path / "rackboot.toml",
+    )
+    assert cfg.master.adopt is config.AdoptMode.MANUAL and cfg.power.driver is config.PowerDriver.COMMAND
+    for bad, where in [
+        ('[master]\ntoken = "short"\n', "token"),
+        ('[master]\nadopt = "always"\n', "adopt"),
+        ('[power]\ncommand = "relay {action}"\n', "command"),
+        ('[power]\ncommand = "relay {node} {host}"\n', "command"),
+        ('[power]\nqmp = "run/{node}.qmp"\n', "qmp"),
+        ("[power]\nstagger = -1\n", "stagger"),
+    ]:
+        with pytest.raises(ConfigError, match=where):
+            config.parse(bad, tmp_path / "rackboot.toml")
