@@ -14,13 +14,15 @@ Built without root or loop devices: mkfs.fat on a plain file, mtools to copy the
 files in, then the FAT image spliced in after the MBR. Everything that could vary is
 pinned: the disk signature, the volume id (`--invariant`), and every file's timestamp,
 so the same inputs give the same bytes. The gap before the boot partition, where the
-updater keeps its slot-state records, is written as explicit zeros: a card flashed
-over an old one starts with no slot state at all. The rest of the card is laid out by
+updater keeps its slot-state records, is written as explicit zeros but for the boot
+record naming what area A holds: a card flashed over an old one starts with no slot
+state at all. The rest of the card is laid out by
 the updater on first boot.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -198,8 +200,25 @@ def card_image(
         disk_signature,
         (mbr.Entry(1, boot_type, boot_start_mib * per_mib, size_mib * per_mib, bootable=True),),
     )
+    gap = bytearray(boot_start_mib * MIB - mbr.SECTOR)  # the slot-state gap, explicitly zero
+    if size_mib < boot_size_mib and boot_start_mib * MIB >= bootfiles.RECORD + mbr.SECTOR:
+        # what area A holds, so the first boot need not hash it (bootfiles.holds)
+        sha256 = _sha256(fat)
+        record = bootfiles.BootRecord(
+            boot_start_mib * per_mib, size_mib * per_mib, size_mib * MIB, sha256, bootfiles.build_id(sha256)
+        )
+        at = bootfiles.RECORD - mbr.SECTOR
+        gap[at : at + mbr.SECTOR] = bootfiles.encode_record(record)
     with open(out, "wb") as disk:
         disk.write(mbr.dump(table))
-        disk.write(bytes(boot_start_mib * MIB - mbr.SECTOR))  # the slot-state gap, explicitly zero
+        disk.write(gap)
         _copy_data(fat, disk, boot_start_mib * MIB)
         disk.truncate((boot_start_mib + boot_size_mib) * MIB)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            h.update(chunk)
+    return h.hexdigest()

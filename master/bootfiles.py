@@ -22,7 +22,7 @@ from rackboot.build import BOOT_IMAGE
 from rackboot.config import Config
 from rackboot.files import TMP_RE, fsync_dir, lock_dir, sweep, write_durable
 from rackboot.initramfs.updater import formats
-from rackboot.initramfs.updater.bootfiles import BootManifest
+from rackboot.initramfs.updater.bootfiles import BootManifest, build_id
 from rackboot.initramfs.updater.formats import StreamCompression
 
 from . import signing
@@ -49,7 +49,7 @@ def publish(cfg: Config) -> str | None:
 
 def publish_image(image: Path, master: Path, *, key: Path | None = None) -> str:
     sha256, crc32, size = _digests(image)
-    build = sha256[:16]
+    build = build_id(sha256)
     boot = Path(master) / "boot"
     boot.mkdir(parents=True, exist_ok=True)
     final = boot / build

@@ -49,6 +49,11 @@ AREAS = ("a", "b")
 MIN_AREA_MIB = 33
 
 
+def build_id(sha256: str) -> str:
+    """A build's id: the first 16 hex digits of its boot image's sha256."""
+    return sha256[:16]
+
+
 # --- the boot manifest ------------------------------------------------------------------
 
 
@@ -334,10 +339,11 @@ def run(update: _Update, table: mbr.Mbr) -> mbr.Mbr:
         update.log(f"boot files {verdict}: {e}; the card keeps its boot area")
         update.report(Phase.ERROR, error=f"boot-files: {e}")
         return table
+    if outcome.action == "up-to-date":  # like a slot that holds its image: said on the console, not reported
+        update.log(f"boot files: boot area {outcome.area} holds build {outcome.build}")
+        return table
     if outcome.action == "kept":
         update.log(f"boot files: {outcome.reason}")
-    elif outcome.action == "up-to-date":
-        update.log(f"boot files: boot area {outcome.area} holds build {outcome.build}")
     if update.identity is not None:
         reports.send(
             update.master,

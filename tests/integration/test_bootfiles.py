@@ -99,6 +99,10 @@ def area(card: str, name: str) -> bytes:
         return f.read(40 * MIB)
 
 
+def boot_build(fat: Path) -> str:
+    return hashlib.sha256(fat.read_bytes()).hexdigest()[:16]
+
+
 def reports(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / f"reports/{NODE}.jsonl").read_text().splitlines()]
 
@@ -138,16 +142,18 @@ def test_a_card_from_build_1_switches_to_build_2_then_skips_it(master, tmp_path,
     second = update(card, server, keys["master"])
     assert (second.action, entry_1(card)) == ("up-to-date", (AREA["b"], 40 * MIB))
     assert boot_stream_bytes(server) == sent  # the record said area b holds the build: nothing fetched, nothing read
-    assert [r["output"] for r in reports(root) if r["phase"] == "boot-files"][
-        -1
-    ] == f"up-to-date: build {build}, area b"
+    assert len([r for r in reports(root) if r["phase"] == "boot-files"]) == 1  # up to date: nothing to report
 
 
 def test_without_a_record_the_active_area_is_hashed_once_and_recorded(master, tmp_path, keys, images):
     root, server = master
     card = flashed(tmp_path, images[2])
     release(root, keys["master"], images[2])
-    with Disk(card, writable=False) as d:
+    with Disk(card) as d:  # the card image records what area A holds; a torn record is as good as none
+        assert bootfiles.read_record(d) == bootfiles.BootRecord(
+            8192, 40 * 2048, 40 * MIB, hashlib.sha256(images[2].read_bytes()).hexdigest(), boot_build(images[2])
+        )
+        d.write(bootfiles.RECORD + 10, b"\xff")
         assert bootfiles.read_record(d) is None
     update(card, server, keys["master"])
     assert entry_1(card) == (AREA["a"], 40 * MIB) and boot_stream_bytes(server) == 0

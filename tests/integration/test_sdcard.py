@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from rackboot.errors import RackbootError
 from rackboot.firmware import bmap, sdcard
-from rackboot.initramfs.updater import mbr
+from rackboot.initramfs.updater import bootfiles, mbr
 
 MIB = 1 << 20
 START_MIB, SIZE_MIB = 4, 80  # boot areas of 40 MiB: FAT32 under mtools needs 33 or more
@@ -82,7 +83,16 @@ def test_mbr_has_one_fat32_partition_on_area_a_and_a_zero_gap_before_it(card):
     assert [(e.number, e.type, e.start, e.sectors, e.bootable) for e in table.entries] == [
         (1, 0x0C, START_MIB * MIB // 512, AREA_MIB * MIB // 512, True)
     ]
-    assert data[mbr.SECTOR : START_MIB * MIB] == bytes(START_MIB * MIB - mbr.SECTOR), "slot-state gap is not zero"
+    record = bootfiles.RECORD
+    gap = data[mbr.SECTOR : record] + data[record + mbr.SECTOR : START_MIB * MIB]
+    assert gap == bytes(START_MIB * MIB - 2 * mbr.SECTOR), "slot-state gap is not zero"
+    fat = data[START_MIB * MIB : (START_MIB + AREA_MIB) * MIB]
+    digest = hashlib.sha256(fat).hexdigest()
+    assert bootfiles.decode_record(data[record : record + mbr.SECTOR]) == bootfiles.BootRecord(
+        START_MIB * 2048, AREA_MIB * 2048, AREA_MIB * MIB, digest, digest[:16]
+    )
+    assert data[(START_MIB + AREA_MIB) * MIB :] == bytes(AREA_MIB * MIB)
+    assert bmap.mapped_ranges(card)[-1][1] < (START_MIB + AREA_MIB) * MIB // bmap.BLOCK, "area B is a hole"
     ranges = bmap.mapped_ranges(card)
     assert ranges[0][0] == 0 and ranges[0][1] >= START_MIB * MIB // bmap.BLOCK - 1, "gap must be written, not a hole"
 
@@ -162,7 +172,9 @@ def test_file_too_large_for_the_partition_is_one_line_and_writes_nothing(tmp_pat
     with open(big, "wb") as f:
         f.truncate(size)
     out = tmp_path / "sdcard.img"
-    with pytest.raises(RackbootError, match=rf"boot area \(half the {SIZE_MIB} MiB boot partition.*\) of {AREA_MIB} MiB is too small") as err:
+    with pytest.raises(
+        RackbootError, match=rf"boot area \(half the {SIZE_MIB} MiB boot partition.*\) of {AREA_MIB} MiB is too small"
+    ) as err:
         make_card(out, {"config.txt": b"x\n", "Image": big})
     assert "\n" not in str(err.value)
     assert not out.exists()
@@ -201,7 +213,8 @@ def test_bmaptool_copy_with_our_bmap_writes_every_mapped_range(card, tmp_path, b
     for first, last, _ in block_map(ours.read_text())[1]:
         span = slice(first * bmap.BLOCK, (last + 1) * bmap.BLOCK)
         assert written[span] == image[span], (first, last)
-    assert written[mbr.SECTOR : START_MIB * MIB] == bytes(START_MIB * MIB - mbr.SECTOR)
+    assert written[mbr.SECTOR : START_MIB * MIB] == image[mbr.SECTOR : START_MIB * MIB]  # zeros and the boot record
+    assert bootfiles.decode_record(written[bootfiles.RECORD : bootfiles.RECORD + mbr.SECTOR]) is not None
 
 
 def test_corrupted_mapped_byte_makes_bmaptool_copy_fail(card, tmp_path, bmaptool):
