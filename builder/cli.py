@@ -134,7 +134,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .master import plans
 
     cfg = config.load(args.config)
-    path = plans.assign(cfg, node=args.node, image=args.image, version=args.version)
+    path = plans.assign(cfg, node=args.node, image=args.image, version=args.version, hostname=args.hostname)
     print(f"plan written to {path}")
     return 0
 
@@ -331,6 +331,10 @@ def parser() -> argparse.ArgumentParser:
         "--version",
         type=int,
         help="pin a version (default: latest); workers take a pinned version even when it is older",
+    )
+    pl.add_argument(
+        "--hostname",
+        help="the node's hostname, one RFC 1123 label (default: the one it has, else [master] hostname's pattern)",
     )
     pl.set_defaults(func=_cmd_plan)
 

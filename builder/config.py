@@ -20,8 +20,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypedDict
 
-from rackboot.initramfs.updater.formats import DEFAULT_MOUNT, DEFAULT_TRIES, NAME_RE, Mount, Repartition
+from rackboot.initramfs.updater.formats import (
+    DEFAULT_MOUNT,
+    DEFAULT_TRIES,
+    NAME_RE,
+    Mount,
+    Repartition,
+    persist_problem,
+)
 from rackboot.initramfs.updater.layout import FAT_TYPES
+from rackboot.master.hostnames import pattern_problem
 from rackboot.master.limits import MAX_STREAMS
 
 from .errors import ConfigError
@@ -323,6 +331,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("master", "directory", "path", "master", "The master's tree (published images, plans, reports)."),
     Setting(
         "master",
+        "hostname",
+        "str",
+        "",
+        "Hostname pattern for nodes given a plan of their own (`rackboot plan --node`) without --hostname: "
+        "{index} (1, 2, ... in the order their plans were first written, never reused; {index:02d} pads) "
+        'and {mac} (12 hex digits), e.g. "worker-{index:02d}"; empty = only names given with --hostname.',
+        check=pattern_problem,
+    ),
+    Setting(
+        "master",
         "adopt",
         "choice",
         "auto",
@@ -418,6 +436,16 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1,
     ),
     Setting("layout", "mount", "choice", str(DEFAULT_MOUNT), "How the worker mounts its slot.", Mount),
+    Setting(
+        "layout",
+        "persist",
+        "list[str]",
+        [],
+        "Directories kept on the data partition and bind-mounted into every root the worker boots, "
+        'across updates and slot switches, e.g. ["/etc/ssh"]; seeded from the image the first time. '
+        "Absolute, none inside another, not under /proc, /sys, /dev or /run.",
+        check=lambda v: persist_problem([v]),
+    ),
     Setting("output", "directory", "path", "build", "Where build artefacts go."),
     Setting("power", "driver", "choice", "none", "How `rackboot power` switches nodes.", PowerDriver),
     Setting(
@@ -500,6 +528,7 @@ class MasterSection:
     max_streams: int
     key: Path | None
     directory: Path
+    hostname: str
     adopt: AdoptMode
     token: str
     stale: int
@@ -526,6 +555,7 @@ class LayoutSection:
     repartition: Repartition
     tries: int
     mount: Mount
+    persist: tuple[str, ...]
 
     @property
     def boot_size_mib(self) -> int:
@@ -795,6 +825,9 @@ def parse(text: str, path: Path) -> Config:
         if section not in _BY_SECTION:
             raise ConfigError(f"{path}: [{section}]: unknown section{_suggest(section, _BY_SECTION)}")
     _check_network(path, sections["master"], sections["network"])
+    problem = persist_problem(sections["layout"].persist)  # each path was checked alone: now together
+    if problem:
+        raise ConfigError(f"{path}: [layout] persist: {problem}")
     return Config(path=path, **sections)
 
 

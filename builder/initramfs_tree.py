@@ -27,7 +27,7 @@ from .master import signing
 
 PYTHON = "/usr/bin/python3.11"
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
-SHIM_FILES = ("init.sh", "udhcpc.script")
+SHIM_FILES = ("init.sh", "udhcpc.script", "node.sh")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def spec(cfg: Config, board: Board) -> Spec:
     updater = cfg.initramfs.updater
     packages = list(cfg.initramfs.packages) + (list(PYTHON_PACKAGES) if updater else [])
     binaries = list(cfg.initramfs.binaries) + ([PYTHON] if updater else [])
-    if updater and cfg.layout.mount == "ro+overlay:data":
+    if updater and (cfg.layout.mount == "ro+overlay:data" or cfg.layout.persist):
         # /init formats a blank data partition as ext4 (busybox's mke2fs makes only ext2)
         packages.append("e2fsprogs")
         binaries.append("/sbin/mke2fs")
@@ -179,6 +179,7 @@ def stage(root: Path, spec: Spec, *, sysroot: Path, kernel: KernelTree) -> None:
     shim = _shim_dir()
     _write(root, "/init", shim.joinpath("init.sh").read_bytes(), 0o755)
     _write(root, "/etc/rackboot/udhcpc.script", shim.joinpath("udhcpc.script").read_bytes(), 0o755)
+    _write(root, "/etc/rackboot/node.sh", shim.joinpath("node.sh").read_bytes(), 0o644)
     conf = "".join(f"{k}={v}\n" for k, v in sorted(spec.init_conf.items()))
     _write(root, "/etc/rackboot/init.conf", conf.encode())
 

@@ -14,6 +14,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mkdir -p /run/rackboot
 . /etc/rackboot/init.conf
+. /etc/rackboot/node.sh  # apply_node: hostname, machine-id, persisted paths, first-boot hook
 
 log() { echo "rackboot: $*"; }
 
@@ -98,13 +99,14 @@ mount_data() {  # the overlay's upper layer on the data partition, formatted on 
         # by path: busybox sh prefers its own applets, and its mke2fs makes only ext2
         /sbin/mke2fs -q -t ext4 -L rackboot-data "$data_device" || { log "cannot format $data_device"; return 1; }
     fi
-    mount -t ext4 "$data_device" /run/rackboot/upper && return 0
+    mount -t ext4 "$data_device" /run/rackboot/upper && { data_dir=/run/rackboot/upper; return 0; }
     log "cannot mount the data partition $data_device; the overlay goes on tmpfs"
     return 1
 }
 
 unmount_slot() {  # what a failed switch_to_slot left mounted, so the next try starts clean
-    for point in /newroot /run/rackboot/upper /run/rackboot/lower; do
+    data_dir=""
+    for point in /newroot /run/rackboot/upper /run/rackboot/lower /run/rackboot/data; do
         umount "$point" 2>/dev/null
     done
     return 0
@@ -130,6 +132,7 @@ switch_to_slot() {
     # switch_root cannot come back: an init it fails to run panics the kernel
     [ -e "/newroot${init:-/sbin/init}" ] || [ -L "/newroot${init:-/sbin/init}" ] ||
         { log "slot $slot has no ${init:-/sbin/init}"; unmount_slot; return 1; }
+    apply_node  # the node's own settings; the slot's bytes stay as they are
     { cat /run/rackboot/decision; echo "disk='$RACKBOOT_DISK'"; } > /run/rackboot/booted
     mount --move /proc /newroot/proc 2>/dev/null; mount --move /sys /newroot/sys 2>/dev/null
     mount --move /dev /newroot/dev 2>/dev/null

@@ -13,7 +13,7 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Method, Plan, node_id
 
-from . import bootfiles, publish, rsyncd, signing
+from . import bootfiles, hostnames, publish, rsyncd, signing
 
 DEFAULT = "default"  # the plan of every node without one of its own
 _MAC_FORMS = (
@@ -48,8 +48,14 @@ def layout(cfg: Config) -> Layout:
         raise RackbootError(f"{cfg.path}: [layout]: {exc}") from None
 
 
-def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False) -> Plan:
-    """The plan, naming the build's boot files (published on the way) when there is a build."""
+def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False, hostname: str | None = None) -> Plan:
+    """The plan, naming the build's boot files (published on the way) when there is a build.
+    A node's own plan carries its hostname (``hostname``, else the registry's or the
+    [master] hostname pattern's: hostnames.assign); the default plan names none."""
+    if node != DEFAULT:
+        hostname = hostnames.assign(cfg.master.directory, node, hostname=hostname, pattern=cfg.master.hostname)
+    elif hostname is not None:
+        raise RackbootError(f"a hostname is one node's: name the node (--node MAC), not {DEFAULT!r}")
     return Plan(
         node=node,
         layout=layout(cfg),
@@ -57,12 +63,23 @@ def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False
         mount=cfg.layout.mount,
         pin=pin,
         tries=cfg.layout.tries,
+        hostname=hostname,
+        persist=cfg.layout.persist,
         boot=bootfiles.publish(cfg),  # the build's boot files, published on the way (none before a build)
     )
 
 
-def assign(cfg: Config, *, node: str, image: str, version: int | None = None, method: Method = Method.IMAGE) -> Path:
-    """Point ``node`` (a MAC, or 'default') at a published image: latest unless a version is pinned."""
+def assign(
+    cfg: Config,
+    *,
+    node: str,
+    image: str,
+    version: int | None = None,
+    hostname: str | None = None,
+    method: Method = Method.IMAGE,
+) -> Path:
+    """Point ``node`` (a MAC, or 'default') at a published image: latest unless a version is
+    pinned; ``hostname`` names the node (else the registry or the pattern does)."""
     node = node_name(node)
     master = cfg.master.directory
     if version is None:
@@ -74,7 +91,7 @@ def assign(cfg: Config, *, node: str, image: str, version: int | None = None, me
         manifest = formats.manifest_path(image, version)
         if not (Path(master) / manifest.lstrip("/")).is_file():
             raise RackbootError(f"image {image!r} has no version {version} in {master}")
-    plan = make_plan(cfg, node=node, manifest=manifest, pin=version is not None)
+    plan = make_plan(cfg, node=node, manifest=manifest, pin=version is not None, hostname=hostname)
     if method is Method.RSYNC:
         plan = rsyncd.rsync_plan(cfg, plan)
     return write_plan(master, node, plan, key=cfg.master.key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from .errors import UpdaterError
 from .formats import DEFAULT_MOUNT, MOUNTS
@@ -49,7 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_decision(path: str, decision: Decision) -> None:
-    """Atomically: /init must never source half a file."""
+    """Atomically: /init must never source half a file. A first-boot script goes beside it."""
+    settings = decision.settings
+    if settings and settings.first_boot_script is not None:
+        script = os.path.join(os.path.dirname(os.path.abspath(path)), "first-boot.sh")
+        with open(script, "wb") as f:
+            f.write(settings.first_boot_script)
+        decision = replace(decision, settings=replace(settings, first_boot=script))
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(decision.to_shell())

@@ -99,11 +99,13 @@ PHASES = tuple(Phase)
 
 
 class HookName(StrEnum):
-    """Signed scripts a manifest may carry: before a byte of the slot is written, and after
-    the slot verified but before it is committed."""
+    """Signed scripts a manifest may carry: before a byte of the slot is written, after
+    the slot verified but before it is committed, and (first-boot) chrooted into the
+    booted root once per node and installed version (node.py)."""
 
     PRE_INSTALL = "pre-install"
     POST_INSTALL = "post-install"
+    FIRST_BOOT = "first-boot"
 
 
 HOOKS = tuple(HookName)
@@ -129,6 +131,13 @@ _FSTYPE_RE = re.compile(r"[a-z0-9]{1,16}")
 _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _MODULE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")  # an rsyncd.conf module name: no slash, bracket or space
 MAX_FILE_LIST = 64 << 20  # bytes of a file manifest (filemanifest.MAX_BYTES)
+# A node's hostname: one RFC 1123 label, lowercase (systemd wants a single label in /etc/hostname)
+HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A persisted path's parts: no spaces or quotes, since /init splits the list on spaces
+_PERSIST_PART_RE = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}")
+MAX_PERSIST = 32
+# Mounted by /init itself (kernel filesystems, the tmpfs /run moved in): never a persisted path
+PERSIST_RESERVED = ("/proc", "/sys", "/dev", "/run")
 
 T = TypeVar("T")
 E = TypeVar("E", bound=StrEnum)
@@ -307,6 +316,33 @@ class Hook:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "file": self.file, "size": self.size, "sha256": self.sha256, "timeout": self.timeout}
+
+
+def persist_problem(paths: Any) -> str | None:
+    """What is wrong with a list of persisted paths (config [layout] persist, plan
+    "persist"), or None: each an absolute, normalised directory path inside the root, not
+    / nor under a filesystem /init mounts itself, none inside another."""
+    if not isinstance(paths, (list, tuple)) or len(paths) > MAX_PERSIST:
+        return f"expected a list of at most {MAX_PERSIST} absolute paths, got {_short(paths)}"
+    for path in paths:
+        if not isinstance(path, str):
+            return f"expected absolute paths, got {_short(path)}"
+        parts = path.split("/")[1:]
+        if not path.startswith("/") or path == "/":
+            return f"{path[:80]!r} is not an absolute path below / (e.g. /etc/ssh)"
+        if any(p in (".", "..") for p in parts):
+            return f"{path[:80]!r} leaves the root or is not normalised ('.' and '..' are not allowed)"
+        if not all(_PERSIST_PART_RE.fullmatch(p) for p in parts):
+            return f"{path[:80]!r} is not a plain path (letters, digits, . _ @ + -, one '/' between parts)"
+        for reserved in PERSIST_RESERVED:
+            if path == reserved or path.startswith(reserved + "/"):
+                return f"{path[:80]!r} is under {reserved}, which the booted system mounts itself"
+    ordered = sorted(paths)
+    for i, path in enumerate(ordered):
+        for other in ordered[i + 1 :]:
+            if other == path or other.startswith(path + "/"):
+                return f"{other[:80]!r} overlaps {path[:80]!r}: one persisted path inside another"
+    return None
 
 
 def beside(manifest_path: str, file: str) -> str:
@@ -534,6 +570,8 @@ class Plan:
     mount: Mount = DEFAULT_MOUNT
     pin: bool = False  # the image's version may be older than a slot's (a deliberate rollback)
     tries: int = DEFAULT_TRIES
+    hostname: str | None = None  # the node's own name (rev4); None: the image's stays
+    persist: tuple[str, ...] = ()  # directories kept on the data partition across updates (rev4)
     boot: str | None = None  # the boot manifest's path on the master (bootfiles.py); None: boot files stay
     method: Method = Method.IMAGE  # rsync: files into a fresh slot, checked against the signed file manifest
     rsync_port: int | None = None  # the master's rsync daemon, for method rsync
@@ -542,6 +580,10 @@ class Plan:
     @classmethod
     def from_dict(cls, obj: Any) -> Plan:
         f = _Fields("plan", obj)
+        persist = f.raw("persist", optional=True)
+        problem = persist_problem(persist) if persist is not None else None
+        if problem:
+            raise f.fail("persist", problem)
         return cls(
             format=f.format(),
             node=f.text("node", _NODE_RE, what="a node name"),
@@ -550,6 +592,8 @@ class Plan:
             mount=f.choice("mount", Mount),
             pin=f.flag("pin"),
             tries=f.optional_integer("tries", minimum=1) or DEFAULT_TRIES,
+            hostname=f.optional_text("hostname", HOSTNAME_RE, what="a hostname (one lowercase RFC 1123 label)"),
+            persist=tuple(persist or ()),
             boot=f.optional_text("boot", _MASTER_PATH_RE, what="an absolute path on the master"),
             **_method(f),
         )
@@ -563,6 +607,9 @@ class Plan:
             "mount": self.mount,
             "pin": self.pin,
             "tries": self.tries,
+            # rev4's keys are left out when unset: such a plan is the rev3 bytes
+            **({"hostname": self.hostname} if self.hostname is not None else {}),
+            **({"persist": list(self.persist)} if self.persist else {}),
             **({"boot": self.boot} if self.boot is not None else {}),  # rev5: absent keeps the bytes before it
             # rev6: left out for the image method, which keeps the bytes before it
             **({"method": self.method, "rsync_port": self.rsync_port} if self.method is Method.RSYNC else {}),
@@ -690,6 +737,8 @@ class Report:
     version: int | None = None
     time: float = 0.0
     output: str | None = None  # the tail of a hook's output
+    hostname: str | None = None  # the node's hostname from its plan (rev5)
+    hook: HookName | None = None  # which hook a "hook" report is about (rev5)
 
     @classmethod
     def from_dict(cls, obj: Any) -> Report:
@@ -710,6 +759,8 @@ class Report:
             version=f.optional_integer("version", minimum=1),
             time=f.optional_number("time") or 0.0,
             output=output,
+            hostname=f.optional_text("hostname", HOSTNAME_RE, what="a hostname"),
+            hook=f.choice("hook", HookName) if f.raw("hook", optional=True) is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -723,6 +774,8 @@ class Report:
             "version": self.version,
             "time": self.time,
             **({"output": self.output} if self.output is not None else {}),
+            **({"hostname": self.hostname} if self.hostname is not None else {}),
+            **({"hook": self.hook} if self.hook is not None else {}),
         }
 
 

@@ -78,16 +78,19 @@ def run(
     log: Callable[[str], None],
     shell: str = SHELL,
     now: Callable[[], float] = time.monotonic,
+    root: str | None = None,
 ) -> HookResult:
-    """Run one checked hook to completion or to its timeout; its lines go to ``log``."""
-    base = RUN_DIR if os.path.isdir(RUN_DIR) else None
+    """Run one checked hook to completion or to its timeout; its lines go to ``log``.
+    With ``root``, chrooted into it: the script goes into its /run (a tmpfs /init mounted)."""
+    base = os.path.join(root, "run") if root else RUN_DIR if os.path.isdir(RUN_DIR) else None
     with tempfile.TemporaryDirectory(prefix="hook-", dir=base) as tmp:
         path = os.path.join(tmp, hook.file)
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "wb") as f:
             f.write(script)
         started = now()
+        argv = ["chroot", root, shell, "/" + os.path.relpath(path, root)] if root else [shell, path]
         proc = subprocess.Popen(
-            [shell, path],
+            argv,
             cwd=tmp,
             env=dict(env),
             stdin=subprocess.DEVNULL,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from . import hooks, install, layout
+from . import hooks, install, layout, node
 from . import report as reports
 from . import rsync as rsync_mode
 from . import state as slot_state
@@ -85,6 +85,7 @@ class Decision:
     data_device: str | None = None
     data_blank: bool = False  # no ext2/3/4 superblock on the data partition: /init formats it
     error: str | None = None
+    settings: node.NodeSettings | None = None  # what /init writes into the root (node.py)
 
     def to_shell(self) -> str:
         """KEY=VALUE lines that /init sources (lowercase keys, single-quoted values)."""
@@ -103,6 +104,7 @@ class Decision:
             "data_device": self.data_device,
             "data_blank": "1" if self.data_blank else "",
             "error": self.error,
+            **(self.settings or node.NodeSettings()).shell_fields(),
         }
         return "".join(f"{k}={_quote('' if v is None else str(v))}\n" for k, v in fields.items())
 
@@ -220,6 +222,7 @@ class _Update:
         self.plan: Plan | None = None
         self.phase = "plan"  # the step under way: a failure's report and console line name it
         self.installing: tuple[str | None, int | None] = (None, None)  # slot, version: for reports
+        self.scripts: dict[str, bytes] = {}  # the install's checked hook scripts
 
     def run(self, layout_check: bool) -> Decision:
         try:
@@ -359,7 +362,7 @@ class _Update:
                     f"install: {manifest.image} v{manifest.version} needs {manifest.size} "
                     f"bytes, slot {target} has {capacity}"
                 )
-            scripts = hooks.fetch(self.master, path, manifest, self.verifier.required)
+            scripts = self.scripts = hooks.fetch(self.master, path, manifest, self.verifier.required)
             listed = self.rsync_list(plan, path, manifest)  # rsync mode: checked before the slot is touched
         self.run_hook(HookName.PRE_INSTALL, manifest, scripts, target, number)  # the slot is untouched so far
         entry = Slot(SlotStatus.WRITING, manifest.image, manifest.version, manifest.sha256, number)
@@ -415,6 +418,7 @@ class _Update:
                 version=manifest.version,
                 output=result.output,
                 error=None if result.ok else result.problem(),
+                hook=name,
             )
             hooks.check(result)
 
@@ -614,10 +618,33 @@ class _Update:
             data_device=partition_device(self.disk_path, data) if data else None,
             data_blank=not self.has_ext_superblock(data) if data else False,
             error=error,
+            settings=self.node_settings(slot, manifest),
         )
         self.report(Phase.BOOT, slot=name, version=slot.version, error=error)
         self.log(f"boot slot {name} ({action}) from {result.device}")
         return result
+
+    def node_settings(self, slot: Slot, manifest: Manifest | None) -> node.NodeSettings:
+        """The node's own settings for /init: from the plan, and the first-boot hook of the
+        manifest the booted slot holds (fetched and checked against it)."""
+        script = None
+        hook = manifest.hook(HookName.FIRST_BOOT) if manifest and slot.holds(manifest) else None
+        if hook is not None and manifest is not None and self.plan and self.plan.image:
+            try:
+                scripts = self.scripts or hooks.fetch(self.master, self.plan.image, manifest, self.verifier.required)
+                script = scripts.get(HookName.FIRST_BOOT)
+            except UpdaterError as e:  # the slot still boots; the next boot tries the hook again
+                self.log(f"first-boot hook: {e}")
+                self.report(Phase.ERROR, version=manifest.version, error=f"first-boot: {e}")
+        return node.NodeSettings(
+            node=self.node,
+            hostname=self.plan.hostname if self.plan else None,
+            machine_id=node.machine_id(self.node, slot.image) if self.node and slot.image else None,
+            persist=self.plan.persist if self.plan else (),
+            planned=self.plan is not None,
+            first_boot_script=script,
+            first_boot_timeout=hook.timeout if hook and script is not None else 0,
+        )
 
     def fall_back(self, action: Action, error: UpdaterError) -> Decision:
         self.log(f"{self.phase} {'refused' if action == Action.REFUSED else 'failed'}: {error}")
@@ -637,6 +664,7 @@ class _Update:
         slot: str | None = None,
         version: int | None = None,
         output: str | None = None,
+        hook: HookName | None = None,
     ) -> None:
         if self.identity is None:  # no network interface: no master to tell, nor a node name
             return
@@ -653,6 +681,8 @@ class _Update:
                 slot=slot,
                 version=version,
                 output=output,
+                hostname=self.plan.hostname if self.plan else None,
+                hook=hook,
             ),
         )
 

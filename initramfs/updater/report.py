@@ -6,7 +6,7 @@ import time
 
 from . import formats
 from .fetch import MasterClient
-from .formats import MAX_REPORT_OUTPUT, Phase, Report
+from .formats import MAX_REPORT_OUTPUT, HookName, Phase, Report
 
 
 def send(master: MasterClient | None, report: Report, *, timeout: float | None = None) -> bool:
@@ -29,6 +29,8 @@ def make(
     slot: str | None = None,
     version: int | None = None,
     output: str | None = None,
+    hostname: str | None = None,
+    hook: HookName | None = None,
 ) -> Report:
     return Report(
         node=node,
@@ -40,4 +42,6 @@ def make(
         version=version,
         time=round(time.time(), 3),
         output=None if output is None else output[-MAX_REPORT_OUTPUT:],
+        hostname=hostname,
+        hook=hook,
     )

@@ -32,6 +32,7 @@ TRIAL = "a6e6891"  # plan rev3 (tries), slot state rev2 (trial/failed, tries), c
 HOOKS = "8e35f29"  # manifest rev2 (hooks), report rev2 (output, phase hook)
 CONFIRM = "f609d68"  # report rev3 (phase confirm)
 WAIT = "02e2eb7"  # report rev4 (phase wait)
+IDENTITY = "NODEREV"  # plan rev4 (hostname, persist), manifest rev3 (first-boot), report rev5, booted rev2
 
 NODE = "52-54-00-12-34-56"
 CARD = 256 << 20  # the card the MBR sample is laid out for
@@ -45,6 +46,9 @@ def digest(label: str) -> str:
 
 H1, H2 = digest("example v1"), digest("example v2")
 HOOK_SCRIPT = b"#!/bin/sh\n# golden post-install hook: checks nothing, says so\necho post-install ok\n"
+FIRST_BOOT_SCRIPT = (
+    b"#!/bin/sh\n# golden first-boot hook: says whose first boot it is\necho first boot of $RACKBOOT_HOSTNAME\n"
+)
 
 
 def revision(rev: str, tmp: Path):
@@ -143,6 +147,60 @@ def booted_rev1(pkg) -> bytes:
         data_blank=False,
     )
     return (decision.to_shell() + "disk='/dev/mmcblk0'\n").encode()
+
+
+def booted_rev2(pkg) -> bytes:
+    """rev1's decision with the node's own settings (updater/node.py), as /init leaves it."""
+    node = sub(pkg, "node")
+    settings = node.NodeSettings(
+        node=NODE,
+        hostname="worker-01",
+        machine_id=node.machine_id(NODE, "example"),
+        persist=("/etc/ssh", "/var/lib/myservice"),
+        planned=True,
+        first_boot="/run/rackboot/first-boot.sh",
+        first_boot_timeout=120,
+    )
+    decision = sub(pkg, "main").Decision(
+        slot="b",
+        partition_number=3,
+        device="/dev/mmcblk0p3",
+        mount="ro+overlay:tmpfs",
+        action="installed",
+        bytes_fetched=1234,
+        seconds=5.5,
+        image="example",
+        version=2,
+        sha256=H2,
+        data_device="/dev/mmcblk0p4",
+        data_blank=False,
+        settings=settings,
+    )
+    return (decision.to_shell() + "disk='/dev/mmcblk0'\n").encode()
+
+
+def first_boot_hook(formats):
+    return formats.Hook(
+        name="first-boot",
+        file="first-boot.sh",
+        size=len(FIRST_BOOT_SCRIPT),
+        sha256=hashlib.sha256(FIRST_BOOT_SCRIPT).hexdigest(),
+        timeout=300,
+    )
+
+
+def report_rev5(formats):
+    return formats.Report(
+        node=NODE,
+        phase="hook",
+        seconds=0.25,
+        slot="b",
+        version=2,
+        time=1700000500.5,
+        output="first boot of worker-01\n",
+        hostname="worker-01",
+        hook="first-boot",
+    )
 
 
 def confirm_rev1(root: Path) -> bytes:
@@ -244,13 +302,14 @@ def main() -> None:
     os.chdir(REPO)
     ensure_key()
     with tempfile.TemporaryDirectory() as tmp:
-        pkgs = {rev: revision(rev, Path(tmp)) for rev in (FIRST, SIGNED, TRIAL, HOOKS, CONFIRM, WAIT)}
+        pkgs = {rev: revision(rev, Path(tmp)) for rev in (FIRST, SIGNED, TRIAL, HOOKS, CONFIRM, WAIT, IDENTITY)}
         pkg = {rev: p for rev, (p, _) in pkgs.items()}
         f = {rev: sub(p, "formats") for rev, p in pkg.items()}
 
         write("slot-state.format1.rev1.bin", slot_state_area(pkg[FIRST], slot_states_rev1(f[FIRST])))
         write("slot-state.format1.rev2.bin", slot_state_area(pkg[TRIAL], slot_states_rev2(f[TRIAL])))
         write("booted.rev1.sh", booted_rev1(pkg[TRIAL]))
+        write("booted.rev2.sh", booted_rev2(pkg[IDENTITY]))
         write("confirm.rev1.bin", confirm_rev1(pkgs[TRIAL][1]))
         write("mbr.rev1.bin", mbr_rev1(pkg[FIRST]))
 
@@ -259,6 +318,12 @@ def main() -> None:
         sign("plan.format1.rev2.json")
         write("plan.format1.rev3.json", f[TRIAL].dump(plan(f[TRIAL], 3)))
         sign("plan.format1.rev3.json")
+        f4 = f[IDENTITY]
+        write(
+            "plan.format1.rev4.json",
+            f4.dump(plan(f4, 3, node=NODE, hostname="worker-01", persist=("/etc/ssh", "/var/lib/myservice"))),
+        )
+        sign("plan.format1.rev4.json")
         write(
             "plan.format1.rev3.unsigned.json",
             f[TRIAL].dump(plan(f[TRIAL], 3, node=NODE, image=None, mount="ro+overlay:data", pin=False, tries=3)),
@@ -276,6 +341,10 @@ def main() -> None:
         )
         write("manifest.format1.rev2.hooks.json", f[HOOKS].dump(manifest(f[HOOKS], 2, hooks=(hook,))))
         sign("manifest.format1.rev2.hooks.json")
+        write("first-boot.rev1.sh", FIRST_BOOT_SCRIPT)
+        write("manifest.format1.rev3.first-boot.json", f4.dump(manifest(f4, 2, hooks=(first_boot_hook(f4),))))
+        sign("manifest.format1.rev3.first-boot.json")
+        write("report.rev5.json", f4.dump(report_rev5(f4)))
         write(
             "latest.format1.rev1.json",
             f[FIRST].dump(f[FIRST].Latest(image="example", version=2, manifest="/images/example/2/manifest.json")),

@@ -82,6 +82,7 @@ def test_plain_is_the_json_able_rebuild_key_of_a_section(tmp_path):
         "max_streams": 8,
         "key": str((tmp_path / "k").resolve()),
         "directory": str((tmp_path / "master").resolve()),
+        "hostname": "",
         "adopt": "auto",
         "token": "",
         "stale": 86400,

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import threading
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from rackboot.initramfs.updater.errors import Refused, UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Hook, Latest, Layout, Manifest, Partition, Plan, Report, Slot, SlotState
 from rackboot.initramfs.updater.main import Decision, Identity, run
+from rackboot.initramfs.updater.node import NodeSettings, machine_id
 from rackboot.initramfs.updater.signature import Verifier
 from rackboot.master import plans, publish, serve, signing
 
@@ -161,14 +163,31 @@ BOOTED = Decision(
 )
 
 
+BOOTED_REV2 = replace(
+    BOOTED,
+    settings=NodeSettings(
+        node=NODE,
+        hostname="worker-01",
+        machine_id=machine_id(NODE, "example"),
+        persist=("/etc/ssh", "/var/lib/myservice"),
+        planned=True,
+        first_boot="/run/rackboot/first-boot.sh",
+        first_boot_timeout=120,
+    ),
+)
+
+
 def test_booted_file_is_what_init_writes_today():
-    assert (BOOTED.to_shell() + "disk='/dev/mmcblk0'\n").encode() == sample("booted.rev1.sh")
+    assert (BOOTED_REV2.to_shell() + "disk='/dev/mmcblk0'\n").encode() == sample("booted.rev2.sh")
+    # rev2 only adds lines after rev1's, which stay as they were
+    assert sample("booted.rev2.sh").startswith(sample("booted.rev1.sh").removesuffix(b"disk='/dev/mmcblk0'\n"))
 
 
-def test_mark_good_writes_the_confirmation_sector_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("name", ["booted.rev1.sh", "booted.rev2.sh"])
+def test_mark_good_writes_the_confirmation_sector_byte_for_byte(tmp_path, name):
     path = card_with(tmp_path)
     booted = tmp_path / "booted"
-    booted.write_bytes(sample("booted.rev1.sh") + f"disk='{path}'\n".encode())  # the card, not /dev/mmcblk0
+    booted.write_bytes(sample(name) + f"disk='{path}'\n".encode())  # the card, not /dev/mmcblk0
     subprocess.run(
         ["sh", str(MARK_GOOD)],
         env={"RACKBOOT_BOOTED": str(booted), "PATH": os.environ["PATH"]},
@@ -235,6 +254,7 @@ PLAN_REV3 = Plan(
     node="default", layout=LAYOUT, image="/images/example/2/manifest.json", mount="ro+overlay:tmpfs", pin=True, tries=5
 )
 PLAN_UNSIGNED = Plan(node=NODE, layout=LAYOUT, image=None, mount="ro+overlay:data", pin=False, tries=3)
+PLAN_REV4 = replace(PLAN_REV3, node=NODE, hostname="worker-01", persist=("/etc/ssh", "/var/lib/myservice"))
 
 
 @pytest.mark.parametrize(
@@ -256,6 +276,13 @@ def test_plans_of_every_revision_are_read(name, pin, tries):
         tries=tries,
     )
     assert (plan.layout.number("a"), plan.layout.number("b"), plan.layout.number("data")) == (2, 3, 4)
+
+
+def test_plan_rev4_with_a_hostname_and_persisted_paths_is_read_and_written_byte_for_byte(tmp_path):
+    assert formats.parse_plan(sample("plan.format1.rev4.json")) == PLAN_REV4
+    path = plans.write_plan(tmp_path, NODE, PLAN_REV4, key=KEY)
+    assert path.read_bytes() == sample("plan.format1.rev4.json")
+    assert (tmp_path / f"plans/{NODE}.json.sig").read_bytes() == sample("plan.format1.rev4.json.sig")
 
 
 def test_unsigned_plan_that_keeps_the_card_is_read():
@@ -317,6 +344,24 @@ def test_manifest_rev2_with_a_hook_is_read_and_written_byte_for_byte():
     assert formats.dump(manifest(2, hooks=(HOOK,))) == sample("manifest.format1.rev2.hooks.json")
 
 
+FIRST_BOOT = Hook(
+    name="first-boot",
+    file="first-boot.sh",
+    size=len(sample("first-boot.rev1.sh")),
+    sha256=hashlib.sha256(sample("first-boot.rev1.sh")).hexdigest(),
+    timeout=300,
+)
+
+
+def test_manifest_rev3_with_a_first_boot_hook_is_read_and_written_byte_for_byte(tmp_path):
+    m = formats.parse_manifest(sample("manifest.format1.rev3.first-boot.json"))
+    assert m == manifest(2, hooks=(FIRST_BOOT,)) and m.hook("first-boot") == FIRST_BOOT
+    assert formats.dump(manifest(2, hooks=(FIRST_BOOT,))) == sample("manifest.format1.rev3.first-boot.json")
+    (tmp_path / "hook").write_bytes(sample("first-boot.rev1.sh"))
+    [(hook, _)] = publish.read_hooks({"first-boot": tmp_path / "hook"}, 300, signed=True)
+    assert hook == FIRST_BOOT
+
+
 def test_publish_pins_the_hook_as_the_sample_does(tmp_path):
     (tmp_path / "hook").write_bytes(sample("post-install.rev1.sh"))
     [(hook, script)] = publish.read_hooks({"post-install": tmp_path / "hook"}, formats.HOOK_TIMEOUT, signed=True)
@@ -336,6 +381,8 @@ SIGNED = [
     "plan.format1.rev3.json",
     "manifest.format1.rev1.json",
     "manifest.format1.rev2.hooks.json",
+    "plan.format1.rev4.json",
+    "manifest.format1.rev3.first-boot.json",
 ]
 
 
@@ -362,12 +409,27 @@ REPORTS = {
         node=NODE, phase="wait", bytes=12345678, seconds=7.25, slot="b", version=2, time=1700000400.5
     ),
 }
+# revisions after reports.rev1.jsonl was made, which keeps its four lines
+LATER_REPORTS = {
+    "report.rev5.json": Report(
+        node=NODE,
+        phase="hook",
+        seconds=0.25,
+        slot="b",
+        version=2,
+        time=1700000500.5,
+        output="first boot of worker-01\n",
+        hostname="worker-01",
+        hook="first-boot",
+    ),
+}
 
 
-@pytest.mark.parametrize("name", sorted(REPORTS))
+@pytest.mark.parametrize("name", sorted({**REPORTS, **LATER_REPORTS}))
 def test_reports_of_every_revision_are_read_and_written_byte_for_byte(name):
-    assert formats.parse_report(sample(name)) == REPORTS[name]
-    assert formats.dump(REPORTS[name]) == sample(name)
+    report = {**REPORTS, **LATER_REPORTS}[name]
+    assert formats.parse_report(sample(name)) == report
+    assert formats.dump(report) == sample(name)
 
 
 def test_stored_report_lines_are_read():
@@ -452,6 +514,9 @@ DOCUMENTS = [
     "report.rev2.json",
     "report.rev3.json",
     "report.rev4.json",
+    "plan.format1.rev4.json",
+    "manifest.format1.rev3.first-boot.json",
+    "report.rev5.json",
 ]
 
 
@@ -493,6 +558,8 @@ def test_every_sample_is_covered():
         "slot-state.format1.rev1.bin",
         "slot-state.format1.rev2.bin",
         "booted.rev1.sh",
+        "booted.rev2.sh",
+        "first-boot.rev1.sh",
         "confirm.rev1.bin",
         "mbr.rev1.bin",
         "post-install.rev1.sh",

@@ -273,9 +273,11 @@ def _mutations(base: dict):
 @given(
     st.one_of(
         _mutations(PLAN),
+        _mutations({**PLAN, "hostname": "worker-01", "persist": ["/etc/ssh", "/var/lib/x"]}),
         _mutations(MANIFEST),
         _mutations(STATE),
         _mutations(REPORT),
+        _mutations({**REPORT, "phase": "hook", "hostname": "worker-01", "hook": "first-boot"}),
         _mutations({**PLAN, "layout": {**PLAN["layout"], "partitions": [{"name": 1}]}}),
         st.builds(lambda hook: {**MANIFEST, "hooks": [hook]}, _mutations(HOOK)),
     )
@@ -340,7 +342,7 @@ def test_hooks_round_trip_and_old_manifests_dump_as_before():
     [
         ([{**HOOK, "name": "pre-boot"}], "manifest: hooks[0]: name: must be one of pre-install, post-install"),
         ([HOOK, HOOK], "manifest: hooks: each hook may appear once"),
-        ([HOOK] * 3, "manifest: hooks: expected a list of at most 2 hooks"),
+        ([HOOK] * 4, "manifest: hooks: expected a list of at most 3 hooks"),
         ({"name": "x"}, "manifest: hooks: expected a list"),
         ([{**HOOK, "file": "../../sbin/init"}], "manifest: hooks[0]: file: '../../sbin/init' is not a plain file"),
         ([{**HOOK, "file": "manifest.json"}], "manifest: hooks: a hook cannot be the manifest"),
