@@ -221,6 +221,12 @@ def _cmd_torture(args: argparse.Namespace) -> int:
     return torture.run(args.config, cuts=args.cuts, seed=args.seed, workdir=args.workdir)
 
 
+def _cmd_flash(args: argparse.Namespace) -> int:
+    from .firmware import flash
+
+    return flash.command(args)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from . import config
 
@@ -403,6 +409,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=1, help="seed of the random cut points (default: %(default)s)")
     t.add_argument("--workdir", type=Path, help="where the run keeps its disk image and console logs")
     t.set_defaults(func=_cmd_torture)
+
+    from .firmware import flash
+
+    fl = sub.add_parser(
+        "flash",
+        help="write the SD image onto a card: only removable, unmounted ones, verified",
+        description=(flash.__doc__ or "").split("\n\n")[1],
+        epilog="without a device: lists the disks and says which may be written",
+    )
+    _config_arg(fl)
+    flash.add_arguments(fl)
+    fl.set_defaults(func=_cmd_flash)
 
     c = sub.add_parser("config", help="show the parsed config, or the settings reference")
     _config_arg(c)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from rackboot.errors import RackbootError
 
 BLOCK = 4096
 _ZERO_SUM = "0" * 64
@@ -74,3 +77,54 @@ def bmap_text(image: Path, block: int = BLOCK) -> str:
     """The bmap with its own checksum filled in (computed over the text with zeros there)."""
     text = render_bmap(image, block)
     return text.replace(_ZERO_SUM, hashlib.sha256(text.encode()).hexdigest(), 1)
+
+
+@dataclass(frozen=True)
+class Range:
+    first: int  # blocks, inclusive
+    last: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """A bmap as `rackboot flash` reads it back."""
+
+    image_size: int
+    block_size: int
+    ranges: tuple[Range, ...]
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(
+            min((r.last + 1) * self.block_size, self.image_size) - r.first * self.block_size for r in self.ranges
+        )
+
+
+def read_bmap(path: Path) -> BlockMap:
+    """Parse a bmap (format 2.x, sha256) and check its own checksum; errors name the file."""
+    import xml.etree.ElementTree as ET
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = ET.fromstring(text)
+        if root.tag != "bmap" or not root.get("version", "").startswith("2."):
+            raise ValueError(f"not a version 2 bmap (version {root.get('version')!r})")
+        if root.findtext("ChecksumType", "").strip() != "sha256":
+            raise ValueError("checksum type is not sha256")
+        own = root.findtext("BmapFileChecksum", "").strip()
+        if hashlib.sha256(text.replace(own, _ZERO_SUM, 1).encode()).hexdigest() != own:
+            raise ValueError("its BmapFileChecksum does not match its text (edited or truncated?)")
+        ranges = []
+        for item in root.iterfind("BlockMap/Range"):
+            first, _, last = (item.text or "").strip().partition("-")
+            ranges.append(Range(int(first), int(last or first), item.get("chksum", "")))
+        block_map = BlockMap(int(root.findtext("ImageSize", "")), int(root.findtext("BlockSize", "")), tuple(ranges))
+    except (ET.ParseError, ValueError) as exc:
+        raise RackbootError(f"{path}: {exc}") from None
+    if block_map.block_size <= 0 or any(
+        r.first > r.last or (r.last + 1) * block_map.block_size > block_map.image_size + block_map.block_size - 1
+        for r in ranges
+    ):
+        raise RackbootError(f"{path}: a range lies outside the {block_map.image_size}-byte image")
+    return block_map
