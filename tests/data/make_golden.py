@@ -32,7 +32,7 @@ TRIAL = "a6e6891"  # plan rev3 (tries), slot state rev2 (trial/failed, tries), c
 HOOKS = "8e35f29"  # manifest rev2 (hooks), report rev2 (output, phase hook)
 CONFIRM = "f609d68"  # report rev3 (phase confirm)
 WAIT = "02e2eb7"  # report rev4 (phase wait)
-IDENTITY = "NODEREV"  # plan rev4 (hostname, persist), manifest rev3 (first-boot), report rev5, booted rev2
+IDENTITY = "a96e3f1"  # plan rev4 (hostname, persist), manifest rev3 (first-boot), report rev5, booted rev2
 
 NODE = "52-54-00-12-34-56"
 CARD = 256 << 20  # the card the MBR sample is laid out for
