@@ -3,14 +3,20 @@ an update, power it back, and check that it boots a slot whose bytes are intact.
 
 Every cycle installs something. Three versions of the example image are published and
 the node's plan pins one that no slot on the card holds (with two, both slots would soon
-hold both, and every boot would be up to date). A cut waits for its phase's console
+hold both, and every boot would be up to date). Boot files change every cycle too: a
+second build differs from the first in its kernel command line, and each plan names the
+build whose boot image the card's active boot area does not hold, so every cycle writes
+the other area and moves MBR entry 1 (bootfiles.py). A cut waits for its phase's console
 marker, then a seeded fraction of that phase's length as last measured. The recovery
-boot survives when it reaches "is up" and the slot it booted holds, on the disk image,
-the sha256 that the slot state records and that the master published.
+boot survives when it reaches "is up", the slot it booted holds, on the disk image, the
+sha256 that the slot state records and that the master published, and MBR entry 1 points
+at a boot area holding one build's boot image whole (QEMU's virt board boots U-Boot from
+-bios, so only this check sees a torn boot area; a Pi would not boot from one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 import re
@@ -20,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rackboot import config
+from rackboot import build, config
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import install, layout
 from rackboot.initramfs.updater import state as slot_state
@@ -33,9 +39,10 @@ from rackboot.qemu import harness
 from rackboot.qemu.runner import QemuWorker
 
 VERSIONS = (1, 2, 3)
-PHASES = ("layout", "stream", "read-back", "commit", "first-boot")
-MARKERS = {  # the console line that starts each phase; "confirmed" ends the last one
+PHASES = ("layout", "boot-files", "stream", "read-back", "commit", "first-boot")
+MARKERS = {  # the console line that starts each phase, in boot order; "confirmed" ends the last one
     "layout": r"rackboot: repartitioning",
+    "boot-files": r"rackboot: boot files: writing build",
     "stream": r"rackboot: installing \S+ v\d+ into slot",
     "read-back": r"rackboot: reading back slot",
     "commit": r"rackboot: committing slot",
@@ -43,7 +50,8 @@ MARKERS = {  # the console line that starts each phase; "confirmed" ends the las
     "confirmed": r"rackboot-mark-good: slot",
 }
 # Seconds each phase lasted with the demo root on a 2-core host; replaced by what each boot measures.
-WINDOWS = {"layout": 0.19, "stream": 0.6, "read-back": 0.22, "commit": 0.13, "first-boot": 0.33}
+WINDOWS = {"layout": 0.19, "boot-files": 3.0, "stream": 0.6, "read-back": 0.22, "commit": 0.13, "first-boot": 0.33}
+SECOND_CMDLINE = "rackboot.torture=build2"  # what the second build's boot files differ in
 UP = re.compile(r"rackboot-demo: v(\d+) is up")
 RESCUE = re.compile(r"rackboot: rescue:")
 BOOTING = re.compile(r"rackboot: booting slot (\w+) \(([\w-]+)\)")
@@ -79,7 +87,7 @@ class CutResult:
 
 
 def plan_cuts(rng: random.Random, n: int) -> list[Cut]:
-    """``n`` cuts: every phase once per round of five, in a shuffled order. Layout cuts
+    """``n`` cuts: every phase once per round, in a shuffled order. Layout cuts
     start from a blank card, and so does the first cut (the card is new)."""
     cuts: list[Cut] = []
     while len(cuts) < n:
@@ -163,6 +171,48 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
     return Verdict(True, f"slot {name} ({action}) holds v{version}", name)
 
 
+def check_boot_area(disk: Path, images: dict[str, str], size: int) -> Verdict | None:
+    """None when MBR entry 1 points at a boot area whose first ``size`` bytes are one
+    build's boot image (``images``: sha256 -> build); else the verdict that says why not."""
+    try:
+        with Disk(str(disk), writable=False) as d:
+            table = layout.read_table(d)
+            entry = table.entry(1) if table else None
+            if entry is None or entry.sectors * 512 < size:
+                return Verdict(False, f"MBR entry 1 is {entry}: no boot area to boot from")
+            digest, _ = install.read_back(d, entry.start * 512, size)
+    except UpdaterError as e:
+        return Verdict(False, f"cannot read the boot area: {e}")
+    if digest not in images:
+        return Verdict(False, f"the boot area at {entry.start >> 11} MiB holds no build's boot image whole")
+    return None
+
+
+def boot_area_holds(disk: Path, size: int) -> str | None:
+    """sha256 of what MBR entry 1's boot area holds (its first ``size`` bytes), if anything."""
+    with Disk(str(disk), writable=False) as d:
+        table = layout.read_table(d)
+        entry = table.entry(1) if table else None
+        return install.read_back(d, entry.start * 512, size)[0] if entry and entry.sectors * 512 >= size else None
+
+
+def second_build(cfg: config.Config, out: Path, dest: Path) -> config.Config:
+    """The config's second build in ``dest``, whose boot files differ in the kernel command
+    line. Build 1's outputs and state are copied first, so only the scripts, the boot image
+    and the card image are built again."""
+    subprocess.run(["cp", "-a", "--sparse=always", str(out), str(dest)], check=True)
+    cmdline = f"{cfg.kernel.cmdline} {SECOND_CMDLINE}".strip()
+    second = replace(cfg, kernel=replace(cfg.kernel, cmdline=cmdline), output=replace(cfg.output, directory=dest))
+    build.build(second, log=lambda line: None)
+    return second
+
+
+def boot_image(out: Path) -> tuple[str, int]:
+    """(sha256, size) of a build's boot image."""
+    data = (out / build.BOOT_IMAGE).read_bytes()
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
 def published(master: Path, image: str = harness.IMAGE) -> dict[int, Manifest]:
     return {v: parse_manifest((master / manifest_path(image, v).lstrip("/")).read_bytes()) for v in VERSIONS}
 
@@ -189,6 +239,8 @@ def follow(
 def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str], None] = print) -> list[CutResult]:
     """Build, publish the example image three times, serve, and run one cycle per cut."""
     out = harness.prepare(cfg, work, log)
+    builds = [cfg, second_build(cfg, out, work / "build2")]
+    images = {boot_image(b.output.directory)[0]: b for b in builds}
     for version in VERSIONS:
         harness.publish_example(cfg, cfg.base / "rootfs", work, version)
     manifests = published(cfg.master.directory)
@@ -200,7 +252,7 @@ def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str]
         for n, cut in enumerate(cuts, start=1):
             if outcomes and not outcomes[-1].verdict.survived:
                 cut = replace(cut, blank=True)  # one brick must not decide the next cycles
-            outcome = cycle(cfg, out, disk, work / "logs" / f"{n:03}", cut, windows, manifests)
+            outcome = cycle(cfg, out, disk, work / "logs" / f"{n:03}", cut, windows, manifests, images)
             outcomes.append(outcome)
             log(
                 f"cut {n:>3}/{len(cuts)} {cut.phase:<10} {'blank card, ' if cut.blank else ''}"
@@ -223,14 +275,20 @@ def cycle(
     cut: Cut,
     windows: dict[str, float],
     manifests: dict[int, Manifest],
+    images: dict[str, config.Config],
 ) -> CutResult:
-    """One cut boot, then one recovery boot with the master still up."""
+    """One cut boot, then one recovery boot with the master still up. ``images``: each
+    build's boot image sha256 -> its config; the plan names a build the card's boot area
+    does not hold."""
     start = time.monotonic()
     if cut.blank:
         harness.blank_card(out / "sdcard.img", disk)
     with Disk(str(disk), writable=False) as d:
         version = next_version(slot_state.read(d))
-    plans.assign(cfg, node="default", image=harness.IMAGE, version=version)
+    size = boot_image(out)[1]
+    held = boot_area_holds(disk, size)
+    other = next(b for sha, b in sorted(images.items()) if sha != held)
+    plans.assign(other, node="default", image=harness.IMAGE, version=version)
     delay = 0.0
     with harness.new_worker(cfg, out, disk, Path(f"{logs}-cut.log")) as worker:
         seen: dict[str, float] = {}
@@ -255,6 +313,8 @@ def cycle(
         measure(seen, windows)
         console = worker.console
     verdict = check(console, disk, manifests)
+    if verdict.survived:
+        verdict = check_boot_area(disk, {sha: str(b.output.directory) for sha, b in images.items()}, size) or verdict
     return CutResult(cut, version, delay, where, verdict, time.monotonic() - start, recovery_log)
 
 

@@ -565,8 +565,16 @@ def test_every_sample_is_covered():
         "post-install.rev1.sh",
         "reports.rev1.jsonl",
         "artefacts.rev1.json",
+        # the boot files' samples, checked in test_golden_bootfiles.py
+        *(f"{n}{sig}" for n in ("plan.format1.rev5.boot.json", "boot.format1.rev1.json") for sig in ("", ".sig")),
+        "boot-record.rev1.bin",
+        "report.rev7.boot-files.json",
     }
-    present = {p.name for p in DATA.iterdir() if p.is_file()} - {"README.md", "make_golden.py"}
+    present = {p.name for p in DATA.iterdir() if p.is_file()} - {
+        "README.md",
+        "make_golden.py",
+        "make_golden_bootfiles.py",
+    }
     assert present == covered
 
 

@@ -19,8 +19,9 @@ def test_cuts_repeat_for_a_seed_and_visit_every_phase_each_round():
     cuts = torture.plan_cuts(random.Random(7), 12)
     assert cuts == torture.plan_cuts(random.Random(7), 12)
     assert cuts != torture.plan_cuts(random.Random(8), 12)
-    for start in (0, 5):
-        assert sorted(c.phase for c in cuts[start : start + 5]) == sorted(torture.PHASES)
+    n = len(torture.PHASES)
+    for start in (0, n):
+        assert sorted(c.phase for c in cuts[start : start + n]) == sorted(torture.PHASES)
     assert cuts[0].blank and all(c.blank for c in cuts if c.phase == "layout")
     assert all(0 <= c.fraction < 1 for c in cuts)
 
@@ -45,6 +46,7 @@ def test_the_cut_lands_after_the_last_marker_printed():
     assert torture.landed(console) == "stream"
     assert torture.landed(console + ["rackboot: reading back slot b"]) == "read-back"
     assert torture.landed(["U-Boot 2023.01"]) == "boot"
+    assert torture.landed(console[:1] + ["rackboot: boot files: writing build 0123 into boot area b"]) == "boot-files"
 
 
 @pytest.fixture
@@ -99,3 +101,25 @@ def test_check_rejects_a_version_the_slot_state_does_not_record(card):
 def test_check_counts_a_worker_that_never_came_up_as_bricked(card, console, why):
     verdict = torture.check(console, card[0], card[1])
     assert not verdict.survived and why in verdict.detail
+
+
+@pytest.mark.parametrize("cut", ["none", "area", "entry"])
+def test_check_boot_area_wants_entry_1_on_one_builds_boot_image_whole(tmp_path, cut):
+    """A cut while area B is written leaves entry 1 on area A and build 1; a torn area that
+    entry 1 points at, or an entry 1 off both areas, is a card a Pi would not boot."""
+    path = tmp_path / "card"
+    image = random.Random(2).randbytes(1 << 20)
+    with open(path, "wb") as f:
+        f.truncate(16 << 20)
+    with Disk(str(path)) as d:
+        start = 4 << 11 if cut != "entry" else 6 << 11
+        d.write(0, mbr.dump(mbr.Mbr(1, (mbr.Entry(1, 0x0C, start, 2 << 11, bootable=True),))))
+        d.write(4 << 20, image)
+        if cut == "area":
+            d.write((4 << 20) + 4096, b"torn")
+    images = {hashlib.sha256(image).hexdigest(): "build 1"}
+    verdict = torture.check_boot_area(path, images, len(image))
+    if cut == "none":
+        assert verdict is None
+    else:
+        assert verdict is not None and not verdict.survived and "holds no build's boot image whole" in verdict.detail
