@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from rackboot.initramfs.updater.signature import Verifier
 from rackboot.initramfs.updater.state import read as read_state
 from rackboot.master import plans, publish, rsyncd, serve, signing
 
+from tests.helpers import write_config
 from tests.integration.updater_master import MAC, NODE, layout
 
 CARD = 256 << 20
@@ -225,3 +229,78 @@ def test_no_rsync_daemon_falls_back_to_the_good_slot_with_one_line(tmp_path, mas
     assert (decision.action, decision.slot) == (Action.FALLBACK, "a")
     assert decision.error is not None and "rsync" in decision.error and "\n" not in decision.error
     assert state(card).slot("b").state == "bad"
+
+
+# --- rackboot serve runs the daemon -------------------------------------------------------
+
+
+def _serve(tmp_path: Path, rsync_port: int) -> tuple[subprocess.Popen[bytes], Path]:
+    (tmp_path / "master").mkdir(exist_ok=True)
+    cfg = write_config(tmp_path, master={"directory": "master", "rsync_port": rsync_port})
+    log = tmp_path / "serve.log"
+    rackboot = Path(sys.executable).parent / "rackboot"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(rackboot), "serve", "-c", str(cfg), "--port", str(_free_port()), "--no-netboot"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log
+
+
+def _daemons(port: int) -> list[int]:
+    """Pids of rsync daemons listening on ``port``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            cmdline
+            and cmdline[0].endswith(b"rsync")
+            and b"--daemon" in cmdline
+            and f"--port={port}".encode() in cmdline
+        ):
+            pids.append(int(pid))
+    return pids
+
+
+def _wait(predicate, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_serve_runs_the_daemon_and_leaves_none_behind(tmp_path, how):
+    _need_root_and_rsync()
+    port = _free_port()
+    proc, log = _serve(tmp_path, port)
+    try:
+        assert _wait(lambda: "rsync: daemon serves 0 published versions" in log.read_text()), log.read_text()
+        assert len(_daemons(port)) == 1
+        listing = subprocess.run(["rsync", f"rsync://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=30)
+        assert listing.returncode == 0 and listing.stdout == ""  # nothing published: no module
+        proc.send_signal(how)
+        proc.wait(timeout=30)
+        assert _wait(lambda: not _daemons(port)), "an rsync daemon outlived rackboot serve"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_refuses_a_taken_rsync_port_with_one_line(tmp_path):
+    _need_root_and_rsync()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc, log = _serve(tmp_path, port)
+        assert proc.wait(timeout=60) != 0
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert lines == [f"rackboot: error: rsync port 127.0.0.1:{port}/tcp is taken by another program"]
