@@ -1,9 +1,15 @@
 """The ext4 image of a root directory, made reproducibly by `mke2fs -d`.
 
 Determinism: the same tree gives the same bytes. mke2fs gets a UUID and hash seed
-derived from image+version, E2FSPROGS_FAKE_TIME for its own clock, and populates in
+derived from the image's name (not its version: two versions of an image then differ
+only where their trees do), E2FSPROGS_FAKE_TIME for its own clock, and populates in
 sorted name order; it copies each inode's times from the source (ctime cannot be set
 by anyone), so a debugfs pass then stamps every inode with source_date_epoch.
+
+Stability across versions (block deltas, notes/delta.md): the fitted size and the inode
+count are rounded up to a ladder of steps (1/8 of the power of two below them), so a
+tree that grows by one package keeps the same geometry (groups, inode tables, bitmaps
+at the same blocks) instead of shifting every table by a few blocks.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from rackboot.proc import run
 MIB = 1 << 20
 BLOCK = 4096
 INODE_SIZE = 256
-# Fixed namespace so image+version always maps to the same filesystem UUID and hash seed.
+# Fixed namespace so an image name always maps to the same filesystem UUID and hash seed.
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://rackboot.invalid/ext4")
 
 
@@ -31,7 +37,7 @@ def make_ext4(root: Path, out: Path, *, uuid_seed: str, size_mib: int | None, so
     usage = tree_usage(root)
     if size_mib is None:
         size_mib = fitted_size_mib(usage)
-    inodes = usage.inodes + usage.inodes // 4 + 64  # room for the worker's own files
+    inodes = stable_inodes(usage.inodes)
     env = _fake_time_env(source_date_epoch)
     cmd = [
         "mke2fs",
@@ -81,11 +87,23 @@ def tree_usage(root: Path) -> TreeUsage:
 
 
 def fitted_size_mib(usage: TreeUsage) -> int:
-    """Content * 1.3, plus inode tables, journal and slack, in whole MiB."""
-    inode_tables = (usage.inodes + usage.inodes // 4 + 64) * INODE_SIZE
+    """Content * 1.3, plus inode tables, journal and slack, in whole MiB, rounded up the ladder."""
+    inode_tables = stable_inodes(usage.inodes) * INODE_SIZE
     base = usage.bytes * 1.3 + inode_tables
     journal = 4 * MIB if base < 256 * MIB else 16 * MIB if base < 2048 * MIB else 64 * MIB
-    return math.ceil((base + journal + 8 * MIB) / MIB)
+    return ladder(math.ceil((base + journal + 8 * MIB) / MIB))
+
+
+def stable_inodes(used: int) -> int:
+    """The inode count for ``used`` inodes plus a quarter for the worker's own files, up the ladder."""
+    return ladder(used + used // 4 + 64)
+
+
+def ladder(n: int) -> int:
+    """``n`` rounded up to a multiple of 1/8 of the power of two at or below it (at least 8):
+    at most 12.5 % more, and the same answer for small changes of ``n``."""
+    step = max(8, (1 << (max(n, 1).bit_length() - 1)) // 8)
+    return -(-n // step) * step
 
 
 def _stamp_times(root: Path, fs: Path, epoch: int, env: dict[str, str]) -> None:

@@ -30,6 +30,7 @@ from rackboot.initramfs.updater.formats import HOOK_TIMEOUT, Hook, HookName, Lat
 
 from . import filemanifest, signing
 from .ext4 import make_ext4
+from .index import write_index
 from .osimage import ext4_magic, find_partition
 from .rootfs import add_modules, has_modules, image_has_modules, stage
 from .stream import STREAM_NAME, compress_stream
@@ -80,7 +81,8 @@ def publish_directory(
             assert modules_from is not None  # refused above
             add_modules(root, src, Path(modules_from), kernel_release, modules)
         fs = pub.work / "rootfs.ext4"
-        make_ext4(root, fs, uuid_seed=f"{image}/{pub.version}", size_mib=size_mib, source_date_epoch=source_date_epoch)
+        # seeded by the name alone: versions of one image differ only where their trees do
+        make_ext4(root, fs, uuid_seed=image, size_mib=size_mib, source_date_epoch=source_date_epoch)
         pub.files = filemanifest.prepare(root, pub.work / "files", image=image, version=pub.version)  # rsync mode
         with open(fs, "rb") as f:
             return pub.finish(
@@ -201,7 +203,10 @@ class _Publication:
         out.mkdir()
         if self.files:
             filemanifest.place(self.work / "files", out)
+        start = data.tell()
         digests = compress_stream(data, size, out / STREAM_NAME)
+        data.seek(start)
+        block_delta = write_index(data, size, out)  # index and pack for delta installs
         for hook, script in self.hooks:
             write_durable(out / hook.file, script)
         manifest = Manifest(
@@ -215,6 +220,7 @@ class _Publication:
             kernel_release=kernel_release,
             hooks=tuple(h for h, _ in self.hooks),
             files=self.files,
+            delta=block_delta,
             **digests,
         )
         write_durable(out / "manifest.json", formats.dump(manifest))

@@ -39,6 +39,10 @@ MAX_RETRY_AFTER = 60  # a longer Retry-After is read as this: the client looks a
 JITTER = 0.5  # each wait is Retry-After times 1 to 1 + JITTER
 
 
+class NoRange(UpdaterError):
+    """The master does not serve byte ranges of a file (block deltas need them)."""
+
+
 class _Retry(Exception):
     """A transient failure worth another attempt (carries the one-line reason)."""
 
@@ -243,6 +247,29 @@ class MasterClient:
                 yield piece
         finally:
             conn.close()
+
+    def get_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``start``..``end`` (exclusive) of ``path`` by one Range request, retried like a
+        document; a server that answers anything but that 206 raises NoRange (no partial reads)."""
+
+        def attempt() -> bytes:
+            conn, resp = self._open("GET", path, headers={"Range": f"bytes={start}-{end - 1}"})
+            try:
+                _check_status(self.url, path, resp, (200, 206))
+                if resp.status != 206:
+                    raise NoRange(f"master {self.url}: GET {path}: answered {resp.status} to a Range request")
+                first, _ = _content_range(resp.getheader("Content-Range", ""))
+                if first != start:
+                    raise _Retry(f"206 starts at byte {first}, asked for {start}")
+                body = resp.read(end - start + 1)
+                self.stream_bytes += len(body)
+                if len(body) != end - start:
+                    raise _Retry(f"{len(body)} bytes for a range of {end - start}")
+                return body
+            finally:
+                conn.close()
+
+        return self._attempts(f"GET {path} bytes {start}-{end - 1}", attempt)
 
     # --- reports ----------------------------------------------------------------------
 

@@ -397,6 +397,44 @@ class FileList:
 
 
 @dataclass(frozen=True)
+class BlockDelta:
+    """The block index and pack beside the stream (delta.py reads them): the signed manifest
+    pins the index, the index pins every block of the pack."""
+
+    index: str
+    index_size: int
+    index_sha256: str
+    pack: str
+    pack_size: int
+    block_size: int
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> BlockDelta:
+        f = _Fields("manifest: delta", obj)
+        block_size = f.integer("block_size", minimum=512)
+        if block_size & (block_size - 1) or block_size > 32768:
+            raise f.fail("block_size", f"{block_size} is not a power of two in 512..32768")
+        return cls(
+            index=f.text("index", _FILE_RE, what="a plain file name"),
+            index_size=f.integer("index_size", minimum=1),
+            index_sha256=f.text("index_sha256", _HEX64_RE, what="64 lowercase hex digits"),
+            pack=f.text("pack", _FILE_RE, what="a plain file name"),
+            pack_size=f.integer("pack_size"),
+            block_size=block_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "index_size": self.index_size,
+            "index_sha256": self.index_sha256,
+            "pack": self.pack,
+            "pack_size": self.pack_size,
+            "block_size": self.block_size,
+        }
+
+
+@dataclass(frozen=True)
 class Manifest:
     image: str
     version: int
@@ -413,6 +451,7 @@ class Manifest:
     kernel_release: str | None = None
     hooks: tuple[Hook, ...] = ()
     files: FileList | None = None  # rsync mode's signed file list; publish_image has none
+    delta: BlockDelta | None = None  # the block index and pack for delta installs (rev3)
     format: int = FORMAT
 
     @classmethod
@@ -435,6 +474,7 @@ class Manifest:
             kernel_release=f.optional_text("kernel_release"),
             hooks=_hooks(f),
             files=None if f.raw("files", optional=True) is None else FileList.from_dict(f.raw("files")),
+            delta=None if f.raw("delta", optional=True) is None else BlockDelta.from_dict(f.raw("delta")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -455,6 +495,7 @@ class Manifest:
             "kernel_release": self.kernel_release,
             **({"hooks": [h.to_dict() for h in self.hooks]} if self.hooks else {}),
             **({"files": self.files.to_dict()} if self.files else {}),
+            **({"delta": self.delta.to_dict()} if self.delta else {}),
         }
 
     def hook(self, name: str) -> Hook | None:
@@ -739,6 +780,8 @@ class Report:
     output: str | None = None  # the tail of a hook's output
     hostname: str | None = None  # the node's hostname from its plan (rev5)
     hook: HookName | None = None  # which hook a "hook" report is about (rev5)
+    card_bytes: int | None = None  # bytes of the new slot a block delta took from the card (rev6)
+    delta: str | None = None  # one line: how the delta built the slot, or why the full stream (rev6)
 
     @classmethod
     def from_dict(cls, obj: Any) -> Report:
@@ -761,6 +804,8 @@ class Report:
             output=output,
             hostname=f.optional_text("hostname", HOSTNAME_RE, what="a hostname"),
             hook=f.choice("hook", HookName) if f.raw("hook", optional=True) is not None else None,
+            card_bytes=f.optional_integer("card_bytes"),
+            delta=_one_line(f, "delta"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -776,7 +821,16 @@ class Report:
             **({"output": self.output} if self.output is not None else {}),
             **({"hostname": self.hostname} if self.hostname is not None else {}),
             **({"hook": self.hook} if self.hook is not None else {}),
+            **({"card_bytes": self.card_bytes} if self.card_bytes is not None else {}),
+            **({"delta": self.delta} if self.delta is not None else {}),
         }
+
+
+def _one_line(f: _Fields, key: str) -> str | None:
+    value = f.optional_text(key)
+    if value is not None and ("\n" in value or len(value) > 1000):
+        raise f.fail(key, "must be one line of at most 1000 characters")
+    return value
 
 
 parse_manifest = _parser(Manifest.from_dict, "manifest")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from . import hooks, install, layout, node
+from . import delta, hooks, install, layout, node
 from . import report as reports
 from . import rsync as rsync_mode
 from . import state as slot_state
@@ -222,6 +222,8 @@ class _Update:
         self.plan: Plan | None = None
         self.phase = "plan"  # the step under way: a failure's report and console line name it
         self.installing: tuple[str | None, int | None] = (None, None)  # slot, version: for reports
+        self.card_bytes = 0  # bytes of the new slot a block delta took from the card (delta.py)
+        self.delta_note: str | None = None  # how the slot was built, or why not by delta: for reports
         self.scripts: dict[str, bytes] = {}  # the install's checked hook scripts
 
     def run(self, layout_check: bool) -> Decision:
@@ -428,17 +430,21 @@ class _Update:
         """Stream, verify what was written, then re-read the slot from the medium: False
         when the read-back differs and another attempt remains."""
         with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
-            waits, waited = self.master.busy_waits, self.master.busy_seconds
-            stream = self.watchdog.watch(
-                self.master.stream(manifest.stream_path(path), manifest.stream_size, on_wait=self.wait_for_stream)
-            )
-            written = install.write_stream(stream, self.disk, offset, capacity, manifest)
-            if self.master.busy_waits > waits:  # the master was busy: how long this stream queued
-                self.report(
-                    Phase.WAIT, seconds=self.master.busy_seconds - waited, slot=target, version=manifest.version
+            # a block delta from the card and the master when it can; a second attempt streams it all
+            built = None if last else delta.install(self, path, target, offset, capacity, manifest)
+            if built is None:
+                waits, waited = self.master.busy_waits, self.master.busy_seconds
+                stream = self.watchdog.watch(
+                    self.master.stream(manifest.stream_path(path), manifest.stream_size, on_wait=self.wait_for_stream)
                 )
-        with self.step("verify"):
-            install.verify(written, manifest)
+                written = install.write_stream(stream, self.disk, offset, capacity, manifest)
+                if self.master.busy_waits > waits:  # the master was busy: how long this stream queued
+                    self.report(
+                        Phase.WAIT, seconds=self.master.busy_seconds - waited, slot=target, version=manifest.version
+                    )
+        if built is None:  # a delta is checked block by block as it is built, and whole by the read-back
+            with self.step("verify"):
+                install.verify(written, manifest)
         with self.step("read-back"):
             self.log(f"reading back slot {target}")
             digests = install.read_back(self.disk, offset, manifest.size, progress=self.watchdog.progress)
@@ -683,6 +689,8 @@ class _Update:
                 output=output,
                 hostname=self.plan.hostname if self.plan else None,
                 hook=hook,
+                card_bytes=self.card_bytes if self.delta_note else None,
+                delta=self.delta_note,
             ),
         )
 

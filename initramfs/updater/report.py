@@ -31,6 +31,8 @@ def make(
     output: str | None = None,
     hostname: str | None = None,
     hook: HookName | None = None,
+    card_bytes: int | None = None,
+    delta: str | None = None,
 ) -> Report:
     return Report(
         node=node,
@@ -44,4 +46,6 @@ def make(
         output=None if output is None else output[-MAX_REPORT_OUTPUT:],
         hostname=hostname,
         hook=hook,
+        card_bytes=card_bytes,
+        delta=None if delta is None else " ".join(delta.split())[:1000],
     )

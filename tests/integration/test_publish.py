@@ -72,7 +72,8 @@ def test_publish_writes_stream_manifest_and_latest(tmp_path):
     master = tmp_path / "master"
     m = publish_tree(make_tree(tmp_path / "root"), master)
     vdir = version_dir(master, 1)
-    assert sorted(p.name for p in vdir.iterdir()) == ["manifest.json", "rootfs.ext4.gz"]
+    names = {p.name for p in vdir.iterdir()}
+    assert {"manifest.json", "rootfs.ext4.gz", "rootfs.ext4.index", "rootfs.ext4.pack"} <= names
     on_disk = (vdir / "manifest.json").read_bytes()
     assert on_disk == formats.dump(m) and formats.parse_manifest(on_disk) == m
     stream = (vdir / "rootfs.ext4.gz").read_bytes()
@@ -114,12 +115,16 @@ def test_two_publishes_of_the_same_tree_are_identical(tmp_path):
         ).read_bytes()
 
 
-def test_version_and_epoch_change_the_bytes(tmp_path):
+def test_the_same_tree_gives_the_same_bytes_in_every_version_of_an_image(tmp_path):
+    """UUID and hash seed come from the image's name, not its version (block deltas: two
+    versions differ only where their trees do); another name or epoch changes the bytes."""
     tree = make_tree(tmp_path / "root")
     m1 = publish_tree(tree, tmp_path / "m")
-    m2 = publish_tree(tree, tmp_path / "m")  # version 2: a new filesystem UUID
+    m2 = publish_tree(tree, tmp_path / "m")
     m3 = publish_tree(tree, tmp_path / "m3", source_date_epoch=EPOCH + 1)
-    assert m2.version == 2 and len({m1.sha256, m2.sha256, m3.sha256}) == 3
+    m4 = publish_tree(tree, tmp_path / "m4", image="other")
+    assert m2.version == 2 and m1.sha256 == m2.sha256 and m1.delta == m2.delta
+    assert len({m1.sha256, m3.sha256, m4.sha256}) == 3
 
 
 def test_missing_modules_are_refused(tmp_path):
