@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -276,10 +277,22 @@ def run(config_path: Path, workdir: Path | None = None, rack: int = 0) -> int:
         print()
         print(rack_table(rack_rows))
         print(f"worker disk images and console logs: {base / 'demo'}")
+        print()
+        print(fleet_table(base / "master", cfg.master.stale))
         return 0
     work = Path(workdir) if workdir else cfg.output.directory.parent / "demo"
     rows = story(cfg, work, log=say)
     print()
     print(table(rows))
     print(f"worker disk image and console logs: {work}")
+    print()
+    print(fleet_table(cfg.master.directory, cfg.master.stale))
     return 0
+
+
+def fleet_table(master: Path, stale: int) -> str:
+    """`rackboot status`'s table of the demo's master: what the inventory made of the boots."""
+    from .master import inventory, status
+
+    nodes = inventory.Inventory(master).nodes()
+    return "rackboot status:\n" + status.table(nodes, time.time(), stale, colour=status.use_colour(sys.stdout))

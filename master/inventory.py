@@ -179,6 +179,8 @@ def apply(node: Node, report: Report, received: float) -> Node:
     changes: dict[str, Any] = {"last_phase": str(report.phase), "last_seen": max(node.last_seen, received)}
     if report.time >= CLOCK_SET:
         changes["last_time"] = report.time
+    if report.hostname:  # the name its plan gave it (report rev5) labels it
+        changes["label"] = report.hostname
     phase = report.phase
     if phase in (Phase.PLAN, Phase.LAYOUT, Phase.DOWNLOAD, Phase.VERIFY, Phase.HOOK, Phase.WAIT):
         changes.update(state=NodeState.INSTALLING, installing=True)

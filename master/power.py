@@ -1,8 +1,9 @@
 """`rackboot power on|off|cycle NODE|--all [--stagger S]`: switching workers, with a driver per rack.
 
 ``qemu``: an emulated worker's QMP socket ([power] qmp, with {node}); QEMU runs with
--no-shutdown so a powered-off worker keeps its process: off stops the CPUs, on is a reset
-and a cold start, cycle both. ``command``: a shell command template ([power] command, with
+-no-shutdown so a powered-off worker keeps its process (and without -no-reboot, which
+would turn the reset into a shutdown): off stops the CPUs, on is a reset and a cold start,
+cycle both. ``command``: a shell command template ([power] command, with
 {node} and {action}) for relay boards, PoE switches or uhubctl; it must finish within
 COMMAND_TIMEOUT and exit 0.
 

@@ -108,7 +108,8 @@ def table(nodes: list[Node], now: float, stale_after: float, *, colour: bool = F
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-    lines.append(f"{len(rows)} nodes: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    lines.append(f"{len(rows)} node{'' if len(rows) == 1 else 's'}: {summary}")
     return "\n".join(lines)
 
 

@@ -13,10 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from rackboot import cli, config
+from rackboot import cli, config, demo
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
+from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.master import inventory, rollout, serve
 from rackboot.master.inventory import MIGRATIONS, SCHEMA, Inventory
@@ -143,36 +144,42 @@ def test_without_a_token_in_the_config_no_action_goes_through(tmp_path):
         m.stop()
 
 
-def v1_schema(path: Path) -> None:
-    """An inventory as the first schema made it, with a node and a report in it."""
-    db = sqlite3.connect(path)
-    db.executescript(MIGRATIONS[0])
-    db.execute(
-        "INSERT INTO nodes (id, first_seen, last_seen, state, booted_slot, booted_version) "
-        "VALUES (?, 1.0, 2.0, 'ok', 'a', 1)",
-        (NODE,),
-    )
-    db.execute(
-        "INSERT INTO reports (node, received, time, phase, bytes, seconds) VALUES (?, 2.0, 1700000000.0, 'boot', 0, 0)",
-        (NODE,),
-    )
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
-    db.close()
-
-
 def test_an_older_schema_is_migrated_on_open_keeping_what_it_holds(tmp_path):
-    v1_schema(tmp_path / inventory.FILE)
+    # the golden sample: schema 1 as its code wrote it, with a node, its slots and two reports
+    db = sqlite3.connect(tmp_path / inventory.FILE)
+    db.executescript((GOLDEN / "inventory.schema1.sql").read_text())
+    db.close()
     said: list[str] = []
     inv = Inventory(tmp_path, log=said.append)
     assert inv.schema() == SCHEMA
     node = inv.node(NODE)
-    assert node is not None and (node.state, node.booted_version, node.label) == ("ok", 1, "")
-    assert len(inv.history(NODE)) == 1
+    assert node is not None
+    assert (node.state, node.booted_slot, node.booted_version, node.serial) == ("ok", "b", 2, "10000000cafe")
+    assert node.label == "" and node.slots["a"].version == 1 and node.slots["b"].state == "good"
+    assert [h["phase"] for h in inv.history(NODE)] == ["boot", "confirm"]
     assert inv.db.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] == 0
     assert said == [f"inventory {inv.path}: migrated from schema {v} to {v + 1}" for v in range(1, SCHEMA)]
+    # a report after the migration lands on the migrated node
+    taken = inv.ingest(Report(node=NODE, phase=Phase.BOOT, slot="b", version=2, time=1700000400.0), received=1.7e9)
+    assert taken.outcome == "taken" and len(inv.history(NODE)) == 3
     inv.close()
     assert Inventory(tmp_path).schema() == SCHEMA  # a second open changes nothing
+
+
+def test_the_first_schema_step_makes_what_the_golden_sample_holds():
+    db = sqlite3.connect(":memory:")
+    db.executescript(MIGRATIONS[0])
+    made = sorted(r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL"))
+    golden = sqlite3.connect(":memory:")
+    golden.executescript((GOLDEN / "inventory.schema1.sql").read_text())
+    assert made == sorted(r[0] for r in golden.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL"))
+
+
+def test_the_demo_ends_with_the_status_table(tmp_path):
+    inv = Inventory(tmp_path)
+    inv.ingest(Report(node=NODE, phase=Phase.BOOT, slot="a", version=1, time=1700000000.0))
+    table = demo.fleet_table(tmp_path, 86400)
+    assert table.startswith("rackboot status:\nNODE") and NODE in table and table.endswith("1 node: 1 ok")
 
 
 def test_a_newer_schema_is_refused_in_one_line(tmp_path):

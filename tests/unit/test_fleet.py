@@ -54,6 +54,11 @@ def test_a_trial_that_never_confirms_is_failed_and_the_node_falls_back():
     assert node.last_error == "never confirmed itself"
 
 
+def test_the_hostname_a_node_reports_labels_it():
+    assert run(report(Phase.BOOT, slot="a", version=2, hostname="worker-07")).label == "worker-07"
+    assert run(report(Phase.BOOT, slot="a", version=2), node=Node(id=NODE, label="rack-3")).label == "rack-3"
+
+
 def test_an_install_error_marks_the_slot_bad_not_failed():
     node = run(
         report(Phase.DOWNLOAD, slot="b", version=2),
