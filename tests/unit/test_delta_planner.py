@@ -1,0 +1,158 @@
+"""The delta's planner (where each block comes from), range merging, and the build on
+file-backed slots: only what the card lacks is fetched, right blocks are not rewritten,
+and nothing from the card or the master is written unchecked."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+from rackboot.initramfs.updater import delta
+from rackboot.initramfs.updater.delta import FETCH, KEEP, OTHER, TARGET, ZERO, Step
+from rackboot.initramfs.updater.disk import Disk
+from rackboot.initramfs.updater.errors import UpdaterError
+
+BS = delta.BLOCK_SIZE
+
+
+def blocks(*labels: str) -> bytes:
+    """An image of one block per label: "0" a zero block, any other label its own random bytes."""
+    return b"".join(bytes(BS) if x == "0" else random.Random(x).randbytes(BS) for x in labels)
+
+
+def index_of(data: bytes) -> tuple[delta.BlockIndex, bytes]:
+    pack = io.BytesIO()
+    return delta.build_index(io.BytesIO(data), len(data), pack), pack.getvalue()
+
+
+def hashes(data: bytes) -> list[bytes]:
+    return index_of(data)[0].hashes
+
+
+def sources(steps: list[Step]) -> list[tuple[str, int]]:
+    return [(s.source, s.at) for s in steps]
+
+
+def test_each_block_from_the_cheapest_place():
+    new, _ = index_of(blocks("a", "0", "b", "c", "d", "e"))
+    target = hashes(blocks("a", "x", "x", "x", "x", "d"))
+    other = hashes(blocks("x", "b", "x"))
+    assert sources(delta.plan(new, target, other)) == [
+        (KEEP, -1),  # already in place: not written
+        (ZERO, -1),
+        (OTHER, 1),  # moved: found by hash in the other slot
+        (FETCH, -1),
+        (TARGET, 5),  # further on in the target, read before the build reaches it
+        (FETCH, -1),
+    ]
+
+
+def test_a_target_block_already_behind_the_build_is_not_a_source():
+    new, _ = index_of(blocks("q", "a", "r"))
+    target = hashes(blocks("a", "x", "x"))  # "a" sits at block 0, which the build overwrites first
+    assert sources(delta.plan(new, target, None))[1] == (FETCH, -1)
+    target = hashes(blocks("a", "x", "x", "a"))  # a second copy further on will do
+    assert sources(delta.plan(new, target, None))[1] == (TARGET, 3)
+
+
+def test_an_unknown_card_fetches_everything_but_zeros():
+    new, _ = index_of(blocks("a", "0", "b"))
+    assert [s.source for s in delta.plan(new, None, None)] == [FETCH, ZERO, FETCH]
+    zero_target = hashes(blocks("x", "0", "x"))
+    assert [s.source for s in delta.plan(new, zero_target, None)] == [FETCH, KEEP, FETCH]
+
+
+def test_fetch_share_counts_pack_bytes():
+    new, pack = index_of(blocks("a", "b", "0"))
+    steps = delta.plan(new, None, None)
+    assert delta.fetch_share(new, steps) == len(pack) == 2 * BS  # random blocks are stored as is
+
+
+def test_runs_merge_adjacent_blocks_and_small_gaps_and_skip_zeros():
+    new, _ = index_of(blocks("a", "0", "b", "c", "d", "e", "f"))
+    runs = delta.merge_runs(new, [0, 1, 2, 3, 6], gap=0)
+    assert [(r.first, r.last) for r in runs] == [(0, 3), (6, 6)]  # the zero block has no pack bytes
+    assert runs[0].start == 0 and runs[0].end == 3 * BS and runs[1].start == 5 * BS
+    assert [(r.first, r.last) for r in delta.merge_runs(new, [0, 6], gap=4 * BS)] == [(0, 6)]
+    assert delta.merge_runs(new, [1]) == []
+
+
+class Card:
+    """Two file-backed slots on one real Disk that counts the bytes written to it."""
+
+    def __init__(self, tmp_path, target: bytes, other: bytes, size: int):
+        path = tmp_path / "card.img"
+        path.write_bytes(bytes(2 * size))
+        self.disk = Disk(str(path))
+        self.size = size
+        self.disk.write(0, target)
+        self.disk.write(size, other)
+        self.writes: list[tuple[int, int]] = []
+        write = self.disk.write
+        self.disk.write = lambda at, data: (self.writes.append((at, len(data))), write(at, data))[1]
+
+    def slots(self) -> tuple[delta.Slot, delta.Slot]:
+        return delta.Slot(self.disk, 0, self.size), delta.Slot(self.disk, self.size, self.size)
+
+    def target(self, n: int) -> bytes:
+        return self.disk.read(0, n)
+
+
+def build(card: Card, new_data: bytes, target_hashes, other_hashes, pack_override: bytes | None = None):
+    new, pack = index_of(new_data)
+    pack = pack if pack_override is None else pack_override
+    asked: list[tuple[int, int]] = []
+
+    def fetch(start: int, end: int) -> bytes:
+        asked.append((start, end))
+        return pack[start:end]
+
+    target, other = card.slots()
+    steps = delta.plan(new, target_hashes, other_hashes)
+    tally = delta.build(new, steps, target, other, fetch, gap=0)
+    return tally, asked
+
+
+def test_build_takes_the_card_first_and_fetches_one_merged_range(tmp_path):
+    old = blocks("a", "b", "c", "d", "0", "e")
+    new = blocks("a", "n", "m", "b", "c", "0")  # two new blocks inserted: the rest shifted
+    card = Card(tmp_path, target=blocks("0", "0", "0", "0", "0", "0"), other=old, size=8 * BS)
+    tally, asked = build(card, new, hashes(card.target(len(new))), hashes(old))
+    assert card.target(len(new)) == new
+    assert len(asked) == 1 and asked[0][1] - asked[0][0] == 2 * BS  # "n" and "m", in one request
+    assert (tally.copied, tally.fetched, tally.kept, tally.requests) == (3 * BS, 2 * BS, BS, 1)
+    assert tally.written == 5 * BS and sum(n for _, n in card.writes) == 5 * BS  # the zero block stayed
+
+
+def test_blocks_already_right_are_not_rewritten(tmp_path):
+    new = blocks("a", "b", "c")
+    card = Card(tmp_path, target=new, other=blocks("x"), size=4 * BS)
+    tally, asked = build(card, new, hashes(new), None)
+    assert (tally.kept, tally.written, asked, card.writes) == (3 * BS, 0, [], [])
+
+
+def test_a_card_block_that_lies_is_fetched_instead(tmp_path):
+    new = blocks("a", "b")
+    card = Card(tmp_path, target=blocks("x", "y"), other=blocks("x", "y"), size=4 * BS)
+    # the hashes claim the card holds "a" and "b" (a rw-mounted slot changed since, say)
+    tally, asked = build(card, new, hashes(new), hashes(new))
+    assert len(asked) == 1
+    assert card.target(len(new)) == new and tally.fetched == 2 * BS and tally.kept == 0
+
+
+def test_a_bad_fetched_block_stops_the_build(tmp_path):
+    new = blocks("a", "b")
+    card = Card(tmp_path, target=bytes(2 * BS), other=bytes(2 * BS), size=4 * BS)
+    _, pack = index_of(new)
+    bad = bytearray(pack)
+    bad[BS + 7] ^= 1
+    with pytest.raises(UpdaterError, match="^block 1: its bytes do not match the index's hash$"):
+        build(card, new, None, None, pack_override=bytes(bad))
+
+
+def test_a_short_answer_stops_the_build(tmp_path):
+    new = blocks("a", "b")
+    card = Card(tmp_path, target=bytes(2 * BS), other=bytes(2 * BS), size=4 * BS)
+    with pytest.raises(UpdaterError, match=r"^pack bytes 0-8191: got 4096 bytes$"):
+        build(card, new, None, None, pack_override=index_of(new)[1][:BS])
