@@ -13,8 +13,10 @@ only after the area verified and the MBR points at it, and is trusted only while
 still points at the area it names; any other case (no record, a torn one, a cut between
 switch and record) hashes the active area once and records it.
 
-A card flashed before boot areas has entry 1 spanning the whole region; its boot files
-stay as flashed (reported), and a reflash with a newer sdcard.img gives it two areas.
+A card flashed before boot areas has entry 1 and one FAT over the whole region. When no
+cluster of that FAT lies in the region's upper half (a flashed FAT fills from its start),
+the upper half becomes area B like any inactive area; otherwise the card keeps its boot
+files as flashed and the report says why (a newer sdcard.img gives it two areas).
 """
 
 from __future__ import annotations
@@ -246,22 +248,27 @@ def keep_current(update: _Update, region: tuple[int, int], table: mbr.Mbr, path:
     region_start, region_sectors = region
     entry = table.entry(1)
     active = which_area(entry, region_start, region_sectors)
-    if active == WHOLE:
-        areas(region_start, region_sectors)  # a region too small for two areas says so
-        return Outcome("kept", None, manifest.build, reason=_OLD_CARD), table
     if active is None or entry is None:
         return Outcome("kept", None, manifest.build, reason=_NOT_AN_AREA), table
-    halves = areas(region_start, region_sectors)
-    if manifest.size > halves[active][1] * mbr.SECTOR:
+    try:
+        halves = areas(region_start, region_sectors)
+    except UpdaterError as e:  # a region too small for two areas: one FAT over all of it, as flashed
+        return Outcome("kept", None, manifest.build, reason=str(e).removeprefix("boot files: ")), table
+    if manifest.size > halves["a"][1] * mbr.SECTOR:
         raise UpdaterError(
             f"boot files: build {manifest.build} is {manifest.size} bytes, a boot area of this card "
-            f"holds {halves[active][1] * mbr.SECTOR}"
+            f"holds {halves['a'][1] * mbr.SECTOR}"
         )
-    if holds(update.disk, entry, manifest, progress=update.watchdog.progress):
+    if active == WHOLE:  # a card from before boot areas: area B is the FAT's upper half, if it is free
+        busy = fat_upper_half_in_use(update.disk, entry, halves["b"][0] - entry.start)
+        if busy:
+            return Outcome("kept", None, manifest.build, reason=f"{_OLD_CARD}: {busy}"), table
+        update.log(f"boot files: {_MIGRATING}")
+    elif holds(update.disk, entry, manifest, progress=update.watchdog.progress):
         return Outcome("up-to-date", active, manifest.build, seconds=time.monotonic() - started), table
-    target = next(name for name in AREAS if name != active)
+    target = "b" if active == WHOLE else next(name for name in AREAS if name != active)
     start, sectors = halves[target]
-    update.log(f"boot files: writing build {manifest.build} into boot area {target} (area {active} boots meanwhile)")
+    update.log(f"boot files: writing build {manifest.build} into boot area {target} (partition 1 boots meanwhile)")
     fetched = write_area(update, path, manifest, start * mbr.SECTOR, sectors * mbr.SECTOR)
     new = switched(table, start, sectors)
     update.disk.write(0, mbr.dump(new))  # the switch: one sector
@@ -276,9 +283,39 @@ def keep_current(update: _Update, region: tuple[int, int], table: mbr.Mbr, path:
 
 
 _OLD_CARD = (
-    "partition 1 fills the whole boot region (a card flashed before boot areas): its boot files stay "
-    "as flashed; write this build's sdcard.img to it to have them kept current"
+    "partition 1 fills the whole boot region (a card flashed before boot areas) and its boot files stay "
+    "as flashed (write this build's sdcard.img to it to have them kept current)"
 )
+_MIGRATING = (
+    "partition 1 fills the whole boot region (a card flashed before boot areas); no file of its FAT "
+    "lies in the upper half, which becomes boot area b"
+)
+
+
+def fat_upper_half_in_use(disk: Disk, entry: mbr.Entry, half: int) -> str | None:
+    """None when no cluster of the FAT32 in ``entry`` lies at or past sector ``half`` of it
+    (its free clusters are nobody's: writing them leaves every file as it is), else why not.
+    mkfs.fat and mcopy fill a fresh FAT from its start, so a flashed card has the room."""
+    boot = disk.read(entry.start * mbr.SECTOR, mbr.SECTOR)
+    per_sector, per_cluster, reserved, fats = struct.unpack_from("<HBHB", boot, 11)
+    fat16_size, total, fat_size, flags = struct.unpack_from("<H", boot, 22)[0], *struct.unpack_from("<IIH", boot, 32)
+    if boot[510:512] != b"\x55\xaa" or per_sector != mbr.SECTOR or fat16_size or not fat_size or fats not in (1, 2):
+        return "partition 1 does not hold a FAT32 of 512-byte sectors"
+    if not per_cluster or per_cluster & (per_cluster - 1) or not 0 < total <= entry.sectors or flags & 0x80:
+        return "its FAT32's geometry is not one this updater reads"
+    data = reserved + fats * fat_size
+    if data >= half:
+        return "its FAT tables reach the upper half"
+    clusters = (total - data) // per_cluster
+    first = (half - data) // per_cluster + 2  # the first cluster that ends past `half`
+    if first > clusters + 1:
+        return None
+    at = entry.start * mbr.SECTOR + reserved * mbr.SECTOR + 4 * first
+    table = disk.read(at, 4 * (clusters + 2 - first))
+    used = sum(1 for (value,) in struct.iter_unpack("<I", table) if value & 0x0FFFFFFF)
+    return f"{used} clusters of its FAT lie in the upper half" if used else None
+
+
 _NOT_AN_AREA = "partition 1 is neither boot area of the plan's boot partition: its boot files stay as they are"
 
 

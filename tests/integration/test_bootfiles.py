@@ -188,22 +188,47 @@ def test_a_tampered_boot_image_is_refused_and_the_card_keeps_its_area(master, tm
         assert any("signature" in e for e in errors), errors
 
 
-def test_a_card_from_before_boot_areas_keeps_its_boot_files_and_says_why(master, tmp_path, keys, images):
-    root, server = master
+def old_card(tmp_path: Path, files: dict[str, bytes]) -> tuple[str, bytes]:
+    """A card flashed before boot areas: entry 1 and one FAT32 over the whole boot region."""
     card = tmp_path / "old.img"
     whole = tmp_path / "whole.vfat"
-    sdcard.fat_image(whole, boot_files(1), size_mib=BOOT_MIB, volume_id=1, label="RACKBOOT", mtime=1)
+    sdcard.fat_image(whole, files, size_mib=BOOT_MIB, volume_id=1, label="RACKBOOT", mtime=1)
     with open(card, "wb") as f:
         f.write(mbr.dump(mbr.Mbr(7, (mbr.Entry(1, 0x0C, 8192, BOOT_MIB * 2048, bootable=True),))))
         f.seek(4 * MIB)
         f.write(whole.read_bytes())
         f.truncate(CARD_MIB * MIB)
+    return str(card), whole.read_bytes()
+
+
+def test_a_card_from_before_boot_areas_takes_the_free_upper_half_of_its_fat_as_area_b(master, tmp_path, keys, images):
+    root, server = master
+    card, fat = old_card(tmp_path, boot_files(1))
     release(root, keys["master"], images[2])
-    decision = update(str(card), server, keys["master"])
-    assert decision.action == "installed" and entry_1(str(card)) == (4 * MIB, BOOT_MIB * MIB)
-    assert area(str(card), "a") == whole.read_bytes()[: 40 * MIB]
+    lines: list[str] = []
+    decision = update(card, server, keys["master"], lines.append)
+    assert decision.action == "installed"
+    assert any("no file of its FAT lies in the upper half, which becomes boot area b" in line for line in lines)
+    assert entry_1(card) == (AREA["b"], 40 * MIB) and area(card, "b") == images[2].read_bytes()
+    assert area(card, "a") == fat[: 40 * MIB]  # the old FAT's files, untouched until the next build
     (report,) = [r for r in reports(root) if r["phase"] == "boot-files"]
-    assert "before boot areas" in report["error"] and report["output"].startswith("kept: build")
+    assert report["output"].startswith("switched: build") and report["error"] is None
+
+
+def test_a_card_from_before_boot_areas_with_files_in_the_upper_half_keeps_them_and_says_why(
+    master, tmp_path, keys, images
+):
+    root, server = master
+    card, fat = old_card(tmp_path, {**boot_files(1), "big": bytes(range(256)) * (180 * 1024)})  # 45 MiB
+    release(root, keys["master"], images[2])
+    decision = update(card, server, keys["master"])
+    assert decision.action == "installed" and entry_1(card) == (4 * MIB, BOOT_MIB * MIB)
+    with open(card, "rb") as f:
+        f.seek(4 * MIB)
+        assert f.read(BOOT_MIB * MIB) == fat
+    (report,) = [r for r in reports(root) if r["phase"] == "boot-files"]
+    assert "before boot areas" in report["error"] and "clusters of its FAT lie in the upper half" in report["error"]
+    assert report["output"].startswith("kept: build")
 
 
 def test_the_master_publishes_a_build_once_with_the_same_bytes(tmp_path, keys, images):

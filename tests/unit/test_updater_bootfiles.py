@@ -166,3 +166,26 @@ def test_fuzz_record_bytes(flips):
         raw[at] = value
     record = bootfiles.decode_record(bytes(raw))
     assert record is None or bootfiles.encode_record(record)[:4] == b"RKBA"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=512, max_size=512), st.integers(1, 200_000))
+def test_fuzz_the_old_cards_fat_reader(sector, half):
+    """Whatever a card's first boot sector holds, the FAT reader says "room" or why not, or
+    fails with one UpdaterError line (a read past the card); it never raises anything else."""
+    import tempfile
+
+    from rackboot.initramfs.updater.disk import Disk
+
+    with tempfile.NamedTemporaryFile() as f:
+        f.truncate(8 << 20)
+        with Disk(f.name) as d:
+            d.write(0, sector)
+            entry = mbr.Entry(1, 0x0C, 0, 16384, bootable=True)
+            try:
+                verdict = bootfiles.fat_upper_half_in_use(d, entry, half)
+            except UpdaterError:
+                return
+            assert verdict is None or isinstance(verdict, str)
+            if sector[510:512] != b"\x55\xaa":
+                assert verdict is not None  # no FAT there: never "room"
