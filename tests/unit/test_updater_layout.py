@@ -97,7 +97,7 @@ def test_boot_partition_never_moves():
 
 def test_a_blank_card_with_room_for_two_boot_areas_gets_area_a():
     d = layout.decide(plan(boot=80), None, 512 * MIB, node="w1")
-    boot, *rest = layout.wanted_entries(plan(boot=80), 512 * MIB)
+    _, *rest = layout.wanted_entries(plan(boot=80), 512 * MIB)
     assert d.table.entries[0] == mbr.Entry(1, 0x0C, 4 * 2048, 40 * 2048, bootable=True)
     assert list(d.table.entries[1:]) == rest
 
