@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_build
+import bench_inventory
 import bench_netboot
 import bench_stream
 
@@ -18,6 +19,8 @@ def main() -> int:
     print(bench_build.report(bench_build.bench()), flush=True)
     print("== updater streaming ==", flush=True)
     print(bench_stream.report(bench_stream.bench()), flush=True)
+    print(f"== the inventory: {bench_inventory.WORKERS} workers reporting at once ==", flush=True)
+    print(bench_inventory.report(bench_inventory.bench()), flush=True)
     print("== one arm64 netboot (examples/qemu-virt) ==", flush=True)
     print(bench_netboot.report(bench_netboot.bench()))
     return 0

@@ -1,0 +1,107 @@
+"""The inventory's cost per report: a rack's reports POSTed at once to `rackboot serve` (which
+takes each into SQLite and appends it to reports/<node>.jsonl), against the same reports
+appended as serve did before the inventory (one canonical-JSON line per report under a
+lock), on the same threads. Every report must be counted either way."""
+
+from __future__ import annotations
+
+import http.client
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.formats import Phase, Report
+from rackboot.master import serve
+from rackboot.master.inventory import Inventory
+
+WORKERS = 32
+REPORTS = 40  # per worker: about one update's worth
+
+
+def reports(worker: int) -> list[bytes]:
+    node = f"52-54-00-00-{worker >> 8:02x}-{worker & 0xFF:02x}"
+    phases = [Phase.PLAN, Phase.LAYOUT, Phase.DOWNLOAD, Phase.VERIFY, Phase.COMMIT, Phase.BOOT]
+    return [
+        formats.dump(Report(node=node, phase=phases[n % len(phases)], bytes=n, slot="b", version=2, time=1.7e9 + n))
+        for n in range(REPORTS)
+    ]
+
+
+def timed(work: Callable[[int], None]) -> float:
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(WORKERS)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+def bench() -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        master = Path(tmp) / "master"
+        master.mkdir()
+        server = serve.make_server(master, quiet=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        host, port = server.server_address[:2]
+
+        def post(worker: int) -> None:
+            conn = http.client.HTTPConnection(str(host), port, timeout=60)
+            for body in reports(worker):
+                conn.request("POST", "/report", body, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 204, resp.status
+            conn.close()
+
+        served = timed(post)
+        counted = Inventory(master).count_reports()
+        server.shutdown()
+        server.server_close()
+
+        plain = Path(tmp) / "plain"
+        plain.mkdir()
+        lock = threading.Lock()
+
+        def append(worker: int) -> None:  # the master's old report path, without HTTP
+            for body in reports(worker):
+                report = formats.parse_report(body)
+                line = formats.dump({**report.to_dict(), "received": round(time.time(), 3)})
+                with lock, open(plain / f"{report.node}.jsonl", "ab") as out:
+                    out.write(line)
+
+        appended = timed(append)
+        direct = Path(tmp) / "direct"
+        direct.mkdir()
+        inv = Inventory(direct)
+
+        def ingest(worker: int) -> None:  # the inventory alone, without HTTP
+            for body in reports(worker):
+                inv.ingest(formats.parse_report(body))
+
+        ingested = timed(ingest)
+        total = WORKERS * REPORTS
+        assert counted == total and Inventory(direct).count_reports() == total, (counted, total)
+    return {"reports": total, "served": served, "appended": appended, "ingested": ingested}
+
+
+def report(r: dict[str, float]) -> str:
+    n = r["reports"]
+    return "\n".join(
+        [
+            f"{n:.0f} reports from {WORKERS} workers at once, every one counted",
+            f"  POST /report to rackboot serve (HTTP + inventory + file): {n / r['served']:8.0f} reports/s",
+            f"  inventory alone (SQLite, WAL, one transaction each):      {n / r['ingested']:8.0f} reports/s",
+            f"  reference: appending the line to reports/<node>.jsonl:   {n / r['appended']:8.0f} reports/s",
+            f"  inventory / append: {r['ingested'] / r['appended']:.1f}x the time per report",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    print(report(bench()))
+    sys.exit(0)
