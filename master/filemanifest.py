@@ -29,11 +29,14 @@ def module_name(image: str, version: int) -> str:
     return f"{image}.{version}"
 
 
-def prepare(root: Path, work: Path, *, image: str, version: int) -> FileList:
+def prepare(root: Path, work: Path, *, image: str, version: int, epoch: int) -> FileList:
     """List ``root`` into ``work``/files.list and move it to ``work``/.tree; ``place`` then
-    puts both into the version directory."""
+    puts both into the version directory. Every time in the tree becomes ``epoch``, as in
+    the image: rsync then finds a file unchanged by its size and time, on a slot the image
+    filled as on one rsync filled."""
     if os.geteuid() == 0:
         os.chown(root, 0, 0)  # as mke2fs's root_owner=0:0 makes the image's root directory
+    stamp(root, epoch)
     try:
         data = filemanifest.dump(filemanifest.scan(root))
     except (OSError, UpdaterError) as e:
@@ -44,6 +47,14 @@ def prepare(root: Path, work: Path, *, image: str, version: int) -> FileList:
     return FileList(
         file=FILE, size=len(data), sha256=hashlib.sha256(data).hexdigest(), module=module_name(image, version)
     )
+
+
+def stamp(root: Path, epoch: int) -> None:
+    """atime and mtime of every inode under ``root`` (links themselves, not their targets)."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in (*filenames, *dirnames):
+            os.utime(os.path.join(dirpath, name), (epoch, epoch), follow_symlinks=False)
+    os.utime(root, (epoch, epoch))
 
 
 def place(work: Path, out: Path) -> None:

@@ -83,7 +83,10 @@ def publish_directory(
         fs = pub.work / "rootfs.ext4"
         # seeded by the name alone: versions of one image differ only where their trees do
         make_ext4(root, fs, uuid_seed=image, size_mib=size_mib, source_date_epoch=source_date_epoch)
-        pub.files = filemanifest.prepare(root, pub.work / "files", image=image, version=pub.version)  # rsync mode
+        # rsync mode: the tree and its file manifest
+        pub.files = filemanifest.prepare(
+            root, pub.work / "files", image=image, version=pub.version, epoch=source_date_epoch
+        )
         with open(fs, "rb") as f:
             return pub.finish(
                 f, os.path.getsize(fs), label=label, created=source_date_epoch, kernel_release=kernel_release

@@ -486,6 +486,7 @@ class _Update:
                 disk_path=self.disk_path,
                 offset=offset,
                 capacity=capacity,
+                basis=self.rsync_basis(plan, target),
                 log=self.log,
                 progress=self.watchdog.progress,
                 stage=lambda phase: setattr(self, "phase", phase),
@@ -496,6 +497,19 @@ class _Update:
             f"slot {target} matches the signed file manifest ({filled.files} entries; "
             f"{filled.bytes_received} bytes over rsync in {filled.seconds:.1f} s)"
         )
+
+    def rsync_basis(self, plan: Plan, target: str) -> tuple[str, int, int] | None:
+        """The slot that stays bootable (device, offset, size), for rsync to copy unchanged files from."""
+        other = next((name for name in SLOTS if name != target), None)
+        slot = self.state.slot(other) if other else None
+        if other is None or slot is None or slot.state not in BOOTABLE or plan.layout.get(other) is None:
+            return None
+        number = slot.partition or plan.layout.number(other)
+        table = layout.read_table(self.disk)
+        entry = table.entry(number) if table else None
+        if entry is None or not self.has_ext_superblock(number):
+            return None
+        return partition_device(self.disk_path, number), entry.start * 512, entry.sectors * 512
 
     def wait_for_stream(self, seconds: float) -> None:
         """The master is busy and asked for a wait: the update still moves, it queues. The

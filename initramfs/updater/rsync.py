@@ -13,6 +13,7 @@ format, so a power cut anywhere in here leaves it so too, and the good slot boot
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -21,7 +22,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import filemanifest
@@ -91,13 +92,16 @@ def fill(
     disk_path: str,
     offset: int,
     capacity: int,
+    basis: tuple[str, int, int] | None = None,
     log: Callable[[str], None],
     progress: Callable[[], None],
     stage: Callable[[str], None] = lambda phase: None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Filled:
     """Format the slot, rsync module ``files.module`` into it, and check it against
-    ``expected``; the slot is unmounted on the way out, whatever happened."""
+    ``expected``; the slot is unmounted on the way out, whatever happened. ``basis``: the
+    good slot (device, offset, size), mounted read-only for rsync's --copy-dest, so that
+    unchanged files are copied from the card and changed ones sent as deltas against it."""
     rsync, mke2fs = tools()
     started = time.monotonic()
     target = _Target(device, disk_path, offset, capacity)
@@ -110,7 +114,8 @@ def fill(
         try:
             lost_found = not any(e.path == LOST_FOUND for e in expected)  # the slot's own, not the image's
             url = f"rsync://{_host(master_host)}:{port}/{files.module}/"
-            received = _rsync(rsync, url, point, lost_found, log, progress, sleep)
+            with _basis(basis, disk_path, log) as seed:
+                received = _rsync(rsync, url, point, lost_found, seed, log, progress, sleep)
             stage("verify")
             log(f"checking slot tree against the signed file manifest ({len(expected)} entries)")
             found = filemanifest.scan(
@@ -143,10 +148,42 @@ class _Target:
             return [self.device]
         return ["-E", f"offset={self.offset}", self.disk_path, f"{self.capacity // 1024}k"]
 
-    def mount_args(self) -> list[str]:
+    def mount_args(self, options: str = "") -> list[str]:
         if self.block:
-            return [self.device]
-        return ["-o", f"loop,offset={self.offset},sizelimit={self.capacity}", self.disk_path]
+            return [*(["-o", options] if options else []), self.device]
+        return [
+            "-o",
+            f"{options + ',' if options else ''}loop,offset={self.offset},sizelimit={self.capacity}",
+            self.disk_path,
+        ]
+
+
+@contextlib.contextmanager
+def _basis(basis: tuple[str, int, int] | None, disk_path: str, log: Callable[[str], None]) -> Iterator[str | None]:
+    """The good slot mounted read-only (noload: not even its journal is replayed), or None
+    when there is none or it will not mount: then rsync sends every file whole."""
+    if basis is None:
+        yield None
+        return
+    slot = _Target(basis[0], disk_path, basis[1], basis[2])
+    point = tempfile.mkdtemp(prefix="rsync-basis-", dir=RUN_DIR if os.path.isdir(RUN_DIR) else None)
+    try:
+        try:
+            _run(["mount", "-t", "ext4", *slot.mount_args("ro,noload"), point], "mount the good slot")
+        except UpdaterError as e:
+            log(f"{e}; rsync sends every file")
+            yield None
+            return
+        try:
+            log(f"unchanged files come from the good slot ({slot.shown}), read-only")
+            yield point
+        finally:
+            _run(["umount", point], "umount the good slot")
+    finally:
+        try:
+            os.rmdir(point)
+        except OSError:
+            pass
 
 
 def _is_block(path: str) -> bool:
@@ -165,6 +202,7 @@ def _rsync(
     url: str,
     point: str,
     lost_found: bool,
+    seed: str | None,
     log: Callable[[str], None],
     progress: Callable[[], None],
     sleep: Callable[[float], None],
@@ -178,11 +216,16 @@ def _rsync(
         "-D",
         "--delete",
         "--numeric-ids",
+        # by content: published trees share their times (SOURCE_DATE_EPOCH), so size and time
+        # would take a changed file of the same size for the good slot's copy
+        "--checksum",
+        "--compress",  # zstd when both ends have it (rsync 3.2), else zlib
         "--stats",
         "--info=progress2",
         f"--timeout={IO_TIMEOUT}",
         f"--contimeout={CONNECT_TIMEOUT}",
         *(["--exclude=/lost+found"] if lost_found else []),
+        *([f"--copy-dest={seed}"] if seed else []),
         url,
         point + "/",
     ]
