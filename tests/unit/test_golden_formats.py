@@ -569,11 +569,16 @@ def test_every_sample_is_covered():
         *(f"{n}{sig}" for n in ("plan.format1.rev5.boot.json", "boot.format1.rev1.json") for sig in ("", ".sig")),
         "boot-record.rev1.bin",
         "report.rev7.boot-files.json",
+        # the block delta's samples, checked in test_golden_delta.py
+        *(f"{n}.format1.rev1.bin" for n in ("index", "pack")),
+        *(f"manifest.format1.rev5.delta.json{sig}" for sig in ("", ".sig")),
+        "report.rev8.delta.json",
     }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {
         "README.md",
         "make_golden.py",
         "make_golden_bootfiles.py",
+        "make_golden_delta.py",
     }
     assert present == covered
 
