@@ -430,7 +430,8 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
     pack_path = beside(path, spec.pack)
     if new.pack_size:
         try:
-            u.master.get_range(pack_path, 0, 1)  # a master without Range support is found out before a write
+            # a master without Range support is found out before a byte of the slot is written
+            u.master.get_range(pack_path, 0, 1, on_wait=u.wait_for_stream)
         except NoRange as e:
             raise Fallback(str(e)) from None
     table = _table(u)
@@ -447,7 +448,7 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
 
     def fetch(start: int, end: int) -> bytes:
         try:
-            return u.master.get_range(pack_path, start, end)
+            return u.master.get_range(pack_path, start, end, on_wait=u.wait_for_stream)
         except NoRange as e:  # it did answer the probe: a master that changes its mind fails the install
             raise UpdaterError(str(e)) from None
 

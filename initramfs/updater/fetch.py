@@ -248,13 +248,16 @@ class MasterClient:
         finally:
             conn.close()
 
-    def get_range(self, path: str, start: int, end: int) -> bytes:
+    def get_range(self, path: str, start: int, end: int, *, on_wait: Callable[[float], None] | None = None) -> bytes:
         """Bytes ``start``..``end`` (exclusive) of ``path`` by one Range request, retried like a
-        document; a server that answers anything but that 206 raises NoRange (no partial reads)."""
+        document; a server that answers anything but that 206 raises NoRange (no partial reads).
+        A busy master's 503 is waited out as for a stream (``on_wait`` hears of each wait)."""
 
         def attempt() -> bytes:
             conn, resp = self._open("GET", path, headers={"Range": f"bytes={start}-{end - 1}"})
             try:
+                if resp.status == 503 and (seconds := retry_after(resp.getheader("Retry-After"))) is not None:
+                    raise _Busy(seconds)
                 _check_status(self.url, path, resp, (200, 206))
                 if resp.status != 206:
                     raise NoRange(f"master {self.url}: GET {path}: answered {resp.status} to a Range request")
@@ -269,7 +272,23 @@ class MasterClient:
             finally:
                 conn.close()
 
-        return self._attempts(f"GET {path} bytes {start}-{end - 1}", attempt)
+        waited = 0.0
+        while True:
+            try:
+                return self._attempts(f"GET {path} bytes {start}-{end - 1}", attempt)
+            except _Busy as e:
+                wait = jittered(e.seconds, self.rng)
+                if waited + wait > self.busy_limit:
+                    raise UpdaterError(
+                        f"master {self.url}: GET {path}: busy for {waited:.0f} s of waiting, "
+                        f"more than the {self.busy_limit:g} s a request waits"
+                    ) from None
+                if on_wait:
+                    on_wait(wait)
+                self.sleep(wait)
+                waited += wait
+                self.busy_waits += 1
+                self.busy_seconds += wait
 
     # --- reports ----------------------------------------------------------------------
 
