@@ -7,7 +7,7 @@ import pytest
 from rackboot import config
 from rackboot.errors import ConfigError, RackbootError
 from rackboot.initramfs.updater.formats import Phase, Report
-from rackboot.master import rollout, status, web
+from rackboot.master import power, rollout, status, web
 from rackboot.master.inventory import Node, NodeState, apply, clean_serial, parse_manifest_path
 
 NODE = "52-54-00-12-34-56"
@@ -203,3 +203,36 @@ def test_fleet_settings_are_checked_where_they_enter(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=where):
             config.parse(bad, tmp_path / "rackboot.toml")
+
+
+def power_cfg(tmp_path, command: str, stagger: int = 3) -> config.Config:
+    text = f'[power]\ndriver = "command"\ncommand = "{command}"\nstagger = {stagger}\n'
+    return config.parse(text, tmp_path / "rackboot.toml")
+
+
+def test_the_command_driver_runs_the_template_per_node_staggered_when_switching_on(tmp_path):
+    log = tmp_path / "switched"
+    cfg = power_cfg(tmp_path, f"echo {{node}} {{action}} >> {log}")
+    slept: list[float] = []
+    nodes = ["52-54-00-00-00-01", "52-54-00-00-00-02", "52-54-00-00-00-03"]
+    outcomes = power.switch(cfg, nodes, "on", sleep=slept.append)
+    assert all(o.ok for o in outcomes) and slept == [3, 3]
+    assert log.read_text().splitlines() == [f"{n} on" for n in nodes]
+    assert power.switch(cfg, nodes[:2], "off", sleep=slept.append)[1].ok and slept == [3, 3]  # off: no waiting
+
+
+def test_a_failing_switch_is_one_line_naming_the_node_and_the_rest_are_still_switched(tmp_path):
+    script = tmp_path / "relay.sh"
+    script.write_text('[ "$1" != 52-54-00-00-00-01 ] || { echo relay 1 jammed >&2; exit 3; }\n')
+    cfg = power_cfg(tmp_path, f"sh {script} {{node}} {{action}}", stagger=0)
+    outcomes = power.switch(cfg, ["52-54-00-00-00-01", "52-54-00-00-00-02"], "cycle")
+    assert [o.ok for o in outcomes] == [False, True]
+    with pytest.raises(RackbootError, match=r"1 of 2 failed: 52-54-00-00-00-01: .* exited 3: relay 1 jammed$"):
+        power.check(outcomes)
+
+
+def test_power_without_a_driver_says_so(tmp_path):
+    with pytest.raises(RackbootError, match=r"\[power\] driver is not set"):
+        power.switch(config.parse("", tmp_path / "rackboot.toml"), ["52-54-00-00-00-01"], "on")
+    with pytest.raises(RackbootError, match="expected one of on, off, cycle"):
+        power.switch(power_cfg(tmp_path, "true {node}"), ["52-54-00-00-00-01"], "reboot")
