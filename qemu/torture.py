@@ -3,11 +3,13 @@ an update, power it back, and check that it boots a slot whose bytes are intact.
 
 Every cycle installs something. Three versions of the example image are published and
 the node's plan pins one that no slot on the card holds (with two, both slots would soon
-hold both, and every boot would be up to date). Boot files change every cycle too: a
-second build differs from the first in its kernel command line, and each plan names the
-build whose boot image the card's active boot area does not hold, so every cycle writes
-the other area and moves MBR entry 1 (bootfiles.py). A cut waits for its phase's console
-marker, then a seeded fraction of that phase's length as last measured. The recovery
+hold both, and every boot would be up to date). Once a slot holds a version, installs build
+the other slot by block delta (delta.py): its "delta" phase runs from the planned blocks to the
+read-back, and a cut there leaves a half-built slot that the next boot hashes and finishes.
+Boot files change every cycle too: a second build differs from the first in its kernel
+command line, and each plan names the build whose boot image the card's active boot area
+does not hold, so every cycle writes the other area and moves MBR entry 1 (bootfiles.py).
+A cut waits for its phase's console marker, then a seeded fraction of that phase's length as last measured. The recovery
 boot survives when it reaches "is up", the slot it booted holds, on the disk image, the
 sha256 that the slot state records and that the master published, and MBR entry 1 points
 at a boot area holding one build's boot image whole (QEMU's virt board boots U-Boot from
@@ -20,7 +22,9 @@ import hashlib
 import itertools
 import random
 import re
+import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,29 +32,41 @@ from pathlib import Path
 
 from rackboot import build, config
 from rackboot.errors import RackbootError
-from rackboot.initramfs.updater import install, layout
+from rackboot.initramfs.updater import filemanifest, install, layout
 from rackboot.initramfs.updater import state as slot_state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, SlotState, manifest_path, parse_manifest
+from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, Method, SlotState, manifest_path, parse_manifest
 from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
-from rackboot.master import plans
+from rackboot.master import plans, rsyncd
 from rackboot.qemu import harness
 from rackboot.qemu.runner import QemuWorker
 
 VERSIONS = (1, 2, 3)
-PHASES = ("layout", "boot-files", "stream", "read-back", "commit", "first-boot")
+PHASES = ("layout", "boot-files", "stream", "delta", "read-back", "commit", "first-boot")
+RSYNC = "rsync"  # cut while an rsync install formats and fills its slot (a config whose initramfs has rsync)
 MARKERS = {  # the console line that starts each phase, in boot order; "confirmed" ends the last one
     "layout": r"rackboot: repartitioning",
     "boot-files": r"rackboot: boot files: writing build",
     "stream": r"rackboot: installing \S+ v\d+ into slot",
+    RSYNC: r"rackboot: formatting \S+ as ext4 for rsync",  # an rsync install (updater/rsync.py)
+    "delta": r"rackboot: delta: \d+ of \d+ blocks to fetch",  # a block delta builds the slot (delta.py)
     "read-back": r"rackboot: reading back slot",
     "commit": r"rackboot: committing slot",
     "first-boot": r"rackboot: booting slot \w+ \(installed\)",
     "confirmed": r"rackboot-mark-good: slot",
 }
 # Seconds each phase lasted with the demo root on a 2-core host; replaced by what each boot measures.
-WINDOWS = {"layout": 0.19, "boot-files": 3.0, "stream": 0.6, "read-back": 0.22, "commit": 0.13, "first-boot": 0.33}
+WINDOWS = {
+    "layout": 0.19,
+    "boot-files": 3.0,
+    "stream": 0.6,
+    RSYNC: 2.5,
+    "delta": 1.0,
+    "read-back": 0.22,
+    "commit": 0.13,
+    "first-boot": 0.33,
+}
 SECOND_CMDLINE = "rackboot.torture=build2"  # what the second build's boot files differ in
 UP = re.compile(r"rackboot-demo: v(\d+) is up")
 RESCUE = re.compile(r"rackboot: rescue:")
@@ -86,12 +102,12 @@ class CutResult:
 # --- pure parts ---------------------------------------------------------------------
 
 
-def plan_cuts(rng: random.Random, n: int) -> list[Cut]:
+def plan_cuts(rng: random.Random, n: int, phases: Sequence[str] = PHASES) -> list[Cut]:
     """``n`` cuts: every phase once per round, in a shuffled order. Layout cuts
     start from a blank card, and so does the first cut (the card is new)."""
     cuts: list[Cut] = []
     while len(cuts) < n:
-        order = list(PHASES)
+        order = list(phases)
         rng.shuffle(order)
         cuts += [Cut(phase, rng.random(), phase == "layout") for phase in order]
     cuts = cuts[:n]
@@ -116,8 +132,8 @@ def landed(console: list[str]) -> str:
 
 
 def measure(seen: dict[str, float], windows: dict[str, float]) -> None:
-    """A phase lasts from its marker to the next one; keep the latest length."""
-    names = list(MARKERS)
+    """A phase lasts from its marker to the next one the boot printed; keep the latest length."""
+    names = [name for name in MARKERS if name in seen]  # an install prints some phases only (stream, delta, rsync)
     for phase, following in itertools.pairwise(names):
         if phase in seen and following in seen and seen[following] > seen[phase]:
             windows[phase] = seen[following] - seen[phase]
@@ -164,11 +180,37 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
             False, f"slot {name}: the slot state's sha256 {slot.sha256[:12]} is not v{version}'s {manifest.sha256[:12]}"
         )
     if digest != manifest.sha256:
+        problem = tree_problem(disk, entry.start * 512, entry.sectors * 512, version) if manifest.files else None
+        if manifest.files and problem is None:
+            return Verdict(True, f"slot {name} ({action}) holds v{version}'s files (rsync)", name)
         return Verdict(
             False,
-            f"slot {name}: its bytes hash to sha256 {digest[:12]}, v{version}'s manifest says {manifest.sha256[:12]}",
+            f"slot {name}: its bytes hash to sha256 {digest[:12]}, v{version}'s manifest says {manifest.sha256[:12]}"
+            + (f", nor do its files match: {problem}" if problem else ""),
         )
     return Verdict(True, f"slot {name} ({action}) holds v{version}", name)
+
+
+_MASTER: list[Path] = []  # the master tree whose file manifests tree_problem reads (torture sets it)
+
+
+def tree_problem(disk: Path, offset: int, size: int, version: int) -> str | None:
+    """How the ext4 filesystem at ``offset`` of the disk image differs from ``version``'s
+    signed file manifest (an rsync install fills a slot with the files, not the image's
+    bytes), or None; read through a read-only loop mount."""
+    if not _MASTER:
+        return "no master tree to read the file manifest from"
+    listed = filemanifest.parse((_MASTER[0] / "images" / harness.IMAGE / str(version) / "files.list").read_bytes())
+    with tempfile.TemporaryDirectory(prefix="rackboot-torture-") as point:
+        mount = ["mount", "-o", f"ro,noload,loop,offset={offset},sizelimit={size}", str(disk), point]
+        done = subprocess.run(mount, capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"cannot mount it: {done.stderr.strip()[:100]}"
+        try:
+            lost = frozenset() if any(e.path == b"lost+found" for e in listed) else frozenset([b"lost+found"])
+            return filemanifest.difference(listed, filemanifest.scan(point, skip=lost))
+        finally:
+            subprocess.run(["umount", point], check=False)
 
 
 def check_boot_area(disk: Path, images: dict[str, str], size: int) -> Verdict | None:
@@ -238,17 +280,24 @@ def follow(
 
 def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str], None] = print) -> list[CutResult]:
     """Build, publish the example image three times, serve, and run one cycle per cut."""
+    rsync = any(c.phase == RSYNC for c in cuts)
+    if rsync:  # the rsync cuts' plans name serve's rsync daemon
+        cfg = replace(cfg, master=replace(cfg.master, rsync_port=_free_port()))
     out = harness.prepare(cfg, work, log)
     builds = [cfg, second_build(cfg, out, work / "build2")]
     images = {boot_image(b.output.directory)[0]: b for b in builds}
     for version in VERSIONS:
         harness.publish_example(cfg, cfg.base / "rootfs", work, version)
     manifests = published(cfg.master.directory)
+    _MASTER[:] = [cfg.master.directory]
     disk = work / "worker-disk.img"
     windows = dict(WINDOWS)
     outcomes: list[CutResult] = []
     master = harness.MasterThread(cfg)
+    daemon = rsyncd.RsyncService(cfg.master.directory, "127.0.0.1", cfg.master.rsync_port, log=False) if rsync else None
     try:
+        if daemon is not None:
+            daemon.start()
         for n, cut in enumerate(cuts, start=1):
             if outcomes and not outcomes[-1].verdict.survived:
                 cut = replace(cut, blank=True)  # one brick must not decide the next cycles
@@ -263,8 +312,16 @@ def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str]
             if not outcome.verdict.survived:
                 subprocess.run(["cp", "--sparse=always", str(disk), str(work / f"bricked-{n:03}.img")], check=False)
     finally:
+        if daemon is not None:
+            daemon.stop()
         master.stop()
     return outcomes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def cycle(
@@ -288,7 +345,8 @@ def cycle(
     size = boot_image(out)[1]
     held = boot_area_holds(disk, size)
     other = next(b for sha, b in sorted(images.items()) if sha != held)
-    plans.assign(other, node="default", image=harness.IMAGE, version=version)
+    method = Method.RSYNC if cut.phase == RSYNC else Method.IMAGE
+    plans.assign(other, node="default", image=harness.IMAGE, version=version, method=method)
     delay = 0.0
     with harness.new_worker(cfg, out, disk, Path(f"{logs}-cut.log")) as worker:
         seen: dict[str, float] = {}
@@ -341,7 +399,10 @@ def run(config_path: Path, cuts: int, seed: int, workdir: Path | None = None) ->
     cfg = config.load(config_path)
     work = Path(workdir) if workdir else cfg.output.directory.parent / "torture"
     start = time.monotonic()
-    outcomes = torture(cfg, work, plan_cuts(random.Random(seed), cuts), log=lambda line: print(line, flush=True))
+    phases = (*PHASES, RSYNC) if "/usr/bin/rsync" in cfg.initramfs.binaries else PHASES  # rsync mode's cuts too
+    outcomes = torture(
+        cfg, work, plan_cuts(random.Random(seed), cuts, phases), log=lambda line: print(line, flush=True)
+    )
     lines = summary(outcomes, time.monotonic() - start, seed, work)
     print("\n".join(lines), flush=True)
     return 1 if any(not o.verdict.survived for o in outcomes) else 0

@@ -16,10 +16,10 @@ SLOT_A = 8 << 20  # partition 2 starts here on the test card
 
 
 def test_cuts_repeat_for_a_seed_and_visit_every_phase_each_round():
-    cuts = torture.plan_cuts(random.Random(7), 12)
-    assert cuts == torture.plan_cuts(random.Random(7), 12)
-    assert cuts != torture.plan_cuts(random.Random(8), 12)
     n = len(torture.PHASES)
+    cuts = torture.plan_cuts(random.Random(7), 2 * n)
+    assert cuts == torture.plan_cuts(random.Random(7), 2 * n)
+    assert cuts != torture.plan_cuts(random.Random(8), 2 * n)
     for start in (0, n):
         assert sorted(c.phase for c in cuts[start : start + n]) == sorted(torture.PHASES)
     assert cuts[0].blank and all(c.blank for c in cuts if c.phase == "layout")
@@ -45,6 +45,9 @@ def test_the_cut_lands_after_the_last_marker_printed():
     console = ["rackboot: plan for default", "rackboot: installing example v2 into slot b (/dev/vda3)"]
     assert torture.landed(console) == "stream"
     assert torture.landed(console + ["rackboot: reading back slot b"]) == "read-back"
+    delta = console + ["rackboot: delta: slot a holds example v1: its index from the master"]
+    assert torture.landed(delta + ["rackboot: delta: 37 of 5120 blocks to fetch (40112 bytes)"]) == "delta"
+    assert torture.landed(delta) == "stream"  # the index, before the build: still the stream's phase
     assert torture.landed(["U-Boot 2023.01"]) == "boot"
     assert torture.landed(console[:1] + ["rackboot: boot files: writing build 0123 into boot area b"]) == "boot-files"
 
