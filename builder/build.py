@@ -353,10 +353,9 @@ def card_files(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> dict[st
         firmware = inp.unpacked(board.firmware_package) / "usr/lib/raspi-firmware"
         for name in board.firmware_files:
             files[name] = firmware / name
-        dtb = Path(board.dtbs[0]).name if board.dtbs else ""
-        files["config.txt"] = templates.render("rackboot.firmware", "config.txt.j2", board=board, dtb=dtb).encode()
+        files["config.txt"] = templates.render("rackboot.firmware", "config.txt.j2", board=board).encode()
         for a in on_card:
-            if a.kind == "dtb":  # the firmware reads the device tree from the partition's root
+            if a.kind == "dtb":  # the firmware picks the board's tree from the partition's root
                 files[Path(a.filename).name] = out / a.filename
     return files
 

@@ -52,12 +52,17 @@ def test_pi_card_holds_firmware_uboot_config_and_scripts(tmp_path, board, arch, 
     config_txt = card_file(card, "config.txt").decode()
     assert "kernel=u-boot.bin" in config_txt
     assert ("arm_64bit=1" in config_txt) == (arch == "arm64")
-    dtb = inp.board.dtbs[0].rsplit("/", 1)[-1]
-    assert f"device_tree={dtb}" in config_txt and dtb in names  # the firmware reads it from the root
+    # no fixed tree: the firmware picks the board's own (3B or 3B+) among the upstream names in the root
+    assert "device_tree=" not in config_txt and "upstream_kernel=1" in config_txt.splitlines()
+    assert {rel.rsplit("/", 1)[-1] for rel in inp.board.dtbs} <= names
 
     header, script = uimage.parse_legacy_image(card_file(card, "boot.scr"))
     assert header.type == uimage.TYPES["script"]
     assert b"tftpboot" in script and inp.board.boot_command.encode() in script
+    # U-Boot boots the tree the firmware passed (fdt_addr); the named one only when none was
+    fallback = script.index(b'if test -n "${fdt_addr}"; then')
+    assert script.index(b"fdt move ${fdt_addr} ${fdt_addr_r}") > fallback
+    assert script.index(b"${fdt_addr_r} dtbs/" + inp.board.dtbs[0].rsplit("/", 1)[-1].encode()) > fallback
     kernel = "Image.lzma" if arch == "arm64" else "zImage"
     assert card_file(card, kernel) == (out / kernel).read_bytes()
 
