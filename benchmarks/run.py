@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_bootfiles
 import bench_build
 import bench_inventory
 import bench_netboot
@@ -17,6 +18,8 @@ import bench_stream
 def main() -> int:
     print("== build (examples/qemu-virt) ==", flush=True)
     print(bench_build.report(bench_build.bench()), flush=True)
+    print("== boot files: a new build into the inactive boot area ==", flush=True)
+    print(bench_bootfiles.report(bench_bootfiles.bench()), flush=True)
     print("== updater streaming ==", flush=True)
     print(bench_stream.report(bench_stream.bench()), flush=True)
     print(f"== the inventory: {bench_inventory.WORKERS} workers reporting at once ==", flush=True)
