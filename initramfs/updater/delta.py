@@ -359,6 +359,9 @@ def build(
                 to_fetch.append(i)
                 continue
         if step.source == ZERO:
+            if target.read(i * bs, length) == zeros[:length]:  # a blank card's slot: no write
+                tally.kept += length
+                continue
             target.write(i * bs, zeros[:length])
             tally.zero += length
             tally.written += length
@@ -436,8 +439,9 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
             raise Fallback(str(e)) from None
     table = _table(u)
     other = _slot_of(u, table, other_name)
-    target_hashes = _hashes(u, target, Slot(u.disk, offset, capacity), new)
-    other_hashes = _hashes(u, other_name, other, new) if other else None
+    # the target as it was before this install marked it writing: empty, a version, or half-built
+    target_hashes = _hashes(u, target, u.replaced, Slot(u.disk, offset, capacity), new)
+    other_hashes = _hashes(u, other_name, u.state.slot(other_name), other, new) if other else None
     steps = plan(new, target_hashes, other_hashes)
     share = fetch_share(new, steps)
     if share > MAX_FETCH_SHARE * manifest.stream_size:
@@ -507,15 +511,15 @@ def _slot_of(u, table, name: str) -> Slot | None:
     return Slot(u.disk, *layout.partition_range(table, number))
 
 
-def _hashes(u, name: str, where: Slot, new: BlockIndex) -> list[bytes] | None:
-    """What slot ``name`` holds, block by block: the index of its version when the slot state
-    names one the master still has (signed), else hashed here; None for an empty slot."""
+def _hashes(u, name: str, slot, where: Slot, new: BlockIndex) -> list[bytes] | None:
+    """What slot ``name`` holds (its state ``slot``), block by block: the index of its version
+    when the state names one the master still has (signed), else hashed here (an install that
+    was cut, a version the master dropped); None for an empty slot, which is not read."""
     from .formats import BOOTABLE, manifest_path, parse_manifest
 
-    slot = u.state.slot(name)
     if slot.state == "empty":
         return None
-    if slot.state in BOOTABLE and slot.image and slot.version:
+    if slot.state in (*BOOTABLE, "failed") and slot.image and slot.version:
         try:
             path = manifest_path(slot.image, slot.version)
             held = u.signed_doc(path, parse_manifest)

@@ -222,6 +222,7 @@ class _Update:
         self.plan: Plan | None = None
         self.phase = "plan"  # the step under way: a failure's report and console line name it
         self.installing: tuple[str | None, int | None] = (None, None)  # slot, version: for reports
+        self.replaced = Slot()  # the target slot's state before this install marked it writing
         self.card_bytes = 0  # bytes of the new slot a block delta took from the card (delta.py)
         self.delta_note: str | None = None  # how the slot was built, or why not by delta: for reports
         self.scripts: dict[str, bytes] = {}  # the install's checked hook scripts
@@ -368,6 +369,7 @@ class _Update:
             listed = self.rsync_list(plan, path, manifest)  # rsync mode: checked before the slot is touched
         self.run_hook(HookName.PRE_INSTALL, manifest, scripts, target, number)  # the slot is untouched so far
         entry = Slot(SlotStatus.WRITING, manifest.image, manifest.version, manifest.sha256, number)
+        self.replaced = self.state.slot(target)  # what the slot held: a block delta's first guess at it
         if self.state.primary == target:  # replacing an unconfirmed slot: the good one boots meanwhile
             self.state = replace(self.state, primary=_good(self.state.slots, self.state.last_good))
         self.commit(self.with_slot(target, entry))

@@ -156,3 +156,11 @@ def test_a_short_answer_stops_the_build(tmp_path):
     card = Card(tmp_path, target=bytes(2 * BS), other=bytes(2 * BS), size=4 * BS)
     with pytest.raises(UpdaterError, match=r"^pack bytes 0-8191: got 4096 bytes$"):
         build(card, new, None, None, pack_override=index_of(new)[1][:BS])
+
+
+def test_zero_blocks_are_written_only_where_the_card_is_not_zero(tmp_path):
+    new = blocks("0", "0", "a")
+    card = Card(tmp_path, target=blocks("x", "0", "0"), other=blocks("a"), size=4 * BS)
+    tally, asked = build(card, new, None, hashes(blocks("a")))  # an empty target: nothing known of it
+    assert card.target(len(new)) == new and asked == []
+    assert card.writes == [(0, BS), (2 * BS, BS)] and (tally.zero, tally.kept, tally.copied) == (BS, BS, BS)
