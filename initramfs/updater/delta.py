@@ -19,6 +19,7 @@ hundred KiB), else hashed here from the slot itself.
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import hashlib
 import struct
@@ -205,7 +206,7 @@ def plan(new: BlockIndex, target: list[bytes] | None, other: list[bytes] | None)
     to hold (hashes per block, same size and length), None when unknown. Pure: the build
     checks every block it reads before it writes it."""
     in_other = _first_positions(other) if other else {}
-    in_target = _first_positions(target) if target else {}
+    in_target = _all_positions(target) if target else {}
     steps = []
     for i, h in enumerate(new.hashes):
         if target is not None and i < len(target) and target[i] == h:
@@ -214,7 +215,7 @@ def plan(new: BlockIndex, target: list[bytes] | None, other: list[bytes] | None)
             steps.append(Step(i, ZERO))
         elif h in in_other:
             steps.append(Step(i, OTHER, in_other[h]))
-        elif (j := _later(in_target, h, i, target)) >= 0:
+        elif (j := _later(in_target, h, i)) >= 0:
             steps.append(Step(i, TARGET, j))
         else:
             steps.append(Step(i, FETCH))
@@ -228,17 +229,21 @@ def _first_positions(hashes: list[bytes]) -> dict[bytes, int]:
     return where
 
 
-def _later(in_target: dict[bytes, int], h: bytes, i: int, target: list[bytes] | None) -> int:
+def _all_positions(hashes: list[bytes]) -> dict[bytes, list[int]]:
+    where: dict[bytes, list[int]] = {}
+    for j, h in enumerate(hashes):
+        where.setdefault(h, []).append(j)
+    return where
+
+
+def _later(in_target: dict[bytes, list[int]], h: bytes, i: int) -> int:
     """A target block holding ``h`` that the build has not overwritten yet (it goes in
     order, so only blocks after i are still the old ones), or -1."""
-    j = in_target.get(h, -1)
-    if j > i:
-        return j
-    if j >= 0 and target is not None:  # the first is behind us: look further on
-        for k in range(i + 1, len(target)):
-            if target[k] == h:
-                return k
-    return -1
+    positions = in_target.get(h)
+    if not positions:
+        return -1
+    k = bisect.bisect_right(positions, i)
+    return positions[k] if k < len(positions) else -1
 
 
 @dataclass(frozen=True)
