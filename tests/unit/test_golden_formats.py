@@ -573,6 +573,8 @@ def test_every_sample_is_covered():
         *(f"{n}.format1.rev1.bin" for n in ("index", "pack")),
         *(f"manifest.format1.rev5.delta.json{sig}" for sig in ("", ".sig")),
         "report.rev8.delta.json",
+        # the inventory's first schema, opened and migrated in tests/integration/test_fleet.py
+        "inventory.schema1.sql",
     }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {
         "README.md",
