@@ -87,6 +87,10 @@ node_persist() {  # each persisted directory from data:/persist/<path>, seeded o
 
 node_first_boot() {  # the signed first-boot hook, chrooted, with the root's kernel filesystems
     [ -n "$first_boot" ] || return 0
+    if [ -n "$data_dir" ] && [ -e "$data_dir/rackboot/first-boot/$image-v$version" ]; then  # no Python to start
+        log "first-boot hook of $image v$version ran on this node before; not again"
+        return 0
+    fi
     for dir in run proc sys dev; do
         [ -d "/newroot/$dir" ] || { log "first-boot: the new root has no /$dir to run its hook with"; return 0; }
     done

@@ -1,8 +1,10 @@
 """Each worker its own on one shared image: two QEMU workers (user-mode network, their own
-MACs) boot the example through v1, a reboot and v2. From inside the booted root each
-prints its own hostname and machine-id; a persisted directory keeps the example's boot
-counter across the reboot and the update; the signed first-boot hook runs once per node
-and version; and the slots still hold the exact bytes the master signed."""
+MACs) boot the example through v1, a reboot, v2 and an offline boot; one mounts its slot
+under a tmpfs overlay, the other read-only (the node's files bind-mounted from /run). From
+inside the booted root each prints its own hostname, /etc/hostname, /etc/hosts line and
+machine-id; a persisted directory keeps the example's boot counter across the reboot, the
+update and the offline boot; the signed first-boot hook runs once per node and version;
+and the slots still hold the exact bytes the master signed."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 from rackboot import config
@@ -26,12 +29,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.network]
 PERSIST = "/var/lib/rackboot-demo"  # where the example's init counts its boots
 MACS = ("02:52:00:d5:0e:01", "06:52:00:d5:0e:02")  # distinct first bytes, as qemu/netns.py explains
 NAMES = ("worker-01", "pi-b")  # the pattern's first index; one given with --hostname
+MOUNTS = (formats.Mount.OVERLAY_TMPFS, formats.Mount.RO)  # the second: no upper layer to write into
 FIRST_BOOT = """#!/bin/sh
 # the e2e's first-boot hook: runs chrooted in the new root, writes into a persisted directory
 echo "v$RACKBOOT_VERSION $RACKBOOT_HOSTNAME" >> /var/lib/rackboot-demo/first-boot.log
 echo "first-boot: $RACKBOOT_HOSTNAME is node $RACKBOOT_NODE, $RACKBOOT_IMAGE v$RACKBOOT_VERSION"
 """
-STEPS = (1, 1, 2)  # the version each boot runs: install v1, reboot, install v2
+STEPS = ((1, False), (1, False), (2, False), (2, True))  # (version, master stopped): v1, reboot, v2, offline
+
+
+def assign(cfg, mac: str, version: int) -> None:
+    """The node's own plan for ``version``, mounting its slot as MOUNTS says."""
+    node = plans.node_name(mac)
+    plan = plans.make_plan(cfg, node=node, manifest=formats.manifest_path(harness.IMAGE, version))
+    plans.write_plan(cfg.master.directory, node, replace(plan, mount=MOUNTS[MACS.index(mac)]), key=cfg.master.key)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +57,9 @@ def walk(tmp_path_factory):
     (rootfs / "bin/sh").symlink_to("busybox")  # the hook's /bin/sh in the chroot
     (rootfs / "etc").mkdir(exist_ok=True)
     (rootfs / "etc/machine-id").write_text("")  # systemd's sign that the image wants an id
+    (rootfs / "etc/hostname").write_text("example\n")  # an ro root takes the node's over these
+    (rootfs / "etc/hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\texample\n")
+    (rootfs / PERSIST.lstrip("/")).mkdir(parents=True)  # an ro root cannot make it
     (directory / "hooks/first-boot.sh").write_text(FIRST_BOOT)
     work = directory / "work"
     out = harness.prepare(cfg, work, log=quiet)
@@ -57,21 +71,25 @@ def walk(tmp_path_factory):
         check=True,
         capture_output=True,
     )
+    assign(cfg, MACS[1], 1)  # the same plan, read-only
     disks = [work / f"disk-{i}.img" for i in range(2)]
     for disk in disks:
         harness.blank_card(out / "sdcard.img", disk)
     consoles: list[list[str]] = [[], []]
-    master = harness.MasterThread(cfg)
+    master: harness.MasterThread | None = harness.MasterThread(cfg)
     try:
-        for n, version in enumerate(STEPS, start=1):
+        for n, (version, offline) in enumerate(STEPS, start=1):
             if version > 1 and not (cfg.master.directory / "images/example" / str(version)).is_dir():
                 harness.publish_example(cfg, rootfs, work, version)
                 for mac in MACS:  # each node's own plan to v2: the registry keeps its name
-                    plans.assign(cfg, node=mac, image=harness.IMAGE)
+                    assign(cfg, mac, version)
+            if offline and master:
+                master.stop()
+                master = None
 
-            def boot(i: int, n: int = n, version: int = version) -> str:
+            def boot(i: int, n: int = n, version: int = version, offline: bool = offline) -> str:
                 log = work / "logs" / f"worker{i}-boot{n}.log"
-                with harness.new_worker(cfg, out, disks[i], log, mac=MACS[i]) as worker:
+                with harness.new_worker(cfg, out, disks[i], log, mac=MACS[i], offline=offline) as worker:
                     worker.expect(rf"rackboot-demo: v{version} is up", timeout=400)
                     worker.wait_exit(timeout=120)
                 return log.read_text(errors="replace")
@@ -80,7 +98,8 @@ def walk(tmp_path_factory):
                 for i, text in enumerate(pool.map(boot, range(2))):
                     consoles[i].append(text)
     finally:
-        master.stop()
+        if master:
+            master.stop()
     return directory, cfg, consoles, disks
 
 
@@ -92,8 +111,12 @@ def _line(console: str, prefix: str) -> str:
 
 def test_each_worker_reports_its_own_hostname_from_inside_the_booted_root(walk):
     _, _, consoles, _ = walk
-    for name, boots in zip(NAMES, consoles, strict=True):
+    for name, mount, boots in zip(NAMES, MOUNTS, consoles, strict=True):
+        assert all(f"mounted {mount}" in c for c in boots[:3])  # offline: the card's own mount setting
         assert [_line(c, "hostname ").split(",")[0] for c in boots] == [name] * len(STEPS)
+        # the files too: the overlay's upper layer, or (ro) bind-mounted over the image's
+        assert {_line(c, "/etc/hostname ") for c in boots} == {f"{name}, /etc/hosts 127.0.1.1\t{name}"}
+    assert "no plan this boot: the node's settings as the card keeps them (hostname worker-01)" in consoles[0][3]
 
 
 def test_machine_ids_are_distinct_per_node_and_stable_across_boots_and_updates(walk):
@@ -107,7 +130,7 @@ def test_machine_ids_are_distinct_per_node_and_stable_across_boots_and_updates(w
 def test_a_persisted_directory_survives_a_reboot_and_an_update(walk):
     _, _, consoles, _ = walk
     for boots in consoles:  # the tmpfs overlay alone would say "boot 1" every time
-        assert [re.search(r"boot (\d+) of this root", c).group(1) for c in boots] == ["1", "2", "3"]
+        assert [re.search(r"boot (\d+) of this root", c).group(1) for c in boots] == ["1", "2", "3", "4"]
         assert "formatting the data partition" in boots[0]
         assert all("formatting the data partition" not in c for c in boots[1:])
 
@@ -119,6 +142,7 @@ def test_the_first_boot_hook_ran_once_per_version(walk):
             f"v1 {name}",
             f"v1 {name}",  # the reboot did not run it again
             f"v1 {name} v2 {name}",
+            f"v1 {name} v2 {name}",  # offline: no manifest, no hook
         ]
         assert "first-boot hook of example v1 ran on this node before; not again" in boots[1]
     for mac, name in zip(MACS, NAMES, strict=True):
