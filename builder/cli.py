@@ -283,7 +283,8 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="WHEN=SCRIPT",
         help="a script the worker runs as root, signed with the image: pre-install (before "
-        "the slot is written) or post-install (after it verified, before it is committed)",
+        "the slot is written), post-install (after it verified, before it is committed) or "
+        "first-boot (chrooted into the new root before it boots, once per node and version)",
     )
     pub.add_argument(
         "--hook-timeout",
