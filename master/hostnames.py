@@ -117,9 +117,10 @@ def assign(master: Path, node: str, *, hostname: str | None, pattern: str) -> st
         taken = next((other for other, e in sorted(nodes.items()) if e["hostname"] == name and other != node), None)
         if taken:
             raise RackbootError(f"hostname {name!r} is node {taken}'s already; give {node} another (--hostname)")
-        nodes[node] = {"index": index, "hostname": name}
-        doc["next_index"] = max(doc["next_index"], index + 1)
-        atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+        if nodes.get(node) != {"index": index, "hostname": name}:  # a plan rewritten as it was writes nothing
+            nodes[node] = {"index": index, "hostname": name}
+            doc["next_index"] = max(doc["next_index"], index + 1)
+            atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
         return name
     finally:
         os.close(lock)

@@ -58,6 +58,9 @@ def test_indexes_follow_plan_creation_and_are_never_reused(tmp_path):
     assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-01"  # kept
     assert hostnames.assign(tmp_path, C, hostname=None, pattern=pattern) == "worker-03"  # 2 is B's, even renamed
     assert hostnames.assign(tmp_path, B, hostname="db2", pattern=pattern) == "db2"
+    before = (tmp_path / hostnames.REGISTRY).stat().st_ino
+    assert hostnames.assign(tmp_path, B, hostname="db2", pattern=pattern) == "db2"
+    assert (tmp_path / hostnames.REGISTRY).stat().st_ino == before  # unchanged: not rewritten
     assert {n: (e.index, e.hostname) for n, e in hostnames.read(tmp_path).items()} == {
         A: (1, "worker-01"),
         B: (2, "db2"),
