@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import stat
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from .errors import UpdaterError
 from .formats import MAX_FILE_LIST as MAX_BYTES  # a root of ~500k inodes fits; anything bigger is hostile
 
 MAGIC = b"rackboot-files 1\n"
+GZIP_MAGIC = b"\x1f\x8b"
 MAX_ID = (1 << 32) - 1
 TYPES = "fhdlcbps"
 _HEX64 = re.compile(rb"[0-9a-f]{64}")
@@ -86,6 +88,23 @@ def unquote(text: bytes) -> bytes:
 
 def dump(entries: list[Entry]) -> bytes:
     return MAGIC + b"".join(e.line() for e in entries)
+
+
+def load(data: bytes) -> list[Entry]:
+    """``parse`` of the file as the master serves it: gzip (publish writes it so: a root's
+    list is ~100 bytes a file, a quarter of that compressed), or plain."""
+    if data[:2] != GZIP_MAGIC:
+        return parse(data)
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        plain = inflate.decompress(data, MAX_BYTES + 1)
+    except zlib.error as e:
+        raise UpdaterError(f"file manifest: not valid gzip: {e}") from None
+    if len(plain) > MAX_BYTES:
+        raise UpdaterError(f"file manifest: inflates to more than the {MAX_BYTES} bytes allowed")
+    if not inflate.eof or inflate.unused_data:
+        raise UpdaterError("file manifest: the gzip stream is truncated or followed by other bytes")
+    return parse(plain)
 
 
 def parse(data: bytes) -> list[Entry]:

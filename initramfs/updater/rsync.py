@@ -66,7 +66,7 @@ def fetch_list(master: MasterClient, manifest_path: str, manifest: Manifest) -> 
             f"file manifest: {path} is {len(data)} bytes with sha256 {digest[:16]}..., the signed manifest "
             f"says {files.size} bytes, {files.sha256[:16]}...; not used"
         )
-    return filemanifest.parse(data)
+    return filemanifest.load(data)
 
 
 def tools() -> tuple[str, str]:

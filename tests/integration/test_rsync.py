@@ -26,6 +26,7 @@ from rackboot.initramfs.updater.formats import Action, Method, Plan
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.initramfs.updater.signature import Verifier
 from rackboot.initramfs.updater.state import read as read_state
+from rackboot.master import filemanifest as published_files
 from rackboot.master import plans, publish, rsyncd, serve, signing
 
 from tests.helpers import write_config
@@ -157,7 +158,7 @@ def test_publish_keeps_the_tree_for_rsync_and_pins_its_file_manifest(tmp_path, m
     version = master.root / "images" / IMAGE / "1"
     manifest = formats.parse_manifest((version / "manifest.json").read_bytes())
     assert manifest.files is not None and manifest.files.module == "example.1"
-    listed = filemanifest.parse((version / "files.list").read_bytes())
+    listed = filemanifest.load((version / published_files.FILE).read_bytes())
     assert filemanifest.difference(listed, filemanifest.scan(version / ".tree")) is None
     kinds = {e.path: e.type for e in listed}
     assert kinds[b"usr/bin/tool"] == "f" and kinds[b"usr/bin/tool-again"] == "h" and kinds[b"dev/null"] == "c"
@@ -181,7 +182,7 @@ def test_rsync_installs_v1_then_v2_each_checked_against_the_signed_file_manifest
     assert first.bytes_fetched > 200_000  # the incompressible tool came over rsync (and the file list over HTTP)
     st = state(card)
     assert st.primary == "a" and st.slot("a").state == "trial"
-    published = filemanifest.parse((master.root / "images/example/1/files.list").read_bytes())
+    published = filemanifest.load((master.root / "images/example/1" / published_files.FILE).read_bytes())
     assert filemanifest.difference(published, slot_tree(card, 2, tmp_path)) is None
 
     master.release(make_root(tmp_path, 2), 2)
@@ -193,7 +194,7 @@ def test_rsync_installs_v1_then_v2_each_checked_against_the_signed_file_manifest
     assert second.bytes_fetched < first.bytes_fetched / 10
     tree = slot_tree(card, 3, tmp_path)
     assert b"etc/new-in-v2" in {e.path for e in tree}
-    v2 = filemanifest.parse((master.root / "images/example/2/files.list").read_bytes())
+    v2 = filemanifest.load((master.root / "images/example/2" / published_files.FILE).read_bytes())
     assert filemanifest.difference(v2, tree) is None
 
 
@@ -215,8 +216,10 @@ def test_a_changed_file_manifest_is_refused_before_the_slot_is_touched(tmp_path,
     master.release(make_root(tmp_path, 1), 1)
     assert update(card, master, keys).slot == "a"
     master.release(make_root(tmp_path, 2), 2)
-    listing = master.root / "images/example/2/files.list"
-    listing.write_bytes(listing.read_bytes().replace(b"v2", b"v3"))  # same size, other bytes: not what was signed
+    listing = master.root / "images/example/2" / published_files.FILE
+    data = bytearray(listing.read_bytes())
+    data[len(data) // 2] ^= 1  # same size, other bytes: not what was signed
+    listing.write_bytes(data)
     before = Path(card).read_bytes()[(84 << 20) : (84 << 20) + (1 << 20)]
     decision = update(card, master, keys)
     assert (decision.action, decision.slot) == (Action.REFUSED, "a")

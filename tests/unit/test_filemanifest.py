@@ -4,6 +4,7 @@ scan that both the master and the worker run, and the comparison's one-line answ
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 
@@ -138,3 +139,32 @@ def test_difference_names_the_first_path_and_field_that_differ(tmp_path):
     assert fm.difference(signed, fm.scan(root, skip=frozenset([b"extra"]))) is None
     (root / "f").unlink()
     assert fm.difference(signed, fm.scan(root, skip=frozenset([b"extra"]))) == "/f is missing"
+
+
+def test_the_served_file_is_gzip_and_plain_still_reads():
+    entries = fm.parse(SAMPLE)
+    assert fm.load(gzip.compress(SAMPLE, mtime=0)) == entries == fm.load(SAMPLE)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (gzip.compress(SAMPLE)[:-9], "truncated"),
+        (gzip.compress(SAMPLE) + b"x", "followed by other bytes"),
+        (b"\x1f\x8b" + b"\0" * 20, "not valid gzip"),
+        (gzip.compress(fm.MAGIC + b" " * fm.MAX_BYTES), "inflates to more than"),
+    ],
+)
+def test_bad_gzip_is_one_line(data, message):
+    with pytest.raises(UpdaterError, match=message):
+        fm.load(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_gzip_bytes(data):
+    for candidate in (fm.GZIP_MAGIC + data, gzip.compress(data)):
+        try:
+            fm.load(candidate)
+        except UpdaterError:
+            pass
