@@ -216,6 +216,9 @@ def apply(node: Node, report: Report, received: float) -> Node:
             booted_slot=report.slot,
             booted_version=report.version,
         )
+    named = slots.get(report.slot) if report.slot else None
+    if report.slot and named and named.image is None and image is not None and named.version == report.version:
+        slots[report.slot] = replace(named, image=image)  # reported before its plan told us the image
     if not node.adopted:  # what it reports is kept; what it waits for is adoption
         changes["state"] = NodeState.WAITING
     return replace(node, slots=slots, **changes)

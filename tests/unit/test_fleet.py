@@ -3,12 +3,14 @@ arithmetic, a rollout node's judgement, the token check and the power command te
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from rackboot import config
 from rackboot.errors import ConfigError, RackbootError
 from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.master import power, rollout, status, web
-from rackboot.master.inventory import Node, NodeState, apply, clean_serial, parse_manifest_path
+from rackboot.master.inventory import Node, NodeState, SlotInfo, apply, clean_serial, parse_manifest_path
 
 NODE = "52-54-00-12-34-56"
 
@@ -52,6 +54,14 @@ def test_a_trial_that_never_confirms_is_failed_and_the_node_falls_back():
     assert node.slots["b"].state == "failed" and node.slots["a"].state == "good"
     assert (node.state, node.last_action, node.booted_slot) == (NodeState.FALLBACK, "fallback", "a")
     assert node.last_error == "never confirmed itself"
+
+
+def test_a_confirmation_sent_before_the_plan_request_gets_its_image_later():
+    # the updater takes a confirmation before it asks for its plan: the first report of a node
+    node = apply(Node(id=NODE), report(Phase.CONFIRM, slot="a", version=1), received=1.0)
+    assert node.slots["a"] == SlotInfo(None, 1, "good")
+    planned = replace(node, image="example", version=1)  # then its plan request names the image
+    assert run(report(Phase.BOOT, slot="a", version=1), node=planned).slots["a"] == SlotInfo("example", 1, "good")
 
 
 def test_the_hostname_a_node_reports_labels_it():
