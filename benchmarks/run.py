@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_bootfiles
 import bench_build
+import bench_delta
 import bench_inventory
 import bench_netboot
 import bench_stream
@@ -22,6 +23,8 @@ def main() -> int:
     print(bench_bootfiles.report(bench_bootfiles.bench()), flush=True)
     print("== updater streaming ==", flush=True)
     print(bench_stream.report(bench_stream.bench()), flush=True)
+    print("== v1 -> v2, one Debian package upgraded: block delta vs full stream ==", flush=True)
+    print(bench_delta.report(bench_delta.bench()), flush=True)
     print(f"== the inventory: {bench_inventory.WORKERS} workers reporting at once ==", flush=True)
     print(bench_inventory.report(bench_inventory.bench()), flush=True)
     print("== one arm64 netboot (examples/qemu-virt) ==", flush=True)
