@@ -242,3 +242,23 @@ def test_the_master_publishes_a_build_once_with_the_same_bytes(tmp_path, keys, i
     manifest = bootfiles.parse_boot_manifest(d1.read_bytes())
     assert (manifest.size, manifest.sha256) == (40 * MIB, hashlib.sha256(images[2].read_bytes()).hexdigest())
     assert sorted(p.name for p in (tmp_path / "m1/boot").iterdir()) == [manifest.build]
+
+
+def test_rackboot_plan_names_the_builds_boot_files_and_none_before_a_build(tmp_path, keys, images):
+    from rackboot import config
+    from rackboot.master import plans
+
+    from tests.helpers import write_config
+
+    cfg = config.load(write_config(tmp_path, master={"key": str(keys["master"])}))
+    publish(cfg.master.directory, 1, image_bytes(1))
+    before = formats.parse_plan(plans.assign(cfg, node="default", image="example", version=1).read_bytes())
+    assert before.boot is None and not (cfg.master.directory / "boot").exists()
+    cfg.output.directory.mkdir(parents=True)
+    (cfg.output.directory / "boot.vfat").write_bytes(images[2].read_bytes())
+    plan = formats.parse_plan(plans.assign(cfg, node="default", image="example", version=1).read_bytes())
+    assert plan.boot == f"/boot/{boot_build(images[2])}/boot.json"
+    signed = cfg.master.directory / plan.boot.lstrip("/")
+    Verifier(str(signing.public_key_path(keys["master"]))).check(
+        plan.boot, signed.read_bytes(), signed.with_name("boot.json.sig").read_bytes()
+    )
