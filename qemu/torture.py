@@ -39,6 +39,7 @@ from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, Method, SlotState, manifest_path, parse_manifest
 from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
 from rackboot.master import plans, rsyncd
+from rackboot.master.filemanifest import FILE as FILE_LIST
 from rackboot.qemu import harness
 from rackboot.qemu.runner import QemuWorker
 
@@ -200,7 +201,7 @@ def tree_problem(disk: Path, offset: int, size: int, version: int) -> str | None
     bytes), or None; read through a read-only loop mount."""
     if not _MASTER:
         return "no master tree to read the file manifest from"
-    listed = filemanifest.parse((_MASTER[0] / "images" / harness.IMAGE / str(version) / "files.list").read_bytes())
+    listed = filemanifest.load((_MASTER[0] / "images" / harness.IMAGE / str(version) / FILE_LIST).read_bytes())
     with tempfile.TemporaryDirectory(prefix="rackboot-torture-") as point:
         mount = ["mount", "-o", f"ro,noload,loop,offset={offset},sizelimit={size}", str(disk), point]
         done = subprocess.run(mount, capture_output=True, text=True)
