@@ -64,7 +64,7 @@ def card(tmp_path):
         d.write(SLOT_A, content)
         sha = hashlib.sha256(content).hexdigest()
         state.write(d, SlotState(slots={"a": Slot("good", "example", 1, sha, 2)}, primary="a", last_good="a"))
-    return path, {1: SimpleNamespace(size=len(content), sha256=sha)}
+    return path, {1: SimpleNamespace(size=len(content), sha256=sha, files=None)}
 
 
 UP = ["rackboot: booting slot a (up-to-date) from /dev/vda2 mounted ro", "rackboot-demo: v1 is up (6.1), boot 1"]
