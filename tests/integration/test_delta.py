@@ -48,6 +48,9 @@ def images(tmp_path_factory):
     for version, extra in ((1, False), (2, True)):
         src = tree(base / f"tree{version}", extra=extra)
         publish.publish_directory(src, master, image="example", version=version, source_date_epoch=EPOCH)
+    src = tree(base / "tree3", extra=True)  # v3: v2 with one more file changed
+    (src / "etc/hostname").write_text("worker-3\n")
+    publish.publish_directory(src, master, image="example", version=3, source_date_epoch=EPOCH)
     return master
 
 
@@ -127,6 +130,27 @@ def test_v2_is_built_from_the_card_and_a_few_blocks_of_the_master(master, card):
     download = [r for r in reports(root) if r["phase"] == "download" and r.get("version") == 2][-1]
     assert download["delta"].startswith("delta: ") and download["card_bytes"] > v2.size // 2
     assert download["bytes"] - first.bytes_fetched == fetched
+
+
+def test_blocks_already_in_the_target_are_not_written_again(master, card):
+    """v3 goes into slot a over v1 (neither v1 nor v2 confirmed itself, so the newer v2 in slot b
+    stays): the blocks v1 and v3 share at the same offsets stay as they are, unwritten."""
+    root, server = master
+    for version in (1, 2):
+        write_plan(root, f"/images/example/{version}/manifest.json")
+        update(card, server.url)
+    write_plan(root, "/images/example/3/manifest.json")
+    log: list[str] = []
+    third = update(card, server.url, log)
+    v3 = manifest(root, 3)
+    assert (third.slot, third.action, third.version) == ("a", "installed", 3)
+    assert slot_bytes(card, SLOT_A, v3.size) == image(root, 3)
+    summary = next(line for line in log if line.startswith("delta: ") and "written" in line)
+    written = float(summary.rsplit("; ", 1)[1].split(" MiB")[0])
+    kept = float(summary.split("MiB already in place")[0].rsplit("(", 1)[1])
+    size = v3.size / (1 << 20)
+    assert written < size / 4 and kept > size / 2, summary  # what moved since v1, not the slot
+    assert any("slot a holds example v1: its index from the master" in line for line in log), log
 
 
 def test_a_tampered_block_is_refused_and_the_good_slot_boots(master, card):
