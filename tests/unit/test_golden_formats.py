@@ -575,12 +575,20 @@ def test_every_sample_is_covered():
         "report.rev8.delta.json",
         # the inventory's first schema, opened and migrated in tests/integration/test_fleet.py
         "inventory.schema1.sql",
+        # rsync mode's samples, checked in test_golden_rsync.py
+        *(
+            f"{n}{sig}"
+            for n in ("plan.format1.rev6.rsync.json", "manifest.format1.rev4.files.json")
+            for sig in ("", ".sig")
+        ),
+        "files.format1.rev1.list",
     }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {
         "README.md",
         "make_golden.py",
         "make_golden_bootfiles.py",
         "make_golden_delta.py",
+        "make_golden_rsync.py",
     }
     assert present == covered
 
