@@ -355,3 +355,19 @@ def test_a_rollout_allows_k_failures_per_wave(tmp_path):
         assert (running["state"], running["nodes"][NODES[0]]["state"]) == ("running", "failed")
     finally:
         m.stop()
+
+
+def test_an_aborted_rollout_leaves_the_plans_as_they_are_and_moves_no_further(tmp_path, capsys):
+    cfg = make_cfg(tmp_path)
+    m = Master(cfg)
+    try:
+        rack(m)
+        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="1,rest", max_failed=0)
+        assert cli.main(["rollout", "-c", str(cfg.path), "--abort"]) == 0
+        assert "aborted in wave 1" in capsys.readouterr().out
+        assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1.0e9 + 1) == 204
+        assert [plan_version(m, n) for n in NODES] == [2, None, None, None]
+        assert cli.main(["rollout", "-c", str(cfg.path), "--abort"]) == 1
+        assert "no rollout is running" in capsys.readouterr().err
+    finally:
+        m.stop()
