@@ -828,6 +828,10 @@ def parse(text: str, path: Path) -> Config:
     problem = persist_problem(sections["layout"].persist)  # each path was checked alone: now together
     if problem:
         raise ConfigError(f"{path}: [layout] persist: {problem}")
+    if sections["layout"].persist and not any(p.name == "data" for p in sections["layout"].partitions):
+        raise ConfigError(
+            f"{path}: [layout] persist: persisted paths live on a partition named 'data', and the layout has none"
+        )
     return Config(path=path, **sections)
 
 

@@ -150,6 +150,17 @@ def test_persist_errors_are_one_config_line_and_exit_2(tmp_path, persist, messag
     assert len(done.stderr.strip().splitlines()) == 1 and "persist" in done.stderr
 
 
+def test_persist_needs_a_data_partition(tmp_path):
+    parts = [
+        {"name": "boot", "size_mib": 64, "type": "0c"},
+        {"name": "a", "size_mib": 64},
+        {"name": "b", "size_mib": 64},
+    ]
+    with pytest.raises(ConfigError, match=r"\[layout\] persist: persisted paths live on a partition named 'data'"):
+        config.load(write_config(tmp_path, layout={"partitions": parts, "persist": ["/etc/ssh"]}))
+    assert config.load(write_config(tmp_path, layout={"partitions": parts})).layout.persist == ()
+
+
 # --- the plan's rev4 fields -------------------------------------------------------------
 
 PLAN = {
