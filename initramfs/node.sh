@@ -63,7 +63,7 @@ node_identity() {
         node_place hosts /etc/hosts
     fi
     # systemd's convention: an image that wants an id has the file, possibly empty
-    if [ -n "$machine_id" ] && [ -e /newroot/etc/machine-id ]; then
+    if [ -n "$machine_id" ] && { [ -e /newroot/etc/machine-id ] || [ -L /newroot/etc/machine-id ]; }; then
         echo "$machine_id" > "$NODE_RUN/machine-id"
         node_place machine-id /etc/machine-id
     fi
