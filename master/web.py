@@ -65,7 +65,7 @@ class Fleet:
         fleet = cls(master, Inventory(master, log=log), config, log)
         if config is not None:  # every report taken may move a rollout on; a restart continues it
             power = _power(config, log)
-            fleet.inventory.hooks.append(lambda inv, _node: rollout.advance(config, inv, power=power))
+            fleet.inventory.hooks.append(lambda inv, _node: rollout.advance(config, inv, power=power, quick=True))
             rollout.advance(config, fleet.inventory, power=power)
         return fleet
 
