@@ -34,8 +34,11 @@ class Board:
     uboot_arch: str = "arm64"  # U-Boot legacy image arch field
     watchdog: tuple[str, ...] = ()  # the hardware watchdog's driver, loaded by /init
     # U-Boot's TFTP client, as the boot scripts set it: bytes per block (1468 fills one
-    # 1500-byte frame; larger needs IP reassembly in U-Boot), milliseconds before a block is
-    # asked for again, and timeouts in a row before the transfer fails (and the card boots)
+    # 1500-byte frame; larger needs IP reassembly in U-Boot, and the master's dnsmasq caps a
+    # block at the interface's MTU less 32 anyway), milliseconds before a block is asked for
+    # again, and timeouts in a row before the transfer fails (and the card boots). No
+    # tftpwindowsize: Debian's U-Boot 2023.01 would ask for RFC 7440 windows, but dnsmasq
+    # 2.90 answers only blksize and tsize, so a transfer stays one block per round trip.
     tftp_blocksize: int = 1468
     tftp_timeout_ms: int = 1000
     tftp_timeout_count: int = 3
