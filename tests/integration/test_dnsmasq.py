@@ -162,6 +162,39 @@ def test_a_killed_serve_takes_its_dnsmasq_along(tmp_path, netns):
     wait_gone(conf)
 
 
+@pytest.mark.slow  # starts serve in a namespace
+def test_tftp_options_match_the_board_profiles(tmp_path, netns):
+    """What U-Boot may ask of the master's dnsmasq over a 1500-byte link: a block of at most
+    the profiles' 1468 bytes (the MTU less IP, UDP and TFTP headers), and no RFC 7440 window,
+    which dnsmasq does not answer (so the profiles set none)."""
+    from rackboot.firmware import boards
+
+    subprocess.run(["ip", "-n", f"{netns}w", "addr", "add", "10.213.0.50/24", "dev", "rk1"], check=True)
+    proc = serve(netns, rack_config(tmp_path), tmp_path / "serve.log")
+    options = [b"boot.scr.uimg", b"octet", b"blksize", b"8192", b"windowsize", b"8", b"tsize", b"0"]
+    request = (b"\0\1" + b"\0".join(options) + b"\0").hex()
+    code = f"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.sendto(bytes.fromhex("{request}"), ("{MASTER}", 69))
+sys.stdout.write(s.recv(65536).hex())
+"""
+    try:
+        done = subprocess.run(
+            in_ns(f"{netns}w", sys.executable, "-c", code), capture_output=True, text=True, timeout=60
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert done.returncode == 0, done.stderr
+    reply = bytes.fromhex(done.stdout)
+    assert reply[:2] == b"\0\6", reply  # OACK
+    fields = reply[2:].split(b"\0")[:-1]
+    assert dict(zip(fields[::2], fields[1::2], strict=True)) == {b"blksize": b"1468", b"tsize": b"300000"}
+    assert {board.tftp_blocksize for board in boards.BOARDS.values()} == {1468}
+
+
 @pytest.fixture
 def nobodys_build() -> Iterator[Path]:
     """A directory whose build/ belongs to nobody, which dnsmasq then runs as; readable by
