@@ -143,8 +143,9 @@ def test_write_errors_in_slot_b_leave_it_uncommitted_and_a_clean_boot_installs_v
 
 def test_read_errors_during_read_back_leave_slot_b_uncommitted(card, tmp_path):
     disk = copy_card(card, tmp_path / "disk.img")
-    # in the middle of v2: only the read-back reads it (writing whole pages reads nothing)
-    fault = DiskFault("read", sector=card.slot_b + card.v2_sectors // 2)
+    # v2's superblock: only the read-back reads it (writing whole pages reads nothing; the block
+    # delta reads slot b, which held nothing, only where v2 has zeros, to leave zeros unwritten)
+    fault = DiskFault("read", sector=card.slot_b + 2)
     console, reports = boot(card, disk, tmp_path / "fault.log", [fault])
     assert "reading back slot b" in console
     downloads = [(r["slot"], r["version"], r["error"]) for r in reports if r["phase"] == "download"]
