@@ -22,7 +22,24 @@ def qemu_command(cfg: Config, *, expect: str | None, timeout: float, disks: list
             raise RackbootError(f"disk image {disk} does not exist")
     log = log or out.parent / f"{out.name}-console.log"
     machine = profile(cfg.board.name, cfg.board.arch)
-    with QemuWorker(machine, log_path=log, tftp_dir=out, bootfile=build.NETBOOT_SCRIPT, disks=disks) as worker:
+    options: dict[str, Path] = {}
+    if machine.uboot == "card":  # an emulated Pi: its U-Boot and tree come from the card
+        from rackboot.qemu.harness import card_uboot
+
+        if not disks:
+            raise RackbootError(
+                f"the emulated {machine.name} boots from its card: give --disk (sdcard.img at its start)"
+            )
+        options = card_uboot(cfg, out)
+    with QemuWorker(
+        machine,
+        log_path=log,
+        tftp_dir=out,
+        bootfile=build.NETBOOT_SCRIPT,
+        disks=disks,
+        kernel=options.get("kernel"),
+        dtb=options.get("dtb"),
+    ) as worker:
         print(f"booting {machine.name}/{machine.arch}; console log: {log}", flush=True)
         if expect is None:
             worker.wait_exit(timeout)

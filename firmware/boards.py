@@ -51,7 +51,20 @@ class Board:
 _VIRTIO = ("virtio_pci", "virtio_mmio", "virtio_net", "virtio_blk")
 _PI3_FIRMWARE = ("bootcode.bin", "start.elf", "fixup.dat")
 _PI4_FIRMWARE = ("start4.elf", "fixup4.dat")
-_PI3_NET = ("dwc2", "smsc95xx", "lan78xx", "bcm2835", "sdhci_iproc", "mmc_block")  # bcm2835: the SD host
+# dwc2: the USB host every Pi 3 Ethernet hangs off (smsc95xx on the 3B, lan78xx on the 3B+);
+# usbnet, cdc_ether, rndis_host: USB Ethernet class devices (adapters, and QEMU raspi3b's
+# usb-net, which is the emulated Pi's only network); bcm2835: the SD host
+_PI3_NET = (
+    "dwc2",
+    "smsc95xx",
+    "lan78xx",
+    "usbnet",
+    "cdc_ether",
+    "rndis_host",
+    "bcm2835",
+    "sdhci_iproc",
+    "mmc_block",
+)
 _PI4_NET = ("genet", "broadcom", "sdhci_iproc", "mmc_block")
 _PI_WATCHDOG = ("bcm2835_wdt",)  # the PM block's watchdog, on every Pi
 # A Pi's U-Boot drives its Ethernet through USB (Pi 3) or GENET with a slow link-up, and a

@@ -98,10 +98,29 @@ def new_worker(
     """An emulated worker (not started) that netboots ``out`` with ``disk`` as its card;
     ``options`` go to QemuWorker (faults=[...], for one)."""
     machine = profile(cfg.board.name, cfg.board.arch)
+    options.update(card_uboot(cfg, out) if machine.uboot == "card" else {})
+    if cfg.initramfs.watchdog and not machine.watchdog_can_arm:
+        raise RackbootError(
+            f"{cfg.path}: [initramfs] watchdog must be 0 on the emulated {machine.name}: "
+            "QEMU resets it the moment the watchdog is armed"
+        )
     # Offline: no TFTP either, so U-Boot falls back to the card's own kernel and initramfs.
     return QemuWorker(
         machine, log_path=log, tftp_dir=None if offline else out, bootfile=build.NETBOOT_SCRIPT, disks=[disk], **options
     )
+
+
+def card_uboot(cfg: config.Config, out: Path) -> dict[str, Path]:
+    """What a Pi's GPU firmware would hand the CPU from the card, for QEMU to load instead:
+    config.txt's kernel= (u-boot-rpi's U-Boot) and the board's device tree (the build's,
+    the same files the card holds)."""
+    board = Inputs(cfg).board
+    if not board.dtbs:
+        raise RackbootError(f"board {board.name} has no device tree to hand its U-Boot")
+    return {
+        "kernel": Inputs(cfg).unpacked(board.uboot_package) / board.uboot_binary,
+        "dtb": out / "dtbs" / Path(board.dtbs[0]).name,
+    }
 
 
 def rackboot_command() -> Path:

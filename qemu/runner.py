@@ -10,6 +10,15 @@ A disk can fail chosen requests (QEMU's blkdebug): faults=[DiskFault("write", se
 A worker with nic=False has no network interface at all (QEMU's -nic none). With
 console_input=True, worker.type("...") types on its serial console.
 
+A board whose U-Boot comes from the card (the raspi3b profile) gets it and the card's
+device tree as kernel=/dtb=; its card is grown to a power of two, its NIC is plugged in
+once the kernel runs, and since it cannot power itself off, end_on(pattern) ends it on
+the console line the caller expects:
+
+    worker = QemuWorker(profile("rpi3", "arm64"), log_path=log, tftp_dir=out, disks=[card],
+                        kernel=uboot_bin, dtb=card_dtb).start()
+    worker.end_on(r"reboot: Power down", timeout=900)
+
 On a rack network (qemu/netns.py) a worker has a tap NIC instead of user-mode networking
 and QEMU runs inside the namespace; its QMP socket and console stay on the host's side:
 
@@ -36,6 +45,9 @@ from typing import Any
 from rackboot.errors import RackbootError
 
 from .machines import MachineProfile
+
+# The kernel's first console line: the board's NIC is plugged in from here (nic_after_uboot)
+KERNEL_STARTED = "Booting Linux on physical CPU"
 
 # blkdebug arms a rule only when its event fires; QEMU 7.2's raw format fires these per request
 BLKDEBUG_EVENTS = {"read": "read_aio", "write": "write_aio"}
@@ -71,6 +83,14 @@ class DiskFault:
         return ",".join(f"file.inject-error.{rule}.{k}={v}" for k, v in options.items())
 
 
+def grow_to_power_of_two(disk: Path) -> None:
+    """Grow ``disk`` (sparse) to the next power of two, as QEMU's SD card model needs: a
+    real card's capacity is the updater's to find, and the tail is blank either way."""
+    size = Path(disk).stat().st_size
+    if size and size & (size - 1):
+        os.truncate(disk, 1 << size.bit_length())
+
+
 class QemuWorker:
     def __init__(
         self,
@@ -90,12 +110,20 @@ class QemuWorker:
         netns: str | None = None,
         tap: str | None = None,
         mac: str | None = None,
+        kernel: Path | None = None,
+        dtb: Path | None = None,
     ):
         if not nic and (tftp_dir is not None or extra_netdev):
             raise RackbootError("a worker without a network interface has no TFTP and no netdev options")
         if tap is not None and (tftp_dir is not None or extra_netdev or not nic):
             raise RackbootError("a worker on a tap device gets DHCP and TFTP from its rack network, not from QEMU")
+        if machine.uboot == "card" and (kernel is None or dtb is None):
+            raise RackbootError(f"the {machine.name} machine boots the card's U-Boot: give its kernel= and dtb=")
+        if machine.nic_after_uboot and not no_reboot:
+            raise RackbootError(f"the {machine.name} machine plugs its NIC in once per power-on: it needs no_reboot")
         self.machine = machine
+        self.kernel = kernel
+        self.dtb = dtb
         self.log_path = Path(log_path)
         self.tftp_dir = tftp_dir
         self.bootfile = bootfile
@@ -134,13 +162,13 @@ class QemuWorker:
             "-m",
             str(m.memory_mib),
             "-smp",
-            "1",
-            "-bios",
-            m.firmware,
+            str(m.smp),
+            *self._firmware(),
             "-display",
             "none",
             "-monitor",
             "none",
+            *["-serial", "null"] * m.console_uart,  # the UARTs before the console's
             "-serial",
             "stdio",
             "-qmp",
@@ -148,7 +176,10 @@ class QemuWorker:
         ]
         cmd += self._network()
         for i, disk in enumerate(self.disks):
-            cmd += ["-drive", self._drive(i, disk), "-device", f"{m.block_device},drive=disk{i}"]
+            if m.block_device == "sd":  # the board's own SD host: no device to add
+                cmd += ["-drive", self._drive(i, disk)]
+            else:
+                cmd += ["-drive", self._drive(i, disk), "-device", f"{m.block_device},drive=disk{i}"]
         if m.watchdog:  # with -no-reboot, a watchdog reset ends QEMU like any other reset
             cmd += ["-device", m.watchdog, "-action", f"watchdog={self.watchdog_action}"]
         if self.no_reboot:
@@ -156,39 +187,71 @@ class QemuWorker:
         cmd += self.extra_args
         return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
 
+    def _firmware(self) -> list[str]:
+        if self.machine.uboot == "card":  # QEMU loads them as the Pi's GPU firmware would
+            return ["-kernel", str(self.kernel), "-dtb", str(self.dtb)]
+        return ["-bios", self.machine.firmware]
+
+    def _nic_device(self) -> str:
+        device = f"{self.machine.net_device},netdev=net0"
+        if self.machine.net_device.endswith("-pci"):
+            device += ",romfile="  # no iPXE option ROM: U-Boot is the firmware
+        if self.mac:
+            device += f",mac={self.mac}"
+        return device
+
     def _network(self) -> list[str]:
         if not self.nic:
             return ["-nic", "none"]  # not even QEMU's default NIC: a board whose interface is missing
-        device = f"{self.machine.net_device},netdev=net0,romfile="
-        if self.mac:
-            device += f",mac={self.mac}"
         if self.tap is not None:
-            return ["-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no", "-device", device]
-        netdev = "user,id=net0"
-        if self.tftp_dir is not None:
-            netdev += f",tftp={Path(self.tftp_dir).resolve()}"
-            if self.bootfile:
-                netdev += f",bootfile={self.bootfile}"
-        netdev += self.extra_netdev
-        return ["-netdev", netdev, "-device", device]
+            netdev = f"tap,id=net0,ifname={self.tap},script=no,downscript=no"
+        else:
+            netdev = "user,id=net0"
+            if self.tftp_dir is not None:
+                netdev += f",tftp={Path(self.tftp_dir).resolve()}"
+                if self.bootfile:
+                    netdev += f",bootfile={self.bootfile}"
+            netdev += self.extra_netdev
+        if self.machine.nic_after_uboot:
+            return ["-netdev", netdev]  # the device comes with the kernel: _plug_nic
+        return ["-netdev", netdev, "-device", self._nic_device()]
+
+    def _plug_nic(self) -> None:
+        """Plug the NIC in (QMP device_add), as the console reader does when the kernel starts."""
+        try:
+            self.qmp(
+                "device_add",
+                **dict(kv.split("=", 1) for kv in self._nic_device().split(",")[1:]),
+                driver=self.machine.net_device,
+            )
+        except RackbootError as exc:
+            if self.running:  # a worker already switched off has nothing to plug into
+                self._log_line(f"[rackboot harness: cannot plug the NIC in: {exc}]")
 
     def _drive(self, i: int, disk: Path) -> str:
         faults = [f for f in self.faults if f.disk == i]
+        where = f"if=sd,index={i}" if self.machine.block_device == "sd" else f"if=none,id=disk{i}"
         if not faults:
-            return f"if=none,id=disk{i},format=raw,file={disk},cache=writeback"
+            return f"{where},format=raw,file={disk},cache=writeback"
         # blkdebug as the protocol layer under raw; errors go to the guest (werror's
         # default would pause the VM on ENOSPC instead)
         rules = ",".join(f.drive_options(n) for n, f in enumerate(faults))
         return (
-            f"if=none,id=disk{i},format=raw,cache=writeback,werror=report,rerror=report,"
+            f"{where},format=raw,cache=writeback,werror=report,rerror=report,"
             f"file.driver=blkdebug,file.image.filename={disk},{rules}"
         )
 
     def start(self) -> QemuWorker:
         if shutil.which(self.machine.qemu) is None:
             raise RackbootError(f"{self.machine.qemu} is not installed (apt-get install qemu-system-arm)")
-        if not os.path.exists(self.machine.firmware):
+        if self.machine.uboot == "bios" and not os.path.exists(self.machine.firmware):
             raise RackbootError(f"U-Boot firmware {self.machine.firmware} is missing (apt-get install u-boot-qemu)")
+        for what, path in (("U-Boot", self.kernel), ("device tree", self.dtb)):
+            if path is not None and not Path(path).is_file():
+                raise RackbootError(f"the card's {what} {path} is missing (rackboot build makes the card)")
+        if self.machine.disk_power_of_two:
+            for disk in self.disks:
+                grow_to_power_of_two(disk)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # open for the worker's life, not one block: the console reader writes it, kill() closes it
         self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115
@@ -203,15 +266,22 @@ class QemuWorker:
     def _read_console(self) -> None:
         stdout = self._process().stdout
         assert stdout is not None  # start() asks for a pipe
+        plug = self.nic and self.machine.nic_after_uboot
         for raw in iter(stdout.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n").replace("\r", "")
+            self._log_line(line)
+            if plug and KERNEL_STARTED in line:  # U-Boot is gone: nothing will reset the port now
+                plug = False
+                threading.Thread(target=self._plug_nic, daemon=True).start()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _log_line(self, line: str) -> None:
+        with self._cond:
             self._log.write(line + "\n")
             self._log.flush()
-            with self._cond:
-                self._lines.append(line)
-                self._tail.append(line)
-                self._cond.notify_all()
-        with self._cond:
+            self._lines.append(line)
+            self._tail.append(line)
             self._cond.notify_all()
 
     def __enter__(self) -> QemuWorker:
@@ -286,6 +356,13 @@ class QemuWorker:
 
     def _last_line(self) -> str:
         return next((line for line in reversed(self._tail) if line.strip()), "")
+
+    def end_on(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait for the console line that ends this boot, then switch the worker off (a
+        board that cannot power itself off, or a caller that has seen enough)."""
+        match = self.expect(pattern, timeout)
+        self.power_off()
+        return match
 
     def wait_exit(self, timeout: float) -> int:
         try:
