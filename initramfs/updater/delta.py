@@ -39,6 +39,7 @@ MIN_BLOCK, MAX_BLOCK = 512, 32768  # stored lengths are u16
 MIN_HASH, MAX_HASH = 8, 32
 MAX_INDEX = 64 << 20  # an index this large (inflated) would describe a 256 GiB image at 4 KiB
 MERGE_GAP = 16 << 10  # pack bytes between two wanted runs fetched anyway to save a request
+MAX_RUN = 4 << 20  # pack bytes per request at most: the watchdog hears of progress between requests
 MAX_FETCH_SHARE = 0.6  # more of the stream than this to fetch: the full stream is simpler
 READ_CHUNK = 1 << 20
 
@@ -257,15 +258,16 @@ class Run:
     end: int
 
 
-def merge_runs(index: BlockIndex, blocks: Iterable[int], gap: int = MERGE_GAP) -> list[Run]:
+def merge_runs(index: BlockIndex, blocks: Iterable[int], gap: int = MERGE_GAP, most: int = MAX_RUN) -> list[Run]:
     """The pack ranges that hold ``blocks`` (ascending), adjacent ones merged, and ones at
-    most ``gap`` pack bytes apart merged too (fetching the gap costs less than a request)."""
+    most ``gap`` pack bytes apart merged too (fetching the gap costs less than a request),
+    each at most ``most`` bytes (or one block)."""
     runs: list[Run] = []
     for i in blocks:
         start, end = index.offsets[i], index.offsets[i + 1]
         if start == end:
             continue  # a zero block has no bytes in the pack
-        if runs and start - runs[-1].end <= gap:
+        if runs and start - runs[-1].end <= gap and end - runs[-1].start <= most:
             runs[-1] = Run(runs[-1].first, i, runs[-1].start, end)
         else:
             runs.append(Run(i, i, start, end))

@@ -164,3 +164,10 @@ def test_zero_blocks_are_written_only_where_the_card_is_not_zero(tmp_path):
     tally, asked = build(card, new, None, hashes(blocks("a")))  # an empty target: nothing known of it
     assert card.target(len(new)) == new and asked == []
     assert card.writes == [(0, BS), (2 * BS, BS)] and (tally.zero, tally.kept, tally.copied) == (BS, BS, BS)
+
+
+def test_runs_stop_at_the_most_one_request_carries():
+    new, _ = index_of(blocks(*"abcdefg"))
+    runs = delta.merge_runs(new, range(7), gap=0, most=3 * BS)
+    assert [(r.first, r.last) for r in runs] == [(0, 2), (3, 5), (6, 6)]
+    assert all(r.end - r.start <= 3 * BS for r in runs)
