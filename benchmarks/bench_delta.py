@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import bench_rsync
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.fetch import MasterClient
@@ -236,6 +237,7 @@ METHODS: dict[str, Callable[[Setup], Row]] = {
     "full stream": full_stream,
     "delta": delta,
     "delta, slot hashed here": delta_hashed_here,
+    "rsync": lambda s: bench_rsync.rsync_row(s, LAYOUT, Row),  # files, unchanged ones from slot a
 }
 
 
