@@ -13,6 +13,7 @@ import bench_build
 import bench_delta
 import bench_inventory
 import bench_netboot
+import bench_rack
 import bench_stream
 
 
@@ -28,7 +29,9 @@ def main() -> int:
     print(f"== the inventory: {bench_inventory.WORKERS} workers reporting at once ==", flush=True)
     print(bench_inventory.report(bench_inventory.bench()), flush=True)
     print("== one arm64 netboot (examples/qemu-virt) ==", flush=True)
-    print(bench_netboot.report(bench_netboot.bench()))
+    print(bench_netboot.report(bench_netboot.bench()), flush=True)
+    print(f"== a rack network in a namespace: 1 and {bench_rack.WORKERS} workers (examples/qemu-virt) ==", flush=True)
+    print(bench_rack.report(bench_rack.bench()))
     return 0
 
 
