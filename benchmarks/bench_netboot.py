@@ -3,6 +3,8 @@ netboot script loads) and the seconds from QEMU's start to the kernel running /i
 the netboot as it was (the raw Image and a gzip initramfs) booted in turn in the same run.
 
     python benchmarks/bench_netboot.py [RUNS]
+    python benchmarks/bench_netboot.py RUNS --variants   # every (kernel, initramfs) compression of VARIANTS
+    python benchmarks/bench_netboot.py RUNS --rack       # RACK_VARIANTS over dnsmasq on a namespace rack (root)
 
 Goals: at most 16 MB (10^6 bytes) per netboot; seconds to /init no more than the reference's.
 The time is split where U-Boot's console shows it: the script starts, each file is in, the
