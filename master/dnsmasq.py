@@ -49,7 +49,7 @@ NETBOOT_SCRIPT = "boot.scr.uimg"  # builder/build.py's (a test keeps them equal)
 CONF = ".dnsmasq.conf"
 HOSTS = ".dnsmasq.hosts"
 LEASES = ".dnsmasq.leases"
-PID = ".dnsmasq.pid"  # serve's dnsmasq while it runs: the next serve ends one a killed serve left
+PID = ".dnsmasq.pid"  # "<dnsmasq pid> <serve pid>" while it runs: the next serve ends one a killed serve left
 TFTP_PORT = 69
 DHCP_PORT = 67
 START_WAIT = 10.0  # seconds dnsmasq gets to bind its TFTP socket
@@ -199,11 +199,12 @@ def _check_free(address: str, port: int, what: str, interface: str = "") -> None
 
 def end_orphan(cfg: Config) -> int | None:
     """End the dnsmasq a killed serve left running (its pid in the master tree), if that pid is
-    still a dnsmasq with this master's config on its command line; any other process is left
-    alone. Returns the pid it ended."""
+    still a dnsmasq with this master's config on its command line and the serve that started
+    it is no longer its parent; any other process, and another serve's running dnsmasq (whose
+    ports the checks then find taken), is left alone. Returns the pid it ended."""
     pid_file = cfg.master.directory / PID
     try:
-        pid = int(pid_file.read_text())
+        pid, serve_pid = (int(field) for field in pid_file.read_text().split())
     except (FileNotFoundError, ValueError):
         return None
     try:
@@ -214,6 +215,8 @@ def end_orphan(cfg: Config) -> int | None:
     try:
         if not _runs_our_config(pid, conf_path(cfg)):
             pid_file.unlink(missing_ok=True)
+            return None
+        if _parent(pid) == serve_pid:  # its serve still runs (an orphan's parent is the reaper)
             return None
         print(f"netboot: ending dnsmasq {pid}, left running by a serve that was killed", file=sys.stderr)
         for sig, wait in ((signal.SIGTERM, STOP_WAIT), (signal.SIGKILL, STOP_WAIT)):
@@ -229,6 +232,13 @@ def end_orphan(cfg: Config) -> int | None:
         os.close(handle)
     pid_file.unlink(missing_ok=True)
     return pid
+
+
+def _parent(pid: int) -> int | None:
+    try:  # /proc/<pid>/stat: pid (comm) state ppid ...; comm may hold spaces and parentheses
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _runs_our_config(pid: int, conf: Path) -> bool:
@@ -280,7 +290,7 @@ class NetbootService:
             preexec_fn=die_with_parent,
         )
         try:
-            atomic_write_bytes(master / PID, f"{self.proc.pid}\n".encode())
+            atomic_write_bytes(master / PID, f"{self.proc.pid} {os.getpid()}\n".encode())
             self._wait_listening()
         except BaseException:
             self.stop()

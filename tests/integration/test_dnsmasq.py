@@ -234,7 +234,9 @@ def test_the_next_serve_ends_the_dnsmasq_a_killed_serve_left(nobodys_build, netn
     first = serve(netns, cfg_path, directory / "serve1.log")
     [orphan] = dnsmasq_pids(master / dnsmasq.CONF)
     assert uid(orphan) == 65534  # dropped root: no parent-death signal
-    assert (master / dnsmasq.PID).read_text() == f"{orphan}\n"
+    assert (master / dnsmasq.PID).read_text() == f"{orphan} {first.pid}\n"  # ip netns exec execs serve
+    assert dnsmasq.end_orphan(config.load(cfg_path)) is None  # its serve runs: not an orphan
+    assert alive(orphan)
     first.kill()
     first.wait(timeout=30)
     second = serve(netns, cfg_path, directory / "serve2.log")
@@ -244,7 +246,7 @@ def test_the_next_serve_ends_the_dnsmasq_a_killed_serve_left(nobodys_build, netn
         assert f"netboot: ending dnsmasq {orphan}, left running by a serve that was killed" in (
             (directory / "serve2.log").read_text()
         )
-        assert (master / dnsmasq.PID).read_text() == f"{running}\n"
+        assert (master / dnsmasq.PID).read_text() == f"{running} {second.pid}\n"
         got = directory / "got"
         fetched = subprocess.run(
             in_ns(netns, "curl", "-sS", "--max-time", "60", "-o", str(got), f"tftp://{MASTER}/boot.scr.uimg"),
@@ -267,13 +269,13 @@ def test_a_pid_file_naming_another_process_ends_nothing(tmp_path):
     pid_file = tmp_path / "master" / dnsmasq.PID
     other = subprocess.Popen(["sleep", "60"])
     try:
-        pid_file.write_text(f"{other.pid}\n")
+        pid_file.write_text(f"{other.pid} 1\n")
         assert dnsmasq.end_orphan(cfg) is None
         assert other.poll() is None and not pid_file.exists()
     finally:
         other.kill()
         other.wait()
-    pid_file.write_text(f"{other.pid}\n")  # reaped: no such process now
+    pid_file.write_text(f"{other.pid} 1\n")  # reaped: no such process now
     assert dnsmasq.end_orphan(cfg) is None and not pid_file.exists()
 
 
