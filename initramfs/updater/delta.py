@@ -487,7 +487,7 @@ def fetch_index(u, path: str, manifest) -> BlockIndex:
     where = f"block index of {manifest.image} v{manifest.version}"
     if spec.index_size > MAX_INDEX:
         raise UpdaterError(f"{where}: {spec.index_size} bytes is more than the {MAX_INDEX} allowed")
-    body = b"".join(u.master.stream(beside(path, spec.index), spec.index_size))
+    body = b"".join(u.master.stream(beside(path, spec.index), spec.index_size, on_wait=u.wait_for_stream))
     digest = hashlib.sha256(body).hexdigest()
     if digest != spec.index_sha256:
         raise UpdaterError(f"{where}: sha256 is {digest}, the manifest says {spec.index_sha256}")
