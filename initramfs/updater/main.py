@@ -432,18 +432,18 @@ class _Update:
         """Stream, verify what was written, then re-read the slot from the medium: False
         when the read-back differs and another attempt remains."""
         with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
+            waits, waited = self.master.busy_waits, self.master.busy_seconds
             # a block delta from the card and the master when it can; a second attempt streams it all
             built = None if last else delta.install(self, path, target, offset, capacity, manifest)
             if built is None:
-                waits, waited = self.master.busy_waits, self.master.busy_seconds
                 stream = self.watchdog.watch(
                     self.master.stream(manifest.stream_path(path), manifest.stream_size, on_wait=self.wait_for_stream)
                 )
                 written = install.write_stream(stream, self.disk, offset, capacity, manifest)
-                if self.master.busy_waits > waits:  # the master was busy: how long this stream queued
-                    self.report(
-                        Phase.WAIT, seconds=self.master.busy_seconds - waited, slot=target, version=manifest.version
-                    )
+            if self.master.busy_waits > waits:  # the master was busy: how long this download queued
+                self.report(
+                    Phase.WAIT, seconds=self.master.busy_seconds - waited, slot=target, version=manifest.version
+                )
         if built is None:  # a delta is checked block by block as it is built, and whole by the read-back
             with self.step("verify"):
                 install.verify(written, manifest)

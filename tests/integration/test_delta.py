@@ -202,3 +202,34 @@ def test_a_master_without_range_gets_the_full_stream_and_says_why(images, tmp_pa
     assert (result.slot, result.action, result.version) == ("b", "installed", 2)
     assert any(line.startswith("full stream: ") and "Range" in line for line in log), log
     assert slot_bytes(card, SLOT_B, manifest(images, 2).size) == image(images, 2)
+
+
+def test_a_busy_master_is_waited_out_and_the_wait_reported(images, tmp_path, card):
+    """The master's one stream slot is taken (another worker's stream) when v2's delta asks for
+    its index: told 503 and Retry-After, the updater waits, asks again, and reports the wait."""
+    root = tmp_path / "master"
+    shutil.copytree(images, root)
+    server = serve.make_server(root, quiet=True, max_streams=1)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the other worker's stream ends while this one waits
+        waits.append(seconds)
+        server.end_stream()
+
+    try:
+        write_plan(root, "/images/example/1/manifest.json")
+        update(card, server.url)
+        write_plan(root, "/images/example/2/manifest.json")
+        assert server.start_stream() is None  # the slot is taken
+        client = MasterClient(server.url, read_timeout=5.0, retries=1, backoff=0.01, sleep=sleep)
+        result = run(str(card), server.url, Identity(MAC), log=lambda m: None, master=client)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.slot, result.action, result.version) == ("b", "installed", 2)
+    assert len(waits) == 1 and waits[0] >= 1
+    reported = [r for r in reports(root) if r["phase"] == "wait" and r["version"] == 2]
+    assert len(reported) == 1 and reported[0]["seconds"] == pytest.approx(waits[0], abs=0.01)
+    download = [r for r in reports(root) if r["phase"] == "download" and r["version"] == 2][-1]
+    assert download["delta"].startswith("delta: ")
