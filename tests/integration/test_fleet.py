@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -207,9 +208,9 @@ def test_a_new_inventory_takes_in_an_older_masters_report_files(tmp_path):
 # --- discovery ----------------------------------------------------------------------------------
 
 
-def update(server_url: str, card: Path):
+def update(server_url: str, card: Path, mac: str = MAC):
     client = MasterClient(server_url, read_timeout=5.0, retries=1, backoff=0.01)
-    return run(str(card), server_url, Identity(MAC), log=lambda m: None, master=client)
+    return run(str(card), server_url, Identity(mac), log=lambda m: None, master=client)
 
 
 def test_manual_adoption_gives_a_new_node_no_plan_until_it_is_adopted(tmp_path, capsys):
@@ -234,6 +235,15 @@ def test_manual_adoption_gives_a_new_node_no_plan_until_it_is_adopted(tmp_path, 
         node = m.json(f"/api/nodes/{NODE}")
         assert (node["adopted"], node["plan"], node["image"], node["version"]) == (True, "default", "example", 1)
         assert node["state"] == "trial" and node["slots"]["a"] == {"image": "example", "state": "trial", "version": 1}
+
+        # another node, not adopted, whose card holds a system: no plan, it boots what it has
+        other = tmp_path / "other.img"
+        subprocess.run(["cp", "--sparse=always", card, other], check=True)
+        decision = update(m.url, other, mac="52:54:00:12:34:57")
+        assert (decision.slot, decision.action, decision.version) == ("a", "offline", 1)
+        node = m.json("/api/nodes/52-54-00-12-34-57")
+        assert (node["state"], node["adopted"], node["booted_slot"]) == ("waiting", False, "a")
+        assert not (m.root / "plans" / "52-54-00-12-34-57.json").exists()
     finally:
         m.stop()
 
