@@ -140,8 +140,11 @@ def measure(seen: dict[str, float], windows: dict[str, float]) -> None:
             windows[phase] = seen[following] - seen[phase]
 
 
-def check(console: list[str], disk: Path, manifests: dict[int, Manifest]) -> Verdict:
-    """Survived: the console says vN is up, and the slot it booted holds vN's bytes."""
+def check(
+    console: list[str], disk: Path, manifests: dict[int, Manifest], rsynced: frozenset[str] = frozenset()
+) -> Verdict:
+    """Survived: the console says vN is up, and the slot it booted holds vN's bytes, or, for
+    a slot in ``rsynced`` (last filled by an rsync install), vN's files."""
     up = next(((i, m) for i, line in enumerate(console) if (m := UP.search(line))), None)
     if up is None:
         if any(RESCUE.search(line) for line in console):
@@ -152,12 +155,15 @@ def check(console: list[str], disk: Path, manifests: dict[int, Manifest]) -> Ver
     if not booted:
         return Verdict(False, "came up without the updater saying which slot it booted")
     name, action = booted[-1].groups()
-    return check_slot(disk, name, int(up[1][1]), manifests, action)
+    return check_slot(disk, name, int(up[1][1]), manifests, action, files=name in rsynced)
 
 
-def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifest], action: str = "") -> Verdict:
+def check_slot(
+    disk: Path, name: str, version: int, manifests: dict[int, Manifest], action: str = "", *, files: bool = False
+) -> Verdict:
     """Slot ``name`` on the disk image is bootable, records ``version``'s sha256, and its
-    first manifest.size bytes hash to it."""
+    first manifest.size bytes hash to it; with ``files`` (an rsync install filled it), its
+    files may match the signed file manifest instead."""
     try:
         with Disk(str(disk), writable=False) as d:
             slot = slot_state.read(d).slot(name)
@@ -181,8 +187,9 @@ def check_slot(disk: Path, name: str, version: int, manifests: dict[int, Manifes
             False, f"slot {name}: the slot state's sha256 {slot.sha256[:12]} is not v{version}'s {manifest.sha256[:12]}"
         )
     if digest != manifest.sha256:
-        problem = tree_problem(disk, entry.start * 512, entry.sectors * 512, version) if manifest.files else None
-        if manifest.files and problem is None:
+        rsync = files and manifest.files is not None
+        problem = tree_problem(disk, entry.start * 512, entry.sectors * 512, version) if rsync else None
+        if rsync and problem is None:
             return Verdict(True, f"slot {name} ({action}) holds v{version}'s files (rsync)", name)
         return Verdict(
             False,
@@ -294,6 +301,7 @@ def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str]
     disk = work / "worker-disk.img"
     windows = dict(WINDOWS)
     outcomes: list[CutResult] = []
+    rsynced: set[str] = set()  # slots an rsync install filled: they hold the version's files, not its bytes
     master = harness.MasterThread(cfg)
     daemon = rsyncd.RsyncService(cfg.master.directory, "127.0.0.1", cfg.master.rsync_port, log=False) if rsync else None
     try:
@@ -302,7 +310,7 @@ def torture(cfg: config.Config, work: Path, cuts: list[Cut], log: Callable[[str]
         for n, cut in enumerate(cuts, start=1):
             if outcomes and not outcomes[-1].verdict.survived:
                 cut = replace(cut, blank=True)  # one brick must not decide the next cycles
-            outcome = cycle(cfg, out, disk, work / "logs" / f"{n:03}", cut, windows, manifests, images)
+            outcome = cycle(cfg, out, disk, work / "logs" / f"{n:03}", cut, windows, manifests, images, rsynced)
             outcomes.append(outcome)
             log(
                 f"cut {n:>3}/{len(cuts)} {cut.phase:<10} {'blank card, ' if cut.blank else ''}"
@@ -334,13 +342,16 @@ def cycle(
     windows: dict[str, float],
     manifests: dict[int, Manifest],
     images: dict[str, config.Config],
+    rsynced: set[str],
 ) -> CutResult:
     """One cut boot, then one recovery boot with the master still up. ``images``: each
     build's boot image sha256 -> its config; the plan names a build the card's boot area
-    does not hold."""
+    does not hold. ``rsynced``: the slots an rsync install last filled, kept across cycles."""
     start = time.monotonic()
     if cut.blank:
         harness.blank_card(out / "sdcard.img", disk)
+        rsynced.clear()
+    before = frozenset(rsynced)
     with Disk(str(disk), writable=False) as d:
         version = next_version(slot_state.read(d))
     size = boot_image(out)[1]
@@ -360,6 +371,7 @@ def cycle(
         _unplug(worker)
         measure(seen, windows)
         where = landed(worker.console)
+        cut_console = worker.console
     recovery_log = Path(f"{logs}-recovery.log")
     with harness.new_worker(cfg, out, disk, recovery_log) as worker:
         seen = {}
@@ -371,10 +383,28 @@ def cycle(
         _unplug(worker)  # the disk image is complete once QEMU is gone
         measure(seen, windows)
         console = worker.console
-    verdict = check(console, disk, manifests)
+    rsynced.clear()
+    rsynced.update(rsync_filled(cut_console + console, before))
+    verdict = check(console, disk, manifests, frozenset(rsynced))
     if verdict.survived:
         verdict = check_boot_area(disk, {sha: str(b.output.directory) for sha, b in images.items()}, size) or verdict
     return CutResult(cut, version, delay, where, verdict, time.monotonic() - start, recovery_log)
+
+
+INSTALLING = re.compile(r"rackboot: installing \S+ v\d+ into slot (\w+)")
+
+
+def rsync_filled(console: list[str], before: frozenset[str]) -> set[str]:
+    """The slots an rsync install filled last, after the boots of ``console``: each install
+    into a slot says so, and an rsync one then formats it (MARKERS[RSYNC])."""
+    filled, current = set(before), None
+    for line in console:
+        if m := INSTALLING.search(line):
+            current = m.group(1)
+            filled.discard(current)
+        elif current and re.search(MARKERS[RSYNC], line):
+            filled.add(current)
+    return filled
 
 
 def _unplug(worker: QemuWorker) -> None:

@@ -126,3 +126,14 @@ def test_check_boot_area_wants_entry_1_on_one_builds_boot_image_whole(tmp_path, 
         assert verdict is None
     else:
         assert verdict is not None and not verdict.survived and "holds no build's boot image whole" in verdict.detail
+
+
+def test_rsync_filled_follows_the_last_install_into_each_slot():
+    console = [
+        "rackboot: installing example v2 into slot b (/dev/vda3)",
+        "rackboot: formatting /dev/vda3 as ext4 for rsync",
+        "rackboot: installing example v3 into slot a (/dev/vda2)",
+        "rackboot: delta: 10 of 900 blocks to fetch",
+    ]
+    assert torture.rsync_filled(console, frozenset({"a"})) == {"b"}  # a: refilled by a delta since
+    assert torture.rsync_filled(console[2:], frozenset({"b"})) == {"b"}  # b untouched: still rsync's
