@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from rackboot import config
-from rackboot.master import dnsmasq
+from rackboot.master import dnsmasq, hostnames
 
 from tests.helpers import write_config
 
@@ -308,9 +308,10 @@ def test_a_second_start_rewrites_nothing(tmp_path, netns):
     assert (conf.stat().st_ino, conf.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
-def dhcp_discover(ns: str, mac: bytes) -> dict[str, object]:
+def dhcp_discover(ns: str, mac: bytes, *, request: bool = False) -> dict[str, object]:
     """One DHCPDISCOVER broadcast from rk1 in the worker's namespace (no address there yet);
-    the offer's address, next-server, boot file and options."""
+    the offer's address, next-server, boot file and options. With ``request``, the offered
+    address is then asked for (DHCPREQUEST), and the same of the acknowledgement."""
     code = f"""
 import socket, struct, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -321,15 +322,19 @@ s.settimeout(10)
 mac = bytes.fromhex({mac.hex()!r})
 packet = struct.pack("!BBBBIHH4s4s4s4s16s192s4s", 1, 1, 6, 0, 0x1234ABCD, 0, 0x8000, bytes(4), bytes(4),
                      bytes(4), bytes(4), mac + bytes(10), bytes(192), bytes([99, 130, 83, 99]))
-packet += bytes([53, 1, 1, 255])
-for _ in range(5):
-    s.sendto(packet, ("255.255.255.255", 67))
-    try:
-        reply = s.recv(1500)
-    except TimeoutError:
-        continue
-    sys.stdout.write(reply.hex())
-    break
+def ask(packet):
+    for _ in range(5):
+        s.sendto(packet, ("255.255.255.255", 67))
+        try:
+            return s.recv(1500)
+        except TimeoutError:
+            continue
+    sys.exit("no answer")
+reply = ask(packet + bytes([53, 1, 1, 255]))
+if {request!r}:
+    server = reply[reply.index(bytes([54, 4])) + 2 :][:4]  # the offer's server id
+    reply = ask(packet + bytes([53, 1, 3, 50, 4]) + reply[16:20] + bytes([54, 4]) + server + bytes([255]))
+sys.stdout.write(reply.hex())
 """
     done = subprocess.run(in_ns(f"{ns}w", sys.executable, "-c", code), capture_output=True, text=True, timeout=90)
     assert done.returncode == 0 and done.stdout, done.stderr
@@ -370,9 +375,54 @@ def test_full_dhcp_offers_a_lease_with_the_master_as_tftp_server(tmp_path, netns
     options = offer["options"]
     assert isinstance(options, dict)
     assert options[53] == b"\x02" and options[1] == socket.inet_aton("255.255.255.0")
-    assert 3 not in options and 6 not in options  # no router, no DNS: an isolated rack
+    assert 3 not in options  # no router: an isolated rack
+    assert options[6] == socket.inet_aton(MASTER)  # the master's DNS, which knows the nodes' names
     assert (tmp_path / "master" / dnsmasq.HOSTS).read_text() == "52:54:00:aa:00:01,52-54-00-aa-00-01\n"
     assert dnsmasq_pids(tmp_path / "master" / dnsmasq.CONF) == []
+
+
+def dns_address(ns: str, name: str) -> str | None:
+    """The IPv4 address the master's DNS gives ``name``, asked from the worker's namespace;
+    None when it answers with none."""
+    code = f"""
+import socket, struct, sys
+query = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+query += b"".join(bytes([len(p)]) + p.encode() for p in {name!r}.split(".")) + b"\\0" + struct.pack("!HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.sendto(query, ({MASTER!r}, 53))
+sys.stdout.write(s.recv(1500).hex())
+"""
+    done = subprocess.run(in_ns(f"{ns}w", sys.executable, "-c", code), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout, done.stderr
+    reply = bytes.fromhex(done.stdout)
+    assert reply[:2] == b"\x42\x42"
+    answers = struct.unpack("!H", reply[6:8])[0]
+    return socket.inet_ntoa(reply[-4:]) if answers and reply[-6:-4] == b"\x00\x04" else None  # A: 4 bytes
+
+
+@pytest.mark.slow  # starts serve in a namespace
+def test_full_dhcp_names_each_leased_node_in_the_masters_dns(tmp_path, netns):
+    """Seed 004's rack: the master's dnsmasq leases the addresses and resolves the nodes'
+    names; a name with no lease, and any name outside the rack, get no address."""
+    cfg_path = rack_config(tmp_path, **FULL)
+    master = tmp_path / "master"
+    (master / "plans").mkdir()
+    (master / "plans" / "52-54-00-aa-00-03.json").write_text("{}")
+    hostnames.assign(master, "52-54-00-aa-00-03", hostname="rack-w3", pattern="")
+    proc = serve(netns, cfg_path, tmp_path / "serve.log")
+    try:  # the asking end has an address outside the range: no lease of its own
+        subprocess.run(in_ns(f"{netns}w", "ip", "addr", "add", "10.213.0.50/24", "dev", "rk1"), check=True)
+        assert dns_address(netns, "rack-w3") is None  # named, but not leased yet
+        ack = dhcp_discover(netns, bytes.fromhex("525400aa0003"), request=True)
+        options = ack["options"]
+        assert isinstance(options, dict) and options[53] == b"\x05"  # DHCPACK
+        assert options[12] == b"rack-w3"  # the lease carries the node's hostname
+        assert dns_address(netns, "rack-w3") == ack["address"]
+        assert dns_address(netns, "example.org") is None  # nothing is forwarded off the rack
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
 
 
 @pytest.mark.slow  # starts serve in a namespace
