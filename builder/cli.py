@@ -134,7 +134,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .master import plans
 
     cfg = config.load(args.config)
-    path = plans.assign(cfg, node=args.node, image=args.image, version=args.version, hostname=args.hostname)
+    path = plans.assign(
+        cfg, node=args.node, image=args.image, version=args.version, hostname=args.hostname, method=args.method
+    )
     print(f"plan written to {path}")
     return 0
 
@@ -241,7 +243,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .initramfs.updater.formats import HOOK_TIMEOUT  # one default for the CLI and publish
+    from .initramfs.updater.formats import HOOK_TIMEOUT, Method  # one default for the CLI and publish
     from .master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS  # not serve: http.server is slow to import
 
     p = argparse.ArgumentParser(prog="rackboot", description="Netboot and update racks of Pi-class workers.")
@@ -342,6 +344,14 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--hostname",
         help="the node's hostname, one RFC 1123 label (default: the one it has, else [master] hostname's pattern)",
+    )
+    pl.add_argument(
+        "--method",
+        type=Method,
+        choices=list(Method),
+        default=Method.IMAGE,
+        help="image: the image's blocks; rsync: its files into a fresh slot from serve's rsync daemon "
+        "([master] rsync_port), checked against the signed file manifest (default: %(default)s)",
     )
     pl.set_defaults(func=_cmd_plan)
 

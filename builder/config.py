@@ -367,6 +367,16 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=60,
     ),
     Setting(
+        "master",
+        "rsync_port",
+        "int",
+        0,
+        "The port of the rsync daemon `rackboot serve` runs (as root) for plans with method rsync "
+        "(`rackboot plan --method rsync`); 873 is rsync's own. 0 = no rsync daemon.",
+        minimum=0,
+        maximum=65535,
+    ),
+    Setting(
         "network",
         "interface",
         "str",
@@ -532,6 +542,7 @@ class MasterSection:
     adopt: AdoptMode
     token: str
     stale: int
+    rsync_port: int
 
     @property
     def url(self) -> str:
