@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .errors import RackbootError
+
+_PR_SET_PDEATHSIG = 1
 
 
 def run(
@@ -30,3 +34,26 @@ def run(
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         raise RackbootError(f"{what}: {lines[-1] if lines else f'{cmd[0]} exit status {done.returncode}'}")
     return done.stdout
+
+
+def dies_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` for the daemons serve runs (dnsmasq, rsync): the child gets SIGTERM
+    when serve's process ends, even by SIGKILL, so none outlives it. The kernel clears this
+    if the child changes its uid (dnsmasq dropping root: see dnsmasq.end_orphan)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return hook
+
+
+def stop_child(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, then SIGKILL if it lingers past ``grace`` seconds; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()

@@ -19,7 +19,6 @@ there cannot reach the rest of the master.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import grp
 import ipaddress
@@ -40,7 +39,7 @@ from pathlib import Path
 from rackboot.config import Config, DhcpMode
 from rackboot.errors import ConfigError, RackbootError
 from rackboot.files import atomic_write_bytes
-from rackboot.proc import run
+from rackboot.proc import dies_with_parent, run, stop_child
 
 from . import hostnames
 
@@ -57,7 +56,6 @@ START_WAIT = 10.0  # seconds dnsmasq gets to bind its TFTP socket
 STOP_WAIT = 5.0  # seconds dnsmasq gets to exit on SIGTERM before it is killed
 PLAN_POLL = 2.0  # seconds between looks at plans/ for new nodes
 _NODE_RE = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){5}")  # formats.node_id: a MAC with dashes
-_PR_SET_PDEATHSIG = 1
 
 
 def conf_path(cfg: Config) -> Path:
@@ -280,20 +278,11 @@ class NetbootService:
         full = self.cfg.network.dhcp is DhcpMode.FULL
         if full:
             write_if_changed(master / HOSTS, render_hosts(master))
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-
-        def die_with_parent() -> None:
-            """SIGTERM when serve's process ends, even by SIGKILL: no orphan dnsmasq. (The kernel
-            clears this when dnsmasq drops root for a non-root build owner; then serve's way
-            out, which SIGTERM and Ctrl-C take, stops it, and after a SIGKILL the next serve
-            does: end_orphan.)"""
-            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
         # stdout and stderr stay serve's: dnsmasq logs where the master logs
         self.proc = subprocess.Popen(
             [binary, f"--conf-file={conf}", "--keep-in-foreground"],
             stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+            preexec_fn=dies_with_parent(),  # as root; as the build's owner, end_orphan
         )
         try:
             atomic_write_bytes(master / PID, f"{self.proc.pid} {os.getpid()}\n".encode())
@@ -353,13 +342,7 @@ class NetbootService:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_WAIT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+        stop_child(proc, STOP_WAIT)
         (self.cfg.master.directory / PID).unlink(missing_ok=True)
 
     def __enter__(self) -> NetbootService:

@@ -18,11 +18,9 @@ publication adds a version; rsync reads it afresh for every connection, so no re
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from rackboot.errors import ConfigError, RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Plan
+from rackboot.proc import dies_with_parent, stop_child
 
 from . import filemanifest
 from .dnsmasq import write_if_changed
@@ -51,7 +50,6 @@ IO_TIMEOUT = 60  # seconds a transfer may stall before the daemon drops it (the 
 # Options that would make the daemon follow links: in a chroot they cannot leave the tree,
 # but a root's absolute links name the worker's files, so the answer would be wrong anyway
 REFUSED = ("copy-links", "copy-unsafe-links", "copy-dirlinks", "keep-dirlinks")
-_PR_SET_PDEATHSIG = 1
 
 
 def conf_path(master: Path) -> Path:
@@ -174,16 +172,11 @@ class RsyncService:
         binary = check_can_run(self.master, self.address, self.port)
         conf = conf_path(self.master)
         write_if_changed(conf, render_config(self.master))
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-
-        def die_with_parent() -> None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
         self._stop.clear()
         self.proc = subprocess.Popen(
             [binary, "--daemon", "--no-detach", f"--config={conf}", f"--address={self.address}", f"--port={self.port}"],
             stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+            preexec_fn=dies_with_parent(),
         )
         try:
             self._wait_listening()
@@ -235,15 +228,8 @@ class RsyncService:
             self._watcher.join()
             self._watcher = None
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_WAIT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+        if proc is not None:
+            stop_child(proc, STOP_WAIT)
 
     def __enter__(self) -> RsyncService:
         self.start()
