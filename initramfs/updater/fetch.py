@@ -186,18 +186,7 @@ class MasterClient:
                 if offset < size:
                     raise _Retry(f"connection closed at byte {offset} of {size}")
             except _Busy as e:
-                wait = jittered(e.seconds, self.rng)
-                if waited + wait > self.busy_limit:
-                    raise UpdaterError(
-                        f"master {self.url}: GET {path}: busy for {waited:.0f} s of waiting, "
-                        f"more than the {self.busy_limit:g} s a stream waits"
-                    ) from None
-                if on_wait:
-                    on_wait(wait)
-                self.sleep(wait)
-                waited += wait
-                self.busy_waits += 1
-                self.busy_seconds += wait
+                waited = self._wait_busy(path, e.seconds, waited, on_wait)
             except (_Retry, *_TRANSIENT) as e:
                 reason = str(e) if isinstance(e, _Retry) else _describe(e)
                 if offset > before:  # the budget is for attempts in a row that get nowhere
@@ -277,18 +266,23 @@ class MasterClient:
             try:
                 return self._attempts(f"GET {path} bytes {start}-{end - 1}", attempt)
             except _Busy as e:
-                wait = jittered(e.seconds, self.rng)
-                if waited + wait > self.busy_limit:
-                    raise UpdaterError(
-                        f"master {self.url}: GET {path}: busy for {waited:.0f} s of waiting, "
-                        f"more than the {self.busy_limit:g} s a request waits"
-                    ) from None
-                if on_wait:
-                    on_wait(wait)
-                self.sleep(wait)
-                waited += wait
-                self.busy_waits += 1
-                self.busy_seconds += wait
+                waited = self._wait_busy(path, e.seconds, waited, on_wait)
+
+    def _wait_busy(self, path: str, seconds: float, waited: float, on_wait: Callable[[float], None] | None) -> float:
+        """Wait out a busy master's Retry-After ``seconds`` plus jitter; the seconds waited for
+        ``path`` so far, or UpdaterError once that passes busy_limit."""
+        wait = jittered(seconds, self.rng)
+        if waited + wait > self.busy_limit:
+            raise UpdaterError(
+                f"master {self.url}: GET {path}: busy for {waited:.0f} s of waiting, "
+                f"more than the {self.busy_limit:g} s a transfer waits"
+            ) from None
+        if on_wait:
+            on_wait(wait)
+        self.sleep(wait)
+        self.busy_waits += 1
+        self.busy_seconds += wait
+        return waited + wait
 
     # --- reports ----------------------------------------------------------------------
 

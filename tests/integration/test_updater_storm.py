@@ -109,7 +109,7 @@ def test_a_master_that_stays_busy_ends_the_wait_in_a_fallback(master, tmp_path):
         run(blank_card(tmp_path / "card.img"), server.url, Identity(MAC), master=client, log=lambda m: None)
     assert waited and sum(waited) <= 30
     error = [r for r in reports(root, NODE) if r["phase"] == "error"][-1]
-    assert "more than the 30 s a stream waits" in error["error"]
+    assert "more than the 30 s a transfer waits" in error["error"]
 
 
 @pytest.mark.slow
