@@ -19,7 +19,7 @@ demo: $(STAMP_DEBS) $(STAMP_PIP)
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-# The fast tier, under a minute: lint and types, no QEMU boots (e2e), none of the tests marked slow.
+# The fast tier, about two minutes: lint and types, no QEMU boots (e2e), none of the tests marked slow.
 check: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not e2e and not slow"
 
