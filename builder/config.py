@@ -334,8 +334,9 @@ SETTINGS: tuple[Setting, ...] = (
         "hostname",
         "str",
         "",
-        "Hostname pattern for nodes given a plan of their own (`rackboot plan --node`) without --hostname: "
-        "{index} (1, 2, ... in the order their plans were first written, never reused; {index:02d} pads) "
+        "Hostname pattern for nodes not named with --hostname, both those with a plan of their own and, "
+        "through rackboot serve, those following the default plan: "
+        "{index} (1, 2, ... in the order nodes were first named, never reused; {index:02d} pads) "
         'and {mac} (12 hex digits), e.g. "worker-{index:02d}"; empty = only names given with --hostname.',
         check=pattern_problem,
     ),

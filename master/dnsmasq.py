@@ -107,12 +107,13 @@ def render_config(cfg: Config) -> str:
 
 
 def render_hosts(master: Path) -> str:
-    """One dhcp-host line per node with a plan: its MAC, and as the lease's name its hostname
+    """One dhcp-host line per node with a plan or a name: its MAC, and as the lease's name its hostname
     (hostnames.py; DHCP option 12 hands it to the worker) or else its node id (so dnsmasq's
     log names the node)."""
     plans = master / "plans"
-    nodes = sorted(p.name[: -len(".json")] for p in plans.glob("*.json")) if plans.is_dir() else []
-    names = hostnames.read(master)
+    names = hostnames.read(master)  # nodes named while following the default plan have no plan file
+    planned = {p.name[: -len(".json")] for p in plans.glob("*.json")} if plans.is_dir() else set()
+    nodes = sorted(planned | set(names))
     return "".join(
         f"{node.replace('-', ':')},{names[node].hostname if node in names else node}\n"
         for node in nodes

@@ -349,6 +349,8 @@ class MasterHandler(BaseHTTPRequestHandler):
         candidate = fleet.plan_for(node, suffix)  # its own, else the default one (unless not adopted)
         if suffix == ".json":  # the inventory: a plan request is a node seen (its .sig comes next)
             fleet.saw_plan_request(node, self.client_address[0], self.headers.get("X-Rackboot-Serial"), candidate)
+        if candidate is not None and (named := fleet.named_default(node, candidate, suffix)) is not None:
+            return self._reply(named, body)
         if candidate is not None:
             return self._file(f"/plans/{candidate.name}", candidate, body)
         why = f": it is not adopted yet (rackboot adopt {node[:128]})" if fleet.manual else " and no plans/default.json"

@@ -18,7 +18,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
@@ -28,7 +28,7 @@ from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 
-from . import plans, rollout, status
+from . import hostnames, plans, rollout, signing, status
 from .inventory import Inventory, Node
 
 if TYPE_CHECKING:
@@ -98,6 +98,27 @@ class Fleet:
                 return None
         default = directory / f"default{suffix}"
         return default if default.is_file() else None
+
+    def named_default(self, node: str, default: Path, suffix: str) -> Reply | None:
+        """With a [master] hostname pattern, the default plan as ``node``'s own, carrying the
+        name the pattern gives it (hostnames.assign: kept, never reused), signed here with the
+        master key: a node that follows the default plan is named too. Deterministic (Ed25519
+        signatures are), so the .sig fetched next matches. None: serve the file as it is."""
+        cfg = self.config
+        if cfg is None or not cfg.master.hostname or not _is_node(node) or default.name != f"default{suffix}":
+            return None
+        try:
+            plan = formats.parse_plan((default.parent / "default.json").read_bytes())
+            name = hostnames.assign(self.master, node, hostname=None, pattern=cfg.master.hostname)
+            data = formats.dump(replace(plan, node=node, hostname=name))
+            if suffix == ".json.sig":
+                if not cfg.master.key:
+                    return None
+                data = signing.sign(cfg.master.key, data)
+        except (OSError, UpdaterError, RackbootError) as e:
+            self.log(f"plans: default plan not named for {node}: {e}")
+            return None  # the default plan as it is: the node boots, unnamed
+        return Reply(HTTPStatus.OK, data, "application/octet-stream" if suffix == ".json.sig" else "application/json")
 
     def saw_plan_request(self, node: str, ip: str, serial: str | None, served: Path | None) -> None:
         """Record a plan request; an inventory that fails is logged, the plan still goes out."""

@@ -381,3 +381,34 @@ def test_an_aborted_rollout_leaves_the_plans_as_they_are_and_moves_no_further(tm
         assert "no rollout is running" in capsys.readouterr().err
     finally:
         m.stop()
+
+
+def test_a_hostname_pattern_names_nodes_that_follow_the_default_plan(tmp_path):
+    """With [master] hostname set, a node without a plan of its own gets the default plan
+    under its own name, signed by the master: the names come from the pattern in order of
+    first request, stay with their node, and the .sig fetched next verifies."""
+    from rackboot.initramfs.updater.formats import parse_plan
+    from rackboot.initramfs.updater.signature import Verifier
+    from rackboot.master import plans, signing
+
+    key = tmp_path / "master.key"
+    signing.keygen(key)
+    cfg = make_cfg(tmp_path, hostname="worker-{index:02d}", key=str(key))
+    publish(cfg.master.directory, 1, b"v1" * 4096)
+    plans.assign(cfg, node="default", image="example", version=1)
+    m = Master(cfg)
+    try:
+        got = {}
+        for mac in ("52-54-00-00-00-0b", "52-54-00-00-00-0a", "52-54-00-00-00-0b"):
+            status, data = m.request("GET", f"/plans/{mac}.json")
+            assert status == 200, data
+            sig_status, sig = m.request("GET", f"/plans/{mac}.json.sig")
+            assert sig_status == 200, sig
+            Verifier(str(signing.public_key_path(key))).check(f"/plans/{mac}.json", data, sig)  # raises if not
+            plan = parse_plan(data)
+            assert plan.node == mac and got.setdefault(mac, plan.hostname) == plan.hostname
+        assert got == {"52-54-00-00-00-0b": "worker-01", "52-54-00-00-00-0a": "worker-02"}
+        default = parse_plan((cfg.master.directory / "plans" / "default.json").read_bytes())
+        assert default.hostname is None and default.node == "default"  # the file itself is unchanged
+    finally:
+        m.stop()

@@ -94,3 +94,12 @@ def test_a_missing_build_directory_is_one_line(tmp_path):
     path = write_config(tmp_path, master={"address": "10.213.0.1"}, network=NETWORK)
     with pytest.raises(dnsmasq.RackbootError, match=r"build directory .*/build does not exist: run rackboot build"):
         dnsmasq.render_config(config.load(path))
+
+
+def test_hosts_name_the_nodes_named_while_following_the_default_plan(tmp_path):
+    from rackboot.master import hostnames
+
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "52-54-00-00-00-01.json").write_text("{}")
+    hostnames.assign(tmp_path, "52-54-00-00-00-02", hostname=None, pattern="worker-{index:02d}")  # no plan file
+    assert dnsmasq.render_hosts(tmp_path) == "52:54:00:00:00:01,52-54-00-00-00-01\n52:54:00:00:00:02,worker-01\n"
