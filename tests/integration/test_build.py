@@ -67,14 +67,15 @@ def test_noop_rebuild_rebuilds_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_changed_module_list_rebuilds_only_the_initramfs_and_the_card_holding_it(tmp_path):
+def test_changed_module_list_rebuilds_only_the_initramfs_and_the_boot_area_and_card_holding_it(tmp_path):
     build.build(config.load(write_config(tmp_path)), log=quiet)
     lines = []
     build.build(config.load(write_config(tmp_path, initramfs={"modules": ["loop"]})), log=lines.append)
     rebuilt = [line.split()[0] for line in lines if "rebuilding" in line]
-    assert rebuilt == ["initramfs", "sdcard", "sdcard-bmap"]
+    assert rebuilt == ["initramfs", "boot-image", "sdcard", "sdcard-bmap"]  # boot-image: one boot area's FAT
     assert any("initramfs changed" in line for line in lines)
-    assert any("sdcard " in line and "initramfs rebuilt" in line for line in lines)
+    assert any("boot-image " in line and "initramfs rebuilt" in line for line in lines)
+    assert any("sdcard " in line and "boot-image rebuilt" in line for line in lines)
 
 
 @pytest.mark.slow
