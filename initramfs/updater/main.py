@@ -380,9 +380,11 @@ class _Update:
         try:
             if listed is not None:
                 self.rsync_fill(plan, target, number, offset, capacity, manifest, listed)
-            for attempt in range(1, WRITE_ATTEMPTS + 1 if listed is None else 1):
-                if self.write_and_read_back(path, target, offset, capacity, manifest, last=attempt == WRITE_ATTEMPTS):
-                    break
+            else:
+                for attempt in range(1, WRITE_ATTEMPTS + 1):
+                    last = attempt == WRITE_ATTEMPTS
+                    if self.write_and_read_back(path, target, offset, capacity, manifest, last=last):
+                        break
             self.run_hook(HookName.POST_INSTALL, manifest, scripts, target, number)
         except UpdaterError:
             self.commit(self.with_slot(target, replace(entry, state=SlotStatus.BAD)))
