@@ -2,29 +2,35 @@
 
 The index and pack bytes are the updater's own (initramfs/updater/delta.py writes and
 reads them, so both sides share one definition); this module puts them in a version's
-directory and describes them for the manifest. notes/delta.md says why 4 KiB blocks,
-8-byte hashes and a per-block deflated pack.
+directory, with the index as a diff against each of the few versions before it (what a
+worker holding one of those fetches instead of the whole index), and describes them for the
+manifest. notes/delta.md says why 4 KiB blocks, 8-byte hashes, a per-block deflated pack
+with a 32 KiB dictionary, and diffs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from rackboot.errors import RackbootError
 from rackboot.files import write_durable
-from rackboot.initramfs.updater import delta
+from rackboot.initramfs.updater import delta, formats, indexdiff
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import BlockDelta
 
 INDEX_NAME = "rootfs.ext4.index"
 PACK_NAME = "rootfs.ext4.pack"
+DIFF_BASES = 4  # earlier versions a new index is diffed against: the ones a rack still runs
+DIFF_SHARE = 0.5  # a diff this share of the whole index or more is not worth a file
 
 
-def write_index(data: BinaryIO, size: int, out: Path) -> BlockDelta:
-    """Index and pack ``size`` bytes of ``data`` into directory ``out``; the manifest's entry."""
+def write_index(data: BinaryIO, size: int, out: Path, earlier: Sequence[Path] = ()) -> BlockDelta:
+    """Index and pack ``size`` bytes of ``data`` into directory ``out``, with the index's diffs
+    against the versions in directories ``earlier`` (newest first); the manifest's entry."""
     pack_path = out / PACK_NAME
     try:
         with open(pack_path, "wb") as pack:
@@ -35,6 +41,10 @@ def write_index(data: BinaryIO, size: int, out: Path) -> BlockDelta:
         raise RackbootError(f"block index: {e}") from None
     body = index.dump()
     write_durable(out / INDEX_NAME, body)
+    for base in _bases(earlier, index):
+        patch = indexdiff.diff(base, index)
+        if len(patch) < DIFF_SHARE * len(body) and len(patch) <= formats.MAX_DOCUMENT:
+            write_durable(out / indexdiff.diff_name(INDEX_NAME, hashlib.sha256(base.body()).hexdigest()), patch)
     return BlockDelta(
         index=INDEX_NAME,
         index_size=len(body),
@@ -42,4 +52,25 @@ def write_index(data: BinaryIO, size: int, out: Path) -> BlockDelta:
         pack=PACK_NAME,
         pack_size=index.pack_size,
         block_size=index.block_size,
+        window=index.window,
+        plain_sha256=hashlib.sha256(index.body()).hexdigest(),
     )
+
+
+def _bases(earlier: Sequence[Path], new: delta.BlockIndex) -> list[delta.BlockIndex]:
+    """The indexes of the first DIFF_BASES of ``earlier`` that have one a diff can be made against."""
+    found: list[delta.BlockIndex] = []
+    for directory in earlier:
+        if len(found) == DIFF_BASES:
+            break
+        try:
+            manifest = formats.parse_manifest((directory / "manifest.json").read_bytes())
+            spec = manifest.delta
+            if spec is None:
+                continue
+            base = delta.parse_index((directory / spec.index).read_bytes(), where=str(directory / spec.index))
+        except (OSError, UpdaterError):
+            continue  # a version without a readable index: its workers take the whole one
+        if (base.block_size, base.hash_len) == (new.block_size, new.hash_len):
+            found.append(base)
+    return found

@@ -209,7 +209,8 @@ class _Publication:
         start = data.tell()
         digests = compress_stream(data, size, out / STREAM_NAME)
         data.seek(start)
-        block_delta = write_index(data, size, out)  # index and pack for delta installs
+        earlier = [self.dir / str(v) for v in sorted(_published_versions(self.dir), reverse=True) if v < self.version]
+        block_delta = write_index(data, size, out, earlier)  # index, diffs and pack for delta installs
         for hook, script in self.hooks:
             write_durable(out / hook.file, script)
         manifest = Manifest(

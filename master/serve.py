@@ -18,6 +18,7 @@ is sent or its connection drops. /stats shows the streams at their peak.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import threading
@@ -53,7 +54,9 @@ _LOG_ESCAPES = str.maketrans({**{c: f"\\x{c:02x}" for c in (*range(0x20), *range
 # what socketserver's methods take: a TCP server's is always the connection's socket
 _Request = socket.socket | tuple[bytes, socket.socket]
 _TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig": "application/octet-stream"}
-_NOT_STREAMS = (".json", ".sig", ".sh")  # under /images/: manifests, latest.json, signatures, hook scripts
+# under /images/: manifests, latest.json, signatures, hook scripts, block indexes and their diffs
+# (small, and fetched before a delta's Range requests, which do count)
+_NOT_STREAMS = re.compile(r".*(\.json|\.sig|\.sh|\.index|\.index\.from-[0-9a-f]{64})")
 RETRY_AFTER = 2  # seconds a refused stream is told to wait while few others wait too
 RETRY_AFTER_MAX = 10  # however long the queue: a worker should see its turn soon after it comes
 
@@ -328,7 +331,7 @@ class MasterHandler(BaseHTTPRequestHandler):
             for suffix in (".json", ".json.sig"):  # a plan and its signature fall back together
                 if parts[1].endswith(suffix):
                     return self._plan(parts[1][: -len(suffix)], body, suffix)
-        stream = body and parts[0] == "images" and not parts[-1].endswith(_NOT_STREAMS)
+        stream = body and parts[0] == "images" and not _NOT_STREAMS.fullmatch(parts[-1])
         self._file(path, self.server.master.joinpath(*parts), body, stream=stream)
 
     def _url_path(self) -> str | None:

@@ -399,7 +399,12 @@ class FileList:
 @dataclass(frozen=True)
 class BlockDelta:
     """The block index and pack beside the stream (delta.py reads them): the signed manifest
-    pins the index, the index pins every block of the pack."""
+    pins the index, the index pins every block of the pack. Under the manifest's ``delta``
+    key (rev5): a rev1 index, each block deflated alone. Under ``block_delta`` (rev9): a rev2
+    index whose blocks are deflated with the ``window`` bytes before them as dictionary, and
+    ``plain_sha256``, the sha256 of the inflated index, which an index rebuilt from a diff
+    must match. Two keys, so that an updater that reads only rev1 indexes never sees a rev2
+    one: it takes the stream."""
 
     index: str
     index_size: int
@@ -407,13 +412,16 @@ class BlockDelta:
     pack: str
     pack_size: int
     block_size: int
+    window: int = 0
+    plain_sha256: str | None = None
 
     @classmethod
-    def from_dict(cls, obj: Any) -> BlockDelta:
-        f = _Fields("manifest: delta", obj)
+    def from_dict(cls, obj: Any, *, key: str = "delta") -> BlockDelta:
+        f = _Fields(f"manifest: {key}", obj)
         block_size = f.integer("block_size", minimum=512)
         if block_size & (block_size - 1) or block_size > 32768:
             raise f.fail("block_size", f"{block_size} is not a power of two in 512..32768")
+        windowed = key == "block_delta"
         return cls(
             index=f.text("index", _FILE_RE, what="a plain file name"),
             index_size=f.integer("index_size", minimum=1),
@@ -421,7 +429,14 @@ class BlockDelta:
             pack=f.text("pack", _FILE_RE, what="a plain file name"),
             pack_size=f.integer("pack_size"),
             block_size=block_size,
+            window=_window(f) if windowed else 0,
+            plain_sha256=f.text("plain_sha256", _HEX64_RE, what="64 lowercase hex digits") if windowed else None,
         )
+
+    @property
+    def key(self) -> str:
+        """The manifest key it goes under."""
+        return "block_delta" if self.window else "delta"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -431,6 +446,7 @@ class BlockDelta:
             "pack": self.pack,
             "pack_size": self.pack_size,
             "block_size": self.block_size,
+            **({"window": self.window, "plain_sha256": self.plain_sha256} if self.window else {}),
         }
 
 
@@ -451,7 +467,7 @@ class Manifest:
     kernel_release: str | None = None
     hooks: tuple[Hook, ...] = ()
     files: FileList | None = None  # rsync mode's signed file list; publish_image has none
-    delta: BlockDelta | None = None  # the block index and pack for delta installs (rev3)
+    delta: BlockDelta | None = None  # the block index and pack for delta installs (rev5; rev9: block_delta)
     format: int = FORMAT
 
     @classmethod
@@ -474,7 +490,7 @@ class Manifest:
             kernel_release=f.optional_text("kernel_release"),
             hooks=_hooks(f),
             files=None if f.raw("files", optional=True) is None else FileList.from_dict(f.raw("files")),
-            delta=None if f.raw("delta", optional=True) is None else BlockDelta.from_dict(f.raw("delta")),
+            delta=_block_delta(f),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -495,7 +511,7 @@ class Manifest:
             "kernel_release": self.kernel_release,
             **({"hooks": [h.to_dict() for h in self.hooks]} if self.hooks else {}),
             **({"files": self.files.to_dict()} if self.files else {}),
-            **({"delta": self.delta.to_dict()} if self.delta else {}),
+            **({self.delta.key: self.delta.to_dict()} if self.delta else {}),
         }
 
     def hook(self, name: str) -> Hook | None:
@@ -504,6 +520,21 @@ class Manifest:
     def stream_path(self, manifest_path: str) -> str:
         """The stream's path on the master, beside the manifest."""
         return beside(manifest_path, self.stream)
+
+
+def _window(f: _Fields) -> int:
+    window = f.integer("window", minimum=1)
+    if window > 32768:
+        raise f.fail("window", f"must be <= 32768 (deflate's window), got {window}")
+    return window
+
+
+def _block_delta(f: _Fields) -> BlockDelta | None:
+    """``block_delta`` (a rev2 index) when the manifest has one, else ``delta`` (rev1), else None."""
+    for key in ("block_delta", "delta"):
+        if f.raw(key, optional=True) is not None:
+            return BlockDelta.from_dict(f.raw(key), key=key)
+    return None
 
 
 # --- latest.json -------------------------------------------------------------------------

@@ -225,6 +225,7 @@ class _Update:
         self.replaced = Slot()  # the target slot's state before this install marked it writing
         self.card_bytes = 0  # bytes of the new slot a block delta took from the card (delta.py)
         self.delta_note: str | None = None  # how the slot was built, or why not by delta: for reports
+        self.new_index: delta.BlockIndex | None = None  # the installing version's block index, once fetched
         self.scripts: dict[str, bytes] = {}  # the install's checked hook scripts
 
     def run(self, layout_check: bool) -> Decision:
@@ -453,6 +454,7 @@ class _Update:
             self.log(f"reading back slot {target}")
             digests = install.read_back(self.disk, offset, manifest.size, progress=self.watchdog.progress)
         if digests == (manifest.sha256, manifest.crc32):
+            delta.keep_index(self, target, offset, capacity, path, manifest)  # for the next delta
             return True
         problem = f"read-back of slot {target} differs from what was written"
         if last:
