@@ -9,8 +9,8 @@ request, so a slow stream that keeps moving is never cut off), and past MAX_CONN
 open connections a new one gets a quick 503, which the updater retries with backoff.
 
 A rack switched on together must not split the link a hundred ways: at most max_streams
-image streams (GETs of the stream files under /images/, not of manifests, signatures or
-hooks) are sent at once. One more gets a 503 with Retry-After at once, which the updater
+image streams (GETs of the stream and pack files under /images/, not of manifests,
+signatures, hooks or block indexes and their diffs) are sent at once. One more gets a 503 with Retry-After at once, which the updater
 waits out (with jitter) before it asks again; a stream keeps its slot until its response
 is sent or its connection drops. /stats shows the streams at their peak.
 """
