@@ -132,10 +132,10 @@ def inflate(data: bytes, most: int, *, where: str) -> bytes:
 
 def parse_body(raw: bytes, *, where: str = "block index") -> BlockIndex:
     """An index's inflated bytes -> BlockIndex (rev1 or rev2); UpdaterError otherwise."""
-    if len(raw) < HEADER.size:
+    if len(raw) < (HEADER2 if raw[:8] == MAGIC2 else HEADER).size:
         raise UpdaterError(f"{where}: {len(raw)} bytes is shorter than its header")
     window = 0
-    if raw[:8] == MAGIC2 and len(raw) >= HEADER2.size:
+    if raw[:8] == MAGIC2:
         _, block_size, hash_len, size, blocks, window = HEADER2.unpack_from(raw)
         head = HEADER2.size
         if not 1 <= window <= WINDOW:
