@@ -1,6 +1,9 @@
 """The delta's planner (where each block comes from), range merging, and the build on
 file-backed slots: only what the card lacks is fetched, right blocks are not rewritten,
-and nothing from the card or the master is written unchecked."""
+and nothing from the card or the master is written unchecked. With a rev2 index each
+fetched block needs the window of the new image before it: read back from the target
+(or kept from the fetched blocks just before), so it must be right wherever the fetched
+blocks fall."""
 
 from __future__ import annotations
 
@@ -21,9 +24,24 @@ def blocks(*labels: str) -> bytes:
     return b"".join(bytes(BS) if x == "0" else random.Random(x).randbytes(BS) for x in labels)
 
 
-def index_of(data: bytes) -> tuple[delta.BlockIndex, bytes]:
+def chained(*labels: str, tail: int = 0) -> bytes:
+    """One block per label: "0" a zero block, any other half the non-zero block before it and
+    half its own letters (16 of them): its deflate with the window refers into the block
+    before, so it unpacks only with the right window. Then a tail of ``tail`` bytes, made so."""
+    out, previous = bytearray(), b""
+    for n, label in enumerate((*labels, "tail")):
+        if label == "0":
+            out += bytes(BS)
+            continue
+        block = (previous[: BS // 2] + bytes(random.Random(label).choices(b"abcdefghijklmnop", k=BS)))[:BS]
+        out += block[:tail] if n == len(labels) else block
+        previous = block[BS // 2 :] + block[: BS // 2]
+    return bytes(out)
+
+
+def index_of(data: bytes, window: int = delta.WINDOW) -> tuple[delta.BlockIndex, bytes]:
     pack = io.BytesIO()
-    return delta.build_index(io.BytesIO(data), len(data), pack), pack.getvalue()
+    return delta.build_index(io.BytesIO(data), len(data), pack, window=window), pack.getvalue()
 
 
 def hashes(data: bytes) -> list[bytes]:
@@ -99,8 +117,17 @@ class Card:
         return self.disk.read(0, n)
 
 
-def build(card: Card, new_data: bytes, target_hashes, other_hashes, pack_override: bytes | None = None):
-    new, pack = index_of(new_data)
+def build(
+    card: Card,
+    new_data: bytes,
+    target_hashes,
+    other_hashes,
+    pack_override: bytes | None = None,
+    *,
+    window: int = delta.WINDOW,
+    gap: int = 0,
+):
+    new, pack = index_of(new_data, window)
     pack = pack if pack_override is None else pack_override
     asked: list[tuple[int, int]] = []
 
@@ -110,7 +137,7 @@ def build(card: Card, new_data: bytes, target_hashes, other_hashes, pack_overrid
 
     target, other = card.slots()
     steps = delta.plan(new, target_hashes, other_hashes)
-    tally = delta.build(new, steps, target, other, fetch, gap=0)
+    tally = delta.build(new, steps, target, other, fetch, gap=gap)
     return tally, asked
 
 
@@ -171,3 +198,76 @@ def test_runs_stop_at_the_most_one_request_carries():
     runs = delta.merge_runs(new, range(7), gap=0, most=3 * BS)
     assert [(r.first, r.last) for r in runs] == [(0, 2), (3, 5), (6, 6)]
     assert all(r.end - r.start <= 3 * BS for r in runs)
+
+
+# --- the window: a fetched block's dictionary is the new image before it -----------------------
+
+LABELS = [str(n) for n in range(20)]  # 20 chained blocks, 80 KiB: the window is the last 8 of them
+LABELS[4] = LABELS[5] = "0"
+
+
+def junk(data: bytes, blocks) -> bytes:
+    """``data`` with ``blocks`` replaced by bytes no index holds (the last may be short)."""
+    out = bytearray(data)
+    for i in blocks:
+        end = min(len(data), (i + 1) * BS)
+        out[i * BS : end] = random.Random(f"junk {i}").randbytes(end - i * BS)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "fetched,gap",
+    [
+        ([7, 8, 9], 0),  # adjacent: one run, each block's window the ones just unpacked
+        ([2, 9, 15], 0),  # apart: each window read back from the target
+        ([2, 9, 15], delta.MERGE_GAP * 8),  # apart but in one merged run: blocks between are skipped
+        ([0, 1], 0),  # block 0 has nothing before it
+        ([6], 0),  # after zero blocks, which the build writes over the target's junk first
+        ([4, 5, 6, 7], 0),  # the zero blocks are not fetched, the blocks after them are
+        ([19, 20], 0),  # the short tail
+        ([0, 3, 6, 10, 11, 12, 13, 20], 0),
+    ],
+)
+def test_fetched_blocks_unpack_with_the_window_the_target_holds(tmp_path, fetched, gap):
+    new = chained(*LABELS, tail=700)
+    card = Card(tmp_path, target=junk(new, fetched), other=blocks("x"), size=24 * BS)
+    tally, asked = build(card, new, hashes(card.target(len(new))), None, gap=gap)
+    assert card.target(len(new)) == new
+    index = index_of(new)[0]
+    pack_blocks = [i for i in fetched if index.lengths[i]]
+    assert tally.fetched == sum(index.block_len(i) for i in pack_blocks) and tally.requests == len(asked)
+    assert tally.zero == BS * len([i for i in fetched if not index.lengths[i]])
+
+
+@pytest.mark.parametrize("window", [0, 4096, delta.WINDOW])
+def test_a_card_block_that_fails_its_hash_is_fetched_with_its_window(tmp_path, window):
+    """The slots' hashes say they hold these blocks (a kept index that is stale, say), the
+    card holds other bytes: those blocks are fetched after the rest is in place, each with
+    the window read back from the target, which by then holds the blocks copied from the
+    other slot just before it."""
+    new = chained(*LABELS, tail=700)
+    target = junk(new, [3, 11, 12, 13])
+    other = junk(new[: 14 * BS], [13])
+    card = Card(tmp_path, target=target, other=other, size=24 * BS)
+    claimed = hashes(new)[:10] + hashes(target)[10:]  # block 3 claimed, 11..13 known to be junk
+    steps = delta.plan(index_of(new, window)[0], claimed, hashes(new[: 14 * BS]))
+    assert [steps[i].source for i in (3, 11, 12, 13)] == [delta.KEEP, delta.OTHER, delta.OTHER, delta.OTHER]
+    tally, asked = build(card, new, claimed, hashes(new[: 14 * BS]), window=window)
+    assert card.target(len(new)) == new
+    assert tally.fetched == 2 * BS and len(asked) == 2 and tally.copied == 2 * BS  # 3 and 13 lied, 11 and 12 did not
+
+
+def test_a_window_of_the_wrong_bytes_stops_the_build(tmp_path):
+    """The build cannot check a dictionary, only what comes out of it: when the target holds
+    wrong bytes before a fetched block (here a plan that zeroes block 1, which is not zero),
+    the fetched block fails its hash and nothing is committed."""
+    new = chained("a", "b", "c")
+    card = Card(tmp_path, target=junk(new, [1, 2]), other=blocks("x"), size=4 * BS)
+    index, pack = index_of(new)
+    target, other = card.slots()
+    steps = [Step(0, KEEP), Step(1, ZERO), Step(2, FETCH)]
+    with pytest.raises(UpdaterError, match="^block 2: "):
+        delta.build(index, steps, target, other, lambda start, end: pack[start:end])
+    right = [Step(0, KEEP), Step(1, FETCH), Step(2, FETCH)]
+    delta.build(index, right, target, other, lambda start, end: pack[start:end])
+    assert card.target(len(new)) == new
