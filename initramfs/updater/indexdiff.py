@@ -22,7 +22,7 @@ import hashlib
 import struct
 from array import array
 
-from .delta import MAX_INDEX, BlockIndex, inflate, with_zero_hashes
+from .delta import MAX_INDEX, WINDOW, BlockIndex, inflate, with_zero_hashes
 from .errors import UpdaterError
 
 MAGIC = b"RBIDXDF1"
@@ -122,6 +122,8 @@ def apply(base: BlockIndex, data: bytes, *, where: str = "block index diff") -> 
         raise UpdaterError(f"{where}: block size {block_size} or hash length {hash_len} is not the base's")
     if size < 1 or blocks != -(-size // block_size) or blocks > MAX_INDEX // 2:
         raise UpdaterError(f"{where}: {blocks} blocks of {block_size} cannot hold {size} bytes")
+    if window > WINDOW:  # 0: a rev1 index; what parse_body takes, so the index rebuilt is one it would
+        raise UpdaterError(f"{where}: window {window} is not in 0..{WINDOW}")
     lengths, stored = array("H"), []
     at, expected = HEADER.size, 0
     while at < len(raw):
