@@ -395,6 +395,42 @@ def test_a_damaged_kept_index_is_not_used(master, card, part, why, masters_copy)
     assert download["delta"].startswith("delta: ") and second.bytes_fetched < v2.stream_size / 3
 
 
+@pytest.mark.parametrize("kept", ["whole", "trailer torn"])
+def test_a_cut_between_keeping_the_index_and_the_commit_leaves_a_good_slot_and_the_next_boot_finishes(
+    master, card, kept
+):
+    """The power goes after v2's index was kept in slot b (whole, or its trailer half
+    written) and before the commit: the card is as the install's last state write left it,
+    slot b writing, slot a bootable. The next run does not trust b's kept index (b is not a
+    committed slot), hashes b, finds every block in place, and commits it."""
+    root, server = master
+    install_v1(root, server, card)
+    with Disk(str(card), writable=False) as d:
+        before = slot_state.read(d)
+    install_v2(root, server, card)
+    v2 = manifest(root, 2)
+    offset, capacity = slot_range(card, "b")
+    with Disk(str(card)) as d:
+        b = slot_state.read(d).slot("b")
+        writing = formats.Slot(formats.SlotStatus.WRITING, b.image, b.version, b.sha256, b.partition)
+        slot_state.write(d, dataclasses.replace(before, slots={**before.slots, "b": writing}))
+        if kept == "trailer torn":
+            d.write(offset + capacity - 512 + 48, os.urandom(64))
+        cut = slot_state.read(d)
+    assert cut.primary == "a" and cut.slots["a"].state in formats.BOOTABLE  # what boots after the cut
+    log: list[str] = []
+    sent = Sent(server)
+    again = update(card, server.url, log)
+    assert (again.slot, again.action, again.version) == ("b", "installed", 2), log
+    assert slot_bytes(card, SLOT_B, v2.size) == image(root, 2)
+    assert any(line.startswith("delta: hashing slot b (") for line in log), log
+    assert not any("slot b holds" in line for line in log), log
+    summary = next(line for line in log if line.startswith("delta: ") and "written" in line)
+    assert summary.endswith("; 0.0 MiB written"), summary  # every block already in place
+    assert wait_for(sent).get(V2 + v2.delta.pack, 0) <= 1  # the Range probe at most
+    assert kept_index(card, "b", v2.sha256).body() == index_of(root, 2).body()
+
+
 def as_rev1(root: Path, version: int) -> formats.Manifest:
     """Rewrite ``version`` as a master from before rev2 published it: a rev1 index and pack
     (each block deflated alone) under the manifest's ``delta`` key, no diffs."""
