@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import bench_rsync
-from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater import formats, layout, slotindex
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Layout, Plan
@@ -87,6 +87,7 @@ class Setup:
     master: Path  # v1 and v2 published, with their block indexes
     card: Path  # v1 installed in slot a (by the full stream), v2 assigned
     v2: formats.Manifest
+    v1_extra: int  # bytes the v1 install fetched beside its stream: the index it kept on the card
 
 
 @dataclass(frozen=True)
@@ -189,16 +190,37 @@ def setup(tmp: Path, package: str, log: Callable[[str], None]) -> Setup:
         f.truncate(DISK_MIB << 20)
     assign(master, 1)
     logs: list[str] = []
-    action, *_ = update(card, master, logs)
+    action, v1_fetched, *_ = update(card, master, logs)
     if action != "installed":
         raise SystemExit(f"bench_delta: v1 was not installed: {logs[-1:]}")
     assign(master, 2)
-    v2 = formats.parse_manifest((master / "images/bench/2/manifest.json").read_bytes())
-    return Setup(tmp, master, card, v2)
+    v1, v2 = (formats.parse_manifest((master / f"images/bench/{v}/manifest.json").read_bytes()) for v in (1, 2))
+    return Setup(tmp, master, card, v2, v1_fetched - v1.stream_size)
 
 
-def _install_v2(s: Setup, method: str, prepare: Callable[[Path], None] = lambda m: None) -> Row:
-    """v2 onto a copy of the v1 card, from a copy of the master that ``prepare`` may change."""
+def without_diffs(master: Path) -> None:
+    """As a master that kept no index diffs: the whole v2 index it is."""
+    for diff in (master / "images/bench/2").glob("*.index.from-*"):
+        diff.unlink()
+
+
+def without_kept_index(card: Path) -> None:
+    """As a card whose slot a was installed by an updater that kept no index: its trailer zeroed."""
+    with Disk(str(card)) as disk:
+        table = layout.read_table(disk)
+        assert table is not None
+        offset, capacity = layout.partition_range(table, 2)  # slot a
+        disk.write(offset + capacity - slotindex.SECTOR, bytes(slotindex.SECTOR))
+
+
+def _install_v2(
+    s: Setup,
+    method: str,
+    prepare: Callable[[Path], None] = lambda m: None,
+    prepare_card: Callable[[Path], None] = lambda c: None,
+) -> Row:
+    """v2 onto a copy of the v1 card (which ``prepare_card`` may change), from a copy of the
+    master that ``prepare`` may change."""
     card = s.tmp / f"card-{method}.img"
     master = s.tmp / f"master-{method}"
     subprocess.run(["cp", "--sparse=always", s.card, card], check=True)
@@ -206,6 +228,7 @@ def _install_v2(s: Setup, method: str, prepare: Callable[[Path], None] = lambda 
     for shared in (*master.glob(".inventory.db*"), *master.glob("reports/*")):  # written in place by serve
         shared.unlink()
     prepare(master)
+    prepare_card(card)
     logs: list[str] = []
     try:
         action, fetched, written, seconds = update(card, master, logs)
@@ -224,18 +247,30 @@ def full_stream(s: Setup) -> Row:
 
 
 def delta(s: Setup) -> Row:
-    """The default: v1's index fetched for slot a (the installed version's, from the master)."""
+    """The default: slot a's index kept on the card by the v1 install, v2's index as a diff against it."""
     return _install_v2(s, "delta")
 
 
+def delta_whole_index(s: Setup) -> Row:
+    """As delta, from a master without index diffs: v2's whole index."""
+    return _install_v2(s, "delta, whole index", without_diffs)
+
+
+def delta_index_from_master(s: Setup) -> Row:
+    """No index kept on the card (an older updater installed v1): v1's and v2's whole indexes from the master."""
+    return _install_v2(s, "delta, no kept index", prepare_card=without_kept_index)
+
+
 def delta_hashed_here(s: Setup) -> Row:
-    """As delta, but the master no longer has v1's index: slot a is hashed on the worker."""
-    return _install_v2(s, "delta, slot hashed here", lambda m: without_index(m, 1))
+    """No kept index, and the master no longer has v1's index: slot a is hashed on the worker."""
+    return _install_v2(s, "delta, slot hashed here", lambda m: without_index(m, 1), without_kept_index)
 
 
 METHODS: dict[str, Callable[[Setup], Row]] = {
     "full stream": full_stream,
     "delta": delta,
+    "delta, whole index": delta_whole_index,
+    "delta, no kept index": delta_index_from_master,
     "delta, slot hashed here": delta_hashed_here,
     "rsync": lambda s: bench_rsync.rsync_row(s, LAYOUT, Row),  # files, unchanged ones from slot a
 }
@@ -255,6 +290,7 @@ def bench(packages: tuple[str, ...] = tuple(UPGRADES), log: Callable[[str], None
             "image_bytes": s.v2.size,
             "stream_bytes": s.v2.stream_size,
             "index_bytes": s.v2.delta.index_size if s.v2.delta else 0,
+            "v1_extra_bytes": s.v1_extra,
             "rows": [r.__dict__ for r in rows],
         }
     return out
@@ -281,7 +317,8 @@ def _report(package: str, r: dict) -> str:
     delta_row = next(row for row in r["rows"] if row["method"] == "delta")
     lines.append(
         f"  delta's share of the full stream: {delta_row['fetched'] / r['stream_bytes']:.1%} "
-        f"(goal <= {GOAL_SHARE:.0%}; RAUC adaptive ~{RAUC_SHARE:.0%})"
+        f"(goal <= {GOAL_SHARE:.0%}; RAUC adaptive ~{RAUC_SHARE:.0%}); the v1 install fetched "
+        f"{r['v1_extra_bytes'] / 1024:.0f} KiB beside its stream (the index it kept on the card)"
     )
     lines += [f"  {row['note']}" for row in r["rows"] if row["note"]]
     return "\n".join(lines)
