@@ -1,13 +1,16 @@
-"""Block-delta installs on an emulated worker: a blank card takes v1 by the full stream;
-v2 is built from slot a's blocks and a few ranges of the pack (the reports say how many
-bytes came from the card and how many from the master) and confirms itself; a tampered
-pack block and a tampered index are each refused with one line, and v1 boots.
+"""Block-delta installs on an emulated worker: a blank card takes v1 by the full stream and
+keeps v1's index behind it in slot a; v2 is built from slot a's blocks (their hashes from
+that kept index) and a few ranges of the pack, its index rebuilt from a diff against the
+kept one (the reports say how many bytes came from the card and how many from the master),
+keeps its own index in slot b, and confirms itself; a tampered pack block, and a tampered
+index whose diff is damaged too, are each refused with one line, and v1 boots.
 
 One provisioned card (slot a holds v1 good, v2 published and assigned) is shared; each
 case boots a copy."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from rackboot import config, demo
-from rackboot.initramfs.updater import state
+from rackboot.initramfs.updater import delta, indexdiff, layout, slotindex, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import BOOTABLE, Manifest
 from rackboot.master import plans
@@ -61,9 +64,9 @@ def received(cfg: config.Config) -> list[dict]:
     ]
 
 
-def boot(card: Card, tmp_path: Path) -> tuple[str, list[dict], Path, int]:
+def boot(card: Card, tmp_path: Path) -> tuple[str, list[dict], Path, dict[str, int]]:
     """Boot a copy of the card until a version is up: console, this boot's reports, the
-    copy, and the image bytes the master sent."""
+    copy, and the bytes the master sent per path."""
     disk = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", card.disk, disk], check=True)
     log = tmp_path / "console.log"
@@ -73,7 +76,7 @@ def boot(card: Card, tmp_path: Path) -> tuple[str, list[dict], Path, int]:
         with harness.new_worker(card.cfg, card.out, disk, log) as worker:
             worker.expect(r"rackboot-demo: v\d is up", timeout=300)
             worker.wait_exit(timeout=60)
-        sent = master.bytes_sent()
+        sent = dict(master.server.stats()["bytes_sent"])
     finally:
         master.stop()
     return log.read_text(errors="replace"), received(card.cfg)[before:], disk, sent
@@ -99,6 +102,25 @@ def slots(disk: Path) -> state.SlotState:
         return state.read(d)
 
 
+def published_index(card: Card, version: int) -> delta.BlockIndex:
+    d = card.cfg.master.directory / f"images/example/{version}"
+    return delta.parse_index((d / "rootfs.ext4.index").read_bytes())
+
+
+def v2_diff(card: Card) -> Path:
+    """v2's index as publish diffed it against v1's: what a card keeping v1's index asks for."""
+    base = hashlib.sha256(published_index(card, 1).body()).hexdigest()
+    return card.v2_dir / indexdiff.diff_name(card.v2.delta.index, base)
+
+
+def kept_index(disk: Path, name: str) -> delta.BlockIndex:
+    """The index slot ``name`` keeps behind its image, for the image its slot state names."""
+    with Disk(str(disk), writable=False) as d:
+        slot = state.read(d).slot(name)
+        where = delta.Slot(d, *layout.partition_range(layout.read_table(d), slot.partition))
+        return slotindex.load(where, slot.sha256, where=f"slot {name}")
+
+
 def assert_refused(console: str, reports: list[dict], disk: Path, line: str) -> None:
     assert re.search(rf"^rackboot: download failed: {line}", console, re.M), console
     assert "rackboot-demo: v1 is up" in console and "v2 is up" not in console and "Traceback" not in console
@@ -110,26 +132,51 @@ def assert_refused(console: str, reports: list[dict], disk: Path, line: str) -> 
 
 
 def test_v2_is_built_from_the_card_and_confirms_itself(card, tmp_path):
+    assert kept_index(card.disk, "a").body() == published_index(card, 1).body()  # the full stream kept v1's
     console, reports, disk, sent = boot(card, tmp_path)
     assert "rackboot-demo: v2 is up" in console and "rackboot-mark-good: slot b (example v2) confirmed" in console
     assert re.search(r"^rackboot: delta: .* MiB from the card", console, re.M), console
+    diff = v2_diff(card)
+    size = diff.stat().st_size
+    assert (
+        f"rackboot: delta: block index of example v2 from a {size}-byte diff against the index slot's install"
+        in console
+    )
+    assert "rackboot: delta: slot a holds example v1: its index kept on the card" in console, console
+    assert "fetching the whole index" not in console and "rackboot: delta: hashing slot" not in console
     download = next(r for r in reports if r["phase"] == "download")
     assert download["delta"].startswith("delta: ") and download["slot"] == "b"
     assert download["card_bytes"] > card.v2.size // 4  # the card gave much of the new slot
-    # index, a few pack ranges and the hook (the master counts it, the report does not): no stream
-    assert 0 < download["bytes"] <= sent < card.v2.stream_size // 10
+    # neither index crossed the wire whole, nor anything of v1: what the worker fetched is the
+    # diff and the pack's ranges, so it is below the whole index plus those ranges
+    v2 = "/images/example/2/"
+    assert not [p for p in sent if p.endswith(".index") or p.startswith("/images/example/1/")], sent
+    assert sent[v2 + diff.name] == size
+    pack = sent[v2 + card.v2.delta.pack]
+    assert 0 < download["bytes"] <= size + pack < card.v2.delta.index_size + pack
+    # the hook's bytes the master counts, the report does not: no stream either way
+    assert download["bytes"] <= harness.image_bytes({"bytes_sent": sent}) < card.v2.stream_size // 10
     assert slots(disk).slots["b"].state == "trial"  # confirmed in the booted system; taken at the next boot
+    assert kept_index(disk, "b").body() == published_index(card, 2).body()  # for the next delta
 
 
 def test_a_tampered_pack_block_is_refused_and_v1_boots(card, tmp_path):
-    pack = card.v2_dir / card.v2.delta.pack
-    with tampered(pack, list(range(0, pack.stat().st_size, 509))):
+    """The first byte of every block the delta must fetch (v2's blocks that v1 has nowhere:
+    a one-file change is a block or two, so no sampled flips)."""
+    v1, v2 = published_index(card, 1), published_index(card, 2)
+    held = set(v1.hashes)
+    new = [v2.offsets[i] for i, (n, h) in enumerate(zip(v2.lengths, v2.hashes, strict=True)) if n and h not in held]
+    assert new, "v2 has no block v1 lacks: nothing to tamper with"
+    with tampered(card.v2_dir / card.v2.delta.pack, new):
         console, reports, disk, _ = boot(card, tmp_path)
     assert_refused(console, reports, disk, r"block \d+: ")
 
 
 def test_a_tampered_index_is_refused_and_v1_boots(card, tmp_path):
-    index = card.v2_dir / card.v2.delta.index
-    with tampered(index, [index.stat().st_size // 2]):
+    """The diff is damaged too, else the whole index is never asked for: the diff's failure
+    is logged, the whole index fetched and refused."""
+    index, diff = card.v2_dir / card.v2.delta.index, v2_diff(card)
+    with tampered(index, [index.stat().st_size // 2]), tampered(diff, [diff.stat().st_size // 2]):
         console, reports, disk, _ = boot(card, tmp_path)
+    assert re.search(rf"^rackboot: delta: .*diff {diff.name}: .*; fetching the whole index", console, re.M), console
     assert_refused(console, reports, disk, "block index of example v2: sha256 is ")
