@@ -573,6 +573,10 @@ def test_every_sample_is_covered():
         *(f"{n}.format1.rev1.bin" for n in ("index", "pack")),
         *(f"manifest.format1.rev5.delta.json{sig}" for sig in ("", ".sig")),
         "report.rev8.delta.json",
+        *(f"{n}.format1.rev2.bin" for n in ("index", "pack")),
+        *(f"manifest.format1.rev6.block-delta.json{sig}" for sig in ("", ".sig")),
+        "indexdiff.format1.rev1.bin",
+        "slotindex.format1.rev1.bin",
         # the inventory's first schema, opened and migrated in tests/integration/test_fleet.py
         "inventory.schema1.sql",
         # rsync mode's samples, checked in test_golden_rsync.py
