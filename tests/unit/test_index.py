@@ -264,12 +264,15 @@ def test_fuzz_mutated_indexes(window, flips, cut):
     assert index.body() == bytes(body) and 0 <= index.window <= delta.WINDOW
 
 
+LINKED = linked(12)
+LINKED_INDEXED = indexed(LINKED)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 11), st.binary(max_size=64), st.binary(max_size=64))
 def test_fuzz_unpacking_with_any_dictionary(i, stored, dictionary):
     """Any stored bytes and any dictionary: a block that hashes right, or UpdaterError."""
-    data = linked(12)
-    index, pack = indexed(data)
+    data, (index, pack) = LINKED, LINKED_INDEXED
     for candidate in (stored, pack[index.offsets[i] : index.offsets[i + 1]][: len(stored)]):
         try:
             plain = delta.unpack_block(index, i, candidate, dictionary)
