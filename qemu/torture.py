@@ -6,6 +6,8 @@ the node's plan pins one that no slot on the card holds (with two, both slots wo
 hold both, and every boot would be up to date). Once a slot holds a version, installs build
 the other slot by block delta (delta.py): its "delta" phase runs from the planned blocks to the
 read-back, and a cut there leaves a half-built slot that the next boot hashes and finishes.
+After the read-back, "keep-index" writes the version's block index behind the image
+(slotindex.py); a cut there leaves the slot writing, and its index is not trusted.
 Boot files change every cycle too: a second build differs from the first in its kernel
 command line, and each plan names the build whose boot image the card's active boot area
 does not hold, so every cycle writes the other area and moves MBR entry 1 (bootfiles.py).
@@ -44,7 +46,7 @@ from rackboot.qemu import harness
 from rackboot.qemu.runner import QemuWorker
 
 VERSIONS = (1, 2, 3)
-PHASES = ("layout", "boot-files", "stream", "delta", "read-back", "commit", "first-boot")
+PHASES = ("layout", "boot-files", "stream", "delta", "read-back", "keep-index", "commit", "first-boot")
 RSYNC = "rsync"  # cut while an rsync install formats and fills its slot (a config whose initramfs has rsync)
 MARKERS = {  # the console line that starts each phase, in boot order; "confirmed" ends the last one
     "layout": r"rackboot: repartitioning",
@@ -53,6 +55,7 @@ MARKERS = {  # the console line that starts each phase, in boot order; "confirme
     RSYNC: r"rackboot: formatting \S+ as ext4 for rsync",  # an rsync install (updater/rsync.py)
     "delta": r"rackboot: delta: \d+ of \d+ blocks to fetch",  # a block delta builds the slot (delta.py)
     "read-back": r"rackboot: reading back slot",
+    "keep-index": r"rackboot: slot \w+: keeping its block index",  # behind the verified image (slotindex.py)
     "commit": r"rackboot: committing slot",
     "first-boot": r"rackboot: booting slot \w+ \(installed\)",
     "confirmed": r"rackboot-mark-good: slot",
@@ -65,6 +68,7 @@ WINDOWS = {
     RSYNC: 2.5,
     "delta": 1.0,
     "read-back": 0.22,
+    "keep-index": 0.2,
     "commit": 0.13,
     "first-boot": 0.33,
 }

@@ -586,7 +586,7 @@ def new_index(u, path: str, manifest, bases: list[BlockIndex]) -> BlockIndex:
         try:
             body = u.master.get(beside(path, name))
             u.master.stream_bytes += len(body)  # index bytes are download bytes, like the stream's
-            index = indexdiff.apply(base, body, where=f"{where}: diff {name}")
+            index = indexdiff.apply(base, body, expected=manifest.size, where=f"{where}: diff {name}")
             if hashlib.sha256(index.body()).hexdigest() != spec.plain_sha256:
                 raise UpdaterError(f"{where}: the index rebuilt from diff {name} is not the signed one")
             _check_fits(index, manifest, where)
@@ -635,10 +635,11 @@ def keep_index(u, target: str, offset: int, capacity: int, path: str, manifest) 
     KiB more). Never fails the install: without it, the next delta fetches or hashes."""
     from . import slotindex
 
+    if manifest.delta is None:
+        return
+    u.log(f"slot {target}: keeping its block index on the card")
     try:
         index = u.new_index
-        if manifest.delta is None:
-            return
         if index is None:
             index = fetch_index(u, path, manifest)
         why = slotindex.store(Slot(u.disk, offset, capacity), manifest.size, manifest.sha256, index, lambda: _sync(u))

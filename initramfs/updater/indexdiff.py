@@ -107,9 +107,11 @@ def _longest(base: BlockIndex, new: BlockIndex, i: int, starts: list[int]) -> tu
     return best
 
 
-def apply(base: BlockIndex, data: bytes, *, where: str = "block index diff") -> BlockIndex:
+def apply(base: BlockIndex, data: bytes, *, expected: int | None = None, where: str = "block index diff") -> BlockIndex:
     """Untrusted diff bytes + the index the card holds -> the new index (which the caller
-    checks against the signed manifest); only UpdaterError escapes."""
+    checks against the signed manifest); only UpdaterError escapes. ``expected``: the image size
+    the signed manifest gives, checked before anything is built (a few bytes of diff must not
+    make the worker build tables for an image of a hundred GiB)."""
     raw = inflate(data, MAX_INDEX, where=where)
     if len(raw) < HEADER.size:
         raise UpdaterError(f"{where}: {len(raw)} bytes is shorter than its header")
@@ -120,6 +122,8 @@ def apply(base: BlockIndex, data: bytes, *, where: str = "block index diff") -> 
         raise UpdaterError(f"{where}: made against another index than the card's")
     if (block_size, hash_len) != (base.block_size, base.hash_len):
         raise UpdaterError(f"{where}: block size {block_size} or hash length {hash_len} is not the base's")
+    if expected is not None and size != expected:
+        raise UpdaterError(f"{where}: describes an image of {size} bytes, the manifest's has {expected}")
     if size < 1 or blocks != -(-size // block_size) or blocks > MAX_INDEX // 2:
         raise UpdaterError(f"{where}: {blocks} blocks of {block_size} cannot hold {size} bytes")
     if window > WINDOW:  # 0: a rev1 index; what parse_body takes, so the index rebuilt is one it would
