@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -57,3 +58,46 @@ def stop_child(proc: subprocess.Popen[bytes], grace: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait()
+
+
+class ChildWatch:
+    """The thread that minds a daemon serve runs (dnsmasq, rsync): every ``interval`` seconds
+    it calls ``refresh`` (which regenerates the daemon's files; an OSError or RackbootError
+    there waits for the next look), and once the child has exited it calls ``died`` with its
+    exit status, once, and ends: the rest of serve goes on without that daemon. ``stop``
+    ends it sooner and waits for it."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        interval: float,
+        *,
+        refresh: Callable[[], object],
+        died: Callable[[int], None],
+        name: str,
+    ):
+        self.proc = proc
+        self.interval = interval
+        self.refresh = refresh
+        self.died = died
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> ChildWatch:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.proc.poll() is not None:
+                self.died(self.proc.returncode)
+                return
+            try:
+                self.refresh()
+            except (OSError, RackbootError):
+                continue  # the next look tries again
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

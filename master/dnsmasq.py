@@ -32,14 +32,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from rackboot.config import Config, DhcpMode
 from rackboot.errors import ConfigError, RackbootError
 from rackboot.files import atomic_write_bytes
-from rackboot.proc import dies_with_parent, run, stop_child
+from rackboot.proc import ChildWatch, dies_with_parent, run, stop_child
 
 from . import hostnames
 
@@ -261,6 +260,10 @@ def _tftp_bound() -> bool:
     return any(line.split()[1].endswith(f":{TFTP_PORT:04X}") for line in lines)
 
 
+def _say_died(status: int) -> None:
+    print(f"netboot: dnsmasq exited with status {status}; no TFTP until serve restarts", file=sys.stderr)
+
+
 class NetbootService:
     """dnsmasq as serve's child: started after the config is written, stopped with serve.
     Start it from the main thread (the parent-death signal follows the thread that forks)."""
@@ -268,8 +271,7 @@ class NetbootService:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.proc: subprocess.Popen[bytes] | None = None
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._watcher: ChildWatch | None = None
 
     def start(self) -> None:
         binary = check_can_run(self.cfg)
@@ -298,8 +300,10 @@ class NetbootService:
             f"{self.cfg.master.address}{dhcp}",
             file=sys.stderr,
         )
-        self._watcher = threading.Thread(target=self._watch, name="dnsmasq-watch", daemon=True)
-        self._watcher.start()
+        # a dnsmasq that dies on its own is said once in the log (HTTP goes on serving)
+        self._watcher = ChildWatch(
+            self.proc, PLAN_POLL, refresh=self.refresh, died=_say_died, name="dnsmasq-watch"
+        ).start()
 
     def _wait_listening(self) -> None:
         """Until dnsmasq holds the TFTP port, or it exits."""
@@ -313,33 +317,22 @@ class NetbootService:
             time.sleep(0.05)
         raise RackbootError(f"dnsmasq did not open its TFTP port within {START_WAIT:g} s")
 
-    def _watch(self) -> None:
-        """A new plan names a new node: rewrite the hosts file and have dnsmasq re-read it.
-        A dnsmasq that dies on its own is said once in the log (HTTP goes on serving)."""
+    def refresh(self) -> bool:
+        """A new plan names a new node: rewrite the hosts file and have dnsmasq re-read it
+        (with the site's DHCP there is none). True when it was rewritten."""
         master = self.cfg.master.directory
-        proc = self.proc
-        assert proc is not None
-        while not self._stop.wait(PLAN_POLL):
-            if proc.poll() is not None:
-                print(
-                    f"netboot: dnsmasq exited with status {proc.returncode}; no TFTP until serve restarts",
-                    file=sys.stderr,
-                )
-                return
-            if self.cfg.network.dhcp is not DhcpMode.FULL:
-                continue
-            try:
-                changed = write_if_changed(master / HOSTS, render_hosts(master))
-            except (OSError, RackbootError):
-                continue  # the next look tries again
-            if changed:
-                proc.send_signal(signal.SIGHUP)
+        if self.cfg.network.dhcp is not DhcpMode.FULL:
+            return False
+        changed = write_if_changed(master / HOSTS, render_hosts(master))
+        if changed and self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
+        return changed
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers; always reaped."""
-        self._stop.set()
         if self._watcher is not None:
-            self._watcher.join()
+            self._watcher.stop()
+            self._watcher = None
         proc, self.proc = self.proc, None
         if proc is None:
             return

@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from rackboot.errors import ConfigError, RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Plan
-from rackboot.proc import dies_with_parent, stop_child
+from rackboot.proc import ChildWatch, dies_with_parent, stop_child
 
 from . import filemanifest
 from .dnsmasq import write_if_changed
@@ -150,6 +149,10 @@ def _listening(port: int, pid: int) -> bool:
     return False
 
 
+def _say_died(status: int) -> None:
+    print(f"rsync: daemon exited with status {status}; no rsync until serve restarts", file=sys.stderr)
+
+
 class RsyncService:
     """rsync --daemon as serve's child: started after its config is written, stopped with
     serve, and (running as root, which it must) sent SIGTERM by the kernel if serve dies.
@@ -161,8 +164,7 @@ class RsyncService:
         self.port = port
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._watcher: ChildWatch | None = None
 
     @property
     def url(self) -> str:
@@ -172,7 +174,6 @@ class RsyncService:
         binary = check_can_run(self.master, self.address, self.port)
         conf = conf_path(self.master)
         write_if_changed(conf, render_config(self.master))
-        self._stop.clear()
         self.proc = subprocess.Popen(
             [binary, "--daemon", "--no-detach", f"--config={conf}", f"--address={self.address}", f"--port={self.port}"],
             stdin=subprocess.DEVNULL,
@@ -186,8 +187,7 @@ class RsyncService:
         if self.log:
             modules = len(published_trees(self.master))
             print(f"rsync: daemon serves {modules} published versions read-only on {self.url}", file=sys.stderr)
-        self._watcher = threading.Thread(target=self._watch, name="rsyncd-watch", daemon=True)
-        self._watcher.start()
+        self._watcher = ChildWatch(self.proc, POLL, refresh=self.refresh, died=_say_died, name="rsyncd-watch").start()
 
     def _wait_listening(self) -> None:
         assert self.proc is not None
@@ -206,26 +206,10 @@ class RsyncService:
         """Rewrite the config when the published versions changed; True when it was."""
         return write_if_changed(conf_path(self.master), render_config(self.master))
 
-    def _watch(self) -> None:
-        proc = self.proc
-        assert proc is not None
-        while not self._stop.wait(POLL):
-            if proc.poll() is not None:
-                print(
-                    f"rsync: daemon exited with status {proc.returncode}; no rsync until serve restarts",
-                    file=sys.stderr,
-                )
-                return
-            try:
-                self.refresh()
-            except (OSError, RackbootError):
-                continue  # the next look tries again
-
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers; always reaped."""
-        self._stop.set()
         if self._watcher is not None:
-            self._watcher.join()
+            self._watcher.stop()
             self._watcher = None
         proc, self.proc = self.proc, None
         if proc is not None:
