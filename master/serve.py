@@ -10,15 +10,16 @@ open connections a new one gets a quick 503, which the updater retries with back
 
 A rack switched on together must not split the link a hundred ways: at most max_streams
 image streams (GETs of the stream and pack files under /images/, not of manifests,
-signatures, hooks or block indexes and their diffs) are sent at once. One more gets a 503 with Retry-After at once, which the updater
-waits out (with jitter) before it asks again; a stream keeps its slot until its response
-is sent or its connection drops. /stats shows the streams at their peak.
+signatures, hooks or block indexes and their diffs) are sent at once. One more gets a 503
+with Retry-After at once, which the updater waits out (with jitter) before it asks again;
+a stream keeps its slot until its response is sent or its connection drops. /stats shows the streams at their peak.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import sys
 import threading
@@ -278,6 +279,28 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["uns
     return start, end
 
 
+MAX_RANGES = 256  # ranges in one request; more is answered with the whole file, as RFC 9110 allows
+
+
+def parse_ranges(header: str | None, size: int) -> list[tuple[int, int]] | None:
+    """A Range header of two or more ``first-last`` ranges, ascending and apart, within
+    the file -> [(first, last)] inclusive; None (send it all) for anything else. Ranges that
+    overlap or go backwards are not served one by one: a request cannot make the master
+    send the same bytes many times over."""
+    if not header or not header.startswith("bytes=") or "," not in header:
+        return None
+    spans: list[tuple[int, int]] = []
+    for part in header[6:].split(","):
+        first, sep, last = part.strip().partition("-")
+        if not sep or not first.isdigit() or not last.isdigit() or len(spans) == MAX_RANGES:
+            return None
+        start, end = int(first), min(int(last), size - 1)
+        if end < start or (spans and start <= spans[-1][1]):
+            return None
+        spans.append((start, end))
+    return spans
+
+
 def check_node_id(node: str) -> None:
     """Reports are kept per node, so only a node id as the updater makes it (formats.node_id:
     a MAC, lowercase, with dashes) names a report file; raises UpdaterError otherwise."""
@@ -380,9 +403,12 @@ class MasterHandler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            spans = None if wanted else parse_ranges(self.headers.get("Range"), size)
             if stream and (wait := self.server.start_stream()) is not None:
                 return self._busy(wait)
             try:
+                if spans:
+                    return self._send_ranges(url_path, f, spans, size, body)
                 first, last = wanted if wanted else (0, size - 1)
                 self.send_response(HTTPStatus.PARTIAL_CONTENT if wanted else HTTPStatus.OK)
                 if wanted:
@@ -396,6 +422,33 @@ class MasterHandler(BaseHTTPRequestHandler):
             finally:
                 if stream:  # sent, or the connection dropped: the next worker's turn
                     self.server.end_stream()
+
+    def _send_ranges(self, url_path: str, f: BinaryIO, spans: list[tuple[int, int]], size: int, body: bool) -> None:
+        """206 multipart/byteranges: each range as a part with its own Content-Range (a block
+        delta asks for hundreds of scattered blocks in a few requests this way)."""
+        boundary = f"rackboot-{secrets.token_hex(12)}"
+        heads = [
+            f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Range: bytes {first}-{last}/{size}\r\n\r\n".encode()
+            for first, last in spans
+        ]
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        length = sum(map(len, heads)) + sum(last - first + 1 for first, last in spans) + len(tail)
+        self.send_response(HTTPStatus.PARTIAL_CONTENT)
+        self.send_header("Content-Type", f"multipart/byteranges; boundary={boundary}")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if not body:
+            return
+        for head, (first, last) in zip(heads, spans, strict=True):
+            self.wfile.write(head)
+            self.server.count(url_path, len(head))  # the body's bytes, as the updater counts them
+            self._send_file(url_path, f, first, last - first + 1)
+            if self.close_connection:
+                return
+        self.server.count(url_path, len(tail))  # before: a client that has it all may look at /stats at once
+        self.wfile.write(tail)
 
     def _busy(self, wait: int) -> None:
         """All stream slots taken: come back in ``wait`` s (and free this thread now)."""

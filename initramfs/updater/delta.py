@@ -45,6 +45,8 @@ MIN_BLOCK, MAX_BLOCK = 512, 32768  # stored lengths are u16
 MIN_HASH, MAX_HASH = 8, 32
 MAX_INDEX = 64 << 20  # an index this large (inflated) would describe a 256 GiB image at 4 KiB
 MERGE_GAP = 16 << 10  # pack bytes between two wanted runs fetched anyway to save a request
+MULTI_GAP = 256  # the same where many runs go in one multi-range request: about a part's own headers
+MAX_RANGES = 128  # runs in one multi-range request (a Range header of a few KiB)
 MAX_RUN = 4 << 20  # pack bytes per request at most: the watchdog hears of progress between requests
 MAX_FETCH_SHARE = 0.6  # more of the stream than this to fetch: the full stream is simpler
 READ_CHUNK = 1 << 20
@@ -399,12 +401,15 @@ def build(
     *,
     progress: Callable[[], None] = lambda: None,
     sync: Callable[[], None] = lambda: None,
-    gap: int = MERGE_GAP,
+    gap: int | None = None,
+    fetch_many: Callable[[list[tuple[int, int]]], list[bytes]] | None = None,
 ) -> Tally:
     """Carry out ``steps`` into ``target``: the card's blocks first (in order, so a target
     block is read before it is overwritten), then the fetched ones. ``fetch(start, end)``
-    returns those pack bytes. A block read from the card that does not hash right is fetched
-    instead; a fetched one that does not is an UpdaterError (the slot stays uncommitted)."""
+    returns those pack bytes; ``fetch_many(spans)``, when the master answers multi-range
+    requests, each span's, in one request (runs are then merged only across tiny gaps).
+    A block read from the card that does not hash right is fetched instead; a fetched one
+    that does not is an UpdaterError (the slot stays uncommitted)."""
     tally = Tally()
     bs = new.block_size
     to_fetch: list[int] = []
@@ -444,24 +449,49 @@ def build(
     to_fetch.sort()
     wanted = set(to_fetch)
     window = _Window(new, target)
-    for run in merge_runs(new, to_fetch, gap):
+    runs = merge_runs(new, to_fetch, gap if gap is not None else MULTI_GAP if fetch_many else MERGE_GAP)
+    for batch in batches(runs) if fetch_many else [[run] for run in runs]:
         progress()
-        pack = fetch(run.start, run.end)
-        if len(pack) != run.end - run.start:
-            raise UpdaterError(f"pack bytes {run.start}-{run.end - 1}: got {len(pack)} bytes")
+        spans = [(run.start, run.end) for run in batch]
+        packs = fetch_many(spans) if fetch_many else [fetch(*spans[0])]
         tally.requests += 1
-        tally.pack_bytes += len(pack)
-        for i in range(run.first, run.last + 1):
-            lo, hi = new.offsets[i] - run.start, new.offsets[i + 1] - run.start
-            if i not in wanted or hi == lo:
-                continue
-            plain = unpack_block(new, i, pack[lo:hi], window.before(i))
-            target.write(i * bs, plain)
-            window.wrote(i, plain)
-            tally.fetched += len(plain)
-            tally.written += len(plain)
+        for run, pack in zip(batch, packs, strict=True):
+            _unpack_run(new, run, pack, wanted, target, window, tally)
     sync()
     return tally
+
+
+def batches(runs: list[Run], most: int = MAX_RUN, ranges: int = MAX_RANGES) -> list[list[Run]]:
+    """Consecutive runs grouped into requests of at most ``ranges`` runs and ``most`` pack bytes."""
+    out: list[list[Run]] = []
+    size = 0
+    for run in runs:
+        if out and len(out[-1]) < ranges and size + run.end - run.start <= most:
+            out[-1].append(run)
+            size += run.end - run.start
+        else:
+            out.append([run])
+            size = run.end - run.start
+    return out
+
+
+def _unpack_run(
+    new: BlockIndex, run: Run, pack: bytes, wanted: set[int], target: Slot, window: _Window, tally: Tally
+) -> None:
+    """Write the wanted blocks of one run's pack bytes into ``target``, each checked."""
+    bs = new.block_size
+    if len(pack) != run.end - run.start:
+        raise UpdaterError(f"pack bytes {run.start}-{run.end - 1}: got {len(pack)} bytes")
+    tally.pack_bytes += len(pack)
+    for i in range(run.first, run.last + 1):
+        lo, hi = new.offsets[i] - run.start, new.offsets[i + 1] - run.start
+        if i not in wanted or hi == lo:
+            continue
+        plain = unpack_block(new, i, pack[lo:hi], window.before(i))
+        target.write(i * bs, plain)
+        window.wrote(i, plain)
+        tally.fetched += len(plain)
+        tally.written += len(plain)
 
 
 class _Window:
@@ -533,12 +563,7 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
     kept_target = _kept(u, target, u.replaced, here)
     new = u.new_index = new_index(u, path, manifest, [k for k in (kept_other, kept_target) if k])
     pack_path = beside(path, spec.pack)
-    if new.pack_size:
-        try:
-            # a master without Range support is found out before a byte of the slot is written
-            u.master.get_range(pack_path, 0, 1, on_wait=u.wait_for_stream)
-        except NoRange as e:
-            raise Fallback(str(e)) from None
+    many = _ranges_answered(u, pack_path, new.pack_size)
     target_hashes = _hashes(u, target, u.replaced, here, new, kept_target)
     other_hashes = _hashes(u, other_name, u.state.slot(other_name), other, new, kept_other) if other else None
     steps = plan(new, target_hashes, other_hashes)
@@ -555,11 +580,47 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
         except NoRange as e:  # it did answer the probe: a master that changes its mind fails the install
             raise UpdaterError(str(e)) from None
 
-    tally = build(new, steps, here, other, fetch, progress=u.watchdog.progress, sync=lambda: _sync(u))
+    def fetch_many(spans: list[tuple[int, int]]) -> list[bytes]:
+        try:
+            return u.master.get_ranges(pack_path, spans, on_wait=u.wait_for_stream)
+        except NoRange as e:
+            raise UpdaterError(str(e)) from None
+
+    tally = build(
+        new,
+        steps,
+        here,
+        other,
+        fetch,
+        progress=u.watchdog.progress,
+        sync=lambda: _sync(u),
+        fetch_many=fetch_many if many else None,
+    )
     u.card_bytes = tally.from_card
     u.delta_note = "delta: " + tally.summary()
     u.log(u.delta_note)
     return tally
+
+
+def _ranges_answered(u, pack_path: str, pack_size: int) -> bool:
+    """Probe the master before a byte of the slot is written: True when it answers a request
+    for several ranges with them (fewer requests for scattered blocks), False when it answers
+    one range at a time; Fallback when it answers no Range request at all."""
+    from .fetch import NoRange
+
+    if not pack_size:
+        return False
+    if pack_size >= 3:
+        try:
+            u.master.get_ranges(pack_path, [(0, 1), (2, 3)], on_wait=u.wait_for_stream)
+            return True
+        except NoRange as e:
+            u.log(f"delta: {e}; one range per request")
+    try:
+        u.master.get_range(pack_path, 0, 1, on_wait=u.wait_for_stream)
+    except NoRange as e:
+        raise Fallback(str(e)) from None
+    return False
 
 
 def _sync(u) -> None:

@@ -268,6 +268,50 @@ class MasterClient:
             except _Busy as e:
                 waited = self._wait_busy(path, e.seconds, waited, on_wait)
 
+    def get_ranges(
+        self, path: str, spans: list[tuple[int, int]], *, on_wait: Callable[[float], None] | None = None
+    ) -> list[bytes]:
+        """Bytes ``start``..``end`` (exclusive) of ``path`` for each of ``spans`` (ascending, apart)
+        by one multi-range request: a 206 multipart/byteranges answer, or one part that covers
+        them all (a server may merge ranges). Anything else raises NoRange (its body unread),
+        so a server without multi-range support is asked one range at a time instead."""
+        if len(spans) == 1:
+            return [self.get_range(path, *spans[0], on_wait=on_wait)]
+        header = "bytes=" + ",".join(f"{start}-{end - 1}" for start, end in spans)
+        # the parts' own headers cost ~100 bytes each; a server that sends much more is not answering this
+        most = spans[-1][1] - spans[0][0] + 256 * len(spans) + 4096
+
+        def attempt() -> list[bytes]:
+            conn, resp = self._open("GET", path, headers={"Range": header})
+            try:
+                if resp.status == 503 and (seconds := retry_after(resp.getheader("Retry-After"))) is not None:
+                    raise _Busy(seconds)
+                _check_status(self.url, path, resp, (200, 206))
+                if resp.status != 206:
+                    raise NoRange(f"master {self.url}: GET {path}: answered {resp.status} to a multi-range request")
+                length = resp.getheader("Content-Length")
+                if length is None or not length.isdigit() or int(length) > most:
+                    raise NoRange(f"master {self.url}: GET {path}: a multi-range answer of {length} bytes")
+                body = resp.read(int(length))
+                self.stream_bytes += len(body)
+                if len(body) != int(length):
+                    raise _Retry(f"{len(body)} of {length} bytes")
+                ctype = resp.getheader("Content-Type", "")
+                if ctype.startswith("multipart/byteranges"):
+                    parts = _byteranges(body)
+                else:
+                    parts = [(_content_range(resp.getheader("Content-Range", ""))[0], body)]
+                return [_cut(parts, start, end) for start, end in spans]
+            finally:
+                conn.close()
+
+        waited = 0.0
+        while True:
+            try:
+                return self._attempts(f"GET {path} {len(spans)} ranges from byte {spans[0][0]}", attempt)
+            except _Busy as e:
+                waited = self._wait_busy(path, e.seconds, waited, on_wait)
+
     def _wait_busy(self, path: str, seconds: float, waited: float, on_wait: Callable[[float], None] | None) -> float:
         """Wait out a busy master's Retry-After ``seconds`` plus jitter; the seconds waited for
         ``path`` so far, or UpdaterError once that passes busy_limit."""
@@ -310,6 +354,48 @@ def _check_status(url: str, path: str, resp: http.client.HTTPResponse, ok: tuple
     if resp.status == 404:
         raise UpdaterError(f"master {url}: GET {path}: 404 not found")
     raise UpdaterError(f"master {url}: GET {path}: HTTP {resp.status} {resp.reason}")
+
+
+def _byteranges(body: bytes) -> list[tuple[int, bytes]]:
+    """A multipart/byteranges body -> [(first byte, its bytes)]. Each part's length comes from
+    its Content-Range, never from searching for the boundary, which the data may contain."""
+    parts, at = [], 0
+    while True:
+        head_end = body.find(b"\r\n\r\n", at)
+        if head_end < 0:
+            break
+        head = body[at:head_end].decode("latin-1")
+        span = next(
+            (line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("content-range:")),
+            None,
+        )
+        if span is None:
+            raise _Retry("a multipart part without Content-Range")
+        first, last = _span(span)
+        start = head_end + 4
+        parts.append((first, body[start : start + last - first + 1]))
+        at = start + last - first + 1
+    return parts
+
+
+def _span(value: str) -> tuple[int, int]:
+    """'bytes N-M/T' -> (N, M); anything else is a transient failure."""
+    try:
+        unit, spec = value.split(" ", 1)
+        first, last = spec.split("/", 1)[0].split("-", 1)
+        if unit != "bytes" or int(last) < int(first):
+            raise ValueError
+        return int(first), int(last)
+    except ValueError:
+        raise _Retry(f"bad Content-Range {value[:80]!r}") from None
+
+
+def _cut(parts: list[tuple[int, bytes]], start: int, end: int) -> bytes:
+    """Bytes start..end (exclusive) from the part that holds them all."""
+    for first, data in parts:
+        if first <= start and end <= first + len(data):
+            return data[start - first : end - first]
+    raise _Retry(f"no part of the answer holds bytes {start}-{end - 1}")
 
 
 def _content_range(value: str) -> tuple[int, int | None]:

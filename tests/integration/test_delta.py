@@ -427,7 +427,8 @@ def test_a_cut_between_keeping_the_index_and_the_commit_leaves_a_good_slot_and_t
     assert not any("slot b holds" in line for line in log), log
     summary = next(line for line in log if line.startswith("delta: ") and "written" in line)
     assert summary.endswith("; 0.0 MiB written"), summary  # every block already in place
-    assert wait_for(sent).get(V2 + v2.delta.pack, 0) <= 1  # the Range probe at most
+    # the Range probe at most: two one-byte parts with their headers
+    assert wait_for(sent).get(V2 + v2.delta.pack, 0) <= 512
     assert kept_index(card, "b", v2.sha256).body() == index_of(root, 2).body()
 
 
@@ -534,3 +535,34 @@ def test_a_busy_master_is_waited_out_and_the_wait_reported(images, tmp_path, car
     assert len(reported) == 1 and reported[0]["seconds"] == pytest.approx(waits[0], abs=0.01)
     download = [r for r in reports(root) if r["phase"] == "download" and r["version"] == 2][-1]
     assert download["delta"].startswith("delta: ")
+
+
+def requests_of(log: list[str]) -> int:
+    summary = next(line for line in log if line.startswith("delta: ") and " requests; " in line)
+    return int(summary.split(" in ")[-1].split(" requests")[0])
+
+
+def test_scattered_blocks_come_in_one_multi_range_request(master, card):
+    root, server = master
+    install_v1(root, server, card)
+    ask = index_of(root, 2)
+    _, log, sent = install_v2(root, server, card)
+    assert not any("one range per request" in line for line in log), log
+    # every run of wanted blocks, merged across gaps of a part's headers only, in one request
+    # (the probe before is two one-byte parts)
+    assert requests_of(log) == 1, log
+    assert sent[V2 + manifest(root, 2).delta.pack] < ask.pack_size
+
+
+def test_a_master_without_multi_range_requests_is_asked_one_range_at_a_time(master, card, monkeypatch):
+    """A server that answers several ranges with the whole file (RFC 9110 allows it) is
+    never read to the end: the probe finds it out, and each run is then its own request."""
+    root, server = master
+    install_v1(root, server, card)
+    monkeypatch.setattr(serve, "parse_ranges", lambda header, size: None)
+    second, log, _ = install_v2(root, server, card)
+    assert any("answered 200 to a multi-range request; one range per request" in line for line in log), log
+    v2 = manifest(root, 2)
+    # the probe's 200 is not read: what the updater took is the diff, a one-byte probe and the runs
+    assert second.bytes_fetched < diff_file(root, 2, 1).stat().st_size + v2.delta.pack_size
+    assert requests_of(log) > 1  # the runs one multi-range request takes (the test above), one by one

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import hashlib
 import http.client
 import json
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.master import publish, serve
 
 STREAM = "/images/example/1/rootfs.ext4.gz"
@@ -127,10 +130,57 @@ def test_unsatisfiable_range_is_416(server, spec):
     assert curl(server, STREAM, "-r", spec)[0] == 416
 
 
-@pytest.mark.parametrize("header", ["bytes=20-10", "bytes=0-1,5-6", "items=0-5", "bytes=x-"])
-def test_invalid_or_multi_ranges_send_the_whole_file(server, master, header):
+MANY = "bytes=" + ",".join(f"{2 * k}-{2 * k}" for k in range(serve.MAX_RANGES + 1))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=20-10",
+        "items=0-5",
+        "bytes=x-",
+        "bytes=5-6,0-1",  # backwards
+        "bytes=0-5,3-8",  # overlapping: the same bytes twice
+        "bytes=0-1,-5",  # a suffix among several
+        "bytes=0-1,7-",  # an open end among several
+        MANY,  # more ranges than a request may ask for
+    ],
+)
+def test_invalid_ranges_send_the_whole_file(server, master, header):
     resp, body = request(server, "GET", STREAM, {"Range": header})
     assert (resp.status, body) == (200, (master / STREAM.lstrip("/")).read_bytes())
+
+
+def multipart(resp, body: bytes) -> list[tuple[str, bytes]]:
+    """The parts of a multipart/byteranges answer as the email package reads them: (Content-Range, bytes)."""
+    message = email.message_from_bytes(
+        f"Content-Type: {resp.getheader('Content-Type')}\r\n\r\n".encode() + body, policy=email.policy.HTTP
+    )
+    assert message.is_multipart()
+    return [(part["Content-Range"], part.get_payload(decode=True)) for part in message.iter_parts()]
+
+
+def test_several_ranges_come_as_one_multipart_answer(server, master):
+    data = (master / STREAM.lstrip("/")).read_bytes()
+    resp, body = request(server, "GET", STREAM, {"Range": "bytes=0-1, 10-19,99990-100500"})
+    assert resp.status == 206 and resp.getheader("Content-Type").startswith("multipart/byteranges; boundary=")
+    assert int(resp.getheader("Content-Length")) == len(body)
+    assert multipart(resp, body) == [
+        ("bytes 0-1/100000", data[0:2]),
+        ("bytes 10-19/100000", data[10:20]),
+        ("bytes 99990-99999/100000", data[99990:]),  # the last range ends at the file's end
+    ]
+    assert server.stats()["bytes_sent"] == {STREAM: len(body)}  # the parts' headers too: the body as sent
+    status, curled = curl(server, STREAM, "-r", "0-1,10-19,99990-100500")
+    assert status == 206 and curled.count(b"Content-Range: bytes ") == 3 and data[10:20] in curled
+
+
+def test_the_updater_takes_several_ranges_in_one_request(server, master):
+    data = (master / STREAM.lstrip("/")).read_bytes()
+    client = MasterClient(f"http://127.0.0.1:{server.server_address[1]}")
+    spans = [(0, 2), (4096, 8192), (50_000, 50_001), (99_000, 100_000)]
+    assert client.get_ranges(STREAM, spans) == [data[a:b] for a, b in spans]
+    assert client.stream_bytes == server.stats()["bytes_sent"][STREAM]
 
 
 def test_head_sends_headers_only_and_counts_nothing(server):

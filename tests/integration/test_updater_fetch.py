@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from rackboot.initramfs.updater import formats, report
+from rackboot.initramfs.updater import fetch, formats, report
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.fetch import MasterClient
+from rackboot.initramfs.updater.fetch import MasterClient, NoRange
 
 from tests.integration.updater_master import Server
 
@@ -137,3 +137,40 @@ def test_report_is_best_effort(server):
     server.faults.hang = 2.0
     assert not report.send(m, r)  # short timeout, no exception
     assert not report.send(None, r)
+
+
+def test_several_ranges_from_a_server_that_ignores_range_raise_norange_unread(server):
+    server.faults.ignore_range = True
+    m, _ = client(server.url)
+    with pytest.raises(NoRange, match="answered 200 to a multi-range request"):
+        m.get_ranges("/images/blob", [(0, 2), (10, 20)])
+    assert m.stream_bytes == 0  # the whole file it offered was not read
+
+
+def test_one_part_that_covers_every_range_is_cut_into_them(server):
+    """A server may answer several ranges with one that spans them (this one sends from the
+    first to the end of the file): each range is cut from it."""
+    m, _ = client(server.url)
+    spans = [(0, 2), (500_000, 500_100), (len(DATA) - 10, len(DATA))]
+    assert m.get_ranges("/images/blob", spans) == [DATA[a:b] for a, b in spans]
+
+
+def test_an_answer_far_larger_than_the_ranges_is_not_read(server):
+    m, _ = client(server.url)
+    with pytest.raises(NoRange, match="a multi-range answer of 1048576 bytes"):
+        m.get_ranges("/images/blob", [(0, 2), (10, 20)])
+    assert m.stream_bytes == 0
+
+
+def test_a_multipart_body_is_split_by_its_parts_lengths_not_by_searching_for_the_boundary():
+    data = b"\r\n--b\r\n\r\n" * 3  # a part's bytes may look like a boundary and a header end
+    body = (
+        b"\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-26/99\r\n\r\n"
+        + data
+        + b"\r\n--b\r\ncontent-range: bytes 40-41/99\r\n\r\nok\r\n--b--\r\n"
+    )
+    parts = fetch._byteranges(body)
+    assert parts == [(0, data), (40, b"ok")]
+    assert fetch._cut(parts, 5, 9) == data[5:9] and fetch._cut(parts, 40, 42) == b"ok"
+    with pytest.raises(fetch._Retry):
+        fetch._cut(parts, 30, 41)  # between two parts: not in the answer
