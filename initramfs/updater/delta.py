@@ -574,27 +574,24 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
         )
     u.log(f"delta: {sum(s.source == FETCH for s in steps)} of {new.blocks} blocks to fetch ({share} bytes)")
 
-    def fetch(start: int, end: int) -> bytes:
-        try:
-            return u.master.get_range(pack_path, start, end, on_wait=u.wait_for_stream)
-        except NoRange as e:  # it did answer the probe: a master that changes its mind fails the install
-            raise UpdaterError(str(e)) from None
+    def answered(call):
+        def asked(*args):
+            try:
+                return call(*args, on_wait=u.wait_for_stream)
+            except NoRange as e:  # it did answer the probe: a master that changes its mind fails the install
+                raise UpdaterError(str(e)) from None
 
-    def fetch_many(spans: list[tuple[int, int]]) -> list[bytes]:
-        try:
-            return u.master.get_ranges(pack_path, spans, on_wait=u.wait_for_stream)
-        except NoRange as e:
-            raise UpdaterError(str(e)) from None
+        return asked
 
     tally = build(
         new,
         steps,
         here,
         other,
-        fetch,
+        answered(lambda start, end, **kw: u.master.get_range(pack_path, start, end, **kw)),
         progress=u.watchdog.progress,
         sync=lambda: _sync(u),
-        fetch_many=fetch_many if many else None,
+        fetch_many=answered(lambda spans, **kw: u.master.get_ranges(pack_path, spans, **kw)) if many else None,
     )
     u.card_bytes = tally.from_card
     u.delta_note = "delta: " + tally.summary()
