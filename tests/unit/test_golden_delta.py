@@ -229,10 +229,11 @@ def diff_ops(data: bytes) -> tuple[tuple, list[tuple]]:
 
 def test_indexdiff_rev1_rebuilds_v3s_index_from_v2s():
     base = delta.parse_index(sample("index.format1.rev1.bin"))
-    new = indexdiff.apply(base, sample("indexdiff.format1.rev1.bin"))
+    manifest = formats.parse_manifest(sample("manifest.format1.rev6.block-delta.json"))
+    new = indexdiff.apply(base, sample("indexdiff.format1.rev1.bin"), expected=manifest.size)
     plain = gzip.decompress(sample("index.format1.rev2.bin"))
     assert new.body() == plain and new == delta.parse_index(sample("index.format1.rev2.bin"))
-    spec = formats.parse_manifest(sample("manifest.format1.rev6.block-delta.json")).delta
+    spec = manifest.delta
     assert spec is not None and hashlib.sha256(new.body()).hexdigest() == spec.plain_sha256
     head, ops = diff_ops(sample("indexdiff.format1.rev1.bin"))
     base_body = gzip.decompress(sample("index.format1.rev1.bin"))

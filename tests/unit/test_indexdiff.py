@@ -216,6 +216,19 @@ def test_bad_diffs_are_refused_in_one_line(raw, problem):
     assert str(e.value) == f"block index of example v3: diff x: {problem}"
 
 
+def test_a_diff_for_another_image_size_is_refused_before_anything_is_built():
+    """A diff is not signed: a few bytes claiming a 128 GiB image (32 Mi zero blocks) would
+    have the worker build tables of that many entries (~0.6 GiB); the manifest's size stops it."""
+    blocks = delta.MAX_INDEX // 2
+    bomb = gzip.compress(head(size=blocks * BS, blocks=blocks) + varint(blocks << 2 | indexdiff.ZERO))
+    assert len(bomb) < 100
+    with pytest.raises(UpdaterError) as e:
+        indexdiff.apply(BASE_INDEX, bomb, expected=4 * BS, where="diff x")
+    assert str(e.value) == f"diff x: describes an image of {blocks * BS} bytes, the manifest's has {4 * BS}"
+    good = indexdiff.diff(BASE_INDEX, index(BASE[:4]))
+    assert indexdiff.apply(BASE_INDEX, good, expected=4 * BS) == index(BASE[:4])
+
+
 def test_a_hand_made_diff_of_every_op_applies():
     raw = (
         head(size=4 * BS - 100, window=delta.WINDOW)
