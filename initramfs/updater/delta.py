@@ -375,7 +375,8 @@ class Tally:
         return (
             f"{self.from_card / mib:.1f} MiB from the card ({self.kept / mib:.1f} MiB already in place), "
             f"{self.zero / mib:.1f} MiB zeros, {self.fetched / mib:.1f} MiB fetched as "
-            f"{self.pack_bytes / mib:.2f} MiB in {self.requests} requests; {self.written / mib:.1f} MiB written"
+            f"{self.pack_bytes / mib:.2f} MiB in {self.requests} request{'s' if self.requests != 1 else ''}; "
+            f"{self.written / mib:.1f} MiB written"
         )
 
 
