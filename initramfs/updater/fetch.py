@@ -245,11 +245,7 @@ class MasterClient:
         def attempt() -> bytes:
             conn, resp = self._open("GET", path, headers={"Range": f"bytes={start}-{end - 1}"})
             try:
-                if resp.status == 503 and (seconds := retry_after(resp.getheader("Retry-After"))) is not None:
-                    raise _Busy(seconds)
-                _check_status(self.url, path, resp, (200, 206))
-                if resp.status != 206:
-                    raise NoRange(f"master {self.url}: GET {path}: answered {resp.status} to a Range request")
+                self._check_partial(path, resp, "a Range request")
                 first, _ = _content_range(resp.getheader("Content-Range", ""))
                 if first != start:
                     raise _Retry(f"206 starts at byte {first}, asked for {start}")
@@ -261,12 +257,7 @@ class MasterClient:
             finally:
                 conn.close()
 
-        waited = 0.0
-        while True:
-            try:
-                return self._attempts(f"GET {path} bytes {start}-{end - 1}", attempt)
-            except _Busy as e:
-                waited = self._wait_busy(path, e.seconds, waited, on_wait)
+        return self._patiently(path, f"GET {path} bytes {start}-{end - 1}", attempt, on_wait)
 
     def get_ranges(
         self, path: str, spans: list[tuple[int, int]], *, on_wait: Callable[[float], None] | None = None
@@ -284,11 +275,7 @@ class MasterClient:
         def attempt() -> list[bytes]:
             conn, resp = self._open("GET", path, headers={"Range": header})
             try:
-                if resp.status == 503 and (seconds := retry_after(resp.getheader("Retry-After"))) is not None:
-                    raise _Busy(seconds)
-                _check_status(self.url, path, resp, (200, 206))
-                if resp.status != 206:
-                    raise NoRange(f"master {self.url}: GET {path}: answered {resp.status} to a multi-range request")
+                self._check_partial(path, resp, "a multi-range request")
                 length = resp.getheader("Content-Length")
                 if length is None or not length.isdigit() or int(length) > most:
                     raise NoRange(f"master {self.url}: GET {path}: a multi-range answer of {length} bytes")
@@ -305,10 +292,22 @@ class MasterClient:
             finally:
                 conn.close()
 
+        return self._patiently(path, f"GET {path} {len(spans)} ranges from byte {spans[0][0]}", attempt, on_wait)
+
+    def _check_partial(self, path: str, resp: http.client.HTTPResponse, asked: str) -> None:
+        """A 206, or: _Busy for a busy master's 503, NoRange for any other answer to what was ``asked``."""
+        if resp.status == 503 and (seconds := retry_after(resp.getheader("Retry-After"))) is not None:
+            raise _Busy(seconds)
+        _check_status(self.url, path, resp, (200, 206))
+        if resp.status != 206:
+            raise NoRange(f"master {self.url}: GET {path}: answered {resp.status} to {asked}")
+
+    def _patiently(self, path: str, what: str, attempt: Callable[[], T], on_wait: Callable[[float], None] | None) -> T:
+        """``_attempts``, with a busy master's Retry-After waited out (``on_wait`` hears of each wait)."""
         waited = 0.0
         while True:
             try:
-                return self._attempts(f"GET {path} {len(spans)} ranges from byte {spans[0][0]}", attempt)
+                return self._attempts(what, attempt)
             except _Busy as e:
                 waited = self._wait_busy(path, e.seconds, waited, on_wait)
 
