@@ -12,7 +12,9 @@ on a 4 KiB boundary at least the image's size into the slot; then in the partiti
 512 bytes a trailer, little-endian: magic ``RBSLTIX1``, u64 body length, the image's sha256
 (32 bytes), the body's sha256 (32 bytes), u32 CRC32 of all of it before. The body is written
 and synced before the trailer, so a cut leaves an old trailer (whose image sha256 no longer
-matches the slot state), a torn one (bad CRC), or the whole record.
+matches the slot state), a torn one (bad CRC), or the whole record. A slot rsync mode fills
+loses the record: mke2fs zeroes the partition's end (as it does to old RAID superblocks),
+which tests/integration/test_rsync.py pins.
 """
 
 from __future__ import annotations

@@ -16,11 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from pathlib import Path
 
 import pytest
-from rackboot.initramfs.updater import filemanifest, formats
+from rackboot.initramfs.updater import delta, filemanifest, formats, slotindex
 from rackboot.initramfs.updater.disk import Disk
+from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Action, Method, Plan
 from rackboot.initramfs.updater.main import Identity, run
@@ -312,3 +314,22 @@ def test_serve_refuses_a_taken_rsync_port_with_one_line(tmp_path):
         assert proc.wait(timeout=60) != 0
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     assert lines == [f"rackboot: error: rsync port 127.0.0.1:{port}/tcp is taken by another program"]
+
+
+def test_an_rsync_install_forgets_the_index_an_image_install_kept_in_the_slot(tmp_path, master, keys, card):
+    """A slot that once held the image keeps its block index in its last sector; rsync's
+    filesystem spans the partition, and the record must not outlive it naming the same image
+    (mke2fs zeroes the partition's end)."""
+    master.release(make_root(tmp_path, 1), 1)
+    manifest = formats.parse_manifest((master.root / "images/example/1/manifest.json").read_bytes())
+    entry = layout().partitions[1]  # slot a
+    offset, capacity = entry.start_mib << 20, int(entry.size_mib) << 20
+    stale = delta.BlockIndex(4096, array("H", [7]), [bytes(8)], window=delta.WINDOW)
+    with Disk(card) as disk:
+        slot = delta.Slot(disk, offset, capacity)
+        assert slotindex.store(slot, 4096, manifest.sha256, stale, disk.fsync) is None
+        assert slotindex.load(slot, manifest.sha256, where="slot a").body() == stale.body()
+    first = update(card, master, keys)
+    assert (first.action, first.slot, first.version) == (Action.INSTALLED, "a", 1)
+    with Disk(card, writable=False) as disk, pytest.raises(UpdaterError, match="no kept index"):
+        slotindex.load(delta.Slot(disk, offset, capacity), manifest.sha256, where="slot a")
