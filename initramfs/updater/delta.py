@@ -22,7 +22,6 @@ master has one (indexdiff.py: tens of KiB), else whole.
 
 from __future__ import annotations
 
-import bisect
 import gzip
 import hashlib
 import struct
@@ -253,7 +252,7 @@ def unpack_block(index: BlockIndex, i: int, stored: bytes, dictionary: bytes = b
 ZERO, KEEP, OTHER, TARGET, FETCH = "zero", "keep", "other", "target", "fetch"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per block of the image: no __dict__ each
 class Step:
     """Where block ``block`` of the new image comes from: ``source`` is one of ZERO, KEEP
     (the target holds it already), OTHER or TARGET (copied from block ``at`` of that slot),
@@ -269,7 +268,7 @@ def plan(new: BlockIndex, target: list[bytes] | None, other: list[bytes] | None)
     to hold (hashes per block, same size and length), None when unknown. Pure: the build
     checks every block it reads before it writes it."""
     in_other = _first_positions(other) if other else {}
-    in_target = _all_positions(target) if target else {}
+    in_target = _last_positions(target) if target else {}
     steps = []
     for i, h in enumerate(new.hashes):
         if target is not None and i < len(target) and target[i] == h:
@@ -292,21 +291,16 @@ def _first_positions(hashes: list[bytes]) -> dict[bytes, int]:
     return where
 
 
-def _all_positions(hashes: list[bytes]) -> dict[bytes, list[int]]:
-    where: dict[bytes, list[int]] = {}
-    for j, h in enumerate(hashes):
-        where.setdefault(h, []).append(j)
-    return where
+def _last_positions(hashes: list[bytes]) -> dict[bytes, int]:
+    return {h: j for j, h in enumerate(hashes)}
 
 
-def _later(in_target: dict[bytes, list[int]], h: bytes, i: int) -> int:
-    """A target block holding ``h`` that the build has not overwritten yet (it goes in
-    order, so only blocks after i are still the old ones), or -1."""
-    positions = in_target.get(h)
-    if not positions:
-        return -1
-    k = bisect.bisect_right(positions, i)
-    return positions[k] if k < len(positions) else -1
+def _later(in_target: dict[bytes, int], h: bytes, i: int) -> int:
+    """A target block holding ``h`` that the build has not overwritten yet, or -1. The build
+    goes in order, so only blocks after i are still the old ones: the last block holding
+    ``h`` is one if any is."""
+    j = in_target.get(h, -1)
+    return j if j > i else -1
 
 
 @dataclass(frozen=True)
