@@ -400,7 +400,7 @@ class FileList:
 class BlockDelta:
     """The block index and pack beside the stream (delta.py reads them): the signed manifest
     pins the index, the index pins every block of the pack. Under the manifest's ``delta``
-    key (rev5): a rev1 index, each block deflated alone. Under ``block_delta`` (rev9): a rev2
+    key (rev5): a rev1 index, each block deflated alone. Under ``block_delta`` (rev6): a rev2
     index whose blocks are deflated with the ``window`` bytes before them as dictionary, and
     ``plain_sha256``, the sha256 of the inflated index, which an index rebuilt from a diff
     must match. Two keys, so that an updater that reads only rev1 indexes never sees a rev2
@@ -467,7 +467,7 @@ class Manifest:
     kernel_release: str | None = None
     hooks: tuple[Hook, ...] = ()
     files: FileList | None = None  # rsync mode's signed file list; publish_image has none
-    delta: BlockDelta | None = None  # the block index and pack for delta installs (rev5; rev9: block_delta)
+    delta: BlockDelta | None = None  # the block index and pack for delta installs (rev5; rev6: block_delta)
     format: int = FORMAT
 
     @classmethod

@@ -58,7 +58,7 @@ def diff(base: BlockIndex, new: BlockIndex) -> bytes:
         )
     )
     literal: list[int] = []
-    expected = 0  # where the last COPY ended in the base
+    copied_to = 0  # where the last COPY ended in the base
 
     def flush_literal() -> None:
         if literal:
@@ -69,11 +69,11 @@ def diff(base: BlockIndex, new: BlockIndex) -> bytes:
 
     i = 0
     while i < new.blocks:
-        start, length = _longest(base, new, i, [expected, *where.get((new.lengths[i], new.hashes[i]), ())])
-        if length and (new.lengths[i] or start == expected):
+        start, length = _longest(base, new, i, [copied_to, *where.get((new.lengths[i], new.hashes[i]), ())])
+        if length and (new.lengths[i] or start == copied_to):
             flush_literal()
-            out.extend(_varint(length << 2 | COPY) + _varint(_zigzag(start - expected)))
-            expected = start + length
+            out.extend(_varint(length << 2 | COPY) + _varint(_zigzag(start - copied_to)))
+            copied_to = start + length
             i += length
         elif new.lengths[i] == 0:
             flush_literal()
@@ -129,7 +129,7 @@ def apply(base: BlockIndex, data: bytes, *, expected: int | None = None, where: 
     if window > WINDOW:  # 0: a rev1 index; what parse_body takes, so the index rebuilt is one it would
         raise UpdaterError(f"{where}: window {window} is not in 0..{WINDOW}")
     lengths, stored = array("H"), []
-    at, expected = HEADER.size, 0
+    at, copied_to = HEADER.size, 0  # where the last COPY ended in the base
     while at < len(raw):
         value, at = _read_varint(raw, at, where)
         n, op = value >> 2, value & 3
@@ -139,14 +139,14 @@ def apply(base: BlockIndex, data: bytes, *, expected: int | None = None, where: 
             lengths.extend([0] * n)
         elif op == COPY:
             offset, at = _read_varint(raw, at, where)
-            start = expected + _unzigzag(offset)
+            start = copied_to + _unzigzag(offset)
             if start < 0 or start + n > base.blocks:
                 raise UpdaterError(f"{where}: copies base blocks {start}..{start + n - 1} of {base.blocks}")
             for j in range(start, start + n):
                 lengths.append(base.lengths[j])
                 if base.lengths[j]:
                     stored.append(base.hashes[j])
-            expected = start + n
+            copied_to = start + n
         elif op == NEW:
             end = at + n * (2 + hash_len)
             if end > len(raw):
