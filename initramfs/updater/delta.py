@@ -48,6 +48,8 @@ MULTI_GAP = 256  # the same where many runs go in one multi-range request: about
 MAX_RANGES = 128  # runs in one multi-range request (a Range header of a few KiB)
 MAX_RUN = 4 << 20  # pack bytes per request at most: the watchdog hears of progress between requests
 MAX_FETCH_SHARE = 0.6  # more of the stream than this to fetch: the full stream is simpler
+PLAN_BYTES = 320  # memory per block to plan a delta: 260 measured at the peak (notes/delta.md), and a margin
+MEMORY_SHARE = 0.5  # of the memory available: the initramfs and the kernel's buffers need the rest
 READ_CHUNK = 1 << 20
 
 
@@ -549,6 +551,9 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
     other_name = next(name for name in ("a", "b") if name != target)
     if u.state.slot(other_name).state == "empty":
         raise Fallback(f"slot {other_name} holds no image to build from")
+    need, available = -(-manifest.size // spec.block_size) * PLAN_BYTES, available_memory()
+    if available is not None and need > MEMORY_SHARE * available:
+        raise Fallback(f"planning would take ~{need >> 20} MiB of the {available >> 20} MiB of memory available")
     table = _table(u)
     here = Slot(u.disk, offset, capacity)
     other = _slot_of(u, table, other_name)
@@ -613,6 +618,18 @@ def _ranges_answered(u, pack_path: str, pack_size: int) -> bool:
     except NoRange as e:
         raise Fallback(str(e)) from None
     return False
+
+
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes of memory the kernel says are available (MemAvailable), or None when it does not say."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _sync(u) -> None:

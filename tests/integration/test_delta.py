@@ -567,3 +567,28 @@ def test_a_master_without_multi_range_requests_is_asked_one_range_at_a_time(mast
     # the probe's 200 is not read: what the updater took is the diff, a one-byte probe and the runs
     assert second.bytes_fetched < diff_file(root, 2, 1).stat().st_size + v2.delta.pack_size
     assert requests_of(log) > 1  # the runs one multi-range request takes (the test above), one by one
+
+
+def test_a_worker_short_of_memory_for_the_plan_takes_the_full_stream_and_says_why(master, card, monkeypatch):
+    root, server = master
+    install_v1(root, server, card)
+    v2 = manifest(root, 2)
+    need = -(-v2.size // 4096) * delta.PLAN_BYTES
+    monkeypatch.setattr(delta, "available_memory", lambda: 2 * need - 1)  # just short of twice the need
+    _, log, sent = install_v2(root, server, card)
+    assert f"full stream: planning would take ~{need >> 20} MiB of the {(2 * need - 1) >> 20} MiB" in "\n".join(log)
+    assert sent[V2 + v2.stream] == v2.stream_size and V2 + v2.delta.pack not in sent  # nothing of the delta fetched
+    monkeypatch.setattr(delta, "available_memory", lambda: 2 * need)
+    write_plan(root, "/images/example/3/manifest.json")
+    log.clear()
+    assert update(card, server.url, log).action == "installed"  # v3 into slot a, by delta: just enough
+    assert any(line.startswith("delta: ") and " written" in line for line in log), log
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        1000 kB\nMemFree:   100 kB\nMemAvailable:     512 kB\n")
+    assert delta.available_memory(str(meminfo)) == 512 * 1024
+    meminfo.write_text("MemTotal:        1000 kB\n")  # a kernel before 3.14
+    assert delta.available_memory(str(meminfo)) is None
+    assert delta.available_memory(str(tmp_path / "none")) is None
