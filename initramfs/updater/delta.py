@@ -195,13 +195,15 @@ def build_index(
     hash_len: int = HASH_LEN,
     window: int = WINDOW,
     level: int = 9,
+    before: bytes = b"",
 ) -> BlockIndex:
     """Read ``size`` bytes of ``data``, write each non-zero block deflated (raw deflate with
     the ``window`` bytes of the image before it as preset dictionary, or as is when that is
-    not shorter) to ``pack``; the index of it all."""
+    not shorter) to ``pack``; the index of it all. ``before``: the image's bytes before
+    ``data``, when ``data`` is a piece of it (the master indexes pieces in parallel)."""
     lengths, hashes = array("H"), []
     done = 0
-    before = b""  # the image's last ``window`` bytes before this chunk
+    before = before[-window:] if window else b""  # the image's last ``window`` bytes before this chunk
     while done < size:
         chunk = data.read(min(READ_CHUNK, size - done))
         if not chunk:
