@@ -592,7 +592,7 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
         other,
         answered(lambda start, end, **kw: u.master.get_range(pack_path, start, end, **kw)),
         progress=u.watchdog.progress,
-        sync=lambda: _sync(u),
+        sync=u.disk.datasync,
         fetch_many=answered(lambda spans, **kw: u.master.get_ranges(pack_path, spans, **kw)) if many else None,
     )
     u.card_bytes = tally.from_card
@@ -632,15 +632,6 @@ def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _sync(u) -> None:
-    import os
-
-    try:
-        os.fdatasync(u.disk.fd)
-    except OSError as e:
-        raise UpdaterError(f"disk {u.disk.path}: fdatasync: {e.strerror}") from None
 
 
 def new_index(u, path: str, manifest, bases: list[BlockIndex]) -> BlockIndex:
@@ -714,7 +705,7 @@ def keep_index(u, target: str, offset: int, capacity: int, path: str, manifest) 
         index = u.new_index
         if index is None:
             index = fetch_index(u, path, manifest)
-        why = slotindex.store(Slot(u.disk, offset, capacity), manifest.size, manifest.sha256, index, lambda: _sync(u))
+        why = slotindex.store(Slot(u.disk, offset, capacity), manifest.size, manifest.sha256, index, u.disk.datasync)
         u.log(f"slot {target}: its block index kept on the card" if why is None else f"slot {target}: {why}")
     except UpdaterError as e:
         u.log(f"slot {target}: block index not kept ({e})")

@@ -77,6 +77,13 @@ class Disk:
         except OSError as e:
             raise UpdaterError(f"disk {self.path}: fsync: {e.strerror}") from None
 
+    def datasync(self) -> None:
+        """fdatasync: the data written so far is on the medium (a slot's bytes, not the file's times)."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise UpdaterError(f"disk {self.path}: fdatasync: {e.strerror}") from None
+
     def reread_partitions(self) -> None:
         """Make the kernel see a new partition table (block devices only)."""
         if not self.is_block:

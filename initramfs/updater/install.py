@@ -11,7 +11,6 @@ commits only after `verify` accepts what was written.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import threading
 import zlib
@@ -185,10 +184,7 @@ class _Sink:
         self._sync()
 
     def _sync(self) -> None:
-        try:
-            os.fdatasync(self.disk.fd)
-        except OSError as e:
-            raise UpdaterError(f"disk {self.disk.path}: fdatasync: {e.strerror}") from None
+        self.disk.datasync()
         self.unsynced = 0
 
 
