@@ -50,7 +50,7 @@ def write_index(data: BinaryIO, size: int, out: Path, earlier: Sequence[Path] = 
     for base in _bases(earlier, index):
         patch = indexdiff.diff(base, index)
         if len(patch) < DIFF_SHARE * len(body) and len(patch) <= formats.MAX_DOCUMENT:
-            write_durable(out / indexdiff.diff_name(INDEX_NAME, hashlib.sha256(base.body()).hexdigest()), patch)
+            write_durable(out / indexdiff.diff_name(INDEX_NAME, base.plain_sha256), patch)
     return BlockDelta(
         index=INDEX_NAME,
         index_size=len(body),
@@ -59,7 +59,7 @@ def write_index(data: BinaryIO, size: int, out: Path, earlier: Sequence[Path] = 
         pack_size=index.pack_size,
         block_size=index.block_size,
         window=index.window,
-        plain_sha256=hashlib.sha256(index.body()).hexdigest(),
+        plain_sha256=index.plain_sha256,
     )
 
 

@@ -29,6 +29,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import BinaryIO
 
 from .errors import UpdaterError
@@ -97,6 +98,16 @@ class BlockIndex:
         """The index's bytes before gzip: header, lengths (u16 each), then the hashes of the
         non-zero blocks (zero blocks' hashes are known). The same index, the same bytes: a
         manifest's ``plain_sha256`` is of these, however they reached the worker."""
+        return self._body
+
+    @cached_property
+    def plain_sha256(self) -> str:
+        """The sha256 of ``body()``: what names a diff's base and what a manifest's ``plain_sha256`` pins."""
+        return hashlib.sha256(self._body).hexdigest()
+
+    @cached_property
+    def _body(self) -> bytes:
+        """Made once (a Python loop per block): naming a diff, checking and keeping an index each need it."""
         if self.window:
             head = HEADER2.pack(MAGIC2, self.block_size, self.hash_len, self.size, self.blocks, self.window)
         else:
@@ -645,12 +656,12 @@ def new_index(u, path: str, manifest, bases: list[BlockIndex]) -> BlockIndex:
     spec = manifest.delta
     where = f"block index of {manifest.image} v{manifest.version}"
     for base in bases if spec.plain_sha256 else ():
-        name = indexdiff.diff_name(spec.index, hashlib.sha256(base.body()).hexdigest())
+        name = indexdiff.diff_name(spec.index, base.plain_sha256)
         try:
             body = u.master.get(beside(path, name))
             u.master.stream_bytes += len(body)  # index bytes are download bytes, like the stream's
             index = indexdiff.apply(base, body, expected=manifest.size, where=f"{where}: diff {name}")
-            if hashlib.sha256(index.body()).hexdigest() != spec.plain_sha256:
+            if index.plain_sha256 != spec.plain_sha256:
                 raise UpdaterError(f"{where}: the index rebuilt from diff {name} is not the signed one")
             _check_fits(index, manifest, where)
             u.log(f"delta: {where} from a {len(body)}-byte diff against the index slot's install kept")

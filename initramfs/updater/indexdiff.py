@@ -18,7 +18,6 @@ relative to where the last COPY ended; NEW n entries given here (u16 length >= 1
 from __future__ import annotations
 
 import gzip
-import hashlib
 import struct
 from array import array
 
@@ -49,7 +48,7 @@ def diff(base: BlockIndex, new: BlockIndex) -> bytes:
     out = bytearray(
         HEADER.pack(
             MAGIC,
-            hashlib.sha256(base.body()).digest(),
+            bytes.fromhex(base.plain_sha256),
             new.block_size,
             new.hash_len,
             new.size,
@@ -118,7 +117,7 @@ def apply(base: BlockIndex, data: bytes, *, expected: int | None = None, where: 
     magic, base_sha, block_size, hash_len, size, blocks, window = HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise UpdaterError(f"{where}: magic {magic!r} is not {MAGIC!r}")
-    if base_sha != hashlib.sha256(base.body()).digest():
+    if base_sha.hex() != base.plain_sha256:
         raise UpdaterError(f"{where}: made against another index than the card's")
     if (block_size, hash_len) != (base.block_size, base.hash_len):
         raise UpdaterError(f"{where}: block size {block_size} or hash length {hash_len} is not the base's")

@@ -46,7 +46,7 @@ def store(slot: Slot, image_size: int, image_sha256: str, index: BlockIndex, syn
         return f"{len(body)} bytes of index do not fit between the image and the slot's end"
     slot.write(start, body)
     sync()
-    head = TRAILER.pack(MAGIC, len(body), bytes.fromhex(image_sha256), hashlib.sha256(body).digest())
+    head = TRAILER.pack(MAGIC, len(body), bytes.fromhex(image_sha256), bytes.fromhex(index.plain_sha256))
     slot.write(slot.capacity - SECTOR, head + CRC.pack(zlib.crc32(head)))
     sync()
     return None
