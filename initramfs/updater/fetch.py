@@ -208,7 +208,7 @@ class MasterClient:
             _check_status(self.url, path, resp, (200, 206))
             skip = 0
             if resp.status == 206:
-                first, length = _content_range(resp.getheader("Content-Range", ""))
+                first, _, length = _content_range(resp.getheader("Content-Range", ""))
                 if first != offset:
                     raise _Retry(f"206 starts at byte {first}, asked for {offset}")
             else:
@@ -246,7 +246,7 @@ class MasterClient:
             conn, resp = self._open("GET", path, headers={"Range": f"bytes={start}-{end - 1}"})
             try:
                 self._check_partial(path, resp, "a Range request")
-                first, _ = _content_range(resp.getheader("Content-Range", ""))
+                first, _, _ = _content_range(resp.getheader("Content-Range", ""))
                 if first != start:
                     raise _Retry(f"206 starts at byte {first}, asked for {start}")
                 body = resp.read(end - start + 1)
@@ -370,23 +370,11 @@ def _byteranges(body: bytes) -> list[tuple[int, bytes]]:
         )
         if span is None:
             raise _Retry("a multipart part without Content-Range")
-        first, last = _span(span)
+        first, last, _ = _content_range(span)
         start = head_end + 4
         parts.append((first, body[start : start + last - first + 1]))
         at = start + last - first + 1
     return parts
-
-
-def _span(value: str) -> tuple[int, int]:
-    """'bytes N-M/T' -> (N, M); anything else is a transient failure."""
-    try:
-        unit, spec = value.split(" ", 1)
-        first, last = spec.split("/", 1)[0].split("-", 1)
-        if unit != "bytes" or int(last) < int(first):
-            raise ValueError
-        return int(first), int(last)
-    except ValueError:
-        raise _Retry(f"bad Content-Range {value[:80]!r}") from None
 
 
 def _cut(parts: list[tuple[int, bytes]], start: int, end: int) -> bytes:
@@ -397,15 +385,15 @@ def _cut(parts: list[tuple[int, bytes]], start: int, end: int) -> bytes:
     raise _Retry(f"no part of the answer holds bytes {start}-{end - 1}")
 
 
-def _content_range(value: str) -> tuple[int, int | None]:
-    """'bytes N-M/T' -> (N, T or None for '*'); anything else is a transient failure."""
+def _content_range(value: str) -> tuple[int, int, int | None]:
+    """'bytes N-M/T' -> (N, M, T or None for '*'); anything else is a transient failure."""
     try:
         unit, spec = value.split(" ", 1)
         span, total = spec.split("/", 1)
-        first = int(span.split("-", 1)[0])
-        if unit != "bytes":
+        first, last = (int(n) for n in span.split("-", 1))
+        if unit != "bytes" or last < first:
             raise ValueError(unit)
-        return first, (None if total == "*" else int(total))
+        return first, last, (None if total == "*" else int(total))
     except ValueError:
         raise _Retry(f"206 with a bad Content-Range {value[:60]!r}") from None
 
