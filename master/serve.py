@@ -12,7 +12,8 @@ A rack switched on together must not split the link a hundred ways: at most max_
 image streams (GETs of the stream and pack files under /images/, not of manifests,
 signatures, hooks or block indexes and their diffs) are sent at once. One more gets a 503
 with Retry-After at once, which the updater waits out (with jitter) before it asks again;
-a stream keeps its slot until its response is sent or its connection drops. /stats shows the streams at their peak.
+a stream keeps its slot until its response is sent or its connection drops. /stats shows
+the streams at their peak.
 """
 
 from __future__ import annotations
