@@ -501,15 +501,30 @@ def test_a_taken_tftp_port_is_one_line(tmp_path, netns):
 
 
 @pytest.mark.slow  # starts serve in a namespace
+def traversable(path: Path) -> list[tuple[Path, int]]:
+    """Let any user through ``path`` and the directories above it (o+x), so nobody's python
+    can import rackboot from this checkout; the (path, mode) pairs changed, to put back."""
+    changed = []
+    for directory in (path, *path.parents):
+        mode = directory.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            directory.chmod(mode | 0o001)
+            changed.append((directory, mode))
+    return changed
+
+
 def test_not_root_is_one_line(netns):
     # a directory the unprivileged user can read (pytest's tmp dirs are root's alone)
     directory = Path(tempfile.mkdtemp(prefix="rbdns-"))
+    opened = traversable(Path(__file__).resolve().parents[2])  # a checkout in a mktemp -d dir is root's alone too
     try:
         directory.chmod(0o755)
         cfg_path = rack_config(directory)
         result = run_serve(netns, cfg_path, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
     finally:
         shutil.rmtree(directory)
+        for path, mode in opened:
+            path.chmod(mode)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "the netboot service needs root" in result.stderr
