@@ -149,7 +149,7 @@ class Progress:
                 reason = f" ({info['reason']})" if info["reason"] else ""
                 cells.append(f"{node} {info['state']}{reason}")
             lines.append(f"  wave {i + 1}: " + "; ".join(cells))
-        return "\n".join(lines)
+        return "\n".join(formats.escape_controls(line) for line in lines)  # reasons quote the rack's reports
 
 
 Power = Callable[[list[str]], None]  # power-cycles nodes (rollout --cycle)

@@ -61,6 +61,7 @@ _TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig":
 _NOT_STREAMS = re.compile(r".*(\.json|\.sig|\.sh|\.index|\.index\.from-[0-9a-f]{64})")
 RETRY_AFTER = 2  # seconds a refused stream is told to wait while few others wait too
 RETRY_AFTER_MAX = 10  # however long the queue: a worker should see its turn soon after it comes
+MAX_DIGITS = 18  # a byte count or offset; a longer one is none this master serves (int() refuses past 4300 digits)
 
 
 class MasterServer(ThreadingHTTPServer):
@@ -84,7 +85,9 @@ class MasterServer(ThreadingHTTPServer):
 
         self.master = master.resolve()
         self.quiet = quiet
-        self.fleet = Fleet.open(self.master, config, log=None if quiet else lambda line: print(line, file=sys.stderr))
+        # the inventory's and rollouts' lines quote the rack's reports: no terminal escapes from them
+        log = None if quiet else lambda line: print(line.translate(_LOG_ESCAPES), file=sys.stderr)
+        self.fleet = Fleet.open(self.master, config, log=log)
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.connections = threading.BoundedSemaphore(max_connections)
@@ -257,6 +260,14 @@ def serve_forever(
         server.server_close()
 
 
+def request_int(text: str) -> int | None:
+    """A number in a request: ASCII digits alone, at most MAX_DIGITS; None for anything else.
+    (str.isdigit takes '²', which int() refuses; int() takes '١٢', ' 7', '+7' and '7_0'.)"""
+    if not text or len(text) > MAX_DIGITS or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
     """Range header -> (first, last) inclusive, None (send it all) or "unsatisfiable".
 
@@ -264,20 +275,19 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["uns
     """
     if not header or not header.startswith("bytes=") or "," in header:
         return None
-    first, sep, last = header[6:].strip().partition("-")
-    if not sep or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    first, sep, last = header[6:].strip(" \t").partition("-")
+    start, stop = request_int(first), request_int(last)
+    if not sep or (start is None and first != "") or (stop is None and last != ""):
         return None
-    if first == "":  # suffix: the last N bytes
-        if last == "" or int(last) == 0:
-            return "unsatisfiable" if last == "0" else None
-        return (max(size - int(last), 0), size - 1) if size else "unsatisfiable"
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if last and int(last) < start:
+    if start is None:  # suffix: the last N bytes
+        if not stop:
+            return "unsatisfiable" if stop == 0 else None
+        return (max(size - stop, 0), size - 1) if size else "unsatisfiable"
+    if stop is not None and stop < start:
         return None  # invalid, not unsatisfiable
     if start >= size:
         return "unsatisfiable"
-    return start, end
+    return start, size - 1 if stop is None else min(stop, size - 1)
 
 
 MAX_RANGES = 256  # ranges in one request; more is answered with the whole file, as RFC 9110 allows
@@ -292,14 +302,22 @@ def parse_ranges(header: str | None, size: int) -> list[tuple[int, int]] | None:
         return None
     spans: list[tuple[int, int]] = []
     for part in header[6:].split(","):
-        first, sep, last = part.strip().partition("-")
-        if not sep or not first.isdigit() or not last.isdigit() or len(spans) == MAX_RANGES:
+        first, sep, last = part.strip(" \t").partition("-")
+        start, stop = request_int(first), request_int(last)
+        if not sep or start is None or stop is None or len(spans) == MAX_RANGES:
             return None
-        start, end = int(first), min(int(last), size - 1)
+        end = min(stop, size - 1)
         if end < start or (spans and start <= spans[-1][1]):
             return None
         spans.append((start, end))
     return spans
+
+
+def is_private(asked: Path, real: Path) -> bool:
+    """Never sent, whatever the tree holds: a private key by the name asked for or the one it
+    resolves to (a signing key would let anyone sign hooks that run as root on every worker),
+    or a file its owner kept from others (not world-readable)."""
+    return asked.name.endswith(".key") or real.name.endswith(".key") or not real.stat().st_mode & 0o004
 
 
 def check_node_id(node: str) -> None:
@@ -391,9 +409,12 @@ class MasterHandler(BaseHTTPRequestHandler):
         try:
             real = path.resolve(strict=True)
             inside = real.is_relative_to(self.server.master) and real.is_file()
+            private = inside and is_private(path, real)
         except (OSError, RuntimeError):
-            inside = False
-        if not inside:  # missing, a directory (no listings) or a symlink out of the tree
+            inside = private = False
+        if private:  # answered like a missing file: a client learns nothing of it
+            self.log_message("not sent: %s is a private key or not world-readable", url_path[:200])
+        if not inside or private:  # missing, a directory (no listings) or a symlink out of the tree
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {url_path[:200]}"}, body)
         with open(real, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -480,17 +501,19 @@ class MasterHandler(BaseHTTPRequestHandler):
     # --- POST /report -----------------------------------------------------------------------
 
     def _report(self) -> None:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "report: Content-Length required"})
-        if int(length) > MAX_REPORT:
+        length = request_int(self.headers.get("Content-Length", "").strip(" \t"))
+        if length is None:
+            self.close_connection = True  # a body of unknown length: the connection cannot go on
+            return self._json(
+                HTTPStatus.LENGTH_REQUIRED, {"error": "report: Content-Length required, a number of bytes"}
+            )
+        if length > MAX_REPORT:
             self.close_connection = True  # not reading a body that big
             return self._json(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"report: {length} bytes is more than {MAX_REPORT}"}
             )
         try:
-            data = self.rfile.read(int(length))
+            data = self.rfile.read(length)
         except TimeoutError:
             self.close_connection = True
             return self._json(
@@ -523,12 +546,15 @@ class MasterHandler(BaseHTTPRequestHandler):
     # --- the fleet API's actions (master/web.py) ------------------------------------------------
 
     def _web_post(self, path: str) -> None:
-        length = self.headers.get("Content-Length", "0")
-        if not length.isdigit() or int(length) > MAX_ACTION:
+        length = request_int(self.headers.get("Content-Length", "0").strip(" \t"))
+        if length is None:
+            self.close_connection = True  # a body of unknown length: the connection cannot go on
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "action: Content-Length is not a number of bytes"})
+        if length > MAX_ACTION:
             self.close_connection = True
             return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"action: body over {MAX_ACTION} bytes"})
         try:
-            data = self.rfile.read(int(length))
+            data = self.rfile.read(length)
         except TimeoutError:
             self.close_connection = True
             return self._json(HTTPStatus.REQUEST_TIMEOUT, {"error": "action: body not sent in time"})

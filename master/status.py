@@ -3,7 +3,9 @@
 One row per node: id, label, IP, the booted slot and its version, the other slot, the
 state, when it was last heard from ("2 min ago") and its last error, trimmed. Nodes not
 heard from for [master] stale seconds are marked stale. Colour only on a terminal;
---json for scripts; --node for one node with its report history.
+--json for scripts; --node for one node with its report history. What the rack sent is
+printed with its control characters written out (\x1b): a report stored before the master
+refused them must not drive the admin's terminal.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from typing import Any, TextIO
 
 from rackboot.errors import RackbootError
+from rackboot.initramfs.updater.formats import escape_controls
 
 from .inventory import Inventory, Node, NodeState
 
@@ -78,7 +81,7 @@ def other_slot(node: Node) -> str | None:
 
 def row(node: Node, now: float, stale_after: float) -> dict[str, str]:
     booted = slot_text(node, node.booted_slot) if node.booted_slot else "-"
-    return {
+    cells = {
         "node": node.id,
         "label": node.label or "-",
         "ip": node.ip or "-",
@@ -86,8 +89,9 @@ def row(node: Node, now: float, stale_after: float) -> dict[str, str]:
         "other slot": slot_text(node, other_slot(node)),
         "state": shown_state(node, now, stale_after),
         "last seen": ago(now - node.last_seen) if node.last_seen else "never",
-        "last error": trim(node.last_error) or "-",
+        "last error": trim(escape_controls(node.last_error or "")) or "-",
     }
+    return {column: escape_controls(text) for column, text in cells.items()}
 
 
 def table(nodes: list[Node], now: float, stale_after: float, *, colour: bool = False) -> str:
@@ -141,7 +145,7 @@ def detail(inventory: Inventory, node: Node, now: float, stale_after: float) -> 
         late = " (out of order)" if r["late"] else ""
         error = f": {r['error']}" if r["error"] else ""
         lines.append(f"  {ago(now - r['received']):>12}  {r['phase']:<8}{slot}{version}{late}{error}")
-    return "\n".join(lines)
+    return "\n".join(escape_controls(line) for line in lines)
 
 
 def use_colour(stream: TextIO) -> bool:

@@ -136,6 +136,10 @@ HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A persisted path's parts: no spaces or quotes, since /init splits the list on spaces
 _PERSIST_PART_RE = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}")
 MAX_PERSIST = 32
+# C0 controls, DEL and C1 controls: text from a worker that would act on a terminal (ESC
+# sequences, a CR that overwrites a log line). A hook's output keeps its tabs and newlines.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LINES_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Mounted by /init itself (kernel filesystems, the tmpfs /run moved in): never a persisted path
 PERSIST_RESERVED = ("/proc", "/sys", "/dev", "/run")
 
@@ -817,12 +821,12 @@ class Report:
     @classmethod
     def from_dict(cls, obj: Any) -> Report:
         f = _Fields("report", obj)
-        error = f.optional_text("error")
-        if error is not None and ("\n" in error or len(error) > 1000):
-            raise f.fail("error", "must be one line of at most 1000 characters")
+        error = _one_line(f, "error")
         output = f.optional_text("output")
         if output is not None and len(output) > MAX_REPORT_OUTPUT:
             raise f.fail("output", f"must be at most {MAX_REPORT_OUTPUT} characters")
+        if output is not None and (bad := _CONTROL_BUT_LINES_RE.search(output)):
+            raise f.fail("output", f"control character {bad[0]!r} (only tabs and newlines are taken)")
         return cls(
             node=f.text("node", _NODE_RE, what="a node id"),
             phase=f.choice("phase", Phase),
@@ -861,7 +865,15 @@ def _one_line(f: _Fields, key: str) -> str | None:
     value = f.optional_text(key)
     if value is not None and ("\n" in value or len(value) > 1000):
         raise f.fail(key, "must be one line of at most 1000 characters")
+    if value is not None and (bad := _CONTROL_RE.search(value)):
+        raise f.fail(key, f"control character {bad[0]!r} (one line of printable text is taken)")
     return value
+
+
+def escape_controls(text: str, *, lines: bool = False) -> str:
+    """``text`` with each control character written out as ``\\xNN`` (with ``lines``, tabs
+    and newlines kept): a worker's text printed on the master's terminal prints as itself."""
+    return (_CONTROL_BUT_LINES_RE if lines else _CONTROL_RE).sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 parse_manifest = _parser(Manifest.from_dict, "manifest")

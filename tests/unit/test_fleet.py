@@ -3,6 +3,7 @@ arithmetic, a rollout node's judgement, the token check and the power command te
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ from rackboot import config
 from rackboot.errors import ConfigError, RackbootError
 from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.master import power, rollout, status, web
-from rackboot.master.inventory import Node, NodeState, SlotInfo, apply, clean_serial, parse_manifest_path
+from rackboot.master.inventory import Inventory, Node, NodeState, SlotInfo, apply, clean_serial, parse_manifest_path
 
 NODE = "52-54-00-12-34-56"
 
@@ -118,6 +119,45 @@ def test_the_status_table_is_plain_when_piped_and_marks_stale_nodes():
 def test_the_status_table_colours_states_only_when_asked():
     text = status.table(nodes(), now=1003.0, stale_after=86400, colour=True)
     assert "\x1b[32mok" in text and "\x1b[31merror" in text
+
+
+FORGED = "verify: bad\r2026-01-01 all good \x1b[2J\x9b"  # CR, an ESC sequence and a C1 CSI
+WRITTEN_OUT = "verify: bad\\x0d2026-01-01 all good \\x1b[2J\\x9b"
+
+
+def test_the_status_table_writes_out_the_control_characters_of_a_stored_report():
+    """A report stored before the master refused control characters must not drive the terminal."""
+    node = apply(Node(id=NODE, last_seen=10.0), report(Phase.ERROR, error=FORGED), received=10.0)
+    text = status.table([node], now=11.0, stale_after=86400)
+    assert not set(text) & {"\x1b", "\r", "\x9b"}
+    assert text.splitlines()[1].endswith(f"  error  just now   {WRITTEN_OUT}")
+
+
+def test_status_of_one_node_writes_out_the_control_characters_of_its_history(tmp_path):
+    inv = Inventory(tmp_path)  # as an older master stored it: ingest takes the report as it is
+    inv.ingest(report(Phase.ERROR, error=FORGED, time=1700000000.0), received=1700000000.0, ip=None)
+    out = io.StringIO()
+    assert status.run(inv, 86400, out, node=NODE) == 0
+    text = out.getvalue()
+    assert not set(text) & {"\x1b", "\r", "\x9b"}
+    assert f"last error       {WRITTEN_OUT}\n" in text and f"error   : {WRITTEN_OUT}\n" in text
+
+
+def test_rollout_status_writes_out_the_control_characters_of_the_reasons_it_quotes():
+    progress = rollout.Progress(
+        id=1,
+        image="example",
+        version=2,
+        state=rollout.HALTED,
+        wave=0,
+        waves=[[NODE]],
+        nodes={NODE: {"wave": 0, "state": rollout.FAILED, "reason": FORGED}},
+        max_failed=0,
+        message=f"halted in wave 1: 1 failed (more than 0): {NODE}: {FORGED}; the other nodes keep theirs",
+    )
+    lines = progress.text().splitlines()
+    assert lines[1] == f"  halted in wave 1: 1 failed (more than 0): {NODE}: {WRITTEN_OUT}; the other nodes keep theirs"
+    assert lines[2] == f"  wave 1: {NODE} failed ({WRITTEN_OUT})"
 
 
 def test_status_on_an_empty_rack_says_what_to_expect():
