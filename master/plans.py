@@ -80,6 +80,8 @@ def assign(
 ) -> Path:
     """Point ``node`` (a MAC, or 'default') at a published image: latest unless a version is
     pinned; ``hostname`` names the node (else the registry or the pattern does)."""
+    if not formats.IMAGE_RE.fullmatch(image):  # it becomes a path on the master: checked before anything
+        raise RackbootError(f"image {image[:80]!r} is not an image name ([a-z0-9][a-z0-9._-]*, at most 64 characters)")
     node = node_name(node)
     master = cfg.master.directory
     if version is None:

@@ -36,7 +36,7 @@ from rackboot.initramfs.updater.formats import Plan
 from rackboot.proc import ChildWatch, dies_with_parent, stop_child
 
 from . import filemanifest
-from .dnsmasq import write_if_changed
+from .dnsmasq import config_text, write_if_changed
 
 if TYPE_CHECKING:
     from rackboot.config import Config
@@ -93,7 +93,7 @@ def render_config(master: Path) -> str:
     for module, tree in published_trees(master):
         image, _, version = module.rpartition(".")
         lines += ["", f"[{module}]", f"path = {tree}", f"comment = {image} v{version}"]
-    return "\n".join(lines) + "\n"
+    return config_text(lines, "rsyncd config")
 
 
 def _rsync() -> str:

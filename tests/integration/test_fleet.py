@@ -135,6 +135,18 @@ def test_the_api_reads_without_a_token_and_acts_only_with_it(master):
     assert master.request("POST", "/api/nodes/52-54-00-12-34-56/reboot", b"{}")[0] == 404
 
 
+@pytest.mark.parametrize("action", ["assign", "adopt"])
+def test_an_api_action_with_an_image_that_is_not_an_image_name_is_400_and_writes_nothing(master, action):
+    publish(master.root, 1, image_bytes(1))  # example/1/../../example resolved to this version's manifest
+    bad = json.dumps({"image": "example/1/../../example", "version": 1}).encode()
+    status, body = master.request("POST", f"/api/nodes/{NODE}/{action}", bad, {"Authorization": f"Bearer {TOKEN}"})
+    assert (status, json.loads(body)) == (
+        400,
+        {"error": "image 'example/1/../../example' is not an image name ([a-z0-9][a-z0-9._-]*, at most 64 characters)"},
+    )
+    assert not (master.root / "plans").exists() and not (master.root / "hostnames.json").exists()
+
+
 def test_without_a_token_in_the_config_no_action_goes_through(tmp_path):
     (tmp_path / "master").mkdir()
     m = Master(config.load(write_config(tmp_path)))

@@ -157,3 +157,14 @@ def test_manifest_files_errors_name_the_field(files, message):
     }  # fmt: skip
     with pytest.raises(UpdaterError, match=message):
         formats.parse_manifest(formats.dump(doc))
+
+
+def test_a_path_with_a_newline_never_adds_a_module_or_a_directive(tmp_path):
+    """The config load refuses such a [master] directory; a master tree reached some other way
+    must not slip a module (path = /) into the daemon's config either."""
+    master = tmp_path / "m\n[root]\npath = /"
+    version(master, "web", 2)
+    with pytest.raises(RackbootError, match=r"^rsyncd config: .* holds a control character; not written$"):
+        rsyncd.render_config(master)
+    with pytest.raises(ConfigError, match=r"\[master\] directory: .*control character '\\n'"):
+        config.load(write_config(tmp_path, master={"directory": master.name}))
