@@ -36,6 +36,7 @@ from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
+from rackboot.master.numbers import ascii_int
 
 if TYPE_CHECKING:
     from rackboot.config import Config
@@ -61,7 +62,6 @@ _TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson", ".sig":
 _NOT_STREAMS = re.compile(r".*(\.json|\.sig|\.sh|\.index|\.index\.from-[0-9a-f]{64})")
 RETRY_AFTER = 2  # seconds a refused stream is told to wait while few others wait too
 RETRY_AFTER_MAX = 10  # however long the queue: a worker should see its turn soon after it comes
-MAX_DIGITS = 18  # a byte count or offset; a longer one is none this master serves (int() refuses past 4300 digits)
 
 
 class MasterServer(ThreadingHTTPServer):
@@ -260,14 +260,6 @@ def serve_forever(
         server.server_close()
 
 
-def request_int(text: str) -> int | None:
-    """A number in a request: ASCII digits alone, at most MAX_DIGITS; None for anything else.
-    (str.isdigit takes '²', which int() refuses; int() takes '١٢', ' 7', '+7' and '7_0'.)"""
-    if not text or len(text) > MAX_DIGITS or not text.isascii() or not text.isdigit():
-        return None
-    return int(text)
-
-
 def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
     """Range header -> (first, last) inclusive, None (send it all) or "unsatisfiable".
 
@@ -276,7 +268,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["uns
     if not header or not header.startswith("bytes=") or "," in header:
         return None
     first, sep, last = header[6:].strip(" \t").partition("-")
-    start, stop = request_int(first), request_int(last)
+    start, stop = ascii_int(first), ascii_int(last)
     if not sep or (start is None and first != "") or (stop is None and last != ""):
         return None
     if start is None:  # suffix: the last N bytes
@@ -303,7 +295,7 @@ def parse_ranges(header: str | None, size: int) -> list[tuple[int, int]] | None:
     spans: list[tuple[int, int]] = []
     for part in header[6:].split(","):
         first, sep, last = part.strip(" \t").partition("-")
-        start, stop = request_int(first), request_int(last)
+        start, stop = ascii_int(first), ascii_int(last)
         if not sep or start is None or stop is None or len(spans) == MAX_RANGES:
             return None
         end = min(stop, size - 1)
@@ -501,7 +493,7 @@ class MasterHandler(BaseHTTPRequestHandler):
     # --- POST /report -----------------------------------------------------------------------
 
     def _report(self) -> None:
-        length = request_int(self.headers.get("Content-Length", "").strip(" \t"))
+        length = ascii_int(self.headers.get("Content-Length", "").strip(" \t"))
         if length is None:
             self.close_connection = True  # a body of unknown length: the connection cannot go on
             return self._json(
@@ -546,7 +538,7 @@ class MasterHandler(BaseHTTPRequestHandler):
     # --- the fleet API's actions (master/web.py) ------------------------------------------------
 
     def _web_post(self, path: str) -> None:
-        length = request_int(self.headers.get("Content-Length", "0").strip(" \t"))
+        length = ascii_int(self.headers.get("Content-Length", "0").strip(" \t"))
         if length is None:
             self.close_connection = True  # a body of unknown length: the connection cannot go on
             return self._json(HTTPStatus.BAD_REQUEST, {"error": "action: Content-Length is not a number of bytes"})

@@ -191,6 +191,15 @@ def test_existing_and_lower_versions_are_refused(tmp_path):
     assert publish_tree(tree, master).version == 6
 
 
+def test_a_directory_named_in_other_digits_is_no_version(tmp_path):
+    """'²' passed isdigit and crashed int(); int() read Arabic-Indic '12' as version 12."""
+    tree, master = make_tree(tmp_path / "root"), tmp_path / "master"
+    publish_tree(tree, master, version=5)
+    (master / "images/example/²").mkdir()
+    (master / "images/example/\u0661\u0662").mkdir()
+    assert publish_tree(tree, master).version == 6
+
+
 def test_failed_publish_leaves_nothing(tmp_path):
     master = tmp_path / "master"
     with pytest.raises(RackbootError, match="mke2fs could not make a 1 MiB ext4 filesystem"):
@@ -254,6 +263,14 @@ def test_os_image_partition_must_exist_and_be_ext4(tmp_path, os_image):
         publish.publish_image(img, 3, tmp_path / "master", image="raspios")
     with pytest.raises(RackbootError, match="partition 1 of .* is not an ext4 filesystem"):
         publish.publish_image(img, 1, tmp_path / "master", image="raspios")
+
+
+@pytest.mark.parametrize("which", ["²", "\u0662"])
+def test_a_partition_number_is_ascii_digits(tmp_path, os_image, which):
+    """'²' crashed int(); int() read Arabic-Indic '2' as partition 2."""
+    img, _ = os_image
+    with pytest.raises(RackbootError, match=r"has no partition .*; it has: 1 \(type 0c"):
+        publish.publish_image(img, which, tmp_path / "master", image="raspios")
 
 
 def test_file_without_mbr_is_refused(tmp_path):
