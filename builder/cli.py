@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -443,6 +444,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     clean_up_on_termination()  # SIGTERM and SIGHUP unwind like Ctrl-C, so temporaries are removed
+    # serve sends only world-readable files (a private key never is): what rackboot writes
+    # for the master's tree must be readable by others whatever the caller's umask says
+    os.umask(os.umask(0) & 0o022)
     command: Callable[[argparse.Namespace], int] = args.func  # set by each subparser
     try:
         return command(args)
