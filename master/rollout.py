@@ -320,9 +320,9 @@ def _restore(master: Path, node: str, previous: bytes | None, previous_sig: byte
     """Give a node back the plan it had before the rollout (none: the default plan again)."""
     directory = master / "plans"
     own, sig = directory / f"{node}.json", directory / f"{node}.json.sig"
-    if previous is None:
-        own.unlink(missing_ok=True)  # (files only: whatever else is there is not a plan to take back)
+    if previous is None:  # (files only: whatever else is there is no plan of ours)
         sig.unlink(missing_ok=True)
+        own.unlink(missing_ok=True)
         return
     if previous_sig is not None:
         atomic_write_bytes(sig, previous_sig)

@@ -121,7 +121,7 @@ def test_the_status_table_colours_states_only_when_asked():
 
 
 def test_status_on_an_empty_rack_says_what_to_expect():
-    assert "asks the master for its plan" in status.table([], now=0, stale_after=60)
+    assert "with its first report to the master" in status.table([], now=0, stale_after=60)
 
 
 @pytest.mark.parametrize(
