@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +134,7 @@ class Progress:
     message: str | None
     wave_timeout: float | None = None  # seconds a node has to confirm once its plan is written
     stuck: str | None = None  # why a running rollout could not move on at its last advance
+    unstuck: str | None = None  # why it was stuck until this advance moved it (said once, in the log)
 
     @property
     def shown_state(self) -> str:
@@ -332,13 +333,20 @@ def _restore(master: Path, node: str, previous: bytes | None, previous_sig: byte
 
 
 def advance(
-    cfg: Config, inventory: Inventory, *, power: Power | None = None, now: float | None = None, quick: bool = False
+    cfg: Config,
+    inventory: Inventory,
+    *,
+    power: Power | None = None,
+    now: float | None = None,
+    quick: bool = False,
+    say_stuck: bool = False,
 ) -> Progress | None:
     """Judge the running rollout's current wave and move it on: the next wave, done, or
     halted. Returns the newest rollout's progress (None: there never was one). ``quick``
     (after every report, at every tick): with no rollout running, return None at once,
     taking no lock. Never raises for a rollout that cannot move on: it stays where it is,
-    marked stuck with the reason (logged), and the next advance tries again."""
+    marked stuck with the reason, logged when the reason is new (or ``say_stuck``: as
+    serve starts), and the next advance tries again."""
     try:
         if quick and not inventory.db.execute("SELECT 1 FROM rollouts WHERE state = ?", (RUNNING,)).fetchone():
             return None
@@ -349,7 +357,10 @@ def advance(
     try:
         progress, cycle_nodes = _advance(cfg, inventory, now)
     except Exception as e:  # a master's rollout must never stop the master: say why, try again later
-        return _stuck(inventory, e if isinstance(e, RackbootError) else f"{type(e).__name__}: {e}", now)
+        why = e if isinstance(e, RackbootError) else f"{type(e).__name__}: {e}"
+        return _stuck(inventory, why, now, say=say_stuck)
+    if progress is not None and progress.unstuck:
+        inventory.log(f"rollout {progress.id}: moving again (was stuck: {progress.unstuck})")
     if cycle_nodes and power is not None:
         try:
             power(cycle_nodes)
@@ -365,9 +376,9 @@ def _advance(cfg: Config, inventory: Inventory, now: float) -> tuple[Progress | 
         row = db.execute("SELECT * FROM rollouts ORDER BY id DESC LIMIT 1").fetchone()
         if row is None:
             return None, []
-        if row["state"] == RUNNING and row["stuck"]:
+        unstuck = row["stuck"] if row["state"] == RUNNING else None
+        if unstuck:
             db.execute("UPDATE rollouts SET stuck = NULL WHERE id = ?", (row["id"],))
-            inventory.log(f"rollout {row['id']}: moving again (was stuck: {row['stuck']})")
         while row["state"] == RUNNING:
             rollout, wave, version = row["id"], row["wave"], row["version"]
             members = db.execute(
@@ -431,7 +442,7 @@ def _advance(cfg: Config, inventory: Inventory, now: float) -> tuple[Progress | 
             else:
                 break
             row = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout,)).fetchone()
-        progress = _progress(db, row)
+        progress = replace(_progress(db, row), unstuck=unstuck)
     return progress, cycle_nodes
 
 
@@ -457,14 +468,14 @@ def _finish(db: Any, rollout: int, state: str, message: str, now: float) -> None
     db.execute("UPDATE rollouts SET state = ?, message = ?, updated = ? WHERE id = ?", (state, message, now, rollout))
 
 
-def _stuck(inventory: Inventory, why: object, now: float) -> Progress | None:
-    """The running rollout could not move on: keep why on its row (logged when it changes)
-    and show it; the rollout stays where it was (its transaction rolled back)."""
+def _stuck(inventory: Inventory, why: object, now: float, *, say: bool = False) -> Progress | None:
+    """The running rollout could not move on: keep why on its row (logged when it changes,
+    or when ``say``) and show it; the rollout stays where it was (its transaction rolled back)."""
     reason = str(why)[:1000]
     try:
         with inventory.write() as db:
             row = db.execute("SELECT * FROM rollouts WHERE state = ? ORDER BY id DESC LIMIT 1", (RUNNING,)).fetchone()
-            if row is not None and row["stuck"] != reason:
+            if row is not None and (row["stuck"] != reason or say):
                 db.execute("UPDATE rollouts SET stuck = ?, updated = ? WHERE id = ?", (reason, now, row["id"]))
                 inventory.log(f"rollout {row['id']}: stuck in wave {row['wave'] + 1}: {reason}")
     except sqlite3.Error as e:

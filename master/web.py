@@ -71,15 +71,15 @@ class Fleet:
         if config is not None:  # every report taken may move a rollout on; a restart continues it
             power = _power(config, log)
 
-            def advance() -> None:
+            def advance(say_stuck: bool = False) -> None:
                 try:
-                    rollout.advance(config, fleet.inventory, power=power, quick=True)
+                    rollout.advance(config, fleet.inventory, power=power, quick=True, say_stuck=say_stuck)
                 except Exception as e:  # (advance says why a rollout is stuck itself; this is the rest)
                     log(f"rollout: {type(e).__name__}: {e}")
 
             fleet.advance = advance
             fleet.inventory.hooks.append(lambda _inv, _node: advance())
-            advance()  # serve starts whatever the rollout's state: one stuck is shown as such
+            advance(say_stuck=True)  # serve starts whatever the rollout's state: one stuck says why
         return fleet
 
     def start_ticking(self, interval: float | None = None) -> None:

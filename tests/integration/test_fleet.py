@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -499,7 +500,9 @@ def test_a_rollout_that_cannot_move_on_is_shown_stuck_and_serve_still_starts(tmp
         assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1700000001.0) == 204
     finally:
         m.stop()
-    m = Master(cfg)  # serve starts with it
+    said = serve_starts(cfg)  # `rackboot serve` starts with it, and says why it is stuck
+    assert f"rollout 1: stuck in wave 1: cannot write {m.root / 'plans' / NODES[2]}.json" in said
+    m = Master(cfg)
     try:
         [stuck] = m.json("/api/rollouts")["rollouts"]
         assert (stuck["state"], stuck["shown_state"], stuck["wave"]) == ("running", "stuck", 0)
@@ -518,6 +521,27 @@ def test_a_rollout_that_cannot_move_on_is_shown_stuck_and_serve_still_starts(tmp
         assert (moving["shown_state"], moving["wave"], moving["stuck"]) == ("running", 1, None)
     finally:
         m.stop()
+
+
+def serve_starts(cfg: config.Config) -> str:
+    """Run `rackboot serve` until it is serving; what it said on the way (it must get there)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rackboot", "serve", "-c", str(cfg.path), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("serving ")):
+            line = proc.stderr.readline() if proc.stderr else ""
+            assert line, f"serve ended before serving (exit {proc.wait(timeout=30)}): {''.join(lines)}"
+            lines.append(line)
+        return "".join(lines)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stderr:
+            proc.stderr.close()
 
 
 def test_a_wave_that_fails_halfway_leaves_its_plan_files_and_rows_as_they_were(tmp_path):
