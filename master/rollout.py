@@ -478,14 +478,14 @@ def _stuck(inventory: Inventory, why: object, now: float, *, say: bool = False) 
             if row is not None and (row["stuck"] != reason or say):
                 db.execute("UPDATE rollouts SET stuck = ?, updated = ? WHERE id = ?", (reason, now, row["id"]))
                 inventory.log(f"rollout {row['id']}: stuck in wave {row['wave'] + 1}: {reason}")
+        newest = listing(inventory, limit=1)
     except sqlite3.Error as e:
         inventory.log(f"rollout: cannot advance ({reason}) nor say so in the inventory: {e}")
         return None
-    newest = listing(inventory, limit=1)
     return newest[0] if newest else None
 
 
-def leave_out(db: Any, node: str, reason: str, now: float) -> int:
+def leave_out(db: Any, node: str, reason: str) -> int:
     """A node forgotten (rackboot forget) while a rollout runs: skipped where it has not
     confirmed or failed yet, so no wave waits for it. How many rollouts it was in."""
     cur = db.execute(

@@ -347,17 +347,16 @@ class Forgotten:
         return f"{self.node} forgotten: " + ", ".join(p for p in parts if p)
 
 
-def forget(cfg: Config, inventory: Inventory, node: str, now: float | None = None) -> Forgotten:
+def forget(cfg: Config, inventory: Inventory, node: str) -> Forgotten:
     """Remove ``node``: its inventory rows, its plan (and .sig), its name; a running rollout
     skips it. A node that comes back is a new node (adopted again with its first report)."""
     node = plans.node_name(node)
     if node == plans.DEFAULT:
         raise RackbootError("'default' is not a node; forget takes a node's MAC")
-    now = time.time() if now is None else now
     master = cfg.master.directory
     with inventory.write() as db:  # the files go inside it: a failure there keeps the rows
         rows = inventory.remove(db, node)
-        running = rollout.leave_out(db, node, "forgotten (rackboot forget)", now)
+        running = rollout.leave_out(db, node, "forgotten (rackboot forget)")
         name = hostnames.forget(master, node)
         plan = plans.remove_plan(master, node)
         if not (rows or running or name or plan):
