@@ -56,7 +56,7 @@ class DhcpMode(StrEnum):
 
 
 class AdoptMode(StrEnum):
-    """What a node that asks for a plan and has none of its own gets."""
+    """What a node that has no plan of its own gets once it has reported (adoption)."""
 
     AUTO = "auto"  # the default plan
     MANUAL = "manual"  # nothing, until `rackboot adopt NODE`
@@ -375,9 +375,10 @@ SETTINGS: tuple[Setting, ...] = (
         "str",
         "",
         "Hostname pattern for nodes not named with --hostname, both those with a plan of their own and, "
-        "through rackboot serve, those following the default plan: "
-        "{index} (1, 2, ... in the order nodes were first named, never reused; {index:02d} pads) "
-        'and {mac} (12 hex digits), e.g. "worker-{index:02d}"; empty = only names given with --hostname.',
+        "through rackboot serve, adopted nodes following the default plan: "
+        "{index} (1, 2, ... in the order nodes were first named or adopted, never reused, passing over "
+        'names given by hand; {index:02d} pads) and {mac} (12 hex digits), e.g. "worker-{index:02d}"; '
+        "empty = only names given with --hostname.",
         check=pattern_problem,
     ),
     Setting(
@@ -385,8 +386,9 @@ SETTINGS: tuple[Setting, ...] = (
         "adopt",
         "choice",
         "auto",
-        "A node that asks for a plan and has none of its own is recorded as new; auto: it gets the default "
-        "plan; manual: it gets none (and boots its last good slot) until `rackboot adopt NODE`.",
+        "A node without a plan of its own enters the inventory with its first report (a plan request alone "
+        "records nothing); auto: it gets the default plan, and is adopted with that report; manual: it gets "
+        "none (it boots its last good slot) and is listed as waiting until `rackboot adopt NODE`.",
         AdoptMode,
     ),
     Setting(

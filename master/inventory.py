@@ -1,9 +1,15 @@
-"""The fleet's inventory: one SQLite file in the master's tree, fed by plan requests and reports.
+"""The fleet's inventory: one SQLite file in the master's tree, fed by reports and plan requests.
 
-`rackboot serve` records every plan request (node, IP, board serial, the plan it got) and
-every report (the full history, and what it says about the node: booted slot and version,
-each slot's image, version and state, the last action and error, the last install's bytes
-and seconds). `rackboot status`, the web page, adoption and rollouts read it.
+`rackboot serve` records every report (the full history, and what it says about the node:
+booted slot and version, each slot's image, version and state, the last action and error,
+the last install's bytes and seconds) and the plan requests of nodes it knows (IP, board
+serial, the plan it got). `rackboot status`, the web page, adoption and rollouts read it.
+
+A node enters it with its first report, the sign that it booted our initramfs (`_admit`),
+or when `rackboot adopt` names it; a plan request alone records nothing: anyone can ask
+for /plans/<any MAC>.json, and a made-up node must not join every later rollout nor spend
+a hostname index. What an unknown node's plan request said (its serial, the plan it got)
+is kept in memory, for at most SEEN nodes, until its first report files it.
 
 The file is `.inventory.db` (a dot name: serve's static side never hands it out), in WAL
 mode so readers never wait for the writer and other processes (`rackboot status`,
@@ -24,6 +30,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -35,8 +42,11 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Phase, Report
 
+from . import hostnames
+
 FILE = ".inventory.db"
-SCHEMA = 3
+SCHEMA = 4
+SEEN = 256  # unknown nodes whose plan request is kept in memory until their first report
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (a rack reporting at once queues here)
 CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
 REORDER_WINDOW = 3600.0  # further back than this is a clock that was reset, not a late report
@@ -48,8 +58,8 @@ _MANIFEST_RE = re.compile(r"/images/([a-z0-9][a-z0-9_-]*)/([0-9]+)/manifest\.jso
 class NodeState:
     """What `rackboot status` says a node is doing (stale is added when it is read)."""
 
-    NEW = "new"  # asked for a plan, has none of its own, nothing reported yet
-    WAITING = "waiting"  # not adopted ([master] adopt = "manual"): gets no plan
+    NEW = "new"  # adopted (rackboot adopt) before it reported anything
+    WAITING = "waiting"  # reported, not adopted ([master] adopt = "manual"): gets no plan
     INSTALLING = "installing"
     TRIAL = "trial"  # booted a new slot that has not confirmed itself yet
     OK = "ok"
@@ -96,6 +106,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE nodes ADD COLUMN label TEXT NOT NULL DEFAULT '';
     CREATE INDEX reports_replay ON reports (node, time);
+    """,
+    # 4: a wave's deadline, and why a rollout cannot move on
+    """
+    ALTER TABLE rollouts ADD COLUMN wave_timeout REAL;
+    ALTER TABLE rollouts ADD COLUMN stuck TEXT;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA
@@ -236,6 +251,16 @@ def clean_serial(value: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class Seen:
+    """An unknown node's plan request, until its first report files it."""
+
+    serial: str | None
+    plan: str | None
+    image: str | None
+    version: int | None
+
+
+@dataclass(frozen=True)
 class Ingested:
     """What became of a report: taken (it changed the node), late (history only) or a replay."""
 
@@ -244,12 +269,26 @@ class Ingested:
 
 
 class Inventory:
-    """The inventory of the master tree ``master``; one connection per thread."""
+    """The inventory of the master tree ``master``; one connection per thread. ``auto_adopt``
+    ([master] adopt = "auto"): a node is adopted with its first report; ``hostname_pattern``
+    ([master] hostname): an adopted node gets its index and name then."""
 
-    def __init__(self, master: Path, *, log: Callable[[str], None] | None = None):
-        self.path = Path(master) / FILE
+    def __init__(
+        self,
+        master: Path,
+        *,
+        log: Callable[[str], None] | None = None,
+        auto_adopt: bool = True,
+        hostname_pattern: str = "",
+    ):
+        self.master = Path(master)
+        self.path = self.master / FILE
         self.log = log or (lambda _line: None)
+        self.auto_adopt = auto_adopt
+        self.hostname_pattern = hostname_pattern
         self._local = threading.local()
+        self._seen: OrderedDict[str, Seen] = OrderedDict()  # unknown nodes' plan requests, newest last
+        self._seen_lock = threading.Lock()
         self.hooks: list[Callable[[Inventory, str], object]] = []  # run after a report was taken
         if not Path(master).is_dir():
             raise RackbootError(f"master directory {master} does not exist")
@@ -282,10 +321,11 @@ class Inventory:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # (a COMMIT that failed leaves it open)
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def schema(self) -> int:
         version: int = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -341,51 +381,38 @@ class Inventory:
         serial: str | None,
         plan: str | None,
         manifest: str | None,
-        adopt: bool,
         now: float | None = None,
-    ) -> Node:
+    ) -> Node | None:
         """A node asked for its plan; ``plan`` is what it got ("own", "default", None) and
-        ``manifest`` the image path in it. A node seen for the first time is new, adopted
-        when ``adopt`` (auto adoption); returns the node as recorded."""
+        ``manifest`` the image path in it. A known node's row takes it in (a plan of its own
+        adopts it); an unknown node's is only remembered (SEEN at most) for its first report.
+        Returns the node as recorded, None when it is not in the inventory."""
         now = time.time() if now is None else now
         image, version = parse_manifest_path(manifest)
+        if self.db.execute("SELECT 1 FROM nodes WHERE id = ?", (node,)).fetchone() is None:
+            with self._seen_lock:  # (no write lock taken: made-up MACs cost the writers nothing)
+                self._seen.pop(node, None)
+                self._seen[node] = Seen(clean_serial(serial), plan, image, version)
+                while len(self._seen) > SEEN:
+                    self._seen.popitem(last=False)
+            return None
         with self.write() as db:
             row = db.execute("SELECT state, adopted FROM nodes WHERE id = ?", (node,)).fetchone()
-            if row is None:
-                state = NodeState.NEW if adopt or plan == "own" else NodeState.WAITING
-                db.execute(
-                    "INSERT INTO nodes (id, serial, ip, first_seen, last_seen, adopted, plan, image, version, state) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        node,
-                        clean_serial(serial),
-                        ip,
-                        now,
-                        now,
-                        int(adopt or plan == "own"),
-                        plan,
-                        image,
-                        version,
-                        state,
-                    ),
-                )
-                self.log(f"inventory: new node {node} from {ip} ({'adopted' if adopt else 'waiting for adoption'})")
-            else:
-                adopted = bool(row["adopted"]) or plan == "own"
-                state = row["state"]
-                if not adopted:
-                    state = NodeState.WAITING
-                elif state == NodeState.WAITING:
-                    state = NodeState.NEW
-                db.execute(
-                    "UPDATE nodes SET serial = COALESCE(?, serial), ip = COALESCE(?, ip),"
-                    " last_seen = MAX(last_seen, ?), adopted = ?, plan = ?, image = ?, version = ?, state = ?"
-                    " WHERE id = ?",
-                    (clean_serial(serial), ip, now, int(adopted), plan, image, version, state, node),
-                )
-        found = self.node(node)
-        assert found is not None
-        return found
+            if row is None:  # forgotten in between
+                return None
+            adopted = bool(row["adopted"]) or plan == "own"
+            state = row["state"]
+            if not adopted:
+                state = NodeState.WAITING
+            elif state == NodeState.WAITING:
+                state = NodeState.NEW
+            db.execute(
+                "UPDATE nodes SET serial = COALESCE(?, serial), ip = COALESCE(?, ip),"
+                " last_seen = MAX(last_seen, ?), adopted = ?, plan = ?, image = ?, version = ?, state = ?"
+                " WHERE id = ?",
+                (clean_serial(serial), ip, now, int(adopted), plan, image, version, state, node),
+            )
+        return self.node(node)
 
     def ingest(self, report: Report, *, received: float | None = None, ip: str | None = None) -> Ingested:
         """Take one parsed report (its node id already checked) into the history and the node."""
@@ -443,15 +470,52 @@ class Inventory:
                 )
                 self.log(f"inventory: out of order: {reason}")
                 return Ingested("late", reason)
-            if node is None:  # reported without asking for a plan first (an older master's node)
-                node = Node(id=report.node, first_seen=received, last_seen=received)
+            admitted = node is None
+            if node is None:
+                node = self._admit(report.node, received)
             self._store(db, apply(node, report, received), ip)
+        if admitted:
+            self.log(
+                f"inventory: new node {report.node}{' from ' + ip if ip else ''}"
+                f" ({'adopted' if node.adopted else 'waiting for adoption: rackboot adopt ' + report.node})"
+            )
+            if node.adopted:
+                self._name(report.node)
         for hook in self.hooks:
             try:
                 hook(self, report.node)
             except Exception as e:  # a rollout step that fails must not lose the report or the master
                 self.log(f"inventory: after a report from {report.node}: {type(e).__name__}: {e}")
         return Ingested("taken")
+
+    def _admit(self, node_id: str, received: float) -> Node:
+        """A node's first report (the sign it booted our initramfs) brings it in: adopted with
+        auto adoption or a plan of its own, else waiting for `rackboot adopt`; with what its
+        plan request said, when this master heard one."""
+        with self._seen_lock:
+            seen = self._seen.pop(node_id, None) or Seen(None, None, None, None)
+        adopted = self.auto_adopt or seen.plan == "own"
+        return Node(
+            id=node_id,
+            state=NodeState.NEW if adopted else NodeState.WAITING,
+            serial=seen.serial,
+            first_seen=received,
+            last_seen=received,
+            adopted=adopted,
+            plan=seen.plan,
+            image=seen.image,
+            version=seen.version,
+        )
+
+    def _name(self, node_id: str) -> None:
+        """An adopted node's index and name from the [master] hostname pattern (kept, never
+        reused); a registry that cannot be written is logged: its next plan request asks again."""
+        if not self.hostname_pattern:
+            return
+        try:
+            hostnames.assign(self.master, node_id, hostname=None, pattern=self.hostname_pattern)
+        except (OSError, RackbootError) as e:
+            self.log(f"inventory: {node_id} adopted but not named: {e}")
 
     def _load(self, db: sqlite3.Connection, node_id: str) -> Node | None:
         row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
@@ -513,7 +577,8 @@ class Inventory:
     # --- changing it --------------------------------------------------------------------------
 
     def adopt(self, node_id: str) -> Node:
-        """Mark a node adopted (it gets the default plan, or its own once written)."""
+        """Mark a node adopted (it gets the default plan, or its own once written), named by
+        the [master] hostname pattern when it has no name yet."""
         with self.write() as db:
             row = db.execute("SELECT state FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
@@ -524,8 +589,20 @@ class Inventory:
             else:
                 state = NodeState.NEW if row["state"] == NodeState.WAITING else row["state"]
                 db.execute("UPDATE nodes SET adopted = 1, state = ? WHERE id = ?", (state, node_id))
+        self._name(node_id)
         found = self.node(node_id)
         assert found is not None
+        return found
+
+    def remove(self, db: sqlite3.Connection, node_id: str) -> bool:
+        """Delete the node's rows (node, slots, report history) in the transaction ``db``;
+        whether it had any. Its rows in rollouts stay (rollout.leave_out)."""
+        with self._seen_lock:
+            self._seen.pop(node_id, None)
+        found = db.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
+        found |= db.execute("SELECT 1 FROM reports WHERE node = ? LIMIT 1", (node_id,)).fetchone() is not None
+        for table, column in (("slots", "node"), ("reports", "node"), ("nodes", "id")):
+            db.execute(f"DELETE FROM {table} WHERE {column} = ?", (node_id,))
         return found
 
     def set_label(self, node_id: str, label: str) -> None:

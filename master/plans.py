@@ -115,3 +115,23 @@ def write_plan(master: Path, node: str, plan: Plan, key: Path | None = None) -> 
     finally:
         os.close(lock)
     return path
+
+
+def remove_plan(master: Path, node: str) -> bool:
+    """Remove plans/<node>.json and its .sig, under the lock on plans/: the node follows the
+    default plan again. Whether there was one."""
+    directory = Path(master) / "plans"
+    if not directory.is_dir():
+        return False
+    lock = lock_dir(directory)
+    try:
+        found = False
+        for path in (directory / f"{node}.json", directory / f"{node}.json.sig"):
+            try:
+                path.unlink()
+                found = True
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(lock)
+    return found

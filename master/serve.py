@@ -80,6 +80,7 @@ class MasterServer(ThreadingHTTPServer):
         max_connections: int = MAX_CONNECTIONS,
         max_streams: int = MAX_STREAMS,
         config: Config | None = None,
+        tick: float | None = None,
     ):
         from .web import Fleet  # the inventory, the page and the API
 
@@ -88,6 +89,7 @@ class MasterServer(ThreadingHTTPServer):
         # the inventory's and rollouts' lines quote the rack's reports: no terminal escapes from them
         log = None if quiet else lambda line: print(line.translate(_LOG_ESCAPES), file=sys.stderr)
         self.fleet = Fleet.open(self.master, config, log=log)
+        self.tick = tick  # seconds between looks at a running rollout (None: rollout.TICK)
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.connections = threading.BoundedSemaphore(max_connections)
@@ -99,6 +101,14 @@ class MasterServer(ThreadingHTTPServer):
         self.refused_streams = 0
         self.refusals: deque[float] = deque()  # when streams were refused in the last RETRY_AFTER s
         super().__init__(address, MasterHandler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.fleet.start_ticking(self.tick)  # a silent wave still ends at its timeout
+        super().serve_forever(poll_interval)
+
+    def server_close(self) -> None:
+        self.fleet.stop()
+        super().server_close()
 
     @property
     def url(self) -> str:
@@ -188,9 +198,11 @@ def make_server(
     max_connections: int = MAX_CONNECTIONS,
     max_streams: int = MAX_STREAMS,
     config: Config | None = None,
+    tick: float | None = None,
 ) -> MasterServer:
     """A bound, not yet running server for `master` (port 0 = any free port); ``config``
-    gives the inventory its adoption mode, the API its token and rollouts their plans."""
+    gives the inventory its adoption mode, the API its token and rollouts their plans;
+    ``tick``: seconds between its looks at a running rollout (default rollout.TICK)."""
     master = Path(master)
     if not master.is_dir():
         raise RackbootError(f"master directory {master} does not exist")
@@ -203,6 +215,7 @@ def make_server(
             max_connections=max_connections,
             max_streams=max_streams,
             config=config,
+            tick=tick,
         )
     except OSError as e:
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -384,9 +397,9 @@ class MasterHandler(BaseHTTPRequestHandler):
     def _plan(self, node: str, body: bool, suffix: str = ".json") -> None:
         fleet = self.server.fleet
         candidate = fleet.plan_for(node, suffix)  # its own, else the default one (unless not adopted)
-        if suffix == ".json":  # the inventory: a plan request is a node seen (its .sig comes next)
+        if suffix == ".json" and body:  # the inventory: a GET is a node seen (its .sig comes next); a HEAD is not
             fleet.saw_plan_request(node, self.client_address[0], self.headers.get("X-Rackboot-Serial"), candidate)
-        if candidate is not None and (named := fleet.named_default(node, candidate, suffix)) is not None:
+        if candidate is not None and (named := fleet.named_default(node, candidate, suffix, spend=body)) is not None:
             return self._reply(named, body)
         if candidate is not None:
             return self._file(f"/plans/{candidate.name}", candidate, body)

@@ -97,7 +97,7 @@ def row(node: Node, now: float, stale_after: float) -> dict[str, str]:
 def table(nodes: list[Node], now: float, stale_after: float, *, colour: bool = False) -> str:
     """The nodes as an aligned text table; states coloured when ``colour``."""
     if not nodes:
-        return "no nodes yet: a worker appears here when it first asks the master for its plan"
+        return "no nodes yet: a worker appears here with its first report to the master"
     rows = [row(n, now, stale_after) for n in nodes]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in COLUMNS}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in COLUMNS).rstrip()]

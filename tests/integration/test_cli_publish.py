@@ -140,7 +140,7 @@ def test_a_plan_written_under_umask_077_is_still_one_serve_will_send(tmp_path):
     (tmp_path / "rootfs/sbin/init").write_text("#!/bin/sh\n")
     assert rackboot("publish", "-c", str(cfg_path), "--dir", str(tmp_path / "rootfs"), "--image", "lab").returncode == 0
     result = subprocess.run(
-        ["sh", "-c", f'umask 077 && exec "$0" -m rackboot plan -c "$1" --image lab', sys.executable, str(cfg_path)],
+        ["sh", "-c", 'umask 077 && exec "$0" -m rackboot plan -c "$1" --image lab', sys.executable, str(cfg_path)],
         capture_output=True,
         text=True,
         timeout=300,

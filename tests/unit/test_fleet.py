@@ -161,7 +161,7 @@ def test_rollout_status_writes_out_the_control_characters_of_the_reasons_it_quot
 
 
 def test_status_on_an_empty_rack_says_what_to_expect():
-    assert "asks the master for its plan" in status.table([], now=0, stale_after=60)
+    assert "with its first report to the master" in status.table([], now=0, stale_after=60)
 
 
 @pytest.mark.parametrize(
@@ -206,6 +206,36 @@ def test_judge_confirmed_failed_or_still_waiting():
     assert rollout.judge(retried, 2) == (rollout.ASSIGNED, None)
     refused = [rep("error", None, "download: manifest refused"), rep("boot", 1, "download: manifest refused")]
     assert rollout.judge(refused, 2) == (rollout.FAILED, "download: manifest refused")
+
+
+def test_a_rollouts_text_and_json_show_skipped_nodes_with_why_and_a_stuck_rollout():
+    progress = rollout.Progress(
+        id=3,
+        image="example",
+        version=2,
+        state=rollout.RUNNING,
+        wave=1,
+        waves=[["n1"], ["n2", "n3"]],
+        nodes={
+            "n1": {"wave": 0, "state": rollout.CONFIRMED, "reason": None},
+            "n2": {"wave": 1, "state": rollout.SKIPPED, "reason": "stale when its wave started: last heard 3 d ago"},
+            "n3": {"wave": 1, "state": rollout.WAITING, "reason": None},
+        },
+        max_failed=0,
+        message=None,
+        wave_timeout=900.0,
+        stuck="cannot write plans/n3.json: Is a directory",
+    )
+    lines = progress.text().splitlines()
+    assert lines[0] == (
+        "rollout 3: example v2: stuck, wave 2 of 2, 1 of 3 nodes confirmed, 1 skipped "
+        "(max failed per wave 0, wave timeout 900 s)"
+    )
+    assert lines[1].startswith("  stuck: cannot write plans/n3.json: Is a directory")
+    assert lines[-1] == "  wave 2: n2 skipped (stale when its wave started: last heard 3 d ago); n3 waiting"
+    doc = progress.to_dict()
+    assert (doc["state"], doc["shown_state"], doc["skipped"], doc["wave_timeout"]) == ("running", "stuck", 1, 900.0)
+    assert replace(progress, state=rollout.HALTED).shown_state == rollout.HALTED  # stuck is a running one's
 
 
 @pytest.mark.parametrize(
