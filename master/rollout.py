@@ -21,15 +21,15 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from rackboot.errors import RackbootError
-from rackboot.files import atomic_write_bytes, remove
+from rackboot.files import remove
 from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.errors import UpdaterError
 
-from . import plans, publish
+from . import hostnames, plans, publish
 from .inventory import Inventory
 
 if TYPE_CHECKING:
@@ -233,19 +233,26 @@ def _assign_wave(cfg: Config, db: Any, rollout: int, wave: int, manifest: str, n
     return nodes
 
 
-def _restore(master: Path, node: str, previous: bytes | None, previous_sig: bytes | None) -> None:
-    """Give a node back the plan it had before the rollout (none: the default plan again)."""
+def _restore(cfg: Config, node: str, previous: bytes | None) -> None:
+    """Give a node back the plan it had before the rollout, written anew (write_plan): a fresh
+    serial and signature, since a worker refuses a plan older than the rollout's as a replay.
+    A node that had none followed the default plan: it gets the default plan's content as its
+    own (a worker that took a plan of its own refuses the default one); with no default plan
+    either, its plan is removed and the worker boots what it has."""
+    master = cfg.master.directory
     directory = master / "plans"
-    own, sig = directory / f"{node}.json", directory / f"{node}.json.sig"
-    if previous is None:
-        remove(own)
-        remove(sig)
+    try:
+        if previous is not None:
+            plan = replace(formats.parse_plan(previous), node=node, default=False)
+        else:
+            default = formats.parse_plan((directory / f"{plans.DEFAULT}.json").read_bytes())
+            hostname = hostnames.assign(master, node, hostname=None, pattern=cfg.master.hostname)
+            plan = replace(default, node=node, hostname=hostname)
+    except (OSError, UpdaterError):  # no default plan (or none readable): nothing to give back
+        remove(directory / f"{node}.json")
+        remove(directory / f"{node}.json.sig")
         return
-    if previous_sig is not None:
-        atomic_write_bytes(sig, previous_sig)
-    else:
-        remove(sig)
-    atomic_write_bytes(own, previous)
+    plans.write_plan(master, node, plan, key=cfg.master.key)
 
 
 def advance(
@@ -292,7 +299,7 @@ def advance(
             if len(failed) > row["max_failed"]:
                 for m in members:  # the wave's nodes that did not confirm go back to what they ran
                     if judged[m["node"]] != CONFIRMED:
-                        _restore(cfg.master.directory, m["node"], m["previous_plan"], m["previous_sig"])
+                        _restore(cfg, m["node"], m["previous_plan"])
                 why = "; ".join(f"{n}: {r}" for n, r in failed)
                 message = (
                     f"halted in wave {wave + 1}: {len(failed)} failed (more than {row['max_failed']}): {why}; "

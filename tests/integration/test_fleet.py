@@ -11,6 +11,7 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,10 @@ from rackboot import cli, config, demo
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
-from rackboot.initramfs.updater.formats import Phase, Report
+from rackboot.initramfs.updater.formats import Phase, Report, parse_plan
 from rackboot.initramfs.updater.main import Identity, run
-from rackboot.master import inventory, rollout, serve
+from rackboot.initramfs.updater.signature import Verifier
+from rackboot.master import inventory, plans, rollout, serve, signing
 from rackboot.master.inventory import MIGRATIONS, SCHEMA, Inventory
 
 from tests.helpers import write_config
@@ -320,18 +322,21 @@ def test_a_rollout_moves_on_wave_by_wave_as_nodes_confirm_and_survives_a_restart
 
 
 def test_a_rollout_halts_when_a_wave_fails_and_the_rest_keep_their_version(tmp_path, capsys):
-    cfg = make_cfg(tmp_path)
+    key = tmp_path / "master.key"
+    signing.keygen(key)
+    cfg = make_cfg(tmp_path, key=str(key))
     m = Master(cfg)
     try:
         rack(m)
-        own = m.root / "plans" / f"{NODES[0]}.json"
-        own.write_text((m.root / "plans" / "default.json").read_text())  # it had a plan of its own
-        before = own.read_bytes()
+        own = plans.assign(cfg, node=NODES[0], image="example", version=1)  # it had a plan of its own
+        before = parse_plan(own.read_bytes())
         assert (
-            cli.main(["rollout", "-c", str(cfg.path), "--image", "example", "--version", "2", "--waves", "1,rest"]) == 0
+            cli.main(["rollout", "-c", str(cfg.path), "--image", "example", "--version", "2", "--waves", "2,rest"]) == 0
         )
         assert "wave 1 of 2" in capsys.readouterr().out
-        assert plan_version(m, NODES[0]) == 2
+        assert plan_version(m, NODES[0]) == plan_version(m, NODES[1]) == 2
+        rolled = {n: parse_plan((m.root / "plans" / f"{n}.json").read_bytes()).serial for n in NODES[:2]}
+        assert rolled == {NODES[0]: 2, NODES[1]: 1}  # each node's own sequence
         with pytest.raises(RackbootError, match="still running"):
             rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="rest", max_failed=0)
         never = "slot b (example v2) never confirmed itself; back to slot a"
@@ -340,8 +345,17 @@ def test_a_rollout_halts_when_a_wave_fails_and_the_rest_keep_their_version(tmp_p
         assert m.report(node=NODES[0], phase="boot", slot="a", version=1, error=never, time=1700000003.0) == 204
         [halted] = m.json("/api/rollouts")["rollouts"]
         assert halted["state"] == "halted" and NODES[0] in halted["message"] and "never confirmed" in halted["message"]
-        assert own.read_bytes() == before  # its own plan back
-        assert [plan_version(m, n) for n in NODES[1:]] == [None, None, None]
+        # its own plan back, written anew: a fresh serial (a worker refuses a lower one) and signature
+        restored = own.read_bytes()
+        assert parse_plan(restored) == replace(before, serial=3)
+        Verifier(str(signing.public_key_path(key))).check(
+            "plan", restored, own.with_name(own.name + ".sig").read_bytes()
+        )
+        # the node that followed the default plan gets its content as its own (a worker that took
+        # a plan of its own refuses the default one), with its next serial
+        followed = parse_plan((m.root / "plans" / f"{NODES[1]}.json").read_bytes())
+        assert (followed.node, followed.image, followed.serial) == (NODES[1], "/images/example/1/manifest.json", 2)
+        assert [plan_version(m, n) for n in NODES[2:]] == [None, None]
         assert plan_version(m, "default") == 1
         assert cli.main(["rollout", "-c", str(cfg.path), "--status"]) == 1
         assert "halted in wave 1" in capsys.readouterr().out
@@ -387,10 +401,6 @@ def test_a_hostname_pattern_names_nodes_that_follow_the_default_plan(tmp_path):
     """With [master] hostname set, a node without a plan of its own gets the default plan
     under its own name, signed by the master: the names come from the pattern in order of
     first request, stay with their node, and the .sig fetched next verifies."""
-    from rackboot.initramfs.updater.formats import parse_plan
-    from rackboot.initramfs.updater.signature import Verifier
-    from rackboot.master import plans, signing
-
     key = tmp_path / "master.key"
     signing.keygen(key)
     cfg = make_cfg(tmp_path, hostname="worker-{index:02d}", key=str(key))
@@ -407,6 +417,7 @@ def test_a_hostname_pattern_names_nodes_that_follow_the_default_plan(tmp_path):
             Verifier(str(signing.public_key_path(key))).check(f"/plans/{mac}.json", data, sig)  # raises if not
             plan = parse_plan(data)
             assert plan.node == mac and got.setdefault(mac, plan.hostname) == plan.hostname
+            assert plan.default and plan.serial == 1  # the default plan still: its serial is the default's
         assert got == {"52-54-00-00-00-0b": "worker-01", "52-54-00-00-00-0a": "worker-02"}
         default = parse_plan((cfg.master.directory / "plans" / "default.json").read_bytes())
         assert default.hostname is None and default.node == "default"  # the file itself is unchanged

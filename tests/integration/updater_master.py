@@ -205,9 +205,18 @@ def write_plan(
     mount: str = "ro+overlay:tmpfs",
     pin: bool = False,
     tries: int = 3,
+    serial: int | None = None,
+    for_node: str | None = None,
 ) -> Plan:
+    """plans/<node>.json, for ``for_node`` (default: ``node``, whose file it is)."""
     plan = Plan(
-        node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount, pin=pin, tries=tries
+        node=for_node or node,
+        layout=layout(parts, repartition),
+        image=manifest_path,
+        mount=mount,
+        pin=pin,
+        tries=tries,
+        serial=serial,
     )
     (root / "plans").mkdir(parents=True, exist_ok=True)
     (root / "plans" / f"{node}.json").write_bytes(formats.dump(plan))
