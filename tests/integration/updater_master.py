@@ -206,11 +206,10 @@ def write_plan(
     pin: bool = False,
     tries: int = 3,
     serial: int | None = None,
-    for_node: str | None = None,
 ) -> Plan:
-    """plans/<node>.json, for ``for_node`` (default: ``node``, whose file it is)."""
+    """plans/<node>.json, a plan for that node (or the default plan)."""
     plan = Plan(
-        node=for_node or node,
+        node=node,
         layout=layout(parts, repartition),
         image=manifest_path,
         mount=mount,
