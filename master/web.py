@@ -102,9 +102,10 @@ class Fleet:
     def named_default(self, node: str, default: Path, suffix: str) -> Reply | None:
         """With a [master] hostname pattern, the default plan as ``node``'s own, carrying the
         name the pattern gives it (hostnames.assign: kept, never reused), signed here with the
-        master key: a node that follows the default plan is named too. Marked ``default``: its
-        serial is the default plan's, and the worker takes it as the default plan. Deterministic (Ed25519
-        signatures are), so the .sig fetched next matches. None: serve the file as it is."""
+        master key: a node that follows the default plan is named too. Marked ``default``, since
+        it carries the default plan's serial and the worker takes it as the default plan.
+        Deterministic (Ed25519 signatures are), so the .sig fetched next matches. None: serve
+        the file as it is."""
         cfg = self.config
         if cfg is None or not cfg.master.hostname or not _is_node(node) or default.name != f"default{suffix}":
             return None

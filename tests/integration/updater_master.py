@@ -205,7 +205,6 @@ def write_plan(
     mount: str = "ro+overlay:tmpfs",
     pin: bool = False,
     tries: int = 3,
-    serial: int | None = None,
 ) -> Plan:
     """plans/<node>.json, a plan for that node (or the default plan)."""
     plan = Plan(
@@ -215,7 +214,6 @@ def write_plan(
         mount=mount,
         pin=pin,
         tries=tries,
-        serial=serial,
     )
     (root / "plans").mkdir(parents=True, exist_ok=True)
     (root / "plans" / f"{node}.json").write_bytes(formats.dump(plan))
