@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rackboot.errors import RackbootError
-from rackboot.files import atomic_write_bytes
+from rackboot.files import atomic_write_bytes, remove
 from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.errors import UpdaterError
 
-from . import plans, publish
+from . import hostnames, plans, publish
 from .inventory import Inventory, Node
 from .status import ago, is_stale
 
@@ -265,7 +266,7 @@ def _undone_on_failure(master: Path) -> Iterator[list[_Written]]:
     except BaseException:
         for w in reversed(written):
             try:
-                _restore(master, w.node, w.previous, w.previous_sig)
+                _put_back(master, w.node, w.previous, w.previous_sig)
             except (OSError, RackbootError):
                 pass  # the error on its way out says what went wrong first
         raise
@@ -317,8 +318,10 @@ def _assign_wave(
     return nodes
 
 
-def _restore(master: Path, node: str, previous: bytes | None, previous_sig: bytes | None) -> None:
-    """Give a node back the plan it had before the rollout (none: the default plan again)."""
+def _put_back(master: Path, node: str, previous: bytes | None, previous_sig: bytes | None) -> None:
+    """Undo a wave's write that failed before it was committed: the plan's exact bytes as
+    they were (none: no plan of its own). The window is one transaction; a worker that asked
+    in it holds the newer serial and refuses the old plan until its next one is written."""
     directory = master / "plans"
     own, sig = directory / f"{node}.json", directory / f"{node}.json.sig"
     if previous is None:  # (files only: whatever else is there is no plan of ours)
@@ -330,6 +333,28 @@ def _restore(master: Path, node: str, previous: bytes | None, previous_sig: byte
     else:
         sig.unlink(missing_ok=True)
     atomic_write_bytes(own, previous)
+
+
+def _restore(cfg: Config, node: str, previous: bytes | None) -> None:
+    """Give a node back the plan it had before the rollout, written anew (write_plan): a fresh
+    serial and signature, since a worker refuses a plan older than the rollout's as a replay.
+    A node that had none followed the default plan: it gets the default plan's content as its
+    own (a worker that took a plan of its own refuses the default one); with no default plan
+    either, its plan is removed and the worker boots what it has."""
+    master = cfg.master.directory
+    directory = master / "plans"
+    try:
+        if previous is not None:
+            plan = replace(formats.parse_plan(previous), node=node, default=False)
+        else:
+            default = formats.parse_plan((directory / f"{plans.DEFAULT}.json").read_bytes())
+            hostname = hostnames.assign(master, node, hostname=None, pattern=cfg.master.hostname)
+            plan = replace(default, node=node, hostname=hostname)
+    except (OSError, UpdaterError):  # no default plan (or none readable): nothing to give back
+        remove(directory / f"{node}.json")
+        remove(directory / f"{node}.json.sig")
+        return
+    plans.write_plan(master, node, plan, key=cfg.master.key)
 
 
 def advance(
@@ -404,7 +429,7 @@ def _advance(cfg: Config, inventory: Inventory, now: float) -> tuple[Progress | 
                                 "its previous plan is back"
                             ),
                         )
-                        _restore(master, m["node"], m["previous_plan"], m["previous_sig"])
+                        _restore(cfg, m["node"], m["previous_plan"])
                     if state != ASSIGNED:
                         db.execute(
                             "UPDATE rollout_nodes SET state = ?, reason = ? WHERE rollout = ? AND node = ?",
@@ -418,7 +443,7 @@ def _advance(cfg: Config, inventory: Inventory, now: float) -> tuple[Progress | 
             if len(failed) > row["max_failed"]:
                 for m in members:  # the wave's nodes that got the plan and did not confirm go back
                     if judged[m["node"]] in (ASSIGNED, FAILED):
-                        _restore(master, m["node"], m["previous_plan"], m["previous_sig"])
+                        _restore(cfg, m["node"], m["previous_plan"])
                 why = "; ".join(f"{n}: {r}" for n, r in failed)
                 message = (
                     f"halted in wave {wave + 1}: {len(failed)} failed (more than {row['max_failed']}): {why}; "

@@ -133,10 +133,12 @@ class Fleet:
     def named_default(self, node: str, default: Path, suffix: str, *, spend: bool = True) -> Reply | None:
         """With a [master] hostname pattern, the default plan as ``node``'s own, carrying the
         name the pattern gives it (hostnames.assign: kept, never reused), signed here with the
-        master key: a node that follows the default plan is named too. Deterministic (Ed25519
-        signatures are), so the .sig fetched next matches. None: serve the file as it is.
-        Only an adopted node (one that reported) spends an index, and only when ``spend``
-        (not for a HEAD); another gets the name it has, or a {mac} pattern's, else none yet."""
+        master key: a node that follows the default plan is named too. Marked ``default``, since
+        it carries the default plan's serial and the worker takes it as the default plan.
+        Deterministic (Ed25519 signatures are), so the .sig fetched next matches. None: serve
+        the file as it is. Only an adopted node (one that reported) spends an index, and only
+        when ``spend`` (not for a HEAD); another gets the name it has, or a {mac} pattern's,
+        else none yet."""
         cfg = self.config
         if cfg is None or not cfg.master.hostname or not _is_node(node) or default.name != f"default{suffix}":
             return None
@@ -149,7 +151,7 @@ class Fleet:
                 name = hostnames.peek(self.master, node, pattern=cfg.master.hostname)
             if name is None:
                 return None  # not adopted yet: the default plan as it is, the name comes with its next one
-            data = formats.dump(replace(plan, node=node, hostname=name))
+            data = formats.dump(replace(plan, node=node, hostname=name, default=True))  # the default's serial
             if suffix == ".json.sig":
                 if not cfg.master.key:
                     return None

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from . import delta, hooks, install, layout, node
+from . import binding, delta, hooks, install, layout, node
 from . import report as reports
 from . import rsync as rsync_mode
 from . import state as slot_state
@@ -254,15 +254,21 @@ class _Update:
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             with expected(), self.step("plan"):
-                plan = self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+                plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+                record = binding.plan_record(plan, self.identity.node, self.state.plan)  # this node's, and no replay
         except Refused as e:
             return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
             return self.fall_back(Action.OFFLINE, e)
+        self.plan = plan  # only now: a refused plan's mount, hostname or layout is never used
         signed = "signature verified" if self.verifier.required else "unsigned: this card has no master key"
-        self.log(f"plan for {plan.node}: image {plan.image or '(keep)'} ({signed})")
+        serial = f", serial {plan.serial}" if plan.serial is not None else ""
+        self.log(f"plan for {plan.node} ({plan.kind} plan{serial}): image {plan.image or '(keep)'} ({signed})")
         try:
             with expected():
+                if record is not None and record != self.state.plan:
+                    with self.step("plan"):  # acted on from here: a lower serial is a replay from now on
+                        self.commit(replace(self.state, plan=record))
                 with self.step("layout"):
                     table = self.check_layout(plan, layout_check)
                 table = update_boot_files(self, table)  # never fails the boot: the old boot area still boots
@@ -312,7 +318,8 @@ class _Update:
                 slots[name] = Slot()
         if slots != dict(self.state.slots):
             self.commit(
-                SlotState(
+                replace(
+                    self.state,
                     slots=slots,
                     primary=_bootable(slots, self.state.primary),
                     last_good=_good(slots, self.state.last_good),
@@ -329,6 +336,7 @@ class _Update:
                     raise UpdaterError("plan: assigns no image and no slot on the card is good")
                 return self.decision(current, Action.UP_TO_DATE)
             manifest = self.signed_doc(plan.image, parse_manifest)
+            binding.check_manifest(plan.image, manifest)  # the version asked for: the replay rule judges it
             self.refuse_replay(plan, manifest)
             for name, slot in sorted(self.state.slots.items()):
                 if slot.state == "failed" and (slot.image, slot.sha256) == (manifest.image, manifest.sha256):

@@ -12,6 +12,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,10 @@ from rackboot import cli, config, demo
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
-from rackboot.initramfs.updater.formats import Phase, Report
+from rackboot.initramfs.updater.formats import Phase, Report, parse_plan
 from rackboot.initramfs.updater.main import Identity, run
-from rackboot.master import inventory, rollout, serve
+from rackboot.initramfs.updater.signature import Verifier
+from rackboot.master import inventory, plans, rollout, serve, signing
 from rackboot.master.inventory import MIGRATIONS, SCHEMA, Inventory
 
 from tests.helpers import write_config
@@ -345,18 +347,21 @@ def test_a_rollout_moves_on_wave_by_wave_as_nodes_confirm_and_survives_a_restart
 
 
 def test_a_rollout_halts_when_a_wave_fails_and_the_rest_keep_their_version(tmp_path, capsys):
-    cfg = make_cfg(tmp_path)
+    key = tmp_path / "master.key"
+    signing.keygen(key)
+    cfg = make_cfg(tmp_path, key=str(key))
     m = Master(cfg)
     try:
         rack(m)
-        own = m.root / "plans" / f"{NODES[0]}.json"
-        own.write_text((m.root / "plans" / "default.json").read_text())  # it had a plan of its own
-        before = own.read_bytes()
+        own = plans.assign(cfg, node=NODES[0], image="example", version=1)  # it had a plan of its own
+        before = parse_plan(own.read_bytes())
         assert (
-            cli.main(["rollout", "-c", str(cfg.path), "--image", "example", "--version", "2", "--waves", "1,rest"]) == 0
+            cli.main(["rollout", "-c", str(cfg.path), "--image", "example", "--version", "2", "--waves", "2,rest"]) == 0
         )
         assert "wave 1 of 2" in capsys.readouterr().out
-        assert plan_version(m, NODES[0]) == 2
+        assert plan_version(m, NODES[0]) == plan_version(m, NODES[1]) == 2
+        rolled = {n: parse_plan((m.root / "plans" / f"{n}.json").read_bytes()).serial for n in NODES[:2]}
+        assert rolled == {NODES[0]: 2, NODES[1]: 1}  # each node's own sequence
         with pytest.raises(RackbootError, match="still running"):
             rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="rest", max_failed=0)
         never = "slot b (example v2) never confirmed itself; back to slot a"
@@ -365,8 +370,17 @@ def test_a_rollout_halts_when_a_wave_fails_and_the_rest_keep_their_version(tmp_p
         assert m.report(node=NODES[0], phase="boot", slot="a", version=1, error=never, time=1700000003.0) == 204
         [halted] = m.json("/api/rollouts")["rollouts"]
         assert halted["state"] == "halted" and NODES[0] in halted["message"] and "never confirmed" in halted["message"]
-        assert own.read_bytes() == before  # its own plan back
-        assert [plan_version(m, n) for n in NODES[1:]] == [None, None, None]
+        # its own plan back, written anew: a fresh serial (a worker refuses a lower one) and signature
+        restored = own.read_bytes()
+        assert parse_plan(restored) == replace(before, serial=3)
+        Verifier(str(signing.public_key_path(key))).check(
+            "plan", restored, own.with_name(own.name + ".sig").read_bytes()
+        )
+        # the node that followed the default plan gets its content as its own (a worker that took
+        # a plan of its own refuses the default one), with its next serial
+        followed = parse_plan((m.root / "plans" / f"{NODES[1]}.json").read_bytes())
+        assert (followed.node, followed.image, followed.serial) == (NODES[1], "/images/example/1/manifest.json", 2)
+        assert [plan_version(m, n) for n in NODES[2:]] == [None, None]
         assert plan_version(m, "default") == 1
         assert cli.main(["rollout", "-c", str(cfg.path), "--status"]) == 1
         assert "halted in wave 1" in capsys.readouterr().out
@@ -443,6 +457,7 @@ def test_a_hostname_pattern_names_nodes_that_follow_the_default_plan_once_they_r
         for mac in (b, a, b):
             plan = fetch(mac)
             assert plan.node == mac and got.setdefault(mac, plan.hostname) == plan.hostname
+            assert plan.default and plan.serial == 1  # the default plan still: its serial is the default's
         assert got == {b: "worker-01", a: "worker-02"}
         default = parse_plan((cfg.master.directory / "plans" / "default.json").read_bytes())
         assert default.hostname is None and default.node == "default"  # the file itself is unchanged
@@ -664,7 +679,9 @@ def test_a_node_that_never_confirms_fails_at_the_wave_timeout_and_gets_its_previ
             "state": "failed",
             "reason": "not confirmed within the wave timeout (600 s); its previous plan is back",
         }
-        assert own.read_bytes() == before and plan_version(m, NODES[2]) == 2
+        restored, old = parse_plan(own.read_bytes()), parse_plan(before)
+        assert restored.image == old.image and plan_version(m, NODES[2]) == 2  # v1's plan again, anew:
+        assert restored.serial is not None and restored.serial > (old.serial or 0)  # no worker takes it as a replay
         assert "wave timeout 600 s" in progress.text()
     finally:
         m.stop()
@@ -688,7 +705,9 @@ def test_serve_ends_a_silent_wave_at_its_timeout_by_itself(tmp_path):
                 break
             threading.Event().wait(0.05)
         assert ro["state"] == "halted" and "wave timeout" in ro["message"]
-        assert ro["nodes"][NODES[1]]["state"] == "failed" and plan_version(m, NODES[1]) is None
+        # it followed the default plan (v1): it gets that back as its own, since a worker that
+        # took a plan of its own refuses the default one
+        assert ro["nodes"][NODES[1]]["state"] == "failed" and plan_version(m, NODES[1]) == 1
         assert plan_version(m, NODES[0]) == 2  # confirmed: it keeps it
     finally:
         m.stop()

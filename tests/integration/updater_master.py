@@ -244,8 +244,14 @@ def write_plan(
     pin: bool = False,
     tries: int = 3,
 ) -> Plan:
+    """plans/<node>.json, a plan for that node (or the default plan)."""
     plan = Plan(
-        node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount, pin=pin, tries=tries
+        node=node,
+        layout=layout(parts, repartition),
+        image=manifest_path,
+        mount=mount,
+        pin=pin,
+        tries=tries,
     )
     (root / "plans").mkdir(parents=True, exist_ok=True)
     (root / "plans" / f"{node}.json").write_bytes(formats.dump(plan))
