@@ -237,10 +237,9 @@ class _Update:
         if self.identity is None:  # no plan to ask for: what the card holds boots
             return self.fall_back(Action.OFFLINE, NoIdentity("identity: no network interface with a MAC address"))
         try:
-            with self.step("keys"):
-                self.follow_keys()
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             with self.step("plan"):
+                self.follow_keys()  # the master's newer keys first: the plan may be signed by one
                 plan = self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
         except Refused as e:
             return self.fall_back(Action.REFUSED, e)
@@ -280,7 +279,7 @@ class _Update:
             keyring.write(self.disk, key)
         except UpdaterError as e:
             self.log(f"key record: {e}")
-            self.report(Phase.ERROR, error=f"keys: key record: {e}")
+            self.report(Phase.ERROR, error=f"plan: key record: {e}")
 
     def get_if_there(self, path: str) -> bytes | None:
         """A document's bytes, None when the master has none."""

@@ -166,9 +166,9 @@ def test_a_chain_with_a_gap_stops_before_it_and_the_newer_key_is_refused(rack):
 @pytest.mark.parametrize(
     "spoil, message",
     [
-        ("tamper", "keys: /keys/1.json: signature does not verify with master key 0"),
-        ("other-key", "keys: /keys/1.json: signature does not verify with master key 0"),
-        ("unsigned", "keys: /keys/1.json: no signature"),
+        ("tamper", "plan: /keys/1.json: signature does not verify with master key 0"),
+        ("other-key", "plan: /keys/1.json: signature does not verify with master key 0"),
+        ("unsigned", "plan: /keys/1.json: no signature"),
     ],
 )
 def test_a_link_with_a_bad_signature_is_refused(rack, keys, spoil, message):
@@ -196,7 +196,7 @@ def test_a_link_that_retires_another_key_is_refused(rack, keys):
     release(rack.root, 2, rack.key)
     decision, _ = rack.boot()
     other = rack.key_of(keys["other"]).fingerprint[:16]
-    refused_on_v1(rack, decision, f"keys: /keys/1.json: retires key sha256 {other}, not master key 0")
+    refused_on_v1(rack, decision, f"plan: /keys/1.json: retires key sha256 {other}, not master key 0")
     assert rack.kept() is None
 
 
@@ -206,7 +206,7 @@ def test_a_link_whose_number_does_not_follow_is_refused(rack):
     rack.link(1, signer=rack.retired(0), n=2)
     release(rack.root, 2, rack.key)
     decision, _ = rack.boot()
-    refused_on_v1(rack, decision, "keys: /keys/1.json: names key 2, where key 1 follows key 0")
+    refused_on_v1(rack, decision, "plan: /keys/1.json: names key 2, where key 1 follows key 0")
 
 
 @pytest.mark.parametrize("replay", [False, True])
@@ -220,14 +220,14 @@ def test_a_key_that_goes_back_is_refused(rack, replay):
     if replay:  # the first link again, where the third belongs
         for suffix in ("", ".sig"):
             shutil.copy(keys / f"1.json{suffix}", keys / f"3.json{suffix}")
-        message = "keys: /keys/3.json: signature does not verify with master key 2"
+        message = "plan: /keys/3.json: signature does not verify with master key 2"
     else:  # signed by key 2 itself, naming key 1
         doc = {"n": 1, "key": formats.encode_key(rack.key_of(rack.retired(1)).raw)}
         (keys / "3.json").write_bytes(formats.dump(KeyLink(retires=rack.kept().master_key.fingerprint, **doc)))
         sign(rack.root, "/keys/3.json", rack.key)
-        message = "keys: /keys/3.json: names key 1, not newer than key 2 this card holds: a key never goes back"
+        message = "plan: /keys/3.json: names key 1, not newer than key 2 this card holds: a key never goes back"
     decision, _ = rack.boot()
-    assert (decision.action, decision.version) == ("refused", 1) and rack.errors() == [f"keys: {decision.error}"]
+    assert (decision.action, decision.version) == ("refused", 1) and rack.errors() == [f"plan: {decision.error}"]
     assert message in rack.errors()[0]
     assert rack.kept().n == 2 and (rack.root / PLAN.lstrip("/")).read_bytes() == plan
 
