@@ -196,7 +196,7 @@ def trusted(disk: Disk, built_in: Verifier, log: Callable[[str], None]) -> Verif
 @dataclass(frozen=True)
 class Followed:
     verifier: Verifier  # of the newest key taken (the one followed from, when no link was taken)
-    refused: Refused | None = None  # the link that was refused, after the ones taken before it
+    stopped: UpdaterError | None = None  # why the walk ended early (Refused: a link refused), after the keys taken
 
 
 def follow(
@@ -205,13 +205,14 @@ def follow(
     """Take the master's links from ``verifier``'s key on, one key at a time. ``get(path)``:
     a document's bytes, None when the master has none (404); other failures raise
     UpdaterError. A link that is missing its signature, does not verify with the key it
-    follows, names another number than the next, or retires another key ends the walk:
-    the keys taken before it stand, the refusal comes back with them."""
+    follows, names another number than the next, or retires another key ends the walk
+    (Refused), and so does a master that stops answering: the keys taken before stand,
+    the error comes back with them."""
     current = verifier
     for _ in range(limit):
         try:
             taken = step(get, current)
-        except Refused as e:
+        except UpdaterError as e:
             return Followed(current, e)
         if taken is None:
             break

@@ -259,15 +259,16 @@ class _Update:
 
     def follow_keys(self) -> None:
         """Take the master's newer keys before anything they signed (keyring.follow), keep the
-        newest on the card; a refused link is refused after the keys taken before it are kept."""
+        newest on the card; a refused link (or a master gone quiet) ends the boot's update
+        after the keys taken before it are kept."""
         if not self.verifier.required:
             return
         followed = keyring.follow(self.get_if_there, self.verifier, self.log)
         if followed.verifier is not self.verifier:
             self.verifier = followed.verifier
             self.keep_key()
-        if followed.refused:
-            raise followed.refused
+        if followed.stopped:
+            raise followed.stopped
 
     def keep_key(self) -> None:
         """The key record on the card. A failed write costs nothing but the next boot's walk

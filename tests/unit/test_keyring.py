@@ -251,3 +251,57 @@ def test_a_key_file_that_does_not_read_refuses_every_check(tmp_path):
     assert verifier.required and verifier.key is None
     with pytest.raises(UpdaterError, match=r"^/plans/x.json: cannot check the signature: master key .* not an Ed25519"):
         verifier.check("/plans/x.json", b"{}", bytes(64))
+
+
+# --- the walk ------------------------------------------------------------------------------
+
+
+def golden_chain() -> dict[str, bytes]:
+    """keys/1.json (the golden sample, signed by key 0) and keys/2.json (signed by key 1)."""
+    from rackboot.master import signing
+
+    from tests.data import make_golden_keys as golden
+
+    second = formats.KeyLink(
+        n=2,
+        key=formats.encode_key(golden.key(golden.KEY2).raw),
+        retires=golden.key(golden.KEY1).fingerprint,
+        created=golden.CREATED,
+    )
+    link2 = formats.dump(second)
+    first = (golden.HERE / "keychain.format1.rev1.json").read_bytes()
+    return {
+        "/keys/1.json": first,
+        "/keys/1.json.sig": signing.sign(golden.KEY0, first),
+        "/keys/2.json": link2,
+        "/keys/2.json.sig": signing.sign(golden.KEY1, link2),
+    }
+
+
+def test_the_walk_takes_every_link_and_ends_at_the_first_missing_one():
+    from tests.data import make_golden_keys as golden
+
+    lines: list[str] = []
+    start = Verifier(str(golden.KEYS / "test-master.key.pub"))
+    followed = keyring.follow(golden_chain().get, start, lines.append)
+    assert followed.stopped is None and followed.verifier.key == golden.key(golden.KEY2)
+    assert [line.split(" from ")[1] for line in lines] == [
+        "/keys/1.json: signed by key 0, which it retires",
+        "/keys/2.json: signed by key 1, which it retires",
+    ]
+    assert keyring.follow(golden_chain().get, start, lines.append, limit=1).verifier.key.n == 1  # the next boot goes on
+
+
+def test_a_master_that_stops_answering_mid_walk_keeps_the_keys_taken():
+    from tests.data import make_golden_keys as golden
+
+    chain = golden_chain()
+
+    def get(path: str) -> bytes | None:
+        if path.startswith("/keys/2"):
+            raise UpdaterError("master http://10.0.2.2:8080: GET /keys/2.json: timed out (after 4 attempts)")
+        return chain.get(path)
+
+    followed = keyring.follow(get, Verifier(str(golden.KEYS / "test-master.key.pub")), lambda line: None)
+    assert followed.verifier.key == golden.key(golden.KEY1)
+    assert type(followed.stopped) is UpdaterError and "timed out" in str(followed.stopped)
