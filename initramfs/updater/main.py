@@ -279,8 +279,8 @@ class _Update:
         try:
             keyring.write(self.disk, key)
         except UpdaterError as e:
-            self.log(f"key record: {e}")
-            self.report(Phase.ERROR, error=f"plan: key record: {e}")
+            self.log(f"key record not written: {e}; the next boot follows the chain again")
+            self.report(Phase.ERROR, error=f"plan: key record not written: {e}")
 
     def get_if_there(self, path: str) -> bytes | None:
         """A document's bytes, None when the master has none."""

@@ -13,6 +13,7 @@ import threading
 import pytest
 from rackboot.initramfs.updater import formats, keyring
 from rackboot.initramfs.updater.disk import Disk
+from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import KeyLink
 from rackboot.initramfs.updater.main import Identity, run
@@ -267,6 +268,40 @@ def test_a_torn_newest_copy_leaves_the_older_key_and_the_chain_takes_it_forward(
     assert decision.action == "up-to-date" and log[0].startswith("master key 1 ") and "kept on the card" in log[0]
     assert any(line.startswith("master key 2 ") and "from /keys/2.json" in line for line in log)
     assert (rack.kept().n, rack.kept().seq) == (2, 2)  # over the torn copy, after seq 1
+
+
+class KeyRecordWritesFail(Disk):
+    """A card whose key-record sectors went bad: reads work, writes there fail (a fault a
+    file-backed card cannot have otherwise)."""
+
+    def write(self, offset: int, data) -> None:
+        if offset in keyring.COPIES:
+            raise UpdaterError(f"disk {self.path}: write at {offset}: Input/output error")
+        super().write(offset, data)
+
+
+def test_a_key_record_that_cannot_be_written_still_lets_the_new_key_verify_this_boot(rack):
+    installed_v1(rack)
+    rack.rotate()
+    release(rack.root, 2, rack.key)
+    lines: list[str] = []
+    master = MasterClient(rack.url, connect_timeout=1.0, read_timeout=5.0, retries=1, backoff=0.01)
+    decision = run(
+        rack.card,
+        rack.url,
+        Identity(MAC),
+        master=master,
+        log=lines.append,
+        verifier=rack.verifier(),
+        open_disk=KeyRecordWritesFail,
+    )
+    assert (decision.action, decision.version) == ("installed", 2) and rack.kept() is None
+    assert any(line.startswith("key record not written: disk") for line in lines)
+    assert [e for e in rack.errors() if "key record" in e] == [
+        f"plan: key record not written: disk {rack.card}: write at {keyring.COPIES[0]}: Input/output error"
+    ]
+    decision, log = rack.boot()  # the next boot takes the link again, and keeps it
+    assert decision.action == "up-to-date" and rack.kept().n == 1 and "master key 1: keeping it on the card" in log
 
 
 def test_an_unsigned_rack_asks_for_no_keys(rack):
