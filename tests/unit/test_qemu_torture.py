@@ -7,9 +7,10 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from rackboot.initramfs.updater import layout, mbr, state
+from rackboot.initramfs.updater import keyring, layout, mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import Slot, SlotState
+from rackboot.initramfs.updater.signature import MasterKey
 from rackboot.qemu import torture
 
 SLOT_A = 8 << 20  # partition 2 starts here on the test card
@@ -50,6 +51,7 @@ def test_the_cut_lands_after_the_last_marker_printed():
     assert torture.landed(delta) == "stream"  # the index, before the build: still the stream's phase
     assert torture.landed(["U-Boot 2023.01"]) == "boot"
     assert torture.landed(console[:1] + ["rackboot: boot files: writing build 0123 into boot area b"]) == "boot-files"
+    assert torture.landed(["rackboot: master key 3: keeping it on the card"]) == "key-chain"
 
 
 @pytest.fixture
@@ -137,3 +139,18 @@ def test_rsync_filled_follows_the_last_install_into_each_slot():
     ]
     assert torture.rsync_filled(console, frozenset({"a"})) == {"b"}  # a: refilled by a delta since
     assert torture.rsync_filled(console[2:], frozenset({"b"})) == {"b"}  # b untouched: still rsync's
+
+
+def test_check_key_record_wants_the_masters_newest_key_on_the_card(tmp_path):
+    path = tmp_path / "card"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    first, second = (MasterKey(n, bytes([n]) * 32) for n in (1, 2))
+    assert torture.check_key_record(path, MasterKey(0, bytes(32))) is None  # never rotated: no record
+    verdict = torture.check_key_record(path, first)
+    assert verdict is not None and "the card keeps no key, not the master's master key 1" in verdict.detail
+    with Disk(str(path)) as d:
+        keyring.write(d, first)
+    assert torture.check_key_record(path, first) is None
+    verdict = torture.check_key_record(path, second)
+    assert verdict is not None and not verdict.survived and "keeps key 1 (sha256" in verdict.detail
