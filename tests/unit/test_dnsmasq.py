@@ -103,3 +103,16 @@ def test_hosts_name_the_nodes_named_while_following_the_default_plan(tmp_path):
     (tmp_path / "plans" / "52-54-00-00-00-01.json").write_text("{}")
     hostnames.assign(tmp_path, "52-54-00-00-00-02", hostname=None, pattern="worker-{index:02d}")  # no plan file
     assert dnsmasq.render_hosts(tmp_path) == "52:54:00:00:00:01,52-54-00-00-00-01\n52:54:00:00:00:02,worker-01\n"
+
+
+def test_the_pid_file_reads_back_what_serve_writes_and_nothing_else(tmp_path):
+    dnsmasq.write_pids(tmp_path, 4242, 77)
+    assert (tmp_path / dnsmasq.PID).read_text() == "4242 77\n"  # "<dnsmasq pid> <serve pid>"
+    assert dnsmasq.read_pids(tmp_path) == (4242, 77)
+    for text in ("4242\n", "4242 77 5\n", "x 77\n", "\u0664\u0662 77\n", "\u00b2 77\n", ""):
+        (tmp_path / dnsmasq.PID).write_text(text)
+        assert dnsmasq.read_pids(tmp_path) is None, text  # not ours to act on
+    (tmp_path / dnsmasq.PID).write_bytes(b"\xff 1\n")
+    assert dnsmasq.read_pids(tmp_path) is None
+    (tmp_path / dnsmasq.PID).unlink()
+    assert dnsmasq.read_pids(tmp_path) is None
