@@ -294,6 +294,8 @@ class _Update:
             self.report(Phase.ERROR, error=f"confirm: {e}")
         if self.identity is None:  # no plan to ask for: what the card holds boots
             return self.fall_back(Action.OFFLINE, NoIdentity("identity: no network interface with a MAC address"))
+        if self.state.plan is None:  # first contact: the master files (adopts, names) a node on a report,
+            self.report(Phase.PLAN)  # so one before the first plan request makes its first plan like the next
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             with expected(), self.step("plan"):
