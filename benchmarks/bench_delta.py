@@ -171,7 +171,7 @@ def update(card: Path, master: Path, logs: list[str]) -> tuple[formats.Action, i
 
 def assign(master: Path, version: int) -> None:
     path = formats.manifest_path("bench", version)
-    plans.write_plan(master, "default", Plan(node="bench", layout=Layout.from_dict(LAYOUT), image=path))
+    plans.write_plan(master, "default", Plan(node="default", layout=Layout.from_dict(LAYOUT), image=path))
 
 
 def without_index(master: Path, version: int) -> None:

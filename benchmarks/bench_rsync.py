@@ -163,7 +163,7 @@ def rsync_row(s: Any, layout: dict[str, Any], row: Callable[..., Any]) -> Any:
     daemon.start()
     try:
         plan = Plan(
-            node="bench",
+            node="default",
             layout=Layout.from_dict(layout),
             image=formats.manifest_path("bench", 2),
             method=Method.RSYNC,

@@ -97,7 +97,7 @@ def bench() -> dict:
             payload_tree(tmp / "tree"), master, image="bench", version=1, size_mib=IMAGE_MIB
         )
         manifest_path = "/images/bench/1/manifest.json"
-        plans.write_plan(master, "default", Plan(node="bench", layout=Layout.from_dict(LAYOUT), image=manifest_path))
+        plans.write_plan(master, "default", Plan(node="default", layout=Layout.from_dict(LAYOUT), image=manifest_path))
         stream_url_path = f"/images/bench/1/{manifest.stream}"
         server = serve.make_server(master, "127.0.0.1", 0, quiet=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()

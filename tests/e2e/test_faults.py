@@ -163,4 +163,5 @@ def test_a_card_whose_state_sectors_fail_writes_keeps_booting_its_good_slot(card
     assert "installing example v2" not in console and "Traceback" not in console
     assert slots(disk) == before  # not a byte of state changed: old state, never a torn one
     errors = [r["error"] for r in reports if r["phase"] == "error"]
-    assert [e.split(":")[0] for e in errors] == ["confirm", "download"]  # one line each, in order
+    # one line each, in order: the first state write after the confirmation's is the plan's record
+    assert [e.split(":")[0] for e in errors] == ["confirm", "plan"]
