@@ -14,7 +14,9 @@ step; a newer one is refused. A new file takes in the reports an older master ke
 
 Reports are checked before they count: a replay (the same report again) is ignored and an
 out-of-order one (older, by the worker's clock, than the last one taken from that node
-within REORDER_WINDOW) goes into the history but changes nothing; both are logged.
+within REORDER_WINDOW) goes into the history but changes nothing; both are logged. Once a
+node's key is pinned (adoption; master/nodekeys.py), a report of that node that is unsigned
+or signed by another key is refused: kept in the history marked so, never counted.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Phase, Report
 
+from . import nodekeys
+from .nodekeys import Auth
+
 FILE = ".inventory.db"
-SCHEMA = 3
+SCHEMA = 4
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (a rack reporting at once queues here)
 CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
 REORDER_WINDOW = 3600.0  # further back than this is a clock that was reset, not a late report
@@ -97,6 +102,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN label TEXT NOT NULL DEFAULT '';
     CREATE INDEX reports_replay ON reports (node, time);
     """,
+    # 4: node keys: the one pinned at adoption, the one a node presents beside it; each report's
+    # key, whether it verified against the pinned key, and why it was refused
+    """
+    ALTER TABLE nodes ADD COLUMN pubkey TEXT;
+    ALTER TABLE nodes ADD COLUMN pubkey_candidate TEXT;
+    ALTER TABLE nodes ADD COLUMN pubkey_pinned_at REAL;
+    ALTER TABLE reports ADD COLUMN pubkey TEXT;
+    ALTER TABLE reports ADD COLUMN signed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE reports ADD COLUMN refused TEXT;
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA
 
@@ -136,7 +151,18 @@ class Node:
     install_seconds: float | None = None
     installing: bool = False
     last_time: float = 0.0
+    pubkey: str | None = None  # the key pinned at adoption (base64 of the raw 32 bytes)
+    pubkey_candidate: str | None = None  # a key it presented (and signed with) that is not pinned
+    pubkey_pinned_at: float | None = None
     slots: dict[str, SlotInfo] = field(default_factory=dict)
+
+    @property
+    def key_state(self) -> str:
+        """pinned; mismatch (it presents another key: a new card); candidate (presented, not
+        pinned yet: manual adoption); none (never presented one: an older initramfs)."""
+        if self.pubkey is not None:
+            return "mismatch" if self.pubkey_candidate not in (None, self.pubkey) else "pinned"
+        return "candidate" if self.pubkey_candidate is not None else "none"
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _NODE_COLUMNS}
@@ -168,6 +194,9 @@ _NODE_COLUMNS = (
     "install_seconds",
     "installing",
     "last_time",
+    "pubkey",
+    "pubkey_candidate",
+    "pubkey_pinned_at",
 )
 
 
@@ -224,6 +253,21 @@ def apply(node: Node, report: Report, received: float) -> Node:
     return replace(node, slots=slots, **changes)
 
 
+def pin_key(node: Node, key: str, now: float) -> Node:
+    """``node`` with ``key`` pinned: from now on only reports it signs count. The one place a
+    key is pinned: adoption (rackboot adopt, or trust on first use in ingest)."""
+    return replace(node, pubkey=key, pubkey_candidate=None, pubkey_pinned_at=now)
+
+
+def with_key(node: Node, auth: Auth, now: float) -> Node:
+    """What a report's key does to the node: pinned, kept as a candidate, or nothing."""
+    if auth.pin is not None:
+        return pin_key(node, auth.pin, now)
+    if auth.candidate is not None and auth.candidate != node.pubkey:
+        return replace(node, pubkey_candidate=auth.candidate)
+    return node
+
+
 def parse_manifest_path(path: str | None) -> tuple[str | None, int | None]:
     """A plan's image path as (image, version); (None, None) for anything else."""
     match = _MANIFEST_RE.fullmatch(path or "")
@@ -237,18 +281,38 @@ def clean_serial(value: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class Ingested:
-    """What became of a report: taken (it changed the node), late (history only) or a replay."""
+    """What became of a report: taken (it changed the node), late (history only), a replay,
+    or refused (history only, marked so: its key or signature is not the node's)."""
 
-    outcome: str  # "taken", "late", "replay"
+    outcome: str  # "taken", "late", "replay", "refused"
     reason: str = ""
 
 
-class Inventory:
-    """The inventory of the master tree ``master``; one connection per thread."""
+@dataclass(frozen=True)
+class Adoption:
+    """What `rackboot adopt` did: the node, and one line about its key."""
 
-    def __init__(self, master: Path, *, log: Callable[[str], None] | None = None):
+    node: Node
+    said: str
+
+
+class Inventory:
+    """The inventory of the master tree ``master``; one connection per thread. ``trust_first_key``
+    ([master] adopt = "auto"): a node's first key is pinned when it presents it; else keys are
+    pinned by `rackboot adopt` only. ``verify`` checks a report's signature (openssl)."""
+
+    def __init__(
+        self,
+        master: Path,
+        *,
+        log: Callable[[str], None] | None = None,
+        trust_first_key: bool = True,
+        verify: nodekeys.Verify | None = None,
+    ):
         self.path = Path(master) / FILE
         self.log = log or (lambda _line: None)
+        self.trust_first_key = trust_first_key
+        self.verify: nodekeys.Verify = verify or nodekeys.Verifier()
         self._local = threading.local()
         self.hooks: list[Callable[[Inventory, str], object]] = []  # run after a report was taken
         if not Path(master).is_dir():
@@ -387,15 +451,30 @@ class Inventory:
         assert found is not None
         return found
 
-    def ingest(self, report: Report, *, received: float | None = None, ip: str | None = None) -> Ingested:
-        """Take one parsed report (its node id already checked) into the history and the node."""
+    def ingest(
+        self,
+        report: Report,
+        *,
+        received: float | None = None,
+        ip: str | None = None,
+        body: bytes | None = None,
+        signature: bytes | None = None,
+    ) -> Ingested:
+        """Take one parsed report (its node id already checked) into the history and the node.
+        ``body``: the exact bytes it came as (default: its canonical bytes), ``signature``: the
+        X-Rackboot-Signature over them. nodekeys.Busy or Unavailable when it cannot be checked."""
         received = time.time() if received is None else received
+        body = formats.dump(report) if body is None else body
+        pinned = self._pinned(report.node)  # judged outside the write lock: openssl takes milliseconds
+        auth = nodekeys.judge(report, body, signature, pinned, may_pin=self.trust_first_key, verify=self.verify)
         with self.write() as db:
             node = self._load(db, report.node)
+            if (node.pubkey if node else None) != pinned:  # re-adopted meanwhile: judged against another key
+                auth = Auth(refused=f"{report.node}'s key changed while its report was checked; not counted")
             if report.time >= CLOCK_SET:
                 same = db.execute(
                     "SELECT 1 FROM reports WHERE node = ? AND time = ? AND phase = ? AND slot IS ? AND version IS ?"
-                    " AND bytes = ? AND seconds = ? AND error IS ?",
+                    " AND bytes = ? AND seconds = ? AND error IS ? AND (refused IS NULL) = ?",
                     (
                         report.node,
                         report.time,
@@ -405,21 +484,25 @@ class Inventory:
                         report.bytes,
                         report.seconds,
                         report.error,
+                        int(auth.refused is None),
                     ),
                 ).fetchone()
+                if same and auth.refused is not None:
+                    return Ingested("refused", f"{auth.refused} (the same report was refused before)")
                 if same:
                     result = Ingested("replay", f"the same report from {report.node} at {report.time} came before")
                     self.log(f"inventory: report ignored: {result.reason}")
                     return result
             late = (
-                node is not None
+                auth.refused is None
+                and node is not None
                 and report.time >= CLOCK_SET
                 and node.last_time >= CLOCK_SET
                 and node.last_time - REORDER_WINDOW < report.time < node.last_time
             )
             db.execute(
                 "INSERT INTO reports (node, received, ip, time, phase, slot, version, bytes, seconds, error, output,"
-                " late) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " late, pubkey, signed, refused) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     report.node,
                     received,
@@ -433,9 +516,17 @@ class Inventory:
                     report.error,
                     report.output,
                     int(late),
+                    report.pubkey,
+                    int(auth.signed),
+                    auth.refused,
                 ),
             )
-            if late:
+            if auth.refused is not None or late:
+                if node is not None and with_key(node, auth, received) != node:
+                    self._store(db, with_key(node, auth, received), None)  # its key, not its state
+                if auth.refused is not None:
+                    self.log(f"inventory: report refused: {report.phase} from {report.node}: {auth.refused}")
+                    return Ingested("refused", auth.refused)
                 assert node is not None
                 reason = (
                     f"{report.phase} report from {report.node} is older ({report.time:.3f}) than the last one taken "
@@ -445,13 +536,19 @@ class Inventory:
                 return Ingested("late", reason)
             if node is None:  # reported without asking for a plan first (an older master's node)
                 node = Node(id=report.node, first_seen=received, last_seen=received)
-            self._store(db, apply(node, report, received), ip)
+            if auth.pin is not None:
+                self.log(f"inventory: {report.node}: key {nodekeys.fingerprint(auth.pin)} pinned (first use)")
+            self._store(db, apply(with_key(node, auth, received), report, received), ip)
         for hook in self.hooks:
             try:
                 hook(self, report.node)
             except Exception as e:  # a rollout step that fails must not lose the report or the master
                 self.log(f"inventory: after a report from {report.node}: {type(e).__name__}: {e}")
         return Ingested("taken")
+
+    def _pinned(self, node_id: str) -> str | None:
+        row = self.db.execute("SELECT pubkey FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        return row["pubkey"] if row is not None else None
 
     def _load(self, db: sqlite3.Connection, node_id: str) -> Node | None:
         row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
@@ -499,11 +596,16 @@ class Inventory:
             "SELECT * FROM (SELECT * FROM reports WHERE node = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
             (node_id, limit),
         ).fetchall()
-        return [{k: v for k, v in dict(r).items() if k not in ("id", "node")} | {"late": bool(r["late"])} for r in rows]
+        return [
+            {k: v for k, v in dict(r).items() if k not in ("id", "node")}
+            | {"late": bool(r["late"]), "signed": bool(r["signed"])}
+            for r in rows
+        ]
 
     def reports_after(self, node_id: str, after: float) -> list[sqlite3.Row]:
         return self.db.execute(
-            "SELECT * FROM reports WHERE node = ? AND received >= ? AND late = 0 ORDER BY id", (node_id, after)
+            "SELECT * FROM reports WHERE node = ? AND received >= ? AND late = 0 AND refused IS NULL ORDER BY id",
+            (node_id, after),
         ).fetchall()
 
     def count_reports(self) -> int:
@@ -512,21 +614,46 @@ class Inventory:
 
     # --- changing it --------------------------------------------------------------------------
 
-    def adopt(self, node_id: str) -> Node:
-        """Mark a node adopted (it gets the default plan, or its own once written)."""
+    def adopt(self, node_id: str, *, replace_key: bool = False, now: float | None = None) -> Adoption:
+        """Mark a node adopted (it gets the default plan, or its own once written) and pin the
+        key it presented (its candidate). ``replace_key`` (a new card): the pinned key goes;
+        the candidate is pinned in its place, or, with none, or under automatic adoption, the
+        next key the node presents is. Returns the node and one line on its key."""
+        now = time.time() if now is None else now
         with self.write() as db:
-            row = db.execute("SELECT state FROM nodes WHERE id = ?", (node_id,)).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO nodes (id, first_seen, last_seen, adopted, state) VALUES (?, 0, 0, 1, ?)",
-                    (node_id, NodeState.NEW),
+            node = self._load(db, node_id) or Node(id=node_id, adopted=False)
+            was = node.pubkey
+            state = NodeState.NEW if node.state == NodeState.WAITING else node.state
+            node = replace(node, adopted=True, state=state)
+            candidate = node.pubkey_candidate
+            if replace_key and (self.trust_first_key or candidate is None):
+                node = replace(node, pubkey=None, pubkey_candidate=None, pubkey_pinned_at=None)
+                said = (f"key {nodekeys.fingerprint(was)} unpinned; " if was else "no key was pinned; ") + (
+                    "the next key it presents is pinned"
+                    if self.trust_first_key
+                    else f"the next key it presents is kept for rackboot adopt {node_id} to show and pin"
                 )
+                if candidate is not None:
+                    said += f" (it presented {nodekeys.fingerprint(candidate)} last)"
+            elif candidate is not None and (node.pubkey is None or replace_key):
+                node = pin_key(node, candidate, now)
+                said = f"key {nodekeys.fingerprint(candidate)} pinned" + (
+                    f" in place of {nodekeys.fingerprint(was)}" if was else ""
+                )
+            elif node.pubkey is not None:
+                said = f"key {nodekeys.fingerprint(node.pubkey)} stays pinned"
+                if candidate is not None:
+                    said += (
+                        f"; it presents {nodekeys.fingerprint(candidate)}: "
+                        f"rackboot adopt --replace {node_id} pins that one (a new card?)"
+                    )
+            elif self.trust_first_key:
+                said = "no key presented yet: the first one it presents is pinned"
             else:
-                state = NodeState.NEW if row["state"] == NodeState.WAITING else row["state"]
-                db.execute("UPDATE nodes SET adopted = 1, state = ? WHERE id = ?", (state, node_id))
-        found = self.node(node_id)
-        assert found is not None
-        return found
+                said = f"no key presented yet: once it has booted, rackboot adopt {node_id} shows and pins it"
+            self._store(db, node, None)
+        self.log(f"inventory: {node_id} adopted: {said}")
+        return Adoption(node, said)
 
     def set_label(self, node_id: str, label: str) -> None:
         with self.write() as db:

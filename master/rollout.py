@@ -12,6 +12,11 @@ restarts carries on where it was.
 A node fails when, after its plan was written, it boots with an error on a version other
 than the new one (it fell back); the reason is the last error it reported about the new
 version, or that boot's error.
+
+Only authenticated reports count, either way: those that verified against the node's
+pinned key (master/nodekeys.py). Refused reports never reach the judge; an unsigned one
+(a node with no key pinned, an initramfs from before node keys) moves nothing, and the
+node's reason says so.
 """
 
 from __future__ import annotations
@@ -93,16 +98,25 @@ def split(sizes: list[WaveSize], nodes: list[str]) -> list[list[str]]:
 
 def judge(reports: list[dict[str, Any]], version: int) -> tuple[str, str | None]:
     """A wave node's outcome from its reports since its plan was written: confirmed, failed
-    (with why) or still assigned."""
+    (with why) or still assigned. Only signed reports (verified against the node's pinned
+    key) decide; an unsigned one that would have is named in the reason."""
     pending: str | None = None
+    unsigned: str | None = None
     for r in reports:
+        decides = (r["phase"] == "confirm" and r["version"] == version) or (
+            r["phase"] == "boot" and r["error"] and r["version"] != version
+        )
+        if not r.get("signed", False):
+            if decides and unsigned is None:
+                unsigned = f"its {r['phase']} report is unsigned (no key pinned for it): only signed reports count"
+            continue
         if r["phase"] == "confirm" and r["version"] == version:
             return CONFIRMED, None
         if r["phase"] == "error" and r["version"] == version:
             pending = r["error"]
         elif r["phase"] == "boot" and r["error"] and r["version"] != version:
             return FAILED, pending or r["error"]
-    return ASSIGNED, None
+    return ASSIGNED, unsigned
 
 
 @dataclass(frozen=True)
@@ -274,12 +288,12 @@ def advance(
                 state, reason = m["state"], m["reason"]
                 if state == ASSIGNED:
                     reports = db.execute(
-                        "SELECT phase, version, error FROM reports WHERE node = ? AND received >= ? AND late = 0"
-                        " ORDER BY id",
+                        "SELECT phase, version, error, signed FROM reports WHERE node = ? AND received >= ?"
+                        " AND late = 0 AND refused IS NULL ORDER BY id",
                         (m["node"], m["assigned_at"]),
                     ).fetchall()
                     state, reason = judge([dict(r) for r in reports], version)
-                    if state != ASSIGNED:
+                    if (state, reason) != (m["state"], m["reason"]):
                         db.execute(
                             "UPDATE rollout_nodes SET state = ?, reason = ? WHERE rollout = ? AND node = ?",
                             (state, reason, rollout, m["node"]),

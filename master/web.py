@@ -29,7 +29,7 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 
 from . import hostnames, plans, rollout, signing, status
-from .inventory import Inventory, Node
+from .inventory import Adoption, Inventory
 
 if TYPE_CHECKING:
     from rackboot.config import Config
@@ -62,7 +62,7 @@ class Fleet:
     @classmethod
     def open(cls, master: Path, config: Config | None = None, log: Any = None) -> Fleet:
         log = log or (lambda _line: None)
-        fleet = cls(master, Inventory(master, log=log), config, log)
+        fleet = cls(master, open_inventory(master, config, log), config, log)
         if config is not None:  # every report taken may move a rollout on; a restart continues it
             power = _power(config, log)
             fleet.inventory.hooks.append(lambda inv, _node: rollout.advance(config, inv, power=power, quick=True))
@@ -226,7 +226,11 @@ class Fleet:
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise RackbootError("version: expected an integer")
         if action == "adopt":
-            return {"node": adopt(self.config, self.inventory, node, image=image, version=version).to_dict()}
+            replace_key = args.get("replace", False)
+            if not isinstance(replace_key, bool):
+                raise RackbootError("replace: expected true or false")
+            adopted = adopt(self.config, self.inventory, node, image=image, version=version, replace_key=replace_key)
+            return {"node": adopted.node.to_dict(), "key": adopted.said}
         if action == "assign":
             if image is None:
                 raise RackbootError("assign needs an image")
@@ -254,10 +258,22 @@ def check_token(authorization: str | None, token: str) -> bool:
     return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+def open_inventory(master: Path, config: Config | None, log: Any = None) -> Inventory:
+    """The master's inventory, pinning keys as [master] adopt says (auto: on first use)."""
+    return Inventory(master, log=log, trust_first_key=config is None or config.master.adopt == "auto")
+
+
 def adopt(
-    cfg: Config, inventory: Inventory, node: str, *, image: str | None = None, version: int | None = None
-) -> Node:
-    """Adopt ``node``: from its next boot it gets the default plan, or with ``image`` its own."""
+    cfg: Config,
+    inventory: Inventory,
+    node: str,
+    *,
+    image: str | None = None,
+    version: int | None = None,
+    replace_key: bool = False,
+) -> Adoption:
+    """Adopt ``node`` and pin the key it presented: from its next boot it gets the default
+    plan, or with ``image`` its own. ``replace_key``: its card was replaced (Inventory.adopt)."""
     node = plans.node_name(node)
     if node == plans.DEFAULT:
         raise RackbootError("'default' is not a node; adopt takes a node's MAC")
@@ -265,7 +281,7 @@ def adopt(
         plans.assign(cfg, node=node, image=image, version=version)
     elif version is not None:
         raise RackbootError("--version needs --image")
-    return inventory.adopt(node)
+    return inventory.adopt(node, replace_key=replace_key)
 
 
 def _is_node(node: str) -> bool:

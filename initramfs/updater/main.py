@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from . import delta, hooks, install, layout, node
+from . import delta, hooks, install, layout, node, nodekey
 from . import report as reports
 from . import rsync as rsync_mode
 from . import state as slot_state
@@ -227,8 +227,10 @@ class _Update:
         self.delta_note: str | None = None  # how the slot was built, or why not by delta: for reports
         self.new_index: delta.BlockIndex | None = None  # the installing version's block index, once fetched
         self.scripts: dict[str, bytes] = {}  # the install's checked hook scripts
+        self.node_key: nodekey.NodeKey | None = None  # signs every report, once it is on the card
 
     def run(self, layout_check: bool) -> Decision:
+        self.take_node_key()
         try:
             self.take_confirmation()
         except UpdaterError as e:  # the state cannot be written: boot as it stands, confirm next time
@@ -255,6 +257,21 @@ class _Update:
             return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
             return self.fall_back(Action.FALLBACK, e)
+
+    def take_node_key(self) -> None:
+        """The node's own key (nodekey.py), made on its first boot, before the first report:
+        every report is signed with it. A card that cannot have one still boots, its reports
+        unsigned; a damaged record is reported."""
+        if self.identity is None:  # nothing to report, nobody to sign for: the first online boot makes it
+            return
+        try:
+            self.node_key, problem = nodekey.ensure(self.disk, self.identity.node, log=self.log)
+        except UpdaterError as e:
+            self.log(f"{e}; reports go unsigned")
+            return
+        if problem:
+            self.log(f"node key: {problem}")
+            self.report(Phase.ERROR, error=f"node key: {problem}")
 
     def signed_doc(self, path: str, parse: Callable[[bytes], T], headers: dict[str, str] | None = None) -> T:
         """A plan or manifest, parsed only after its signature verified (when the card has a key)."""
@@ -712,6 +729,7 @@ class _Update:
                 card_bytes=self.card_bytes if self.delta_note else None,
                 delta=self.delta_note,
             ),
+            key=self.node_key,
         )
 
 

@@ -5,6 +5,7 @@ rollouts halting or moving on from the reports workers send."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import subprocess
@@ -16,11 +17,12 @@ from pathlib import Path
 import pytest
 from rackboot import cli, config, demo
 from rackboot.errors import RackbootError
+from rackboot.initramfs.updater import nodekey
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.initramfs.updater.main import Identity, run
-from rackboot.master import inventory, rollout, serve
+from rackboot.master import inventory, nodekeys, rollout, serve
 from rackboot.master.inventory import MIGRATIONS, SCHEMA, Inventory
 
 from tests.helpers import write_config
@@ -36,8 +38,13 @@ def make_cfg(tmp_path: Path, **master) -> config.Config:
 
 
 class Master:
-    def __init__(self, cfg: config.Config):
+    """`rackboot serve` on loopback. ``signing``: reports sent with report() are signed with
+    each node's own key, as today's updater signs them (made with openssl, once per node)."""
+
+    def __init__(self, cfg: config.Config, *, signing: bool = False):
         self.cfg = cfg
+        self.signing = signing
+        self.keys: dict[str, nodekey.NodeKey] = {}
         self.root = cfg.master.directory
         self.server = serve.make_server(self.root, quiet=True, config=cfg)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -56,10 +63,21 @@ class Master:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
-    def report(self, **fields) -> int:
+    def key(self, node: str) -> nodekey.NodeKey:
+        if node not in self.keys:
+            self.keys[node] = nodekey.generate(node)
+        return self.keys[node]
+
+    def report(self, *, key: nodekey.NodeKey | None = None, **fields) -> int:
+        """POST one report (signed with ``key``, else with the node's own when signing); its status."""
         doc = {"node": NODE, "phase": "boot", "bytes": 0, "seconds": 0.0, "error": None, "slot": None}
         doc |= {"version": None, "time": 0.0} | fields
-        return self.request("POST", "/report", json.dumps(doc).encode())[0]
+        key = key or (self.key(doc["node"]) if self.signing else None)
+        if key is None:
+            return self.request("POST", "/report", json.dumps(doc).encode())[0]
+        body = json.dumps(doc | {"pubkey": key.public_b64}).encode()
+        signature = base64.b64encode(key.sign(body)).decode()
+        return self.request("POST", "/report", body, {nodekeys.SIGNATURE_HEADER: signature})[0]
 
     def json(self, path: str):
         status, body = self.request("GET", path)
@@ -280,6 +298,8 @@ NODES = ["52-54-00-00-00-01", "52-54-00-00-00-02", "52-54-00-00-00-03", "52-54-0
 
 
 def rack(m: Master) -> None:
+    """Four nodes that asked for the default plan (v1) and sign their reports."""
+    m.signing = True
     publish(m.root, 1, image_bytes(5))
     publish(m.root, 2, image_bytes(6))
     write_plan(m.root, "/images/example/1/manifest.json", node="default")
@@ -306,7 +326,9 @@ def test_a_rollout_moves_on_wave_by_wave_as_nodes_confirm_and_survives_a_restart
         assert [plan_version(m, n) for n in NODES] == [2, 2, 2, None]
     finally:
         m.stop()
-    m = Master(cfg)  # a restarted master carries on from the database
+    keys = m.keys
+    m = Master(cfg, signing=True)  # a restarted master carries on from the database
+    m.keys = keys  # (the nodes keep theirs)
     try:
         for node in NODES[1:3]:
             assert m.report(node=node, phase="confirm", slot="b", version=2, time=1700000003.0) == 204
