@@ -517,6 +517,7 @@ DOCUMENTS = [
     "plan.format1.rev4.json",
     "manifest.format1.rev3.first-boot.json",
     "report.rev5.json",
+    "report.rev9.signed.json",
 ]
 
 
@@ -586,6 +587,9 @@ def test_every_sample_is_covered():
             for sig in ("", ".sig")
         ),
         "files.format1.rev1.list",
+        # node keys' samples, checked in test_golden_nodekeys.py
+        "node-key.format1.rev1.bin",
+        *(f"report.rev9.signed.json{sig}" for sig in ("", ".sig")),
     }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {
         "README.md",
@@ -593,6 +597,7 @@ def test_every_sample_is_covered():
         "make_golden_bootfiles.py",
         "make_golden_delta.py",
         "make_golden_rsync.py",
+        "make_golden_nodekeys.py",
     }
     assert present == covered
 
