@@ -260,11 +260,15 @@ def pin_key(node: Node, key: str, now: float) -> Node:
 
 
 def with_key(node: Node, auth: Auth, now: float) -> Node:
-    """What a report's key does to the node: pinned, kept as a candidate, or nothing."""
+    """What a report's key does to the node: pinned, kept as a candidate, or nothing. A
+    report signed by the pinned key drops the candidate beside it: the node's own card still
+    signs, so the other key was not a new card's (anyone may sign with a key of their own)."""
     if auth.pin is not None:
         return pin_key(node, auth.pin, now)
     if auth.candidate is not None and auth.candidate != node.pubkey:
         return replace(node, pubkey_candidate=auth.candidate)
+    if auth.signed and node.pubkey is not None and node.pubkey_candidate is not None:
+        return replace(node, pubkey_candidate=None)
     return node
 
 
@@ -375,7 +379,9 @@ class Inventory:
                 self.log(f"inventory {self.path}: migrated from schema {version - 1} to {version}")
 
     def _import_reports(self, reports: Path) -> None:
-        """The reports an older master kept only as files, so a new inventory starts with them."""
+        """The reports an older master kept only as files, so a new inventory starts with them.
+        A file keeps no signatures: its reports come in unsigned (their key left out), and each
+        node's key is pinned again by its next report, as on first use."""
         if not reports.is_dir():
             return
         for path in sorted(reports.glob("*.jsonl")):
@@ -383,7 +389,7 @@ class Inventory:
                 try:
                     obj = json.loads(line)
                     received = float(obj.pop("received"))
-                    report = formats.parse_report(formats.dump(obj))
+                    report = replace(formats.parse_report(formats.dump(obj)), pubkey=None)
                 except (ValueError, KeyError, TypeError, UpdaterError) as e:
                     self.log(f"inventory: {path.name}:{n} not imported: {str(e)[:200]}")
                     continue

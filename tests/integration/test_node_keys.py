@@ -109,8 +109,12 @@ def test_a_report_signed_by_another_key_is_refused_kept_as_refused_and_not_count
     refused = [h for h in history(master) if h["refused"]]
     assert [(h["phase"], h["error"], h["signed"]) for h in refused] == [("error", "halt it", False)] * 2
     assert not any("halt it" in line for line in (master.root / "reports" / f"{NODE}.jsonl").read_text().splitlines())
-    # the other key is shown beside the pinned one, for an operator to judge
+    # the other key is shown beside the pinned one, for an operator to judge, until the node's
+    # own key signs again: then it was no new card of the node's
     assert (after["key_state"], after["shown_state"]) == ("mismatch", "key-mismatch")
+    update(master.url, card)
+    after = master.json(f"/api/nodes/{NODE}")
+    assert (after["key_state"], after["pubkey_candidate"], after["shown_state"]) == ("pinned", None, "trial")
 
 
 def test_old_unsigned_reports_are_taken_until_a_key_is_pinned_and_refused_after(master, tmp_path):
@@ -346,3 +350,17 @@ def test_an_inventory_from_before_node_keys_migrates_with_no_key_and_unsigned_re
     body = formats.dump(formats.Report(node=NODE, phase=formats.Phase.BOOT, time=1.8e9 + 1, pubkey=key.public_b64))
     assert inv.ingest(formats.parse_report(body), body=body, signature=key.sign(body)).outcome == "taken"
     assert inv.node(NODE).pubkey == key.public_b64  # type: ignore[union-attr]
+
+
+def test_a_new_inventory_takes_in_signed_report_lines_unsigned_and_pins_again_on_next_use(master, tmp_path):
+    key = nodekey.generate(NODE)
+    assert post(master, forged(NODE, key, phase="boot", slot="a", version=1), key)[0] == 204
+    lines = (master.root / "reports" / f"{NODE}.jsonl").read_bytes()
+    assert b'"pubkey"' in lines  # the stored line keeps the key it came with
+    other = tmp_path / "rebuilt"
+    (other / "reports").mkdir(parents=True)
+    (other / "reports" / f"{NODE}.jsonl").write_bytes(lines)
+    inv = Inventory(other)  # the database lost, made again from the files
+    node = inv.node(NODE)
+    assert node is not None and (node.booted_version, node.pubkey) == (1, None)
+    assert [(h["signed"], h["refused"]) for h in inv.history(NODE)] == [(False, None)]
