@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -156,19 +157,28 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
     from .master import web
 
     cfg = config.load(args.config)
-    inv = web.open_inventory(cfg.master.directory, cfg)
+    inv = web.inventory_for(cfg.master.directory, cfg)
     adopted = web.adopt(cfg, inv, args.node, image=args.image, version=args.version, replace_key=args.replace)
     plan = f"its own plan ({args.image})" if args.image else "the default plan"
     print(f"{adopted.node.id} adopted: it gets {plan} from its next boot; {adopted.said}")
     return 0
 
 
-def _cmd_rollout(args: argparse.Namespace) -> int:
+def _cmd_forget(args: argparse.Namespace) -> int:
     from . import config
-    from .master import inventory, power, rollout
+    from .master import web
 
     cfg = config.load(args.config)
-    inv = inventory.Inventory(cfg.master.directory)
+    print(web.forget(cfg, web.inventory_for(cfg.master.directory, cfg, log=print), args.node).text())
+    return 0
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from . import config
+    from .master import power, rollout, web
+
+    cfg = config.load(args.config)
+    inv = web.inventory_for(cfg.master.directory, cfg)
     progress: rollout.Progress | None
     if args.abort:
         progress = rollout.abort(inv)
@@ -189,10 +199,11 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             max_failed=args.max_failed,
             cycle=args.cycle,
             power=power.cycler(cfg, print) if args.cycle else None,
+            wave_timeout=args.wave_timeout,
         )
     assert progress is not None  # start made one
     print(progress.text())
-    return 1 if progress.state == rollout.HALTED else 0
+    return 1 if progress.shown_state in (rollout.HALTED, rollout.STUCK) else 0
 
 
 def _cmd_power(args: argparse.Namespace) -> int:
@@ -376,6 +387,11 @@ def parser() -> argparse.ArgumentParser:
     ad.add_argument("--version", type=int, help="with --image: pin a version (default: latest)")
     ad.set_defaults(func=_cmd_adopt)
 
+    fg = sub.add_parser("forget", help="remove a node: its inventory rows, its plan, its name")
+    _config_arg(fg)
+    fg.add_argument("node", help="the node's MAC")
+    fg.set_defaults(func=_cmd_forget)
+
     ro = sub.add_parser("rollout", help="roll a version out in waves, halting when a wave fails")
     _config_arg(ro)
     ro.add_argument("--image", help="published image name")
@@ -392,8 +408,17 @@ def parser() -> argparse.ArgumentParser:
         metavar="K",
         help="halt when more than K nodes of a wave fail (default: %(default)s)",
     )
+    ro.add_argument(
+        "--wave-timeout",
+        type=_positive_float,
+        metavar="S",
+        help="a node that has not confirmed S seconds after its plan was written counts as failed "
+        "and gets its previous plan back (default: a wave waits as long as it takes)",
+    )
     ro.add_argument("--cycle", action="store_true", help="power-cycle each wave's nodes when it starts ([power])")
-    ro.add_argument("--status", action="store_true", help="show the newest rollout (and move it on)")
+    ro.add_argument(
+        "--status", action="store_true", help="show the newest rollout (and move it on); exit 1 if halted or stuck"
+    )
     ro.add_argument("--abort", action="store_true", help="stop the running rollout; nodes keep their plans")
     ro.set_defaults(func=_cmd_rollout)
 
@@ -451,6 +476,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     clean_up_on_termination()  # SIGTERM and SIGHUP unwind like Ctrl-C, so temporaries are removed
+    # serve sends only world-readable files (a private key never is): what rackboot writes
+    # for the master's tree must be readable by others whatever the caller's umask says
+    os.umask(os.umask(0) & 0o022)
     command: Callable[[argparse.Namespace], int] = args.func  # set by each subparser
     try:
         return command(args)

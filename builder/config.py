@@ -56,7 +56,7 @@ class DhcpMode(StrEnum):
 
 
 class AdoptMode(StrEnum):
-    """What a node that asks for a plan and has none of its own gets."""
+    """What a node that has no plan of its own gets once it has reported (adoption)."""
 
     AUTO = "auto"  # the default plan
     MANUAL = "manual"  # nothing, until `rackboot adopt NODE`
@@ -89,7 +89,8 @@ class Setting:
     minimum: int | None = None  # int settings: the range U-Boot, the kernel or the updater can take
     maximum: int | None = None
     # str and list[str] settings: checks the value (each item of a list) where it lands
-    # (a boot script, a kernel command line, a path); returns what is wrong, or None
+    # (a boot script, a kernel command line, a path); path settings: the resolved path, after
+    # the check every path gets (_path_problem); returns what is wrong, or None
     check: Callable[[str], str | None] | None = None
 
     @property
@@ -127,6 +128,11 @@ _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # Inside U-Boot's `setenv bootargs "..."` hush acts on these: " ends the string (the rest runs
 # as commands), $ expands a variable, \ escapes, ; and ` are command syntax elsewhere.
 _CMDLINE_FORBIDDEN = set('"$\\;`')
+# C0 controls, DEL and C1 controls: in a path, a newline would start a new directive in the
+# configs serve generates (dnsmasq's, rsyncd's), a NUL cut it short, an ESC act on a terminal
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What dnsmasq's and rsyncd's config readers act on inside a value: quoting, a comment, a variable
+_CONF_FORBIDDEN = set('"#%')
 
 
 def _address(value: str) -> str | None:
@@ -205,6 +211,31 @@ def _package_or_tree(value: str) -> str | None:
 
 def _module(value: str) -> str | None:
     return None if _MODULE_RE.fullmatch(value) else "not a kernel module name"
+
+
+def _path_problem(value: str) -> str | None:
+    """What every path setting is checked for, as given and once resolved."""
+    bad = sorted(set(_CONTROL_RE.findall(value)))
+    if bad:
+        return (
+            f"contains the control character{'s' if len(bad) > 1 else ''} {', '.join(repr(c) for c in bad)}, "
+            "which would break the line it is written on in a generated config"
+        )
+    return None
+
+
+def _conf_directory(value: str) -> str | None:
+    """A directory serve names in dnsmasq's config (tftp-root, the hosts and lease files) and
+    rsyncd's (each module's path): one value a line, read by their own parsers."""
+    bad = sorted({c for c in value if c in _CONF_FORBIDDEN})
+    if bad:
+        return (
+            f"contains {', '.join(repr(c) for c in bad)}, which dnsmasq's or rsyncd's generated config "
+            "would read as quoting, a comment or a variable (no double quote, '#' or '%')"
+        )
+    if value != value.rstrip():
+        return "ends in whitespace, which dnsmasq's generated config would drop"
+    return None
 
 
 def _binary(value: str) -> str | None:
@@ -328,16 +359,26 @@ SETTINGS: tuple[Setting, ...] = (
         "and its .pub goes into the initramfs and the card, which then take only signed documents. "
         "Unset = an unsigned rack.",
     ),
-    Setting("master", "directory", "path", "master", "The master's tree (published images, plans, reports)."),
+    Setting(
+        "master",
+        "directory",
+        "path",
+        "master",
+        "The master's tree (published images, plans, reports). rackboot serve hands it out, so "
+        "[master] key must lie outside it; dnsmasq's and rsyncd's generated configs name it, so no "
+        "double quote, '#' or '%'.",
+        check=_conf_directory,
+    ),
     Setting(
         "master",
         "hostname",
         "str",
         "",
         "Hostname pattern for nodes not named with --hostname, both those with a plan of their own and, "
-        "through rackboot serve, those following the default plan: "
-        "{index} (1, 2, ... in the order nodes were first named, never reused; {index:02d} pads) "
-        'and {mac} (12 hex digits), e.g. "worker-{index:02d}"; empty = only names given with --hostname.',
+        "through rackboot serve, adopted nodes following the default plan: "
+        "{index} (1, 2, ... in the order nodes were first named or adopted, never reused, passing over "
+        'names given by hand; {index:02d} pads) and {mac} (12 hex digits), e.g. "worker-{index:02d}"; '
+        "empty = only names given with --hostname.",
         check=pattern_problem,
     ),
     Setting(
@@ -345,8 +386,9 @@ SETTINGS: tuple[Setting, ...] = (
         "adopt",
         "choice",
         "auto",
-        "A node that asks for a plan and has none of its own is recorded as new; auto: it gets the default "
-        "plan; manual: it gets none (and boots its last good slot) until `rackboot adopt NODE`.",
+        "A node without a plan of its own enters the inventory with its first report (a plan request alone "
+        "records nothing); auto: it gets the default plan, and is adopted with that report; manual: it gets "
+        "none (it boots its last good slot) and is listed as waiting until `rackboot adopt NODE`.",
         AdoptMode,
     ),
     Setting(
@@ -457,7 +499,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Absolute, none inside another, not under /proc, /sys, /dev or /run.",
         check=lambda v: persist_problem([v]),
     ),
-    Setting("output", "directory", "path", "build", "Where build artefacts go."),
+    Setting(
+        "output",
+        "directory",
+        "path",
+        "build",
+        "Where build artefacts go (dnsmasq serves it over TFTP: no double quote, '#' or '%').",
+        check=_conf_directory,
+    ),
     Setting("power", "driver", "choice", "none", "How `rackboot power` switches nodes.", PowerDriver),
     Setting(
         "power",
@@ -752,7 +801,19 @@ def _bool(where: str, value: Any, setting: Setting, base: Path) -> bool:
 def _path(where: str, value: Any, setting: Setting, base: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise _expect(where, "a path", value)
-    return (base / value).resolve()
+    if problem := _path_problem(value):  # before resolve, which a NUL would stop
+        raise ConfigError(f"{where}: {value[:80]!r}: {problem}")
+    return _resolved(where, base / value, setting)
+
+
+def _resolved(where: str, path: Path, setting: Setting) -> Path:
+    """``path`` resolved and checked as a whole: the config's own folder is part of it."""
+    real = path.resolve()
+    text = str(real)
+    problem = _path_problem(text) or (setting.check(text) if setting.check else None)
+    if problem:
+        raise ConfigError(f"{where}: {text[-80:]!r}: {problem}")
+    return real
 
 
 @_check("choice")
@@ -778,7 +839,7 @@ def _table_path(where: str, value: Any, setting: Setting, base: Path) -> dict[st
         raise _expect(where, "a table of target path = source path", value)
     out: dict[str, Path] = {}
     for target, source in sorted(value.items()):
-        if not target.startswith("/") or "\0" in target or ".." in target.split("/"):
+        if not target.startswith("/") or _CONTROL_RE.search(target) or ".." in target.split("/"):
             raise _expect(f'{where}."{target}"', "an absolute target path inside the initramfs (no '..')", target)
         out[target] = _path(f'{where}."{target}"', source, setting, base)
     return out
@@ -789,10 +850,10 @@ def _layout(where: str, value: Any, setting: Setting, base: Path) -> list[Partit
     return _check_layout(where, value)
 
 
-def _default(setting: Setting, base: Path) -> Any:
+def _default(where: str, setting: Setting, base: Path) -> Any:
     value = setting.default
     if setting.kind == "path" and value is not None:
-        return (base / value).resolve()
+        return _resolved(where, base / value, setting)
     if setting.choices is not None:
         return setting.choices(value)
     return value
@@ -827,16 +888,19 @@ def parse(text: str, path: Path) -> Config:
                 raise ConfigError(f"{path}: [{section}] {key}: unknown key{_suggest(key, settings)}")
         values = {}
         for key, setting in settings.items():
-            if key in given:
-                value = _CHECKS[setting.kind](f"{path}: {setting.name}", given[key], setting, base)
-            else:
-                value = _default(setting, base)
+            where = f"{path}: {setting.name}"
+            value = (
+                _CHECKS[setting.kind](where, given[key], setting, base)
+                if key in given
+                else _default(where, setting, base)
+            )
             values[key] = _frozen(setting.kind, value)
         sections[section] = SECTIONS[section](**values)
     for section in doc:
         if section not in _BY_SECTION:
             raise ConfigError(f"{path}: [{section}]: unknown section{_suggest(section, _BY_SECTION)}")
     _check_network(path, sections["master"], sections["network"])
+    _check_key(path, sections["master"])
     problem = persist_problem(sections["layout"].persist)  # each path was checked alone: now together
     if problem:
         raise ConfigError(f"{path}: [layout] persist: {problem}")
@@ -845,6 +909,16 @@ def parse(text: str, path: Path) -> Config:
             f"{path}: [layout] persist: persisted paths live on a partition named 'data', and the layout has none"
         )
     return Config(path=path, **sections)
+
+
+def _check_key(path: Path, master: MasterSection) -> None:
+    """rackboot serve hands out the master's tree: the private key must not be in it (with it
+    anyone could sign hooks that run as root on every worker). Both are resolved paths."""
+    if master.key is not None and master.key.is_relative_to(master.directory):
+        raise ConfigError(
+            f"{path}: [master] key: {master.key} is inside [master] directory {master.directory}, "
+            "which rackboot serve hands out; keep the private key outside it"
+        )
 
 
 def _check_network(path: Path, master: MasterSection, network: NetworkSection) -> None:

@@ -55,6 +55,7 @@ START_WAIT = 10.0  # seconds dnsmasq gets to bind its TFTP socket
 STOP_WAIT = 5.0  # seconds dnsmasq gets to exit on SIGTERM before it is killed
 PLAN_POLL = 2.0  # seconds between looks at plans/ for new nodes
 _NODE_RE = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){5}")  # formats.node_id: a MAC with dashes
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL, C1: a newline would start a directive
 
 
 def conf_path(cfg: Config) -> Path:
@@ -102,6 +103,15 @@ def render_config(cfg: Config) -> str:
             f"dhcp-hostsfile={master.directory / HOSTS}",
             f"dhcp-leasefile={master.directory / LEASES}",
         ]
+    return config_text(lines, "dnsmasq config")
+
+
+def config_text(lines: list[str], what: str) -> str:
+    """A generated config, one directive a line. The config load refuses control characters in
+    every path setting; this keeps a value from any other source from adding a directive."""
+    for line in lines:
+        if _CONTROL_RE.search(line):
+            raise RackbootError(f"{what}: {line[:300]!r} holds a control character; not written")
     return "\n".join(lines) + "\n"
 
 

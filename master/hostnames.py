@@ -2,8 +2,9 @@
 
 A pattern fills in ``{index}`` (with an optional format such as ``{index:02d}``) and
 ``{mac}`` (the MAC's 12 lowercase hex digits). A node's index is the order in which
-plans were first written for nodes of their own: 1 for the first, never reused, even
-once a node is gone, so a name never moves to another machine. The registry,
+nodes were first named (a plan of their own written, or adopted by `rackboot serve`): 1 for
+the first, never reused, even once a node is gone (`rackboot forget`), so a name never moves
+to another machine; a name a node was given by hand is passed over. The registry,
 <master>/hostnames.json, keeps each node's index and name and the next index, and is
 replaced atomically under the lock on the master's tree.
 """
@@ -94,10 +95,21 @@ def read(master: Path) -> dict[str, Entry]:
     return {node: Entry(e["index"], e["hostname"]) for node, e in doc["nodes"].items()}
 
 
+def uses_index(pattern: str) -> bool:
+    """Whether the pattern's names change with the index (else every node's is its MAC's)."""
+    return render(pattern, index=1, mac="0" * 12) != render(pattern, index=2, mac="0" * 12)
+
+
+def _holders(nodes: dict[str, Any], node: str) -> dict[str, str]:
+    """Each name another node holds -> that node."""
+    return {e["hostname"]: other for other, e in sorted(nodes.items()) if other != node}
+
+
 def assign(master: Path, node: str, *, hostname: str | None, pattern: str) -> str | None:
     """The hostname of ``node`` (the worker's id, 52-54-00-12-34-56): ``hostname`` if given,
-    else the one it has, else the pattern's with a new index; None with neither. Refuses a
-    name another node has."""
+    else the one it has, else the pattern's with a new index, moving the index on past names
+    other nodes hold (given by hand with --hostname); None with neither. Refuses a name given
+    by hand that another node has, and a pattern without {index} whose name is taken."""
     if hostname is not None and (problem := hostname_problem(hostname)):
         raise RackbootError(f"--hostname: {problem}")
     path = Path(master) / REGISTRY
@@ -113,14 +125,54 @@ def assign(master: Path, node: str, *, hostname: str | None, pattern: str) -> st
             if not pattern:
                 return None
         index = entry["index"] if entry else doc["next_index"]
-        name = hostname or render(pattern, index=index, mac=node.replace("-", ""))
-        taken = next((other for other, e in sorted(nodes.items()) if e["hostname"] == name and other != node), None)
-        if taken:
-            raise RackbootError(f"hostname {name!r} is node {taken}'s already; give {node} another (--hostname)")
+        holders = _holders(nodes, node)
+        mac = node.replace("-", "")
+        name = hostname or render(pattern, index=index, mac=mac)
+        if hostname is None and uses_index(pattern):
+            while name in holders:  # each step passes one held name: it ends within len(holders)
+                index += 1
+                name = render(pattern, index=index, mac=mac)
+        if name in holders:
+            holder = holders[name]
+            raise RackbootError(f"hostname {name!r} is node {holder}'s already; give {node} another (--hostname)")
         if nodes.get(node) != {"index": index, "hostname": name}:  # a plan rewritten as it was writes nothing
             nodes[node] = {"index": index, "hostname": name}
             doc["next_index"] = max(doc["next_index"], index + 1)
-            atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+            _save(path, doc)
         return name
     finally:
         os.close(lock)
+
+
+def peek(master: Path, node: str, *, pattern: str) -> str | None:
+    """The name ``node`` has, or the one a pattern without {index} gives it while no other
+    node holds that; else None. Reads only: a node not adopted yet spends no index."""
+    nodes: dict[str, Any] = _load(Path(master) / REGISTRY)["nodes"]
+    if node in nodes:
+        return str(nodes[node]["hostname"])
+    if not pattern or uses_index(pattern):
+        return None
+    name = render(pattern, index=0, mac=node.replace("-", ""))
+    return None if name in _holders(nodes, node) else name
+
+
+def forget(master: Path, node: str) -> Entry | None:
+    """Take ``node`` out of the registry: its name is free again, its index stays spent
+    (next_index does not move back). Returns what it had, None when it had nothing."""
+    path = Path(master) / REGISTRY
+    if not path.exists():
+        return None
+    lock = lock_dir(Path(master))
+    try:
+        doc = _load(path)
+        entry = doc["nodes"].pop(node, None)
+        if entry is None:
+            return None
+        _save(path, doc)
+        return Entry(entry["index"], entry["hostname"])
+    finally:
+        os.close(lock)
+
+
+def _save(path: Path, doc: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())

@@ -1,9 +1,15 @@
-"""The fleet's inventory: one SQLite file in the master's tree, fed by plan requests and reports.
+"""The fleet's inventory: one SQLite file in the master's tree, fed by reports and plan requests.
 
-`rackboot serve` records every plan request (node, IP, board serial, the plan it got) and
-every report (the full history, and what it says about the node: booted slot and version,
-each slot's image, version and state, the last action and error, the last install's bytes
-and seconds). `rackboot status`, the web page, adoption and rollouts read it.
+`rackboot serve` records every report (the full history, and what it says about the node:
+booted slot and version, each slot's image, version and state, the last action and error,
+the last install's bytes and seconds) and the plan requests of nodes it knows (IP, board
+serial, the plan it got). `rackboot status`, the web page, adoption and rollouts read it.
+
+A node enters it with its first report, the sign that it booted our initramfs (`_admit`),
+or when `rackboot adopt` names it; a plan request alone records nothing: anyone can ask
+for /plans/<any MAC>.json, and a made-up node must not join every later rollout nor spend
+a hostname index. What an unknown node's plan request said (its serial, the plan it got)
+is kept in memory, for at most SEEN nodes, until its first report files it.
 
 The file is `.inventory.db` (a dot name: serve's static side never hands it out), in WAL
 mode so readers never wait for the writer and other processes (`rackboot status`,
@@ -26,6 +32,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -37,11 +44,12 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Phase, Report
 
-from . import nodekeys
+from . import hostnames, nodekeys
 from .nodekeys import Auth
 
 FILE = ".inventory.db"
-SCHEMA = 4
+SCHEMA = 5
+SEEN = 256  # unknown nodes whose plan request is kept in memory until their first report
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (a rack reporting at once queues here)
 CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
 REORDER_WINDOW = 3600.0  # further back than this is a clock that was reset, not a late report
@@ -53,8 +61,8 @@ _MANIFEST_RE = re.compile(r"/images/([a-z0-9][a-z0-9_-]*)/([0-9]+)/manifest\.jso
 class NodeState:
     """What `rackboot status` says a node is doing (stale is added when it is read)."""
 
-    NEW = "new"  # asked for a plan, has none of its own, nothing reported yet
-    WAITING = "waiting"  # not adopted ([master] adopt = "manual"): gets no plan
+    NEW = "new"  # adopted (rackboot adopt) before it reported anything
+    WAITING = "waiting"  # reported, not adopted ([master] adopt = "manual"): gets no plan
     INSTALLING = "installing"
     TRIAL = "trial"  # booted a new slot that has not confirmed itself yet
     OK = "ok"
@@ -102,7 +110,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN label TEXT NOT NULL DEFAULT '';
     CREATE INDEX reports_replay ON reports (node, time);
     """,
-    # 4: node keys: the one pinned at adoption, the one a node presents beside it; each report's
+    # 4: a wave's deadline, and why a rollout cannot move on
+    """
+    ALTER TABLE rollouts ADD COLUMN wave_timeout REAL;
+    ALTER TABLE rollouts ADD COLUMN stuck TEXT;
+    """,
+    # 5: node keys: the one pinned at adoption, the one a node presents beside it; each report's
     # key, whether it verified against the pinned key, and why it was refused
     """
     ALTER TABLE nodes ADD COLUMN pubkey TEXT;
@@ -284,6 +297,16 @@ def clean_serial(value: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class Seen:
+    """An unknown node's plan request, until its first report files it."""
+
+    serial: str | None
+    plan: str | None
+    image: str | None
+    version: int | None
+
+
+@dataclass(frozen=True)
 class Ingested:
     """What became of a report: taken (it changed the node), late (history only), a replay,
     or refused (history only, marked so: its key or signature is not the node's)."""
@@ -301,23 +324,30 @@ class Adoption:
 
 
 class Inventory:
-    """The inventory of the master tree ``master``; one connection per thread. ``trust_first_key``
-    ([master] adopt = "auto"): a node's first key is pinned when it presents it; else keys are
-    pinned by `rackboot adopt` only. ``verify`` checks a report's signature (openssl)."""
+    """The inventory of the master tree ``master``; one connection per thread. ``auto_adopt``
+    ([master] adopt = "auto"): a node is adopted with its first report and the first key it
+    presents is pinned (trust on first use); else it waits for `rackboot adopt`, which pins
+    the key it presented. ``hostname_pattern`` ([master] hostname): an adopted node gets its
+    index and name then. ``verify`` checks a report's signature (openssl)."""
 
     def __init__(
         self,
         master: Path,
         *,
         log: Callable[[str], None] | None = None,
-        trust_first_key: bool = True,
+        auto_adopt: bool = True,
+        hostname_pattern: str = "",
         verify: nodekeys.Verify | None = None,
     ):
-        self.path = Path(master) / FILE
+        self.master = Path(master)
+        self.path = self.master / FILE
         self.log = log or (lambda _line: None)
-        self.trust_first_key = trust_first_key
+        self.auto_adopt = auto_adopt
+        self.hostname_pattern = hostname_pattern
         self.verify: nodekeys.Verify = verify or nodekeys.Verifier()
         self._local = threading.local()
+        self._seen: OrderedDict[str, Seen] = OrderedDict()  # unknown nodes' plan requests, newest last
+        self._seen_lock = threading.Lock()
         self.hooks: list[Callable[[Inventory, str], object]] = []  # run after a report was taken
         if not Path(master).is_dir():
             raise RackbootError(f"master directory {master} does not exist")
@@ -350,10 +380,11 @@ class Inventory:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # (a COMMIT that failed leaves it open)
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def schema(self) -> int:
         version: int = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -411,51 +442,38 @@ class Inventory:
         serial: str | None,
         plan: str | None,
         manifest: str | None,
-        adopt: bool,
         now: float | None = None,
-    ) -> Node:
+    ) -> Node | None:
         """A node asked for its plan; ``plan`` is what it got ("own", "default", None) and
-        ``manifest`` the image path in it. A node seen for the first time is new, adopted
-        when ``adopt`` (auto adoption); returns the node as recorded."""
+        ``manifest`` the image path in it. A known node's row takes it in (a plan of its own
+        adopts it); an unknown node's is only remembered (SEEN at most) for its first report.
+        Returns the node as recorded, None when it is not in the inventory."""
         now = time.time() if now is None else now
         image, version = parse_manifest_path(manifest)
+        if self.db.execute("SELECT 1 FROM nodes WHERE id = ?", (node,)).fetchone() is None:
+            with self._seen_lock:  # (no write lock taken: made-up MACs cost the writers nothing)
+                self._seen.pop(node, None)
+                self._seen[node] = Seen(clean_serial(serial), plan, image, version)
+                while len(self._seen) > SEEN:
+                    self._seen.popitem(last=False)
+            return None
         with self.write() as db:
             row = db.execute("SELECT state, adopted FROM nodes WHERE id = ?", (node,)).fetchone()
-            if row is None:
-                state = NodeState.NEW if adopt or plan == "own" else NodeState.WAITING
-                db.execute(
-                    "INSERT INTO nodes (id, serial, ip, first_seen, last_seen, adopted, plan, image, version, state) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        node,
-                        clean_serial(serial),
-                        ip,
-                        now,
-                        now,
-                        int(adopt or plan == "own"),
-                        plan,
-                        image,
-                        version,
-                        state,
-                    ),
-                )
-                self.log(f"inventory: new node {node} from {ip} ({'adopted' if adopt else 'waiting for adoption'})")
-            else:
-                adopted = bool(row["adopted"]) or plan == "own"
-                state = row["state"]
-                if not adopted:
-                    state = NodeState.WAITING
-                elif state == NodeState.WAITING:
-                    state = NodeState.NEW
-                db.execute(
-                    "UPDATE nodes SET serial = COALESCE(?, serial), ip = COALESCE(?, ip),"
-                    " last_seen = MAX(last_seen, ?), adopted = ?, plan = ?, image = ?, version = ?, state = ?"
-                    " WHERE id = ?",
-                    (clean_serial(serial), ip, now, int(adopted), plan, image, version, state, node),
-                )
-        found = self.node(node)
-        assert found is not None
-        return found
+            if row is None:  # forgotten in between
+                return None
+            adopted = bool(row["adopted"]) or plan == "own"
+            state = row["state"]
+            if not adopted:
+                state = NodeState.WAITING
+            elif state == NodeState.WAITING:
+                state = NodeState.NEW
+            db.execute(
+                "UPDATE nodes SET serial = COALESCE(?, serial), ip = COALESCE(?, ip),"
+                " last_seen = MAX(last_seen, ?), adopted = ?, plan = ?, image = ?, version = ?, state = ?"
+                " WHERE id = ?",
+                (clean_serial(serial), ip, now, int(adopted), plan, image, version, state, node),
+            )
+        return self.node(node)
 
     def ingest(
         self,
@@ -472,7 +490,7 @@ class Inventory:
         received = time.time() if received is None else received
         body = formats.dump(report) if body is None else body
         pinned = self._pinned(report.node)  # judged outside the write lock: openssl takes milliseconds
-        auth = nodekeys.judge(report, body, signature, pinned, may_pin=self.trust_first_key, verify=self.verify)
+        auth = nodekeys.judge(report, body, signature, pinned, may_pin=self.auto_adopt, verify=self.verify)
         with self.write() as db:
             node = self._load(db, report.node)
             if (node.pubkey if node else None) != pinned:  # re-adopted meanwhile: judged against another key
@@ -540,11 +558,19 @@ class Inventory:
                 )
                 self.log(f"inventory: out of order: {reason}")
                 return Ingested("late", reason)
-            if node is None:  # reported without asking for a plan first (an older master's node)
-                node = Node(id=report.node, first_seen=received, last_seen=received)
+            admitted = node is None
+            if node is None:  # its first report admits it (never a refused one: that returned above)
+                node = self._admit(report.node, received)
             if auth.pin is not None:
                 self.log(f"inventory: {report.node}: key {nodekeys.fingerprint(auth.pin)} pinned (first use)")
             self._store(db, apply(with_key(node, auth, received), report, received), ip)
+        if admitted:
+            self.log(
+                f"inventory: new node {report.node}{' from ' + ip if ip else ''}"
+                f" ({'adopted' if node.adopted else 'waiting for adoption: rackboot adopt ' + report.node})"
+            )
+            if node.adopted:
+                self._name(report.node)
         for hook in self.hooks:
             try:
                 hook(self, report.node)
@@ -555,6 +581,36 @@ class Inventory:
     def _pinned(self, node_id: str) -> str | None:
         row = self.db.execute("SELECT pubkey FROM nodes WHERE id = ?", (node_id,)).fetchone()
         return row["pubkey"] if row is not None else None
+
+    def _admit(self, node_id: str, received: float) -> Node:
+        """A node's first report (the sign it booted our initramfs) brings it in: adopted with
+        auto adoption or a plan of its own, else waiting for `rackboot adopt`; with what its
+        plan request said, when this master heard one. (Its key: ingest's judge pins it with
+        auto adoption, else keeps it as the candidate `rackboot adopt` pins.)"""
+        with self._seen_lock:
+            seen = self._seen.pop(node_id, None) or Seen(None, None, None, None)
+        adopted = self.auto_adopt or seen.plan == "own"
+        return Node(
+            id=node_id,
+            state=NodeState.NEW if adopted else NodeState.WAITING,
+            serial=seen.serial,
+            first_seen=received,
+            last_seen=received,
+            adopted=adopted,
+            plan=seen.plan,
+            image=seen.image,
+            version=seen.version,
+        )
+
+    def _name(self, node_id: str) -> None:
+        """An adopted node's index and name from the [master] hostname pattern (kept, never
+        reused); a registry that cannot be written is logged: its next plan request asks again."""
+        if not self.hostname_pattern:
+            return
+        try:
+            hostnames.assign(self.master, node_id, hostname=None, pattern=self.hostname_pattern)
+        except (OSError, RackbootError) as e:
+            self.log(f"inventory: {node_id} adopted but not named: {e}")
 
     def _load(self, db: sqlite3.Connection, node_id: str) -> Node | None:
         row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
@@ -621,10 +677,11 @@ class Inventory:
     # --- changing it --------------------------------------------------------------------------
 
     def adopt(self, node_id: str, *, replace_key: bool = False, now: float | None = None) -> Adoption:
-        """Mark a node adopted (it gets the default plan, or its own once written) and pin the
-        key it presented (its candidate). ``replace_key`` (a new card): the pinned key goes;
-        the candidate is pinned in its place, or, with none, or under automatic adoption, the
-        next key the node presents is. Returns the node and one line on its key."""
+        """Mark a node adopted (it gets the default plan, or its own once written), named by
+        the [master] hostname pattern when it has no name yet, and pin the key it presented
+        (its candidate). ``replace_key`` (a new card): the pinned key goes; the candidate is
+        pinned in its place, or, with none, or under automatic adoption, the next key the
+        node presents is. Returns the node and one line on its key."""
         now = time.time() if now is None else now
         with self.write() as db:
             node = self._load(db, node_id) or Node(id=node_id, adopted=False)
@@ -632,11 +689,11 @@ class Inventory:
             state = NodeState.NEW if node.state == NodeState.WAITING else node.state
             node = replace(node, adopted=True, state=state)
             candidate = node.pubkey_candidate
-            if replace_key and (self.trust_first_key or candidate is None):
+            if replace_key and (self.auto_adopt or candidate is None):
                 node = replace(node, pubkey=None, pubkey_candidate=None, pubkey_pinned_at=None)
                 said = (f"key {nodekeys.fingerprint(was)} unpinned; " if was else "no key was pinned; ") + (
                     "the next key it presents is pinned"
-                    if self.trust_first_key
+                    if self.auto_adopt
                     else f"the next key it presents is kept for rackboot adopt {node_id} to show and pin"
                 )
                 if candidate is not None:
@@ -653,13 +710,27 @@ class Inventory:
                         f"; it presents {nodekeys.fingerprint(candidate)}: "
                         f"rackboot adopt --replace {node_id} pins that one (a new card?)"
                     )
-            elif self.trust_first_key:
+            elif self.auto_adopt:
                 said = "no key presented yet: the first one it presents is pinned"
             else:
                 said = f"no key presented yet: once it has booted, rackboot adopt {node_id} shows and pins it"
             self._store(db, node, None)
         self.log(f"inventory: {node_id} adopted: {said}")
-        return Adoption(node, said)
+        self._name(node_id)
+        found = self.node(node_id)
+        assert found is not None
+        return Adoption(found, said)
+
+    def remove(self, db: sqlite3.Connection, node_id: str) -> bool:
+        """Delete the node's rows (node, slots, report history) in the transaction ``db``;
+        whether it had any. Its rows in rollouts stay (rollout.leave_out)."""
+        with self._seen_lock:
+            self._seen.pop(node_id, None)
+        found = db.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
+        found |= db.execute("SELECT 1 FROM reports WHERE node = ? LIMIT 1", (node_id,)).fetchone() is not None
+        for table, column in (("slots", "node"), ("reports", "node"), ("nodes", "id")):
+            db.execute(f"DELETE FROM {table} WHERE {column} = ?", (node_id,))
+        return found
 
     def set_label(self, node_id: str, label: str) -> None:
         with self.write() as db:

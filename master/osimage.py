@@ -10,6 +10,8 @@ from rackboot.initramfs.updater import mbr
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import EXT_MAGIC, EXT_MAGIC_OFFSET
 
+from .numbers import ascii_int
+
 
 @dataclass(frozen=True)
 class Part:
@@ -34,8 +36,8 @@ def find_partition(img: Path, which: int | str) -> Part:
     parts = read_mbr(img)
     size = img.stat().st_size
     spec = str(which).strip()
-    if spec.isdigit():
-        hits = [p for p in parts if p.number == int(spec)]
+    if (number := ascii_int(spec)) is not None:
+        hits = [p for p in parts if p.number == number]
     elif spec.lower().startswith("type:"):
         hits = [p for p in parts if p.type == spec[5:].lower().removeprefix("0x").zfill(2)][:1]
     else:

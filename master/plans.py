@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from rackboot.config import BOOT_START_MIB, Config
@@ -13,9 +14,9 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Layout, Method, Plan, node_id
 
-from . import bootfiles, hostnames, publish, rsyncd, signing
+from . import bootfiles, hostnames, publish, rsyncd, serials, signing
 
-DEFAULT = "default"  # the plan of every node without one of its own
+DEFAULT = formats.DEFAULT_PLAN  # the plan of every node without one of its own
 _MAC_FORMS = (
     re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}"),  # 52:54:00:12:34:56, 52-54-00-12-34-56
     re.compile(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}"),  # Cisco: 5254.0012.3456
@@ -80,6 +81,8 @@ def assign(
 ) -> Path:
     """Point ``node`` (a MAC, or 'default') at a published image: latest unless a version is
     pinned; ``hostname`` names the node (else the registry or the pattern does)."""
+    if not formats.IMAGE_RE.fullmatch(image):  # it becomes a path on the master: checked before anything
+        raise RackbootError(f"image {image[:80]!r} is not an image name ([a-z0-9][a-z0-9._-]*, at most 64 characters)")
     node = node_name(node)
     master = cfg.master.directory
     if version is None:
@@ -98,18 +101,43 @@ def assign(
 
 
 def write_plan(master: Path, node: str, plan: Plan, key: Path | None = None) -> Path:
-    """Write plans/<node>.json (node: 'default' or the worker's own name), and with a key
-    its .sig first; each file is replaced atomically, under the lock on plans/."""
+    """Write plans/<node>.json (node: 'default' or the worker's own name) with the next
+    serial of that plan's sequence (serials.py: a worker refuses a lower one), and with a key
+    its .sig first; each file is replaced atomically, under the lock on plans/. Every writer
+    of a plan comes here, so every change, a way back included, has a fresh serial."""
     if node != node_name(node):
         raise RackbootError(f"node {node!r} is not the name a worker asks for ({node_name(node)})")
+    if plan.node != node or plan.default:
+        raise RackbootError(f"a plan for node {plan.node!r} cannot be written as plans/{node}.json")
     path = Path(master) / "plans" / f"{node}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_dir(path.parent)
     try:
         sweep(path.parent, TMP_RE)
+        data = formats.dump(replace(plan, serial=serials.take_next(master, node, path)))
         if key:
-            atomic_write_bytes(path.with_name(path.name + ".sig"), signing.sign(key, formats.dump(plan)))
-        atomic_write_bytes(path, formats.dump(plan))
+            atomic_write_bytes(path.with_name(path.name + ".sig"), signing.sign(key, data))
+        atomic_write_bytes(path, data)
     finally:
         os.close(lock)
     return path
+
+
+def remove_plan(master: Path, node: str) -> bool:
+    """Remove plans/<node>.json and its .sig, under the lock on plans/: the node follows the
+    default plan again. Whether there was one."""
+    directory = Path(master) / "plans"
+    if not directory.is_dir():
+        return False
+    lock = lock_dir(directory)
+    try:
+        found = False
+        for path in (directory / f"{node}.json", directory / f"{node}.json.sig"):
+            try:
+                path.unlink()
+                found = True
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(lock)
+    return found

@@ -31,6 +31,7 @@ from rackboot.initramfs.updater.formats import HOOK_TIMEOUT, Hook, HookName, Lat
 from . import filemanifest, signing
 from .ext4 import make_ext4
 from .index import write_index
+from .numbers import ascii_int
 from .osimage import ext4_magic, find_partition
 from .rootfs import add_modules, has_modules, image_has_modules, stage
 from .stream import STREAM_NAME, compress_stream
@@ -277,4 +278,5 @@ def read_hooks(hooks: Mapping[str, PathLike], timeout: int, *, signed: bool) -> 
 def _published_versions(image_dir: Path) -> list[int]:
     if not image_dir.is_dir():
         return []
-    return [int(p.name) for p in image_dir.iterdir() if p.name.isdigit() and p.is_dir()]
+    found = ((ascii_int(p.name), p) for p in image_dir.iterdir())
+    return [version for version, p in found if version is not None and p.is_dir()]

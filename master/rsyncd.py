@@ -36,7 +36,8 @@ from rackboot.initramfs.updater.formats import Plan
 from rackboot.proc import ChildWatch, dies_with_parent, stop_child
 
 from . import filemanifest
-from .dnsmasq import write_if_changed
+from .dnsmasq import config_text, write_if_changed
+from .numbers import ascii_int
 
 if TYPE_CHECKING:
     from rackboot.config import Config
@@ -65,8 +66,9 @@ def published_trees(master: Path) -> list[tuple[str, Path]]:
         for version_dir in image_dir.iterdir():
             tree = filemanifest.tree(version_dir)
             # a version directory appears whole (publish renames it into place)
-            if version_dir.name.isdigit() and (version_dir / "manifest.json").is_file() and tree.is_dir():
-                found.append((filemanifest.module_name(image_dir.name, int(version_dir.name)), tree))
+            version = ascii_int(version_dir.name)
+            if version is not None and (version_dir / "manifest.json").is_file() and tree.is_dir():
+                found.append((filemanifest.module_name(image_dir.name, version), tree))
     return sorted(found)
 
 
@@ -93,7 +95,7 @@ def render_config(master: Path) -> str:
     for module, tree in published_trees(master):
         image, _, version = module.rpartition(".")
         lines += ["", f"[{module}]", f"path = {tree}", f"comment = {image} v{version}"]
-    return "\n".join(lines) + "\n"
+    return config_text(lines, "rsyncd config")
 
 
 def _rsync() -> str:

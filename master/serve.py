@@ -37,6 +37,7 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.master import nodekeys
 from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
+from rackboot.master.numbers import ascii_int
 
 if TYPE_CHECKING:
     from rackboot.config import Config
@@ -80,12 +81,16 @@ class MasterServer(ThreadingHTTPServer):
         max_connections: int = MAX_CONNECTIONS,
         max_streams: int = MAX_STREAMS,
         config: Config | None = None,
+        tick: float | None = None,
     ):
         from .web import Fleet  # the inventory, the page and the API
 
         self.master = master.resolve()
         self.quiet = quiet
-        self.fleet = Fleet.open(self.master, config, log=None if quiet else lambda line: print(line, file=sys.stderr))
+        # the inventory's and rollouts' lines quote the rack's reports: no terminal escapes from them
+        log = None if quiet else lambda line: print(line.translate(_LOG_ESCAPES), file=sys.stderr)
+        self.fleet = Fleet.open(self.master, config, log=log)
+        self.tick = tick  # seconds between looks at a running rollout (None: rollout.TICK)
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.connections = threading.BoundedSemaphore(max_connections)
@@ -97,6 +102,14 @@ class MasterServer(ThreadingHTTPServer):
         self.refused_streams = 0
         self.refusals: deque[float] = deque()  # when streams were refused in the last RETRY_AFTER s
         super().__init__(address, MasterHandler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.fleet.start_ticking(self.tick)  # a silent wave still ends at its timeout
+        super().serve_forever(poll_interval)
+
+    def server_close(self) -> None:
+        self.fleet.stop()
+        super().server_close()
 
     @property
     def url(self) -> str:
@@ -186,9 +199,11 @@ def make_server(
     max_connections: int = MAX_CONNECTIONS,
     max_streams: int = MAX_STREAMS,
     config: Config | None = None,
+    tick: float | None = None,
 ) -> MasterServer:
     """A bound, not yet running server for `master` (port 0 = any free port); ``config``
-    gives the inventory its adoption mode, the API its token and rollouts their plans."""
+    gives the inventory its adoption mode, the API its token and rollouts their plans;
+    ``tick``: seconds between its looks at a running rollout (default rollout.TICK)."""
     master = Path(master)
     if not master.is_dir():
         raise RackbootError(f"master directory {master} does not exist")
@@ -201,6 +216,7 @@ def make_server(
             max_connections=max_connections,
             max_streams=max_streams,
             config=config,
+            tick=tick,
         )
     except OSError as e:
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -265,20 +281,19 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["uns
     """
     if not header or not header.startswith("bytes=") or "," in header:
         return None
-    first, sep, last = header[6:].strip().partition("-")
-    if not sep or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    first, sep, last = header[6:].strip(" \t").partition("-")
+    start, stop = ascii_int(first), ascii_int(last)
+    if not sep or (start is None and first != "") or (stop is None and last != ""):
         return None
-    if first == "":  # suffix: the last N bytes
-        if last == "" or int(last) == 0:
-            return "unsatisfiable" if last == "0" else None
-        return (max(size - int(last), 0), size - 1) if size else "unsatisfiable"
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if last and int(last) < start:
+    if start is None:  # suffix: the last N bytes
+        if not stop:
+            return "unsatisfiable" if stop == 0 else None
+        return (max(size - stop, 0), size - 1) if size else "unsatisfiable"
+    if stop is not None and stop < start:
         return None  # invalid, not unsatisfiable
     if start >= size:
         return "unsatisfiable"
-    return start, end
+    return start, size - 1 if stop is None else min(stop, size - 1)
 
 
 MAX_RANGES = 256  # ranges in one request; more is answered with the whole file, as RFC 9110 allows
@@ -293,14 +308,22 @@ def parse_ranges(header: str | None, size: int) -> list[tuple[int, int]] | None:
         return None
     spans: list[tuple[int, int]] = []
     for part in header[6:].split(","):
-        first, sep, last = part.strip().partition("-")
-        if not sep or not first.isdigit() or not last.isdigit() or len(spans) == MAX_RANGES:
+        first, sep, last = part.strip(" \t").partition("-")
+        start, stop = ascii_int(first), ascii_int(last)
+        if not sep or start is None or stop is None or len(spans) == MAX_RANGES:
             return None
-        start, end = int(first), min(int(last), size - 1)
+        end = min(stop, size - 1)
         if end < start or (spans and start <= spans[-1][1]):
             return None
         spans.append((start, end))
     return spans
+
+
+def is_private(asked: Path, real: Path) -> bool:
+    """Never sent, whatever the tree holds: a private key by the name asked for or the one it
+    resolves to (a signing key would let anyone sign hooks that run as root on every worker),
+    or a file its owner kept from others (not world-readable)."""
+    return asked.name.endswith(".key") or real.name.endswith(".key") or not real.stat().st_mode & 0o004
 
 
 def check_node_id(node: str) -> None:
@@ -375,9 +398,9 @@ class MasterHandler(BaseHTTPRequestHandler):
     def _plan(self, node: str, body: bool, suffix: str = ".json") -> None:
         fleet = self.server.fleet
         candidate = fleet.plan_for(node, suffix)  # its own, else the default one (unless not adopted)
-        if suffix == ".json":  # the inventory: a plan request is a node seen (its .sig comes next)
+        if suffix == ".json" and body:  # the inventory: a GET is a node seen (its .sig comes next); a HEAD is not
             fleet.saw_plan_request(node, self.client_address[0], self.headers.get("X-Rackboot-Serial"), candidate)
-        if candidate is not None and (named := fleet.named_default(node, candidate, suffix)) is not None:
+        if candidate is not None and (named := fleet.named_default(node, candidate, suffix, spend=body)) is not None:
             return self._reply(named, body)
         if candidate is not None:
             return self._file(f"/plans/{candidate.name}", candidate, body)
@@ -392,9 +415,12 @@ class MasterHandler(BaseHTTPRequestHandler):
         try:
             real = path.resolve(strict=True)
             inside = real.is_relative_to(self.server.master) and real.is_file()
+            private = inside and is_private(path, real)
         except (OSError, RuntimeError):
-            inside = False
-        if not inside:  # missing, a directory (no listings) or a symlink out of the tree
+            inside = private = False
+        if private:  # answered like a missing file: a client learns nothing of it
+            self.log_message("not sent: %s is a private key or not world-readable", url_path[:200])
+        if not inside or private:  # missing, a directory (no listings) or a symlink out of the tree
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {url_path[:200]}"}, body)
         with open(real, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -481,17 +507,19 @@ class MasterHandler(BaseHTTPRequestHandler):
     # --- POST /report -----------------------------------------------------------------------
 
     def _report(self) -> None:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "report: Content-Length required"})
-        if int(length) > MAX_REPORT:
+        length = ascii_int(self.headers.get("Content-Length", "").strip(" \t"))
+        if length is None:
+            self.close_connection = True  # a body of unknown length: the connection cannot go on
+            return self._json(
+                HTTPStatus.LENGTH_REQUIRED, {"error": "report: Content-Length required, a number of bytes"}
+            )
+        if length > MAX_REPORT:
             self.close_connection = True  # not reading a body that big
             return self._json(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"report: {length} bytes is more than {MAX_REPORT}"}
             )
         try:
-            data = self.rfile.read(int(length))
+            data = self.rfile.read(length)
         except TimeoutError:
             self.close_connection = True
             return self._json(
@@ -532,12 +560,15 @@ class MasterHandler(BaseHTTPRequestHandler):
     # --- the fleet API's actions (master/web.py) ------------------------------------------------
 
     def _web_post(self, path: str) -> None:
-        length = self.headers.get("Content-Length", "0")
-        if not length.isdigit() or int(length) > MAX_ACTION:
+        length = ascii_int(self.headers.get("Content-Length", "0").strip(" \t"))
+        if length is None:
+            self.close_connection = True  # a body of unknown length: the connection cannot go on
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "action: Content-Length is not a number of bytes"})
+        if length > MAX_ACTION:
             self.close_connection = True
             return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"action: body over {MAX_ACTION} bytes"})
         try:
-            data = self.rfile.read(int(length))
+            data = self.rfile.read(length)
         except TimeoutError:
             self.close_connection = True
             return self._json(HTTPStatus.REQUEST_TIMEOUT, {"error": "action: body not sent in time"})

@@ -3,7 +3,9 @@
 One row per node: id, label, IP, the booted slot and its version, the other slot, the
 state, when it was last heard from ("2 min ago") and its last error, trimmed. Nodes not
 heard from for [master] stale seconds are marked stale. Colour only on a terminal;
---json for scripts; --node for one node with its report history.
+--json for scripts; --node for one node with its report history. What the rack sent is
+printed with its control characters written out (\x1b): a report stored before the master
+refused them must not drive the admin's terminal.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from typing import Any, TextIO
 
 from rackboot.errors import RackbootError
+from rackboot.initramfs.updater.formats import escape_controls
 
 from .inventory import Inventory, Node, NodeState
 from .nodekeys import fingerprint
@@ -90,7 +93,7 @@ def other_slot(node: Node) -> str | None:
 
 def row(node: Node, now: float, stale_after: float) -> dict[str, str]:
     booted = slot_text(node, node.booted_slot) if node.booted_slot else "-"
-    return {
+    cells = {
         "node": node.id,
         "label": node.label or "-",
         "ip": node.ip or "-",
@@ -98,14 +101,15 @@ def row(node: Node, now: float, stale_after: float) -> dict[str, str]:
         "other slot": slot_text(node, other_slot(node)),
         "state": shown_state(node, now, stale_after),
         "last seen": ago(now - node.last_seen) if node.last_seen else "never",
-        "last error": key_problem(node) or trim(node.last_error) or "-",
+        "last error": key_problem(node) or trim(escape_controls(node.last_error or "")) or "-",
     }
+    return {column: escape_controls(text) for column, text in cells.items()}
 
 
 def table(nodes: list[Node], now: float, stale_after: float, *, colour: bool = False) -> str:
     """The nodes as an aligned text table; states coloured when ``colour``."""
     if not nodes:
-        return "no nodes yet: a worker appears here when it first asks the master for its plan"
+        return "no nodes yet: a worker appears here with its first report to the master"
     rows = [row(n, now, stale_after) for n in nodes]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in COLUMNS}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in COLUMNS).rstrip()]
@@ -174,7 +178,7 @@ def detail(inventory: Inventory, node: Node, now: float, stale_after: float) -> 
         error = f": {r['error']}" if r["error"] else ""
         refused = f" REFUSED: {r['refused']}" if r["refused"] else ""
         lines.append(f"  {ago(now - r['received']):>12}  {r['phase']:<8}{slot}{version}{late}{error}{refused}")
-    return "\n".join(lines)
+    return "\n".join(escape_controls(line) for line in lines)
 
 
 def use_colour(stream: TextIO) -> bool:

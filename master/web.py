@@ -3,8 +3,8 @@
 `rackboot serve` answers ``/`` (the rack at a glance: nodes, versions, states, errors,
 rollout progress; it refreshes itself from the API every few seconds and fits a phone)
 and ``/api/nodes``, ``/api/nodes/<id>``, ``/api/rollouts``: read-only, no token. Actions
-(``POST /api/nodes/<id>/adopt``, ``/assign``, ``/power``) need ``Authorization: Bearer
-<[master] token>``, compared in constant time; with no token set they are refused.
+(``POST /api/nodes/<id>/adopt``, ``/assign``, ``/power``, ``/forget``) need ``Authorization:
+Bearer <[master] token>``, compared in constant time; with no token set they are refused.
 
 These are small routes on serve's own ThreadingHTTPServer (its connection cap, timeouts
 and stream slots hold for them too) rather than a web framework beside it: a dozen JSON
@@ -18,6 +18,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from importlib import resources
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from rackboot.config import Config
 
 MAX_BODY = 4096  # an action's JSON body
+ACTIONS = ("adopt", "assign", "power", "forget")
 REFRESH_SECONDS = 5
 DEFAULT_STALE = 86400
 
@@ -58,16 +60,45 @@ class Fleet:
     inventory: Inventory
     config: Config | None = None
     log: Any = field(default=lambda _line: None)
+    advance: Callable[[], object] = field(default=lambda: None)  # moves the running rollout on, never raises
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _ticker: threading.Thread | None = None
 
     @classmethod
     def open(cls, master: Path, config: Config | None = None, log: Any = None) -> Fleet:
         log = log or (lambda _line: None)
-        fleet = cls(master, open_inventory(master, config, log), config, log)
+        fleet = cls(master, inventory_for(master, config, log), config, log)
         if config is not None:  # every report taken may move a rollout on; a restart continues it
             power = _power(config, log)
-            fleet.inventory.hooks.append(lambda inv, _node: rollout.advance(config, inv, power=power, quick=True))
-            rollout.advance(config, fleet.inventory, power=power)
+
+            def advance(say_stuck: bool = False) -> None:
+                try:
+                    rollout.advance(config, fleet.inventory, power=power, quick=True, say_stuck=say_stuck)
+                except Exception as e:  # (advance says why a rollout is stuck itself; this is the rest)
+                    log(f"rollout: {type(e).__name__}: {e}")
+
+            fleet.advance = advance
+            fleet.inventory.hooks.append(lambda _inv, _node: advance())
+            advance(say_stuck=True)  # serve starts whatever the rollout's state: one stuck says why
         return fleet
+
+    def start_ticking(self, interval: float | None = None) -> None:
+        """Move the running rollout on every ``interval`` s (default rollout.TICK) as well,
+        so that a wave whose nodes stay silent still ends at its timeout."""
+        if self.config is None or self._ticker is not None:
+            return
+        every = rollout.TICK if interval is None else interval
+        self._ticker = threading.Thread(target=self._tick, args=(every,), name="rackboot-rollout", daemon=True)
+        self._ticker.start()
+
+    def _tick(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.advance()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join()
 
     @property
     def manual(self) -> bool:
@@ -99,29 +130,41 @@ class Fleet:
         default = directory / f"default{suffix}"
         return default if default.is_file() else None
 
-    def named_default(self, node: str, default: Path, suffix: str) -> Reply | None:
+    def named_default(self, node: str, default: Path, suffix: str, *, spend: bool = True) -> Reply | None:
         """With a [master] hostname pattern, the default plan as ``node``'s own, carrying the
         name the pattern gives it (hostnames.assign: kept, never reused), signed here with the
-        master key: a node that follows the default plan is named too. Deterministic (Ed25519
-        signatures are), so the .sig fetched next matches. None: serve the file as it is."""
+        master key: a node that follows the default plan is named too. Marked ``default``, since
+        it carries the default plan's serial and the worker takes it as the default plan.
+        Deterministic (Ed25519 signatures are), so the .sig fetched next matches. None: serve
+        the file as it is. Only an adopted node (one that reported) spends an index, and only
+        when ``spend`` (not for a HEAD); another gets the name it has, or a {mac} pattern's,
+        else none yet."""
         cfg = self.config
         if cfg is None or not cfg.master.hostname or not _is_node(node) or default.name != f"default{suffix}":
             return None
         try:
             plan = formats.parse_plan((default.parent / "default.json").read_bytes())
-            name = hostnames.assign(self.master, node, hostname=None, pattern=cfg.master.hostname)
-            data = formats.dump(replace(plan, node=node, hostname=name))
+            known = self.inventory.node(node)
+            if spend and known is not None and known.adopted:
+                name = hostnames.assign(self.master, node, hostname=None, pattern=cfg.master.hostname)
+            else:
+                name = hostnames.peek(self.master, node, pattern=cfg.master.hostname)
+            if name is None:
+                return None  # not adopted yet: the default plan as it is, the name comes with its next one
+            data = formats.dump(replace(plan, node=node, hostname=name, default=True))  # the default's serial
             if suffix == ".json.sig":
                 if not cfg.master.key:
                     return None
                 data = signing.sign(cfg.master.key, data)
-        except (OSError, UpdaterError, RackbootError) as e:
+        except (OSError, UpdaterError, RackbootError, sqlite3.Error) as e:
             self.log(f"plans: default plan not named for {node}: {e}")
             return None  # the default plan as it is: the node boots, unnamed
         return Reply(HTTPStatus.OK, data, "application/octet-stream" if suffix == ".json.sig" else "application/json")
 
     def saw_plan_request(self, node: str, ip: str, serial: str | None, served: Path | None) -> None:
-        """Record a plan request; an inventory that fails is logged, the plan still goes out."""
+        """Record a plan request (a GET: a HEAD changes nothing) for a node the inventory
+        knows; an unknown node's is only remembered until its first report (Inventory.
+        plan_request). An inventory that fails is logged, the plan still goes out."""
         if not _is_node(node):
             return
         try:
@@ -143,7 +186,6 @@ class Fleet:
             serial=serial,
             plan=kind,
             manifest=manifest if isinstance(manifest, str) else None,
-            adopt=not self.manual,
         )
 
     # --- GET ---------------------------------------------------------------------------------------
@@ -197,7 +239,7 @@ class Fleet:
 
     def post(self, path: str, authorization: str | None, body: bytes) -> Reply:
         parts = path.split("/")
-        if len(parts) != 5 or parts[:3] != ["", "api", "nodes"] or parts[4] not in ("adopt", "assign", "power"):
+        if len(parts) != 5 or parts[:3] != ["", "api", "nodes"] or parts[4] not in ACTIONS:
             return _json(HTTPStatus.NOT_FOUND, {"error": f"no such action: POST {path[:200]}"})
         if not self.token:
             return _json(HTTPStatus.FORBIDDEN, {"error": "actions over HTTP are off: set [master] token"})
@@ -231,6 +273,10 @@ class Fleet:
                 raise RackbootError("replace: expected true or false")
             adopted = adopt(self.config, self.inventory, node, image=image, version=version, replace_key=replace_key)
             return {"node": adopted.node.to_dict(), "key": adopted.said}
+        if action == "forget":
+            gone = forget(self.config, self.inventory, node)
+            self.log(f"web: {gone.text()}")
+            return gone.to_dict()
         if action == "assign":
             if image is None:
                 raise RackbootError("assign needs an image")
@@ -258,11 +304,6 @@ def check_token(authorization: str | None, token: str) -> bool:
     return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def open_inventory(master: Path, config: Config | None, log: Any = None) -> Inventory:
-    """The master's inventory, pinning keys as [master] adopt says (auto: on first use)."""
-    return Inventory(master, log=log, trust_first_key=config is None or config.master.adopt == "auto")
-
-
 def adopt(
     cfg: Config,
     inventory: Inventory,
@@ -281,7 +322,62 @@ def adopt(
         plans.assign(cfg, node=node, image=image, version=version)
     elif version is not None:
         raise RackbootError("--version needs --image")
-    return inventory.adopt(node, replace_key=replace_key)
+    return inventory.adopt(node, replace_key=replace_key)  # (named by the pattern there, when it has none yet)
+
+
+def inventory_for(master: Path, config: Config | None, log: Any = None) -> Inventory:
+    """The inventory as a config has it adopt and name nodes and pin their keys (without one:
+    auto, trust on first use, no pattern)."""
+    if config is None:
+        return Inventory(master, log=log)
+    return Inventory(
+        master,
+        log=log,
+        auto_adopt=config.master.adopt != "manual",
+        hostname_pattern=config.master.hostname,
+    )
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What `rackboot forget` removed."""
+
+    node: str
+    rows: bool  # it was in the inventory
+    plan: bool  # it had a plan of its own
+    name: hostnames.Entry | None  # its hostname, free again (its index stays spent)
+    rollouts: int  # running rollouts that skip it from now on
+
+    def to_dict(self) -> dict[str, Any]:
+        name = None if self.name is None else {"index": self.name.index, "hostname": self.name.hostname}
+        return {"node": self.node, "inventory": self.rows, "plan": self.plan, "name": name, "rollouts": self.rollouts}
+
+    def text(self) -> str:
+        parts = ["its inventory rows" if self.rows else "", "its plan" if self.plan else ""]
+        if self.name is not None:
+            parts.append(f"its name {self.name.hostname} (free again; index {self.name.index} is not reused)")
+        if self.rollouts:
+            parts.append("its place in the running rollout (skipped)")
+        return f"{self.node} forgotten: " + ", ".join(p for p in parts if p)
+
+
+def forget(cfg: Config, inventory: Inventory, node: str) -> Forgotten:
+    """Remove ``node``: its inventory rows, its plan (and .sig), its name; a running rollout
+    skips it. A node that comes back is a new node (adopted again with its first report)."""
+    node = plans.node_name(node)
+    if node == plans.DEFAULT:
+        raise RackbootError("'default' is not a node; forget takes a node's MAC")
+    master = cfg.master.directory
+    with inventory.write() as db:  # the files go inside it: a failure there keeps the rows
+        rows = inventory.remove(db, node)
+        running = rollout.leave_out(db, node, "forgotten (rackboot forget)")
+        name = hostnames.forget(master, node)
+        plan = plans.remove_plan(master, node)
+        if not (rows or running or name or plan):
+            raise RackbootError(f"node {node} is unknown to {master}: not in the inventory, no plan, no name")
+    if running:
+        rollout.advance(cfg, inventory)  # a wave that waited for it may move on
+    return Forgotten(node, rows, plan, name, running)
 
 
 def _is_node(node: str) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .errors import UpdaterError
 from .formats import DEFAULT_MOUNT, MOUNTS
-from .main import Decision, NoIdentity, console_log, discover_identity, run
+from .main import Decision, console_log, discover_identity, expected, run
 from .signature import PUBLIC_KEY, from_environment
 from .watchdog import DEVICE, NoWatchdog, Watchdog
 
@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         try:
-            identity = discover_identity(args.mac, args.serial)
-        except NoIdentity as e:  # identity is for the master; the card's good slot boots without it
+            with expected():
+                identity = discover_identity(args.mac, args.serial)
+        except UpdaterError as e:  # identity is for the master; the card's good slot boots without it
             console_log(f"{e}; the master cannot be asked: offline boot")
             identity = None
         watchdog = (
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # e.g. the decision file's directory is missing
         print(f"rackboot: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # run() ends every step in a decision or an UpdaterError: this is only the rest
+        print(f"rackboot: error: {UpdaterError(f'unexpected {type(e).__name__}: {e}')}", file=sys.stderr)
         return 1
     return 0
 

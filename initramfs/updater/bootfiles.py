@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import formats, install, mbr
+from . import binding, formats, install, mbr
 from . import report as reports
 from .disk import Disk
 from .errors import Refused, UpdaterError
@@ -45,6 +45,7 @@ MAGIC = b"RKBA"
 _HEAD = struct.Struct("<4sI")  # magic, body length
 _CRC = struct.Struct("<I")
 BUILD_RE = re.compile(r"[0-9a-f]{16}")  # the first 16 hex digits of the boot image's sha256
+_MANIFEST_PATH_RE = re.compile(rf"/boot/({BUILD_RE.pattern})/boot\.json")  # master/bootfiles.manifest_path
 WHOLE = "whole"  # entry 1 spans the whole region: a card from before boot areas
 AREAS = ("a", "b")
 # FAT32 needs 65525 clusters: below 33 MiB mtools (and the spec) take it for FAT16 and find no root directory
@@ -54,6 +55,12 @@ MIN_AREA_MIB = 33
 def build_id(sha256: str) -> str:
     """A build's id: the first 16 hex digits of its boot image's sha256."""
     return sha256[:16]
+
+
+def build_named(path: str) -> str | None:
+    """The build a boot manifest's path names (/boot/<build>/boot.json), or None."""
+    match = _MANIFEST_PATH_RE.fullmatch(path)
+    return match[1] if match else None
 
 
 # --- the boot manifest ------------------------------------------------------------------
@@ -244,7 +251,11 @@ def keep_current(update: _Update, region: tuple[int, int], table: mbr.Mbr, path:
     """Bring the card's active boot area to the boot manifest at ``path`` (signed like a plan):
     (what happened, the card's table now). UpdaterError/Refused: the old area still boots."""
     started = time.monotonic()
+    expected = build_named(path)
+    if expected is None:
+        raise Refused(f"boot manifest: {path[:120]!r} is not a build's boot manifest path (/boot/<build>/boot.json)")
     manifest = update.signed_doc(path, parse_boot_manifest)
+    binding.check_boot_manifest(path, manifest.build, expected)  # the build the plan asked for, or none
     region_start, region_sectors = region
     entry = table.entry(1)
     active = which_area(entry, region_start, region_sectors)

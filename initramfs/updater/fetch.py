@@ -37,6 +37,7 @@ _TRANSIENT = (OSError, http.client.HTTPException)
 BUSY_LIMIT = 900.0
 MAX_RETRY_AFTER = 60  # a longer Retry-After is read as this: the client looks again within a minute
 JITTER = 0.5  # each wait is Retry-After times 1 to 1 + JITTER
+MAX_DIGITS = 18  # a byte count or a delay; a longer number is no answer (and int() refuses past 4300 digits)
 
 
 class NoRange(UpdaterError):
@@ -55,13 +56,19 @@ class _Busy(Exception):
         self.seconds = seconds
 
 
+def wire_int(value: str | None) -> int | None:
+    """A number read off the wire: ASCII digits alone, at most MAX_DIGITS; None for anything
+    else. (str.isdigit takes '²', which int() refuses; int() takes '١٢', ' 7', '+7' and '7_0'.)"""
+    if not value or len(value) > MAX_DIGITS or not value.isascii() or not value.isdigit():
+        return None
+    return int(value)
+
+
 def retry_after(value: str | None) -> int | None:
     """A Retry-After header's delay in whole seconds, 1 to MAX_RETRY_AFTER; None when it is
     missing or an HTTP date (a worker without a real-time clock cannot read one)."""
-    value = (value or "").strip()
-    if not value.isdigit():
-        return None
-    return min(max(int(value), 1), MAX_RETRY_AFTER)
+    seconds = wire_int((value or "").strip(" \t"))
+    return None if seconds is None else min(max(seconds, 1), MAX_RETRY_AFTER)
 
 
 def jittered(seconds: float, rng: random.Random) -> float:
@@ -154,8 +161,8 @@ class MasterClient:
                 body = resp.read(MAX_DOCUMENT + 1)
                 if len(body) > MAX_DOCUMENT:
                     raise UpdaterError(f"master: GET {path}: document larger than {MAX_DOCUMENT} bytes")
-                length = resp.getheader("Content-Length")
-                if length is not None and length.isdigit() and int(length) != len(body):
+                length = _content_length(resp)
+                if length is not None and length != len(body):
                     raise _Retry(f"short body ({len(body)} of {length} bytes)")
                 return body
             finally:
@@ -213,8 +220,7 @@ class MasterClient:
                     raise _Retry(f"206 starts at byte {first}, asked for {offset}")
             else:
                 skip = offset  # the server ignored Range: read from 0, drop what we have
-                cl = resp.getheader("Content-Length")
-                length = int(cl) if cl is not None and cl.isdigit() else None
+                length = _content_length(resp)
             if length is not None and length != size:
                 raise UpdaterError(f"master: GET {path}: {length} bytes on the master, the manifest says {size}")
             while True:
@@ -276,12 +282,13 @@ class MasterClient:
             conn, resp = self._open("GET", path, headers={"Range": header})
             try:
                 self._check_partial(path, resp, "a multi-range request")
-                length = resp.getheader("Content-Length")
-                if length is None or not length.isdigit() or int(length) > most:
-                    raise NoRange(f"master {self.url}: GET {path}: a multi-range answer of {length} bytes")
-                body = resp.read(int(length))
+                length = _header_int(resp, "Content-Length")
+                if length is None or length > most:
+                    shown = str(resp.getheader("Content-Length"))[:20]
+                    raise NoRange(f"master {self.url}: GET {path}: a multi-range answer of {shown} bytes")
+                body = resp.read(length)
                 self.stream_bytes += len(body)
-                if len(body) != int(length):
+                if len(body) != length:
                     raise _Retry(f"{len(body)} of {length} bytes")
                 ctype = resp.getheader("Content-Type", "")
                 if ctype.startswith("multipart/byteranges"):
@@ -387,17 +394,29 @@ def _cut(parts: list[tuple[int, bytes]], start: int, end: int) -> bytes:
     raise _Retry(f"no part of the answer holds bytes {start}-{end - 1}")
 
 
+def _content_length(resp: http.client.HTTPResponse) -> int | None:
+    """The answer's Content-Length; None when it has none, a transient failure when it is not a number."""
+    value = resp.getheader("Content-Length")
+    length = _header_int(resp, "Content-Length")
+    if value is not None and length is None:
+        raise _Retry(f"a bad Content-Length {value[:20]!r}")
+    return length
+
+
+def _header_int(resp: http.client.HTTPResponse, name: str) -> int | None:
+    """Header ``name`` as a number (spaces or tabs around it are allowed); None when missing or not one."""
+    return wire_int((resp.getheader(name) or "").strip(" \t"))
+
+
 def _content_range(value: str) -> tuple[int, int, int | None]:
     """'bytes N-M/T' -> (N, M, T or None for '*'); anything else is a transient failure."""
-    try:
-        unit, spec = value.split(" ", 1)
-        span, total = spec.split("/", 1)
-        first, last = (int(n) for n in span.split("-", 1))
-        if unit != "bytes" or last < first:
-            raise ValueError(unit)
-        return first, last, (None if total == "*" else int(total))
-    except ValueError:
-        raise _Retry(f"206 with a bad Content-Range {value[:60]!r}") from None
+    unit, _, spec = value.partition(" ")
+    span, _, size = spec.partition("/")
+    start, _, end = span.partition("-")
+    first, last, total = wire_int(start), wire_int(end), wire_int(size)
+    if unit != "bytes" or first is None or last is None or last < first or (total is None and size != "*"):
+        raise _Retry(f"206 with a bad Content-Range {value[:60]!r}")
+    return first, last, total
 
 
 def _describe(e: BaseException) -> str:

@@ -90,6 +90,16 @@ class Action(StrEnum):
     REFUSED = "refused"
 
 
+class PlanKind(StrEnum):
+    """Whose plan a worker took: its own (plans/<node>.json) or the default one. Each has its
+    own serial sequence on the master."""
+
+    OWN = "own"
+    DEFAULT = "default"
+
+
+DEFAULT_PLAN = "default"  # the node name of the plan every node without one of its own gets
+
 REPARTITION = tuple(Repartition)
 MOUNTS = tuple(Mount)
 DEFAULT_MOUNT = Mount.OVERLAY_TMPFS  # how a slot mounts unless the plan (offline: the card's config) says otherwise
@@ -138,6 +148,10 @@ HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A persisted path's parts: no spaces or quotes, since /init splits the list on spaces
 _PERSIST_PART_RE = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}")
 MAX_PERSIST = 32
+# C0 controls, DEL and C1 controls: text from a worker that would act on a terminal (ESC
+# sequences, a CR that overwrites a log line). A hook's output keeps its tabs and newlines.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LINES_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Mounted by /init itself (kernel filesystems, the tmpfs /run moved in): never a persisted path
 PERSIST_RESERVED = ("/proc", "/sys", "/dev", "/run")
 
@@ -649,7 +663,14 @@ class Plan:
     boot: str | None = None  # the boot manifest's path on the master (bootfiles.py); None: boot files stay
     method: Method = Method.IMAGE  # rsync: files into a fresh slot, checked against the signed file manifest
     rsync_port: int | None = None  # the master's rsync daemon, for method rsync
+    serial: int | None = None  # rev7: raised by the master on every write of this plan; None: an older master's
+    default: bool = False  # rev7: the default plan as serve names it for one node: its serial is the default's
     format: int = FORMAT
+
+    @property
+    def kind(self) -> PlanKind:
+        """Which plan this is, and so whose serial sequence it counts in: the node's own or the default."""
+        return PlanKind.DEFAULT if self.node == DEFAULT_PLAN or self.default else PlanKind.OWN
 
     @classmethod
     def from_dict(cls, obj: Any) -> Plan:
@@ -670,6 +691,8 @@ class Plan:
             persist=tuple(persist or ()),
             boot=f.optional_text("boot", _MASTER_PATH_RE, what="an absolute path on the master"),
             **_method(f),
+            serial=f.optional_integer("serial", minimum=1),
+            default=f.flag("default"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -687,6 +710,9 @@ class Plan:
             **({"boot": self.boot} if self.boot is not None else {}),  # rev5: absent keeps the bytes before it
             # rev6: left out for the image method, which keeps the bytes before it
             **({"method": self.method, "rsync_port": self.rsync_port} if self.method is Method.RSYNC else {}),
+            # rev7: left out when unset (an older master's plan keeps its bytes)
+            **({"serial": self.serial} if self.serial is not None else {}),
+            **({"default": True} if self.default else {}),
         }
 
 
@@ -753,11 +779,35 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class PlanRecord:
+    """The newest serialled plan this card acted on (slot state rev3): for which node, whose
+    plan (own or default) and its serial. A lower serial of the same plan is a replay; once
+    ``kind`` is own, the default plan is refused."""
+
+    node: str
+    kind: PlanKind
+    serial: int
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> PlanRecord:
+        f = _Fields("slot state: plan", obj)
+        return cls(
+            node=f.text("node", _NODE_RE, what="a node id"),
+            kind=f.choice("kind", PlanKind),
+            serial=f.integer("serial", minimum=1),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "kind": self.kind, "serial": self.serial}
+
+
+@dataclass(frozen=True)
 class SlotState:
     seq: int = 0
     slots: Mapping[str, Slot] = field(default_factory=dict)
     primary: str | None = None
     last_good: str | None = None
+    plan: PlanRecord | None = None  # rev3: the newest serialled plan acted on; None: none yet (older records)
     format: int = FORMAT
 
     @classmethod
@@ -777,6 +827,7 @@ class SlotState:
             slots=slots,
             primary=f.optional_text("primary"),
             last_good=f.optional_text("last_good"),
+            plan=None if f.raw("plan", optional=True) is None else PlanRecord.from_dict(f.raw("plan")),
         )
         for key, allowed in (("primary", BOOTABLE), ("last_good", ("good",))):
             name = getattr(state, key)
@@ -791,6 +842,7 @@ class SlotState:
             "slots": {k: v.to_dict() for k, v in sorted(self.slots.items())},
             "primary": self.primary,
             "last_good": self.last_good,
+            **({"plan": self.plan.to_dict()} if self.plan is not None else {}),  # rev3; absent: the rev2 bytes
         }
 
     def slot(self, name: str) -> Slot:
@@ -820,12 +872,12 @@ class Report:
     @classmethod
     def from_dict(cls, obj: Any) -> Report:
         f = _Fields("report", obj)
-        error = f.optional_text("error")
-        if error is not None and ("\n" in error or len(error) > 1000):
-            raise f.fail("error", "must be one line of at most 1000 characters")
+        error = _one_line(f, "error")
         output = f.optional_text("output")
         if output is not None and len(output) > MAX_REPORT_OUTPUT:
             raise f.fail("output", f"must be at most {MAX_REPORT_OUTPUT} characters")
+        if output is not None and (bad := _CONTROL_BUT_LINES_RE.search(output)):
+            raise f.fail("output", f"control character {bad[0]!r} (only tabs and newlines are taken)")
         return cls(
             node=f.text("node", _NODE_RE, what="a node id"),
             phase=f.choice("phase", Phase),
@@ -874,7 +926,15 @@ def _one_line(f: _Fields, key: str) -> str | None:
     value = f.optional_text(key)
     if value is not None and ("\n" in value or len(value) > 1000):
         raise f.fail(key, "must be one line of at most 1000 characters")
+    if value is not None and (bad := _CONTROL_RE.search(value)):
+        raise f.fail(key, f"control character {bad[0]!r} (one line of printable text is taken)")
     return value
+
+
+def escape_controls(text: str, *, lines: bool = False) -> str:
+    """``text`` with each control character written out as ``\\xNN`` (with ``lines``, tabs
+    and newlines kept): a worker's text printed on the master's terminal prints as itself."""
+    return (_CONTROL_BUT_LINES_RE if lines else _CONTROL_RE).sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 parse_manifest = _parser(Manifest.from_dict, "manifest")
@@ -887,6 +947,16 @@ parse_report = _parser(Report.from_dict, "report")
 def manifest_path(image: str, version: int) -> str:
     """Where a version's manifest lies on the master (its stream and hooks lie beside it)."""
     return f"/images/{image}/{version}/manifest.json"
+
+
+_MANIFEST_PATH_RE = re.compile(rf"/images/({IMAGE_RE.pattern})/([1-9][0-9]{{0,17}})/manifest\.json")
+
+
+def manifest_named(path: str) -> tuple[str, int] | None:
+    """(image, version) that a manifest path names (manifest_path's inverse), or None when
+    ``path`` is not one: a plan names the version it assigns by this path alone."""
+    match = _MANIFEST_PATH_RE.fullmatch(path)
+    return (match[1], int(match[2])) if match else None
 
 
 def node_id(mac: str) -> str:

@@ -4,7 +4,9 @@
 or, when no slot on the card is good, an UpdaterError (/init waits, offering a rescue
 shell, and retries). Any failure after the plan arrived falls back to the last good slot
 ("fallback"); a failure to get the plan at all boots it as "offline", and so does a
-board with no identity (no network interface: no master to ask). Each phase is
+board with no identity (no network interface: no master to ask). An exception no step
+foresaw (a bug, a master's answer nobody thought of) is one of those failures too, named
+by its type: it never sends a card with a good slot into the rescue loop. Each phase is
 reported to the master, best effort.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from . import delta, hooks, install, layout, node, nodekey
+from . import binding, delta, hooks, install, layout, node, nodekey
 from . import report as reports
 from . import rsync as rsync_mode
 from . import state as slot_state
@@ -53,6 +55,18 @@ from .watchdog import NoWatchdog, Watchdog
 
 WRITE_ATTEMPTS = 2  # a slot whose read-back differs is written once more, then left bad
 DEFAULT_NUMBERS = {"a": 2, "b": 3, "data": 4}  # the standard layout, for state written without numbers
+
+
+@contextmanager
+def expected() -> Iterator[None]:
+    """Any exception the code inside did not foresee becomes an UpdaterError (one line: its
+    type and message), so it ends where a master that is down ends: the good slot boots."""
+    try:
+        yield
+    except UpdaterError:
+        raise
+    except Exception as e:
+        raise UpdaterError(f"unexpected {type(e).__name__}: {e}") from e
 
 
 class NoIdentity(UpdaterError):
@@ -174,7 +188,7 @@ def run(
     master is neither asked nor told, and the card's good slot boots offline.
     ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config);
     ``watchdog`` (started by the caller) hears of every step forward."""
-    with open_disk(disk_path) as disk:
+    with expected(), open_disk(disk_path) as disk:
         update = _Update(
             disk,
             disk_path,
@@ -232,7 +246,8 @@ class _Update:
     def run(self, layout_check: bool) -> Decision:
         self.take_node_key()
         try:
-            self.take_confirmation()
+            with expected():
+                self.take_confirmation()
         except UpdaterError as e:  # the state cannot be written: boot as it stands, confirm next time
             self.log(f"confirm failed: {e}")
             self.report(Phase.ERROR, error=f"confirm: {e}")
@@ -240,19 +255,26 @@ class _Update:
             return self.fall_back(Action.OFFLINE, NoIdentity("identity: no network interface with a MAC address"))
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
-            with self.step("plan"):
-                plan = self.plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+            with expected(), self.step("plan"):
+                plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
+                record = binding.plan_record(plan, self.identity.node, self.state.plan)  # this node's, and no replay
         except Refused as e:
             return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
             return self.fall_back(Action.OFFLINE, e)
+        self.plan = plan  # only now: a refused plan's mount, hostname or layout is never used
         signed = "signature verified" if self.verifier.required else "unsigned: this card has no master key"
-        self.log(f"plan for {plan.node}: image {plan.image or '(keep)'} ({signed})")
+        serial = f", serial {plan.serial}" if plan.serial is not None else ""
+        self.log(f"plan for {plan.node} ({plan.kind} plan{serial}): image {plan.image or '(keep)'} ({signed})")
         try:
-            with self.step("layout"):
-                table = self.check_layout(plan, layout_check)
-            table = update_boot_files(self, table)  # never fails the boot: the old boot area still boots
-            return self.update(plan, table)
+            with expected():
+                if record is not None and record != self.state.plan:
+                    with self.step("plan"):  # acted on from here: a lower serial is a replay from now on
+                        self.commit(replace(self.state, plan=record))
+                with self.step("layout"):
+                    table = self.check_layout(plan, layout_check)
+                table = update_boot_files(self, table)  # never fails the boot: the old boot area still boots
+                return self.update(plan, table)
         except Refused as e:
             return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
@@ -265,7 +287,8 @@ class _Update:
         if self.identity is None:  # nothing to report, nobody to sign for: the first online boot makes it
             return
         try:
-            self.node_key, problem = nodekey.ensure(self.disk, self.identity.node, log=self.log)
+            with expected():
+                self.node_key, problem = nodekey.ensure(self.disk, self.identity.node, log=self.log)
         except UpdaterError as e:
             self.log(f"{e}; reports go unsigned")
             return
@@ -313,7 +336,8 @@ class _Update:
                 slots[name] = Slot()
         if slots != dict(self.state.slots):
             self.commit(
-                SlotState(
+                replace(
+                    self.state,
                     slots=slots,
                     primary=_bootable(slots, self.state.primary),
                     last_good=_good(slots, self.state.last_good),
@@ -330,6 +354,7 @@ class _Update:
                     raise UpdaterError("plan: assigns no image and no slot on the card is good")
                 return self.decision(current, Action.UP_TO_DATE)
             manifest = self.signed_doc(plan.image, parse_manifest)
+            binding.check_manifest(plan.image, manifest)  # the version asked for: the replay rule judges it
             self.refuse_replay(plan, manifest)
             for name, slot in sorted(self.state.slots.items()):
                 if slot.state == "failed" and (slot.image, slot.sha256) == (manifest.image, manifest.sha256):
@@ -404,7 +429,7 @@ class _Update:
                     if self.write_and_read_back(path, target, offset, capacity, manifest, last=last):
                         break
             self.run_hook(HookName.POST_INSTALL, manifest, scripts, target, number)
-        except UpdaterError:
+        except Exception:  # whatever stopped the install, the slot holds no version
             self.commit(self.with_slot(target, replace(entry, state=SlotStatus.BAD)))
             raise
         with self.step("commit", report=True, slot=target, version=manifest.version):

@@ -25,7 +25,7 @@ from . import hooks, nodekey
 from . import report as reports
 from .disk import Disk
 from .errors import UpdaterError
-from .fetch import MasterClient
+from .fetch import MasterClient, wire_int
 from .formats import HOOK_TIMEOUT, Hook, HookName, Phase
 
 # Why stable per node and image rather than fresh per install: with a tmpfs overlay every
@@ -152,7 +152,7 @@ def first_boot(
                 Phase.HOOK,
                 seconds=result.seconds,
                 slot=decision.get("slot") or None,
-                version=int(version) if version.isdigit() else None,
+                version=wire_int(version),
                 output=result.output,
                 error=None if result.ok else result.problem(),
                 hostname=decision.get("hostname") or None,

@@ -15,7 +15,7 @@ from dataclasses import replace
 from . import formats
 from .errors import UpdaterError
 from .fetch import MasterClient
-from .formats import MAX_REPORT_OUTPUT, HookName, Phase, Report
+from .formats import MAX_REPORT_OUTPUT, HookName, Phase, Report, escape_controls
 from .nodekey import NodeKey
 
 SIGNATURE_HEADER = "X-Rackboot-Signature"
@@ -68,13 +68,24 @@ def make(
         phase=phase,
         bytes=bytes,
         seconds=round(seconds, 3),
-        error=None if error is None else " ".join(error.split())[:1000],
+        error=_line(error),
         slot=slot,
         version=version,
         time=round(time.time(), 3),
-        output=None if output is None else output[-MAX_REPORT_OUTPUT:],
+        output=None if output is None else _tail(output),
         hostname=hostname,
         hook=hook,
         card_bytes=card_bytes,
-        delta=None if delta is None else " ".join(delta.split())[:1000],
+        delta=_line(delta),
     )
+
+
+def _tail(output: str) -> str:
+    """A hook's output as a report carries it: its tail, control characters but tabs and newlines written out."""
+    return escape_controls(output[-MAX_REPORT_OUTPUT:], lines=True)[-MAX_REPORT_OUTPUT:]
+
+
+def _line(text: str | None) -> str | None:
+    """One line of at most 1000 characters, control characters written out (the master
+    refuses a report with any: a hook's or a master's text may hold ESC or CR)."""
+    return None if text is None else escape_controls(" ".join(text.split()))[:1000]

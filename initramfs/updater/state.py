@@ -5,6 +5,8 @@ u32 CRC32 of everything before it. Copies live at 1 MiB and 2 MiB (64 KiB each).
 A write goes to the copy holding the older seq and is fsynced; a reader takes the
 valid copy with the highest seq. A power cut tears at most the copy being written,
 so the reader still finds the other one: the old state or the new, never neither.
+The body is a SlotState; rev3 adds the newest serialled plan acted on (binding.py), and
+a record without one (rev2, rev1) reads as a card that never took one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from dataclasses import replace
 
 from . import formats
 from .disk import Disk
@@ -112,7 +115,7 @@ def write(disk: Disk, state: SlotState) -> SlotState:
     """Store `state` with the next seq over the older copy; returns what was stored."""
     copies = read_copies(disk)
     seq = max((c.seq for c in copies if c is not None), default=0) + 1
-    stored = SlotState(seq=seq, slots=dict(state.slots), primary=state.primary, last_good=state.last_good)
+    stored = replace(state, seq=seq, slots=dict(state.slots))
     disk.write(COPIES[target_copy(copies)], encode(stored))
     disk.fsync()
     return stored

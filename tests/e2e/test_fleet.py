@@ -1,10 +1,11 @@
 """The rack at a glance and under control, on emulated workers: a blank worker is discovered
-when it first asks for a plan, `rackboot status` and its JSON show what each node runs, the
-fleet page in headless Chromium shows the rows while a worker reports, `rackboot power`
-switches workers through QEMU's QMP (the `qemu` driver), and a rollout of a version that
-never confirms halts after its first wave while the other worker never receives it. Each
-worker signs its reports with a key of its own, pinned on its first report: confirms forged
-for a worker that never booted v2 are refused and the wave does not advance.
+with its first report (its plan request alone records nothing), `rackboot status` and its
+JSON show what each node runs, the fleet page in headless Chromium shows the rows while a
+worker reports, `rackboot power` switches workers through QEMU's QMP (the `qemu` driver),
+and a rollout of a version that never confirms halts after its first wave while the other
+worker never receives it. Each worker signs its reports with a key of its own, pinned on
+its first report: confirms forged for a worker that never booted v2 are refused and the
+wave does not advance.
 
 Two workers on QEMU's user-mode network, each running with -no-shutdown so that a powered
 off worker keeps its QEMU and `rackboot power` can start it again. The story runs once
@@ -120,6 +121,7 @@ def story(tmp_path_factory) -> Story:
         a.start()
         # boot 1 of A: a blank card, a node the master has never seen
         a.expect(r"rackboot: plan for ", timeout=BOOT)
+        wait_known(story.url, NODE_A, timeout=BOOT)  # its first report (the layout) adopts it
         story.doms["discovered"] = browser.dump_dom(story.url + "/")  # while it installs and reports
         a.expect(r"rackboot-demo: v1 is up", timeout=BOOT)
         wait_paused(a)
@@ -192,6 +194,18 @@ def forge_confirms(url: str, node: str) -> list[tuple[int, str]]:
     return answers
 
 
+def wait_known(url: str, node: str, timeout: float) -> None:
+    """Until the inventory holds ``node`` (GET /api/nodes/<id> is 200)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            api(url, f"/api/nodes/{node}")
+            return
+        except urllib.error.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError(f"{node} not in the inventory within {timeout} s")
+
+
 def wait_paused(w: QemuWorker, timeout: float = 60) -> None:
     """A worker powered off under -no-shutdown: QEMU stays, its guest is shut down."""
     deadline = time.monotonic() + timeout
@@ -207,7 +221,7 @@ def api(url: str, path: str) -> object:
         return json.loads(resp.read())
 
 
-def test_a_blank_worker_is_discovered_when_it_first_asks_for_a_plan(story):
+def test_a_blank_worker_is_discovered_with_its_first_report(story):
     assert f'data-node="{NODE_A}"' in story.doms["discovered"]  # on the page while it installed
     history = [r["phase"] for r in story_history(story, NODE_A)]
     # reported from its first boot on: the blank card laid out, v1 written and committed, then confirmed

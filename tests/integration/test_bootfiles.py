@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from rackboot.firmware import sdcard
-from rackboot.initramfs.updater import bootfiles, formats, mbr
+from rackboot.initramfs.updater import bootfiles, formats, mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Layout, Partition, Plan
@@ -186,6 +186,30 @@ def test_a_tampered_boot_image_is_refused_and_the_card_keeps_its_area(master, tm
     assert any(e.startswith("boot-files: ") for e in errors), errors
     if tamper == "manifest":
         assert any("signature" in e for e in errors), errors
+
+
+def test_another_builds_boot_manifest_at_the_planned_path_is_refused(master, tmp_path, keys, images):
+    """A boot manifest signed by the master, but of another build than the plan's, served at the
+    plan's path: refused in one line, the card keeps its boot area, the good slot boots."""
+    root, server = master
+    card = flashed(tmp_path, images[1])
+    old = release(root, keys["master"], images[1])
+    assert update(card, server, keys["master"]).action == "installed"
+    with Disk(card) as d:  # rackboot-mark-good in the booted system
+        st = state.read(d)
+        d.write(state.CONFIRM, f"{state.CONFIRM_WORD} a {st.slot('a').sha256}\n".encode().ljust(512, b"\0"))
+    planned = release(root, keys["master"], images[2])
+    for name in ("boot.json", "boot.json.sig"):  # build 1's signed manifest where the plan names build 2's
+        (root / planned.lstrip("/")).with_name(name).write_bytes((root / old.lstrip("/")).with_name(name).read_bytes())
+    before = len(reports(root))
+    decision = update(card, server, keys["master"])
+    assert (decision.slot, decision.action, decision.version) == ("a", "up-to-date", 1)
+    assert entry_1(card) == (AREA["a"], 40 * MIB) and boot_stream_bytes(server) == 0
+    errors = [r["error"] for r in reports(root)[before:] if r["phase"] == "error"]
+    b1, b2 = boot_build(images[1]), boot_build(images[2])
+    assert errors == [f"boot-files: boot manifest: {planned} is of build {b1}, not {b2} as the plan asked; refused"]
+    with Disk(card, writable=False) as d:
+        assert state.read(d).slot("a").state == "good"
 
 
 def old_card(tmp_path: Path, files: dict[str, bytes]) -> tuple[str, bytes]:

@@ -132,3 +132,18 @@ def test_keygen_publish_and_plan_sign_and_the_build_carries_the_key(tmp_path):
         check=True,
     ).stdout.split()
     assert "usr/bin/openssl" in files and any("libcrypto.so" in f for f in files)
+
+
+def test_a_plan_written_under_umask_077_is_still_one_serve_will_send(tmp_path):
+    cfg_path = write_config(tmp_path)
+    (tmp_path / "rootfs/sbin").mkdir(parents=True)
+    (tmp_path / "rootfs/sbin/init").write_text("#!/bin/sh\n")
+    assert rackboot("publish", "-c", str(cfg_path), "--dir", str(tmp_path / "rootfs"), "--image", "lab").returncode == 0
+    result = subprocess.run(
+        ["sh", "-c", 'umask 077 && exec "$0" -m rackboot plan -c "$1" --image lab', sys.executable, str(cfg_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "master/plans/default.json").stat().st_mode & 0o004  # serve refuses what others cannot read

@@ -211,7 +211,7 @@ def test_a_rollout_counts_no_forged_confirm(tmp_path):
     try:
         rack(m)
         for node in NODES:  # each booted v1 and so pinned its key
-            assert m.report(node=node, phase="boot", slot="a", version=1, time=1.7e9) == 204
+            assert m.json(f"/api/nodes/{node}")["pubkey"] == m.keys[node].public_b64
         rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="1,rest", max_failed=0)
         target, attacker = NODES[0], nodekey.generate(NODES[0])
         pinned = m.keys[target]
@@ -238,8 +238,7 @@ def test_a_rollout_waits_for_a_node_whose_confirm_is_unsigned_and_says_why(tmp_p
     cfg = make_cfg(tmp_path)
     m = Master(cfg)
     try:
-        rack(m)
-        m.signing = False  # an initramfs from before node keys: nothing pinned, nothing signed
+        rack(m, signed=False)  # an initramfs from before node keys: nothing pinned, nothing signed
         rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="1,rest", max_failed=0)
         assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1.7e9) == 204  # taken
         [running] = m.json("/api/rollouts")["rollouts"]
@@ -248,6 +247,106 @@ def test_a_rollout_waits_for_a_node_whose_confirm_is_unsigned_and_says_why(tmp_p
         assert m.json(f"/api/nodes/{NODES[0]}")["state"] == "ok"  # the node's own state takes it
     finally:
         m.stop()
+
+
+def test_a_wave_timeout_names_the_confirm_that_did_not_count(tmp_path):
+    cfg = make_cfg(tmp_path)
+    m = Master(cfg)
+    try:
+        rack(m, signed=False)  # nothing pinned, nothing signed
+        inv = Inventory(m.root)
+        rollout.start(cfg, inv, image="example", version=2, waves="1,rest", max_failed=0, wave_timeout=600)
+        assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1.7e9 + 1) == 204
+        row = inv.db.execute("SELECT assigned_at FROM rollout_nodes WHERE node = ?", (NODES[0],)).fetchone()
+        progress = rollout.advance(cfg, inv, now=row[0] + 600)
+        assert progress is not None and progress.state == "halted"
+        assert progress.nodes[NODES[0]]["reason"] == (
+            "not confirmed within the wave timeout (600 s); its confirm report is unsigned (no key pinned for it): "
+            "only signed reports count; its previous plan is back"
+        )
+        assert plan_version(m, NODES[0]) == 1  # it followed the default plan: v1 back, as a plan of its own
+    finally:
+        m.stop()
+
+
+def test_a_refused_report_of_a_new_node_admits_nothing_and_spends_no_name(tmp_path):
+    """A node enters the inventory with its first report taken, adopted and its key pinned
+    (auto adoption): a report refused for its key or signature is kept in the history but
+    admits no node, adopts none and spends no hostname index."""
+    from rackboot.master import hostnames
+
+    m = Master(make_cfg(tmp_path, hostname="worker-{index}"))
+    try:
+        key, other = nodekey.generate(NODE), nodekey.generate(NODE)
+        boot = {"phase": "boot", "slot": "a", "version": 1}
+        status, answer = post(m, forged(NODE, key, **boot))  # presents a key, unsigned
+        assert status == 403 and "is not signed" in answer["error"]
+        status, answer = post(m, forged(NODE, key, **boot, time=1.8e9 + 1), other)  # signed by another key
+        assert status == 403 and "does not verify" in answer["error"]
+        assert m.request("GET", f"/api/nodes/{NODE}")[0] == 404
+        assert hostnames.read(m.root) == {} and not (m.root / "reports").exists()
+        assert post(m, forged(NODE, key, **boot, time=1.8e9 + 2), key)[0] == 204  # its own: taken
+        node = m.json(f"/api/nodes/{NODE}")
+        assert (node["adopted"], node["state"], node["pubkey"]) == (True, "ok", key.public_b64)
+        assert [(h["signed"], h["refused"] is not None) for h in node["history"]] == [
+            (False, True),
+            (False, True),
+            (True, False),
+        ]
+        assert {n: e.hostname for n, e in hostnames.read(m.root).items()} == {NODE: "worker-1"}
+    finally:
+        m.stop()
+
+
+def test_manual_adoption_admits_a_node_with_its_first_report_and_keeps_its_key_for_adopt(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, adopt="manual", hostname="worker-{index}")
+    m = Master(cfg)
+    try:
+        key = nodekey.generate(NODE)
+        assert post(m, forged(NODE, key, phase="boot", slot="a", version=1), key)[0] == 204
+        node = m.json(f"/api/nodes/{NODE}")
+        assert (node["adopted"], node["state"], node["pubkey"], node["key_state"]) == (
+            False,
+            "waiting",
+            None,
+            "candidate",
+        )
+        from rackboot.master import hostnames
+
+        assert hostnames.read(m.root) == {}  # a name comes with adoption
+        assert cli.main(["adopt", "-c", str(cfg.path), MAC]) == 0
+        assert f"key ed25519 {key.fingerprint} pinned" in capsys.readouterr().out
+        node = m.json(f"/api/nodes/{NODE}")
+        assert (node["adopted"], node["pubkey"]) == (True, key.public_b64)
+        assert {n: e.hostname for n, e in hostnames.read(m.root).items()} == {NODE: "worker-1"}
+    finally:
+        m.stop()
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"error": "fine\x1b[2J\rforged line"}, "control character"),
+        ({"output": "\x1b]0;title\x07"}, "control character"),
+    ],
+)
+def test_a_signed_report_with_control_characters_is_refused_like_any_other(master, fields, problem):
+    key = nodekey.generate(NODE)
+    status, answer = post(master, forged(NODE, key, phase="error", **fields), key)
+    assert status == 400 and problem in answer["error"]
+    assert master.request("GET", f"/api/nodes/{NODE}")[0] == 404  # nothing taken, nothing pinned
+
+
+def test_a_signed_report_with_a_content_length_of_other_digits_is_refused(master):
+    key = nodekey.generate(NODE)
+    body = forged(NODE, key, phase="boot", slot="a", version=1)
+    headers = {
+        nodekeys.SIGNATURE_HEADER: base64.b64encode(key.sign(body)).decode(),
+        "Content-Length": "\u00b2",
+    }
+    status, _ = master.request("POST", "/report", body, headers)
+    assert status == 411
+    assert master.request("GET", f"/api/nodes/{NODE}")[0] == 404
 
 
 def test_a_storm_of_signed_reports_runs_no_more_openssl_at_once_than_allowed(master):

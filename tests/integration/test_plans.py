@@ -68,3 +68,17 @@ def test_anything_else_is_one_line_and_writes_nothing(cfg_path, tmp_path, node):
     assert result.returncode == 1
     assert result.stderr.startswith("rackboot: error: node ") and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "master/plans").exists()
+
+
+@pytest.mark.parametrize("image", ["example/1/../../example", "../lab", "lab/1", "Lab", "lab x", ".lab", "", "l" * 65])
+def test_an_image_that_is_not_an_image_name_is_one_line_and_writes_nothing(cfg_path, tmp_path, image):
+    """example/1/../../example went into a plan: its manifest path resolved to a real version."""
+    example = tmp_path / "master/images/example/1/manifest.json"
+    example.parent.mkdir(parents=True)
+    example.write_text("{}")
+    with pytest.raises(RackbootError, match=r"^image .* is not an image name"):
+        plans.assign(config.load(cfg_path), node=WORKER_MAC, image=image, version=1)
+    result = rackboot("plan", "-c", str(cfg_path), "--image", image, "--version", "1", "--node", WORKER_MAC)
+    assert result.returncode == 1
+    assert result.stderr.startswith("rackboot: error: image ") and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "master/plans").exists() and not (tmp_path / "master/hostnames.json").exists()

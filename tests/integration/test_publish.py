@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,15 @@ def test_existing_and_lower_versions_are_refused(tmp_path):
     assert publish_tree(tree, master).version == 6
 
 
+def test_a_directory_named_in_other_digits_is_no_version(tmp_path):
+    """'²' passed isdigit and crashed int(); int() read Arabic-Indic '12' as version 12."""
+    tree, master = make_tree(tmp_path / "root"), tmp_path / "master"
+    publish_tree(tree, master, version=5)
+    (master / "images/example/²").mkdir()
+    (master / "images/example/\u0661\u0662").mkdir()
+    assert publish_tree(tree, master).version == 6
+
+
 def test_failed_publish_leaves_nothing(tmp_path):
     master = tmp_path / "master"
     with pytest.raises(RackbootError, match="mke2fs could not make a 1 MiB ext4 filesystem"):
@@ -256,6 +266,14 @@ def test_os_image_partition_must_exist_and_be_ext4(tmp_path, os_image):
         publish.publish_image(img, 1, tmp_path / "master", image="raspios")
 
 
+@pytest.mark.parametrize("which", ["²", "\u0662"])
+def test_a_partition_number_is_ascii_digits(tmp_path, os_image, which):
+    """'²' crashed int(); int() read Arabic-Indic '2' as partition 2."""
+    img, _ = os_image
+    with pytest.raises(RackbootError, match=r"has no partition .*; it has: 1 \(type 0c"):
+        publish.publish_image(img, which, tmp_path / "master", image="raspios")
+
+
 def test_file_without_mbr_is_refused(tmp_path):
     blank = tmp_path / "blank.img"
     blank.write_bytes(bytes(4096))
@@ -268,16 +286,20 @@ def test_file_without_mbr_is_refused(tmp_path):
 
 def test_write_plan_is_canonical_and_parses_back(tmp_path):
     plan = formats.parse_plan(
-        b'{"format":1,"node":"worker-1","image":"/images/example/1/manifest.json",'
+        b'{"format":1,"node":"52-54-00-12-34-56","image":"/images/example/1/manifest.json",'
         b'"mount":"ro","layout":{"repartition":"never","partitions":['
         b'{"name":"boot","start_mib":4,"size_mib":64,"type":"0c"},'
         b'{"name":"a","size_mib":64,"type":"83"},{"name":"b","size_mib":"rest","type":"83"}]}}'
     )
     path = plans.write_plan(tmp_path, "52-54-00-12-34-56", plan)
     assert path == tmp_path / "plans/52-54-00-12-34-56.json"
-    assert path.read_bytes() == formats.dump(plan) and formats.parse_plan(path.read_bytes()) == plan
-    plans.write_plan(tmp_path, "default", plan)
+    written = replace(plan, serial=1)  # its first write
+    assert path.read_bytes() == formats.dump(written) and formats.parse_plan(path.read_bytes()) == written
+    plans.write_plan(tmp_path, "default", replace(plan, node="default"))
     assert sorted(p.name for p in (tmp_path / "plans").iterdir()) == ["52-54-00-12-34-56.json", "default.json"]
+    with pytest.raises(RackbootError, match="a plan for node '52-54-00-12-34-56' cannot be written as plans/default"):
+        plans.write_plan(tmp_path, "default", plan)  # the worker would refuse it as another node's
+    assert formats.parse_plan((tmp_path / "plans/default.json").read_bytes()).node == "default"
     with pytest.raises(RackbootError, match="node '../x' is not a MAC address"):
         plans.write_plan(tmp_path, "../x", plan)
     with pytest.raises(RackbootError, match="not the name a worker asks for \\(52-54-00-12-34-56\\)"):

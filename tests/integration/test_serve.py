@@ -284,6 +284,9 @@ def test_reports_are_appended_one_line_each(server, master):
         (report(phase="dancing"), "report: phase: must be one of"),
         (report(node="../../etc"), "report: node: '../../etc' is not a node id"),
         (json.dumps({"phase": "boot", "bytes": 0, "seconds": 0}).encode(), "report: node: missing"),
+        (report(error="done\x1b[2J\x1b[H"), "report: error: control character '\\x1b'"),
+        (report(error="failed\r2026-01-01 all good"), "report: error: control character '\\r'"),
+        (report(output="ok\n\x1b]0;owned\x07"), "report: output: control character '\\x1b'"),
     ],
 )
 def test_bad_reports_are_400_with_a_reason(server, master, body, reason):
@@ -292,6 +295,65 @@ def test_bad_reports_are_400_with_a_reason(server, master, body, reason):
     error = json.loads(data)["error"]
     assert error.startswith(reason) and "\n" not in error
     assert not (master / "reports").exists()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=²-",
+        "bytes=-²",
+        "bytes=0-²",
+        "bytes=0-1,²-5",
+        "bytes=\u0661\u0662-",
+        "bytes=0-1,\u0661\u0662-\u0661\u0665",
+        "bytes=+5-",
+        "bytes=1_0-",
+    ]
+    + ["bytes=" + "9" * 5000 + "-", "bytes=0-1," + "9" * 5000 + "-" + "9" * 5000],
+)
+def test_range_numbers_are_ascii_digits_alone(header):
+    """str.isdigit takes '²' and int() then raised; int() took Arabic-Indic "12" as 12 and 5000 digits not at all."""
+    assert serve.parse_range(header, 100) is None and serve.parse_ranges(header, 100) is None
+
+
+@pytest.mark.parametrize("header", ["bytes=²-", "bytes=0-1,²-5"])
+def test_a_range_of_other_digits_gets_the_whole_file(server, master, header):
+    resp, body = request(server, "GET", STREAM, {"Range": header})  # '²' goes out as ISO-8859-1, as HTTP reads it
+    assert (resp.status, body) == (200, (master / STREAM.lstrip("/")).read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("path", "length", "status", "error"),
+    [
+        ("/report", "²", 411, "report: Content-Length required, a number of bytes"),
+        ("/report", "9" * 5000, 411, "report: Content-Length required, a number of bytes"),
+        ("/api/nodes/52-54-00-12-34-56/assign", "²", 400, "action: Content-Length is not a number of bytes"),
+    ],
+)
+def test_a_body_length_of_other_digits_is_answered_not_dropped(server, master, path, length, status, error):
+    resp, data = request(server, "POST", path, {"Content-Length": length}, report())
+    assert (resp.status, json.loads(data)) == (status, {"error": error})
+    assert not (master / "reports").exists()
+    assert request(server, "GET", "/stats")[0].status == 200  # and the master goes on
+
+
+def test_private_keys_and_files_kept_from_others_are_never_sent(server, master):
+    keys = master / "keys"
+    keys.mkdir()
+    (keys / "master.key").write_text("PRIVATE KEY\n")
+    (keys / "master.key").chmod(0o644)  # a key is never sent, however readable
+    (keys / "master.key.pub").write_text("public key\n")
+    (keys / "master.pub").symlink_to("master.key")  # nor under another name
+    kept = master / "images/example/1/notes.txt"
+    kept.write_text("PRIVATE notes\n")
+    kept.chmod(0o600)
+    for path in ("/keys/master.key", "/keys/master.pub", "/images/example/1/notes.txt"):
+        for method in ("GET", "HEAD"):
+            resp, body = request(server, method, path)
+            assert resp.status == 404 and b"PRIVATE" not in body
+        assert json.loads(request(server, "GET", path)[1]) == {"error": f"no such file: {path}"}  # as if missing
+    resp, body = request(server, "GET", "/keys/master.key.pub")
+    assert (resp.status, body) == (200, b"public key\n")  # a public key, world-readable: sent
 
 
 def test_oversized_report_is_refused_unread(server, master):
@@ -558,6 +620,19 @@ def test_cli_takes_the_timeout_and_the_connection_bound(tmp_path, master):
         proc.terminate()
         proc.wait(timeout=30)
         proc.stderr.close()
+
+
+def test_the_fleets_log_lines_escape_what_the_rack_sent(master, capfd):
+    """The inventory and rollouts log lines that quote reports (a halt quotes the failures)."""
+    srv = running(master, quiet=False)
+    try:
+        srv.fleet.log("rollout 1: halted in wave 1: 52-54-00-12-34-56: bad\x1b[2J\r2026-01-01 all good")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    assert "52-54-00-12-34-56: bad\\x1b[2J\\x0d2026-01-01 all good\n" in err
 
 
 def test_log_lines_escape_what_the_client_sent(master, capfd):

@@ -9,7 +9,7 @@ from rackboot.initramfs.updater import fetch, formats, report
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient, NoRange
 
-from tests.integration.updater_master import Server
+from tests.integration.updater_master import CannedServer, Server
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 
@@ -174,3 +174,68 @@ def test_a_multipart_body_is_split_by_its_parts_lengths_not_by_searching_for_the
     assert fetch._cut(parts, 5, 9) == data[5:9] and fetch._cut(parts, 40, 42) == b"ok"
     with pytest.raises(fetch._Retry):
         fetch._cut(parts, 30, 41)  # between two parts: not in the answer
+
+
+@pytest.mark.parametrize("text", ["²", "\u0661\u0662", "12 ", "+12", "1_2", "-1", "", None, "9" * 5000])
+def test_a_number_off_the_wire_is_ascii_digits_alone(text):
+    """str.isdigit takes '²' (int() then raises); int() takes Arabic-Indic digits, '+12' and '1_2'."""
+    assert fetch.wire_int(text) is None
+    assert fetch.wire_int("0012") == 12
+
+
+@pytest.mark.parametrize(
+    "value", ["bytes ²-5/10", "bytes \u0661-\u0665/\u0661\u0660", "bytes +0-5/10", "bytes 0-5/1_0", "bytes 0-5"]
+)
+def test_a_content_range_of_other_digits_is_a_transient_failure(value):
+    with pytest.raises(fetch._Retry, match="bad Content-Range"):
+        fetch._content_range(value)
+    assert fetch._content_range("bytes 0-5/*") == (0, 5, None)
+
+
+@pytest.fixture
+def canned():
+    srv = CannedServer()
+    yield srv
+    srv.close()
+
+
+def answer(status: str, *headers: bytes, body: bytes = b"") -> bytes:
+    return f"HTTP/1.1 {status}\r\n".encode() + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+
+
+SUPERSCRIPT_TWO = b"\xb2"  # '²' in the ISO-8859-1 that HTTP headers are read as
+
+
+@pytest.mark.parametrize(
+    ("response", "call", "error"),
+    [
+        (
+            answer("200 OK", b"Content-Length: " + SUPERSCRIPT_TWO, body=b"{}"),
+            lambda m: m.get("/doc.json"),
+            r"^master http://[^ ]+: GET /doc.json: a bad Content-Length '²' \(after 3 attempts\)$",
+        ),
+        (
+            answer("200 OK", b"Content-Length: " + SUPERSCRIPT_TWO, body=b"xy"),
+            lambda m: b"".join(m.stream("/images/blob", 2)),
+            r"^master http://[^ ]+: GET /images/blob: a bad Content-Length '²' \(after 3 attempts\)$",
+        ),
+        (
+            answer("503 Busy", b"Retry-After: " + SUPERSCRIPT_TWO, b"Content-Length: 0"),
+            lambda m: b"".join(m.stream("/images/blob", 2)),
+            r"^master http://[^ ]+: GET /images/blob: HTTP 503 Busy \(after 3 attempts\)$",
+        ),
+        (
+            answer("206 Partial", b"Content-Range: bytes 0-1/2", b"Content-Length: " + SUPERSCRIPT_TWO, body=b"xy"),
+            lambda m: m.get_ranges("/images/blob", [(0, 1), (1, 2)]),
+            r"^master http://[^ ]+: GET /images/blob: a multi-range answer of ² bytes$",
+        ),
+    ],
+    ids=["document-length", "stream-length", "retry-after", "multi-range-length"],
+)
+def test_a_header_of_other_digits_is_a_failed_fetch_in_one_line(canned, response, call, error):
+    """'²' passed isdigit and then crashed int(): the ValueError escaped the updater into rescue."""
+    canned.answer = response
+    m, _ = client(canned.url)
+    with pytest.raises(UpdaterError, match=error) as caught:
+        call(m)
+    assert "\n" not in str(caught.value)

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from rackboot.initramfs.updater import mbr, state
+from rackboot.initramfs.updater import __main__ as updater_cli
+from rackboot.initramfs.updater import install, mbr, state
+from rackboot.initramfs.updater import main as updater_main
 from rackboot.initramfs.updater.__main__ import main as cli_main
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
@@ -20,7 +22,7 @@ from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.initramfs.updater.watchdog import NoWatchdog
 
-from tests.integration.updater_master import MAC, image_bytes, publish, write_plan
+from tests.integration.updater_master import MAC, CannedServer, image_bytes, publish, write_plan
 
 MIB = 1 << 20
 SLOT_OFFSET = {"a": 20 * MIB, "b": 84 * MIB}  # STANDARD layout
@@ -305,6 +307,79 @@ def test_master_answering_500_boots_the_last_good_slot(server, card):
     assert "HTTP 500" in decision.error
     plan_gets = [r for r in server.requests[before:] if r.path.startswith("/plans/")]
     assert len(plan_gets) == 3  # retries=2: bounded
+
+
+def test_a_header_of_other_digits_boots_the_last_good_slot(server, card):
+    """A Content-Length of '²' passed isdigit and crashed int(): the ValueError escaped run()
+    and a card with a good slot went into the rescue loop."""
+    install_v1(server, card)
+    canned = CannedServer(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}")
+    try:
+        decision = update(card, canned.url)
+    finally:
+        canned.close()
+    assert (decision.slot, decision.action) == ("a", "offline")
+    plan = "/plans/52-54-00-12-34-56.json"
+    assert decision.error.startswith(f"master {canned.url}: GET {plan}: a bad Content-Length '²' (after 3 attempts)")
+
+
+def broken(exception: Exception):
+    """A step that raises what no step expects: the fault stands for any bug or surprise."""
+
+    def step(*args, **kw):
+        raise exception
+
+    return step
+
+
+def test_an_unexpected_exception_in_an_install_falls_back_and_is_reported(server, card, monkeypatch):
+    install_v1(server, card)
+    write_plan(server.root, publish(server.root, 2, image_bytes(2)))
+    monkeypatch.setattr(install, "read_back", broken(ValueError("injected fault")))
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action, decision.version) == ("a", "fallback", 1)
+    assert decision.error == "unexpected ValueError: injected fault"
+    st = card_state(card)
+    assert (st.primary, st.slots["a"].state, st.slots["b"].state) == ("a", "good", "bad")
+    errors = [r["error"] for r in server.reports if r["phase"] == "error"]
+    assert errors == ["read-back: unexpected ValueError: injected fault"]
+    assert server.reports[-1]["phase"] == "boot" and server.reports[-1]["slot"] == "a"
+
+
+def test_an_unexpected_exception_before_the_plan_boots_the_good_slot_offline(server, card, monkeypatch):
+    install_v1(server, card)
+    monkeypatch.setattr(updater_main, "parse_plan", broken(KeyError("format")))
+    decision = update(card, server.url)
+    assert (decision.slot, decision.action) == ("a", "offline")
+    assert decision.error == "unexpected KeyError: 'format'"
+    assert [(r["phase"], r["error"]) for r in server.reports[-2:]] == [
+        ("error", "plan: unexpected KeyError: 'format'"),
+        ("boot", "unexpected KeyError: 'format'"),
+    ]
+
+
+def test_an_unexpected_exception_without_a_good_slot_is_left_to_the_rescue_loop(server, card, monkeypatch):
+    write_plan(server.root, publish(server.root, 1, image_bytes(1)))
+    monkeypatch.setattr(updater_main, "parse_plan", broken(KeyError("format")))
+    with pytest.raises(UpdaterError, match=r"^no good slot to boot \(plan: unexpected KeyError: 'format'\)$"):
+        update(card, server.url)
+
+
+def test_cli_boots_offline_when_the_identity_fails_unexpectedly(server, card, tmp_path, monkeypatch, capsys):
+    install_v1(server, card)
+    monkeypatch.setattr(updater_cli, "discover_identity", broken(RuntimeError("sysfs went away")))
+    out = tmp_path / "decision"
+    assert cli_main(["--disk", card, "--master", server.url, "--decision-file", str(out)]) == 0
+    assert "action='offline'" in out.read_text() and "slot='a'" in out.read_text()
+    err = capsys.readouterr().err
+    assert "unexpected RuntimeError: sysfs went away; the master cannot be asked: offline boot" in err
+
+
+def test_cli_says_in_one_line_what_escaped(server, card, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(updater_cli, "run", broken(OverflowError("a\nb")))
+    out = tmp_path / "decision"
+    assert cli_main(["--disk", card, "--master", server.url, "--mac", MAC, "--decision-file", str(out)]) == 1
+    assert capsys.readouterr().err == "rackboot: error: unexpected OverflowError: a b\n"
 
 
 @pytest.mark.slow

@@ -149,6 +149,44 @@ class Server:
         self.httpd.server_close()
 
 
+class CannedServer:
+    """A master that answers every request with the same raw bytes, headers no HTTP library
+    would write included (a Content-Length of '²'); ``answer`` may be changed between requests."""
+
+    def __init__(self, answer: bytes = b""):
+        self.answer = answer
+        self.requests = 0
+        self.closed = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)  # the accept loop looks at ``closed`` this often
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    seen = b""
+                    while b"\r\n\r\n" not in seen and (chunk := conn.recv(65536)):
+                        seen += chunk
+                    self.requests += 1
+                    conn.sendall(self.answer)
+                    conn.shutdown(socket.SHUT_WR)
+                except OSError:  # the client hung up first
+                    pass
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
 # --- the master's tree ---------------------------------------------------------------
 
 
@@ -206,8 +244,14 @@ def write_plan(
     pin: bool = False,
     tries: int = 3,
 ) -> Plan:
+    """plans/<node>.json, a plan for that node (or the default plan)."""
     plan = Plan(
-        node="worker-1", layout=layout(parts, repartition), image=manifest_path, mount=mount, pin=pin, tries=tries
+        node=node,
+        layout=layout(parts, repartition),
+        image=manifest_path,
+        mount=mount,
+        pin=pin,
+        tries=tries,
     )
     (root / "plans").mkdir(parents=True, exist_ok=True)
     (root / "plans" / f"{node}.json").write_bytes(formats.dump(plan))

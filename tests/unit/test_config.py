@@ -285,3 +285,73 @@ def test_reference_defaults_are_toml_a_user_can_paste(tmp_path):
         tomllib.loads(text)
         parsed = getattr(parse(text, tmp_path), section)
         assert getattr(parsed, key) == getattr(getattr(defaults, section), key), (section, key)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a newline would be a directive of its own in dnsmasq's config (it passed `dnsmasq --test`)
+        (
+            '[output]\ndirectory = "build\\ndhcp-script=/tmp/x"\n',
+            r"\[output\] directory: 'build\\ndhcp-script=/tmp/x': contains the control character '\\n'",
+        ),
+        ('[master]\ndirectory = "m\\n[evil]\\npath = /"\n', r"\[master\] directory: .*control character '\\n'"),
+        ('[master]\nkey = "k\\u0000ey"\n', r"\[master\] key: 'k\\x00ey': contains the control character '\\x00'"),
+        ('[kernel]\npath = "tree\\u001b[2J"\n', r"\[kernel\] path: .*control character '\\x1b'"),
+        (
+            '[initramfs.files]\n"/etc/motd" = "motd\\r"\n',
+            r"\[initramfs\] files.\"/etc/motd\": .*control character '\\r'",
+        ),
+        ('[initramfs.files]\n"/etc/m\\notd" = "motd"\n', r"\[initramfs\] files.*expected an absolute target"),
+        ('[output]\ndirectory = "a \\"b"\n', r"\[output\] directory: .*'\"', which dnsmasq's or rsyncd's"),
+        ('[output]\ndirectory = "rack #2"\n', r"\[output\] directory: .*'#'"),
+        ('[master]\ndirectory = "%HOME%"\n', r"\[master\] directory: .*'%'"),
+        ('[output]\ndirectory = "build "\n', r"\[output\] directory: .*ends in whitespace"),
+    ],
+)
+def test_paths_that_would_break_a_generated_config_are_refused_at_load(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected) as info:
+        parse(text, tmp_path)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+
+
+def test_the_defaults_are_checked_too_the_configs_folder_being_part_of_them(tmp_path):
+    folder = tmp_path / "rack\ndhcp-script=x"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"\[master\] directory: .*control character '\\n'"):
+        parse("", folder)
+
+
+@pytest.mark.parametrize("key", ["master/keys/master.key", "master/master.key", "./master/../master/k.key", "master"])
+def test_a_key_inside_the_master_directory_is_refused(tmp_path, key):
+    """serve hands the master's tree out: GET /keys/master.key gave the private key away."""
+    with pytest.raises(ConfigError) as info:
+        parse(f'[master]\ndirectory = "master"\nkey = "{key}"\n', tmp_path)
+    master = (tmp_path / "master").resolve()
+    assert str(info.value) == (
+        f"{tmp_path / 'rackboot.toml'}: [master] key: {(tmp_path / key).resolve()} is inside [master] directory "
+        f"{master}, which rackboot serve hands out; keep the private key outside it"
+    )
+    assert info.value.exit_code == 2
+
+
+def test_a_key_reached_through_a_link_into_the_master_directory_is_refused(tmp_path):
+    (tmp_path / "master/keys").mkdir(parents=True)
+    (tmp_path / "keys").symlink_to(tmp_path / "master/keys")
+    with pytest.raises(ConfigError, match=r"\[master\] key: .*/master/keys/master.key is inside"):
+        parse('[master]\nkey = "keys/master.key"\n', tmp_path)
+
+
+def test_a_key_beside_the_master_directory_loads(tmp_path):
+    cfg = parse('[master]\ndirectory = "master"\nkey = "keys/master.key"\n', tmp_path)
+    assert cfg.master.key == (tmp_path / "keys/master.key").resolve()
+    assert parse('[master]\ndirectory = "srv/master"\nkey = "srv/master.key"\n', tmp_path).master.key is not None
+
+
+def test_serve_with_its_key_inside_the_master_directory_exits_2_before_it_listens(tmp_path, capsys):
+    from rackboot import cli
+
+    (tmp_path / "rackboot.toml").write_text('[master]\ndirectory = "master"\nkey = "master/keys/master.key"\n')
+    assert cli.main(["serve", "-c", str(tmp_path / "rackboot.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[master] key: " in err and "keep the private key outside it" in err

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import grp
 import pwd
+from dataclasses import replace
 
 import pytest
 from rackboot import config
+from rackboot.errors import ConfigError, RackbootError
 from rackboot.master import dnsmasq
 
 from tests.helpers import write_config
@@ -103,3 +105,17 @@ def test_hosts_name_the_nodes_named_while_following_the_default_plan(tmp_path):
     (tmp_path / "plans" / "52-54-00-00-00-01.json").write_text("{}")
     hostnames.assign(tmp_path, "52-54-00-00-00-02", hostname=None, pattern="worker-{index:02d}")  # no plan file
     assert dnsmasq.render_hosts(tmp_path) == "52:54:00:00:00:01,52-54-00-00-00-01\n52:54:00:00:00:02,worker-01\n"
+
+
+def test_a_path_with_a_newline_is_refused_before_dnsmasq_sees_it(tmp_path):
+    """`tftp-root=...\\ndhcp-script=...` passed `dnsmasq --test`: a directive of its own."""
+    injected = "build\ndhcp-script=run.sh"
+    (tmp_path / injected).mkdir()
+    with pytest.raises(ConfigError, match=r"\[output\] directory: .*'\\n'") as info:
+        config.load(write_config(tmp_path, master={"address": "10.213.0.1"}, output={"directory": injected}))
+    assert "\n" not in str(info.value)
+    cfg = rack_config(tmp_path)  # and a Config made without the load's checks
+    cfg = replace(cfg, output=replace(cfg.output, directory=tmp_path / injected))
+    with pytest.raises(RackbootError, match=r"^dnsmasq config: 'tftp-root=.*\\ndhcp-script=run.sh' holds a control"):
+        dnsmasq.render_config(cfg)
+    assert not dnsmasq.conf_path(cfg).exists()

@@ -3,6 +3,7 @@ arithmetic, a rollout node's judgement, the token check and the power command te
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ from rackboot import config
 from rackboot.errors import ConfigError, RackbootError
 from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.master import power, rollout, status, web
-from rackboot.master.inventory import Node, NodeState, SlotInfo, apply, clean_serial, parse_manifest_path
+from rackboot.master.inventory import Inventory, Node, NodeState, SlotInfo, apply, clean_serial, parse_manifest_path
 
 NODE = "52-54-00-12-34-56"
 
@@ -120,8 +121,47 @@ def test_the_status_table_colours_states_only_when_asked():
     assert "\x1b[32mok" in text and "\x1b[31merror" in text
 
 
+FORGED = "verify: bad\r2026-01-01 all good \x1b[2J\x9b"  # CR, an ESC sequence and a C1 CSI
+WRITTEN_OUT = "verify: bad\\x0d2026-01-01 all good \\x1b[2J\\x9b"
+
+
+def test_the_status_table_writes_out_the_control_characters_of_a_stored_report():
+    """A report stored before the master refused control characters must not drive the terminal."""
+    node = apply(Node(id=NODE, last_seen=10.0), report(Phase.ERROR, error=FORGED), received=10.0)
+    text = status.table([node], now=11.0, stale_after=86400)
+    assert not set(text) & {"\x1b", "\r", "\x9b"}
+    assert text.splitlines()[1].endswith(f"  error  just now   {WRITTEN_OUT}")
+
+
+def test_status_of_one_node_writes_out_the_control_characters_of_its_history(tmp_path):
+    inv = Inventory(tmp_path)  # as an older master stored it: ingest takes the report as it is
+    inv.ingest(report(Phase.ERROR, error=FORGED, time=1700000000.0), received=1700000000.0, ip=None)
+    out = io.StringIO()
+    assert status.run(inv, 86400, out, node=NODE) == 0
+    text = out.getvalue()
+    assert not set(text) & {"\x1b", "\r", "\x9b"}
+    assert f"last error       {WRITTEN_OUT}\n" in text and f"error   : {WRITTEN_OUT}\n" in text
+
+
+def test_rollout_status_writes_out_the_control_characters_of_the_reasons_it_quotes():
+    progress = rollout.Progress(
+        id=1,
+        image="example",
+        version=2,
+        state=rollout.HALTED,
+        wave=0,
+        waves=[[NODE]],
+        nodes={NODE: {"wave": 0, "state": rollout.FAILED, "reason": FORGED}},
+        max_failed=0,
+        message=f"halted in wave 1: 1 failed (more than 0): {NODE}: {FORGED}; the other nodes keep theirs",
+    )
+    lines = progress.text().splitlines()
+    assert lines[1] == f"  halted in wave 1: 1 failed (more than 0): {NODE}: {WRITTEN_OUT}; the other nodes keep theirs"
+    assert lines[2] == f"  wave 1: {NODE} failed ({WRITTEN_OUT})"
+
+
 def test_status_on_an_empty_rack_says_what_to_expect():
-    assert "asks the master for its plan" in status.table([], now=0, stale_after=60)
+    assert "with its first report to the master" in status.table([], now=0, stale_after=60)
 
 
 @pytest.mark.parametrize(
@@ -182,6 +222,36 @@ def test_judge_counts_only_signed_reports():
         rollout.FAILED,
         "real",
     )
+
+
+def test_a_rollouts_text_and_json_show_skipped_nodes_with_why_and_a_stuck_rollout():
+    progress = rollout.Progress(
+        id=3,
+        image="example",
+        version=2,
+        state=rollout.RUNNING,
+        wave=1,
+        waves=[["n1"], ["n2", "n3"]],
+        nodes={
+            "n1": {"wave": 0, "state": rollout.CONFIRMED, "reason": None},
+            "n2": {"wave": 1, "state": rollout.SKIPPED, "reason": "stale when its wave started: last heard 3 d ago"},
+            "n3": {"wave": 1, "state": rollout.WAITING, "reason": None},
+        },
+        max_failed=0,
+        message=None,
+        wave_timeout=900.0,
+        stuck="cannot write plans/n3.json: Is a directory",
+    )
+    lines = progress.text().splitlines()
+    assert lines[0] == (
+        "rollout 3: example v2: stuck, wave 2 of 2, 1 of 3 nodes confirmed, 1 skipped "
+        "(max failed per wave 0, wave timeout 900 s)"
+    )
+    assert lines[1].startswith("  stuck: cannot write plans/n3.json: Is a directory")
+    assert lines[-1] == "  wave 2: n2 skipped (stale when its wave started: last heard 3 d ago); n3 waiting"
+    doc = progress.to_dict()
+    assert (doc["state"], doc["shown_state"], doc["skipped"], doc["wave_timeout"]) == ("running", "stuck", 1, 900.0)
+    assert replace(progress, state=rollout.HALTED).shown_state == rollout.HALTED  # stuck is a running one's
 
 
 @pytest.mark.parametrize(

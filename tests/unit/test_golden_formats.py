@@ -278,23 +278,32 @@ def test_plans_of_every_revision_are_read(name, pin, tries):
     assert (plan.layout.number("a"), plan.layout.number("b"), plan.layout.number("data")) == (2, 3, 4)
 
 
-def test_plan_rev4_with_a_hostname_and_persisted_paths_is_read_and_written_byte_for_byte(tmp_path):
+def test_plan_rev4_with_a_hostname_and_persisted_paths_is_read_and_its_bytes_kept():
     assert formats.parse_plan(sample("plan.format1.rev4.json")) == PLAN_REV4
-    path = plans.write_plan(tmp_path, NODE, PLAN_REV4, key=KEY)
-    assert path.read_bytes() == sample("plan.format1.rev4.json")
-    assert (tmp_path / f"plans/{NODE}.json.sig").read_bytes() == sample("plan.format1.rev4.json.sig")
+    assert formats.dump(PLAN_REV4) == sample("plan.format1.rev4.json")  # no serial: the bytes before rev7
+
+
+def test_write_plan_makes_plan_rev7_with_its_seventh_serial_byte_for_byte(tmp_path):
+    for _ in range(7):
+        path = plans.write_plan(tmp_path, NODE, PLAN_REV4, key=KEY)
+    assert path.read_bytes() == sample("plan.format1.rev7.serial.json")
+    assert (tmp_path / f"plans/{NODE}.json.sig").read_bytes() == sample("plan.format1.rev7.serial.json.sig")
 
 
 def test_unsigned_plan_that_keeps_the_card_is_read():
     assert formats.parse_plan(sample("plan.format1.rev3.unsigned.json")) == PLAN_UNSIGNED
 
 
-def test_publish_writes_the_current_plans_and_signature_byte_for_byte(tmp_path):
+def test_plans_without_a_serial_keep_their_bytes_and_write_plan_gives_each_its_first(tmp_path):
+    assert formats.dump(PLAN_REV3) == sample("plan.format1.rev3.json")
+    assert formats.dump(PLAN_UNSIGNED) == sample("plan.format1.rev3.unsigned.json")
     signed = plans.write_plan(tmp_path, "default", PLAN_REV3, key=KEY)
     unsigned = plans.write_plan(tmp_path, NODE, PLAN_UNSIGNED)
-    assert signed.read_bytes() == sample("plan.format1.rev3.json")
-    assert (tmp_path / "plans/default.json.sig").read_bytes() == sample("plan.format1.rev3.json.sig")
-    assert unsigned.read_bytes() == sample("plan.format1.rev3.unsigned.json")
+    assert signed.read_bytes() == formats.dump(replace(PLAN_REV3, serial=1))
+    Verifier(str(signing.public_key_path(KEY))).check(
+        "default.json", signed.read_bytes(), (tmp_path / "plans/default.json.sig").read_bytes()
+    )
+    assert unsigned.read_bytes() == formats.dump(replace(PLAN_UNSIGNED, serial=1))  # a sequence of its own
     assert not (tmp_path / f"plans/{NODE}.json.sig").exists()
 
 
@@ -383,6 +392,8 @@ SIGNED = [
     "manifest.format1.rev2.hooks.json",
     "plan.format1.rev4.json",
     "manifest.format1.rev3.first-boot.json",
+    "plan.format1.rev7.serial.json",
+    "plan.format1.rev7.named-default.json",
 ]
 
 
@@ -518,6 +529,8 @@ DOCUMENTS = [
     "manifest.format1.rev3.first-boot.json",
     "report.rev5.json",
     "report.rev9.signed.json",
+    "plan.format1.rev7.serial.json",
+    "plan.format1.rev7.named-default.json",
 ]
 
 
@@ -590,6 +603,8 @@ def test_every_sample_is_covered():
         # node keys' samples, checked in test_golden_nodekeys.py
         "node-key.format1.rev1.bin",
         *(f"report.rev9.signed.json{sig}" for sig in ("", ".sig")),
+        # plan serials' samples, checked in test_golden_serial.py
+        "slot-state.format1.rev3.bin",
     }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {
         "README.md",
@@ -598,6 +613,7 @@ def test_every_sample_is_covered():
         "make_golden_delta.py",
         "make_golden_rsync.py",
         "make_golden_nodekeys.py",
+        "make_golden_serial.py",
     }
     assert present == covered
 

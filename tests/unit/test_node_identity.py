@@ -70,6 +70,45 @@ def test_indexes_follow_plan_creation_and_are_never_reused(tmp_path):
     assert hostnames.assign(tmp_path, "52-54-00-00-00-0a", hostname=None, pattern="pi-{mac}") == "pi-52540000000a"
 
 
+def test_the_pattern_passes_over_names_given_by_hand(tmp_path):
+    # a replacement board named by hand with a name the pattern reaches later (issue 19)
+    D, E = "52-54-00-00-00-04", "52-54-00-00-00-05"
+    pattern = "worker-{index}"
+    assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-1"
+    assert hostnames.assign(tmp_path, B, hostname="worker-3", pattern=pattern) == "worker-3"  # index 2
+    assert hostnames.assign(tmp_path, C, hostname=None, pattern=pattern) == "worker-4"  # index 3 makes B's name
+    assert hostnames.assign(tmp_path, D, hostname=None, pattern=pattern) == "worker-5"
+    assert hostnames.assign(tmp_path, C, hostname=None, pattern=pattern) == "worker-4"  # kept
+    assert {n: (e.index, e.hostname) for n, e in hostnames.read(tmp_path).items()} == {
+        A: (1, "worker-1"),
+        B: (2, "worker-3"),
+        C: (4, "worker-4"),
+        D: (5, "worker-5"),
+    }
+    with pytest.raises(RackbootError, match=f"hostname 'worker-4' is node {C}'s already; give {E} another"):
+        hostnames.assign(tmp_path, E, hostname="worker-4", pattern=pattern)  # by hand: still one node's
+    # a pattern without {index} cannot move on: a name held is refused in one line
+    hostnames.assign(tmp_path, E, hostname="pi-525400000006", pattern="")
+    with pytest.raises(RackbootError, match=f"'pi-525400000006' is node {E}'s already"):
+        hostnames.assign(tmp_path, "52-54-00-00-00-06", hostname=None, pattern="pi-{mac}")
+
+
+def test_peek_spends_nothing_and_forget_frees_the_name_but_not_the_index(tmp_path):
+    pattern = "worker-{index:02d}"
+    assert hostnames.peek(tmp_path, A, pattern=pattern) is None  # no index yet: no name
+    assert hostnames.peek(tmp_path, A, pattern="pi-{mac}") == "pi-525400000001"  # needs none
+    assert not (tmp_path / hostnames.REGISTRY).exists()
+    assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-01"
+    assert hostnames.assign(tmp_path, B, hostname="pi-525400000003", pattern=pattern) == "pi-525400000003"
+    assert hostnames.peek(tmp_path, A, pattern=pattern) == "worker-01"
+    assert hostnames.peek(tmp_path, C, pattern="pi-{mac}") is None  # B holds it
+    assert hostnames.forget(tmp_path, A) == hostnames.Entry(1, "worker-01")
+    assert hostnames.forget(tmp_path, A) is None
+    assert hostnames.assign(tmp_path, C, hostname="worker-01", pattern=pattern) == "worker-01"  # free again
+    assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-04"  # back: a new index
+    assert {n: e.index for n, e in hostnames.read(tmp_path).items()} == {A: 4, B: 2, C: 3}
+
+
 def test_a_name_is_one_nodes(tmp_path):
     hostnames.assign(tmp_path, A, hostname="db", pattern="")
     with pytest.raises(RackbootError, match=f"hostname 'db' is node {A}'s already"):

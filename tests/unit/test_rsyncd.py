@@ -157,3 +157,23 @@ def test_manifest_files_errors_name_the_field(files, message):
     }  # fmt: skip
     with pytest.raises(UpdaterError, match=message):
         formats.parse_manifest(formats.dump(doc))
+
+
+def test_a_path_with_a_newline_never_adds_a_module_or_a_directive(tmp_path):
+    """The config load refuses such a [master] directory; a master tree reached some other way
+    must not slip a module (path = /) into the daemon's config either."""
+    master = tmp_path / "m\n[root]\npath = /"
+    version(master, "web", 2)
+    with pytest.raises(RackbootError, match=r"^rsyncd config: .* holds a control character; not written$"):
+        rsyncd.render_config(master)
+    with pytest.raises(ConfigError, match=r"\[master\] directory: .*control character '\\n'"):
+        config.load(write_config(tmp_path, master={"directory": master.name}))
+
+
+def test_a_version_directory_named_in_other_digits_is_no_module(tmp_path):
+    """'²' passed isdigit and crashed int(); int() read Arabic-Indic '12' as version 12."""
+    for name in ("²", "\u0661\u0662"):
+        where = tmp_path / "images/web" / name
+        filemanifest.tree(where).mkdir(parents=True)
+        (where / "manifest.json").write_text("{}\n")
+    assert rsyncd.published_trees(tmp_path) == []

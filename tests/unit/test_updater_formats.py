@@ -7,9 +7,9 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater import formats, report
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.initramfs.updater.formats import Manifest, Report, Slot, SlotState
+from rackboot.initramfs.updater.formats import Manifest, Phase, Report, Slot, SlotState
 
 PLAN = {
     "format": 1,
@@ -203,6 +203,44 @@ def test_slot_holds_compares_image_version_and_hash():
 def test_report_rejects_multiline_error():
     with pytest.raises(UpdaterError, match="report: error: must be one line"):
         formats.parse_report(raw({**REPORT, "error": "a\nb"}))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("error", "clean \x1b[2J\x1b[Hwiped"),  # ESC: a terminal escape
+        ("error", "done\r2026-01-01 master: all good"),  # CR: a forged log line
+        ("error", "nul\x00"),
+        ("error", "tab\tinside"),  # one line of printable text: no tab either
+        ("error", "c1 \x9b31m"),  # C1 CSI
+        ("delta", "delta: \x07"),
+        ("output", "ok\n\x1b[31mred"),  # output keeps newlines and tabs, nothing else
+        ("output", "50%\r100%"),
+        ("output", "del\x7f"),
+    ],
+)
+def test_report_refuses_control_characters(key, value):
+    with pytest.raises(UpdaterError, match=rf"^report: {key}: control character '\\") as caught:
+        formats.parse_report(raw({**REPORT, key: value}))
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
+def test_report_output_keeps_its_tabs_and_newlines():
+    assert formats.parse_report(raw({**REPORT, "output": "a\tb\nc\n"})).output == "a\tb\nc\n"
+
+
+def test_the_updater_writes_control_characters_out_so_its_reports_are_taken():
+    made = report.make(
+        "52-54-00-12-34-56",
+        Phase.HOOK,
+        error="hook: \x1b[31mfailed\x1b[0m\r\n",
+        output="step 1\n\x1b[32mok\x1b[0m\tdone\r",
+        delta="delta: \x07",
+    )
+    assert made.error == "hook: \\x1b[31mfailed\\x1b[0m"
+    assert made.output == "step 1\n\\x1b[32mok\\x1b[0m\tdone\\x0d"
+    assert made.delta == "delta: \\x07"
+    assert formats.parse_report(formats.dump(made)) == made
 
 
 def test_node_id():
