@@ -126,6 +126,16 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     key = cfg.master.key
     if key is None:
         raise RackbootError(f"{cfg.path}: [master] key is not set; name the private key's path there first")
+    if args.rotate:
+        from .master import keychain
+
+        done = keychain.rotate(key, cfg.master.directory, created=config.source_date_epoch())
+        print(
+            f"{done.new.name} signs from now on: {done.link} names it, signed by key {done.old.n}, "
+            f"which it retires (its private key kept as {done.retired}); {len(done.resigned)} signed "
+            "documents signed again. Workers take the new key on their next boot; rebuild so new cards carry it"
+        )
+        return 0
     print(f"public key written to {signing.keygen(key)}; rebuild so workers carry it")
     return 0
 
@@ -337,6 +347,12 @@ def parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keygen", help="make the master's Ed25519 signing key ([master] key)")
     _config_arg(k)
+    k.add_argument(
+        "--rotate",
+        action="store_true",
+        help="replace the key: a new one in its place, named in the master's keys/<n>.json (signed by the "
+        "old key, which workers then refuse), every signed document signed again, the old key kept aside",
+    )
     k.set_defaults(func=_cmd_keygen)
 
     pl = sub.add_parser("plan", help="assign an image to a node (or to 'default')")

@@ -357,6 +357,7 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "The master's Ed25519 private key (rackboot keygen makes it): publish and plan sign with it, "
         "and its .pub goes into the initramfs and the card, which then take only signed documents. "
+        "rackboot keygen --rotate puts a new key at this path and keeps the old one beside it. "
         "Unset = an unsigned rack.",
     ),
     Setting(

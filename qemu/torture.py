@@ -8,6 +8,9 @@ the other slot by block delta (delta.py): its "delta" phase runs from the planne
 read-back, and a cut there leaves a half-built slot that the next boot hashes and finishes.
 After the read-back, "keep-index" writes the version's block index behind the image
 (slotindex.py); a cut there leaves the slot writing, and its index is not trusted.
+A "key-chain" cut rotates the master key first (keychain.py: every signed document is signed
+again), so the cut boot takes the new link and writes the card's key record (keyring.py);
+the recovery boot must then hold the master's newest key on the card.
 Boot files change every cycle too: a second build differs from the first in its kernel
 command line, and each plan names the build whose boot image the card's active boot area
 does not hold, so every cycle writes the other area and moves MBR entry 1 (bootfiles.py).
@@ -39,24 +42,37 @@ from pathlib import Path
 
 from rackboot import build, config
 from rackboot.errors import RackbootError
-from rackboot.initramfs.updater import filemanifest, install, layout, nodekey
+from rackboot.initramfs.updater import filemanifest, install, keyring, layout, nodekey
 from rackboot.initramfs.updater import state as slot_state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import BOOTABLE, Manifest, Method, SlotState, manifest_path, parse_manifest
 from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
-from rackboot.master import plans, rsyncd
+from rackboot.initramfs.updater.signature import MasterKey
+from rackboot.master import keychain, plans, rsyncd, signing
 from rackboot.master.filemanifest import FILE as FILE_LIST
 from rackboot.master.inventory import Inventory
 from rackboot.qemu import harness
 from rackboot.qemu.runner import QemuWorker
 
 VERSIONS = (1, 2, 3)
-PHASES = ("node-key", "layout", "boot-files", "stream", "delta", "read-back", "keep-index", "commit", "first-boot")
+PHASES = (
+    "node-key",
+    "key-chain",
+    "layout",
+    "boot-files",
+    "stream",
+    "delta",
+    "read-back",
+    "keep-index",
+    "commit",
+    "first-boot",
+)
 BLANK = ("node-key", "layout")  # phases only a blank card goes through
 RSYNC = "rsync"  # cut while an rsync install formats and fills its slot (a config whose initramfs has rsync)
 MARKERS = {  # the console line that starts each phase, in boot order; "confirmed" ends the last one
     "node-key": r"rackboot: node key: making a key",  # openssl, then copy 1 and copy 2 (nodekey.py)
+    "key-chain": r"rackboot: master key \d+: keeping it on the card",  # a new key from the chain (keyring.py)
     "layout": r"rackboot: repartitioning",
     "boot-files": r"rackboot: boot files: writing build",
     "stream": r"rackboot: installing \S+ v\d+ into slot",
@@ -71,6 +87,7 @@ MARKERS = {  # the console line that starts each phase, in boot order; "confirme
 # Seconds each phase lasted with the demo root on a 2-core host; replaced by what each boot measures.
 WINDOWS = {
     "node-key": 0.3,
+    "key-chain": 0.1,
     "layout": 0.19,
     "boot-files": 3.0,
     "stream": 0.6,
@@ -290,6 +307,28 @@ def pinned_key(master: Path, node: str) -> str | None:
         inventory.close()
 
 
+def check_key_record(disk: Path, newest: MasterKey) -> Verdict | None:
+    """None when the card keeps the master's ``newest`` key (or the master never rotated:
+    key 0 is the initramfs's, and no record is written for it); else why not."""
+    try:
+        with Disk(str(disk), writable=False) as d:
+            record = keyring.read(d)
+    except UpdaterError as e:
+        return Verdict(False, f"cannot read the key record: {e}")
+    kept = record.master_key if record else None
+    if newest.n > 0 and kept != newest:
+        held = f"key {kept.n} (sha256 {kept.fingerprint[:16]})" if kept else "no key"
+        return Verdict(False, f"the card keeps {held}, not the master's {newest.name}")
+    return None
+
+
+def rotate(cfg: config.Config) -> MasterKey:
+    """Rotate the master key (as `rackboot keygen --rotate`); the new key."""
+    if cfg.master.key is None:
+        raise RackbootError(f"{cfg.path}: a key-chain cut rotates the master key: set [master] key")
+    return keychain.rotate(cfg.master.key, cfg.master.directory, created=config.source_date_epoch()).new
+
+
 def boot_area_holds(disk: Path, size: int) -> str | None:
     """sha256 of what MBR entry 1's boot area holds (its first ``size`` bytes), if anything."""
     with Disk(str(disk), writable=False) as d:
@@ -411,6 +450,8 @@ def cycle(
     held = boot_area_holds(disk, size)
     other = next(b for sha, b in sorted(images.items()) if sha != held)
     method = Method.RSYNC if cut.phase == RSYNC else Method.IMAGE
+    if cut.phase == "key-chain":  # before the plan: it is signed by the new key
+        rotate(cfg)
     plans.assign(other, node="default", image=harness.IMAGE, version=version, method=method)
     delay = 0.0
     with harness.new_worker(cfg, out, disk, Path(f"{logs}-cut.log")) as worker:
@@ -445,6 +486,8 @@ def cycle(
             or check_node_key(disk, lambda node: pinned_key(cfg.master.directory, node))
             or verdict
         )
+    if verdict.survived and cfg.master.key:
+        verdict = check_key_record(disk, signing.read_public(signing.public_key_path(cfg.master.key))) or verdict
     return CutResult(cut, version, delay, where, verdict, time.monotonic() - start, recovery_log)
 
 

@@ -40,6 +40,10 @@ JITTER = 0.5  # each wait is Retry-After times 1 to 1 + JITTER
 MAX_DIGITS = 18  # a byte count or a delay; a longer number is no answer (and int() refuses past 4300 digits)
 
 
+class NotFound(UpdaterError):
+    """The master has no such document (404)."""
+
+
 class NoRange(UpdaterError):
     """The master does not serve byte ranges of a file (block deltas need them)."""
 
@@ -360,7 +364,7 @@ def _check_status(url: str, path: str, resp: http.client.HTTPResponse, ok: tuple
     if resp.status >= 500:
         raise _Retry(f"HTTP {resp.status} {resp.reason}")
     if resp.status == 404:
-        raise UpdaterError(f"master {url}: GET {path}: 404 not found")
+        raise NotFound(f"master {url}: GET {path}: 404 not found")
     raise UpdaterError(f"master {url}: GET {path}: HTTP {resp.status} {resp.reason}")
 
 

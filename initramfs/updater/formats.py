@@ -9,6 +9,8 @@ index, signatures) do not break older workers; incompatible changes bump "format
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -965,3 +967,80 @@ def node_id(mac: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac):
         raise UpdaterError(f"identity: {mac[:40]!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
     return mac.replace(":", "-")
+
+
+# --- The master key chain: keys/<n>.json ---------------------------------------------------
+
+KEY_BYTES = 32  # an Ed25519 public key, raw
+MAX_KEY_NUMBER = (1 << 31) - 1
+# 32 bytes in padded base64, spelled one way only: the 43rd character carries 4 bits and two zeros
+_KEY_B64_RE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+
+
+def encode_key(raw: bytes) -> str:
+    """A raw Ed25519 public key as a chain link or the card's key record writes it."""
+    if len(raw) != KEY_BYTES:
+        raise UpdaterError(f"master key: {len(raw)} bytes, an Ed25519 public key is {KEY_BYTES}")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_key(text: str) -> bytes:
+    """The raw bytes of a key that matched _KEY_B64_RE (which only the one spelling does)."""
+    return base64.b64decode(text, validate=True)
+
+
+def fingerprint(raw: bytes) -> str:
+    """A master key's fingerprint: the sha256 of its 32 raw bytes, hex."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def key_fields(f: _Fields, *, minimum: int = 0) -> tuple[int, str]:
+    """A key's number ``n`` and its raw bytes in base64 ``key`` (a chain link, the key record)."""
+    n = f.integer("n", minimum=minimum)
+    if n > MAX_KEY_NUMBER:
+        raise f.fail("n", f"must be <= {MAX_KEY_NUMBER}, got {n}")
+    return n, f.text("key", _KEY_B64_RE, what=f"{KEY_BYTES} bytes in base64")
+
+
+@dataclass(frozen=True)
+class KeyLink:
+    """keys/<n>.json on the master: master key ``n`` (``key``: its 32 raw bytes in base64)
+    takes over from key n - 1, whose fingerprint ``retires`` names. Signed by the key it
+    retires (keys/<n>.json.sig), so a worker holding key n - 1 can check it, and takes only
+    the link that follows its own key."""
+
+    n: int
+    key: str
+    retires: str  # fingerprint (sha256 of the raw bytes) of key n - 1
+    created: int = 0  # unix time (the rotation's source date epoch)
+    format: int = FORMAT
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> KeyLink:
+        f = _Fields("key link", obj)
+        n, key = key_fields(f, minimum=1)
+        link = cls(
+            format=f.format(),
+            n=n,
+            key=key,
+            retires=f.text("retires", _HEX64_RE, what="64 lowercase hex digits"),
+            created=f.integer("created"),
+        )
+        if fingerprint(link.raw) == link.retires:
+            raise f.fail("key", "is the key it retires")
+        return link
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "n": self.n, "key": self.key, "retires": self.retires, "created": self.created}
+
+    @property
+    def raw(self) -> bytes:
+        return decode_key(self.key)
+
+
+parse_key_link = _parser(KeyLink.from_dict, "key link")
+
+
+def key_link_path(n: int) -> str:
+    """Where the link naming master key ``n`` lies on the master (its .sig beside it)."""
+    return f"/keys/{n}.json"

@@ -20,14 +20,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from . import binding, delta, hooks, install, layout, node, nodekey
+from . import binding, delta, hooks, install, keyring, layout, node, nodekey
 from . import report as reports
 from . import rsync as rsync_mode
 from . import state as slot_state
 from .bootfiles import run as update_boot_files
 from .disk import Disk, partition_device
 from .errors import Refused, UpdaterError
-from .fetch import MasterClient
+from .fetch import MasterClient, NotFound
 from .filemanifest import Entry as FileEntry
 from .formats import (
     BOOTABLE,
@@ -229,7 +229,7 @@ class _Update:
         self.now = now
         self.log = log
         self.offline_mount = offline_mount
-        self.verifier = verifier
+        self.verifier = keyring.trusted(disk, verifier, log)  # the card's newer key, offline too
         self.watchdog = watchdog
         self.t0 = now()
         self.state = slot_state.read(disk)
@@ -256,6 +256,7 @@ class _Update:
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             with expected(), self.step("plan"):
+                self.follow_keys()  # the master's newer keys first: the plan may be signed by one
                 plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
                 record = binding.plan_record(plan, self.identity.node, self.state.plan)  # this node's, and no replay
         except Refused as e:
@@ -295,6 +296,38 @@ class _Update:
         if problem:
             self.log(f"node key: {problem}")
             self.report(Phase.ERROR, error=f"node key: {problem}")
+
+    def follow_keys(self) -> None:
+        """Take the master's newer keys before anything they signed (keyring.follow), keep the
+        newest on the card; a refused link (or a master gone quiet) ends the boot's update
+        after the keys taken before it are kept."""
+        if not self.verifier.required:
+            return
+        followed = keyring.follow(self.get_if_there, self.verifier, self.log)
+        if followed.verifier is not self.verifier:
+            self.verifier = followed.verifier
+            self.keep_key()
+        if followed.stopped:
+            raise followed.stopped
+
+    def keep_key(self) -> None:
+        """The key record on the card. A failed write costs nothing but the next boot's walk
+        of the chain again: this boot's key verified all the same."""
+        key = self.verifier.key
+        assert key is not None  # keyring.follow only hands over keys
+        self.log(f"master key {key.n}: keeping it on the card")
+        try:
+            keyring.write(self.disk, key)
+        except UpdaterError as e:
+            self.log(f"key record not written: {e}; the next boot follows the chain again")
+            self.report(Phase.ERROR, error=f"plan: key record not written: {e}")
+
+    def get_if_there(self, path: str) -> bytes | None:
+        """A document's bytes, None when the master has none."""
+        try:
+            return self.master.get(path)
+        except NotFound:
+            return None
 
     def signed_doc(self, path: str, parse: Callable[[bytes], T], headers: dict[str, str] | None = None) -> T:
         """A plan or manifest, parsed only after its signature verified (when the card has a key)."""

@@ -1,7 +1,8 @@
 """The provisioning story on an emulated worker, as `make demo` tells it: a blank 1 GiB
 card with only the SD image; boot 1 lays it out and installs v1, boot 2 fetches no
 image bytes, boot 3 installs v2 into the other slot, boot 4 boots v2 with the master
-stopped."""
+stopped. Before boot 3 the master key is rotated: v2 comes signed by key 1, which the
+worker takes from the chain (its initramfs has key 0) and keeps for its offline boot."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import pytest
 from rackboot import config, demo
 from rackboot.initramfs.updater import mbr
+from rackboot.master import signing
 from rackboot.qemu import harness
 
 from tests.e2e.rack import example_config
@@ -22,7 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.network]
 def story(tmp_path_factory):
     directory = tmp_path_factory.mktemp("story")
     work = directory / "demo"
-    rows = demo.story(config.load(example_config(directory)), work, log=quiet)
+    rows = demo.story(config.load(example_config(directory)), work, log=quiet, rotate=frozenset({3}))
     return directory, work, rows
 
 
@@ -50,6 +52,22 @@ def test_versions_alternate_slots_and_the_offline_boot_uses_the_card(story):
     # openssl in the initramfs checked every plan against the key the demo made
     assert all("(signature verified)" in log for log in logs[:3])
     assert all("boot 1 of this root" in log for log in logs)  # tmpfs overlay: nothing persists
+
+
+def test_the_worker_takes_the_rotated_key_and_its_offline_boot_still_uses_it(story):
+    directory, work, _ = story
+    logs = [(work / "logs" / f"boot{n}.log").read_text(errors="replace") for n in range(1, 5)]
+    keys = directory / "keys"
+    first, second = signing.read_public(keys / "master.key.0.pub"), signing.read_public(keys / "master.key.pub")
+    assert second.n == 1 and (directory / "master/keys/1.json").is_file()
+    assert all(f"rackboot: {first.name}: the initramfs's" in log for log in logs[:3])
+    assert f"rackboot: {second.name} from /keys/1.json: signed by key 0, which it retires" in logs[2]
+    assert "rackboot: master key 1: keeping it on the card" in logs[2]
+    assert "image /images/example/2/manifest.json (signature verified)" in logs[2]  # checked with key 1
+    # the master stopped: the card's own initramfs (key 0) boots, and trusts key 1 from the card
+    assert "master unreachable; booting from the card" in logs[3]
+    assert f"rackboot: {second.name}: kept on the card (the initramfs has key 0)" in logs[3]
+    assert "rackboot: plan failed: master http://" in logs[3] and "booting slot b (offline)" in logs[3]
 
 
 def test_card_is_laid_out_as_the_config_says(story):

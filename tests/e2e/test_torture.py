@@ -1,7 +1,8 @@
 """A short power-cut torture run on an emulated worker: a blank card cut while it is laid
 out, an install cut while it streams, a new slot cut during its first boot, a boot area
-cut while it is written. Each recovery boot must come up on a slot whose bytes on the
-disk image are the image's, with MBR entry 1 on a boot area holding a build whole."""
+cut while it is written, a rotated master key cut while the card keeps it. Each recovery
+boot must come up on a slot whose bytes on the disk image are the image's, with MBR entry 1
+on a boot area holding a build whole and the master's newest key kept on the card."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rackboot import config
 from rackboot.initramfs.updater import layout, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import EXT_MAGIC_OFFSET
+from rackboot.master import signing
 from rackboot.qemu import torture
 
 from tests.e2e.rack import example_config
@@ -25,6 +27,7 @@ CUTS = [
     torture.Cut("delta", 0.5, blank=False),  # a half-built slot: the next boot hashes it and finishes
     torture.Cut("first-boot", 0.3, blank=False),
     torture.Cut("boot-files", 0.5, blank=False),  # area B half written: entry 1 still on area A, whole
+    torture.Cut("key-chain", 0.0, blank=False),  # at the key record's write: the recovery takes the link again
 ]
 
 
@@ -39,11 +42,19 @@ def run(tmp_path_factory):
 def test_every_recovery_boot_comes_up_on_an_intact_slot(run):
     _, work, outcomes = run
     assert [o.verdict.survived for o in outcomes] == [True] * len(CUTS), [o.verdict.detail for o in outcomes]
-    assert [o.version for o in outcomes] == [1, 2, 3, 1, 2]  # every cycle had an update in progress
+    assert [o.version for o in outcomes] == [1, 2, 3, 1, 2, 3]  # every cycle had an update in progress
     for n, cut in enumerate(CUTS, start=1):
         log = (work / "logs" / f"{n:03}-cut.log").read_text(errors="replace")
         assert re.search(torture.MARKERS[cut.phase], log)  # its phase had begun when the power went
         assert "rackboot-mark-good" not in log  # the power went before the new system confirmed itself
+
+
+def test_the_key_chain_cut_ends_with_the_rotated_key_on_the_card(run):
+    cfg, work, outcomes = run
+    newest = signing.read_public(signing.public_key_path(cfg.master.key))
+    assert newest.n == 1 and torture.check_key_record(work / "worker-disk.img", newest) is None
+    recovery = outcomes[-1].recovery_log.read_text(errors="replace")
+    assert f"rackboot: {newest.name}" in recovery  # taken again from the chain, or from the card
 
 
 def test_the_check_rejects_the_booted_slot_once_a_byte_of_it_changed(run):

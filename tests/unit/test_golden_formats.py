@@ -605,12 +605,16 @@ def test_every_sample_is_covered():
         *(f"report.rev9.signed.json{sig}" for sig in ("", ".sig")),
         # plan serials' samples, checked in test_golden_serial.py
         "slot-state.format1.rev3.bin",
+        # the key chain's samples, checked in test_golden_keys.py
+        *(f"keychain.format1.rev1.json{sig}" for sig in ("", ".sig")),
+        "key-record.format1.rev1.bin",
     }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {
         "README.md",
         "make_golden.py",
         "make_golden_bootfiles.py",
         "make_golden_delta.py",
+        "make_golden_keys.py",
         "make_golden_rsync.py",
         "make_golden_nodekeys.py",
         "make_golden_serial.py",

@@ -7,9 +7,10 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from rackboot.initramfs.updater import formats, layout, mbr, nodekey, state
+from rackboot.initramfs.updater import formats, keyring, layout, mbr, nodekey, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import Slot, SlotState
+from rackboot.initramfs.updater.signature import MasterKey
 from rackboot.master.inventory import Inventory
 from rackboot.qemu import torture
 
@@ -53,6 +54,8 @@ def test_the_cut_lands_after_the_last_marker_printed():
     assert torture.landed(console[:1] + ["rackboot: boot files: writing build 0123 into boot area b"]) == "boot-files"
     made = "rackboot: node key: making a key for 52-54-00-12-34-56: none on the card"
     assert torture.landed(["U-Boot 2023.01", made]) == "node-key"
+    assert torture.landed(["rackboot: master key 3: keeping it on the card"]) == "key-chain"
+    assert torture.landed([made, "rackboot: master key 3: keeping it on the card"]) == "key-chain"  # in boot order
 
 
 @pytest.fixture
@@ -182,3 +185,18 @@ def test_a_blank_card_drops_the_masters_pin_as_adopt_replace_does(tmp_path):
     assert torture.pinned_key(tmp_path, key.node) == key.public_b64
     torture.forget_keys(tmp_path)
     assert torture.pinned_key(tmp_path, key.node) is None and torture.pinned_key(tmp_path, "52-54-00-00-00-01") is None
+
+
+def test_check_key_record_wants_the_masters_newest_key_on_the_card(tmp_path):
+    path = tmp_path / "card"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    first, second = (MasterKey(n, bytes([n]) * 32) for n in (1, 2))
+    assert torture.check_key_record(path, MasterKey(0, bytes(32))) is None  # never rotated: no record
+    verdict = torture.check_key_record(path, first)
+    assert verdict is not None and "the card keeps no key, not the master's master key 1" in verdict.detail
+    with Disk(str(path)) as d:
+        keyring.write(d, first)
+    assert torture.check_key_record(path, first) is None
+    verdict = torture.check_key_record(path, second)
+    assert verdict is not None and not verdict.survived and "keeps key 1 (sha256" in verdict.detail
