@@ -36,7 +36,7 @@ torture: $(STAMP_DEBS) $(STAMP_PIP)
 	$(VENV)/bin/rackboot torture -c examples/qemu-virt/rackboot.toml --cuts $(CUTS) --seed $(SEED)
 
 bench: $(STAMP_DEBS) $(STAMP_PIP)
-	$(PY) benchmarks/run.py
+	$(if $(TINY),RACKBOOT_BENCH_TINY=1 )$(PY) benchmarks/run.py
 
 deps: $(STAMP_DEBS)
 

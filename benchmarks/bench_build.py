@@ -23,9 +23,11 @@ from pathlib import Path
 import bench_cpio
 from rackboot import build, config, initramfs_tree
 from rackboot.master import signing
+from tiny import pick
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples/qemu-virt/rackboot.toml"
-NOOP_RUNS = 5  # whole-process no-op rebuilds; their median is reported
+NOOP_RUNS = pick(5, 1)  # whole-process no-op rebuilds; their median is reported
+WARM = pick(True, False)  # a build first, so the timed ones find the caches warm (tiny: timed cold)
 
 
 def _quiet(_line: str) -> None:
@@ -65,7 +67,8 @@ def whole_process(config_path: Path, tmp: Path) -> dict:
         command = [*_rackboot_command(), "build", "-c", str(config_path), "-o", str(out)]
         return _timed(lambda: subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=True))
 
-    run(tmp / "process-warm")  # fills the bytecode cache: no run below compiles
+    if WARM:
+        run(tmp / "process-warm")  # fills the bytecode cache: no run below compiles
     full = run(tmp / "process")
     noop = statistics.median(run(tmp / "process") for _ in range(NOOP_RUNS))
     return {"full_seconds": full, "noop_seconds": noop, "noop_ratio": noop / full}
@@ -83,8 +86,8 @@ def bench(config_path: Path = EXAMPLE) -> dict:
     cfg = config.load(config_path)
     _example_key(cfg)
     with tempfile.TemporaryDirectory(prefix="rackboot-bench-build-") as tmp:
-        warm = Path(tmp, "warm")
-        build.build(cfg, out=warm, log=_quiet)  # fills the package cache and unpacks
+        if WARM:
+            build.build(cfg, out=Path(tmp, "warm"), log=_quiet)  # fills the package cache and unpacks
         out = Path(tmp, "build")
         full = _timed(lambda: build.build(cfg, out=out, log=_quiet))
         noop = _timed(lambda: build.build(cfg, out=out, log=_quiet))

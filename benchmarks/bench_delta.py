@@ -38,8 +38,9 @@ from rackboot.initramfs.updater.formats import Layout, Plan
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.master import plans, publish, serve
 from rackboot.sources import PackageCache, PackageRef, parse_records
+from tiny import pick
 
-PACKAGES = (
+FULL_ROOT = (
     "python3",
     "systemd",
     "systemd-sysv",
@@ -60,12 +61,14 @@ PACKAGES = (
     "login",
     "passwd",
 )
+PACKAGES = pick(FULL_ROOT, ("openssl",))  # tiny: openssl and what it needs (libssl3, libc6)
 # One package each: v1 has this version (bookworm-updates), v2 apt's candidate (bookworm's 3.0.20).
 # libssl3 is a 5.6 MiB library (the hard case); openssl, the command, is 1.3 MiB with its docs.
 UPGRADES = {"libssl3": "3.0.17-1~deb12u2", "openssl": "3.0.17-1~deb12u2"}
+SCENARIOS = pick(tuple(UPGRADES), ("openssl",))  # the upgrades a run measures unless told
 ARCH = "arm64"
 EPOCH = 1_700_000_000
-SLOT_MIB = 640
+SLOT_MIB = pick(640, 64)
 LAYOUT = {
     "partitions": [
         {"name": "boot", "start_mib": 4, "size_mib": 16, "type": "0c"},
@@ -276,7 +279,7 @@ METHODS: dict[str, Callable[[Setup], Row]] = {
 }
 
 
-def bench(packages: tuple[str, ...] = tuple(UPGRADES), log: Callable[[str], None] = lambda m: None) -> dict:
+def bench(packages: tuple[str, ...] = SCENARIOS, log: Callable[[str], None] = lambda m: None) -> dict:
     """One v1 -> v2 per upgraded package in ``packages``, every method each."""
     out = {}
     for package in packages:
@@ -325,7 +328,7 @@ def _report(package: str, r: dict) -> str:
 
 
 if __name__ == "__main__":
-    wanted = tuple(a for a in sys.argv[1:] if not a.startswith("-")) or tuple(UPGRADES)
+    wanted = tuple(a for a in sys.argv[1:] if not a.startswith("-")) or SCENARIOS
     unknown = [p for p in wanted if p not in UPGRADES]
     if unknown:
         raise SystemExit(f"bench_delta: no scenario for {unknown[0]}; known: {', '.join(UPGRADES)}")

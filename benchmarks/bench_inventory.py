@@ -22,9 +22,10 @@ from rackboot.initramfs.updater import formats, nodekey
 from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.master import nodekeys, serve
 from rackboot.master.inventory import Inventory
+from tiny import pick
 
-WORKERS = 32
-REPORTS = 40  # per worker: about one update's worth
+WORKERS = pick(32, 2)
+REPORTS = pick(40, 3)  # per worker: about one update's worth
 
 
 def reports(worker: int) -> list[bytes]:

@@ -43,12 +43,13 @@ from rackboot.master import dnsmasq, plans, publish
 from rackboot.qemu import harness
 from rackboot.qemu.netns import RackNetwork
 from rackboot.qemu.runner import QemuWorker
+from tiny import pick
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "qemu-virt" / "rackboot.toml"
-WORKERS = max(4, min(8, 2 * (os.cpu_count() or 1)))
+WORKERS = pick(max(4, min(8, 2 * (os.cpu_count() or 1))), 2)
 RATE_MBIT = 16  # the shaped link: below what this machine's emulated workers take in together
-PAYLOAD_MIB = 24  # incompressible: the stream is this big, whatever gzip does
+PAYLOAD_MIB = pick(24, 1)  # incompressible: the stream is this big, whatever gzip does
 LINK_GOAL = 0.8
 BOOT_TIMEOUT = 900
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -76,6 +77,14 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` (fields 14 and 15 of /proc/<pid>/stat, after the command's parentheses)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def serve_dnsmasq(master: Path) -> int:
+    """The pid of the dnsmasq serve runs, from the PID file serve keeps in the master tree."""
+    pids = dnsmasq.read_pids(master)
+    if pids is None:
+        raise SystemExit(f"bench_rack: no dnsmasq pid in {master / dnsmasq.PID}: is serve's netboot service up?")
+    return pids[0]
 
 
 def shape(rack: RackNetwork, port: int, rate_mbit: int) -> None:
@@ -127,7 +136,7 @@ def one_round(
         harness.blank_card(out / "sdcard.img", card)
     files = bench_netboot.netboot_bytes(out)
     seen = [len(reports(cfg, rack, i)) for i in range(workers)]
-    dnsmasq_pid = int((cfg.master.directory / dnsmasq.PID).read_text())
+    dnsmasq_pid = serve_dnsmasq(cfg.master.directory)
     cpu = cpu_seconds(master.proc.pid), cpu_seconds(dnsmasq_pid)
     sent = master.bytes_sent()
     qemus = [

@@ -34,8 +34,9 @@ from rackboot.initramfs.updater.main import Identity, run
 from rackboot.master import filemanifest as published_files
 from rackboot.master import plans, publish, rsyncd, serve
 from rackboot.sources import PackageCache
+from tiny import pick
 
-BASE = [
+FULL_BASE = [
     "base-files",
     "busybox-static",
     "python3.11",
@@ -46,11 +47,12 @@ BASE = [
     "rsync",
     "less",
 ]
+BASE = pick(FULL_BASE, ["base-files", "busybox-static"])
 ADDED = "jq"  # the one package v2 adds (jq, libjq1, libonig5)
 EPOCH = 1700000000
 MAC = "52:54:00:12:34:56"
 NODE = "default"
-SLOT_MIB = 600
+SLOT_MIB = pick(600, 64)
 LAYOUT = Layout(
     (
         Partition("boot", 4, 16, "0c"),

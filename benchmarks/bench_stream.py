@@ -25,11 +25,12 @@ from pathlib import Path
 import rackboot.initramfs
 from rackboot.initramfs.updater.formats import Layout, Plan
 from rackboot.master import plans, publish, serve
+from tiny import pick
 
-IMAGE_MIB = 512
-TREE_BUDGET = 380 << 20  # bytes of files copied into the filesystem; the rest stays free
+IMAGE_MIB = pick(512, 32)
+TREE_BUDGET = pick(380, 8) << 20  # bytes of files copied into the filesystem; the rest stays free
 TREE_SOURCES = ("/usr/lib/python3.11", "/usr/share/doc", "/usr/lib/x86_64-linux-gnu", "/usr/share")
-RUNS = 3
+RUNS = pick(3, 1)
 LAYOUT = {
     "partitions": [
         {"name": "boot", "start_mib": 4, "size_mib": 16, "type": "0c"},

@@ -10,7 +10,10 @@ from .errors import RackbootError
 
 
 def qemu_command(cfg: Config, *, expect: str | None, timeout: float, disks: list[Path], log: Path | None) -> int:
-    """Boot through U-Boot, DHCP and TFTP from the build directory; 0 when ``expect`` was seen."""
+    """Boot through U-Boot, DHCP and TFTP from the build directory; 0 when ``expect`` was
+    seen, or without it when the worker powered off having booted (or probed). It says
+    what it booted, and a worker that powered off with nothing to boot (no card) is an
+    error naming the reason /init gave."""
     from rackboot.qemu.machines import profile
     from rackboot.qemu.runner import QemuWorker
 
@@ -40,10 +43,17 @@ def qemu_command(cfg: Config, *, expect: str | None, timeout: float, disks: list
         kernel=options.get("kernel"),
         dtb=options.get("dtb"),
     ) as worker:
-        print(f"booting {machine.name}/{machine.arch}; console log: {log}", flush=True)
+        cards = ", ".join(str(d) for d in disks) if disks else "no disk (a worker without a card)"
+        print(f"booting {machine.name}/{machine.arch} with {cards}; console log: {log}", flush=True)
         if expect is None:
             worker.wait_exit(timeout)
+            if (why := worker.nothing_to_boot()) is not None:
+                raise RackbootError(f"worker powered off with nothing to boot: {why} (log: {log})")
+            booted = worker.booted()
+            print(f"worker booted slot {booted}, then powered off" if booted else "worker powered off")
             return 0
         match = worker.expect(expect, timeout)
         print(f"seen: {match.string.strip()}")
+        if booted := worker.booted():
+            print(f"worker booted slot {booted}")
     return 0

@@ -46,8 +46,10 @@ def spec(cfg: Config, board: Board) -> Spec:
     updater = cfg.initramfs.updater
     packages = list(cfg.initramfs.packages) + (list(PYTHON_PACKAGES) if updater else [])
     binaries = list(cfg.initramfs.binaries) + ([PYTHON] if updater else [])
-    if updater and (cfg.layout.mount == "ro+overlay:data" or cfg.layout.persist):
-        # /init formats a blank data partition as ext4 (busybox's mke2fs makes only ext2)
+    if updater:
+        # /init formats a blank data partition as ext4 (busybox's mke2fs makes only ext2): for
+        # an overlay or persisted paths, and for the node's name and first-boot stamps, which
+        # any plan or image may bring after the build
         packages.append("e2fsprogs")
         binaries.append("/sbin/mke2fs")
     files = dict(cfg.initramfs.files)

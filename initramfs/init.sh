@@ -114,6 +114,11 @@ unmount_slot() {  # what a failed switch_to_slot left mounted, so the next try s
 
 switch_to_slot() {
     . /run/rackboot/decision
+    if [ "$action" = poweroff ]; then  # the one line rackboot qemu reads the reason from
+        log "nothing to boot, powering off: $error"
+        sync; poweroff -f
+        return 1
+    fi
     log "booting slot $slot ($action) from $device mounted $mount"
     unmount_slot
     case "$mount" in

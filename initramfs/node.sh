@@ -25,7 +25,9 @@ node_data() {  # mount the data partition at /run/rackboot/data unless it is; "f
 
 node_settings() {  # with a plan: keep its settings on the card; without: take the card's copy
     if [ -n "$planned" ]; then
-        want=""; [ -n "$persist$first_boot" ] && want=format
+        # A name is worth a blank data partition's formatting too: else a blank card's first
+        # boot kept none, and every boot without the master after it came up unnamed
+        want=""; [ -n "$hostname$persist$first_boot" ] && want=format
         node_data $want || return 0
         mkdir -p "$data_dir/rackboot"
         # names and paths have no quotes or spaces in them (formats.py checks both)

@@ -217,10 +217,10 @@ def end_orphan(cfg: Config) -> int | None:
     it is no longer its parent; any other process, and another serve's running dnsmasq (whose
     ports the checks then find taken), is left alone. Returns the pid it ended."""
     pid_file = cfg.master.directory / PID
-    try:
-        pid, serve_pid = (int(field) for field in pid_file.read_text().split())
-    except (FileNotFoundError, ValueError):
+    pids = read_pids(cfg.master.directory)
+    if pids is None:
         return None
+    pid, serve_pid = pids
     try:
         handle = os.pidfd_open(pid)  # from here on the pid cannot be reused under us
     except OSError:
@@ -246,6 +246,23 @@ def end_orphan(cfg: Config) -> int | None:
         os.close(handle)
     pid_file.unlink(missing_ok=True)
     return pid
+
+
+def write_pids(master: Path, dnsmasq_pid: int, serve_pid: int) -> None:
+    """The PID file in the master tree: the running dnsmasq and the serve that started it."""
+    atomic_write_bytes(master / PID, f"{dnsmasq_pid} {serve_pid}\n".encode())
+
+
+def read_pids(master: Path) -> tuple[int, int] | None:
+    """The PID file's (dnsmasq pid, serve pid); None when there is none or it is not two
+    ASCII numbers (a file of another shape is not ours to act on)."""
+    try:
+        fields = (master / PID).read_text(encoding="ascii").split()
+    except (FileNotFoundError, ValueError):  # ValueError: not ASCII
+        return None
+    if len(fields) != 2 or not all(field.isdigit() for field in fields):
+        return None
+    return int(fields[0]), int(fields[1])
 
 
 def _parent(pid: int) -> int | None:
@@ -298,7 +315,7 @@ class NetbootService:
             preexec_fn=dies_with_parent(),  # as root; as the build's owner, end_orphan
         )
         try:
-            atomic_write_bytes(master / PID, f"{self.proc.pid} {os.getpid()}\n".encode())
+            write_pids(master, self.proc.pid, os.getpid())
             self._wait_listening()
         except BaseException:
             self.stop()

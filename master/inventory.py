@@ -224,7 +224,9 @@ def apply(node: Node, report: Report, received: float) -> Node:
     if report.hostname:  # the name its plan gave it (report rev5) labels it
         changes["label"] = report.hostname
     phase = report.phase
-    if phase in (Phase.PLAN, Phase.LAYOUT, Phase.DOWNLOAD, Phase.VERIFY, Phase.HOOK, Phase.WAIT):
+    if phase == Phase.PLAN:  # about to ask for its plan (a card's first contact): seen, nothing under way yet
+        pass
+    elif phase in (Phase.LAYOUT, Phase.DOWNLOAD, Phase.VERIFY, Phase.HOOK, Phase.WAIT):
         changes.update(state=NodeState.INSTALLING, installing=True)
         if phase == Phase.DOWNLOAD and report.slot:
             changes.update(install_bytes=report.bytes, install_seconds=report.seconds)

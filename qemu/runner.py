@@ -49,6 +49,10 @@ from .machines import MachineProfile
 # The kernel's first console line: the board's NIC is plugged in from here (nic_after_uboot)
 KERNEL_STARTED = "Booting Linux on physical CPU"
 
+# What /init (initramfs/init.sh) says it booted, and why a worker with nothing to boot powered off
+BOOTED = re.compile(r"rackboot: booting slot (\S+ \([^)]*\) from \S+ mounted \S+)")
+NOTHING_TO_BOOT = re.compile(r"rackboot: nothing to boot, powering off: (.+)")
+
 # blkdebug arms a rule only when its event fires; QEMU 7.2's raw format fires these per request
 BLKDEBUG_EVENTS = {"read": "read_aio", "write": "write_aio"}
 
@@ -329,8 +333,11 @@ class QemuWorker:
                         return match
                 left = deadline - time.monotonic()
                 if not self.running and self._seen >= len(self._lines):
+                    why = self.nothing_to_boot()
                     raise RackbootError(
-                        f"worker stopped before /{pattern}/ was seen; last console line: "
+                        f"worker powered off before /{pattern}/ was seen: nothing to boot: {why} (log: {self.log_path})"
+                        if why
+                        else f"worker stopped before /{pattern}/ was seen; last console line: "
                         f"{self._last_line()!r} (log: {self.log_path})"
                     )
                 if left <= 0:
@@ -348,6 +355,21 @@ class QemuWorker:
         assert stdin is not None  # console_input: start() asks for a pipe
         stdin.write(text.encode())
         stdin.flush()
+
+    def booted(self) -> str | None:
+        """What /init last said it booted ("a (installed) from /dev/vda2 mounted rw"), if anything."""
+        return self._last_said(BOOTED)
+
+    def nothing_to_boot(self) -> str | None:
+        """Why /init powered the worker off with nothing to boot ("no card: ..."), if it did."""
+        return self._last_said(NOTHING_TO_BOOT)
+
+    def _last_said(self, regex: re.Pattern[str]) -> str | None:
+        for line in reversed(self.console):
+            match = regex.search(line)
+            if match:
+                return match.group(1).strip()
+        return None
 
     def _process(self) -> subprocess.Popen[bytes]:
         if self._proc is None:
@@ -368,7 +390,10 @@ class QemuWorker:
         try:
             return self._process().wait(timeout)
         except subprocess.TimeoutExpired:
-            raise RackbootError(f"worker did not power off within {timeout:g} s (log: {self.log_path})") from None
+            raise RackbootError(
+                f"worker did not power off within {timeout:g} s; last console line: "
+                f"{self._last_line()!r} (log: {self.log_path})"
+            ) from None
 
     # --- QMP -----------------------------------------------------------------------------
 

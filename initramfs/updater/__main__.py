@@ -1,7 +1,8 @@
 """`python3 -m updater --disk /dev/vda --master http://10.0.2.2:8080 --decision-file F`.
 
 Exit 0: the decision is written (shell KEY=VALUE lines /init sources before it
-mounts the slot and switch_roots). Exit 1: no slot can boot; the message is on stderr.
+mounts the slot and switch_roots; action 'poweroff' when the worker has no card: /init
+powers it off). Exit 1: no slot can boot; the message is on stderr.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import os
 import sys
 from dataclasses import replace
 
-from .errors import UpdaterError
+from .errors import NoCard, UpdaterError
 from .formats import DEFAULT_MOUNT, MOUNTS
-from .main import Decision, console_log, discover_identity, expected, run
+from .main import CARD_WAIT, Decision, console_log, discover_identity, expected, poweroff_shell, run
 from .signature import PUBLIC_KEY, from_environment
 from .watchdog import DEVICE, NoWatchdog, Watchdog
 
@@ -38,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=MOUNTS,
         help="how to mount the slot when no plan arrives (default: %(default)s)",
     )
+    p.add_argument(
+        "--card-wait",
+        type=float,
+        default=CARD_WAIT,
+        metavar="S",
+        help="seconds the card's device may take to appear before the worker has none (default: %(default)s)",
+    )
     p.add_argument("--watchdog", default=DEVICE, help="the board's watchdog device (default: %(default)s)")
     p.add_argument(
         "--watchdog-stall",
@@ -57,9 +65,17 @@ def write_decision(path: str, decision: Decision) -> None:
         with open(script, "wb") as f:
             f.write(settings.first_boot_script)
         decision = replace(decision, settings=replace(settings, first_boot=script))
+    write_shell(path, decision.to_shell())
+
+
+def write_shell(path: str | None, text: str) -> None:
+    """Atomically into ``path`` (None: stdout)."""
+    if path is None:
+        sys.stdout.write(text)
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        f.write(decision.to_shell())
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -80,15 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             else NoWatchdog()
         )
         with watchdog:
-            decision = run(
-                args.disk,
-                args.master,
-                identity,
-                layout_check=not args.no_layout,
-                offline_mount=args.offline_mount,
-                verifier=from_environment(args.public_key),
-                watchdog=watchdog,
-            )
+            try:
+                decision = run(
+                    args.disk,
+                    args.master,
+                    identity,
+                    layout_check=not args.no_layout,
+                    offline_mount=args.offline_mount,
+                    verifier=from_environment(args.public_key),
+                    watchdog=watchdog,
+                    card_wait=args.card_wait,
+                )
+            except NoCard as e:  # not the rescue loop's to retry: waiting brings no card
+                write_shell(args.decision_file, poweroff_shell(str(e)))
+                return 0
         if args.decision_file:
             write_decision(args.decision_file, decision)
         else:

@@ -7,13 +7,17 @@ is asked to re-read it (BLKRRPART) when the path is a real block device.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
 
-from .errors import UpdaterError
+from .errors import NoCard, UpdaterError
 
 BLKRRPART = 0x125F  # _IO(0x12, 95)
+# open()'s answers that mean the card is not there (a reader with no medium says ENOMEDIUM),
+# as opposed to a card that is there and fails (EIO, EBUSY: worth another try)
+NO_CARD_ERRNOS = (errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.ENOMEDIUM)
 
 
 class Disk:
@@ -22,6 +26,8 @@ class Disk:
         try:
             self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as e:
+            if e.errno in NO_CARD_ERRNOS:
+                raise NoCard(f"no card: {path}: {e.strerror}") from None
             raise UpdaterError(f"disk {path}: cannot open: {e.strerror}") from None
         self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
         # SEEK_END gives the size of block devices and files alike.

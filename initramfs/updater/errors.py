@@ -14,3 +14,8 @@ class UpdaterError(Exception):
 
 class Refused(UpdaterError):
     """What the master sent is not installed: a bad or missing signature, or a replay."""
+
+
+class NoCard(UpdaterError):
+    """The card is not there: no device at its path, or a reader with no medium in it.
+    Nothing to install to or boot from, and retrying will not change that."""

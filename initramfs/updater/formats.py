@@ -90,6 +90,7 @@ class Action(StrEnum):
     OFFLINE = "offline"
     FALLBACK = "fallback"
     REFUSED = "refused"
+    POWEROFF = "poweroff"  # nothing boots: /init powers the worker off, ``error`` says why (no card)
 
 
 class PlanKind(StrEnum):

@@ -2,12 +2,14 @@
 
 `run` always ends in a Decision for /init (mount this partition, switch_root into it)
 or, when no slot on the card is good, an UpdaterError (/init waits, offering a rescue
-shell, and retries). Any failure after the plan arrived falls back to the last good slot
-("fallback"); a failure to get the plan at all boots it as "offline", and so does a
-board with no identity (no network interface: no master to ask). An exception no step
-foresaw (a bug, a master's answer nobody thought of) is one of those failures too, named
-by its type: it never sends a card with a good slot into the rescue loop. Each phase is
-reported to the master, best effort.
+shell, and retries); a worker with no card at all ends in NoCard, reported once, and
+/init powers it off (waiting would not bring a card, and there is no diskless boot).
+Any failure after the plan arrived falls back to the last good slot ("fallback"); a
+failure to get the plan at all boots it as "offline", and so does a board with no
+identity (no network interface: no master to ask). An exception no step foresaw (a bug,
+a master's answer nobody thought of) is one of those failures too, named by its type: it
+never sends a card with a good slot into the rescue loop. Each phase is reported to the
+master, best effort.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from . import rsync as rsync_mode
 from . import state as slot_state
 from .bootfiles import run as update_boot_files
 from .disk import Disk, partition_device
-from .errors import Refused, UpdaterError
+from .errors import NoCard, Refused, UpdaterError
 from .fetch import MasterClient, NotFound
 from .filemanifest import Entry as FileEntry
 from .formats import (
@@ -55,6 +57,9 @@ from .watchdog import NoWatchdog, Watchdog
 
 WRITE_ATTEMPTS = 2  # a slot whose read-back differs is written once more, then left bad
 DEFAULT_NUMBERS = {"a": 2, "b": 3, "data": 4}  # the standard layout, for state written without numbers
+# An SD host may probe its card after /init starts: a device that is not there yet gets this
+# long to appear before the worker is taken to have no card
+CARD_WAIT = 10.0
 
 
 @contextmanager
@@ -123,6 +128,11 @@ class Decision:
         return "".join(f"{k}={_quote('' if v is None else str(v))}\n" for k, v in fields.items())
 
 
+def poweroff_shell(reason: str) -> str:
+    """The decision that boots nothing: /init powers the worker off, saying ``reason``."""
+    return f"action={_quote(Action.POWEROFF)}\nerror={_quote(reason)}\n"
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "'\\''") + "'"
 
@@ -182,25 +192,58 @@ def run(
     verifier: Verifier | None = None,
     open_disk: Callable[[str], Disk] = Disk,
     watchdog: Watchdog | None = None,
+    card_wait: float = CARD_WAIT,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Decision:
     """Bring the card in line with this node's plan; the Decision says what /init boots.
     ``identity`` None: the board has none (discover_identity raised NoIdentity), so the
     master is neither asked nor told, and the card's good slot boots offline.
     ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config);
-    ``watchdog`` (started by the caller) hears of every step forward."""
-    with expected(), open_disk(disk_path) as disk:
+    ``watchdog`` (started by the caller) hears of every step forward. No card at
+    ``disk_path`` within ``card_wait`` seconds: NoCard, after a report saying so."""
+    log = log or console_log
+    master = master or MasterClient(master_url)
+    try:
+        disk = open_card(disk_path, open_disk, wait=card_wait, now=now, sleep=sleep)
+    except NoCard as e:
+        log(f"{e}; nothing to install to or boot from (no diskless boot): powering off")
+        if identity is not None:  # said once: the worker powers off after it
+            reports.send(master, reports.make(identity.node, Phase.ERROR, error=str(e)))
+        raise
+    with expected(), disk:
         update = _Update(
             disk,
             disk_path,
-            master or MasterClient(master_url),
+            master,
             identity,
             now=now,
-            log=log or console_log,
+            log=log,
             offline_mount=offline_mount,
             verifier=verifier or from_environment(),
             watchdog=watchdog or NoWatchdog(),
         )
         return update.run(layout_check)
+
+
+def open_card(
+    path: str,
+    open_disk: Callable[[str], Disk],
+    *,
+    wait: float,
+    now: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> Disk:
+    """The card, once its device exists (it gets ``wait`` seconds to appear). NoCard when
+    it never does or holds no medium; any other failure to open it is an UpdaterError
+    (a card that is there and fails: /init tries again)."""
+    deadline = None
+    while not os.path.exists(path):
+        deadline = now() + wait if deadline is None else deadline
+        left = deadline - now()
+        if left <= 0:
+            raise NoCard(f"no card: {path} does not exist")
+        sleep(min(left, 0.5))
+    return open_disk(path)
 
 
 def console_log(message: str) -> None:
@@ -253,6 +296,8 @@ class _Update:
             self.report(Phase.ERROR, error=f"confirm: {e}")
         if self.identity is None:  # no plan to ask for: what the card holds boots
             return self.fall_back(Action.OFFLINE, NoIdentity("identity: no network interface with a MAC address"))
+        if self.state.plan is None:  # first contact: the master files (adopts, names) a node on a report,
+            self.report(Phase.PLAN)  # so one before the first plan request makes its first plan like the next
         try:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             with expected(), self.step("plan"):

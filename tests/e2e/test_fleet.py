@@ -121,7 +121,7 @@ def story(tmp_path_factory) -> Story:
         a.start()
         # boot 1 of A: a blank card, a node the master has never seen
         a.expect(r"rackboot: plan for ", timeout=BOOT)
-        wait_known(story.url, NODE_A, timeout=BOOT)  # its first report (the layout) adopts it
+        wait_known(story.url, NODE_A, timeout=BOOT)  # its first report (first contact, signed) adopts it
         story.doms["discovered"] = browser.dump_dom(story.url + "/")  # while it installs and reports
         a.expect(r"rackboot-demo: v1 is up", timeout=BOOT)
         wait_paused(a)

@@ -1,13 +1,15 @@
 """Workers that recover with nobody at their console: a blank worker switched on before
 its master retries until the master answers and then installs, a person at the console
-still gets a rescue shell, and a worker whose network interface is gone boots the good
-slot its card holds.
+still gets a rescue shell, a worker whose network interface is gone boots the good
+slot its card holds, and one with no card at all says so and powers off (`rackboot qemu`
+without --disk).
 
 One build and one provisioned card (slot a holds v1, which confirmed itself) are shared;
 each case boots a fresh blank card or a copy of that card."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from dataclasses import dataclass
@@ -106,3 +108,31 @@ def test_a_worker_without_a_network_interface_boots_the_good_slot_on_its_card(ra
     with Disk(str(disk), writable=False) as d:
         after = state.read(d)
     assert (after.primary, after.last_good, after.slots["a"].state) == ("a", "a", "good")
+
+
+def test_rackboot_qemu_without_a_disk_says_the_worker_has_no_card_and_ends_when_it_powers_off(rack, tmp_path):
+    log = tmp_path / "console.log"
+    master = harness.MasterThread(rack.cfg)
+    try:
+        result = subprocess.run(
+            [str(harness.rackboot_command()), "qemu", "-c", str(rack.cfg.path), "--log", str(log), "--timeout", "120"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        master.stop()
+    assert result.stdout.startswith("booting qemu-virt/arm64 with no disk (a worker without a card); console log:")
+    # not "worker did not power off within 120 s": the worker said why and switched itself off
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"rackboot: error: worker powered off with nothing to boot: no card: /dev/vda does not exist (log: {log})\n"
+    )
+    console = log.read_text(errors="replace")
+    assert "rackboot: nothing to boot, powering off: no card: /dev/vda does not exist" in console
+    assert "rescue" not in console and "Traceback" not in console
+    # QEMU's own MAC, as the story's worker had: the last report is this boot's only one
+    reports = rack.cfg.master.directory / "reports/52-54-00-12-34-56.jsonl"
+    sent = [json.loads(line) for line in reports.read_text().splitlines()]
+    said = [(r["phase"], r["error"]) for r in sent if "card" in (r["error"] or "")]
+    assert said == [("error", "no card: /dev/vda does not exist")] and sent[-1]["error"] == said[0][1]

@@ -2,7 +2,9 @@
 card with only the SD image; boot 1 lays it out and installs v1, boot 2 fetches no
 image bytes, boot 3 installs v2 into the other slot, boot 4 boots v2 with the master
 stopped. Before boot 3 the master key is rotated: v2 comes signed by key 1, which the
-worker takes from the chain (its initramfs has key 0) and keeps for its offline boot."""
+worker takes from the chain (its initramfs has key 0) and keeps for its offline boot. The
+node follows the default plan and serve names it by a hostname pattern: every boot has
+that name, the first from the blank card and the offline one included."""
 
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.network]
 def story(tmp_path_factory):
     directory = tmp_path_factory.mktemp("story")
     work = directory / "demo"
-    rows = demo.story(config.load(example_config(directory)), work, log=quiet, rotate=frozenset({3}))
+    path = example_config(directory)  # serve names the node that follows the default plan
+    path.write_text(path.read_text().replace("[master]\n", '[master]\nhostname = "worker-{index:02d}"\n', 1))
+    rows = demo.story(config.load(path), work, log=quiet, rotate=frozenset({3}))
     return directory, work, rows
 
 
@@ -68,6 +72,19 @@ def test_the_worker_takes_the_rotated_key_and_its_offline_boot_still_uses_it(sto
     assert "master unreachable; booting from the card" in logs[3]
     assert f"rackboot: {second.name}: kept on the card (the initramfs has key 0)" in logs[3]
     assert "rackboot: plan failed: master http://" in logs[3] and "booting slot b (offline)" in logs[3]
+
+
+def test_the_node_has_its_name_from_the_blank_cards_first_boot_to_the_offline_boot(story):
+    _, work, _ = story
+    logs = [(work / "logs" / f"boot{n}.log").read_text(errors="replace") for n in range(1, 5)]
+    for log in logs:  # the example image has no /etc/hostname: the tmpfs overlay's upper layer takes it
+        assert "rackboot-demo: hostname worker-01, machine-id none" in log
+        assert "rackboot-demo: /etc/hostname worker-01, /etc/hosts 127.0.1.1\tworker-01" in log
+    # the first boot kept the name on the card (a blank data partition formatted for it), so
+    # the boot without a master has it too
+    assert "formatting the data partition /dev/vda4" in logs[0]
+    assert all("formatting" not in log for log in logs[1:])
+    assert "no plan this boot: the node's settings as the card keeps them (hostname worker-01)" in logs[3]
 
 
 def test_card_is_laid_out_as_the_config_says(story):

@@ -75,7 +75,9 @@ def test_a_worker_signs_every_report_and_its_first_key_is_pinned(master, tmp_pat
     assert node["pubkey"] == key.public_b64 and node["key_state"] == "pinned"
     assert node["key_fingerprint"] == f"ed25519 {key.fingerprint}"
     said = history(master)
-    assert [h["phase"] for h in said] == ["layout", "download", "commit", "boot"]
+    # its first contact (plan, before it asks for its plan) is signed already: that report adopts
+    # the node and pins its key, so its first plan request is a known node's
+    assert [h["phase"] for h in said] == ["plan", "layout", "download", "commit", "boot"]
     assert all(h["signed"] and h["refused"] is None and h["pubkey"] == key.public_b64 for h in said)
     assert cli.main(["status", "-c", str(master.cfg.path), "--node", MAC]) == 0
     assert f"key              ed25519 {key.fingerprint}" in capsys.readouterr().out

@@ -280,3 +280,22 @@ def test_the_master_keeps_serials_across_a_restart_and_a_removed_plan(rack):
         "plan", plan, (rack.root / f"plans/{NODE}.json.sig").read_bytes()
     )
     assert serials.read(rack.root) == {NODE: 4, "default": 1}
+
+
+def test_a_blank_cards_first_plan_already_carries_the_name_the_pattern_gives_it(tmp_path, keys):
+    """The master files a node on its first report (issue 19): a blank card reports `plan`
+    before its first plan request, so the default plan it gets is already named for it."""
+    r = Rack(tmp_path, keys["master"], hostname="worker-{index:02d}")
+    try:
+        r.publish(1)
+        r.assign("default", 1)
+        decision = r.update()
+        assert decision.action == "installed" and decision.settings is not None
+        assert decision.settings.hostname == "worker-01"  # from the first boot, as from every other
+        phases = [report["phase"] for report in r.reports()]
+        assert phases[0] == "plan" and phases.count("plan") == 1
+        r.confirm()
+        assert r.update().settings.hostname == "worker-01"
+        assert [report["phase"] for report in r.reports()].count("plan") == 1  # the card has a plan now: no more
+    finally:
+        r.stop()

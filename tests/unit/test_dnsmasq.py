@@ -119,3 +119,16 @@ def test_a_path_with_a_newline_is_refused_before_dnsmasq_sees_it(tmp_path):
     with pytest.raises(RackbootError, match=r"^dnsmasq config: 'tftp-root=.*\\ndhcp-script=run.sh' holds a control"):
         dnsmasq.render_config(cfg)
     assert not dnsmasq.conf_path(cfg).exists()
+
+
+def test_the_pid_file_reads_back_what_serve_writes_and_nothing_else(tmp_path):
+    dnsmasq.write_pids(tmp_path, 4242, 77)
+    assert (tmp_path / dnsmasq.PID).read_text() == "4242 77\n"  # "<dnsmasq pid> <serve pid>"
+    assert dnsmasq.read_pids(tmp_path) == (4242, 77)
+    for text in ("4242\n", "4242 77 5\n", "x 77\n", "\u0664\u0662 77\n", "\u00b2 77\n", ""):
+        (tmp_path / dnsmasq.PID).write_text(text)
+        assert dnsmasq.read_pids(tmp_path) is None, text  # not ours to act on
+    (tmp_path / dnsmasq.PID).write_bytes(b"\xff 1\n")
+    assert dnsmasq.read_pids(tmp_path) is None
+    (tmp_path / dnsmasq.PID).unlink()
+    assert dnsmasq.read_pids(tmp_path) is None

@@ -1,18 +1,23 @@
-"""main: identity discovery, the offline boot of a board without one, and the decision
-file /init sources."""
+"""main: identity discovery, the offline boot of a board without one, a worker without a
+card, and the decision file /init sources."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
+import threading
 
 import pytest
+from rackboot.initramfs.updater import __main__ as updater_main
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk, partition_device
-from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.errors import NoCard, UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Slot, SlotState
-from rackboot.initramfs.updater.main import Decision, NoIdentity, discover_identity, run
+from rackboot.initramfs.updater.main import Decision, Identity, NoIdentity, discover_identity, run
+from rackboot.master import serve
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
@@ -141,3 +146,58 @@ def test_decision_shell_lines_survive_quotes():
         check=True,
     ).stdout
     assert out == "b|3|it's $(broken) `x`|"
+
+
+@pytest.fixture
+def serve_master(tmp_path):
+    """A real rackboot serve on loopback; its reports land in master/reports/<node>.jsonl."""
+    (tmp_path / "master").mkdir()
+    srv = serve.make_server(tmp_path / "master", "127.0.0.1", 0, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", tmp_path / "master"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_worker_without_a_card_says_so_once_and_is_powered_off_not_retried(tmp_path, serve_master):
+    url, master_dir = serve_master
+    missing = str(tmp_path / "vda")
+    lines: list[str] = []
+    with pytest.raises(NoCard, match=rf"^no card: {missing} does not exist$"):
+        run(missing, url, Identity("52:54:00:12:34:56"), log=lines.append, card_wait=0)
+    assert lines == [
+        f"no card: {missing} does not exist; nothing to install to or boot from (no diskless boot): powering off"
+    ]
+    sent = [json.loads(line) for line in (master_dir / "reports/52-54-00-12-34-56.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["error"]) for r in sent] == [("error", f"no card: {missing} does not exist")]
+    # the updater's command hands /init a decision to power off with that reason (exit 0: not the rescue loop)
+    decision = tmp_path / "decision"
+    argv = ["--disk", missing, "--master", url, "--mac", "52:54:00:12:34:56", "--decision-file", str(decision)]
+    assert updater_main.main([*argv, "--card-wait", "0"]) == 0
+    said = subprocess.run(
+        ["sh", "-c", f'. {decision}; printf "%s|%s" "$action" "$error"'], capture_output=True, text=True, check=True
+    ).stdout
+    assert said == f"poweroff|no card: {missing} does not exist"
+
+
+def test_a_card_that_shows_up_while_waited_for_is_used(tmp_path):
+    card = card_with(tmp_path, SlotState(slots={"a": Slot("good", "lab", 1, SHA_A, 2)}, primary="a", last_good="a"))
+    hidden = tmp_path / "not-yet"
+    os.rename(card, hidden)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the SD host finds the card during the first wait
+        waits.append(seconds)
+        os.rename(hidden, card)
+
+    decision = run(card, "http://127.0.0.1:9", None, log=lambda m: None, card_wait=10, sleep=sleep)
+    assert (decision.slot, decision.action) == ("a", "offline") and len(waits) == 1
+
+
+def test_a_card_that_is_there_but_cannot_be_opened_is_left_to_the_rescue_loop(tmp_path):
+    there = tmp_path / "vda"
+    there.mkdir()  # open(O_RDWR) answers EISDIR: not "no card", so /init retries
+    with pytest.raises(UpdaterError, match=r"cannot open") as caught:
+        run(str(there), "http://127.0.0.1:9", None, log=lambda m: None, card_wait=0)
+    assert not isinstance(caught.value, NoCard)
