@@ -1,21 +1,26 @@
 """The inventory's cost per report: a rack's reports POSTed at once to `rackboot serve` (which
 takes each into SQLite and appends it to reports/<node>.jsonl), against the same reports
 appended as serve did before the inventory (one canonical-JSON line per report under a
-lock), on the same threads. Every report must be counted either way."""
+lock), on the same threads. Every report must be counted either way. Then the same rack
+with node keys: every report signed by its node's key (made and signed beforehand, as the
+workers do), each signature checked by serve with openssl, at most nodekeys.MAX_PROCESSES
+at once."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater import formats, nodekey
 from rackboot.initramfs.updater.formats import Phase, Report
-from rackboot.master import serve
+from rackboot.master import nodekeys, serve
 from rackboot.master.inventory import Inventory
 from tiny import pick
 
@@ -30,6 +35,17 @@ def reports(worker: int) -> list[bytes]:
         formats.dump(Report(node=node, phase=phases[n % len(phases)], bytes=n, slot="b", version=2, time=1.7e9 + n))
         for n in range(REPORTS)
     ]
+
+
+def signed_reports(worker: int) -> list[tuple[bytes, dict[str, str]]]:
+    """The worker's reports as today's updater sends them: naming its key, signed by it."""
+    plain = reports(worker)
+    key = nodekey.generate(formats.parse_report(plain[0]).node)
+    out = []
+    for body in plain:
+        body = formats.dump(replace(formats.parse_report(body), pubkey=key.public_b64))
+        out.append((body, {nodekeys.SIGNATURE_HEADER: base64.b64encode(key.sign(body)).decode()}))
+    return out
 
 
 def timed(work: Callable[[int], None]) -> float:
@@ -87,7 +103,40 @@ def bench() -> dict[str, float]:
         ingested = timed(ingest)
         total = WORKERS * REPORTS
         assert counted == total and Inventory(direct).count_reports() == total, (counted, total)
-    return {"reports": total, "served": served, "appended": appended, "ingested": ingested}
+
+        keyed = Path(tmp) / "keyed"
+        keyed.mkdir()
+        server = serve.make_server(keyed, quiet=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        host, port = server.server_address[:2]
+        prepared = [signed_reports(w) for w in range(WORKERS)]
+
+        def post_signed(worker: int) -> None:
+            conn = http.client.HTTPConnection(str(host), port, timeout=60)
+            for body, headers in prepared[worker]:
+                conn.request("POST", "/report", body, {"Content-Type": "application/json", **headers})
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 204, resp.status
+            conn.close()
+
+        signed = timed(post_signed)
+        verify = server.fleet.inventory.verify
+        assert isinstance(verify, nodekeys.Verifier)
+        runs, peak = verify.runs, verify.peak
+        server.shutdown()
+        server.server_close()
+        taken = Inventory(keyed).db.execute("SELECT COUNT(*) FROM reports WHERE signed = 1").fetchone()[0]
+        assert taken == total, (taken, total)
+    return {
+        "reports": total,
+        "served": served,
+        "appended": appended,
+        "ingested": ingested,
+        "signed": signed,
+        "runs": runs,
+        "peak": peak,
+    }
 
 
 def report(r: dict[str, float]) -> str:
@@ -99,6 +148,8 @@ def report(r: dict[str, float]) -> str:
             f"  inventory alone (SQLite, WAL, one transaction each):      {n / r['ingested']:8.0f} reports/s",
             f"  reference: appending the line to reports/<node>.jsonl:   {n / r['appended']:8.0f} reports/s",
             f"  inventory / append: {r['ingested'] / r['appended']:.1f}x the time per report",
+            f"  signed, each checked with openssl (at most {nodekeys.MAX_PROCESSES} at once, peak {r['peak']:.0f}, "
+            f"{r['runs']:.0f} runs): {n / r['signed']:8.0f} reports/s",
         ]
     )
 

@@ -168,9 +168,9 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     inv = web.inventory_for(cfg.master.directory, cfg)
-    node = web.adopt(cfg, inv, args.node, image=args.image, version=args.version)
+    adopted = web.adopt(cfg, inv, args.node, image=args.image, version=args.version, replace_key=args.replace)
     plan = f"its own plan ({args.image})" if args.image else "the default plan"
-    print(f"{node.id} adopted: it gets {plan} from its next boot")
+    print(f"{adopted.node.id} adopted: it gets {plan} from its next boot; {adopted.said}")
     return 0
 
 
@@ -389,9 +389,16 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--node", help="one node (its MAC) with its report history")
     st.set_defaults(func=_cmd_status)
 
-    ad = sub.add_parser("adopt", help='let a new node have a plan ([master] adopt = "manual")')
+    ad = sub.add_parser(
+        "adopt", help='let a new node have a plan ([master] adopt = "manual") and pin the key it presented'
+    )
     _config_arg(ad)
     ad.add_argument("node", help="the node's MAC")
+    ad.add_argument(
+        "--replace",
+        action="store_true",
+        help="its card was replaced: unpin its key and pin the one it presents now (auto adoption: the next one)",
+    )
     ad.add_argument("--image", help="write its own plan for this image (default: it gets the default plan)")
     ad.add_argument("--version", type=int, help="with --image: pin a version (default: latest)")
     ad.set_defaults(func=_cmd_adopt)

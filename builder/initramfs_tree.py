@@ -54,9 +54,10 @@ def spec(cfg: Config, board: Board) -> Spec:
         binaries.append("/sbin/mke2fs")
     files = dict(cfg.initramfs.files)
     key = cfg.master.key
-    if updater and key:  # the updater then takes only what this key signed, checked by openssl
+    if updater:  # openssl makes the node's key and signs its reports (updater/nodekey.py)
         packages.append("openssl")
         binaries.append("/usr/bin/openssl")
+    if updater and key:  # the updater then takes only what this key signed, checked by openssl
         files[PUBLIC_KEY] = signing.public_key_path(key)
     watchdog = cfg.initramfs.watchdog if updater and board.watchdog else 0
     wanted = (

@@ -99,7 +99,8 @@ node_first_boot() {  # the signed first-boot hook, chrooted, with the root's ker
     mount -t tmpfs -o mode=0755 tmpfs /newroot/run && mount -t proc proc /newroot/proc &&
         mount -t sysfs sysfs /newroot/sys && mount --bind /dev /newroot/dev &&
         env PYTHONPATH=/usr/lib/rackboot PYTHONDONTWRITEBYTECODE=1 /usr/bin/python3 -m updater.node first-boot \
-            --decision-file /run/rackboot/decision --root /newroot --state-dir "$data_dir" --master "$master"
+            --decision-file /run/rackboot/decision --root /newroot --state-dir "$data_dir" --master "$master" \
+            --disk "$RACKBOOT_DISK"
     for dir in dev sys proc run; do umount "/newroot/$dir" 2>/dev/null; done
     return 0
 }

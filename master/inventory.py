@@ -20,7 +20,9 @@ step; a newer one is refused. A new file takes in the reports an older master ke
 
 Reports are checked before they count: a replay (the same report again) is ignored and an
 out-of-order one (older, by the worker's clock, than the last one taken from that node
-within REORDER_WINDOW) goes into the history but changes nothing; both are logged.
+within REORDER_WINDOW) goes into the history but changes nothing; both are logged. Once a
+node's key is pinned (adoption; master/nodekeys.py), a report of that node that is unsigned
+or signed by another key is refused: kept in the history marked so, never counted.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Phase, Report
 
-from . import hostnames
+from . import hostnames, nodekeys
+from .nodekeys import Auth
 
 FILE = ".inventory.db"
-SCHEMA = 4
+SCHEMA = 5
 SEEN = 256  # unknown nodes whose plan request is kept in memory until their first report
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (a rack reporting at once queues here)
 CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
@@ -112,6 +115,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE rollouts ADD COLUMN wave_timeout REAL;
     ALTER TABLE rollouts ADD COLUMN stuck TEXT;
     """,
+    # 5: node keys: the one pinned at adoption, the one a node presents beside it; each report's
+    # key, whether it verified against the pinned key, and why it was refused
+    """
+    ALTER TABLE nodes ADD COLUMN pubkey TEXT;
+    ALTER TABLE nodes ADD COLUMN pubkey_candidate TEXT;
+    ALTER TABLE nodes ADD COLUMN pubkey_pinned_at REAL;
+    ALTER TABLE reports ADD COLUMN pubkey TEXT;
+    ALTER TABLE reports ADD COLUMN signed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE reports ADD COLUMN refused TEXT;
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA
 
@@ -151,7 +164,18 @@ class Node:
     install_seconds: float | None = None
     installing: bool = False
     last_time: float = 0.0
+    pubkey: str | None = None  # the key pinned at adoption (base64 of the raw 32 bytes)
+    pubkey_candidate: str | None = None  # a key it presented (and signed with) that is not pinned
+    pubkey_pinned_at: float | None = None
     slots: dict[str, SlotInfo] = field(default_factory=dict)
+
+    @property
+    def key_state(self) -> str:
+        """pinned; mismatch (it presents another key: a new card); candidate (presented, not
+        pinned yet: manual adoption); none (never presented one: an older initramfs)."""
+        if self.pubkey is not None:
+            return "mismatch" if self.pubkey_candidate not in (None, self.pubkey) else "pinned"
+        return "candidate" if self.pubkey_candidate is not None else "none"
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _NODE_COLUMNS}
@@ -183,6 +207,9 @@ _NODE_COLUMNS = (
     "install_seconds",
     "installing",
     "last_time",
+    "pubkey",
+    "pubkey_candidate",
+    "pubkey_pinned_at",
 )
 
 
@@ -241,6 +268,25 @@ def apply(node: Node, report: Report, received: float) -> Node:
     return replace(node, slots=slots, **changes)
 
 
+def pin_key(node: Node, key: str, now: float) -> Node:
+    """``node`` with ``key`` pinned: from now on only reports it signs count. The one place a
+    key is pinned: adoption (rackboot adopt, or trust on first use in ingest)."""
+    return replace(node, pubkey=key, pubkey_candidate=None, pubkey_pinned_at=now)
+
+
+def with_key(node: Node, auth: Auth, now: float) -> Node:
+    """What a report's key does to the node: pinned, kept as a candidate, or nothing. A
+    report signed by the pinned key drops the candidate beside it: the node's own card still
+    signs, so the other key was not a new card's (anyone may sign with a key of their own)."""
+    if auth.pin is not None:
+        return pin_key(node, auth.pin, now)
+    if auth.candidate is not None and auth.candidate != node.pubkey:
+        return replace(node, pubkey_candidate=auth.candidate)
+    if auth.signed and node.pubkey is not None and node.pubkey_candidate is not None:
+        return replace(node, pubkey_candidate=None)
+    return node
+
+
 def parse_manifest_path(path: str | None) -> tuple[str | None, int | None]:
     """A plan's image path as (image, version); (None, None) for anything else."""
     match = _MANIFEST_RE.fullmatch(path or "")
@@ -264,16 +310,27 @@ class Seen:
 
 @dataclass(frozen=True)
 class Ingested:
-    """What became of a report: taken (it changed the node), late (history only) or a replay."""
+    """What became of a report: taken (it changed the node), late (history only), a replay,
+    or refused (history only, marked so: its key or signature is not the node's)."""
 
-    outcome: str  # "taken", "late", "replay"
+    outcome: str  # "taken", "late", "replay", "refused"
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What `rackboot adopt` did: the node, and one line about its key."""
+
+    node: Node
+    said: str
 
 
 class Inventory:
     """The inventory of the master tree ``master``; one connection per thread. ``auto_adopt``
-    ([master] adopt = "auto"): a node is adopted with its first report; ``hostname_pattern``
-    ([master] hostname): an adopted node gets its index and name then."""
+    ([master] adopt = "auto"): a node is adopted with its first report and the first key it
+    presents is pinned (trust on first use); else it waits for `rackboot adopt`, which pins
+    the key it presented. ``hostname_pattern`` ([master] hostname): an adopted node gets its
+    index and name then. ``verify`` checks a report's signature (openssl)."""
 
     def __init__(
         self,
@@ -282,12 +339,14 @@ class Inventory:
         log: Callable[[str], None] | None = None,
         auto_adopt: bool = True,
         hostname_pattern: str = "",
+        verify: nodekeys.Verify | None = None,
     ):
         self.master = Path(master)
         self.path = self.master / FILE
         self.log = log or (lambda _line: None)
         self.auto_adopt = auto_adopt
         self.hostname_pattern = hostname_pattern
+        self.verify: nodekeys.Verify = verify or nodekeys.Verifier()
         self._local = threading.local()
         self._seen: OrderedDict[str, Seen] = OrderedDict()  # unknown nodes' plan requests, newest last
         self._seen_lock = threading.Lock()
@@ -353,7 +412,9 @@ class Inventory:
                 self.log(f"inventory {self.path}: migrated from schema {version - 1} to {version}")
 
     def _import_reports(self, reports: Path) -> None:
-        """The reports an older master kept only as files, so a new inventory starts with them."""
+        """The reports an older master kept only as files, so a new inventory starts with them.
+        A file keeps no signatures: its reports come in unsigned (their key left out), and each
+        node's key is pinned again by its next report, as on first use."""
         if not reports.is_dir():
             return
         for path in sorted(reports.glob("*.jsonl")):
@@ -361,7 +422,7 @@ class Inventory:
                 try:
                     obj = json.loads(line)
                     received = float(obj.pop("received"))
-                    report = formats.parse_report(formats.dump(obj))
+                    report = replace(formats.parse_report(formats.dump(obj)), pubkey=None)
                 except (ValueError, KeyError, TypeError, UpdaterError) as e:
                     self.log(f"inventory: {path.name}:{n} not imported: {str(e)[:200]}")
                     continue
@@ -416,15 +477,30 @@ class Inventory:
             )
         return self.node(node)
 
-    def ingest(self, report: Report, *, received: float | None = None, ip: str | None = None) -> Ingested:
-        """Take one parsed report (its node id already checked) into the history and the node."""
+    def ingest(
+        self,
+        report: Report,
+        *,
+        received: float | None = None,
+        ip: str | None = None,
+        body: bytes | None = None,
+        signature: bytes | None = None,
+    ) -> Ingested:
+        """Take one parsed report (its node id already checked) into the history and the node.
+        ``body``: the exact bytes it came as (default: its canonical bytes), ``signature``: the
+        X-Rackboot-Signature over them. nodekeys.Busy or Unavailable when it cannot be checked."""
         received = time.time() if received is None else received
+        body = formats.dump(report) if body is None else body
+        pinned = self._pinned(report.node)  # judged outside the write lock: openssl takes milliseconds
+        auth = nodekeys.judge(report, body, signature, pinned, may_pin=self.auto_adopt, verify=self.verify)
         with self.write() as db:
             node = self._load(db, report.node)
+            if (node.pubkey if node else None) != pinned:  # re-adopted meanwhile: judged against another key
+                auth = Auth(refused=f"{report.node}'s key changed while its report was checked; not counted")
             if report.time >= CLOCK_SET:
                 same = db.execute(
                     "SELECT 1 FROM reports WHERE node = ? AND time = ? AND phase = ? AND slot IS ? AND version IS ?"
-                    " AND bytes = ? AND seconds = ? AND error IS ?",
+                    " AND bytes = ? AND seconds = ? AND error IS ? AND (refused IS NULL) = ?",
                     (
                         report.node,
                         report.time,
@@ -434,21 +510,25 @@ class Inventory:
                         report.bytes,
                         report.seconds,
                         report.error,
+                        int(auth.refused is None),
                     ),
                 ).fetchone()
+                if same and auth.refused is not None:
+                    return Ingested("refused", f"{auth.refused} (the same report was refused before)")
                 if same:
                     result = Ingested("replay", f"the same report from {report.node} at {report.time} came before")
                     self.log(f"inventory: report ignored: {result.reason}")
                     return result
             late = (
-                node is not None
+                auth.refused is None
+                and node is not None
                 and report.time >= CLOCK_SET
                 and node.last_time >= CLOCK_SET
                 and node.last_time - REORDER_WINDOW < report.time < node.last_time
             )
             db.execute(
                 "INSERT INTO reports (node, received, ip, time, phase, slot, version, bytes, seconds, error, output,"
-                " late) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " late, pubkey, signed, refused) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     report.node,
                     received,
@@ -462,9 +542,17 @@ class Inventory:
                     report.error,
                     report.output,
                     int(late),
+                    report.pubkey,
+                    int(auth.signed),
+                    auth.refused,
                 ),
             )
-            if late:
+            if auth.refused is not None or late:
+                if node is not None and with_key(node, auth, received) != node:
+                    self._store(db, with_key(node, auth, received), None)  # its key, not its state
+                if auth.refused is not None:
+                    self.log(f"inventory: report refused: {report.phase} from {report.node}: {auth.refused}")
+                    return Ingested("refused", auth.refused)
                 assert node is not None
                 reason = (
                     f"{report.phase} report from {report.node} is older ({report.time:.3f}) than the last one taken "
@@ -473,9 +561,11 @@ class Inventory:
                 self.log(f"inventory: out of order: {reason}")
                 return Ingested("late", reason)
             admitted = node is None
-            if node is None:
+            if node is None:  # its first report admits it (never a refused one: that returned above)
                 node = self._admit(report.node, received)
-            self._store(db, apply(node, report, received), ip)
+            if auth.pin is not None:
+                self.log(f"inventory: {report.node}: key {nodekeys.fingerprint(auth.pin)} pinned (first use)")
+            self._store(db, apply(with_key(node, auth, received), report, received), ip)
         if admitted:
             self.log(
                 f"inventory: new node {report.node}{' from ' + ip if ip else ''}"
@@ -490,10 +580,15 @@ class Inventory:
                 self.log(f"inventory: after a report from {report.node}: {type(e).__name__}: {e}")
         return Ingested("taken")
 
+    def _pinned(self, node_id: str) -> str | None:
+        row = self.db.execute("SELECT pubkey FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        return row["pubkey"] if row is not None else None
+
     def _admit(self, node_id: str, received: float) -> Node:
         """A node's first report (the sign it booted our initramfs) brings it in: adopted with
         auto adoption or a plan of its own, else waiting for `rackboot adopt`; with what its
-        plan request said, when this master heard one."""
+        plan request said, when this master heard one. (Its key: ingest's judge pins it with
+        auto adoption, else keeps it as the candidate `rackboot adopt` pins.)"""
         with self._seen_lock:
             seen = self._seen.pop(node_id, None) or Seen(None, None, None, None)
         adopted = self.auto_adopt or seen.plan == "own"
@@ -565,11 +660,16 @@ class Inventory:
             "SELECT * FROM (SELECT * FROM reports WHERE node = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
             (node_id, limit),
         ).fetchall()
-        return [{k: v for k, v in dict(r).items() if k not in ("id", "node")} | {"late": bool(r["late"])} for r in rows]
+        return [
+            {k: v for k, v in dict(r).items() if k not in ("id", "node")}
+            | {"late": bool(r["late"]), "signed": bool(r["signed"])}
+            for r in rows
+        ]
 
     def reports_after(self, node_id: str, after: float) -> list[sqlite3.Row]:
         return self.db.execute(
-            "SELECT * FROM reports WHERE node = ? AND received >= ? AND late = 0 ORDER BY id", (node_id, after)
+            "SELECT * FROM reports WHERE node = ? AND received >= ? AND late = 0 AND refused IS NULL ORDER BY id",
+            (node_id, after),
         ).fetchall()
 
     def count_reports(self) -> int:
@@ -578,23 +678,50 @@ class Inventory:
 
     # --- changing it --------------------------------------------------------------------------
 
-    def adopt(self, node_id: str) -> Node:
+    def adopt(self, node_id: str, *, replace_key: bool = False, now: float | None = None) -> Adoption:
         """Mark a node adopted (it gets the default plan, or its own once written), named by
-        the [master] hostname pattern when it has no name yet."""
+        the [master] hostname pattern when it has no name yet, and pin the key it presented
+        (its candidate). ``replace_key`` (a new card): the pinned key goes; the candidate is
+        pinned in its place, or, with none, or under automatic adoption, the next key the
+        node presents is. Returns the node and one line on its key."""
+        now = time.time() if now is None else now
         with self.write() as db:
-            row = db.execute("SELECT state FROM nodes WHERE id = ?", (node_id,)).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO nodes (id, first_seen, last_seen, adopted, state) VALUES (?, 0, 0, 1, ?)",
-                    (node_id, NodeState.NEW),
+            node = self._load(db, node_id) or Node(id=node_id, adopted=False)
+            was = node.pubkey
+            state = NodeState.NEW if node.state == NodeState.WAITING else node.state
+            node = replace(node, adopted=True, state=state)
+            candidate = node.pubkey_candidate
+            if replace_key and (self.auto_adopt or candidate is None):
+                node = replace(node, pubkey=None, pubkey_candidate=None, pubkey_pinned_at=None)
+                said = (f"key {nodekeys.fingerprint(was)} unpinned; " if was else "no key was pinned; ") + (
+                    "the next key it presents is pinned"
+                    if self.auto_adopt
+                    else f"the next key it presents is kept for rackboot adopt {node_id} to show and pin"
                 )
+                if candidate is not None:
+                    said += f" (it presented {nodekeys.fingerprint(candidate)} last)"
+            elif candidate is not None and (node.pubkey is None or replace_key):
+                node = pin_key(node, candidate, now)
+                said = f"key {nodekeys.fingerprint(candidate)} pinned" + (
+                    f" in place of {nodekeys.fingerprint(was)}" if was else ""
+                )
+            elif node.pubkey is not None:
+                said = f"key {nodekeys.fingerprint(node.pubkey)} stays pinned"
+                if candidate is not None:
+                    said += (
+                        f"; it presents {nodekeys.fingerprint(candidate)}: "
+                        f"rackboot adopt --replace {node_id} pins that one (a new card?)"
+                    )
+            elif self.auto_adopt:
+                said = "no key presented yet: the first one it presents is pinned"
             else:
-                state = NodeState.NEW if row["state"] == NodeState.WAITING else row["state"]
-                db.execute("UPDATE nodes SET adopted = 1, state = ? WHERE id = ?", (state, node_id))
+                said = f"no key presented yet: once it has booted, rackboot adopt {node_id} shows and pins it"
+            self._store(db, node, None)
+        self.log(f"inventory: {node_id} adopted: {said}")
         self._name(node_id)
         found = self.node(node_id)
         assert found is not None
-        return found
+        return Adoption(found, said)
 
     def remove(self, db: sqlite3.Connection, node_id: str) -> bool:
         """Delete the node's rows (node, slots, report history) in the transaction ``db``;

@@ -17,6 +17,11 @@ fails too, and gets its previous plan back at once. A node stale when its wave s
 heard from for [master] stale seconds) is skipped: it gets no plan, and the wave does not
 wait for it.
 
+Only authenticated reports count, either way: those that verified against the node's
+pinned key (master/nodekeys.py). Refused reports never reach the judge; an unsigned one
+(a node with no key pinned, an initramfs from before node keys) moves nothing, and the
+node's reason says so.
+
 A wave starts whole or not at all: its plans are all made before one is written, and a
 failure while writing them puts back the files already written as the database rolls back.
 advance never raises: a rollout that cannot move on (a plan it cannot write) stays where it
@@ -108,16 +113,25 @@ def split(sizes: list[WaveSize], nodes: list[str]) -> list[list[str]]:
 
 def judge(reports: list[dict[str, Any]], version: int) -> tuple[str, str | None]:
     """A wave node's outcome from its reports since its plan was written: confirmed, failed
-    (with why) or still assigned."""
+    (with why) or still assigned. Only signed reports (verified against the node's pinned
+    key) decide; an unsigned one that would have is named in the reason."""
     pending: str | None = None
+    unsigned: str | None = None
     for r in reports:
+        decides = (r["phase"] == "confirm" and r["version"] == version) or (
+            r["phase"] == "boot" and r["error"] and r["version"] != version
+        )
+        if not r.get("signed", False):
+            if decides and unsigned is None:
+                unsigned = f"its {r['phase']} report is unsigned (no key pinned for it): only signed reports count"
+            continue
         if r["phase"] == "confirm" and r["version"] == version:
             return CONFIRMED, None
         if r["phase"] == "error" and r["version"] == version:
             pending = r["error"]
         elif r["phase"] == "boot" and r["error"] and r["version"] != version:
             return FAILED, pending or r["error"]
-    return ASSIGNED, None
+    return ASSIGNED, unsigned
 
 
 @dataclass(frozen=True)
@@ -416,21 +430,22 @@ def _advance(cfg: Config, inventory: Inventory, now: float) -> tuple[Progress | 
                 state, reason = m["state"], m["reason"]
                 if state == ASSIGNED:
                     reports = db.execute(
-                        "SELECT phase, version, error FROM reports WHERE node = ? AND received >= ? AND late = 0"
-                        " ORDER BY id",
+                        "SELECT phase, version, error, signed FROM reports WHERE node = ? AND received >= ?"
+                        " AND late = 0 AND refused IS NULL ORDER BY id",
                         (m["node"], m["assigned_at"]),
                     ).fetchall()
                     state, reason = judge([dict(r) for r in reports], version)
                     if state == ASSIGNED and row["wave_timeout"] and now >= m["assigned_at"] + row["wave_timeout"]:
+                        unsigned = f"; {reason}" if reason else ""  # a confirm that did not count says why
                         state, reason = (
                             FAILED,
                             (
-                                f"not confirmed within the wave timeout ({row['wave_timeout']:g} s); "
+                                f"not confirmed within the wave timeout ({row['wave_timeout']:g} s){unsigned}; "
                                 "its previous plan is back"
                             ),
                         )
                         _restore(cfg, m["node"], m["previous_plan"])
-                    if state != ASSIGNED:
+                    if (state, reason) != (m["state"], m["reason"]):
                         db.execute(
                             "UPDATE rollout_nodes SET state = ?, reason = ? WHERE rollout = ? AND node = ?",
                             (state, reason, rollout, m["node"]),

@@ -35,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.master import nodekeys
 from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
 from rackboot.master.numbers import ascii_int
 
@@ -527,17 +528,25 @@ class MasterHandler(BaseHTTPRequestHandler):
         try:
             report = formats.parse_report(data)
             check_node_id(report.node)
-        except UpdaterError as e:
+            signature = nodekeys.parse_signature(self.headers.get(nodekeys.SIGNATURE_HEADER))
+        except (UpdaterError, ValueError) as e:
             self.log_message("report refused: %s", e)
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         received = round(time.time(), 3)
         try:
-            taken = self.server.fleet.inventory.ingest(report, received=received, ip=self.client_address[0])
+            taken = self.server.fleet.inventory.ingest(
+                report, received=received, ip=self.client_address[0], body=data, signature=signature
+            )
+        except (nodekeys.Busy, nodekeys.Unavailable) as e:  # not checked, so not taken: one line, and a 503
+            self.log_message("report not taken: %s", e)
+            return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"report: {e}"})
         except Exception as e:  # the inventory must never cost the master a report: the file below keeps it
             self.log_message("report kept only in reports/: inventory: %s: %s", type(e).__name__, e)
         else:
             if taken.outcome == "replay":  # (the inventory logged why)
                 return self._json(HTTPStatus.OK, {"ignored": taken.reason})
+            if taken.outcome == "refused":  # kept in the history, marked refused; never counted
+                return self._json(HTTPStatus.FORBIDDEN, {"error": f"report refused: {taken.reason}"})
         line = {**report.to_dict(), "received": received}
         reports = self.server.master / "reports"
         with self.server.lock:  # one writer at a time keeps lines whole

@@ -19,9 +19,11 @@ from rackboot.errors import RackbootError
 from rackboot.initramfs.updater.formats import escape_controls
 
 from .inventory import Inventory, Node, NodeState
+from .nodekeys import fingerprint
 
 ERROR_WIDTH = 48
 STALE = "stale"
+KEY_MISMATCH = "key-mismatch"  # it presents another key than the pinned one: its reports are refused
 _COLOURS = {
     NodeState.OK: "32",  # green
     NodeState.TRIAL: "36",  # cyan
@@ -31,6 +33,7 @@ _COLOURS = {
     NodeState.ERROR: "31",  # red
     NodeState.FALLBACK: "31",
     STALE: "2",  # dim
+    KEY_MISMATCH: "31",
 }
 COLUMNS = ("node", "label", "ip", "booted", "other slot", "state", "last seen", "last error")
 
@@ -61,7 +64,16 @@ def is_stale(node: Node, now: float, stale_after: float) -> bool:
 
 
 def shown_state(node: Node, now: float, stale_after: float) -> str:
+    if node.key_state == "mismatch":  # what it reports is refused: nothing else it says is news
+        return KEY_MISMATCH
     return STALE if is_stale(node, now, stale_after) else node.state
+
+
+def key_problem(node: Node) -> str | None:
+    """What to do about the node's key, when something must be done."""
+    if node.key_state == "mismatch":
+        return f"key mismatch, re-adopt with rackboot adopt --replace {node.id}"
+    return None
 
 
 def slot_text(node: Node, name: str | None) -> str:
@@ -89,7 +101,7 @@ def row(node: Node, now: float, stale_after: float) -> dict[str, str]:
         "other slot": slot_text(node, other_slot(node)),
         "state": shown_state(node, now, stale_after),
         "last seen": ago(now - node.last_seen) if node.last_seen else "never",
-        "last error": trim(escape_controls(node.last_error or "")) or "-",
+        "last error": key_problem(node) or trim(escape_controls(node.last_error or "")) or "-",
     }
     return {column: escape_controls(text) for column, text in cells.items()}
 
@@ -122,7 +134,26 @@ def node_json(node: Node, now: float, stale_after: float) -> dict[str, Any]:
         **node.to_dict(),
         "stale": is_stale(node, now, stale_after),
         "shown_state": shown_state(node, now, stale_after),
+        "key_state": node.key_state,
+        "key_fingerprint": fingerprint(node.pubkey) if node.pubkey else None,
+        "key_candidate_fingerprint": fingerprint(node.pubkey_candidate) if node.pubkey_candidate else None,
     }
+
+
+def key_lines(node: Node) -> list[str]:
+    """The node's key as `status --node` shows it: what is pinned, what it presents."""
+    pinned = fingerprint(node.pubkey) if node.pubkey else "none pinned"
+    lines = [f"{'key':<16} {pinned}"]
+    state = node.key_state
+    if state == "mismatch":
+        lines.append(f"{'presents':<16} {fingerprint(node.pubkey_candidate)}: {key_problem(node)}")
+    elif state == "candidate":
+        lines.append(
+            f"{'presents':<16} {fingerprint(node.pubkey_candidate)}, not pinned (rackboot adopt {node.id} pins it)"
+        )
+    elif state == "none":
+        lines.append(f"{'':<16} (it never presented one: an initramfs from before node keys; its reports are unsigned)")
+    return lines
 
 
 def detail(inventory: Inventory, node: Node, now: float, stale_after: float) -> str:
@@ -130,6 +161,7 @@ def detail(inventory: Inventory, node: Node, now: float, stale_after: float) -> 
     lines = [f"{k:<16} {v}" for k, v in row(node, now, stale_after).items()]
     lines.append(f"{'serial':<16} {node.serial or '-'}")
     lines.append(f"{'adopted':<16} {'yes' if node.adopted else 'no (rackboot adopt ' + node.id + ')'}")
+    lines += key_lines(node)
     lines.append(f"{'plan':<16} {node.plan or 'none'}: {node.image or '-'} v{node.version or '-'}")
     lines.append(f"{'last action':<16} {node.last_action or '-'}")
     if node.install_bytes is not None:
@@ -144,7 +176,8 @@ def detail(inventory: Inventory, node: Node, now: float, stale_after: float) -> 
         slot = f" slot {r['slot']}" if r["slot"] else ""
         late = " (out of order)" if r["late"] else ""
         error = f": {r['error']}" if r["error"] else ""
-        lines.append(f"  {ago(now - r['received']):>12}  {r['phase']:<8}{slot}{version}{late}{error}")
+        refused = f" REFUSED: {r['refused']}" if r["refused"] else ""
+        lines.append(f"  {ago(now - r['received']):>12}  {r['phase']:<8}{slot}{version}{late}{error}{refused}")
     return "\n".join(escape_controls(line) for line in lines)
 
 

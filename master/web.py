@@ -30,7 +30,7 @@ from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 
 from . import hostnames, plans, rollout, signing, status
-from .inventory import Inventory, Node
+from .inventory import Adoption, Inventory
 
 if TYPE_CHECKING:
     from rackboot.config import Config
@@ -268,7 +268,11 @@ class Fleet:
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise RackbootError("version: expected an integer")
         if action == "adopt":
-            return {"node": adopt(self.config, self.inventory, node, image=image, version=version).to_dict()}
+            replace_key = args.get("replace", False)
+            if not isinstance(replace_key, bool):
+                raise RackbootError("replace: expected true or false")
+            adopted = adopt(self.config, self.inventory, node, image=image, version=version, replace_key=replace_key)
+            return {"node": adopted.node.to_dict(), "key": adopted.said}
         if action == "forget":
             gone = forget(self.config, self.inventory, node)
             self.log(f"web: {gone.text()}")
@@ -301,9 +305,16 @@ def check_token(authorization: str | None, token: str) -> bool:
 
 
 def adopt(
-    cfg: Config, inventory: Inventory, node: str, *, image: str | None = None, version: int | None = None
-) -> Node:
-    """Adopt ``node``: from its next boot it gets the default plan, or with ``image`` its own."""
+    cfg: Config,
+    inventory: Inventory,
+    node: str,
+    *,
+    image: str | None = None,
+    version: int | None = None,
+    replace_key: bool = False,
+) -> Adoption:
+    """Adopt ``node`` and pin the key it presented: from its next boot it gets the default
+    plan, or with ``image`` its own. ``replace_key``: its card was replaced (Inventory.adopt)."""
     node = plans.node_name(node)
     if node == plans.DEFAULT:
         raise RackbootError("'default' is not a node; adopt takes a node's MAC")
@@ -311,11 +322,12 @@ def adopt(
         plans.assign(cfg, node=node, image=image, version=version)
     elif version is not None:
         raise RackbootError("--version needs --image")
-    return inventory.adopt(node)  # (named by the pattern there, when it has no name yet)
+    return inventory.adopt(node, replace_key=replace_key)  # (named by the pattern there, when it has none yet)
 
 
 def inventory_for(master: Path, config: Config | None, log: Any = None) -> Inventory:
-    """The inventory as a config has it adopt and name nodes (without one: auto, no pattern)."""
+    """The inventory as a config has it adopt and name nodes and pin their keys (without one:
+    auto, trust on first use, no pattern)."""
     if config is None:
         return Inventory(master, log=log)
     return Inventory(

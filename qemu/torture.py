@@ -14,11 +14,16 @@ the recovery boot must then hold the master's newest key on the card.
 Boot files change every cycle too: a second build differs from the first in its kernel
 command line, and each plan names the build whose boot image the card's active boot area
 does not hold, so every cycle writes the other area and moves MBR entry 1 (bootfiles.py).
+A blank card makes the node's key first (nodekey.py, "node-key": openssl, then two copies
+written one after the other); the master's pin of the previous card's key is dropped as
+`rackboot adopt --replace` drops it, so each new card's key is pinned by its first report.
 A cut waits for its phase's console marker, then a seeded fraction of that phase's length as last measured. The recovery
 boot survives when it reaches "is up", the slot it booted holds, on the disk image, the
-sha256 that the slot state records and that the master published, and MBR entry 1 points
+sha256 that the slot state records and that the master published, MBR entry 1 points
 at a boot area holding one build's boot image whole (QEMU's virt board boots U-Boot from
--bios, so only this check sees a torn boot area; a Pi would not boot from one).
+-bios, so only this check sees a torn boot area; a Pi would not boot from one), and the
+card holds the node's key whole, the very key the master pinned from its reports (a key
+reported and then lost to a cut would leave the master pinning another).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from pathlib import Path
 
 from rackboot import build, config
 from rackboot.errors import RackbootError
-from rackboot.initramfs.updater import filemanifest, install, keyring, layout
+from rackboot.initramfs.updater import filemanifest, install, keyring, layout, nodekey
 from rackboot.initramfs.updater import state as slot_state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import UpdaterError
@@ -46,13 +51,27 @@ from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
 from rackboot.initramfs.updater.signature import MasterKey
 from rackboot.master import keychain, plans, rsyncd, signing
 from rackboot.master.filemanifest import FILE as FILE_LIST
+from rackboot.master.inventory import Inventory
 from rackboot.qemu import harness
 from rackboot.qemu.runner import QemuWorker
 
 VERSIONS = (1, 2, 3)
-PHASES = ("key-chain", "layout", "boot-files", "stream", "delta", "read-back", "keep-index", "commit", "first-boot")
+PHASES = (
+    "node-key",
+    "key-chain",
+    "layout",
+    "boot-files",
+    "stream",
+    "delta",
+    "read-back",
+    "keep-index",
+    "commit",
+    "first-boot",
+)
+BLANK = ("node-key", "layout")  # phases only a blank card goes through
 RSYNC = "rsync"  # cut while an rsync install formats and fills its slot (a config whose initramfs has rsync)
 MARKERS = {  # the console line that starts each phase, in boot order; "confirmed" ends the last one
+    "node-key": r"rackboot: node key: making a key",  # openssl, then copy 1 and copy 2 (nodekey.py)
     "key-chain": r"rackboot: master key \d+: keeping it on the card",  # a new key from the chain (keyring.py)
     "layout": r"rackboot: repartitioning",
     "boot-files": r"rackboot: boot files: writing build",
@@ -67,6 +86,7 @@ MARKERS = {  # the console line that starts each phase, in boot order; "confirme
 }
 # Seconds each phase lasted with the demo root on a 2-core host; replaced by what each boot measures.
 WINDOWS = {
+    "node-key": 0.3,
     "key-chain": 0.1,
     "layout": 0.19,
     "boot-files": 3.0,
@@ -89,7 +109,7 @@ BOOT_TIMEOUT = 300  # seconds; a boot takes ~11 s, but other QEMUs may share the
 class Cut:
     phase: str
     fraction: float  # where in the phase, 0..1 of its length
-    blank: bool  # start from a blank card (only the SD image): the only way to cut a layout
+    blank: bool  # start from a blank card (only the SD image): the only way to cut a layout or a node key
 
 
 @dataclass(frozen=True)
@@ -114,13 +134,13 @@ class CutResult:
 
 
 def plan_cuts(rng: random.Random, n: int, phases: Sequence[str] = PHASES) -> list[Cut]:
-    """``n`` cuts: every phase once per round, in a shuffled order. Layout cuts
+    """``n`` cuts: every phase once per round, in a shuffled order. Layout and node key cuts
     start from a blank card, and so does the first cut (the card is new)."""
     cuts: list[Cut] = []
     while len(cuts) < n:
         order = list(phases)
         rng.shuffle(order)
-        cuts += [Cut(phase, rng.random(), phase == "layout") for phase in order]
+        cuts += [Cut(phase, rng.random(), phase in BLANK) for phase in order]
     cuts = cuts[:n]
     return [replace(cuts[0], blank=True)] + cuts[1:] if cuts else cuts
 
@@ -246,6 +266,45 @@ def check_boot_area(disk: Path, images: dict[str, str], size: int) -> Verdict | 
     if digest not in images:
         return Verdict(False, f"the boot area at {entry.start >> 11} MiB holds no build's boot image whole")
     return None
+
+
+def check_node_key(disk: Path, pinned: Callable[[str], str | None]) -> Verdict | None:
+    """None when the card holds a node key whole in both copies and it is the one the master
+    pinned for that node (``pinned``: node id -> its pinned key); else the verdict that says why."""
+    try:
+        with Disk(str(disk), writable=False) as d:
+            copies = nodekey.read_copies(d)
+    except UpdaterError as e:
+        return Verdict(False, f"cannot read the node key: {e}")
+    keys = [nodekey.decode(raw) for raw in copies]
+    if keys[0] is None or keys[0] != keys[1]:
+        return Verdict(False, "the node key is not whole in both copies after the recovery boot")
+    key = keys[0]
+    master = pinned(key.node)
+    if master != key.public_b64:
+        said = "none" if master is None else f"another ({master[:12]}...)"
+        return Verdict(False, f"the card's node key is {key.public_b64[:12]}..., the master pinned {said}")
+    return None
+
+
+def forget_keys(master: Path) -> None:
+    """A blank card is a new card: drop the master's pins as `rackboot adopt --replace` does."""
+    inventory = Inventory(master)
+    try:
+        for node in inventory.nodes():
+            if node.pubkey is not None:
+                inventory.adopt(node.id, replace_key=True)
+    finally:
+        inventory.close()
+
+
+def pinned_key(master: Path, node: str) -> str | None:
+    inventory = Inventory(master)
+    try:
+        found = inventory.node(node)
+        return found.pubkey if found is not None else None
+    finally:
+        inventory.close()
 
 
 def check_key_record(disk: Path, newest: MasterKey) -> Verdict | None:
@@ -382,6 +441,7 @@ def cycle(
     start = time.monotonic()
     if cut.blank:
         harness.blank_card(out / "sdcard.img", disk)
+        forget_keys(cfg.master.directory)
         rsynced.clear()
     before = frozenset(rsynced)
     with Disk(str(disk), writable=False) as d:
@@ -421,7 +481,11 @@ def cycle(
     rsynced.update(rsync_filled(cut_console + console, before))
     verdict = check(console, disk, manifests, frozenset(rsynced))
     if verdict.survived:
-        verdict = check_boot_area(disk, {sha: str(b.output.directory) for sha, b in images.items()}, size) or verdict
+        verdict = (
+            check_boot_area(disk, {sha: str(b.output.directory) for sha, b in images.items()}, size)
+            or check_node_key(disk, lambda node: pinned_key(cfg.master.directory, node))
+            or verdict
+        )
     if verdict.survived and cfg.master.key:
         verdict = check_key_record(disk, signing.read_public(signing.public_key_path(cfg.master.key))) or verdict
     return CutResult(cut, version, delay, where, verdict, time.monotonic() - start, recovery_log)

@@ -403,5 +403,6 @@ def run(update: _Update, table: mbr.Mbr) -> mbr.Mbr:
                 error=outcome.reason or None,
                 output=f"{outcome.action}: build {outcome.build}" + (f", area {outcome.area}" if outcome.area else ""),
             ),
+            key=update.node_key,
         )
     return table

@@ -340,14 +340,16 @@ class MasterClient:
 
     # --- reports ----------------------------------------------------------------------
 
-    def post(self, path: str, body: bytes, *, timeout: float | None = None) -> int:
+    def post(
+        self, path: str, body: bytes, *, timeout: float | None = None, headers: dict[str, str] | None = None
+    ) -> int:
         """One attempt, short timeout; returns the HTTP status (raises on transport errors)."""
         conn, resp = self._open(
             "POST",
             path,
             body=body,
             timeout=timeout or self.report_timeout,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **(headers or {})},
         )
         try:
             resp.read(MAX_DOCUMENT)

@@ -142,6 +142,8 @@ _HEX8_RE = re.compile(r"[0-9a-f]{8}")
 _TYPE_RE = re.compile(r"[0-9a-f]{2}")
 _FSTYPE_RE = re.compile(r"[a-z0-9]{1,16}")
 _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# base64 of 32 bytes: 43 characters, the last of which carries 4 bits and 2 zero bits, and "="
+_PUBLIC_KEY_RE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
 _MODULE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")  # an rsyncd.conf module name: no slash, bracket or space
 MAX_FILE_LIST = 64 << 20  # bytes of a file manifest (filemanifest.MAX_BYTES)
 # A node's hostname: one RFC 1123 label, lowercase (systemd wants a single label in /etc/hostname)
@@ -868,6 +870,7 @@ class Report:
     hook: HookName | None = None  # which hook a "hook" report is about (rev5)
     card_bytes: int | None = None  # bytes of the new slot a block delta took from the card (rev6)
     delta: str | None = None  # one line: how the delta built the slot, or why the full stream (rev6)
+    pubkey: str | None = None  # the node's public key, base64 of the raw 32 bytes (rev9; nodekey.py)
 
     @classmethod
     def from_dict(cls, obj: Any) -> Report:
@@ -892,6 +895,7 @@ class Report:
             hook=f.choice("hook", HookName) if f.raw("hook", optional=True) is not None else None,
             card_bytes=f.optional_integer("card_bytes"),
             delta=_one_line(f, "delta"),
+            pubkey=_public_key(f, "pubkey"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -909,7 +913,16 @@ class Report:
             **({"hook": self.hook} if self.hook is not None else {}),
             **({"card_bytes": self.card_bytes} if self.card_bytes is not None else {}),
             **({"delta": self.delta} if self.delta is not None else {}),
+            **({"pubkey": self.pubkey} if self.pubkey is not None else {}),
         }
+
+
+def _public_key(f: _Fields, key: str) -> str | None:
+    """An Ed25519 public key: base64 of its raw 32 bytes, in the one canonical spelling."""
+    value = f.optional_text(key)
+    if value is not None and not _PUBLIC_KEY_RE.fullmatch(value):
+        raise f.fail(key, f"{value[:60]!r} is not the base64 of a 32-byte Ed25519 key")
+    return value
 
 
 def _one_line(f: _Fields, key: str) -> str | None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from . import binding, delta, hooks, install, keyring, layout, node
+from . import binding, delta, hooks, install, keyring, layout, node, nodekey
 from . import report as reports
 from . import rsync as rsync_mode
 from . import state as slot_state
@@ -284,8 +284,10 @@ class _Update:
         self.delta_note: str | None = None  # how the slot was built, or why not by delta: for reports
         self.new_index: delta.BlockIndex | None = None  # the installing version's block index, once fetched
         self.scripts: dict[str, bytes] = {}  # the install's checked hook scripts
+        self.node_key: nodekey.NodeKey | None = None  # signs every report, once it is on the card
 
     def run(self, layout_check: bool) -> Decision:
+        self.take_node_key()
         try:
             with expected():
                 self.take_confirmation()
@@ -323,6 +325,22 @@ class _Update:
             return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
             return self.fall_back(Action.FALLBACK, e)
+
+    def take_node_key(self) -> None:
+        """The node's own key (nodekey.py), made on its first boot, before the first report:
+        every report is signed with it. A card that cannot have one still boots, its reports
+        unsigned; a damaged record is reported."""
+        if self.identity is None:  # nothing to report, nobody to sign for: the first online boot makes it
+            return
+        try:
+            with expected():
+                self.node_key, problem = nodekey.ensure(self.disk, self.identity.node, log=self.log)
+        except UpdaterError as e:
+            self.log(f"{e}; reports go unsigned")
+            return
+        if problem:
+            self.log(f"node key: {problem}")
+            self.report(Phase.ERROR, error=f"node key: {problem}")
 
     def follow_keys(self) -> None:
         """Take the master's newer keys before anything they signed (keyring.follow), keep the
@@ -814,6 +832,7 @@ class _Update:
                 card_bytes=self.card_bytes if self.delta_note else None,
                 delta=self.delta_note,
             ),
+            key=self.node_key,
         )
 
 

@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from . import hooks
+from . import hooks, nodekey
 from . import report as reports
+from .disk import Disk
 from .errors import UpdaterError
 from .fetch import MasterClient, wire_int
 from .formats import HOOK_TIMEOUT, Hook, HookName, Phase
@@ -111,11 +112,13 @@ def first_boot(
     state_dir: str,
     master: MasterClient | None,
     log: Callable[[str], None],
+    key: nodekey.NodeKey | None = None,
 ) -> hooks.HookResult | None:
     """Run the decision's first-boot hook chrooted into ``root`` unless its stamp under
     ``state_dir`` (the data partition; '' = none) says it ran for this image and version.
     The result goes to the master as a hook report; a failed hook does not stop the boot
-    (the slot is committed; its trial decides). None when nothing ran."""
+    (the slot is committed; its trial decides), signed with the node's ``key``. None when
+    nothing ran."""
     script_path = decision.get("first_boot", "")
     if not script_path:
         return None
@@ -155,8 +158,21 @@ def first_boot(
                 hostname=decision.get("hostname") or None,
                 hook=HookName.FIRST_BOOT,
             ),
+            key=key,
         )
     return result
+
+
+def card_key(disk: str, node: str) -> nodekey.NodeKey | None:
+    """The node's key from the card, read only (the updater made it); None when there is none."""
+    if not disk or not node:
+        return None
+    try:
+        with Disk(disk, writable=False) as card:
+            return nodekey.read(card, node)
+    except UpdaterError as e:
+        _console(f"first-boot: {e}; its report goes unsigned")
+        return None
 
 
 def _console(message: str) -> None:
@@ -171,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     fb.add_argument("--root", required=True, help="the new root, its /run a tmpfs, /proc /sys /dev mounted")
     fb.add_argument("--state-dir", default="", help="the data partition's mount point ('' = none)")
     fb.add_argument("--master", default="", help="master URL for the report ('' = none)")
+    fb.add_argument("--disk", default="", help="the card, whose node key signs the report ('' = unsigned)")
     args = p.parse_args(argv)
     try:
         with open(args.decision_file) as f:
             decision = read_shell(f.read())
         master = MasterClient(args.master) if args.master else None
-        first_boot(decision, root=args.root, state_dir=args.state_dir, master=master, log=_console)
+        key = card_key(args.disk, decision.get("node", "")) if master is not None else None
+        first_boot(decision, root=args.root, state_dir=args.state_dir, master=master, log=_console, key=key)
     except (UpdaterError, OSError, ValueError) as e:  # never keeps the node from booting
         print(f"rackboot: first-boot: {e}", file=sys.stderr)
         return 1

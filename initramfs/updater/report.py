@@ -1,20 +1,49 @@
-"""Best-effort reports to the master: a report that cannot be sent never fails an update."""
+"""Best-effort reports to the master: a report that cannot be sent never fails an update.
+
+With the node's key (nodekey.py), a report carries the key's public half (``pubkey``) and
+goes with ``X-Rackboot-Signature``: the base64 of the key's Ed25519 signature over the
+exact body, which names the node. A master that pinned the key takes nothing else for the
+node; an older master ignores the header and the field.
+"""
 
 from __future__ import annotations
 
+import base64
 import time
+from dataclasses import replace
 
 from . import formats
+from .errors import UpdaterError
 from .fetch import MasterClient
 from .formats import MAX_REPORT_OUTPUT, HookName, Phase, Report, escape_controls
+from .nodekey import NodeKey
+
+SIGNATURE_HEADER = "X-Rackboot-Signature"
 
 
-def send(master: MasterClient | None, report: Report, *, timeout: float | None = None) -> bool:
-    """POST /report once with a short timeout (the master's report_timeout); True on 2xx."""
+def signed(report: Report, key: NodeKey | None) -> tuple[bytes, dict[str, str]]:
+    """The body to POST and its headers: with ``key``, the body names the key and the header
+    carries its signature; without one (or when openssl cannot sign), the plain report."""
+    if key is None or key.node != report.node:
+        return formats.dump(report), {}
+    body = formats.dump(replace(report, pubkey=key.public_b64))
+    try:
+        signature = key.sign(body)
+    except UpdaterError:  # unsigned, as an older updater's: a master that pinned the key refuses it
+        return formats.dump(report), {}
+    return body, {SIGNATURE_HEADER: base64.b64encode(signature).decode("ascii")}
+
+
+def send(
+    master: MasterClient | None, report: Report, *, timeout: float | None = None, key: NodeKey | None = None
+) -> bool:
+    """POST /report once with a short timeout (the master's report_timeout), signed with
+    ``key`` when there is one; True on 2xx."""
     if master is None:
         return False
     try:
-        return 200 <= master.post("/report", formats.dump(report), timeout=timeout) < 300
+        body, headers = signed(report, key)
+        return 200 <= master.post("/report", body, timeout=timeout, headers=headers) < 300
     except Exception:  # best effort by design: the update goes on whatever went wrong here
         return False
 

@@ -3,19 +3,23 @@ with its first report (its plan request alone records nothing), `rackboot status
 JSON show what each node runs, the fleet page in headless Chromium shows the rows while a
 worker reports, `rackboot power` switches workers through QEMU's QMP (the `qemu` driver),
 and a rollout of a version that never confirms halts after its first wave while the other
-worker never receives it.
+worker never receives it. Each worker signs its reports with a key of its own, pinned on
+its first report: confirms forged for a worker that never booted v2 are refused and the
+wave does not advance.
 
 Two workers on QEMU's user-mode network, each running with -no-shutdown so that a powered
 off worker keeps its QEMU and `rackboot power` can start it again. The story runs once
 (module fixture, ~6 boots); the tests read what it recorded.
 
     A: boot 1 discovered, installs v1 | power cycle: boot 2 confirms v1 (B: boot 1, discovered, v1 from the card)
-    rollout of a broken v2 with --cycle: A installs v2, which never confirms
+    rollout of a broken v2 with --cycle; confirms forged for A are refused, the wave stays;
+    A installs v2, which never confirms
     power cycle --all: A gives v2 up and falls back (the rollout halts), B boots v1 again
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sqlite3
@@ -28,7 +32,8 @@ from pathlib import Path
 
 import pytest
 from rackboot import config
-from rackboot.master import plans, power
+from rackboot.initramfs.updater import formats, nodekey
+from rackboot.master import nodekeys, plans, power
 from rackboot.qemu import harness
 from rackboot.qemu.runner import QemuWorker
 
@@ -54,6 +59,7 @@ class Story:
     switched: dict[str, str] = field(default_factory=dict)  # QMP run-state after power actions
     logs: dict[str, Path] = field(default_factory=dict)
     api: dict[str, object] = field(default_factory=dict)  # what the JSON API said at the end
+    forged: list[tuple[int, str]] = field(default_factory=list)  # (status, answer) of each forged confirm
 
 
 def fleet_config(directory: Path) -> config.Config:
@@ -115,7 +121,7 @@ def story(tmp_path_factory) -> Story:
         a.start()
         # boot 1 of A: a blank card, a node the master has never seen
         a.expect(r"rackboot: plan for ", timeout=BOOT)
-        wait_known(story.url, NODE_A, timeout=BOOT)  # its first report (the layout) adopts it
+        wait_known(story.url, NODE_A, timeout=BOOT)  # its first report (first contact, signed) adopts it
         story.doms["discovered"] = browser.dump_dom(story.url + "/")  # while it installs and reports
         a.expect(r"rackboot-demo: v1 is up", timeout=BOOT)
         wait_paused(a)
@@ -136,6 +142,10 @@ def story(tmp_path_factory) -> Story:
         # a version that never confirms, rolled out in waves; --cycle switches wave 1 (A) on
         harness.publish_example(cfg, cfg.base / "rootfs", work, 2, broken=True)
         run_cli(story, "rollout", "rollout", "--image", harness.IMAGE, "--waves", "1,rest", "--cycle")
+        # while A has not booted v2, confirms of v2 in its name from another host: refused
+        story.forged = forge_confirms(story.url, NODE_A)
+        run_cli(story, "rollout after forgeries", "rollout", "--status")
+        story.api["plan of B after forgeries"] = (cfg.master.directory / "plans" / f"{NODE_B}.json").exists()
         a.expect(r"rackboot-demo: v2 is up", timeout=BOOT)
         wait_paused(a)
         # the rack switched on again, staggered: A gives v2 up, B keeps v1
@@ -158,6 +168,30 @@ def story(tmp_path_factory) -> Story:
             b.kill()
         master.stop()
     return story
+
+
+def forge_confirms(url: str, node: str) -> list[tuple[int, str]]:
+    """POST confirms of v2 for ``node``: unsigned, signed by a key of the forger's own, and
+    claiming the node's pinned key; (status, answer) of each."""
+    pinned = api(url, f"/api/nodes/{node}")["pubkey"]  # type: ignore[index]
+    forger = nodekey.generate(node)
+    doc = {"node": node, "phase": "confirm", "bytes": 0, "seconds": 0.0, "error": None, "slot": "b", "version": 2}
+    tries = [
+        (doc | {"time": round(time.time(), 3)}, None),
+        (doc | {"time": round(time.time(), 3) + 1, "pubkey": forger.public_b64}, forger),
+        (doc | {"time": round(time.time(), 3) + 2, "pubkey": pinned}, forger),
+    ]
+    answers = []
+    for fields, key in tries:
+        body = formats.dump(fields)
+        headers = {nodekeys.SIGNATURE_HEADER: base64.b64encode(key.sign(body)).decode()} if key else {}
+        req = urllib.request.Request(url + "/report", data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                answers.append((resp.status, resp.read().decode()))
+        except urllib.error.HTTPError as e:
+            answers.append((e.code, e.read().decode()))
+    return answers
 
 
 def wait_known(url: str, node: str, timeout: float) -> None:
@@ -252,3 +286,34 @@ def test_the_page_in_a_browser_shows_the_rows_and_the_halt(story):
     assert f'<tr data-node="{NODE_B}" data-state="ok">' in dom
     assert 'data-state="halted"' in dom and "never confirmed itself" in dom
     assert '<meta name="viewport"' in dom
+
+
+def test_forged_confirms_for_a_node_that_never_booted_v2_do_not_advance_the_wave(story):
+    assert [status for status, _ in story.forged] == [403, 403, 403], story.forged
+    unsigned, own_key, claimed = (json.loads(answer)["error"] for _, answer in story.forged)
+    assert unsigned.startswith(f"report refused: unsigned report for {NODE_A}, whose key ed25519 SHA256:")
+    assert own_key.startswith(f"report refused: key mismatch: {NODE_A} presents ")
+    assert claimed.startswith(f"report refused: signature does not verify with {NODE_A}'s pinned key")
+    said = story.outputs["rollout after forgeries"]
+    assert "running, wave 1 of 2, 0 of 2 nodes confirmed" in said and f"{NODE_A} assigned" in said, said
+    assert story.api["plan of B after forgeries"] is False  # wave 2 never began
+    # kept in A's history, marked refused, and A confirmed nothing
+    history = story.api[f"/api/nodes/{NODE_A}"]["history"]  # type: ignore[index]
+    refused = [h for h in history if h["refused"]]
+    assert [(h["phase"], h["version"], h["signed"]) for h in refused] == [("confirm", 2, False)] * 3
+    assert not any(h["phase"] == "confirm" and h["version"] == 2 and not h["refused"] for h in history)
+
+
+def test_each_worker_signs_with_a_key_of_its_own_pinned_on_its_first_report(story):
+    node_a = story.api[f"/api/nodes/{NODE_A}"]
+    fingerprint = node_a["key_fingerprint"]  # type: ignore[index]
+    assert fingerprint.startswith("ed25519 SHA256:") and f"key              {fingerprint}" in story.outputs["status a"]
+    # the fingerprint the master pinned is the one A's console printed when it made the key
+    console = story.logs[NODE_A].read_text(errors="replace")
+    assert f"rackboot: node key: {fingerprint} kept on the card" in console
+    assert all(h["signed"] for h in node_a["history"] if not h["refused"])  # type: ignore[index]
+    # B's card was a copy of A's: on its first boot in another board it made a key of its own
+    b_console = story.logs[NODE_B].read_text(errors="replace")
+    assert f"node key: making a key for {NODE_B}: the card's key is {NODE_A}'s (this card moved)" in b_console
+    doc = {n["id"]: n for n in json.loads(story.outputs["status json"])}
+    assert doc[NODE_B]["pubkey"] not in (None, doc[NODE_A]["pubkey"])

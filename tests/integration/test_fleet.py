@@ -5,6 +5,7 @@ rollouts halting or moving on from the reports workers send."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import subprocess
@@ -18,12 +19,13 @@ from pathlib import Path
 import pytest
 from rackboot import cli, config, demo
 from rackboot.errors import RackbootError
+from rackboot.initramfs.updater import formats, nodekey
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
 from rackboot.initramfs.updater.formats import Phase, Report, parse_plan
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.initramfs.updater.signature import Verifier
-from rackboot.master import inventory, plans, rollout, serve, signing
+from rackboot.master import inventory, nodekeys, plans, rollout, serve, signing
 from rackboot.master.inventory import MIGRATIONS, SCHEMA, Inventory
 
 from tests.helpers import write_config
@@ -39,8 +41,13 @@ def make_cfg(tmp_path: Path, **master) -> config.Config:
 
 
 class Master:
-    def __init__(self, cfg: config.Config):
+    """`rackboot serve` on loopback. ``signing``: reports sent with report() are signed with
+    each node's own key, as today's updater signs them (made with openssl, once per node)."""
+
+    def __init__(self, cfg: config.Config, *, signing: bool = False, keys: dict[str, nodekey.NodeKey] | None = None):
         self.cfg = cfg
+        self.signing = signing
+        self.keys: dict[str, nodekey.NodeKey] = keys if keys is not None else {}  # (a restart: the nodes keep theirs)
         self.root = cfg.master.directory
         self.server = serve.make_server(self.root, quiet=True, config=cfg)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -59,10 +66,21 @@ class Master:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
-    def report(self, **fields) -> int:
+    def key(self, node: str) -> nodekey.NodeKey:
+        if node not in self.keys:
+            self.keys[node] = nodekey.generate(node)
+        return self.keys[node]
+
+    def report(self, *, key: nodekey.NodeKey | None = None, **fields) -> int:
+        """POST one report (signed with ``key``, else with the node's own when signing); its status."""
         doc = {"node": NODE, "phase": "boot", "bytes": 0, "seconds": 0.0, "error": None, "slot": None}
         doc |= {"version": None, "time": 0.0} | fields
-        return self.request("POST", "/report", json.dumps(doc).encode())[0]
+        key = key or (self.key(doc["node"]) if self.signing else None)
+        if key is None:
+            return self.request("POST", "/report", json.dumps(doc).encode())[0]
+        body = json.dumps(doc | {"pubkey": key.public_b64}).encode()
+        signature = base64.b64encode(key.sign(body)).decode()
+        return self.request("POST", "/report", body, {nodekeys.SIGNATURE_HEADER: signature})[0]
 
     def json(self, path: str):
         status, body = self.request("GET", path)
@@ -303,15 +321,24 @@ def test_status_cli_table_json_and_one_node(master, capsys):
 NODES = ["52-54-00-00-00-01", "52-54-00-00-00-02", "52-54-00-00-00-03", "52-54-00-00-00-04"]
 
 
-def rack(m: Master, nodes: list[str] = NODES) -> None:
+def rack(m: Master, nodes: list[str] = NODES, *, signed: bool = True) -> None:
     """v1 and v2 published, the default plan on v1, and ``nodes`` booted on it: each asked
-    for its plan and reported its boot (which adopts it)."""
+    for its plan and reported its boot (which adopts it and, ``signed``, pins the key it
+    signs with)."""
+    m.signing = signed
     publish(m.root, 1, image_bytes(5))
     publish(m.root, 2, image_bytes(6))
     write_plan(m.root, "/images/example/1/manifest.json", node="default")
     for node in nodes:
         assert m.request("GET", f"/plans/{node}.json")[0] == 200
         assert m.report(node=node, phase="boot", slot="a", version=1, time=1700000000.0) == 204
+
+
+def ingest_signed(m: Master, inv: Inventory, report: Report, **kwargs) -> inventory.Ingested:
+    """``report`` taken straight into ``inv``, signed by its node's key as the updater signs it."""
+    key = m.key(report.node)
+    body = formats.dump(replace(report, pubkey=key.public_b64))
+    return inv.ingest(formats.parse_report(body), body=body, signature=key.sign(body), **kwargs)
 
 
 def plan_version(m: Master, node: str) -> int | None:
@@ -333,7 +360,7 @@ def test_a_rollout_moves_on_wave_by_wave_as_nodes_confirm_and_survives_a_restart
         assert [plan_version(m, n) for n in NODES] == [2, 2, 2, None]
     finally:
         m.stop()
-    m = Master(cfg)  # a restarted master carries on from the database
+    m = Master(cfg, signing=True, keys=m.keys)  # a restarted master carries on from the database
     try:
         for node in NODES[1:3]:
             assert m.report(node=node, phase="confirm", slot="b", version=2, time=1700000003.0) == 204
@@ -499,7 +526,7 @@ def test_a_name_given_by_hand_neither_stops_new_nodes_nor_a_rollout_nor_a_restar
         assert m.report(node=hand, phase="confirm", slot="b", version=2, time=1700000001.0) == 204
     finally:
         m.stop()
-    m = Master(cfg)  # serve starts again, and the rollout goes on from where it was
+    m = Master(cfg, signing=True, keys=m.keys)  # serve starts again, and the rollout goes on from where it was
     try:
         [running] = m.json("/api/rollouts")["rollouts"]
         assert (running["shown_state"], running["wave"], running["stuck"]) == ("running", 1, None)
@@ -605,7 +632,7 @@ def test_a_wave_that_fails_halfway_leaves_its_plan_files_and_rows_as_they_were(t
     (m.root / "plans" / f"{NODES[1]}.json").rmdir()
     rollout.start(cfg, inv, image="example", version=2, waves="1,rest", max_failed=0)
     (m.root / "plans" / f"{NODES[2]}.json").mkdir()
-    inv.ingest(Report(node=NODES[0], phase=Phase.CONFIRM, slot="b", version=2, time=1700000001.0))
+    ingest_signed(m, inv, Report(node=NODES[0], phase=Phase.CONFIRM, slot="b", version=2, time=1700000001.0))
     progress = rollout.advance(cfg, inv)
     assert progress is not None and progress.shown_state == "stuck" and progress.wave == 0
     assert plan_version(m, NODES[1]) is None
@@ -723,15 +750,19 @@ def test_stale_nodes_are_left_out_of_a_wave_and_listed_as_skipped(tmp_path):
     inv = Inventory(m.root)
     now = inv.node(NODES[2]).last_seen + 2 * 86400  # two days on: every node is stale ([master] stale: a day) ...
     for node in NODES[:2]:  # ... but two that booted again just now
-        inv.ingest(Report(node=node, phase=Phase.BOOT, slot="a", version=1, time=1700000100.0), received=now)
+        ingest_signed(m, inv, Report(node=node, phase=Phase.BOOT, slot="a", version=1, time=1700000100.0), received=now)
     progress = rollout.start(cfg, inv, image="example", version=2, waves="1,rest", max_failed=0, now=now)
-    inv.ingest(Report(node=NODES[0], phase=Phase.CONFIRM, slot="b", version=2, time=1700000101.0), received=now)
+    ingest_signed(
+        m, inv, Report(node=NODES[0], phase=Phase.CONFIRM, slot="b", version=2, time=1700000101.0), received=now
+    )
     progress = rollout.advance(cfg, inv, now=now)
     assert progress is not None and progress.nodes[NODES[2]]["state"] == "skipped"
     assert progress.nodes[NODES[2]]["reason"] == "stale when its wave started: last heard from 2 d ago ([master] stale)"
     assert plan_version(m, NODES[2]) is None  # no plan for it
     assert progress.to_dict()["skipped"] == 1 and f"{NODES[2]} skipped (stale when its wave started" in progress.text()
-    inv.ingest(Report(node=NODES[1], phase=Phase.CONFIRM, slot="b", version=2, time=1700000102.0), received=now)
+    ingest_signed(
+        m, inv, Report(node=NODES[1], phase=Phase.CONFIRM, slot="b", version=2, time=1700000102.0), received=now
+    )
     progress = rollout.advance(cfg, inv, now=now)  # the wave does not wait for it
     assert progress is not None and progress.state == "done" and progress.message is not None
     assert "1 skipped" in progress.message and "2 of 3 nodes confirmed, 1 skipped" in progress.text()

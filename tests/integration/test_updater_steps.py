@@ -34,12 +34,13 @@ def install_v1(server, card) -> int:
 def test_an_install_reports_each_step_with_its_slot_and_version(server, card):
     install_v1(server, card)
     assert heard(server) == [
+        ("plan", None, None, None),  # first contact: before its first plan request
         ("layout", None, None, None),
         ("download", "a", 1, None),
         ("commit", "a", 1, None),
         ("boot", "a", 1, None),
     ]
-    assert all(r["bytes"] == server.image_bytes for r in server.reports[1:])
+    assert all(r["bytes"] == server.image_bytes for r in server.reports[2:])
 
 
 def test_a_failed_verify_is_named_in_the_error_and_on_the_console(server, card):
@@ -47,7 +48,8 @@ def test_a_failed_verify_is_named_in_the_error_and_on_the_console(server, card):
     write_plan(server.root, publish(server.root, 2, image_bytes(2), sha256="0" * 64))
     decision, lines = update(card, server.url)
     assert (decision.action, decision.slot, decision.version) == ("fallback", "a", 1)
-    (download, error, boot) = heard(server, seen)
+    (plan, download, error, boot) = heard(server, seen)
+    assert plan == ("plan", None, None, None)  # the card took no serialled plan yet: still first contact
     assert download == ("download", "b", 2, None)
     assert error[:3] == ("error", "b", 2) and error[3] == f"verify: {decision.error}"
     assert boot == ("boot", "a", 1, decision.error)
@@ -60,6 +62,7 @@ def test_a_read_back_that_differs_twice_is_named_in_the_error(server, card):
     decision, lines = update(card, server.url, open_disk=lambda path: LossyCard(path, bad_reads=2))
     assert (decision.action, decision.slot) == ("fallback", "a")
     assert heard(server, seen) == [
+        ("plan", None, None, None),
         ("download", "b", 2, None),
         ("error", "b", 2, "read-back of slot b differs from what was written"),
         ("download", "b", 2, None),
@@ -75,7 +78,11 @@ def test_a_plan_that_cannot_be_had_is_named_in_the_error(server, card):
     (server.root / "plans/52-54-00-12-34-56.json").unlink()
     decision, lines = update(card, server.url)
     assert (decision.action, decision.slot) == ("offline", "a")
-    assert heard(server, seen) == [("error", None, None, f"plan: {decision.error}"), ("boot", "a", 1, decision.error)]
+    assert heard(server, seen) == [
+        ("plan", None, None, None),
+        ("error", None, None, f"plan: {decision.error}"),
+        ("boot", "a", 1, decision.error),
+    ]
     assert f"plan failed: {decision.error}" in lines
 
 
@@ -85,6 +92,7 @@ def test_a_plan_without_image_on_a_blank_card_fails_in_the_download_step(server,
     with pytest.raises(UpdaterError, match=r"^no good slot to boot \(download: plan: assigns no image"):
         run(card, server.url, Identity(MAC), master=client(server.url), log=lines.append)
     assert heard(server) == [
+        ("plan", None, None, None),
         ("layout", None, None, None),
         ("error", None, None, "download: plan: assigns no image and no slot on the card is good"),
     ]

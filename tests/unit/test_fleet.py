@@ -192,8 +192,8 @@ def test_bad_waves_are_one_clear_line(spec, problem):
         rollout.parse_waves(spec)
 
 
-def rep(phase: str, version: int | None = None, error: str | None = None) -> dict:
-    return {"phase": phase, "version": version, "error": error}
+def rep(phase: str, version: int | None = None, error: str | None = None, signed: bool = True) -> dict:
+    return {"phase": phase, "version": version, "error": error, "signed": signed}
 
 
 def test_judge_confirmed_failed_or_still_waiting():
@@ -206,6 +206,22 @@ def test_judge_confirmed_failed_or_still_waiting():
     assert rollout.judge(retried, 2) == (rollout.ASSIGNED, None)
     refused = [rep("error", None, "download: manifest refused"), rep("boot", 1, "download: manifest refused")]
     assert rollout.judge(refused, 2) == (rollout.FAILED, "download: manifest refused")
+
+
+def test_judge_counts_only_signed_reports():
+    """A confirm or a fall back that did not verify against the node's pinned key moves
+    nothing; the node's reason says why it still waits. A signed one then decides."""
+    unsigned = [rep("boot", 2), rep("confirm", 2, signed=False)]
+    state, reason = rollout.judge(unsigned, 2)
+    assert state == rollout.ASSIGNED and reason is not None and "confirm report is unsigned" in reason
+    fell_back = [rep("error", 2, "never confirmed", signed=False), rep("boot", 1, "never confirmed", signed=False)]
+    assert rollout.judge(fell_back, 2)[0] == rollout.ASSIGNED
+    assert rollout.judge([*unsigned, rep("confirm", 2)], 2) == (rollout.CONFIRMED, None)
+    # an unsigned error names no reason for a signed fall back that follows
+    assert rollout.judge([rep("error", 2, "forged", signed=False), rep("boot", 1, "real")], 2) == (
+        rollout.FAILED,
+        "real",
+    )
 
 
 def test_a_rollouts_text_and_json_show_skipped_nodes_with_why_and_a_stuck_rollout():

@@ -528,6 +528,7 @@ DOCUMENTS = [
     "plan.format1.rev4.json",
     "manifest.format1.rev3.first-boot.json",
     "report.rev5.json",
+    "report.rev9.signed.json",
     "plan.format1.rev7.serial.json",
     "plan.format1.rev7.named-default.json",
 ]
@@ -599,6 +600,9 @@ def test_every_sample_is_covered():
             for sig in ("", ".sig")
         ),
         "files.format1.rev1.list",
+        # node keys' samples, checked in test_golden_nodekeys.py
+        "node-key.format1.rev1.bin",
+        *(f"report.rev9.signed.json{sig}" for sig in ("", ".sig")),
         # plan serials' samples, checked in test_golden_serial.py
         "slot-state.format1.rev3.bin",
         # the key chain's samples, checked in test_golden_keys.py
@@ -612,6 +616,7 @@ def test_every_sample_is_covered():
         "make_golden_delta.py",
         "make_golden_keys.py",
         "make_golden_rsync.py",
+        "make_golden_nodekeys.py",
         "make_golden_serial.py",
     }
     assert present == covered

@@ -7,10 +7,11 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from rackboot.initramfs.updater import keyring, layout, mbr, state
+from rackboot.initramfs.updater import formats, keyring, layout, mbr, nodekey, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import Slot, SlotState
 from rackboot.initramfs.updater.signature import MasterKey
+from rackboot.master.inventory import Inventory
 from rackboot.qemu import torture
 
 SLOT_A = 8 << 20  # partition 2 starts here on the test card
@@ -23,7 +24,7 @@ def test_cuts_repeat_for_a_seed_and_visit_every_phase_each_round():
     assert cuts != torture.plan_cuts(random.Random(8), 2 * n)
     for start in (0, n):
         assert sorted(c.phase for c in cuts[start : start + n]) == sorted(torture.PHASES)
-    assert cuts[0].blank and all(c.blank for c in cuts if c.phase == "layout")
+    assert cuts[0].blank and all(c.blank for c in cuts if c.phase in ("layout", "node-key"))
     assert all(0 <= c.fraction < 1 for c in cuts)
 
 
@@ -51,7 +52,10 @@ def test_the_cut_lands_after_the_last_marker_printed():
     assert torture.landed(delta) == "stream"  # the index, before the build: still the stream's phase
     assert torture.landed(["U-Boot 2023.01"]) == "boot"
     assert torture.landed(console[:1] + ["rackboot: boot files: writing build 0123 into boot area b"]) == "boot-files"
+    made = "rackboot: node key: making a key for 52-54-00-12-34-56: none on the card"
+    assert torture.landed(["U-Boot 2023.01", made]) == "node-key"
     assert torture.landed(["rackboot: master key 3: keeping it on the card"]) == "key-chain"
+    assert torture.landed([made, "rackboot: master key 3: keeping it on the card"]) == "key-chain"  # in boot order
 
 
 @pytest.fixture
@@ -139,6 +143,48 @@ def test_rsync_filled_follows_the_last_install_into_each_slot():
     ]
     assert torture.rsync_filled(console, frozenset({"a"})) == {"b"}  # a: refilled by a delta since
     assert torture.rsync_filled(console[2:], frozenset({"b"})) == {"b"}  # b untouched: still rsync's
+
+
+@pytest.mark.parametrize("cut", ["whole", "copy 2 torn", "no key", "another pinned", "none pinned"])
+def test_check_node_key_wants_the_key_whole_and_the_one_the_master_pinned(tmp_path, cut):
+    """After a recovery boot the card holds its key in both copies, and it is the key the
+    master pinned from its reports: a key reported, then lost to a cut, would differ."""
+    path = tmp_path / "card"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    key = nodekey.generate("52-54-00-12-34-56")
+    pins = {key.node: key.public_b64}
+    with Disk(str(path)) as d:
+        if cut != "no key":
+            nodekey.store(d, key)
+        if cut == "copy 2 torn":
+            d.write(nodekey.COPIES[1] + 20, b"torn")
+    if cut == "another pinned":
+        pins[key.node] = nodekey.generate(key.node).public_b64
+    if cut == "none pinned":
+        pins.clear()
+    verdict = torture.check_node_key(path, pins.get)
+    if cut == "whole":
+        assert verdict is None
+    else:
+        assert verdict is not None and not verdict.survived
+        why = {
+            "copy 2 torn": "not whole in both copies",
+            "no key": "not whole in both copies",
+            "another pinned": "the master pinned another",
+            "none pinned": "the master pinned none",
+        }[cut]
+        assert why in verdict.detail
+
+
+def test_a_blank_card_drops_the_masters_pin_as_adopt_replace_does(tmp_path):
+    key = nodekey.generate("52-54-00-12-34-56")
+    report = formats.Report(node=key.node, phase=formats.Phase.BOOT, time=1.7e9, pubkey=key.public_b64)
+    body = formats.dump(report)
+    assert Inventory(tmp_path).ingest(report, body=body, signature=key.sign(body)).outcome == "taken"
+    assert torture.pinned_key(tmp_path, key.node) == key.public_b64
+    torture.forget_keys(tmp_path)
+    assert torture.pinned_key(tmp_path, key.node) is None and torture.pinned_key(tmp_path, "52-54-00-00-00-01") is None
 
 
 def test_check_key_record_wants_the_masters_newest_key_on_the_card(tmp_path):
