@@ -6,10 +6,9 @@ keys/<n>.json naming it (formats.KeyLink), signed by key n - 1 and naming key n 
 retirement. Before it asks for its plan, a worker that holds key m asks for
 keys/<m + 1>.json, takes it only when key m's signature verifies, its ``n`` is m + 1 and
 it retires exactly key m, and goes on until the master answers 404 (``follow``). It
-keeps the newest key in the key record (two copies, framed like the slot state: magic
-"RKBK", u32 seq, u32 length, canonical JSON, u32 CRC32; at 3 MiB + 128 KiB and 3 MiB +
-192 KiB, 64 KiB each) and from then on checks every signature with it: documents signed
-by a retired key are refused.
+keeps the newest key in the key record (two copies, framed as record.py describes, magic
+"RKBK"; at 3 MiB + 128 KiB and 3 MiB + 192 KiB, 64 KiB each) and from then on checks every
+signature with it: documents signed by a retired key are refused.
 
 Which key a boot trusts (``trusted``): the initramfs's own key is the floor. The card's
 record counts only when its key is newer (a higher n); one of the same n must be the
@@ -20,14 +19,11 @@ chain from there again.
 
 from __future__ import annotations
 
-import json
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import formats
+from . import formats, record
 from .disk import Disk
 from .errors import Refused, UpdaterError
 from .formats import FORMAT, _Fields, key_link_path, parse_key_link
@@ -37,8 +33,6 @@ MAGIC = b"RKBK"
 COPIES = ((3 << 20) + (128 << 10), (3 << 20) + (192 << 10))  # after the boot record (3 MiB + 64 KiB)
 RESERVED = 64 << 10
 MAX_STEPS = 32  # links taken in one boot (TUF's max root rotations); the next boot goes on
-_HEAD = struct.Struct("<4sII")
-_CRC = struct.Struct("<I")
 CARD = "the card's key record"
 
 
@@ -72,44 +66,22 @@ parse_key_record = formats._parser(KeyRecord.from_dict, "key record")
 # --- the record on the card ---------------------------------------------------------------
 
 
-def encode(record: KeyRecord) -> bytes:
-    body = formats.dump(record)
+def encode(kept: KeyRecord) -> bytes:
+    body = formats.dump(kept)
     parse_key_record(body)  # never store what a reader would throw away
-    head = _HEAD.pack(MAGIC, record.seq, len(body)) + body
-    return head + _CRC.pack(zlib.crc32(head))
-
-
-def _body(raw: bytes) -> tuple[int, bytes] | None:
-    """A whole record's (seq, body), or None when the copy is torn, blank or not ours."""
-    if len(raw) < _HEAD.size or raw[:4] != MAGIC:
-        return None
-    _, seq, length = _HEAD.unpack_from(raw)
-    end = _HEAD.size + length
-    if end + _CRC.size > min(len(raw), RESERVED) or _CRC.unpack_from(raw, end)[0] != zlib.crc32(raw[:end]):
-        return None
-    return seq, raw[_HEAD.size : end]
+    return record.frame(MAGIC, kept.seq, body, RESERVED, what="key record")
 
 
 def decode(raw: bytes) -> KeyRecord | None:
     """A copy's record, or None when it is torn, blank or otherwise invalid."""
-    whole = _body(raw)
+    whole = record.unframe(MAGIC, raw, RESERVED)
     if whole is None:
         return None
     try:
-        record = parse_key_record(whole[1])
+        kept = parse_key_record(whole[1])
     except UpdaterError:
         return None
-    return record if record.seq == whole[0] else None
-
-
-def newer_format(raw: bytes) -> int | None:
-    """The format of a whole copy a newer updater wrote, else None."""
-    whole = _body(raw)
-    try:
-        value = json.loads(whole[1]).get("format") if whole else None
-    except (ValueError, AttributeError):
-        return None
-    return value if type(value) is int and value > FORMAT else None
+    return kept if kept.seq == whole[0] else None
 
 
 class NewerRecord(UpdaterError):
@@ -122,24 +94,18 @@ class Copies:
     blank: bool  # every copy all zero: a card that never took a key from the chain
 
     def newest(self) -> KeyRecord | None:
-        valid = [r for r in self.records if r is not None]
-        return max(valid, key=lambda r: r.seq) if valid else None
+        return record.newest(self.records)
 
     def target(self) -> int:
         """The copy to overwrite: an invalid one, else the one with the older seq."""
-        seqs = [r.seq if r is not None else -1 for r in self.records]
-        return seqs.index(min(seqs))
+        return record.target(self.records)
 
 
 def read_copies(disk: Disk) -> Copies:
     raws = [disk.read(offset, RESERVED) for offset in COPIES]
-    for offset, raw in zip(COPIES, raws, strict=True):
-        newer = newer_format(raw)
-        if newer is not None:
-            raise NewerRecord(
-                f"key record: the copy at 3 MiB + {(offset - (3 << 20)) >> 10} KiB is format {newer}, "
-                f"newer than this updater reads ({FORMAT}); it is left as it is"
-            )
+    newer = record.newer(MAGIC, raws, COPIES, RESERVED)
+    if newer is not None:
+        raise NewerRecord(f"key record: {newer}; it is left as it is")
     return Copies(tuple(decode(raw) for raw in raws), blank=not any(any(raw) for raw in raws))
 
 
@@ -172,8 +138,8 @@ def trusted(disk: Disk, built_in: Verifier, log: Callable[[str], None]) -> Verif
     except UpdaterError as e:
         log(f"{e}; using the initramfs's {own.name}")
         return built_in
-    record = copies.newest()
-    kept = record.master_key if record else None
+    newest = copies.newest()
+    kept = newest.master_key if newest else None
     if kept is None:
         if not copies.blank:
             log(f"key record: damaged (no whole copy); using the initramfs's {own.name}")

@@ -5,9 +5,8 @@ anyone else's once it has pinned the key (adoption).
 Where: two copies of one record in the card's reserved first 4 MiB, at 3 MiB + 256 KiB and
 3 MiB + 320 KiB (64 KiB each), which no partition, slot install or repartition touches and
 where the updater finds it before any filesystem is mounted (the data partition is not
-always formatted). Record (little-endian): magic "RKBK", u32 seq, u32 len, <len> bytes of
-canonical JSON (format, seq, node, public, private: the raw 32-byte key halves in base64),
-u32 CRC32 of everything before it.
+always formatted). Record: framed as record.py describes, magic "RKBK"; its JSON body holds
+format, seq, node, public and private (the raw 32-byte key halves in base64).
 
 A new key is written to copy 1, fsynced, then to copy 2, fsynced, and only then used: a
 power cut leaves no key (copy 1 torn, copy 2 as it was), which is made again on the next
@@ -25,17 +24,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
-import struct
 import subprocess
 import tempfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import formats
+from . import formats, record
 from .disk import Disk
 from .errors import UpdaterError
 from .formats import _NODE_RE, FORMAT, _Fields
@@ -51,13 +47,11 @@ OPENSSL_TIMEOUT = 30  # seconds; genpkey may wait for the kernel's entropy early
 # each followed by the raw 32 bytes
 PRIVATE_DER = bytes.fromhex("302e020100300506032b657004220420")
 PUBLIC_DER = bytes.fromhex("302a300506032b6570032100")
-_HEAD = struct.Struct("<4sII")
-_CRC = struct.Struct("<I")
 
 
 def where(copy: int) -> str:
     """A copy's place, as notes/formats.md names it: '3 MiB + 256 KiB'."""
-    return f"3 MiB + {(COPIES[copy] - (3 << 20)) >> 10} KiB"
+    return record.place(COPIES[copy])
 
 
 def b64(raw: bytes) -> str:
@@ -169,21 +163,7 @@ def encode(key: NodeKey) -> bytes:
     body = formats.dump(key)
     if decode_body(body, key.seq) != key:  # never store what the reader would throw away
         raise UpdaterError(f"node key: record for {key.node} does not read back as itself")
-    head = _HEAD.pack(MAGIC, key.seq, len(body)) + body
-    return head + _CRC.pack(zlib.crc32(head))
-
-
-def _body(raw: bytes) -> tuple[int, bytes] | None:
-    """A whole record's (seq, body), or None when the copy is torn, blank or not ours."""
-    if len(raw) < _HEAD.size or raw[:4] != MAGIC:
-        return None
-    _, seq, length = _HEAD.unpack_from(raw)
-    end = _HEAD.size + length
-    if end + _CRC.size > min(len(raw), RESERVED):
-        return None
-    if _CRC.unpack_from(raw, end)[0] != zlib.crc32(raw[:end]):
-        return None
-    return seq, raw[_HEAD.size : end]
+    return record.frame(MAGIC, key.seq, body, RESERVED, what="node key")
 
 
 def decode_body(body: bytes, seq: int) -> NodeKey | None:
@@ -196,18 +176,8 @@ def decode_body(body: bytes, seq: int) -> NodeKey | None:
 
 def decode(raw: bytes) -> NodeKey | None:
     """A copy's key, or None when it is torn, blank or otherwise invalid."""
-    whole = _body(raw)
+    whole = record.unframe(MAGIC, raw, RESERVED)
     return decode_body(whole[1], whole[0]) if whole else None
-
-
-def newer_format(raw: bytes) -> int | None:
-    """The format of a whole record a newer updater wrote, else None."""
-    whole = _body(raw)
-    try:
-        value = json.loads(whole[1]).get("format") if whole else None
-    except (ValueError, AttributeError):
-        return None
-    return value if type(value) is int and value > FORMAT else None
 
 
 def is_blank(raw: bytes) -> bool:
@@ -227,18 +197,11 @@ class Found:
 
 def examine(raws: tuple[bytes, bytes]) -> Found:
     """The key the card holds, from both copies' bytes (pure)."""
-    for copy, raw in enumerate(raws):
-        newer = newer_format(raw)
-        if newer is not None:
-            return Found(
-                None,
-                problem=f"the record at {where(copy)} is format {newer}, newer than this updater reads "
-                f"({FORMAT}); it is left as it is and reports go unsigned",
-                newer=True,
-            )
+    newer = record.newer(MAGIC, raws, COPIES, RESERVED)
+    if newer is not None:
+        return Found(None, problem=f"{newer}; it is left as it is and reports go unsigned", newer=True)
     keys = [decode(raw) for raw in raws]
-    valid = [k for k in keys if k is not None]
-    key = max(valid, key=lambda k: k.seq) if valid else None
+    key = record.newest(keys)
     repair = tuple(i for i, k in enumerate(keys) if key is not None and k != key)
     # copy 2 is written only after copy 1 was whole: copy 1 unreadable beside a written copy 2
     # is damage; copy 1 torn beside a blank copy 2 is a first write that a power cut stopped
@@ -264,9 +227,9 @@ def read(disk: Disk, node: str) -> NodeKey | None:
 
 def store(disk: Disk, key: NodeKey, copies: tuple[int, ...] = (0, 1)) -> None:
     """Write ``key`` into the given copies in order, each synced before the next is touched."""
-    record = encode(key)
+    raw = encode(key)
     for copy in copies:
-        disk.write(COPIES[copy], record)
+        disk.write(COPIES[copy], raw)
         disk.fsync()
 
 

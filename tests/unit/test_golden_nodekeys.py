@@ -12,7 +12,7 @@ import threading
 import zlib
 
 import pytest
-from rackboot.initramfs.updater import formats, nodekey
+from rackboot.initramfs.updater import formats, nodekey, record
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.master import nodekeys, serve
@@ -60,9 +60,9 @@ def test_a_record_with_unknown_keys_is_read_and_a_higher_format_is_refused():
     for doc, expected in ((body | {"later_addition": [1]}, sample_key()), (body | {"format": 2}, None)):
         data = formats.dump(doc)
         head = struct.pack("<4sII", b"RKBK", 1, len(data)) + data
-        record = head + struct.pack("<I", zlib.crc32(head))
-        assert nodekey.decode(record) == expected
-    assert nodekey.newer_format(record) == 2
+        raw = head + struct.pack("<I", zlib.crc32(head))
+        assert nodekey.decode(raw) == expected
+    assert record.newer_format(nodekey.MAGIC, raw, nodekey.RESERVED) == 2
 
 
 REV9 = Report(

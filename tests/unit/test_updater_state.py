@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import zlib
 
 import pytest
@@ -113,8 +114,8 @@ def test_a_copy_of_a_newer_format_stops_reads_and_writes(disk):
     empty (the card would be laid out and installed afresh) nor written over."""
     state.write(disk, good(1))
     body = b'{"format":2,"seq":2,"slots":{}}\n'
-    head = state._HEAD.pack(state.MAGIC, 2, len(body)) + body
-    disk.write(state.COPIES[1], head + state._CRC.pack(zlib.crc32(head)))
+    head = struct.pack("<4sII", state.MAGIC, 2, len(body)) + body
+    disk.write(state.COPIES[1], head + struct.pack("<I", zlib.crc32(head)))
     before = disk.read(0, 4 << 20)
     with pytest.raises(
         state.NewerState, match=r"^slot state: the copy at 2 MiB is format 2, newer than this updater reads \(1\)"
