@@ -5,7 +5,7 @@ anyone else's once it has pinned the key (adoption).
 Where: two copies of one record in the card's reserved first 4 MiB, at 3 MiB + 256 KiB and
 3 MiB + 320 KiB (64 KiB each), which no partition, slot install or repartition touches and
 where the updater finds it before any filesystem is mounted (the data partition is not
-always formatted). Record: framed as record.py describes, magic "RKBK"; its JSON body holds
+always formatted). Record: framed as record.py describes, magic "RKBN"; its JSON body holds
 format, seq, node, public and private (the raw 32-byte key halves in base64).
 
 A new key is written to copy 1, fsynced, then to copy 2, fsynced, and only then used: a
@@ -36,7 +36,7 @@ from .disk import Disk
 from .errors import UpdaterError
 from .formats import _NODE_RE, FORMAT, _Fields
 
-MAGIC = b"RKBK"
+MAGIC = b"RKBN"
 COPIES = ((3 << 20) + (256 << 10), (3 << 20) + (320 << 10))
 RESERVED = 64 << 10
 KEY_BYTES = 32

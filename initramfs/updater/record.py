@@ -1,5 +1,5 @@
 """The framing every updater record on the card shares: the slot state (state.py, magic
-"RKBS"), the master key record (keyring.py, "RKBK") and the node key (nodekey.py, also "RKBK").
+"RKBS"), the master key record (keyring.py, "RKBK") and the node key (nodekey.py, "RKBN").
 
 Record (little-endian): a 4-byte magic, u32 seq, u32 len, <len> bytes of canonical JSON,
 u32 CRC32 of everything before it; the whole record fits the copy's reserved area, whose

@@ -35,7 +35,7 @@ def test_the_node_key_record_rev1_is_read_and_written_byte_for_byte():
     key = sample_key()
     assert (key.node, key.seq, key.format, len(key.public), len(key.private)) == (NODE, 1, 1, 32, 32)
     magic, seq, length = struct.unpack_from("<4sII", raw)
-    assert (magic, seq, len(raw)) == (b"RKBK", 1, 12 + length + 4)
+    assert (magic, seq, len(raw)) == (b"RKBN", 1, 12 + length + 4)
     assert struct.unpack_from("<I", raw, 12 + length)[0] == zlib.crc32(raw[: 12 + length])
     assert sorted(json.loads(raw[12 : 12 + length])) == ["format", "node", "private", "public", "seq"]
     assert nodekey.encode(key) == raw
@@ -59,7 +59,7 @@ def test_a_record_with_unknown_keys_is_read_and_a_higher_format_is_refused():
     body = json.loads(formats.dump(sample_key()))
     for doc, expected in ((body | {"later_addition": [1]}, sample_key()), (body | {"format": 2}, None)):
         data = formats.dump(doc)
-        head = struct.pack("<4sII", b"RKBK", 1, len(data)) + data
+        head = struct.pack("<4sII", b"RKBN", 1, len(data)) + data
         raw = head + struct.pack("<I", zlib.crc32(head))
         assert nodekey.decode(raw) == expected
     assert record.newer_format(nodekey.MAGIC, raw, nodekey.RESERVED) == 2

@@ -63,7 +63,7 @@ def test_the_record_round_trips_and_is_laid_out_as_formats_md_says(key):
     record = nodekey.encode(key)
     assert nodekey.decode(record) == key
     magic, seq, length = struct.unpack_from("<4sII", record)
-    assert (magic, seq, len(record)) == (b"RKBK", 1, 12 + length + 4)
+    assert (magic, seq, len(record)) == (b"RKBN", 1, 12 + length + 4)
     assert struct.unpack_from("<I", record, 12 + length)[0] == zlib.crc32(record[: 12 + length])
     body = json.loads(record[12 : 12 + length])
     assert body == {"format": 1, "seq": 1, "node": NODE, "public": key.public_b64, "private": body["private"]}
@@ -165,7 +165,7 @@ def test_a_card_in_another_board_makes_that_node_a_key_of_its_own(card, key):
 
 def test_a_record_of_a_newer_format_is_left_alone(card, key):
     body = formats.dump({**key.to_dict(), "format": 2})
-    head = struct.pack("<4sII", b"RKBK", 1, len(body)) + body
+    head = struct.pack("<4sII", b"RKBN", 1, len(body)) + body
     newer = head + struct.pack("<I", zlib.crc32(head))
     with Disk(card) as d:
         d.write(nodekey.COPIES[0], newer)
@@ -197,9 +197,9 @@ def test_fuzzed_records_are_read_as_a_key_or_as_none_never_an_exception(key):
         b"[1,2]\n",
         b"\xff\xfe not json",
     ):
-        head = struct.pack("<4sII", b"RKBK", 1, len(body)) + body
+        head = struct.pack("<4sII", b"RKBN", 1, len(body)) + body
         assert nodekey.decode(head + struct.pack("<I", zlib.crc32(head))) is None
-    assert nodekey.decode(struct.pack("<4sII", b"RKBK", 1, 1 << 31)) is None
+    assert nodekey.decode(struct.pack("<4sII", b"RKBN", 1, 1 << 31)) is None
 
 
 # --- reports: signed by the node, judged by the master --------------------------------------

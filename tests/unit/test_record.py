@@ -7,7 +7,7 @@ import zlib
 from dataclasses import dataclass
 
 import pytest
-from rackboot.initramfs.updater import record
+from rackboot.initramfs.updater import bootfiles, keyring, nodekey, record, state
 from rackboot.initramfs.updater.errors import UpdaterError
 
 MAGIC = b"TEST"
@@ -63,3 +63,9 @@ def test_newest_and_target_pick_by_seq():
     assert record.newest([Copy(3), Copy(2)]) == Copy(3) and record.target([Copy(3), Copy(2)]) == 1
     assert record.newest([None, Copy(0)]) == Copy(0) and record.target([None, Copy(0)]) == 0
     assert record.target([Copy(4), None]) == 1 and record.target([Copy(5), Copy(5)]) == 0
+
+
+def test_each_record_on_the_card_has_its_own_magic():
+    """The node key once shared the key record's "RKBK": each passed the other's framing check."""
+    magics = [state.MAGIC, keyring.MAGIC, nodekey.MAGIC, bootfiles.MAGIC]
+    assert len(set(magics)) == len(magics)
