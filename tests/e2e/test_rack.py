@@ -210,6 +210,7 @@ def test_a_blank_rack_netboots_installs_and_updates_with_the_masters_dhcp_one_st
     for i, worker in enumerate(second):
         _check(i, worker.log_path.read_text(errors="replace"), *NETBOOTED, "installing example v2 into slot b")
         assert r.reports(i) == [
+            ("plan", None, None),  # a blank card's first contact, before its first plan request
             ("layout", None, None),
             ("download", "a", 1),
             ("hook", "a", 1),

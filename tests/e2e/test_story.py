@@ -107,6 +107,7 @@ def test_master_got_a_report_for_every_online_boot(story):
     ]
     phases = [(r["phase"], r["slot"], r["version"]) for r in lines]
     assert phases == [
+        ("plan", None, None),  # the blank card's first contact, before its first plan request
         ("layout", None, None),
         ("download", "a", 1),
         ("hook", "a", 1),
