@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_netboot
 from rackboot import config, demo
 from rackboot.build import Inputs
+from rackboot.initramfs.updater.formats import node_id
 from rackboot.master import dnsmasq, plans, publish
+from rackboot.master.inventory import Inventory
 from rackboot.qemu import harness
 from rackboot.qemu.netns import RackNetwork
 from rackboot.qemu.runner import QemuWorker
@@ -134,6 +136,10 @@ def one_round(
     cards = [work / f"{name}-card{i}.img" for i in range(workers)]
     for card in cards:
         harness.blank_card(out / "sdcard.img", card)
+    inventory = Inventory(cfg.master.directory)
+    for i in range(workers):  # a blank card is a new card to the master: its node key is pinned anew
+        if inventory.node(node_id(rack.mac(i))) is not None:
+            inventory.adopt(node_id(rack.mac(i)), replace_key=True)
     files = bench_netboot.netboot_bytes(out)
     seen = [len(reports(cfg, rack, i)) for i in range(workers)]
     dnsmasq_pid = serve_dnsmasq(cfg.master.directory)
