@@ -154,11 +154,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from . import config
-    from .master import inventory, plans, status
+    from .master import plans, status, web
 
     cfg = config.load(args.config)
     node = plans.node_name(args.node) if args.node else None
-    inv = inventory.Inventory(cfg.master.directory)
+    inv = web.inventory_for(cfg.master.directory, cfg)
     return status.run(inv, cfg.master.stale, sys.stdout, as_json=args.json, node=node)
 
 

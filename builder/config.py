@@ -29,6 +29,7 @@ from rackboot.initramfs.updater.formats import (
     persist_problem,
 )
 from rackboot.initramfs.updater.layout import FAT_TYPES
+from rackboot.master.database import url_problem
 from rackboot.master.hostnames import pattern_problem
 from rackboot.master.limits import MAX_STREAMS
 
@@ -421,6 +422,17 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=65535,
     ),
     Setting(
+        "master",
+        "database",
+        "str",
+        "",
+        "Where the fleet's shared state (inventory, report history, rollouts, the hostname registry) "
+        "lives: empty = the SQLite file .inventory.db in [master] directory (one rack); "
+        '"postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME" = that PostgreSQL database, which several '
+        "masters may share (libpq's settings, such as ?sslmode=require or a password in ~/.pgpass, apply).",
+        check=url_problem,
+    ),
+    Setting(
         "network",
         "interface",
         "str",
@@ -594,6 +606,7 @@ class MasterSection:
     token: str
     stale: int
     rsync_port: int
+    database: str
 
     @property
     def url(self) -> str:

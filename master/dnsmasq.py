@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rackboot.config import Config, DhcpMode
 from rackboot.errors import ConfigError, RackbootError
@@ -41,6 +42,9 @@ from rackboot.files import atomic_write_bytes
 from rackboot.proc import ChildWatch, dies_with_parent, run, stop_child
 
 from . import hostnames
+
+if TYPE_CHECKING:
+    from .inventory import Inventory
 
 NETBOOT_SCRIPT = "boot.scr.uimg"  # builder/build.py's (a test keeps them equal): serve need not import the builder
 # In the master's tree, under names starting with a dot, which serve never sends
@@ -115,12 +119,11 @@ def config_text(lines: list[str], what: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_hosts(master: Path) -> str:
-    """One dhcp-host line per node with a plan or a name: its MAC, and as the lease's name its hostname
-    (hostnames.py; DHCP option 12 hands it to the worker) or else its node id (so dnsmasq's
-    log names the node)."""
-    plans = master / "plans"
-    names = hostnames.read(master)  # nodes named while following the default plan have no plan file
+def render_hosts(master: Path, names: dict[str, hostnames.Entry]) -> str:
+    """One dhcp-host line per node with a plan or a name (``names``: the registry's,
+    hostnames.read): its MAC, and as the lease's name its hostname (hostnames.py; DHCP option 12
+    hands it to the worker) or else its node id (so dnsmasq's log names the node)."""
+    plans = master / "plans"  # (nodes named while following the default plan have no plan file)
     planned = {p.name[: -len(".json")] for p in plans.glob("*.json")} if plans.is_dir() else set()
     nodes = sorted(planned | set(names))
     return "".join(
@@ -299,6 +302,26 @@ class NetbootService:
         self.cfg = cfg
         self.proc: subprocess.Popen[bytes] | None = None
         self._watcher: ChildWatch | None = None
+        self._inventory: Inventory | None = None
+        self._failing = ""
+
+    def _hosts(self) -> str | None:
+        """The hosts file's text; None while the names cannot be read (the database is gone:
+        the file as it was goes on, said once)."""
+        from .database import ERRORS, describe
+        from .inventory import Inventory
+
+        try:
+            if self._inventory is None:
+                self._inventory = Inventory.for_config(self.cfg)
+            text = render_hosts(self.cfg.master.directory, hostnames.read(self._inventory))
+        except (RackbootError, *ERRORS) as e:
+            if str(e) != self._failing:
+                print(f"netboot: hosts file not rewritten: hostnames: {describe(e)}", file=sys.stderr)
+            self._failing = str(e)
+            return None
+        self._failing = ""
+        return text
 
     def start(self) -> None:
         binary = check_can_run(self.cfg)
@@ -306,8 +329,8 @@ class NetbootService:
         master = self.cfg.master.directory
         write_if_changed(conf, render_config(self.cfg))
         full = self.cfg.network.dhcp is DhcpMode.FULL
-        if full:
-            write_if_changed(master / HOSTS, render_hosts(master))
+        if full and ((hosts := self._hosts()) is not None or not (master / HOSTS).exists()):
+            write_if_changed(master / HOSTS, hosts or "")
         # stdout and stderr stay serve's: dnsmasq logs where the master logs
         self.proc = subprocess.Popen(
             [binary, f"--conf-file={conf}", "--keep-in-foreground"],
@@ -350,7 +373,10 @@ class NetbootService:
         master = self.cfg.master.directory
         if self.cfg.network.dhcp is not DhcpMode.FULL:
             return False
-        changed = write_if_changed(master / HOSTS, render_hosts(master))
+        hosts = self._hosts()
+        if hosts is None:
+            return False
+        changed = write_if_changed(master / HOSTS, hosts)
         if changed and self.proc is not None:
             self.proc.send_signal(signal.SIGHUP)
         return changed

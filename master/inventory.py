@@ -11,12 +11,13 @@ for /plans/<any MAC>.json, and a made-up node must not join every later rollout 
 a hostname index. What an unknown node's plan request said (its serial, the plan it got)
 is kept in memory, for at most SEEN nodes, until its first report files it.
 
-The file is `.inventory.db` (a dot name: serve's static side never hands it out), in WAL
-mode so readers never wait for the writer and other processes (`rackboot status`,
-`rackboot rollout`) share it with serve. Its schema version is SQLite's user_version; a
-file of an older version is migrated step by step when it is opened, one transaction per
-step; a newer one is refused. A new file takes in the reports an older master kept in
-`reports/<node>.jsonl`.
+The database (master/database.py) is `.inventory.db` (a dot name: serve's static side never
+hands it out), in WAL mode so readers never wait for the writer and other processes
+(`rackboot status`, `rackboot rollout`) share it with serve; or, with [master] database, a
+PostgreSQL database several masters share. A database of an older schema is migrated step
+by step when it is opened, one transaction per step (under the write lock: two masters
+starting together migrate it once); a newer one is refused. A new one takes in the reports
+an older master kept in `reports/<node>.jsonl` and its hostnames.json (hostnames.py).
 
 Reports are checked before they count: a replay (the same report again) is ignored and an
 out-of-order one (older, by the worker's clock, than the last one taken from that node
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -37,20 +37,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import Phase, Report
 
-from . import hostnames, nodekeys
+from . import database, hostnames, nodekeys
+from .database import Connection
 from .nodekeys import Auth
 
-FILE = ".inventory.db"
-SCHEMA = 5
+if TYPE_CHECKING:
+    from rackboot.config import Config
+
+FILE = database.FILE
 SEEN = 256  # unknown nodes whose plan request is kept in memory until their first report
-BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (a rack reporting at once queues here)
 CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
 REORDER_WINDOW = 3600.0  # further back than this is a clock that was reset, not a late report
 MAX_SERIAL = 64
@@ -70,7 +72,9 @@ class NodeState:
     FALLBACK = "fallback"  # booted its last good slot after an error
 
 
-# Each step takes the schema from the version before it to its own (index + 1).
+# Each step takes the schema from the version before it to its own (index + 1): a new one is
+# one more entry at the end. One SQL for both backends, in SQLite's words: INTEGER, REAL,
+# BLOB and INTEGER PRIMARY KEY (an id given on insert) become PostgreSQL's (database.py).
 MIGRATIONS: tuple[str, ...] = (
     # 1: nodes, their slots, the report history
     """
@@ -125,8 +129,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE reports ADD COLUMN signed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE reports ADD COLUMN refused TEXT;
     """,
+    # 6: the hostname registry (hostnames.py), in the database so masters sharing one never
+    # hand one name to two nodes: each node's index and name, and the next index
+    """
+    CREATE TABLE hostnames (node TEXT PRIMARY KEY, idx INTEGER NOT NULL, hostname TEXT NOT NULL UNIQUE);
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO counters (name, value) VALUES ('next_index', 1);
+    """,
 )
-assert len(MIGRATIONS) == SCHEMA
+SCHEMA = len(MIGRATIONS)
+_REGISTRY_SCHEMA = next(i + 1 for i, step in enumerate(MIGRATIONS) if "CREATE TABLE hostnames" in step)
 
 
 @dataclass(frozen=True)
@@ -340,9 +352,12 @@ class Inventory:
         auto_adopt: bool = True,
         hostname_pattern: str = "",
         verify: nodekeys.Verify | None = None,
+        database_url: str = "",
     ):
         self.master = Path(master)
         self.path = self.master / FILE
+        self.backend = database.backend(self.master, database_url)
+        self.where = self.backend.where  # the file, or the database's URL without its password
         self.log = log or (lambda _line: None)
         self.auto_adopt = auto_adopt
         self.hostname_pattern = hostname_pattern
@@ -353,63 +368,102 @@ class Inventory:
         self.hooks: list[Callable[[Inventory, str], object]] = []  # run after a report was taken
         if not Path(master).is_dir():
             raise RackbootError(f"master directory {master} does not exist")
-        created = not self.path.exists()
         try:
-            self._migrate()
-            if created:
+            first = self._migrate()
+            if first < _REGISTRY_SCHEMA:
+                self._import_hostnames(self.master / hostnames.REGISTRY)
+            if first == 0:
                 self._import_reports(Path(master) / "reports")
-        except sqlite3.Error as e:
-            raise RackbootError(f"{self.path}: {e}") from None
+        except database.ERRORS as e:
+            raise RackbootError(f"inventory {self.where}: {database.describe(e)}") from None
+
+    @classmethod
+    def for_config(cls, config: Config, log: Callable[[str], None] | None = None) -> Inventory:
+        """The inventory as a config has it: its database, adoption mode and hostname pattern."""
+        return cls(
+            config.master.directory,
+            log=log,
+            auto_adopt=config.master.adopt != "manual",
+            hostname_pattern=config.master.hostname,
+            database_url=config.master.database,
+        )
 
     # --- connections, schema ------------------------------------------------------------------
 
     @property
-    def db(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def db(self) -> Connection:
+        """This thread's connection (a PostgreSQL one that broke is opened again)."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and self.backend.closed(conn):
+            conn = None
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=True)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut loses at most the last reports, never the file
-            conn.execute("PRAGMA foreign_keys=ON")
+            conn = self.backend.connect()
             self._local.conn = conn
         return conn
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: writers queue up front, never deadlock)."""
+    def write(self) -> Iterator[Connection]:
+        """One write transaction, holding the database's write lock from its start (writers
+        queue up front, never deadlock). Inside another on this thread: that one."""
+        if getattr(self._local, "writing", False):
+            yield self.db
+            return
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        self._local.writing = True
         try:
+            self.backend.begin_write(db)
             yield db
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # (a COMMIT that failed leaves it open)
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except database.ERRORS:  # a connection that broke rolled back on the server's side
+                    pass
             raise
+        finally:
+            self._local.writing = False
 
     def schema(self) -> int:
-        version: int = self.db.execute("PRAGMA user_version").fetchone()[0]
-        return version
+        return self.backend.version(self.db)
 
-    def _migrate(self) -> None:
+    def _migrate(self) -> int:
+        """Bring the database to SCHEMA; the version it had."""
         with self.write() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            version = self.backend.version(db)
             if version > SCHEMA:
                 raise RackbootError(
-                    f"{self.path}: schema version {version} is newer than this rackboot's {SCHEMA}; "
+                    f"inventory {self.where}: schema version {version} is newer than this rackboot's {SCHEMA}; "
                     "upgrade rackboot on the master"
                 )
         first = version
         while version < SCHEMA:
             with self.write() as db:  # one step per transaction: a crash leaves a whole version
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                version = self.backend.version(db)  # (another master may have taken the step meanwhile)
+                if version >= SCHEMA:
+                    break
+                for statement in database.statements(MIGRATIONS[version]):
+                    db.execute(self.backend.ddl(statement))
                 version += 1
-                db.execute(f"PRAGMA user_version = {version}")
-            if first:  # a new file says nothing; an older one says what it became
-                self.log(f"inventory {self.path}: migrated from schema {version - 1} to {version}")
+                self.backend.set_version(db, version)
+            if first:  # a new database says nothing; an older one says what it became
+                self.log(f"inventory {self.where}: migrated from schema {version - 1} to {version}")
+        return first
+
+    def _import_hostnames(self, path: Path) -> None:
+        """An older master's hostnames.json, taken into the registry the migration made, once:
+        it is renamed to hostnames.json.imported. A registry that holds names already (another
+        master's) keeps them: the file stays, and is said."""
+        if not path.is_file():
+            return
+        doc = hostnames.load_file(path)
+        with self.write() as db:
+            if not hostnames.empty(db):
+                self.log(f"inventory: {path} not imported: the registry in {self.where} holds names already")
+                return
+            hostnames.import_doc(db, doc)
+        path.rename(path.with_name(path.name + ".imported"))
+        self.log(f"inventory: {len(doc['nodes'])} hostnames imported from {path} (renamed *.imported)")
 
     def _import_reports(self, reports: Path) -> None:
         """The reports an older master kept only as files, so a new inventory starts with them.
@@ -460,7 +514,7 @@ class Inventory:
                     self._seen.popitem(last=False)
             return None
         with self.write() as db:
-            row = db.execute("SELECT state, adopted FROM nodes WHERE id = ?", (node,)).fetchone()
+            row = db.execute("SELECT state, adopted, last_seen FROM nodes WHERE id = ?", (node,)).fetchone()
             if row is None:  # forgotten in between
                 return None
             adopted = bool(row["adopted"]) or plan == "own"
@@ -471,9 +525,9 @@ class Inventory:
                 state = NodeState.NEW
             db.execute(
                 "UPDATE nodes SET serial = COALESCE(?, serial), ip = COALESCE(?, ip),"
-                " last_seen = MAX(last_seen, ?), adopted = ?, plan = ?, image = ?, version = ?, state = ?"
+                " last_seen = ?, adopted = ?, plan = ?, image = ?, version = ?, state = ?"
                 " WHERE id = ?",
-                (clean_serial(serial), ip, now, int(adopted), plan, image, version, state, node),
+                (clean_serial(serial), ip, max(row["last_seen"], now), int(adopted), plan, image, version, state, node),
             )
         return self.node(node)
 
@@ -499,8 +553,9 @@ class Inventory:
                 auth = Auth(refused=f"{report.node}'s key changed while its report was checked; not counted")
             if report.time >= CLOCK_SET:
                 same = db.execute(
-                    "SELECT 1 FROM reports WHERE node = ? AND time = ? AND phase = ? AND slot IS ? AND version IS ?"
-                    " AND bytes = ? AND seconds = ? AND error IS ? AND (refused IS NULL) = ?",
+                    "SELECT 1 FROM reports WHERE node = ? AND time = ? AND phase = ? AND slot IS NOT DISTINCT FROM ?"
+                    " AND version IS NOT DISTINCT FROM ? AND bytes = ? AND seconds = ?"
+                    " AND error IS NOT DISTINCT FROM ? AND (refused IS NULL) = ?",
                     (
                         report.node,
                         report.time,
@@ -510,7 +565,7 @@ class Inventory:
                         report.bytes,
                         report.seconds,
                         report.error,
-                        int(auth.refused is None),
+                        auth.refused is None,
                     ),
                 ).fetchone()
                 if same and auth.refused is not None:
@@ -610,11 +665,11 @@ class Inventory:
         if not self.hostname_pattern:
             return
         try:
-            hostnames.assign(self.master, node_id, hostname=None, pattern=self.hostname_pattern)
-        except (OSError, RackbootError) as e:
+            hostnames.assign(self, node_id, hostname=None, pattern=self.hostname_pattern)
+        except (RackbootError, *database.ERRORS) as e:
             self.log(f"inventory: {node_id} adopted but not named: {e}")
 
-    def _load(self, db: sqlite3.Connection, node_id: str) -> Node | None:
+    def _load(self, db: Connection, node_id: str) -> Node | None:
         row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
         if row is None:
             return None
@@ -626,13 +681,17 @@ class Inventory:
         values["adopted"], values["installing"] = bool(row["adopted"]), bool(row["installing"])
         return Node(**values, slots=slots)
 
-    def _store(self, db: sqlite3.Connection, node: Node, ip: str | None) -> None:
+    def _store(self, db: Connection, node: Node, ip: str | None) -> None:
         values = {k: getattr(node, k) for k in _NODE_COLUMNS}
         values["ip"] = ip or node.ip
         values["adopted"], values["installing"] = int(node.adopted), int(node.installing)
         names = ", ".join(values)
         marks = ", ".join("?" for _ in values)
-        db.execute(f"INSERT OR REPLACE INTO nodes ({names}) VALUES ({marks})", tuple(values.values()))
+        update = ", ".join(f"{k} = excluded.{k}" for k in values if k != "id")
+        db.execute(
+            f"INSERT INTO nodes ({names}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {update}",
+            tuple(values.values()),
+        )
         db.execute("DELETE FROM slots WHERE node = ?", (node.id,))
         db.executemany(
             "INSERT INTO slots (node, slot, image, version, state) VALUES (?, ?, ?, ?, ?)",
@@ -657,7 +716,7 @@ class Inventory:
     def history(self, node_id: str, limit: int = 50) -> list[dict[str, Any]]:
         """The node's last ``limit`` reports, oldest first."""
         rows = self.db.execute(
-            "SELECT * FROM (SELECT * FROM reports WHERE node = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+            "SELECT * FROM (SELECT * FROM reports WHERE node = ? ORDER BY id DESC LIMIT ?) AS recent ORDER BY id",
             (node_id, limit),
         ).fetchall()
         return [
@@ -666,11 +725,12 @@ class Inventory:
             for r in rows
         ]
 
-    def reports_after(self, node_id: str, after: float) -> list[sqlite3.Row]:
-        return self.db.execute(
+    def reports_after(self, node_id: str, after: float) -> list[Any]:
+        rows: list[Any] = self.db.execute(
             "SELECT * FROM reports WHERE node = ? AND received >= ? AND late = 0 AND refused IS NULL ORDER BY id",
             (node_id, after),
         ).fetchall()
+        return rows
 
     def count_reports(self) -> int:
         n: int = self.db.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
@@ -723,7 +783,7 @@ class Inventory:
         assert found is not None
         return Adoption(found, said)
 
-    def remove(self, db: sqlite3.Connection, node_id: str) -> bool:
+    def remove(self, db: Connection, node_id: str) -> bool:
         """Delete the node's rows (node, slots, report history) in the transaction ``db``;
         whether it had any. Its rows in rollouts stay (rollout.leave_out)."""
         with self._seen_lock:

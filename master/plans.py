@@ -49,12 +49,25 @@ def layout(cfg: Config) -> Layout:
         raise RackbootError(f"{cfg.path}: [layout]: {exc}") from None
 
 
-def make_plan(cfg: Config, *, node: str, manifest: str | None, pin: bool = False, hostname: str | None = None) -> Plan:
+def make_plan(
+    cfg: Config,
+    *,
+    node: str,
+    manifest: str | None,
+    pin: bool = False,
+    hostname: str | None = None,
+    names: hostnames.Store | None = None,
+) -> Plan:
     """The plan, naming the build's boot files (published on the way) when there is a build.
     A node's own plan carries its hostname (``hostname``, else the registry's or the
-    [master] hostname pattern's: hostnames.assign); the default plan names none."""
+    [master] hostname pattern's: hostnames.assign, in ``names``, the inventory, by default
+    the config's); the default plan names none."""
     if node != DEFAULT:
-        hostname = hostnames.assign(cfg.master.directory, node, hostname=hostname, pattern=cfg.master.hostname)
+        if names is None:
+            from .inventory import Inventory  # (the inventory's module does not import this one)
+
+            names = Inventory.for_config(cfg)
+        hostname = hostnames.assign(names, node, hostname=hostname, pattern=cfg.master.hostname)
     elif hostname is not None:
         raise RackbootError(f"a hostname is one node's: name the node (--node MAC), not {DEFAULT!r}")
     return Plan(
@@ -78,6 +91,7 @@ def assign(
     version: int | None = None,
     hostname: str | None = None,
     method: Method = Method.IMAGE,
+    names: hostnames.Store | None = None,
 ) -> Path:
     """Point ``node`` (a MAC, or 'default') at a published image: latest unless a version is
     pinned; ``hostname`` names the node (else the registry or the pattern does)."""
@@ -94,7 +108,7 @@ def assign(
         manifest = formats.manifest_path(image, version)
         if not (Path(master) / manifest.lstrip("/")).is_file():
             raise RackbootError(f"image {image!r} has no version {version} in {master}")
-    plan = make_plan(cfg, node=node, manifest=manifest, pin=version is not None, hostname=hostname)
+    plan = make_plan(cfg, node=node, manifest=manifest, pin=version is not None, hostname=hostname, names=names)
     if method is Method.RSYNC:
         plan = rsyncd.rsync_plan(cfg, plan)
     return write_plan(master, node, plan, key=cfg.master.key)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +45,7 @@ from rackboot.files import atomic_write_bytes, remove
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 
-from . import hostnames, plans, publish
+from . import database, hostnames, plans, publish
 from .inventory import Inventory, Node
 from .status import ago, is_stale
 
@@ -249,19 +248,17 @@ def start(
         running = db.execute("SELECT id FROM rollouts WHERE state = ?", (RUNNING,)).fetchone()
         if running:
             raise RackbootError(f"rollout {running[0]} is still running (rackboot rollout --status; --abort ends it)")
-        cur = db.execute(
+        rollout = db.execute(
             "INSERT INTO rollouts (image, version, manifest, waves, max_failed, cycle, state, wave, created, updated,"
-            " wave_timeout) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            " wave_timeout) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING id",
             (image, version, manifest, ",".join(map(str, sizes)), max_failed, int(cycle), RUNNING, now, now)
             + (wave_timeout,),
-        )
-        rollout = cur.lastrowid
-        assert rollout is not None
+        ).fetchone()[0]
         db.executemany(
             "INSERT INTO rollout_nodes (rollout, node, wave, state) VALUES (?, ?, ?, ?)",
             [(rollout, node, i, WAITING) for i, wave in enumerate(split(sizes, nodes)) for node in wave],
         )
-        first = _assign_wave(cfg, db, rollout, 0, manifest, now, written)
+        first = _assign_wave(cfg, inventory, rollout, 0, manifest, now, written)
     if cycle and power is not None:
         power(first)
     progress = advance(cfg, inventory, power=power)
@@ -297,11 +294,12 @@ def _skip_reason(cfg: Config, db: Any, node: str, now: float) -> str | None:
 
 
 def _assign_wave(
-    cfg: Config, db: Any, rollout: int, wave: int, manifest: str, now: float, written: list[_Written]
+    cfg: Config, inventory: Inventory, rollout: int, wave: int, manifest: str, now: float, written: list[_Written]
 ) -> list[str]:
-    """Write the wave's plans (keeping each node's previous plan to give back on a halt),
+    """In ``inventory``'s write transaction, write the wave's plans (keeping each node's previous plan to give back on a halt),
     leaving out stale nodes; every plan is made before the first is written, and each file
     written is listed in ``written`` so that a failure can put it back."""
+    db = inventory.db
     members = [
         r[0]
         for r in db.execute(
@@ -311,7 +309,7 @@ def _assign_wave(
     ]
     skipped = {node: why for node in members if (why := _skip_reason(cfg, db, node, now))}
     nodes = [n for n in members if n not in skipped]
-    made = {node: plans.make_plan(cfg, node=node, manifest=manifest) for node in nodes}  # may fail: nothing written
+    made = {node: plans.make_plan(cfg, node=node, manifest=manifest, names=inventory) for node in nodes}  # may fail: nothing written
     directory = cfg.master.directory / "plans"
     for node, plan in made.items():
         own, sig = directory / f"{node}.json", directory / f"{node}.json.sig"
@@ -349,7 +347,7 @@ def _put_back(master: Path, node: str, previous: bytes | None, previous_sig: byt
     atomic_write_bytes(own, previous)
 
 
-def _restore(cfg: Config, node: str, previous: bytes | None) -> None:
+def _restore(cfg: Config, inventory: Inventory, node: str, previous: bytes | None) -> None:
     """Give a node back the plan it had before the rollout, written anew (write_plan): a fresh
     serial and signature, since a worker refuses a plan older than the rollout's as a replay.
     A node that had none followed the default plan: it gets the default plan's content as its
@@ -362,7 +360,7 @@ def _restore(cfg: Config, node: str, previous: bytes | None) -> None:
             plan = replace(formats.parse_plan(previous), node=node, default=False)
         else:
             default = formats.parse_plan((directory / f"{plans.DEFAULT}.json").read_bytes())
-            hostname = hostnames.assign(master, node, hostname=None, pattern=cfg.master.hostname)
+            hostname = hostnames.assign(inventory, node, hostname=None, pattern=cfg.master.hostname)
             plan = replace(default, node=node, hostname=hostname)
     except (OSError, UpdaterError):  # no default plan (or none readable): nothing to give back
         remove(directory / f"{node}.json")
@@ -389,8 +387,8 @@ def advance(
     try:
         if quick and not inventory.db.execute("SELECT 1 FROM rollouts WHERE state = ?", (RUNNING,)).fetchone():
             return None
-    except sqlite3.Error as e:
-        inventory.log(f"rollout: cannot read the inventory: {e}")
+    except database.ERRORS as e:
+        inventory.log(f"rollout: cannot read the inventory: {database.describe(e)}")
         return None
     now = time.time() if now is None else now
     try:
@@ -444,7 +442,7 @@ def _advance(cfg: Config, inventory: Inventory, now: float) -> tuple[Progress | 
                                 "its previous plan is back"
                             ),
                         )
-                        _restore(cfg, m["node"], m["previous_plan"])
+                        _restore(cfg, inventory, m["node"], m["previous_plan"])
                     if (state, reason) != (m["state"], m["reason"]):
                         db.execute(
                             "UPDATE rollout_nodes SET state = ?, reason = ? WHERE rollout = ? AND node = ?",
@@ -458,7 +456,7 @@ def _advance(cfg: Config, inventory: Inventory, now: float) -> tuple[Progress | 
             if len(failed) > row["max_failed"]:
                 for m in members:  # the wave's nodes that got the plan and did not confirm go back
                     if judged[m["node"]] in (ASSIGNED, FAILED):
-                        _restore(cfg, m["node"], m["previous_plan"])
+                        _restore(cfg, inventory, m["node"], m["previous_plan"])
                 why = "; ".join(f"{n}: {r}" for n, r in failed)
                 message = (
                     f"halted in wave {wave + 1}: {len(failed)} failed (more than {row['max_failed']}): {why}; "
@@ -471,7 +469,7 @@ def _advance(cfg: Config, inventory: Inventory, now: float) -> tuple[Progress | 
                     "SELECT COUNT(*) FROM rollout_nodes WHERE rollout = ? AND wave > ?", (rollout, wave)
                 ).fetchone()[0]
                 if more:
-                    nodes = _assign_wave(cfg, db, rollout, wave + 1, row["manifest"], now, written)
+                    nodes = _assign_wave(cfg, inventory, rollout, wave + 1, row["manifest"], now, written)
                     inventory.log(
                         f"rollout {rollout}: wave {wave + 1} through; wave {wave + 2}: {', '.join(nodes) or 'none'}"
                     )
@@ -519,8 +517,8 @@ def _stuck(inventory: Inventory, why: object, now: float, *, say: bool = False) 
                 db.execute("UPDATE rollouts SET stuck = ?, updated = ? WHERE id = ?", (reason, now, row["id"]))
                 inventory.log(f"rollout {row['id']}: stuck in wave {row['wave'] + 1}: {reason}")
         newest = listing(inventory, limit=1)
-    except sqlite3.Error as e:
-        inventory.log(f"rollout: cannot advance ({reason}) nor say so in the inventory: {e}")
+    except database.ERRORS as e:
+        inventory.log(f"rollout: cannot advance ({reason}) nor say so in the inventory: {database.describe(e)}")
         return None
     return newest[0] if newest else None
 

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
-from rackboot.master import nodekeys
+from rackboot.master import database, nodekeys
 from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
 from rackboot.master.numbers import ascii_int
 
@@ -533,6 +533,7 @@ class MasterHandler(BaseHTTPRequestHandler):
             self.log_message("report refused: %s", e)
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         received = round(time.time(), 3)
+        failed = None
         try:
             taken = self.server.fleet.inventory.ingest(
                 report, received=received, ip=self.client_address[0], body=data, signature=signature
@@ -540,6 +541,9 @@ class MasterHandler(BaseHTTPRequestHandler):
         except (nodekeys.Busy, nodekeys.Unavailable) as e:  # not checked, so not taken: one line, and a 503
             self.log_message("report not taken: %s", e)
             return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"report: {e}"})
+        except database.ERRORS as e:  # a database gone: the file below keeps the report, the worker is told
+            failed = database.describe(e)
+            self.log_message("report kept only in reports/: inventory: %s", failed)
         except Exception as e:  # the inventory must never cost the master a report: the file below keeps it
             self.log_message("report kept only in reports/: inventory: %s: %s", type(e).__name__, e)
         else:
@@ -553,6 +557,8 @@ class MasterHandler(BaseHTTPRequestHandler):
             reports.mkdir(exist_ok=True)
             with open(reports / f"{report.node}.jsonl", "ab") as out:
                 out.write(formats.dump(line))
+        if failed is not None:
+            return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"report kept, not counted: inventory: {failed}"})
         self.send_response(HTTPStatus.NO_CONTENT)
         self.send_header("Content-Length", "0")
         self.end_headers()

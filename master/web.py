@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 
-from . import hostnames, plans, rollout, signing, status
+from . import database, hostnames, plans, rollout, signing, status
 from .inventory import Adoption, Inventory
 
 if TYPE_CHECKING:
@@ -124,7 +123,11 @@ class Fleet:
         if self.manual and not _is_node(node):
             return None
         if self.manual:
-            known = self.inventory.node(node)
+            try:
+                known = self.inventory.node(node)
+            except database.ERRORS as e:  # adoption unknown: no default plan (it boots its last good slot)
+                self.log(f"inventory: plan of {node}: cannot tell whether it is adopted: {database.describe(e)}")
+                return None
             if known is None or not known.adopted:
                 return None
         default = directory / f"default{suffix}"
@@ -146,9 +149,9 @@ class Fleet:
             plan = formats.parse_plan((default.parent / "default.json").read_bytes())
             known = self.inventory.node(node)
             if spend and known is not None and known.adopted:
-                name = hostnames.assign(self.master, node, hostname=None, pattern=cfg.master.hostname)
+                name = hostnames.assign(self.inventory, node, hostname=None, pattern=cfg.master.hostname)
             else:
-                name = hostnames.peek(self.master, node, pattern=cfg.master.hostname)
+                name = hostnames.peek(self.inventory, node, pattern=cfg.master.hostname)
             if name is None:
                 return None  # not adopted yet: the default plan as it is, the name comes with its next one
             data = formats.dump(replace(plan, node=node, hostname=name, default=True))  # the default's serial
@@ -156,8 +159,8 @@ class Fleet:
                 if not cfg.master.key:
                     return None
                 data = signing.sign(cfg.master.key, data)
-        except (OSError, UpdaterError, RackbootError, sqlite3.Error) as e:
-            self.log(f"plans: default plan not named for {node}: {e}")
+        except (OSError, UpdaterError, RackbootError, *database.ERRORS) as e:
+            self.log(f"plans: default plan not named for {node}: {database.describe(e)}")
             return None  # the default plan as it is: the node boots, unnamed
         return Reply(HTTPStatus.OK, data, "application/octet-stream" if suffix == ".json.sig" else "application/json")
 
@@ -169,8 +172,8 @@ class Fleet:
             return
         try:
             self._record_plan_request(node, ip, serial, served)
-        except (sqlite3.Error, RackbootError) as e:
-            self.log(f"inventory: plan request of {node} not recorded: {e}")
+        except (RackbootError, *database.ERRORS) as e:
+            self.log(f"inventory: plan request of {node} not recorded: {database.describe(e)}")
 
     def _record_plan_request(self, node: str, ip: str, serial: str | None, served: Path | None) -> None:
         kind = None if served is None else ("default" if served.name.startswith("default.") else "own")
@@ -193,9 +196,9 @@ class Fleet:
     def get(self, path: str) -> Reply:
         try:
             return self._get(path)
-        except sqlite3.Error as e:  # busy past its timeout, or a disk gone bad: say so, keep serving
-            self.log(f"inventory: GET {path[:200]}: {e}")
-            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"inventory: {e}"})
+        except database.ERRORS as e:  # busy past its timeout, a disk gone bad, a server gone: say so, keep serving
+            self.log(f"inventory: GET {path[:200]}: {database.describe(e)}")
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"inventory: {database.describe(e)}"})
 
     def _get(self, path: str) -> Reply:
         now = time.time()
@@ -258,6 +261,9 @@ class Fleet:
             return _json(HTTPStatus.BAD_REQUEST, {"error": f"body: not JSON: {e}"})
         except RackbootError as e:
             return _json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except database.ERRORS as e:  # the database gone or failing: the action is not done, serving goes on
+            self.log(f"inventory: POST {path[:200]}: {database.describe(e)}")
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"inventory: {database.describe(e)}"})
 
     def act(self, node: str, action: str, args: dict[str, Any]) -> dict[str, Any]:
         if self.config is None:
@@ -280,7 +286,7 @@ class Fleet:
         if action == "assign":
             if image is None:
                 raise RackbootError("assign needs an image")
-            path = plans.assign(self.config, node=node, image=image, version=version)
+            path = plans.assign(self.config, node=node, image=image, version=version, names=self.inventory)
             self.log(f"web: plan for {node} written: {path}")
             return {"node": node, "plan": str(path.relative_to(self.master))}
         from . import power
@@ -319,7 +325,7 @@ def adopt(
     if node == plans.DEFAULT:
         raise RackbootError("'default' is not a node; adopt takes a node's MAC")
     if image is not None:
-        plans.assign(cfg, node=node, image=image, version=version)
+        plans.assign(cfg, node=node, image=image, version=version, names=inventory)
     elif version is not None:
         raise RackbootError("--version needs --image")
     return inventory.adopt(node, replace_key=replace_key)  # (named by the pattern there, when it has none yet)
@@ -330,12 +336,7 @@ def inventory_for(master: Path, config: Config | None, log: Any = None) -> Inven
     auto, trust on first use, no pattern)."""
     if config is None:
         return Inventory(master, log=log)
-    return Inventory(
-        master,
-        log=log,
-        auto_adopt=config.master.adopt != "manual",
-        hostname_pattern=config.master.hostname,
-    )
+    return Inventory.for_config(config, log)
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ def forget(cfg: Config, inventory: Inventory, node: str) -> Forgotten:
     with inventory.write() as db:  # the files go inside it: a failure there keeps the rows
         rows = inventory.remove(db, node)
         running = rollout.leave_out(db, node, "forgotten (rackboot forget)")
-        name = hostnames.forget(master, node)
+        name = hostnames.forget(inventory, node)
         plan = plans.remove_plan(master, node)
         if not (rows or running or name or plan):
             raise RackbootError(f"node {node} is unknown to {master}: not in the inventory, no plan, no name")
