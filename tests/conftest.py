@@ -16,3 +16,25 @@ def probe_build(tmp_path_factory) -> Path:
     """An arm64 probe build (no updater), built once per session."""
     directory = tmp_path_factory.mktemp("probe-arm64")
     return build.build(config.load(write_config(directory)), log=quiet)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (tests/postgres.py); its .database() is a fresh one."""
+    from tests import postgres as pg
+
+    bin = pg.bindir()
+    if bin is None:
+        pytest.fail("PostgreSQL's server binaries are not installed (make deps installs Debian's postgresql)")
+    server = pg.Server(bin).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request) -> str:
+    """The [master] database value a fleet test runs against, once per backend: '' (the
+    SQLite file in the master's tree) and a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("postgres").database())

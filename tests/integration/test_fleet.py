@@ -35,9 +35,21 @@ TOKEN = "fleet-token-0123456789"
 GOLDEN = Path(__file__).resolve().parents[1] / "data"
 
 
+DATABASE = ""  # the [master] database make_cfg writes: each test here runs on both backends (_backend)
+
+
+@pytest.fixture(autouse=True)
+def _backend(request, database, monkeypatch):
+    """Every test of this module (and test_node_keys') once on SQLite and once on PostgreSQL;
+    one marked sqlite_only (an SQLite file's own format) once."""
+    if database and request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("about the SQLite file itself")
+    monkeypatch.setattr(sys.modules[__name__], "DATABASE", database)
+
+
 def make_cfg(tmp_path: Path, **master) -> config.Config:
     (tmp_path / "master").mkdir(exist_ok=True)
-    return config.load(write_config(tmp_path, master={"token": TOKEN, **master}))
+    return config.load(write_config(tmp_path, master={"token": TOKEN, "database": DATABASE, **master}))
 
 
 class Master:
@@ -53,6 +65,10 @@ class Master:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.url = self.server.url
+
+    def inventory(self, **kw) -> Inventory:
+        """The master's inventory, as `Inventory(master)` opens it, on the test's backend."""
+        return Inventory(self.root, database_url=self.cfg.master.database, **kw)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -112,7 +128,7 @@ def test_many_workers_reporting_at_once_lose_no_report(master):
     for t in threads:
         t.join()
     assert failures == []
-    inv = Inventory(master.root)
+    inv = master.inventory()
     assert inv.count_reports() == workers * each
     lines = sum(len(f.read_text().splitlines()) for f in (master.root / "reports").glob("*.jsonl"))
     assert lines == workers * each  # the plain files keep every one too
@@ -168,6 +184,7 @@ def test_an_api_action_with_an_image_that_is_not_an_image_name_is_400_and_writes
     assert not (master.root / "plans").exists() and not (master.root / "hostnames.json").exists()
 
 
+@pytest.mark.sqlite_only
 def test_without_a_token_in_the_config_no_action_goes_through(tmp_path):
     (tmp_path / "master").mkdir()
     m = Master(config.load(write_config(tmp_path)))
@@ -178,6 +195,7 @@ def test_without_a_token_in_the_config_no_action_goes_through(tmp_path):
         m.stop()
 
 
+@pytest.mark.sqlite_only
 def test_an_older_schema_is_migrated_on_open_keeping_what_it_holds(tmp_path):
     # the golden sample: schema 1 as its code wrote it, with a node, its slots and two reports
     db = sqlite3.connect(tmp_path / inventory.FILE)
@@ -209,6 +227,7 @@ def test_the_first_schema_step_makes_what_the_golden_sample_holds():
     assert made == sorted(r[0] for r in golden.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL"))
 
 
+@pytest.mark.sqlite_only
 def test_the_demo_ends_with_the_status_table(tmp_path):
     inv = Inventory(tmp_path)
     inv.ingest(Report(node=NODE, phase=Phase.BOOT, slot="a", version=1, time=1700000000.0))
@@ -216,6 +235,7 @@ def test_the_demo_ends_with_the_status_table(tmp_path):
     assert table.startswith("rackboot status:\nNODE") and NODE in table and table.endswith("1 node: 1 ok")
 
 
+@pytest.mark.sqlite_only
 def test_a_newer_schema_is_refused_in_one_line(tmp_path):
     db = sqlite3.connect(tmp_path / inventory.FILE)
     db.execute(f"PRAGMA user_version = {SCHEMA + 1}")
@@ -225,6 +245,7 @@ def test_a_newer_schema_is_refused_in_one_line(tmp_path):
         Inventory(tmp_path)
 
 
+@pytest.mark.sqlite_only
 def test_a_new_inventory_takes_in_an_older_masters_report_files(tmp_path):
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -351,7 +372,7 @@ def test_a_rollout_moves_on_wave_by_wave_as_nodes_confirm_and_survives_a_restart
     m = Master(cfg)
     try:
         rack(m)
-        progress = rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="1,50%,rest", max_failed=0)
+        progress = rollout.start(cfg, m.inventory(), image="example", version=2, waves="1,50%,rest", max_failed=0)
         assert progress.waves == [NODES[:1], NODES[1:3], NODES[3:]]
         assert [plan_version(m, n) for n in NODES] == [2, None, None, None]
         assert m.report(node=NODES[0], phase="commit", slot="b", version=2, time=1700000001.0) == 204
@@ -390,7 +411,7 @@ def test_a_rollout_halts_when_a_wave_fails_and_the_rest_keep_their_version(tmp_p
         rolled = {n: parse_plan((m.root / "plans" / f"{n}.json").read_bytes()).serial for n in NODES[:2]}
         assert rolled == {NODES[0]: 2, NODES[1]: 1}  # each node's own sequence
         with pytest.raises(RackbootError, match="still running"):
-            rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="rest", max_failed=0)
+            rollout.start(cfg, m.inventory(), image="example", version=2, waves="rest", max_failed=0)
         never = "slot b (example v2) never confirmed itself; back to slot a"
         assert m.report(node=NODES[0], phase="boot", slot="b", version=2, time=1700000001.0) == 204
         assert m.report(node=NODES[0], phase="error", slot="b", version=2, error=never, time=1700000002.0) == 204
@@ -421,7 +442,7 @@ def test_a_rollout_allows_k_failures_per_wave(tmp_path):
     m = Master(cfg)
     try:
         rack(m)
-        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="2,rest", max_failed=1)
+        rollout.start(cfg, m.inventory(), image="example", version=2, waves="2,rest", max_failed=1)
         assert m.report(node=NODES[0], phase="error", slot="b", version=2, error="verify: bad", time=1.0e9 + 1) == 204
         assert m.report(node=NODES[0], phase="boot", slot="a", version=1, error="verify: bad", time=1.0e9 + 2) == 204
         assert plan_version(m, NODES[2]) is None  # the wave is not through yet
@@ -438,7 +459,7 @@ def test_an_aborted_rollout_leaves_the_plans_as_they_are_and_moves_no_further(tm
     m = Master(cfg)
     try:
         rack(m)
-        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="1,rest", max_failed=0)
+        rollout.start(cfg, m.inventory(), image="example", version=2, waves="1,rest", max_failed=0)
         assert cli.main(["rollout", "-c", str(cfg.path), "--abort"]) == 0
         assert "aborted in wave 1" in capsys.readouterr().out
         assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1.0e9 + 1) == 204
@@ -477,7 +498,7 @@ def test_a_hostname_pattern_names_nodes_that_follow_the_default_plan_once_they_r
     try:
         unnamed = fetch(b)
         assert (unnamed.node, unnamed.hostname) == ("default", None)
-        assert hostnames.read(m.root) == {}  # no index spent on a plan request
+        assert hostnames.read(m.inventory()) == {}  # no index spent on a plan request
         for mac in (b, a):  # their first reports adopt them, in this order
             assert m.report(node=mac, phase="layout", time=1700000000.0) == 204
         got = {}
@@ -514,7 +535,7 @@ def test_a_name_given_by_hand_neither_stops_new_nodes_nor_a_rollout_nor_a_restar
             == 0
         )
         rack(m, nodes=[hand, *new])
-        names = {n: e.hostname for n, e in hostnames.read(m.root).items()}
+        names = {n: e.hostname for n, e in hostnames.read(m.inventory()).items()}
         assert names == {hand: "worker-3"} | dict(
             zip(new, ["worker-2", "worker-4", "worker-5", "worker-6", "worker-7"], strict=True)
         )
@@ -549,7 +570,7 @@ def test_a_rollout_that_cannot_move_on_is_shown_stuck_and_serve_still_starts(tmp
     m = Master(cfg)
     try:
         rack(m)
-        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="1,rest", max_failed=0)
+        rollout.start(cfg, m.inventory(), image="example", version=2, waves="1,rest", max_failed=0)
         (m.root / "plans" / f"{NODES[2]}.json").mkdir()  # wave 2 cannot have this node's plan written
         assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1700000001.0) == 204
     finally:
@@ -614,18 +635,18 @@ def test_a_wave_that_fails_halfway_leaves_its_plan_files_and_rows_as_they_were(t
     before = own.read_bytes()
     cfg = make_cfg(tmp_path, hostname="pi-{mac}")
     # the second node's name is another's: its plan cannot be made
-    hostnames.assign(m.root, "52-54-00-00-00-99", hostname="pi-525400000002", pattern="")
+    hostnames.assign(m.inventory(), "52-54-00-00-00-99", hostname="pi-525400000002", pattern="")
     with pytest.raises(RackbootError, match="'pi-525400000002' is node 52-54-00-00-00-99's already"):
-        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="rest", max_failed=0)
+        rollout.start(cfg, m.inventory(), image="example", version=2, waves="rest", max_failed=0)
     assert own.read_bytes() == before and [plan_version(m, n) for n in NODES[1:3]] == [None, None]
-    assert Inventory(m.root).db.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] == 0
+    assert m.inventory().db.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] == 0
     # the second node's plan cannot be written: the first one's file is put back
-    hostnames.forget(m.root, "52-54-00-00-00-99")
+    hostnames.forget(m.inventory(), "52-54-00-00-00-99")
     (m.root / "plans" / f"{NODES[1]}.json").mkdir()
     with pytest.raises(RackbootError, match=f"cannot write .*{NODES[1]}.json"):
-        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="rest", max_failed=0)
+        rollout.start(cfg, m.inventory(), image="example", version=2, waves="rest", max_failed=0)
     assert own.read_bytes() == before and plan_version(m, NODES[2]) is None
-    inv = Inventory(m.root)
+    inv = m.inventory()
     assert inv.db.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] == 0
     assert inv.db.execute("SELECT COUNT(*) FROM rollout_nodes").fetchone()[0] == 0
     # and in a later wave, as a report moves the rollout on: its rows stay waiting, with nothing saved
@@ -648,9 +669,9 @@ def test_head_requests_and_plan_requests_of_made_up_nodes_adopt_nothing(tmp_path
     try:
         rack(m, nodes=[])
         assert m.report(node=NODES[0], phase="boot", slot="a", version=1, time=1700000000.0) == 204
-        inv = Inventory(m.root)
+        inv = m.inventory()
         before = inv.nodes()
-        registry = hostnames.read(m.root)
+        registry = hostnames.read(m.inventory())
         for i in range(200):
             assert m.request("HEAD", f"/plans/52-54-00-aa-{i // 256:02x}-{i % 256:02x}.json")[0] == 200
         assert m.request("HEAD", f"/plans/{NODES[0]}.json")[0] == 200  # a known node's HEAD changes nothing either
@@ -659,8 +680,8 @@ def test_head_requests_and_plan_requests_of_made_up_nodes_adopt_nothing(tmp_path
             status, body = m.request("GET", f"/plans/52-54-00-bb-00-{i:02x}.json")
             assert status == 200 and json.loads(body).get("hostname") is None  # unnamed: no index
         assert inv.nodes() == before
-        assert hostnames.read(m.root) == registry  # no index spent
-        progress = rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="rest", max_failed=0)
+        assert hostnames.read(m.inventory()) == registry  # no index spent
+        progress = rollout.start(cfg, m.inventory(), image="example", version=2, waves="rest", max_failed=0)
         assert progress.waves == [[NODES[0]]]  # no ghost in it
     finally:
         m.stop()
@@ -687,7 +708,7 @@ def test_a_node_that_never_confirms_fails_at_the_wave_timeout_and_gets_its_previ
         own = m.root / "plans" / f"{NODES[1]}.json"
         own.write_text((m.root / "plans" / "default.json").read_text())
         before = own.read_bytes()
-        inv = Inventory(m.root)
+        inv = m.inventory()
         assert (
             cli.main(
                 ["rollout", "-c", str(cfg.path), "--image", "example", "--version", "2", "--waves", "2,rest"]
@@ -724,7 +745,7 @@ def test_serve_ends_a_silent_wave_at_its_timeout_by_itself(tmp_path):
     m.url = m.server.url
     try:
         rack(m, nodes=NODES[:2])
-        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="rest", max_failed=0, wave_timeout=0.5)
+        rollout.start(cfg, m.inventory(), image="example", version=2, waves="rest", max_failed=0, wave_timeout=0.5)
         assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1700000001.0) == 204
         for _ in range(600):  # no report comes: only the tick can end it
             [ro] = m.json("/api/rollouts")["rollouts"]
@@ -747,7 +768,7 @@ def test_stale_nodes_are_left_out_of_a_wave_and_listed_as_skipped(tmp_path):
         rack(m, nodes=NODES[:3])
     finally:
         m.stop()
-    inv = Inventory(m.root)
+    inv = m.inventory()
     now = inv.node(NODES[2]).last_seen + 2 * 86400  # two days on: every node is stale ([master] stale: a day) ...
     for node in NODES[:2]:  # ... but two that booted again just now
         ingest_signed(m, inv, Report(node=node, phase=Phase.BOOT, slot="a", version=1, time=1700000100.0), received=now)
@@ -778,14 +799,14 @@ def test_forget_removes_a_node_its_plan_and_its_name_and_a_wave_stops_waiting_fo
         rack(m, nodes=NODES[:3])
         assert cli.main(["rollout", "-c", path, "--image", "example", "--version", "2", "--waves", "2,rest"]) == 0
         gone = NODES[1]  # in wave 1, it never boots again
-        assert plan_version(m, gone) == 2 and hostnames.read(m.root)[gone].hostname == "worker-2"
+        assert plan_version(m, gone) == 2 and hostnames.read(m.inventory())[gone].hostname == "worker-2"
         assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1700000001.0) == 204
         capsys.readouterr()
         assert cli.main(["forget", "-c", path, gone.replace("-", ":")]) == 0
         said = capsys.readouterr().out.splitlines()  # (the rollout's log line, then what was removed)
         assert said[-1].startswith(f"{gone} forgotten: its inventory rows, its plan, its name worker-2 (free again;")
         assert m.request("GET", f"/api/nodes/{gone}")[0] == 404
-        assert not (m.root / "plans" / f"{gone}.json").exists() and gone not in hostnames.read(m.root)
+        assert not (m.root / "plans" / f"{gone}.json").exists() and gone not in hostnames.read(m.inventory())
         [ro] = m.json("/api/rollouts")["rollouts"]
         assert ro["nodes"][gone] == {"wave": 0, "state": "skipped", "reason": "forgotten (rackboot forget)"}
         assert ro["wave"] == 1 and plan_version(m, NODES[2]) == 2  # wave 1 is through without it
@@ -801,6 +822,6 @@ def test_forget_removes_a_node_its_plan_and_its_name_and_a_wave_stops_waiting_fo
         assert status == 400 and b"is unknown to" in body
         # back again, a node is new: a new index, never a reused one
         assert m.report(node=gone, phase="boot", slot="a", version=1, time=1700000003.0) == 204
-        assert hostnames.read(m.root)[gone] == hostnames.Entry(4, "worker-4")
+        assert hostnames.read(m.inventory())[gone] == hostnames.Entry(4, "worker-4")
     finally:
         m.stop()

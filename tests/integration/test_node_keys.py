@@ -22,7 +22,7 @@ from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.master import nodekeys, rollout
 from rackboot.master.inventory import Inventory
 
-from tests.integration.test_fleet import GOLDEN, NODES, Master, make_cfg, plan_version, rack, update
+from tests.integration.test_fleet import _backend, GOLDEN, NODES, Master, make_cfg, plan_version, rack, update
 from tests.integration.updater_master import MAC, NODE, image_bytes, publish, write_plan
 
 CARD = 256 << 20
@@ -214,7 +214,7 @@ def test_a_rollout_counts_no_forged_confirm(tmp_path):
         rack(m)
         for node in NODES:  # each booted v1 and so pinned its key
             assert m.json(f"/api/nodes/{node}")["pubkey"] == m.keys[node].public_b64
-        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="1,rest", max_failed=0)
+        rollout.start(cfg, m.inventory(), image="example", version=2, waves="1,rest", max_failed=0)
         target, attacker = NODES[0], nodekey.generate(NODES[0])
         pinned = m.keys[target]
         attempts = [
@@ -241,7 +241,7 @@ def test_a_rollout_waits_for_a_node_whose_confirm_is_unsigned_and_says_why(tmp_p
     m = Master(cfg)
     try:
         rack(m, signed=False)  # an initramfs from before node keys: nothing pinned, nothing signed
-        rollout.start(cfg, Inventory(m.root), image="example", version=2, waves="1,rest", max_failed=0)
+        rollout.start(cfg, m.inventory(), image="example", version=2, waves="1,rest", max_failed=0)
         assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1.7e9) == 204  # taken
         [running] = m.json("/api/rollouts")["rollouts"]
         assert running["nodes"][NODES[0]]["state"] == "assigned"
@@ -256,7 +256,7 @@ def test_a_wave_timeout_names_the_confirm_that_did_not_count(tmp_path):
     m = Master(cfg)
     try:
         rack(m, signed=False)  # nothing pinned, nothing signed
-        inv = Inventory(m.root)
+        inv = m.inventory()
         rollout.start(cfg, inv, image="example", version=2, waves="1,rest", max_failed=0, wave_timeout=600)
         assert m.report(node=NODES[0], phase="confirm", slot="b", version=2, time=1.7e9 + 1) == 204
         row = inv.db.execute("SELECT assigned_at FROM rollout_nodes WHERE node = ?", (NODES[0],)).fetchone()
@@ -286,7 +286,7 @@ def test_a_refused_report_of_a_new_node_admits_nothing_and_spends_no_name(tmp_pa
         status, answer = post(m, forged(NODE, key, **boot, time=1.8e9 + 1), other)  # signed by another key
         assert status == 403 and "does not verify" in answer["error"]
         assert m.request("GET", f"/api/nodes/{NODE}")[0] == 404
-        assert hostnames.read(m.root) == {} and not (m.root / "reports").exists()
+        assert hostnames.read(m.inventory()) == {} and not (m.root / "reports").exists()
         assert post(m, forged(NODE, key, **boot, time=1.8e9 + 2), key)[0] == 204  # its own: taken
         node = m.json(f"/api/nodes/{NODE}")
         assert (node["adopted"], node["state"], node["pubkey"]) == (True, "ok", key.public_b64)
@@ -295,7 +295,7 @@ def test_a_refused_report_of_a_new_node_admits_nothing_and_spends_no_name(tmp_pa
             (False, True),
             (True, False),
         ]
-        assert {n: e.hostname for n, e in hostnames.read(m.root).items()} == {NODE: "worker-1"}
+        assert {n: e.hostname for n, e in hostnames.read(m.inventory()).items()} == {NODE: "worker-1"}
     finally:
         m.stop()
 
@@ -315,12 +315,12 @@ def test_manual_adoption_admits_a_node_with_its_first_report_and_keeps_its_key_f
         )
         from rackboot.master import hostnames
 
-        assert hostnames.read(m.root) == {}  # a name comes with adoption
+        assert hostnames.read(m.inventory()) == {}  # a name comes with adoption
         assert cli.main(["adopt", "-c", str(cfg.path), MAC]) == 0
         assert f"key ed25519 {key.fingerprint} pinned" in capsys.readouterr().out
         node = m.json(f"/api/nodes/{NODE}")
         assert (node["adopted"], node["pubkey"]) == (True, key.public_b64)
-        assert {n: e.hostname for n, e in hostnames.read(m.root).items()} == {NODE: "worker-1"}
+        assert {n: e.hostname for n, e in hostnames.read(m.inventory()).items()} == {NODE: "worker-1"}
     finally:
         m.stop()
 
@@ -378,7 +378,7 @@ def test_a_storm_of_signed_reports_runs_no_more_openssl_at_once_than_allowed(mas
     verify = master.server.fleet.inventory.verify
     assert isinstance(verify, nodekeys.Verifier)
     assert verify.runs == workers * each and 1 <= verify.peak <= nodekeys.MAX_PROCESSES
-    rows = Inventory(master.root).db.execute("SELECT COUNT(*) FROM reports WHERE signed = 1").fetchone()[0]
+    rows = master.inventory().db.execute("SELECT COUNT(*) FROM reports WHERE signed = 1").fetchone()[0]
     assert rows == workers * each
 
 
@@ -398,7 +398,7 @@ def test_a_key_replaced_while_a_report_is_checked_does_not_count_the_report(mast
     real = inventory.verify
 
     def verify_while_re_adopted(pubkey: str, body: bytes, signature: bytes) -> bool:
-        Inventory(master.root).adopt(NODE, replace_key=True)  # rackboot adopt --replace, meanwhile
+        master.inventory().adopt(NODE, replace_key=True)  # rackboot adopt --replace, meanwhile
         return real(pubkey, body, signature)
 
     inventory.verify = verify_while_re_adopted
@@ -437,6 +437,7 @@ def test_a_card_copied_into_another_board_makes_a_key_of_its_own(master, tmp_pat
     assert node["pubkey"] == theirs.public_b64 and all(h["signed"] for h in node["history"])
 
 
+@pytest.mark.sqlite_only
 def test_an_inventory_from_before_node_keys_migrates_with_no_key_and_unsigned_reports(tmp_path):
     db = sqlite3.connect(tmp_path / ".inventory.db")
     db.executescript((GOLDEN / "inventory.schema1.sql").read_text())
@@ -453,6 +454,7 @@ def test_an_inventory_from_before_node_keys_migrates_with_no_key_and_unsigned_re
     assert inv.node(NODE).pubkey == key.public_b64  # type: ignore[union-attr]
 
 
+@pytest.mark.sqlite_only
 def test_a_new_inventory_takes_in_signed_report_lines_unsigned_and_pins_again_on_next_use(master, tmp_path):
     key = nodekey.generate(NODE)
     assert post(master, forged(NODE, key, phase="boot", slot="a", version=1), key)[0] == 204
