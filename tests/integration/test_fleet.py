@@ -587,7 +587,7 @@ def test_a_rollout_that_cannot_move_on_is_shown_stuck_and_serve_still_starts(tmp
         assert cli.main(["rollout", "-c", str(cfg.path), "--status"]) == 1
         out = capsys.readouterr().out
         assert "stuck, wave 1 of 2" in out and f"stuck: cannot write {m.root / 'plans' / NODES[2]}.json" in out
-        row = sqlite3.connect(m.root / inventory.FILE).execute("SELECT state, stuck FROM rollouts").fetchone()
+        row = m.inventory().db.execute("SELECT state, stuck FROM rollouts").fetchone()
         assert row[0] == "running" and "cannot write" in row[1]
         (m.root / "plans" / f"{NODES[2]}.json").rmdir()  # put right: the next advance moves on
         assert cli.main(["rollout", "-c", str(cfg.path), "--status"]) == 0
