@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from rackboot import config
 from rackboot.master import dnsmasq, hostnames
+from rackboot.master.inventory import Inventory
 
 from tests.helpers import write_config
 
@@ -409,7 +410,7 @@ def test_full_dhcp_names_each_leased_node_in_the_masters_dns(tmp_path, netns):
     master = tmp_path / "master"
     (master / "plans").mkdir()
     (master / "plans" / "52-54-00-aa-00-03.json").write_text("{}")
-    hostnames.assign(master, "52-54-00-aa-00-03", hostname="rack-w3", pattern="")
+    hostnames.assign(Inventory(master), "52-54-00-aa-00-03", hostname="rack-w3", pattern="")
     proc = serve(netns, cfg_path, tmp_path / "serve.log")
     try:  # the asking end has an address outside the range: no lease of its own
         subprocess.run(in_ns(f"{netns}w", "ip", "addr", "add", "10.213.0.50/24", "dev", "rk1"), check=True)

@@ -87,6 +87,7 @@ def test_plain_is_the_json_able_rebuild_key_of_a_section(tmp_path):
         "token": "",
         "stale": 86400,
         "rsync_port": 0,
+        "database": "",
     }
     initramfs = config.plain(cfg.initramfs)
     assert initramfs["files"] == {"/etc/motd": str((tmp_path / "motd.txt").resolve())}

@@ -74,10 +74,10 @@ def test_hosts_name_the_nodes_with_a_plan(tmp_path):
     plans.mkdir()
     for name in ("52-54-00-00-00-02.json", "52-54-00-00-00-01.json", "default.json", "52-54-00-00-00-01.json.sig"):
         (plans / name).write_text("{}")
-    assert dnsmasq.render_hosts(tmp_path) == (
+    assert dnsmasq.render_hosts(tmp_path, {}) == (
         "52:54:00:00:00:01,52-54-00-00-00-01\n52:54:00:00:00:02,52-54-00-00-00-02\n"
     )
-    assert dnsmasq.render_hosts(tmp_path / "nowhere") == ""
+    assert dnsmasq.render_hosts(tmp_path / "nowhere", {}) == ""
 
 
 def test_an_unchanged_file_is_not_rewritten(tmp_path):
@@ -98,13 +98,15 @@ def test_a_missing_build_directory_is_one_line(tmp_path):
         dnsmasq.render_config(config.load(path))
 
 
-def test_hosts_name_the_nodes_named_while_following_the_default_plan(tmp_path):
+def test_hosts_name_the_nodes_named_while_following_the_default_plan(tmp_path, database):
     from rackboot.master import hostnames
+    from rackboot.master.inventory import Inventory
 
     (tmp_path / "plans").mkdir()
     (tmp_path / "plans" / "52-54-00-00-00-01.json").write_text("{}")
-    hostnames.assign(tmp_path, "52-54-00-00-00-02", hostname=None, pattern="worker-{index:02d}")  # no plan file
-    assert dnsmasq.render_hosts(tmp_path) == "52:54:00:00:00:01,52-54-00-00-00-01\n52:54:00:00:00:02,worker-01\n"
+    registry = Inventory(tmp_path, database_url=database)
+    hostnames.assign(registry, "52-54-00-00-00-02", hostname=None, pattern="worker-{index:02d}")  # no plan file
+    assert dnsmasq.render_hosts(tmp_path, hostnames.read(registry)) == "52:54:00:00:00:01,52-54-00-00-00-01\n52:54:00:00:00:02,worker-01\n"
 
 
 def test_a_path_with_a_newline_is_refused_before_dnsmasq_sees_it(tmp_path):

@@ -14,6 +14,7 @@ from rackboot.initramfs.updater import formats, node
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.main import Decision
 from rackboot.master import dnsmasq, hostnames, plans
+from rackboot.master.inventory import Inventory
 
 from tests.helpers import write_config
 
@@ -21,6 +22,12 @@ A, B, C = "52-54-00-00-00-01", "52-54-00-00-00-02", "52-54-00-00-00-03"
 
 
 # --- names ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def names(tmp_path, database):
+    """The hostname registry: an inventory's tables, on each backend."""
+    return Inventory(tmp_path, database_url=database)
 
 
 @pytest.mark.parametrize("pattern", ["", "worker-{index:02d}", "pi-{mac}", "n{index}", "r1-{index:d}-{mac}"])
@@ -51,71 +58,69 @@ def test_a_bad_pattern_is_a_config_error_naming_the_key(tmp_path):
         config.load(write_config(tmp_path, master={"directory": "master", "hostname": "worker"}))
 
 
-def test_indexes_follow_plan_creation_and_are_never_reused(tmp_path):
+def test_indexes_follow_plan_creation_and_are_never_reused(names):
     pattern = "worker-{index:02d}"
-    assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-01"
-    assert hostnames.assign(tmp_path, B, hostname="db", pattern=pattern) == "db"  # index 2, named by hand
-    assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-01"  # kept
-    assert hostnames.assign(tmp_path, C, hostname=None, pattern=pattern) == "worker-03"  # 2 is B's, even renamed
-    assert hostnames.assign(tmp_path, B, hostname="db2", pattern=pattern) == "db2"
-    before = (tmp_path / hostnames.REGISTRY).stat().st_ino
-    assert hostnames.assign(tmp_path, B, hostname="db2", pattern=pattern) == "db2"
-    assert (tmp_path / hostnames.REGISTRY).stat().st_ino == before  # unchanged: not rewritten
-    assert {n: (e.index, e.hostname) for n, e in hostnames.read(tmp_path).items()} == {
+    assert hostnames.assign(names, A, hostname=None, pattern=pattern) == "worker-01"
+    assert hostnames.assign(names, B, hostname="db", pattern=pattern) == "db"  # index 2, named by hand
+    assert hostnames.assign(names, A, hostname=None, pattern=pattern) == "worker-01"  # kept
+    assert hostnames.assign(names, C, hostname=None, pattern=pattern) == "worker-03"  # 2 is B's, even renamed
+    assert hostnames.assign(names, B, hostname="db2", pattern=pattern) == "db2"
+    assert hostnames.assign(names, B, hostname="db2", pattern=pattern) == "db2"  # the same again: no change
+    assert {n: (e.index, e.hostname) for n, e in hostnames.read(names).items()} == {
         A: (1, "worker-01"),
         B: (2, "db2"),
         C: (3, "worker-03"),
     }
-    assert hostnames.assign(tmp_path, "52-54-00-00-00-09", hostname=None, pattern="") is None  # no pattern, no name
-    assert hostnames.assign(tmp_path, "52-54-00-00-00-0a", hostname=None, pattern="pi-{mac}") == "pi-52540000000a"
+    assert hostnames.assign(names, "52-54-00-00-00-09", hostname=None, pattern="") is None  # no pattern, no name
+    assert hostnames.assign(names, "52-54-00-00-00-0a", hostname=None, pattern="pi-{mac}") == "pi-52540000000a"
 
 
-def test_the_pattern_passes_over_names_given_by_hand(tmp_path):
+def test_the_pattern_passes_over_names_given_by_hand(names):
     # a replacement board named by hand with a name the pattern reaches later (issue 19)
     D, E = "52-54-00-00-00-04", "52-54-00-00-00-05"
     pattern = "worker-{index}"
-    assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-1"
-    assert hostnames.assign(tmp_path, B, hostname="worker-3", pattern=pattern) == "worker-3"  # index 2
-    assert hostnames.assign(tmp_path, C, hostname=None, pattern=pattern) == "worker-4"  # index 3 makes B's name
-    assert hostnames.assign(tmp_path, D, hostname=None, pattern=pattern) == "worker-5"
-    assert hostnames.assign(tmp_path, C, hostname=None, pattern=pattern) == "worker-4"  # kept
-    assert {n: (e.index, e.hostname) for n, e in hostnames.read(tmp_path).items()} == {
+    assert hostnames.assign(names, A, hostname=None, pattern=pattern) == "worker-1"
+    assert hostnames.assign(names, B, hostname="worker-3", pattern=pattern) == "worker-3"  # index 2
+    assert hostnames.assign(names, C, hostname=None, pattern=pattern) == "worker-4"  # index 3 makes B's name
+    assert hostnames.assign(names, D, hostname=None, pattern=pattern) == "worker-5"
+    assert hostnames.assign(names, C, hostname=None, pattern=pattern) == "worker-4"  # kept
+    assert {n: (e.index, e.hostname) for n, e in hostnames.read(names).items()} == {
         A: (1, "worker-1"),
         B: (2, "worker-3"),
         C: (4, "worker-4"),
         D: (5, "worker-5"),
     }
     with pytest.raises(RackbootError, match=f"hostname 'worker-4' is node {C}'s already; give {E} another"):
-        hostnames.assign(tmp_path, E, hostname="worker-4", pattern=pattern)  # by hand: still one node's
+        hostnames.assign(names, E, hostname="worker-4", pattern=pattern)  # by hand: still one node's
     # a pattern without {index} cannot move on: a name held is refused in one line
-    hostnames.assign(tmp_path, E, hostname="pi-525400000006", pattern="")
+    hostnames.assign(names, E, hostname="pi-525400000006", pattern="")
     with pytest.raises(RackbootError, match=f"'pi-525400000006' is node {E}'s already"):
-        hostnames.assign(tmp_path, "52-54-00-00-00-06", hostname=None, pattern="pi-{mac}")
+        hostnames.assign(names, "52-54-00-00-00-06", hostname=None, pattern="pi-{mac}")
 
 
-def test_peek_spends_nothing_and_forget_frees_the_name_but_not_the_index(tmp_path):
+def test_peek_spends_nothing_and_forget_frees_the_name_but_not_the_index(names):
     pattern = "worker-{index:02d}"
-    assert hostnames.peek(tmp_path, A, pattern=pattern) is None  # no index yet: no name
-    assert hostnames.peek(tmp_path, A, pattern="pi-{mac}") == "pi-525400000001"  # needs none
-    assert not (tmp_path / hostnames.REGISTRY).exists()
-    assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-01"
-    assert hostnames.assign(tmp_path, B, hostname="pi-525400000003", pattern=pattern) == "pi-525400000003"
-    assert hostnames.peek(tmp_path, A, pattern=pattern) == "worker-01"
-    assert hostnames.peek(tmp_path, C, pattern="pi-{mac}") is None  # B holds it
-    assert hostnames.forget(tmp_path, A) == hostnames.Entry(1, "worker-01")
-    assert hostnames.forget(tmp_path, A) is None
-    assert hostnames.assign(tmp_path, C, hostname="worker-01", pattern=pattern) == "worker-01"  # free again
-    assert hostnames.assign(tmp_path, A, hostname=None, pattern=pattern) == "worker-04"  # back: a new index
-    assert {n: e.index for n, e in hostnames.read(tmp_path).items()} == {A: 4, B: 2, C: 3}
+    assert hostnames.peek(names, A, pattern=pattern) is None  # no index yet: no name
+    assert hostnames.peek(names, A, pattern="pi-{mac}") == "pi-525400000001"  # needs none
+    assert hostnames.read(names) == {}
+    assert hostnames.assign(names, A, hostname=None, pattern=pattern) == "worker-01"
+    assert hostnames.assign(names, B, hostname="pi-525400000003", pattern=pattern) == "pi-525400000003"
+    assert hostnames.peek(names, A, pattern=pattern) == "worker-01"
+    assert hostnames.peek(names, C, pattern="pi-{mac}") is None  # B holds it
+    assert hostnames.forget(names, A) == hostnames.Entry(1, "worker-01")
+    assert hostnames.forget(names, A) is None
+    assert hostnames.assign(names, C, hostname="worker-01", pattern=pattern) == "worker-01"  # free again
+    assert hostnames.assign(names, A, hostname=None, pattern=pattern) == "worker-04"  # back: a new index
+    assert {n: e.index for n, e in hostnames.read(names).items()} == {A: 4, B: 2, C: 3}
 
 
-def test_a_name_is_one_nodes(tmp_path):
-    hostnames.assign(tmp_path, A, hostname="db", pattern="")
+def test_a_name_is_one_nodes(names):
+    hostnames.assign(names, A, hostname="db", pattern="")
     with pytest.raises(RackbootError, match=f"hostname 'db' is node {A}'s already"):
-        hostnames.assign(tmp_path, B, hostname="db", pattern="")
+        hostnames.assign(names, B, hostname="db", pattern="")
     with pytest.raises(RackbootError, match="--hostname: 'Db_1' is not a hostname"):
-        hostnames.assign(tmp_path, B, hostname="Db_1", pattern="")
-    assert set(hostnames.read(tmp_path)) == {A}  # nothing written for the refused ones
+        hostnames.assign(names, B, hostname="Db_1", pattern="")
+    assert set(hostnames.read(names)) == {A}  # nothing written for the refused ones
 
 
 def test_plans_carry_the_name_and_the_hosts_file_hands_it_out(tmp_path):
@@ -126,6 +131,7 @@ def test_plans_carry_the_name_and_the_hosts_file_hands_it_out(tmp_path):
             layout={"persist": ["/etc/ssh", "/var/lib/x"]},
         )
     )
+    cfg.master.directory.mkdir()
     plan = plans.make_plan(cfg, node=A, manifest=None)
     assert (plan.hostname, plan.persist) == ("w1", ("/etc/ssh", "/var/lib/x"))
     assert plans.make_plan(cfg, node=plans.DEFAULT, manifest=None).hostname is None
@@ -135,7 +141,7 @@ def test_plans_carry_the_name_and_the_hosts_file_hands_it_out(tmp_path):
     plans.write_plan(cfg.master.directory, B, plans.make_plan(cfg, node=B, manifest=None, hostname="db"))
     plans.write_plan(cfg.master.directory, plans.DEFAULT, plans.make_plan(cfg, node=plans.DEFAULT, manifest=None))
     (cfg.master.directory / "plans" / f"{C}.json").write_text("{}")  # a plan from before the registry
-    assert dnsmasq.render_hosts(cfg.master.directory) == (
+    assert dnsmasq.render_hosts(cfg.master.directory, hostnames.read(Inventory.for_config(cfg))) == (
         f"52:54:00:00:00:01,w1\n52:54:00:00:00:02,db\n52:54:00:00:00:03,{C}\n"
     )
 
