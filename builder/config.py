@@ -29,7 +29,7 @@ from rackboot.initramfs.updater.formats import (
     persist_problem,
 )
 from rackboot.initramfs.updater.layout import FAT_TYPES
-from rackboot.master.database import url_problem
+from rackboot.master.database import safe_url, url_problem
 from rackboot.master.hostnames import pattern_problem
 from rackboot.master.limits import MAX_STREAMS
 
@@ -93,6 +93,7 @@ class Setting:
     # (a boot script, a kernel command line, a path); path settings: the resolved path, after
     # the check every path gets (_path_problem); returns what is wrong, or None
     check: Callable[[str], str | None] | None = None
+    shown: Callable[[str], str] | None = None  # the value as an error line quotes it (a password left out)
 
     @property
     def name(self) -> str:
@@ -431,6 +432,7 @@ SETTINGS: tuple[Setting, ...] = (
         '"postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME" = that PostgreSQL database, which several '
         "masters may share (libpq's settings, such as ?sslmode=require or a password in ~/.pgpass, apply).",
         check=url_problem,
+        shown=safe_url,
     ),
     Setting(
         "network",
@@ -777,7 +779,7 @@ def _check(kind: str) -> Callable[[_Check], _Check]:
 def _checked(where: str, value: str, setting: Setting) -> str:
     problem = setting.check(value) if setting.check else None
     if problem:
-        raise ConfigError(f"{where}: {value[:80]!r}: {problem}")
+        raise ConfigError(f"{where}: {(setting.shown or str)(value)[:80]!r}: {problem}")
     return value
 
 

@@ -84,17 +84,17 @@ def url_problem(value: str) -> str | None:
     except ValueError as e:
         return f"not a database URL: {e}"
     if parts.scheme not in SCHEMES:
-        return f"{_safe(value)!r}: not a postgresql://[user[:password]@]host[:port]/dbname URL (empty = SQLite)"
+        return "not a postgresql://[user[:password]@]host[:port]/dbname URL (empty = SQLite)"
     if not parts.path.strip("/") and "dbname=" not in parts.query:
-        return f"{_safe(value)!r}: names no database (postgresql://host/DBNAME)"
+        return "names no database (postgresql://host/DBNAME)"
     try:
         psycopg.conninfo.conninfo_to_dict(value)
     except psycopg.ProgrammingError as e:
-        return f"{_safe(value)!r}: {str(e).strip()}"
+        return _first_line(e)
     return None
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password (it goes into logs and error lines)."""
     try:
         parts = urllib.parse.urlsplit(url)
@@ -205,7 +205,7 @@ class PostgreSQL:
 
     def __init__(self, url: str):
         self.url = url
-        self.where = _safe(url)
+        self.where = safe_url(url)
 
     def connect(self) -> Connection:
         try:
