@@ -296,9 +296,9 @@ def _skip_reason(cfg: Config, db: Any, node: str, now: float) -> str | None:
 def _assign_wave(
     cfg: Config, inventory: Inventory, rollout: int, wave: int, manifest: str, now: float, written: list[_Written]
 ) -> list[str]:
-    """In ``inventory``'s write transaction, write the wave's plans (keeping each node's previous plan to give back on a halt),
-    leaving out stale nodes; every plan is made before the first is written, and each file
-    written is listed in ``written`` so that a failure can put it back."""
+    """In ``inventory``'s write transaction, write the wave's plans (keeping each node's
+    previous plan to give back on a halt), leaving out stale nodes; every plan is made
+    before the first is written, and each file written is listed in ``written`` so that a failure can put it back."""
     db = inventory.db
     members = [
         r[0]
@@ -309,7 +309,9 @@ def _assign_wave(
     ]
     skipped = {node: why for node in members if (why := _skip_reason(cfg, db, node, now))}
     nodes = [n for n in members if n not in skipped]
-    made = {node: plans.make_plan(cfg, node=node, manifest=manifest, names=inventory) for node in nodes}  # may fail: nothing written
+    made = {
+        node: plans.make_plan(cfg, node=node, manifest=manifest, names=inventory) for node in nodes
+    }  # may fail: nothing written
     directory = cfg.master.directory / "plans"
     for node, plan in made.items():
         own, sig = directory / f"{node}.json", directory / f"{node}.json.sig"

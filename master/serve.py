@@ -558,7 +558,9 @@ class MasterHandler(BaseHTTPRequestHandler):
             with open(reports / f"{report.node}.jsonl", "ab") as out:
                 out.write(formats.dump(line))
         if failed is not None:
-            return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"report kept, not counted: inventory: {failed}"})
+            return self._json(
+                HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"report kept, not counted: inventory: {failed}"}
+            )
         self.send_response(HTTPStatus.NO_CONTENT)
         self.send_header("Content-Length", "0")
         self.end_headers()

@@ -98,7 +98,9 @@ class Server:
                 return self
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres did not start: {(self.dir / 'server.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"postgres did not start: {(self.dir / 'server.log').read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.1)
 
     def url(self, name: str) -> str:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 from rackboot import cli, config
 from rackboot.initramfs.updater import formats
 from rackboot.master import hostnames, rollout

@@ -22,7 +22,16 @@ from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.master import nodekeys, rollout
 from rackboot.master.inventory import Inventory
 
-from tests.integration.test_fleet import _backend, GOLDEN, NODES, Master, make_cfg, plan_version, rack, update
+from tests.integration.test_fleet import (  # _backend: these tests too, on both backends
+    GOLDEN,
+    NODES,
+    Master,
+    _backend,  # noqa: F401
+    make_cfg,
+    plan_version,
+    rack,
+    update,
+)
 from tests.integration.updater_master import MAC, NODE, image_bytes, publish, write_plan
 
 CARD = 256 << 20

@@ -106,7 +106,10 @@ def test_hosts_name_the_nodes_named_while_following_the_default_plan(tmp_path, d
     (tmp_path / "plans" / "52-54-00-00-00-01.json").write_text("{}")
     registry = Inventory(tmp_path, database_url=database)
     hostnames.assign(registry, "52-54-00-00-00-02", hostname=None, pattern="worker-{index:02d}")  # no plan file
-    assert dnsmasq.render_hosts(tmp_path, hostnames.read(registry)) == "52:54:00:00:00:01,52-54-00-00-00-01\n52:54:00:00:00:02,worker-01\n"
+    assert (
+        dnsmasq.render_hosts(tmp_path, hostnames.read(registry))
+        == "52:54:00:00:00:01,52-54-00-00-00-01\n52:54:00:00:00:02,worker-01\n"
+    )
 
 
 def test_a_path_with_a_newline_is_refused_before_dnsmasq_sees_it(tmp_path):
