@@ -138,7 +138,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA = len(MIGRATIONS)
-_REGISTRY_SCHEMA = next(i + 1 for i, step in enumerate(MIGRATIONS) if "CREATE TABLE hostnames" in step)
 
 
 @dataclass(frozen=True)
@@ -370,8 +369,7 @@ class Inventory:
             raise RackbootError(f"master directory {master} does not exist")
         try:
             first = self._migrate()
-            if first < _REGISTRY_SCHEMA:
-                self._import_hostnames(self.master / hostnames.REGISTRY)
+            self._import_hostnames(self.master / hostnames.REGISTRY)
             if first == 0:
                 self._import_reports(Path(master) / "reports")
         except database.ERRORS as e:
@@ -451,9 +449,9 @@ class Inventory:
         return first
 
     def _import_hostnames(self, path: Path) -> None:
-        """An older master's hostnames.json, taken into the registry the migration made, once:
-        it is renamed to hostnames.json.imported. A registry that holds names already (another
-        master's) keeps them: the file stays, and is said."""
+        """An older master's hostnames.json, taken into the registry, once: it is renamed to
+        hostnames.json.imported. A registry that holds names already (another master's on a
+        shared database) keeps them: the file stays, unread, and is said at every start."""
         if not path.is_file():
             return
         doc = hostnames.load_file(path)

@@ -18,7 +18,8 @@ from dataclasses import replace
 import pytest
 from rackboot import config
 from rackboot.initramfs.updater import formats, mbr
-from rackboot.master import plans
+from rackboot.master import hostnames, plans
+from rackboot.master.inventory import Inventory
 from rackboot.qemu import harness
 
 from tests.e2e.rack import example_config
@@ -175,8 +176,8 @@ def test_the_slots_still_hold_the_signed_bytes_after_the_boots(walk):
 
 def test_the_registry_numbers_the_nodes_in_the_order_their_plans_were_written(walk):
     directory, _, _, _ = walk
-    registry = json.loads((directory / "master/hostnames.json").read_text())
-    assert registry["nodes"] == {
-        formats.node_id(MACS[0]): {"index": 1, "hostname": NAMES[0]},
-        formats.node_id(MACS[1]): {"index": 2, "hostname": NAMES[1]},
+    registry = hostnames.read(Inventory(directory / "master"))  # (the fleet's database: here the SQLite file)
+    assert registry == {
+        formats.node_id(MACS[0]): hostnames.Entry(1, NAMES[0]),
+        formats.node_id(MACS[1]): hostnames.Entry(2, NAMES[1]),
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from rackboot import config
@@ -291,3 +292,37 @@ def test_the_decision_hands_init_the_settings_and_reads_back():
     assert done.stdout == f"worker-01|/etc/ssh /var/lib/x|{A}\n"
     blank = node.read_shell(Decision("a", 2, "/dev/vda2", "ro", formats.Action.OFFLINE).to_shell())
     assert blank["hostname"] == blank["planned"] == blank["first_boot"] == ""
+
+
+def test_an_older_masters_hostnames_json_is_taken_in_once(tmp_path, database):
+    # the golden sample: hostnames.json as master/hostnames.py of a6a1a4d wrote it (index 3 forgotten)
+    golden = (Path(__file__).resolve().parents[1] / "data" / "hostnames.rev1.json").read_text()
+    (tmp_path / hostnames.REGISTRY).write_text(golden)
+    said: list[str] = []
+    names = Inventory(tmp_path, database_url=database, log=said.append)
+    assert hostnames.read(names) == {
+        A: hostnames.Entry(1, "worker-01"),
+        B: hostnames.Entry(2, "db"),
+        "52-54-00-00-00-04": hostnames.Entry(4, "worker-04"),
+    }
+    assert not (tmp_path / hostnames.REGISTRY).exists()
+    assert (tmp_path / "hostnames.json.imported").read_text() == golden  # kept, renamed: never read again
+    assert any("3 hostnames imported" in line for line in said), said
+    # the next index goes on from the file's: 3 stays spent (forgotten), never reused
+    assert hostnames.assign(names, C, hostname=None, pattern="worker-{index:02d}") == "worker-05"
+    # another master's file, on a database whose registry holds names: not taken in, said
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / hostnames.REGISTRY).write_text(golden)
+    if database:  # (SQLite: each master tree has its own file, so its own registry)
+        said.clear()
+        Inventory(other, database_url=database, log=said.append)
+        assert (other / hostnames.REGISTRY).exists() and any("not imported" in line for line in said), said
+    assert hostnames.read(Inventory(tmp_path, database_url=database))[C] == hostnames.Entry(5, "worker-05")
+
+
+def test_a_hostnames_json_that_is_not_one_stops_the_inventory_in_one_line(tmp_path):
+    (tmp_path / hostnames.REGISTRY).write_text('{"next_index": 1, "nodes": {"x": {"index": "one"}}}')
+    with pytest.raises(RackbootError, match=r"hostnames.json: not a hostname registry \(next_index, nodes\)"):
+        Inventory(tmp_path)
+    assert (tmp_path / hostnames.REGISTRY).exists()
