@@ -214,6 +214,7 @@ class PostgreSQL:
                 connect_timeout=CONNECT_TIMEOUT,
                 row_factory=_row_factory,
                 application_name="rackboot",
+                options=f"-c lock_timeout={int(BUSY_TIMEOUT * 1000)}",  # a writer waits as long as on SQLite
             )
         except psycopg.Error as e:
             raise psycopg.OperationalError(f"cannot reach {self.where}: {_first_line(e)}") from None

@@ -242,7 +242,7 @@ def start(
         raise RackbootError(f"{cfg.path}: --cycle needs [power] driver to be set")
     nodes = [n.id for n in inventory.nodes() if n.adopted]
     if not nodes:
-        raise RackbootError(f"no adopted nodes in {inventory.path}: nothing to roll out to")
+        raise RackbootError(f"no adopted nodes in {inventory.where}: nothing to roll out to")
     now = time.time() if now is None else now
     with _lock, _undone_on_failure(master) as written, inventory.write() as db:
         running = db.execute("SELECT id FROM rollouts WHERE state = ?", (RUNNING,)).fetchone()

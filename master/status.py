@@ -192,7 +192,7 @@ def run(
     if node is not None:
         found = inventory.node(node)
         if found is None:
-            raise RackbootError(f"node {node} is not in the inventory {inventory.path}")
+            raise RackbootError(f"node {node} is not in the inventory {inventory.where}")
         if as_json:
             doc = node_json(found, now, stale_after) | {"history": inventory.history(found.id)}
             out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
