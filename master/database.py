@@ -217,7 +217,8 @@ class PostgreSQL:
                 options=f"-c lock_timeout={int(BUSY_TIMEOUT * 1000)}",  # a writer waits as long as on SQLite
             )
         except psycopg.Error as e:
-            raise psycopg.OperationalError(f"cannot reach {self.where}: {_first_line(e)}") from None
+            line = _first_line(e).removeprefix("connection failed: ")
+            raise psycopg.OperationalError(f"cannot connect: {line}") from None
         return PgConnection(conn)
 
     def closed(self, conn: Connection) -> bool:

@@ -126,7 +126,7 @@ def test_bad_databases_stop_rackboot_in_one_line(tmp_path, postgres, capsys):
     path = write_config(tmp_path, master={"database": unreachable})
     assert cli.main(["status", "-c", str(path)]) != 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"inventory {unreachable}: cannot reach {unreachable}" in err
+    assert len(err.splitlines()) == 1 and f"inventory {unreachable}: cannot connect: " in err
     # newer than this rackboot knows
     url = postgres.database()
     Inventory(tmp_path / "master", database_url=url)
