@@ -366,9 +366,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _config_arg(ng)
     ng.add_argument("--listen", required=True, metavar="ADDR:PORT", help="where nginx listens (workers' master URL)")
-    ng.add_argument(
-        "--serve", required=True, metavar="URL", help="rackboot serve's URL, e.g. http://127.0.0.1:8081"
-    )
+    ng.add_argument("--serve", required=True, metavar="URL", help="rackboot serve's URL, e.g. http://127.0.0.1:8081")
     ng.add_argument("--user", default="nobody", help="the user nginx's workers read the tree as (default: %(default)s)")
     ng.add_argument("--group", default="nogroup", help="their group (default: %(default)s)")
     ng.set_defaults(func=_cmd_nginx_config)

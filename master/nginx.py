@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 MAX_REPORT = 64 * 1024  # serve.MAX_REPORT (serve.py imports http.server, slow for a CLI)
 MAX_RANGES = 256  # serve.MAX_RANGES
 RETRY_AFTER = 2  # serve.RETRY_AFTER
-_HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 _USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 # in a quoted nginx string a double quote or backslash ends or escapes it, and '$' names a
 # variable (root takes variables); control characters would start a new line
@@ -112,9 +114,7 @@ def dynamic_plans(cfg: Config) -> str | None:
     return "; ".join(why) or None
 
 
-def render_config(
-    cfg: Config, listen: str, serve: str, *, user: str = "nobody", group: str = "nogroup"
-) -> str:
+def render_config(cfg: Config, listen: str, serve: str, *, user: str = "nobody", group: str = "nogroup") -> str:
     """nginx.conf for this master; deterministic for the same config and arguments."""
     plans_why = dynamic_plans(cfg)
     return render(

@@ -179,9 +179,7 @@ def test_reports_reach_serve_and_plan_requests_are_mirrored_to_it(site):
     node = "52-54-00-00-00-42"
     resp, body = site.request("GET", f"/plans/{node}.json", {"X-Rackboot-Serial": "ab12cd34"}, source="127.0.0.5")
     assert (resp.status, body) == (200, DEFAULT_PLAN)
-    resp, _ = site.request(
-        "POST", "/report", {"Content-Type": "application/json"}, report(node), source="127.0.0.6"
-    )
+    resp, _ = site.request("POST", "/report", {"Content-Type": "application/json"}, report(node), source="127.0.0.6")
     assert resp.status == 204
     lines = (site.master / f"reports/{node}.jsonl").read_bytes().splitlines()
     assert [json.loads(line)["phase"] for line in lines] == ["boot"]
