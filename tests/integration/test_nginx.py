@@ -8,8 +8,10 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +70,11 @@ def tree(master: Path) -> None:
         (master / path.lstrip("/")).write_bytes(data)
 
 
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
+@contextmanager
+def running(**master: object) -> Iterator[Site]:
+    """nginx and serve on loopback over a tree of its own, ``master`` settings in the config."""
     with open_dir("rackboot-nginx-") as base:
-        cfg = config.load(write_config(base))
+        cfg = config.load(write_config(base, master=master))
         master = cfg.master.directory
         tree(master)
         srv = serve.make_server(master, "127.0.0.1", 0, quiet=True, config=cfg, proxied_by="127.0.0.1")
@@ -83,6 +86,12 @@ def site() -> Iterator[Site]:
         finally:
             srv.shutdown()
             srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    with running() as s:
+        yield s
 
 
 def test_a_plan_and_its_signature_fall_back_together(site):
@@ -202,3 +211,40 @@ def test_a_bad_report_is_answered_by_serve(site):
     assert resp.status == 400 and b"is not a node id" in body
     resp, body = site.request("POST", "/report", {}, report(error="x" * 70_000))
     assert resp.status == 413
+
+
+def test_with_manual_adoption_plans_are_serves():
+    """Only an adopted node gets the default plan: nginx cannot know which, serve answers."""
+    with running(adopt="manual") as site:
+        resp, body = site.request("GET", f"/plans/{OTHER}.json")
+        assert resp.status == 404 and b"it is not adopted yet" in body
+        assert site.request("GET", f"/plans/{OTHER}.json.sig")[0].status == 404
+        assert site.request("GET", f"/plans/{NODE}.json")[1] == NODE_PLAN  # its own plan: adopted by it
+        site.serve.fleet.inventory.adopt(OTHER)
+        assert site.request("GET", f"/plans/{OTHER}.json")[1] == DEFAULT_PLAN
+        assert site.request("GET", f"/plans/{OTHER}.json.sig")[1] == b"default signature"
+        assert site.request("GET", "/images/example/1/manifest.json")[1] == b'{"format":1}\n'  # still nginx's
+
+
+def test_image_streams_past_max_streams_are_told_to_come_back():
+    """One stream held open (its reader stalled) takes the only slot: the next stream gets
+    503 with Retry-After, a manifest still goes out, and the slot is free once it closes."""
+    with running(max_streams=1) as site:
+        big = site.master / "images/example/1/big.gz"
+        with open(big, "wb") as f:
+            f.truncate(256 << 20)  # far more than the socket buffers take
+        held = socket.create_connection(("127.0.0.1", site.nginx.port), timeout=10)
+        try:
+            held.sendall(b"GET /images/example/1/big.gz HTTP/1.1\r\nHost: master\r\n\r\n")
+            assert held.recv(12) == b"HTTP/1.1 200"
+            resp, body = site.request("GET", STREAM)
+            assert (resp.status, resp.getheader("Retry-After")) == (503, "2") and b"busy" in body
+            assert site.request("GET", "/images/example/1/manifest.json")[0].status == 200
+        finally:
+            held.close()
+        for _ in range(100):  # nginx sees the hang-up at its next write
+            if site.request("GET", STREAM)[0].status == 200:
+                break
+            threading.Event().wait(0.05)
+        else:
+            pytest.fail("the stream slot was not freed when its connection closed")
