@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from rackboot import config
 from rackboot.initramfs.updater.fetch import MasterClient, NotFound
-from rackboot.master import serve
+from rackboot.master import bootfiles, serve
 
 from tests.e2e.rack import free_port
 from tests.helpers import write_config
@@ -248,3 +248,13 @@ def test_image_streams_past_max_streams_are_told_to_come_back():
             threading.Event().wait(0.05)
         else:
             pytest.fail("the stream slot was not freed when its connection closed")
+
+
+def test_boot_files_as_the_master_publishes_them_go_out(site, tmp_path):
+    """bootfiles.publish_image builds in a temporary directory renamed into place: nginx's
+    workers (nobody) must be able to enter it."""
+    image = tmp_path / "boot.vfat"
+    image.write_bytes(os.urandom(4096))
+    path = bootfiles.publish_image(image, site.master)
+    resp, body = site.request("GET", "/" + path.lstrip("/"))
+    assert resp.status == 200 and body == (site.master / path.lstrip("/")).read_bytes()
