@@ -1,6 +1,6 @@
 """A worker whose master is Debian's nginx (`rackboot nginx-config`), with `rackboot serve`
 behind it: a blank card takes v1 from nginx by the full stream, then v2 as a block delta
-over nginx's multi-range answers; its plan requests and reports reach serve, whose
+over nginx's multi-range answers, and the boot files; its plan requests and reports reach serve, whose
 inventory (`rackboot status`) shows the node on v2, while serve itself sends no image byte.
 
 One build, one worker, two boots."""
@@ -67,6 +67,7 @@ def test_a_worker_installs_v1_and_a_v2_delta_from_nginx_and_reports_to_serve():
         ), "\n".join(log)
         assert any(f'"GET /images/{harness.IMAGE}/1/' in line and '" 200 ' in line for line in log)
         assert harness.image_bytes(stats) == 0, stats  # serve sent none of them
+        assert any(re.search(r'"GET /boot/[0-9a-f]+/boot\.json HTTP/1\.1" 200 ', line) for line in log)  # boot files
         assert any(line.startswith("127.0.0.1 ") and '"POST /report HTTP/1.1" 204 ' in line for line in log)
         # the reports are serve's: its history and its inventory have the node on v2
         reports = [

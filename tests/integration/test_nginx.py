@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from rackboot import config
+from rackboot.errors import RackbootError
 from rackboot.initramfs.updater.fetch import MasterClient, NotFound
 from rackboot.master import bootfiles, serve
 
@@ -258,3 +259,15 @@ def test_boot_files_as_the_master_publishes_them_go_out(site, tmp_path):
     path = bootfiles.publish_image(image, site.master)
     resp, body = site.request("GET", "/" + path.lstrip("/"))
     assert resp.status == 200 and body == (site.master / path.lstrip("/")).read_bytes()
+
+
+def test_serve_takes_x_real_ip_from_its_proxy_alone(site, tmp_path):
+    node = "52-54-00-00-00-43"
+    port = site.serve.server_address[1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=("127.0.0.3", 0))
+    conn.request("POST", "/report", body=report(node), headers={"X-Real-IP": "10.9.9.9"})  # straight to serve
+    assert conn.getresponse().status == 204
+    conn.close()
+    assert json.loads(site.request("GET", f"/api/nodes/{node}")[1])["ip"] == "127.0.0.3"
+    with pytest.raises(RackbootError, match=r"^--proxied-by: 'nginx' is not an IP address$"):
+        serve.make_server(tmp_path, "127.0.0.1", 0, quiet=True, proxied_by="nginx")
