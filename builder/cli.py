@@ -232,9 +232,10 @@ def _cmd_power(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     if args.all:
-        nodes = [n.id for n in inventory.Inventory(cfg.master.directory).nodes()]
+        inv = inventory.Inventory.for_config(cfg)
+        nodes = [n.id for n in inv.nodes()]
         if not nodes:
-            raise RackbootError(f"no nodes in the inventory of {cfg.master.directory}")
+            raise RackbootError(f"no nodes in the inventory {inv.where}")
     elif args.node:
         nodes = [plans.node_name(args.node)]
     else:
