@@ -4,7 +4,9 @@ appended as serve did before the inventory (one canonical-JSON line per report u
 lock), on the same threads. Every report must be counted either way. Then the same rack
 with node keys: every report signed by its node's key (made and signed beforehand, as the
 workers do), each signature checked by serve with openssl, at most nodekeys.MAX_PROCESSES
-at once."""
+at once. Then the inventory alone on PostgreSQL ([master] database; Debian's server in a
+temporary directory, as the tests run it), where a write transaction also takes the
+advisory lock every master of the fleet shares."""
 
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.master import nodekeys, serve
 from rackboot.master.inventory import Inventory
 from tiny import pick
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/postgres.py
+from tests import postgres
 
 WORKERS = pick(32, 2)
 REPORTS = pick(40, 3)  # per worker: about one update's worth
@@ -128,12 +133,31 @@ def bench() -> dict[str, float]:
         server.server_close()
         taken = Inventory(keyed).db.execute("SELECT COUNT(*) FROM reports WHERE signed = 1").fetchone()[0]
         assert taken == total, (taken, total)
+
+        bin = postgres.bindir()
+        assert bin is not None, "PostgreSQL's server binaries are not installed (make deps)"
+        pg = postgres.Server(bin).start()
+        try:
+            url = pg.database()
+            shared = Path(tmp) / "shared"
+            shared.mkdir()
+            on_pg = Inventory(shared, database_url=url)
+
+            def ingest_pg(worker: int) -> None:
+                for body in reports(worker):
+                    on_pg.ingest(formats.parse_report(body))
+
+            ingested_pg = timed(ingest_pg)
+            assert Inventory(shared, database_url=url).count_reports() == total
+        finally:
+            pg.stop()
     return {
         "reports": total,
         "served": served,
         "appended": appended,
         "ingested": ingested,
         "signed": signed,
+        "ingested_pg": ingested_pg,
         "runs": runs,
         "peak": peak,
     }
@@ -148,6 +172,8 @@ def report(r: dict[str, float]) -> str:
             f"  inventory alone (SQLite, WAL, one transaction each):      {n / r['ingested']:8.0f} reports/s",
             f"  reference: appending the line to reports/<node>.jsonl:   {n / r['appended']:8.0f} reports/s",
             f"  inventory / append: {r['ingested'] / r['appended']:.1f}x the time per report",
+            f"  inventory alone on PostgreSQL (one transaction each, the fleet's write lock): "
+            f"{n / r['ingested_pg']:8.0f} reports/s, {r['ingested_pg'] / r['ingested']:.1f}x SQLite's time",
             f"  signed, each checked with openssl (at most {nodekeys.MAX_PROCESSES} at once, peak {r['peak']:.0f}, "
             f"{r['runs']:.0f} runs): {n / r['signed']:8.0f} reports/s",
         ]
