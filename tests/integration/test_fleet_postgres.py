@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 from rackboot import cli, config
 from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.formats import Phase, Report
 from rackboot.master import hostnames, rollout
 from rackboot.master.inventory import SCHEMA, Inventory
 
@@ -185,3 +186,33 @@ def test_a_database_that_goes_away_costs_reports_not_plans(tmp_path, postgres):
         assert m.report(node=NODES[0], phase="boot", slot="a", version=1, time=1700000200.0) == 204
     finally:
         m.stop()
+
+
+def test_postgresql_keeps_what_sqlite_keeps(tmp_path, postgres):
+    """The columns' types, mapped (database.py): a time to the millisecond and its replay,
+    an install past 4 GiB, a plan's bytes; the same schema version as SQLite's."""
+    inv = Inventory(tmp_path, database_url=postgres.database())
+    assert inv.schema() == SCHEMA == Inventory(tmp_path).schema()  # (the SQLite file beside it)
+    node = "52-54-00-00-20-01"
+    big = Report(node=node, phase=Phase.DOWNLOAD, slot="b", version=2, bytes=5 << 30, seconds=61.25, time=1.7e9 + 0.123)
+    assert inv.ingest(big, received=1700000000.456).outcome == "taken"
+    assert inv.ingest(big, received=1700000001.0).outcome == "replay"  # the same time, read back exactly
+    [kept] = inv.history(node)
+    assert (kept["bytes"], kept["seconds"], kept["time"], kept["received"]) == (
+        5 << 30,
+        61.25,
+        1.7e9 + 0.123,
+        1700000000.456,
+    )
+    found = inv.node(node)
+    assert found is not None and (found.install_bytes, found.last_seen) == (5 << 30, 1700000000.456)
+    with inv.write() as db:
+        db.execute(
+            "INSERT INTO rollouts (image, version, manifest, waves, max_failed, state, wave, created, updated)"
+            " VALUES ('x', 1, 'm', 'rest', 0, 'done', 0, 0, 0)"
+        )
+        db.execute(
+            "INSERT INTO rollout_nodes (rollout, node, wave, state, previous_plan) VALUES (1, ?, 0, 'done', ?)",
+            (node, b"\x00\xff{}"),
+        )
+    assert inv.db.execute("SELECT previous_plan FROM rollout_nodes").fetchone()[0] == b"\x00\xff{}"
