@@ -593,6 +593,8 @@ def test_every_sample_is_covered():
         "slotindex.format1.rev1.bin",
         # the inventory's first schema, opened and migrated in tests/integration/test_fleet.py
         "inventory.schema1.sql",
+        # the hostname registry's file before inventory schema 6, imported in tests/unit/test_node_identity.py
+        "hostnames.rev1.json",
         # rsync mode's samples, checked in test_golden_rsync.py
         *(
             f"{n}{sig}"
