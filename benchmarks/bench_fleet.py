@@ -58,7 +58,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_rack import cpu_seconds
 from rackboot import config
 from rackboot.initramfs.updater import formats, nodekey
 from rackboot.initramfs.updater import report as reports
@@ -237,6 +236,15 @@ def storm(workers: list[Worker], url: str, card: Card) -> tuple[Boots, float]:
 
 
 # --- the master --------------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of its children it waited for (openssl runs): fields 14
+    to 17 of /proc/<pid>/stat, after the command's parentheses."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return sum(int(f) for f in fields[11:15]) / _TICK
 
 
 def free_port() -> int:
