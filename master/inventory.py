@@ -330,7 +330,7 @@ class Inventory:
     ([master] adopt = "auto"): a node is adopted with its first report and the first key it
     presents is pinned (trust on first use); else it waits for `rackboot adopt`, which pins
     the key it presented. ``hostname_pattern`` ([master] hostname): an adopted node gets its
-    index and name then. ``verify`` checks a report's signature (openssl)."""
+    index and name then. ``verify`` checks a report's signature (nodekeys.Verifier)."""
 
     def __init__(
         self,
@@ -491,7 +491,7 @@ class Inventory:
         X-Rackboot-Signature over them. nodekeys.Busy or Unavailable when it cannot be checked."""
         received = time.time() if received is None else received
         body = formats.dump(report) if body is None else body
-        pinned = self._pinned(report.node)  # judged outside the write lock: openssl takes milliseconds
+        pinned = self._pinned(report.node)  # judged outside the write lock: writers wait for no check
         auth = nodekeys.judge(report, body, signature, pinned, may_pin=self.auto_adopt, verify=self.verify)
         with self.write() as db:
             node = self._load(db, report.node)
