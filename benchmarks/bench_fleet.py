@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -92,7 +91,9 @@ class Worker:
     def make(cls, i: int) -> Worker:
         key = Ed25519PrivateKey.generate()
         public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        return cls(f"02-00-00-{i >> 16 & 0xFF:02x}-{i >> 8 & 0xFF:02x}-{i & 0xFF:02x}", f"{i:016x}", key, nodekey.b64(public))
+        return cls(
+            f"02-00-00-{i >> 16 & 0xFF:02x}-{i >> 8 & 0xFF:02x}-{i & 0xFF:02x}", f"{i:016x}", key, nodekey.b64(public)
+        )
 
     def signed(self, report: Report) -> tuple[bytes, dict[str, str]]:
         """The body and headers report.signed makes with this worker's key."""
@@ -131,6 +132,7 @@ class Run:
     reports_sent: int
     reports_counted: int  # in the inventory, signed by the node's pinned key
     nodes_pinned: int
+    states: dict[str, int]  # nodes by the inventory's state: all "ok" (confirmed, booted up to date)
     statuses: dict[str, int]
     failures: list[str]
     plan_p50: float
@@ -144,7 +146,11 @@ class Run:
 
     @property
     def counted_all(self) -> bool:
-        return self.reports_counted == self.reports_sent == self.workers * REPORTS_PER_WORKER
+        return (
+            self.reports_counted == self.reports_sent == self.workers * REPORTS_PER_WORKER
+            and self.nodes_pinned == self.workers
+            and self.states == {"ok": self.workers}
+        )
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -173,8 +179,12 @@ def boot_twice(worker: Worker, url: str, card: Card, boots: Boots, arrival: floa
     boots.add(lateness=started - arrival)
     plan: Plan | None = None
 
-    def report(phase: Phase, **fields: object) -> None:
-        made = reports.make(worker.node, phase, hostname=plan.hostname if plan else None, **fields)  # type: ignore[arg-type]
+    def report(phase: Phase, seconds: float = 0.0, size: int = 0, version: int | None = None) -> None:
+        slot = "a" if version is not None else None  # a blank card's first install goes into slot a
+        hostname = plan.hostname if plan else None
+        made = reports.make(
+            worker.node, phase, bytes=size, seconds=seconds, slot=slot, version=version, hostname=hostname
+        )
         body, headers = worker.signed(made)
         try:
             status = str(client.post("/report", body, headers=headers))
@@ -199,15 +209,16 @@ def boot_twice(worker: Worker, url: str, card: Card, boots: Boots, arrival: floa
         report(Phase.PLAN)
         plan, manifest_bytes = plan_and_manifest()
         manifest = formats.parse_manifest(manifest_bytes)
-        report(Phase.LAYOUT, seconds=time.monotonic() - started)
-        report(Phase.DOWNLOAD, bytes=manifest.stream_size, seconds=0.5, slot="a", version=manifest.version)
-        report(Phase.COMMIT, bytes=manifest.stream_size, seconds=time.monotonic() - started, slot="a", version=manifest.version)
-        report(Phase.BOOT, bytes=manifest.stream_size, seconds=time.monotonic() - started, slot="a", version=manifest.version)
+        size, version = manifest.stream_size, manifest.version  # (its reports count the bytes fetched)
+        report(Phase.LAYOUT, time.monotonic() - started)
+        report(Phase.DOWNLOAD, 0.5, size, version)  # the stream's own seconds, as a worker times it
+        report(Phase.COMMIT, time.monotonic() - started, size, version)
+        report(Phase.BOOT, time.monotonic() - started, size, version)
         second = time.monotonic()
-        report(Phase.CONFIRM, slot="a", version=manifest.version)
+        report(Phase.CONFIRM, 0.0, 0, version)
         plan, _ = plan_and_manifest()
-        report(Phase.BOOT, seconds=time.monotonic() - second, slot="a", version=manifest.version)
-    except (UpdaterError, Exception) as e:  # a boot that could not go on: counted, shown
+        report(Phase.BOOT, time.monotonic() - second, 0, version)
+    except Exception as e:  # a boot that could not go on (a refused signature too): counted, shown
         with boots.lock:
             boots.failures.append(f"{worker.node}: {type(e).__name__}: {e}")
     boots.add(boot_seconds=time.monotonic() - arrival)
@@ -217,7 +228,9 @@ def check_signing(worker: Worker) -> None:
     """The simulated worker's signed report is the updater's own, byte for byte (openssl signs
     it there; Ed25519 signatures are deterministic)."""
     made = reports.make(worker.node, Phase.PLAN)
-    assert worker.signed(made) == reports.signed(made, worker.node_key()), "simulated signing differs from the updater's"
+    assert worker.signed(made) == reports.signed(made, worker.node_key()), (
+        "simulated signing differs from the updater's"
+    )
 
 
 def storm(workers: list[Worker], url: str, card: Card) -> tuple[Boots, float]:
@@ -310,18 +323,26 @@ class Serve:
 # --- scenarios --------------------------------------------------------------------------------
 
 
-def figures(name: str, workers: list[Worker], boots: Boots, seconds: float, serve_cpu: float, client_cpu: float, inventory: Inventory) -> Run:
+def figures(
+    name: str,
+    workers: list[Worker],
+    boots: Boots,
+    seconds: float,
+    serve_cpu: float,
+    client_cpu: float,
+    inventory: Inventory,
+) -> Run:
     counted = inventory.db.execute("SELECT COUNT(*) FROM reports WHERE signed = 1 AND refused IS NULL").fetchone()[0]
-    pinned = inventory.db.execute(
-        "SELECT COUNT(*) FROM nodes WHERE pubkey IS NOT NULL AND id IN (%s)" % ",".join("?" * len(workers)),
-        [w.node for w in workers],
-    ).fetchone()[0]
+    keys = dict(inventory.db.execute("SELECT id, pubkey FROM nodes").fetchall())
+    pinned = sum(keys.get(w.node) == w.public_b64 for w in workers)  # each its own key
+    states = Counter(row[0] for row in inventory.db.execute("SELECT state FROM nodes"))
     return Run(
         scenario=name,
         workers=len(workers),
         reports_sent=sum(boots.statuses.values()),
         reports_counted=counted,
         nodes_pinned=pinned,
+        states=dict(states),
         statuses=dict(boots.statuses),
         failures=boots.failures,
         plan_p50=quantile(boots.plan_latency, 0.5),
@@ -350,7 +371,9 @@ def one_master(workers: list[Worker]) -> Run:
             serve_cpu, client_cpu = serve.cpu() - cpu, time.process_time() - client
         finally:
             serve.stop()
-        return figures("one master (SQLite)", workers, boots, seconds, serve_cpu, client_cpu, Inventory(cfg.master.directory))
+        return figures(
+            "one master (SQLite)", workers, boots, seconds, serve_cpu, client_cpu, Inventory(cfg.master.directory)
+        )
 
 
 SCENARIOS: dict[str, Callable[[list[Worker]], Run]] = {"one master": one_master}
@@ -376,15 +399,16 @@ def report(runs: list[Run]) -> str:
         lines += [
             f"  {r.scenario}: {r.workers} workers arriving over {RAMP:g} s, at most {CONCURRENCY} at once",
             f"    reports counted: {r.reports_counted} of {r.reports_sent} sent ({r.workers} x {REPORTS_PER_WORKER} "
-            f"expected; answers: {statuses}); nodes with their key pinned: {r.nodes_pinned} "
-            f"(goal: all: {ok(r.counted_all and r.nodes_pinned == r.workers)})",
+            f"expected; answers: {statuses}); nodes with their key pinned: {r.nodes_pinned}, by state: "
+            f"{', '.join(f'{n} {state}' for state, n in sorted(r.states.items()))} (goal: all: {ok(r.counted_all)})",
             f"    plan latency (GET plan + .sig): p50 {r.plan_p50 * 1000:.0f} ms, p99 {r.plan_p99 * 1000:.0f} ms, "
             f"{r.plan_p99 / GOAL_P99:.2f} of the goal's {GOAL_P99:g} s ({ok(r.plan_p99 < GOAL_P99)})",
             f"    all {r.workers} booted twice in {r.seconds:.1f} s, {r.seconds / GOAL_SECONDS:.2f} of the goal's "
             f"{GOAL_SECONDS:g} s ({ok(r.seconds < GOAL_SECONDS and not r.failures)}); one worker's two boots: "
             f"p50 {r.boot_p50:.2f} s, p99 {r.boot_p99:.2f} s; waited for a turn at most {r.most_late:.2f} s",
-            f"    master CPU: {r.serve_cpu / r.workers * 1000:.1f} ms per worker boot ({r.serve_cpu:.1f} s in all, "
-            f"{r.serve_cpu / r.seconds:.2f} of one core); the workers' side (this process): {r.client_cpu:.1f} s",
+            f"    master CPU: {r.serve_cpu / r.workers * 1000:.1f} ms per worker (its two boots; "
+            f"{r.serve_cpu:.1f} s in all, {r.serve_cpu / r.seconds:.2f} of one core); "
+            f"the workers' side (this process): {r.client_cpu:.1f} s",
         ]
         lines += [f"    failed: {failure}" for failure in r.failures[:5]]
     return "\n".join(lines)

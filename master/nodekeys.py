@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from rackboot.initramfs.updater import nodekey
 from rackboot.initramfs.updater.formats import Report
 from rackboot.initramfs.updater.report import SIGNATURE_HEADER
