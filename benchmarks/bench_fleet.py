@@ -31,8 +31,10 @@ the master's CPU seconds per worker boot (utime + stime of the serve process fro
 and the seconds from the first arrival until the last worker's last report, each against
 its goal.
 
-Each scenario is one function returning a Run; a second one (rack masters and the region
-on one PostgreSQL) is one more entry in SCENARIOS.
+Each scenario is one function of the workers returning a Run (one_master); a second one
+(two rack masters and the region on one PostgreSQL) is one more entry in SCENARIOS: its
+masters' URLs to storm (worker i asks urls[i % n], its rack's), their serve processes' CPU
+summed, the reports counted in the region's database.
 """
 
 from __future__ import annotations
@@ -233,15 +235,16 @@ def check_signing(worker: Worker) -> None:
     )
 
 
-def storm(workers: list[Worker], url: str, card: Card) -> tuple[Boots, float]:
-    """The boot storm: arrivals evenly over RAMP s, CONCURRENCY at once. (Boots, seconds)."""
+def storm(workers: list[Worker], urls: list[str], card: Card) -> tuple[Boots, float]:
+    """The boot storm: arrivals evenly over RAMP s, CONCURRENCY at once, worker i asking
+    urls[i % len(urls)] (its rack's master). (Boots, seconds)."""
     boots = Boots()
     start = time.monotonic() + 0.2
     arrivals = [start + RAMP * i / len(workers) for i in range(len(workers))]
 
     def one(i: int) -> None:
         time.sleep(max(0.0, arrivals[i] - time.monotonic()))
-        boot_twice(workers[i], url, card, boots, arrivals[i])
+        boot_twice(workers[i], urls[i % len(urls)], card, boots, arrivals[i])
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(one, range(len(workers))))
@@ -367,7 +370,7 @@ def one_master(workers: list[Worker]) -> Run:
         serve = Serve(cfg, base / "serve.log")
         try:
             cpu, client = serve.cpu(), time.process_time()
-            boots, seconds = storm(workers, serve.url, card)
+            boots, seconds = storm(workers, [serve.url], card)
             serve_cpu, client_cpu = serve.cpu() - cpu, time.process_time() - client
         finally:
             serve.stop()
