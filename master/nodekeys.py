@@ -9,7 +9,7 @@ report of that node counts only when it verifies against that key. ``judge`` dec
 but for the ``verify`` it is given.
 
 Verification runs in the master's own process (pyca/cryptography's Ed25519, OpenSSL's
-code under it): some 50 microseconds a report, where starting Debian's openssl for each
+code under it): a fraction of a millisecond a report, where starting Debian's openssl for each
 took milliseconds of a core and capped a report storm at some 160 reports/s on two cores.
 The updater, stdlib-only, still signs with openssl; Ed25519 is one algorithm whichever
 code runs it, and tests/unit/test_nodekey.py checks both ways agree. ``Verifier(openssl=
