@@ -122,7 +122,8 @@ class SQLite:
         self.where = str(path)
 
     def connect(self) -> Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=True)
+        # (check_same_thread off: a released connection serves the next thread, one thread at a time)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut loses at most the last reports, never the file

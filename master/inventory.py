@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from rackboot.config import Config
 
 FILE = database.FILE
+IDLE = 64  # connections kept for the next threads (release())
 SEEN = 256  # unknown nodes whose plan request is kept in memory until their first report
 CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
 REORDER_WINDOW = 3600.0  # further back than this is a clock that was reset, not a late report
@@ -341,7 +342,7 @@ class Inventory:
     ([master] adopt = "auto"): a node is adopted with its first report and the first key it
     presents is pinned (trust on first use); else it waits for `rackboot adopt`, which pins
     the key it presented. ``hostname_pattern`` ([master] hostname): an adopted node gets its
-    index and name then. ``verify`` checks a report's signature (openssl)."""
+    index and name then. ``verify`` checks a report's signature (nodekeys.Verifier)."""
 
     def __init__(
         self,
@@ -362,6 +363,9 @@ class Inventory:
         self.hostname_pattern = hostname_pattern
         self.verify: nodekeys.Verify = verify or nodekeys.Verifier()
         self._local = threading.local()
+        self._idle: list[Connection] = []  # connections released by threads done with them
+        self._idle_lock = threading.Lock()
+        self._writer = threading.RLock()  # this process's writers, one at a time (write()); nested: as before
         self._seen: OrderedDict[str, Seen] = OrderedDict()  # unknown nodes' plan requests, newest last
         self._seen_lock = threading.Lock()
         self.hooks: list[Callable[[Inventory, str], object]] = []  # run after a report was taken
@@ -390,37 +394,64 @@ class Inventory:
 
     @property
     def db(self) -> Connection:
-        """This thread's connection (a PostgreSQL one that broke is opened again)."""
+        """This thread's connection: one another thread released (release()), else a new one
+        (a PostgreSQL one that broke is left for a new one)."""
         conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and self.backend.closed(conn):
-            conn = None
-        if conn is None:
-            conn = self.backend.connect()
-            self._local.conn = conn
+        if conn is not None and not self.backend.closed(conn):
+            return conn
+        while conn is None or self.backend.closed(conn):
+            with self._idle_lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self.backend.connect()
+        self._local.conn = conn
         return conn
+
+    def release(self) -> None:
+        """This thread is done with the inventory: its connection goes to the next thread that
+        needs one. serve's threads each serve one HTTP connection, and the updater makes one
+        per request: opening SQLite anew for each cost more than the report's transaction."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        # (write() never leaves a transaction open; a reader's is not the next thread's)
+        if self.backend.closed(conn) or conn.in_transaction:
+            conn.close()
+            return
+        with self._idle_lock:
+            if len(self._idle) < IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One write transaction, holding the database's write lock from its start (writers
-        queue up front, never deadlock). Inside another on this thread: that one."""
+        queue up front, never deadlock); inside another on this thread: that one. This
+        process's writers queue on a lock first, each woken as the one before is done: left
+        to SQLite's busy handler, which sleeps and polls (up to 100 ms a nap), a report
+        storm's writers waited several times the work. Other processes (rackboot status,
+        rollout, adopt; other masters on PostgreSQL) still meet serve's writers there."""
         if getattr(self._local, "writing", False):
             yield self.db
             return
         db = self.db
-        self._local.writing = True
-        try:
-            self.backend.begin_write(db)
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # (a COMMIT that failed leaves it open)
-                try:
-                    db.execute("ROLLBACK")
-                except database.ERRORS:  # a connection that broke rolled back on the server's side
-                    pass
-            raise
-        finally:
-            self._local.writing = False
+        with self._writer:
+            self._local.writing = True
+            try:
+                self.backend.begin_write(db)
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # (a COMMIT that failed leaves it open)
+                    try:
+                        db.execute("ROLLBACK")
+                    except database.ERRORS:  # a connection that broke rolled back on the server's side
+                        pass
+                raise
+            finally:
+                self._local.writing = False
 
     def schema(self) -> int:
         return self.backend.version(self.db)
@@ -543,7 +574,7 @@ class Inventory:
         X-Rackboot-Signature over them. nodekeys.Busy or Unavailable when it cannot be checked."""
         received = time.time() if received is None else received
         body = formats.dump(report) if body is None else body
-        pinned = self._pinned(report.node)  # judged outside the write lock: openssl takes milliseconds
+        pinned = self._pinned(report.node)  # judged outside the write lock: writers wait for no check
         auth = nodekeys.judge(report, body, signature, pinned, may_pin=self.auto_adopt, verify=self.verify)
         with self.write() as db:
             node = self._load(db, report.node)
