@@ -227,8 +227,8 @@ class PostgreSQL:
         return bool(conn.conn.closed or conn.conn.broken)
 
     def begin_write(self, conn: Connection) -> None:
-        conn.execute("BEGIN")
-        conn.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")  # held to COMMIT/ROLLBACK
+        # one round trip; the lock is held to COMMIT/ROLLBACK
+        conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
 
     def version(self, conn: Connection) -> int:
         conn.execute("CREATE TABLE IF NOT EXISTS rackboot_schema (version INTEGER NOT NULL)")
