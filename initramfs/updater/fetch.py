@@ -147,7 +147,7 @@ class MasterClient:
             except _Retry as e:
                 reason = str(e)
             except _TRANSIENT as e:
-                reason = _describe(e)
+                reason = describe(e)
             if n < self.retries:
                 self.sleep(delay)
                 delay *= 2
@@ -177,6 +177,10 @@ class MasterClient:
     def get_doc(self, path: str, parse: Callable[[bytes], T], *, headers: dict | None = None) -> T:
         return parse(self.get(path, headers=headers))
 
+    def verified(self, what: str, take: Callable[[MasterClient], T]) -> T:
+        """``take(self)``: one source has nothing to fall back on (sources.py's has)."""
+        return take(self)
+
     # --- image streams ----------------------------------------------------------------
 
     def stream(
@@ -199,7 +203,7 @@ class MasterClient:
             except _Busy as e:
                 waited = self._wait_busy(path, e.seconds, waited, on_wait)
             except (_Retry, *_TRANSIENT) as e:
-                reason = str(e) if isinstance(e, _Retry) else _describe(e)
+                reason = str(e) if isinstance(e, _Retry) else describe(e)
                 if offset > before:  # the budget is for attempts in a row that get nowhere
                     failures, delay = 0, self.backoff
                 failures += 1
@@ -423,7 +427,7 @@ def _content_range(value: str) -> tuple[int, int, int | None]:
     return first, last, total
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
     if isinstance(e, http.client.IncompleteRead):
