@@ -44,6 +44,11 @@ class NotFound(UpdaterError):
     """The master has no such document (404)."""
 
 
+class Unreachable(UpdaterError):
+    """Every attempt failed to reach the master or to hear from it in time: refused, reset,
+    timed out (not an answer, however wrong)."""
+
+
 class NoRange(UpdaterError):
     """The master does not serve byte ranges of a file (block deltas need them)."""
 
@@ -145,13 +150,13 @@ class MasterClient:
             try:
                 return attempt()
             except _Retry as e:
-                reason = str(e)
+                reason, error = str(e), UpdaterError
             except _TRANSIENT as e:
-                reason = describe(e)
+                reason, error = describe(e), Unreachable
             if n < self.retries:
                 self.sleep(delay)
                 delay *= 2
-        raise UpdaterError(f"master {self.url}: {what}: {reason} (after {self.retries + 1} attempts)")
+        raise error(f"master {self.url}: {what}: {reason} (after {self.retries + 1} attempts)")
 
     # --- documents --------------------------------------------------------------------
 
@@ -208,7 +213,8 @@ class MasterClient:
                     failures, delay = 0, self.backoff
                 failures += 1
                 if failures > self.retries:
-                    raise UpdaterError(f"master {self.url}: GET {path}: {reason} (after {failures} attempts)") from None
+                    error = UpdaterError if isinstance(e, _Retry) else Unreachable
+                    raise error(f"master {self.url}: GET {path}: {reason} (after {failures} attempts)") from None
                 self.sleep(delay)
                 delay *= 2
 

@@ -15,7 +15,8 @@ A source that failed once is demoted for the rest of the boot: it is asked after
 that has not failed (in their order), so a dead or damaged source costs its timeout or its
 bytes once, yet is still there when nothing else has a piece. A 404 is no failure (a cache may
 lack a file): the next source is asked, and the piece is missing only when no source has it.
-Reports go to the master; when it cannot be reached, to the next source (the same order).
+A source that could not be reached is not asked for a piece another source said is missing.
+Reports go to the master; when it cannot be reached, to the next source that can be.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import DiskError, Refused, UpdaterError
-from .fetch import CHUNK, MasterClient, NoRange, NotFound, describe
+from .fetch import CHUNK, MasterClient, NoRange, NotFound, Unreachable, describe
 from .formats import MAX_REPORT_SOURCES, MAX_SOURCE_URL, SourceUse
 
 T = TypeVar("T")
@@ -87,6 +88,7 @@ class Sources:
         self.clients = list(clients)
         self.order = list(range(len(self.clients)))  # source indexes, the demoted ones last
         self.failed: dict[int, str] = {}  # index -> its first failure this boot
+        self.unreachable: set[int] = set()  # refused, reset or timed out this boot
         self.log = log
 
     @classmethod
@@ -141,9 +143,11 @@ class Sources:
     def in_order(self) -> list[MasterClient]:
         return [self.clients[i] for i in self.order]
 
-    def demote(self, client: MasterClient, reason: str) -> None:
+    def demote(self, client: MasterClient, reason: str, *, unreachable: bool = False) -> None:
         """``client`` failed: it is asked after every source that has not, for the rest of the boot."""
         i = self.clients.index(client)
+        if unreachable:
+            self.unreachable.add(i)
         if i not in self.failed:  # behind the sources in good standing and those demoted before it
             self.failed[i] = reason
             self.order.remove(i)
@@ -154,12 +158,16 @@ class Sources:
     def verified(self, what: str, take: Callable[[MasterClient], T]) -> T:
         """``take(source)`` from each source in turn until one returns (its checks passed).
         A 404 or a source without byte ranges is passed over without demotion; any other
-        failure demotes the source. When every source failed: NotFound if one said 404 and
+        failure demotes the source. A source that could not be reached is not asked for a
+        piece another source said is missing (the key chain's last link is one every boot):
+        a dead source costs its timeouts once. When every source failed: NotFound if one said 404 and
         none sent a refused document, Refused if one did, NoRange if none answered a range,
         else an UpdaterError naming each source's failure. A card that fails (DiskError) ends
         it at once: no source is to blame."""
         failures: list[UpdaterError] = []
         for client in self.in_order():
+            if self.clients.index(client) in self.unreachable and any(isinstance(e, NotFound) for e in failures):
+                continue
             try:
                 return take(client)
             except DiskError:
@@ -168,7 +176,7 @@ class Sources:
                 failures.append(e)
             except UpdaterError as e:
                 failures.append(e)
-                self.demote(client, f"{what}: {e}")
+                self.demote(client, f"{what}: {e}", unreachable=isinstance(e, Unreachable))
         if len(failures) == 1:
             raise failures[0]
         told = "; ".join(str(e) for e in failures)
@@ -207,7 +215,7 @@ class Sources:
             except NotFound as e:
                 failures.append(e)
             except UpdaterError as e:
-                self.demote(client, f"GET {path}: {e}")
+                self.demote(client, f"GET {path}: {e}", unreachable=isinstance(e, Unreachable))
                 if sent:
                     raise
                 failures.append(e)
@@ -230,13 +238,16 @@ class Sources:
         self, path: str, body: bytes, *, timeout: float | None = None, headers: dict[str, str] | None = None
     ) -> int:
         """To the master, or when it cannot be reached (refused, reset, timed out) the next
-        source; any answer is the answer. The last transport error when none can be reached."""
-        error: BaseException | None = None
-        for client in self.in_order():
+        source, in the configured order: a source that sent a bad piece is still a fine
+        place to report to, one that could not be reached this boot is not asked again. Any
+        answer is the answer; Unreachable when no source can be reached."""
+        tried = []
+        for i, client in enumerate(self.clients):
+            if i in self.unreachable:
+                continue
             try:
                 return client.post(path, body, timeout=timeout, headers=headers)
             except _TRANSPORT as e:
-                error = e
-                self.demote(client, f"POST {path}: {describe(e)}")
-        assert error is not None
-        raise error
+                tried.append(f"{client.url}: {describe(e)}")
+                self.demote(client, f"POST {path}: {describe(e)}", unreachable=True)
+        raise Unreachable(f"POST {path}: no source can be reached" + (f" ({'; '.join(tried)})" if tried else ""))
