@@ -34,7 +34,9 @@ T = TypeVar("T")
 MAX_SOURCES = MAX_REPORT_SOURCES  # the master and at most 7 sources after it
 MAX_URL = MAX_SOURCE_URL  # characters in one source's URL
 MAX_LIST = 384  # characters of rackboot.sources= (the kernel keeps 1024 of command line on armhf)
-_UNSAFE = set(",'\"$\\;`<>|&(){}[]^")  # the list's separator, and what a shell or U-Boot's hush acts on
+# the list's separator, and what a shell or U-Boot's hush acts on (/init splits the command
+# line unquoted: a glob's brackets or star could match a file)
+_UNSAFE = set(",'\"$\\;`<>|&(){}[]^*")
 _TRANSPORT = (OSError, http.client.HTTPException)
 
 
@@ -176,7 +178,7 @@ class Sources:
                 failures.append(e)
             except UpdaterError as e:
                 failures.append(e)
-                self.demote(client, f"{what}: {e}", unreachable=isinstance(e, Unreachable))
+                self.demote(client, _reason(what, e), unreachable=isinstance(e, Unreachable))
         if len(failures) == 1:
             raise failures[0]
         told = "; ".join(str(e) for e in failures)
@@ -215,7 +217,7 @@ class Sources:
             except NotFound as e:
                 failures.append(e)
             except UpdaterError as e:
-                self.demote(client, f"GET {path}: {e}", unreachable=isinstance(e, Unreachable))
+                self.demote(client, _reason(f"GET {path}", e), unreachable=isinstance(e, Unreachable))
                 if sent:
                     raise
                 failures.append(e)
@@ -251,3 +253,9 @@ class Sources:
                 tried.append(f"{client.url}: {describe(e)}")
                 self.demote(client, f"POST {path}: {describe(e)}", unreachable=True)
         raise Unreachable(f"POST {path}: no source can be reached" + (f" ({'; '.join(tried)})" if tried else ""))
+
+
+def _reason(what: str, e: UpdaterError) -> str:
+    """Why a source was passed over: the error, with what was asked unless it says already."""
+    text = str(e)
+    return text if what.partition(" ")[2].split(" ")[0] in text else f"{what}: {text}"
