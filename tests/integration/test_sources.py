@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from rackboot.initramfs.updater import formats
+from rackboot.initramfs.updater.errors import UpdaterError
+from rackboot.initramfs.updater.fetch import NotFound
 from rackboot.initramfs.updater.main import Identity, run
 from rackboot.initramfs.updater.signature import Verifier
 from rackboot.initramfs.updater.sources import Sources
@@ -27,7 +29,7 @@ from rackboot.master import publish, serve, signing
 
 from tests.integration.signed_rack import sign
 from tests.integration.test_delta import EPOCH, SLOT_A, SLOT_B, Sent, image, manifest, slot_bytes, tree, wait_for
-from tests.integration.updater_master import MAC, NODE, write_plan
+from tests.integration.updater_master import MAC, NODE, Server, write_plan
 
 READ_TIMEOUT = 3.0  # short, so the stalled source costs seconds; long enough for a loaded serve
 
@@ -224,3 +226,76 @@ def test_v1_by_stream_and_v2_by_delta_come_from_the_one_good_source_of_five(rack
     assert uses[bad_images.url]["bytes"] == image_bytes_sent(wait_for(sent["bad-images"]))
     assert report["bytes"] == sum(u["bytes"] for u in report["sources"]) == second.bytes_fetched
     assert formats.parse_report(json.dumps(report)).sources is not None
+
+
+# --- the choice, piece by piece --------------------------------------------------------------
+
+
+@pytest.fixture
+def two(tmp_path):
+    """Two loopback masters (updater_master.py's), each with a tree of its own."""
+    servers = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        servers.append(Server(tmp_path / name))
+    yield [s.master for s in servers]
+    for s in servers:
+        s.close()
+
+
+def client_of(*urls: str) -> Sources:
+    return Sources.of(urls[0], urls[1:], connect_timeout=READ_TIMEOUT, read_timeout=1.0, backoff=0.01)
+
+
+def test_a_file_one_source_lacks_comes_from_the_next_and_a_404_demotes_nobody(two):
+    one, other = two
+    (other.root / "doc.json").write_bytes(b"{}")
+    sources = client_of(one.url, other.url)
+    assert sources.get("/doc.json") == b"{}"
+    assert sources.failed == {}  # one still comes first
+    (one.root / "doc.json").write_bytes(b"[]")
+    assert sources.get("/doc.json") == b"[]"
+    with pytest.raises(NotFound, match="no source has it"):
+        sources.get("/missing.json")
+
+
+def test_a_document_that_does_not_parse_is_taken_from_the_next_source(two):
+    one, other = two
+    (one.root / "doc.json").write_bytes(b"not json")
+    (other.root / "doc.json").write_bytes(b'{"ok": true}')
+    sources = client_of(one.url, other.url)
+    assert sources.get_doc("/doc.json", lambda b: formats.load_json("doc", b)) == {"ok": True}
+    assert list(sources.failed) == [0] and [c.url for c in sources.in_order()] == [other.url, one.url]
+
+
+def test_an_unreachable_source_is_not_asked_for_what_another_lacks(two):
+    one, _ = two
+    stalled = Stalled()
+    try:
+        sources = client_of(one.url, stalled.url)
+        (one.root / "doc.json").write_bytes(b"{}")
+        one.faults.status = 500  # one fails: the stalled source is asked, and times out
+        with pytest.raises(UpdaterError, match="every source failed"):
+            sources.get("/doc.json")
+        asked = len(stalled.held)
+        assert asked == 2 and sources.unreachable == {1}
+        one.faults.status = None
+        with pytest.raises(NotFound):  # one says 404: the stalled source is not asked again
+            sources.get("/keys/1.json")
+        assert len(stalled.held) == asked
+    finally:
+        stalled.close()
+
+
+def test_a_report_goes_to_the_first_source_that_can_be_reached(two):
+    one, other = two
+    down = refused_url()
+    sources = client_of(down, one.url, other.url)
+    body = formats.dump(formats.Report(node=NODE, phase=formats.Phase.PLAN))
+    assert sources.post("/report", body) == 204
+    assert sources.post("/report", body) == 204
+    assert len(one.reports) == 2 and other.reports == []
+    assert "refused" in (sources.failed[0] or "") and sources.unreachable == {0}
+    one.faults.status = 503  # an answer, however bad, is the answer: not passed on
+    assert sources.post("/report", body) == 503
+    assert other.reports == []
