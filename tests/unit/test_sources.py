@@ -5,6 +5,8 @@ per-source field (rev10) as a master reads it."""
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 from rackboot import build, config, initramfs_tree
@@ -167,3 +169,39 @@ def test_a_report_with_bad_sources_is_refused_naming_the_entry(sources, problem)
     with pytest.raises(UpdaterError) as e:
         formats.parse_report(report(sources=sources))
     assert problem in str(e.value)
+
+
+# --- /init hands the list to the updater ----------------------------------------------------
+
+
+def init_function(name: str) -> str:
+    """One shell function of /init, as written there."""
+    text = (Path(__file__).resolve().parents[2] / "initramfs/init.sh").read_text()
+    start = text.index(f"\n{name}() {{") + 1
+    return text[start : text.index("\n}\n", start) + 3]
+
+
+@pytest.mark.parametrize(
+    "cmdline, conf, given",
+    [
+        (
+            "console=ttyAMA0 rackboot.master=http://10.0.2.2:8080 rackboot.sources=http://a:1,http://b/c "
+            "rackboot.source=net",
+            "http://conf",
+            "http://a:1,http://b/c",
+        ),
+        ("console=ttyAMA0 rackboot.master=http://10.0.2.2:8080 rackboot.source=card", "http://conf", "http://conf"),
+        ("rackboot.source=card", "", ""),
+    ],
+)
+def test_init_passes_the_command_lines_sources_or_its_own_to_the_updater(tmp_path, cmdline, conf, given):
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    recorder = tmp_path / "python3"
+    recorder.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    recorder.chmod(0o755)
+    script = (init_function("param") + init_function("run_updater")).replace("/proc/cmdline", str(tmp_path / "cmdline"))
+    script = script.replace("/usr/bin/python3", str(recorder))
+    env = {"PATH": "/usr/bin:/bin", "RACKBOOT_MASTER": "http://m", "RACKBOOT_SOURCES": conf, "RACKBOOT_DISK": "/d"}
+    out = subprocess.run(["sh", "-c", script + "run_updater"], env=env, capture_output=True, text=True, check=True)
+    args = out.stdout.splitlines()
+    assert args[args.index("--sources") + 1] == given
