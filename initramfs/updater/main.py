@@ -283,6 +283,7 @@ class _Update:
         self.offline_mount = offline_mount
         self.verifier = keyring.trusted(disk, verifier, log)  # the card's newer key, offline too
         self.watchdog = watchdog
+        master.progress = watchdog.progress  # passing over a source is a step forward
         self.t0 = now()
         self.state = slot_state.read(disk)
         self.plan: Plan | None = None

@@ -92,6 +92,9 @@ class Sources:
         self.failed: dict[int, str] = {}  # index -> its first failure this boot
         self.unreachable: set[int] = set()  # refused, reset or timed out this boot
         self.log = log
+        # hears of each move to the next source: one source's tries are bounded, so a watchdog
+        # fed here never sees several stalled sources in a row as one stalled update
+        self.progress: Callable[[], None] = lambda: None
 
     @classmethod
     def of(cls, master: str, extra: Sequence[str] = (), **client: Any) -> Sources:
@@ -170,6 +173,8 @@ class Sources:
         for client in self.in_order():
             if self.clients.index(client) in self.unreachable and any(isinstance(e, NotFound) for e in failures):
                 continue
+            if failures:
+                self.progress()
             try:
                 return take(client)
             except DiskError:
@@ -208,6 +213,8 @@ class Sources:
         after them fails the stream; callers that check a stream whole take it with ``verified``."""
         failures: list[UpdaterError] = []
         for client in self.in_order():
+            if failures:
+                self.progress()
             sent = False
             try:
                 for piece in client.stream(path, size, chunk=chunk, on_wait=on_wait):
@@ -243,10 +250,12 @@ class Sources:
         source, in the configured order: a source that sent a bad piece is still a fine
         place to report to, one that could not be reached this boot is not asked again. Any
         answer is the answer; Unreachable when no source can be reached."""
-        tried = []
+        tried: list[str] = []
         for i, client in enumerate(self.clients):
             if i in self.unreachable:
                 continue
+            if tried:
+                self.progress()
             try:
                 return client.post(path, body, timeout=timeout, headers=headers)
             except _TRANSPORT as e:

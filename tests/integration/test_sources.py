@@ -273,12 +273,14 @@ def test_an_unreachable_source_is_not_asked_for_what_another_lacks(two):
     stalled = Stalled()
     try:
         sources = client_of(one.url, stalled.url)
+        moves: list[int] = []
+        sources.progress = lambda: moves.append(1)  # the watchdog's feed: passing over is progress
         (one.root / "doc.json").write_bytes(b"{}")
         one.faults.status = 500  # one fails: the stalled source is asked, and times out
         with pytest.raises(UpdaterError, match="every source failed"):
             sources.get("/doc.json")
         asked = len(stalled.held)
-        assert asked == 2 and sources.unreachable == {1}
+        assert asked == 2 and sources.unreachable == {1} and moves == [1]
         one.faults.status = None
         with pytest.raises(NotFound):  # one says 404: the stalled source is not asked again
             sources.get("/keys/1.json")
