@@ -659,6 +659,8 @@ def test_every_sample_is_covered():
         # the key chain's samples, checked in test_golden_keys.py
         *(f"keychain.format1.rev1.json{sig}" for sig in ("", ".sig")),
         "key-record.format1.rev1.bin",
+        # rackboot nginx-config's output, checked in test_nginx_config.py
+        "nginx.conf.golden",
     }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {
         "README.md",
