@@ -38,3 +38,15 @@ def database(request) -> str:
     if request.param == "sqlite":
         return ""
     return str(request.getfixturevalue("postgres").database())
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked sqlite_only (about the SQLite file itself) runs once, on SQLite: its
+    PostgreSQL case is deselected, not skipped, so no skip is left in the run."""
+    keep, drop = [], []
+    for item in items:
+        on_postgres = getattr(item, "callspec", None) and item.callspec.params.get("database") == "postgresql"
+        (drop if on_postgres and item.get_closest_marker("sqlite_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

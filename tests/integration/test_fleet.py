@@ -41,9 +41,8 @@ DATABASE = ""  # the [master] database make_cfg writes: each test here runs on b
 @pytest.fixture(autouse=True)
 def _backend(request, database, monkeypatch):
     """Every test of this module (and test_node_keys') once on SQLite and once on PostgreSQL;
-    one marked sqlite_only (an SQLite file's own format) once."""
-    if database and request.node.get_closest_marker("sqlite_only"):
-        pytest.skip("about the SQLite file itself")
+    one marked sqlite_only (an SQLite file's own format) once (tests/conftest.py deselects
+    its PostgreSQL case)."""
     monkeypatch.setattr(sys.modules[__name__], "DATABASE", database)
 
 
