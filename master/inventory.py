@@ -48,7 +48,7 @@ from . import hostnames, nodekeys
 from .nodekeys import Auth
 
 FILE = ".inventory.db"
-SCHEMA = 5
+SCHEMA = 6
 SEEN = 256  # unknown nodes whose plan request is kept in memory until their first report
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (a rack reporting at once queues here)
 CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
@@ -125,6 +125,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE reports ADD COLUMN signed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE reports ADD COLUMN refused TEXT;
     """,
+    # 6: the rack master that relayed a node's last report (NULL: it reported to this master itself)
+    """
+    ALTER TABLE nodes ADD COLUMN rack TEXT;
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA
 
@@ -167,6 +171,7 @@ class Node:
     pubkey: str | None = None  # the key pinned at adoption (base64 of the raw 32 bytes)
     pubkey_candidate: str | None = None  # a key it presented (and signed with) that is not pinned
     pubkey_pinned_at: float | None = None
+    rack: str | None = None  # the rack master its last report came through; None: straight here
     slots: dict[str, SlotInfo] = field(default_factory=dict)
 
     @property
@@ -210,6 +215,7 @@ _NODE_COLUMNS = (
     "pubkey",
     "pubkey_candidate",
     "pubkey_pinned_at",
+    "rack",
 )
 
 
@@ -485,6 +491,7 @@ class Inventory:
         ip: str | None = None,
         body: bytes | None = None,
         signature: bytes | None = None,
+        rack: str | None = None,
     ) -> Ingested:
         """Take one parsed report (its node id already checked) into the history and the node.
         ``body``: the exact bytes it came as (default: its canonical bytes), ``signature``: the
@@ -565,7 +572,7 @@ class Inventory:
                 node = self._admit(report.node, received)
             if auth.pin is not None:
                 self.log(f"inventory: {report.node}: key {nodekeys.fingerprint(auth.pin)} pinned (first use)")
-            self._store(db, apply(with_key(node, auth, received), report, received), ip)
+            self._store(db, replace(apply(with_key(node, auth, received), report, received), rack=rack), ip)
         if admitted:
             self.log(
                 f"inventory: new node {report.node}{' from ' + ip if ip else ''}"

@@ -1,0 +1,137 @@
+"""A rack master's reports: taken from its workers, kept in a spool on disk, forwarded to
+the region in the order they came.
+
+A report is checked where it enters (as the region checks it: its size, its JSON, its node
+id, the form of its signature header) and written to ``spool/<n>.report`` (the signature
+header's value on the first line, then the body exactly as it came, since the node's
+signature is over those bytes) before the worker is answered. A forwarder thread posts
+the spool to the region's POST /report, oldest first, with the same body and signature
+header and X-Rackboot-Rack naming this rack; the region checks the node's signature as
+for any report. A report the region answers with 2xx or 4xx (taken, a replay, refused:
+its answer is final, and the region keeps refused ones in its history) leaves the spool;
+an unreachable region or a 5xx stops the round, and the next round (every RETRY seconds,
+or at the next report) starts again with the same report. The spool holds at most
+MAX_SPOOL reports: past that a worker is answered 503 and keeps its report for its next boot.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from rackboot.files import atomic_write_bytes
+
+from .nodekeys import SIGNATURE_HEADER
+
+RACK_HEADER = "X-Rackboot-Rack"
+MAX_SPOOL = 1000  # reports kept while the region is away (each at most serve.MAX_REPORT bytes)
+RETRY = 5.0  # seconds between rounds while reports wait
+TIMEOUT = 15.0  # seconds one forward may take
+_SPOOLED_RE = re.compile(r"([0-9]{12})\.report")
+
+
+class Relay:
+    def __init__(
+        self,
+        spool: Path,
+        upstream: str,
+        rack: str,
+        *,
+        log: Callable[[str], None] = lambda _line: None,
+        limit: int = MAX_SPOOL,
+        retry: float = RETRY,
+    ):
+        self.spool = Path(spool)
+        split = urlsplit(upstream)
+        self.host, self.port = split.hostname or "", split.port or 80
+        self.rack = rack
+        self.log = log
+        self.limit = limit
+        self.retry = retry
+        self._lock = threading.Lock()  # one writer of the spool's numbers
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._away = False  # the region did not answer the last round: said once until it does
+        self.spool.mkdir(parents=True, exist_ok=True)
+
+    def waiting(self) -> list[Path]:
+        return sorted(p for p in self.spool.iterdir() if _SPOOLED_RE.fullmatch(p.name))
+
+    def take(self, body: bytes, signature: str | None) -> bool:
+        """Spool one checked report (``signature``: the header's value as it came); False when full."""
+        with self._lock:
+            waiting = self.waiting()
+            if len(waiting) >= self.limit:
+                return False
+            n = int(waiting[-1].name[:12]) + 1 if waiting else 1
+            atomic_write_bytes(self.spool / f"{n:012d}.report", (signature or "").encode() + b"\n" + body)
+        self._wake.set()
+        return True
+
+    def start(self) -> Relay:
+        self._thread = threading.Thread(target=self._run, name="rackboot-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            self.flush()
+            self._wake.wait(self.retry if self.waiting() else None)
+
+    def flush(self) -> int:
+        """Forward what waits, oldest first, until done or the region does not take it; returns
+        how many left the spool."""
+        sent = 0
+        for path in self.waiting():
+            if self._stop.is_set():
+                break
+            try:
+                raw = path.read_bytes()
+            except OSError:
+                continue
+            signature, _, body = raw.partition(b"\n")
+            status, answer = self._post(body, signature.decode("ascii", "replace"))
+            if status is None or status >= 500:
+                if not self._away:
+                    self._away = True
+                    self.log(
+                        f"relay: region {self.host}:{self.port} did not take reports ({answer}); "
+                        f"{len(self.waiting())} kept in {self.spool}, forwarded when it answers"
+                    )
+                break
+            if self._away:
+                self._away = False
+                self.log(f"relay: region {self.host}:{self.port} answers again; forwarding the spool")
+            if status >= 400:
+                self.log(f"relay: region refused a spooled report ({path.name}): {status} {answer}")
+            os.unlink(path)
+            sent += 1
+        return sent
+
+    def _post(self, body: bytes, signature: str) -> tuple[int | None, str]:
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), RACK_HEADER: self.rack}
+        if signature:
+            headers[SIGNATURE_HEADER] = signature
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT)
+        try:
+            conn.request("POST", "/report", body=body, headers=headers)
+            response = conn.getresponse()
+            text = response.read(500).decode("utf-8", "replace").strip()
+            return response.status, text
+        except (OSError, http.client.HTTPException) as e:
+            return None, f"{type(e).__name__}: {e}"
+        finally:
+            conn.close()
