@@ -108,9 +108,11 @@ def render_config(master: Path) -> str:
         f"[{PUBLISHED}]",
         f"path = {master}",
         "comment = the published tree, for rack masters' mirrors",
+        "list = no",  # rack masters know its name; a listing shows the versions rsync mode installs
         # not root: a file the master keeps from others (not world-readable) cannot be read
         f"uid = {NOBODY}",
         f"gid = {NOBODY}",
+        "open noatime = no",  # O_NOATIME is for a file's owner: nobody's open would fail (EPERM)
         f"filter = {PUBLISHED_FILTER}",
     ]
     for module, tree in published_trees(master):
