@@ -265,9 +265,9 @@ def verify(tree: Path, root: Verifier, old: Path | None, *, log: Callable[[str],
         checked.files[rel] = sha256 or ""
 
     references: set[str] = set()
-    for path in sorted((tree / "plans").glob("*.json")):
-        match = _PLAN_RE.fullmatch(path.name)
-        where = f"/plans/{path.name}"
+    for plan_file in sorted((tree / "plans").glob("*.json")):
+        match = _PLAN_RE.fullmatch(plan_file.name)
+        where = f"/plans/{plan_file.name}"
         if match is None:
             raise SyncError(f"{where}: not a plan's file name")
         try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from rackboot.errors import RackbootError
 
 from .mirror import Mirror, SyncError, describe, synced_at
-from .relay import Relay
+from .relay import RETRY, Relay
 
 if TYPE_CHECKING:
     from rackboot.config import Config
@@ -47,7 +47,7 @@ class RackMaster:
         self.interval = interval
         self.log = log
         self.mirror = Mirror(self.root, self.upstream, rsync_port, key, log=log)
-        self.relay = Relay(self.root / SPOOL, self.upstream, self.name, log=log, **({"retry": retry} if retry else {}))
+        self.relay = Relay(self.root / SPOOL, self.upstream, self.name, log=log, retry=retry or RETRY)
         (self.root / EMPTY).mkdir(exist_ok=True)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

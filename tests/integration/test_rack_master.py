@@ -157,7 +157,9 @@ def rack(tmp_path, region, keys):
 def update(card: str, url: str, keys: dict, lines: list[str] | None = None):
     client = MasterClient(url, connect_timeout=1.0, read_timeout=5.0, retries=1, backoff=0.01, report_timeout=2.0)
     verifier = Verifier(str(signing.public_key_path(keys["master"])))
-    return run(card, url, Identity(MAC), master=client, log=(lines.append if lines is not None else print), verifier=verifier)
+    return run(
+        card, url, Identity(MAC), master=client, log=(lines.append if lines is not None else print), verifier=verifier
+    )
 
 
 def mirrored(rack: Rack) -> set[str]:
@@ -283,7 +285,10 @@ def test_the_region_down_leaves_the_rack_serving_and_its_reports_spooled_then_fo
 
     # a restart of the rack master with the region still away starts with its tree, and says so
     restarted = RackMaster(
-        rack.master.root, region.url, key=signing.public_key_path(keys["master"]), rsync_port=region.rsync.port,
+        rack.master.root,
+        region.url,
+        key=signing.public_key_path(keys["master"]),
+        rsync_port=region.rsync.port,
         log=rack.lines.append,
     )
     rack.lines.clear()
@@ -298,3 +303,15 @@ def test_the_region_down_leaves_the_rack_serving_and_its_reports_spooled_then_fo
     assert node is not None and node.rack == RACK
     history = inventory.history(NODE)
     assert [h["phase"] for h in history][-len(spooled) :] == [formats.parse_report(b).phase for b in spooled]
+
+
+def test_the_region_refuses_a_relayed_report_whose_rack_header_is_not_a_rack_name(tmp_path, region):
+    import http.client
+
+    body = formats.dump({"format": 1, "node": NODE, "time": 0, "phase": "boot", "bytes": 0, "seconds": 0})
+    assert region.http is not None
+    conn = http.client.HTTPConnection("127.0.0.1", region.port, timeout=5)
+    conn.request("POST", "/report", body=body, headers={"X-Rackboot-Rack": "rack a\x1b[31m"})
+    response = conn.getresponse()
+    assert response.status == 400 and b"X-Rackboot-Rack" in response.read()
+    assert region.http.fleet.inventory.node(NODE) is None

@@ -87,6 +87,11 @@ def test_plain_is_the_json_able_rebuild_key_of_a_section(tmp_path):
         "token": "",
         "stale": 86400,
         "rsync_port": 0,
+        "upstream": "",
+        "upstream_key": None,
+        "upstream_rsync_port": 873,
+        "sync_interval": 300,
+        "rack": "",
     }
     initramfs = config.plain(cfg.initramfs)
     assert initramfs["files"] == {"/etc/motd": str((tmp_path / "motd.txt").resolve())}
@@ -129,6 +134,18 @@ def test_paths_are_relative_to_the_config_file(tmp_path):
             "[layout]\npartitions = [{name='boot', size_mib=8, typ='83'}]\n",
             r"unknown key 'typ' \(did you mean 'type'\?\)",
         ),
+        # a rack master: no private key, the region's public key, a plain URL and rack name
+        (
+            "[master]\nupstream = 'http://10.0.0.1:8080'\nupstream_key = 'region.pub'\nkey = 'k.key'\n",
+            r"\[master\] key: a rack master \(\[master\] upstream set\) must hold no private key",
+        ),
+        ("[master]\nupstream = 'http://10.0.0.1:8080'\n", r"\[master\] upstream_key: a rack master needs"),
+        (
+            "[master]\nupstream = 'http://r:8080'\nupstream_key = 'region.key'\n",
+            r"upstream_key: .*region.key looks like a private key",
+        ),
+        ("[master]\nupstream = 'https://r/x'\n", r"\[master\] upstream: .*not http://HOST:PORT"),
+        ("[master]\nrack = 'a b'\n", r"\[master\] rack: .*not a rack name"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, expected):
