@@ -9,7 +9,9 @@ those (rsync --link-dest against the current tree: an unchanged file is a hard l
 transfer). Then every document is checked as a worker would check it (keyring.follow for
 the key chain from [master] upstream_key, each plan's and manifest's signature and
 binding, binding.py), and every file they pin against its size and sha256; a block index
-diff is kept only when it rebuilds the index its manifest pins. Anything else in the new
+diff is kept only when it rebuilds the index its manifest pins from one that another signed
+manifest of the image pins (those versions' manifests and indexes are fetched for that
+alone). Anything else in the new
 tree is removed, so it holds only what was verified. Only then is ``current`` renamed over
 by a symlink to it: a worker never sees a half-synced tree. A sync that fails (the region
 unreachable, a signature or hash that does not match) leaves ``current`` as it was.
@@ -21,6 +23,7 @@ hashed again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -190,7 +193,15 @@ def referenced(tree: Path) -> list[str]:
     for path in sorted(plan_references(tree)):
         named = manifest_named(path)
         if named is not None:
-            patterns += [f"/images/{named[0]}/", f"/images/{named[0]}/{named[1]}/***"]
+            image = f"/images/{named[0]}"
+            patterns += [f"{image}/", f"{image}/{named[1]}/***"]
+            # the other versions' signed manifests and indexes: the bases a diff is checked against
+            patterns += [
+                f"{image}/*/",
+                f"{image}/*/manifest.json",
+                f"{image}/*/manifest.json.sig",
+                f"{image}/*/*.index",
+            ]
         elif (build := _BOOT_PATH_RE.fullmatch(path)) is not None:
             patterns.append(f"/boot/{build.group(1)}/***")
     return list(dict.fromkeys(patterns))
@@ -300,7 +311,20 @@ def verify(tree: Path, root: Verifier, old: Path | None, *, log: Callable[[str],
             checked.builds += 1
         else:
             raise SyncError(f"a plan names {path[:120]!r}, neither a manifest nor a boot manifest path")
-    checked.diffs_dropped = _check_diffs(tree, manifests, checked)
+    bases = dict(manifests)
+    for image in sorted({manifest.image for manifest in manifests.values()}):
+        for other in sorted((tree / "images" / image).glob("*/manifest.json")):
+            path = "/" + str(other.relative_to(tree))
+            if path in bases or manifest_named(path) is None or not other.with_name("manifest.json.sig").is_file():
+                continue
+            try:  # not kept in the mirror (no plan names it): only its index, to check diffs with
+                verifier.check(path, other.read_bytes(), other.with_name("manifest.json.sig").read_bytes())
+                base = formats.parse_manifest(other.read_bytes())
+                binding.check_manifest(path, base)
+            except (OSError, UpdaterError):
+                continue
+            bases[path] = base
+    checked.diffs_dropped = _check_diffs(tree, manifests, bases, checked)
     return checked
 
 
@@ -316,14 +340,19 @@ def _check_manifest_files(path: str, manifest: Manifest, pinned: Callable[[str, 
         pinned(formats.beside(path, manifest.delta.pack), manifest.delta.pack_size, None)
 
 
-def _check_diffs(tree: Path, manifests: dict[str, Manifest], checked: Checked) -> int:
-    """Keep each block index diff that rebuilds its version's signed index from an index the
-    mirror holds; drop the rest (a worker then takes the whole index). Returns how many dropped."""
-    indexes: dict[str, delta.BlockIndex] = {}  # plain sha256 -> a verified index
-    for path, manifest in manifests.items():
+def _check_diffs(tree: Path, manifests: dict[str, Manifest], bases: dict[str, Manifest], checked: Checked) -> int:
+    """Keep each block index diff that rebuilds its version's signed index from an index
+    some signed manifest of the image pins (``bases``); drop the rest (a worker then takes the
+    whole index). Returns how many were dropped."""
+    indexes: dict[str, delta.BlockIndex] = {}  # plain sha256 -> an index its signed manifest pins
+    for path, manifest in bases.items():
         if manifest.delta is not None:
+            local = tree / formats.beside(path, manifest.delta.index).lstrip("/")
             try:
-                index = delta.parse_index((tree / formats.beside(path, manifest.delta.index).lstrip("/")).read_bytes())
+                data = local.read_bytes()
+                if len(data) != manifest.delta.index_size or sha256_bytes(data) != manifest.delta.index_sha256:
+                    continue
+                index = delta.parse_index(data)
             except (OSError, UpdaterError):
                 continue
             indexes[index.plain_sha256] = index
@@ -347,6 +376,10 @@ def _check_diffs(tree: Path, manifests: dict[str, Manifest], checked: Checked) -
             else:
                 dropped += 1
     return dropped
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _previous(old: Path | None) -> dict[str, tuple[str, tuple[int, int]]]:

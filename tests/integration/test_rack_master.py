@@ -45,7 +45,7 @@ def _root(where: Path, version: int) -> Path:
     (root / "etc").mkdir(parents=True)
     (root / "etc/rackboot-release").write_text(f"v{version}\n")
     (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/tool").write_bytes(random.Random(version).randbytes(100_000))
+    (root / "usr/bin/tool").write_bytes(random.Random(1).randbytes(400_000))
     return root
 
 
@@ -205,8 +205,12 @@ def test_a_worker_installs_from_the_rack_masters_verified_mirror_and_its_report_
     new = rack.master.mirror.current()
     assert new != old and rack.plan().image == formats.manifest_path(IMAGE, 2)
     assert old is not None and new is not None
-    same = f"images/{IMAGE}/1/manifest.json"
-    assert same not in mirrored(rack)  # v1 is no longer referenced by any plan: gone from the mirror
+    files = mirrored(rack)
+    assert not any(f.startswith(f"images/{IMAGE}/1/") for f in files), files  # no plan names v1 now
+    # v2's index as a diff against v1's: checked by rebuilding v2's signed index from v1's
+    # (v1's manifest and index fetched to check it, then left out)
+    diffs = [f for f in files if ".index.from-" in f]
+    assert len(diffs) == 1 and diffs[0].startswith(f"images/{IMAGE}/2/"), files
     sig = f"plans/{NODE}.json.sig"
     assert (new / sig).stat().st_ino != (old / sig).stat().st_ino  # the re-signed plan came anew
 
@@ -244,6 +248,17 @@ def test_a_tampered_region_tree_is_refused_and_the_old_tree_served(tmp_path, reg
     stream.write_bytes(bytes(data))
     assert rack.master.sync()
     assert rack.plan().image == formats.manifest_path(IMAGE, 2)
+    assert any(".index.from-" in f for f in mirrored(rack))
+
+    # a damaged index diff costs the workers the diff, not the sync: it is left out
+    (diff,) = (region.root / f"images/{IMAGE}/2").glob("*.index.from-*")
+    raw = bytearray(diff.read_bytes())
+    raw[-12] ^= 0xFF  # inside the deflate data or its CRC: it no longer rebuilds the signed index
+    diff.write_bytes(bytes(raw))
+    rack.lines.clear()
+    assert rack.master.sync()
+    assert not any(".index.from-" in f for f in mirrored(rack))
+    assert "1 index diffs not checkable, left out" in rack.lines[-1], rack.lines
 
 
 def test_a_region_signed_with_a_key_the_rack_does_not_hold_is_refused(tmp_path, region, keys):
