@@ -64,6 +64,8 @@ def publish_image(image: Path, master: Path, *, key: Path | None = None) -> str:
                 if key:
                     write_durable(work / (MANIFEST + ".sig"), signing.sign(key, data))
                 write_durable(work / MANIFEST, data)
+                # mkdtemp's 0700 would keep it from rack masters' mirrors, which read the tree as nobody
+                os.chmod(work, 0o755)
                 if final.exists():  # a half-built directory of a killed run that got renamed: replace it
                     shutil.rmtree(final)
                 os.rename(work, final)

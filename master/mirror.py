@@ -247,7 +247,10 @@ def verify(tree: Path, root: Verifier, old: Path | None, *, log: Callable[[str],
     def signed(path: str) -> bytes:
         data, signature = get(path), get(path + ".sig")
         if data is None:
-            raise SyncError(f"{path}: named by a plan, missing from the region's tree")
+            raise SyncError(
+                f"{path}: named by a plan, missing from the region's tree (or not world-readable there: "
+                "its rsync module reads as nobody)"
+            )
         if signature is None:
             raise SyncError(f"{path}: no signature beside it")
         try:
