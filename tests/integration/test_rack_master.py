@@ -330,3 +330,24 @@ def test_the_region_refuses_a_relayed_report_whose_rack_header_is_not_a_rack_nam
     response = conn.getresponse()
     assert response.status == 400 and b"X-Rackboot-Rack" in response.read()
     assert region.http.fleet.inventory.node(NODE) is None
+
+
+def test_an_unreachable_region_at_the_first_start_is_one_line_and_no_tree(tmp_path, keys):
+    rack = RackMaster(
+        tmp_path / "rack", "http://127.0.0.1:9", key=signing.public_key_path(keys["master"]), rsync_port=_free_port()
+    )
+    with pytest.raises(RackbootError) as info:
+        rack.first_sync()
+    message = str(info.value)
+    assert "\n" not in message and "first sync from rsync://127.0.0.1:" in message and "no mirror" in message
+    assert rack.mirror.current() is None and not any((tmp_path / "rack/trees").iterdir())
+
+
+def test_the_spool_is_bounded_and_a_full_one_answers_503(tmp_path, keys):
+    from rackboot.master.relay import Relay
+
+    relay = Relay(tmp_path / "spool", "http://127.0.0.1:9", RACK, limit=2)  # no forwarder started
+    assert relay.take(b'{"a":1}\n', None) and relay.take(b'{"a":2}\n', "c2ln")
+    assert not relay.take(b'{"a":3}\n', None)
+    assert [p.read_bytes() for p in relay.waiting()] == [b'\n{"a":1}\n', b'c2ln\n{"a":2}\n']
+    assert relay.flush() == 0 and len(relay.waiting()) == 2  # the region does not answer: both kept
