@@ -74,6 +74,7 @@ class Checked:
     builds: int = 0
     diffs_dropped: int = 0
     keys: int = 0
+    changed: bool = True  # False: the same files as the current tree, which stays
 
 
 def rsync_url(upstream: str, port: int) -> str:
@@ -139,6 +140,10 @@ class Mirror:
             self._rsync(staging, old, wanted)
             checked = verify(staging, verifier, old, log=self.log)
             prune(staging, set(checked.files))
+            if old is not None and _same(staging, old, checked.files):
+                checked.changed = False
+                remove(staging)  # nothing new: the current tree stays, no swap
+                return checked
             (staging / VERIFIED).write_text(json.dumps(checked.files, sort_keys=True, indent=0) + "\n")
             os.chmod(staging / VERIFIED, 0o600)
             self._swap(staging, old)
@@ -379,6 +384,20 @@ def _check_diffs(tree: Path, manifests: dict[str, Manifest], bases: dict[str, Ma
             else:
                 dropped += 1
     return dropped
+
+
+def _same(new: Path, old: Path, files: dict[str, str]) -> bool:
+    """Whether ``new`` holds exactly ``old``'s verified files, each a hard link to old's."""
+    try:
+        listed = json.loads((old / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(listed, dict) or set(listed) != set(files):
+        return False
+    try:
+        return all((new / rel).stat().st_ino == (old / rel).stat().st_ino for rel in files)
+    except OSError:
+        return False
 
 
 def sha256_bytes(data: bytes) -> str:

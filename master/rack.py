@@ -73,7 +73,7 @@ class RackMaster:
         """The sync at start: RackbootError when it fails and there is no tree to fall back on."""
         self.mirror.check_key()  # a key that does not read stops serve here, in one line
         try:
-            self._sync_once()
+            self._sync_once(say_unchanged=True)
         except SyncError as e:
             current = self.mirror.current()
             if current is None:
@@ -86,9 +86,14 @@ class RackMaster:
                 f"serving the tree synced at {synced_at(current)}"
             )
 
-    def _sync_once(self) -> None:
+    def _sync_once(self, *, say_unchanged: bool = False) -> None:
         checked = self.mirror.sync()
-        self.log(f"mirror: synced from {self.mirror.url}: {describe(checked)}")
+        if checked.changed:  # an unchanged region is not worth a line every sync_interval
+            self.log(f"mirror: synced from {self.mirror.url}: {describe(checked)}")
+        elif say_unchanged:
+            self.log(
+                f"mirror: {self.mirror.url} unchanged since {synced_at(self.mirror.current())}: {describe(checked)}"
+            )
 
     def sync(self) -> bool:
         """One periodic sync; a failure is one line and the old tree stays. True when taken."""

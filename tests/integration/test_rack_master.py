@@ -351,3 +351,13 @@ def test_the_spool_is_bounded_and_a_full_one_answers_503(tmp_path, keys):
     assert not relay.take(b'{"a":3}\n', None)
     assert [p.read_bytes() for p in relay.waiting()] == [b'\n{"a":1}\n', b'c2ln\n{"a":2}\n']
     assert relay.flush() == 0 and len(relay.waiting()) == 2  # the region does not answer: both kept
+
+
+def test_a_sync_with_nothing_new_keeps_the_current_tree_and_says_nothing(tmp_path, region, rack):
+    region.release(_root(tmp_path, 1), 1)
+    rack.start()
+    tree = rack.master.mirror.current()
+    rack.lines.clear()
+    assert rack.master.sync() and rack.master.sync()
+    assert rack.master.mirror.current() == tree and rack.lines == []
+    assert [p.name for p in (rack.master.root / "trees").iterdir()] == [tree.name]
