@@ -160,6 +160,9 @@ class Mirror:
             rsync,
             "-rtp",  # regular files and directories only: a link from the region is not followed
             "--chmod=D755,F644",  # served as world-readable, whatever umask
+            # to the nanosecond: a document re-signed within the second it was last synced in keeps
+            # its size, and at rsync's default (whole seconds) would be linked from the old tree
+            "--modify-window=-1",
             f"--timeout={RSYNC_TIMEOUT}",
             f"--contimeout={CONNECT_TIMEOUT}",
             "--no-motd",

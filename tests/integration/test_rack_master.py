@@ -361,3 +361,35 @@ def test_a_sync_with_nothing_new_keeps_the_current_tree_and_says_nothing(tmp_pat
     assert rack.master.sync() and rack.master.sync()
     assert rack.master.mirror.current() == tree and rack.lines == []
     assert [p.name for p in (rack.master.root / "trees").iterdir()] == [tree.name]
+
+
+def test_a_key_rotation_at_the_region_is_followed_through_its_signed_chain(tmp_path):
+    from rackboot.master import keychain
+
+    key = tmp_path / "keys/region.key"
+    key.parent.mkdir()
+    signing.keygen(key)
+    held = tmp_path / "rack-held.pub"  # what the rack master was given: key 0
+    held.write_bytes(signing.public_key_path(key).read_bytes())
+    (tmp_path / "region").mkdir()
+    region = Region(tmp_path / "region", key)
+    rack = Rack(tmp_path / "rack", region, held)
+    try:
+        region.release(_root(tmp_path, 1), 1)
+        rack.start()
+        keychain.rotate(key, region.root)  # key 1 signs everything from now on, key 0 retired
+        rack.lines.clear()
+        assert rack.master.sync(), rack.lines
+        assert "1 key links" in rack.lines[-1], rack.lines
+        assert any("master key 1" in line and "which it retires" in line for line in rack.lines), rack.lines
+        assert {"keys/1.json", "keys/1.json.sig"} <= mirrored(rack)  # the workers follow the same chain
+        # a link that does not verify ends it: the sync is refused, the tree stays
+        link = region.root / "keys/1.json.sig"
+        link.write_bytes(bytes([link.read_bytes()[0] ^ 1]) + link.read_bytes()[1:])
+        tree = rack.master.mirror.current()
+        rack.lines.clear()
+        assert not rack.master.sync()
+        assert "key chain" in rack.lines[-1] and rack.master.mirror.current() == tree, rack.lines
+    finally:
+        rack.close()
+        region.close()
