@@ -3,10 +3,11 @@ the region in the order they came.
 
 A report is checked where it enters (as the region checks it: its size, its JSON, its node
 id, the form of its signature header) and written to ``spool/<n>.report`` (the signature
-header's value on the first line, then the body exactly as it came, since the node's
-signature is over those bytes) before the worker is answered. A forwarder thread posts
+header's value on the first line, the worker's address on the second, then the body exactly
+as it came, since the node's signature is over those bytes) before the worker is answered. A forwarder thread posts
 the spool to the region's POST /report, oldest first, with the same body and signature
-header and X-Rackboot-Rack naming this rack; the region checks the node's signature as
+header, X-Rackboot-Rack naming this rack and X-Rackboot-Worker the worker's address on
+the rack's network (the region shows it as the node's IP); the region checks the node's signature as
 for any report. A report the region answers with 2xx or 4xx (taken, a replay, refused:
 its answer is final, and the region keeps refused ones in its history) leaves the spool;
 an unreachable region or a 5xx stops the round, and the next round (every RETRY seconds,
@@ -29,6 +30,7 @@ from rackboot.files import atomic_write_bytes
 from .nodekeys import SIGNATURE_HEADER
 
 RACK_HEADER = "X-Rackboot-Rack"
+WORKER_HEADER = "X-Rackboot-Worker"
 MAX_SPOOL = 1000  # reports kept while the region is away (each at most serve.MAX_REPORT bytes)
 RETRY = 5.0  # seconds between rounds while reports wait
 TIMEOUT = 15.0  # seconds one forward may take
@@ -63,14 +65,17 @@ class Relay:
     def waiting(self) -> list[Path]:
         return sorted(p for p in self.spool.iterdir() if _SPOOLED_RE.fullmatch(p.name))
 
-    def take(self, body: bytes, signature: str | None) -> bool:
-        """Spool one checked report (``signature``: the header's value as it came); False when full."""
+    def take(self, body: bytes, signature: str | None, worker: str = "") -> bool:
+        """Spool one checked report (``signature``: the header's value as it came, ``worker``:
+        the worker's address); False when full."""
         with self._lock:
             waiting = self.waiting()
             if len(waiting) >= self.limit:
                 return False
             n = int(waiting[-1].name[:12]) + 1 if waiting else 1
-            atomic_write_bytes(self.spool / f"{n:012d}.report", (signature or "").encode() + b"\n" + body)
+            atomic_write_bytes(
+                self.spool / f"{n:012d}.report", (signature or "").encode() + b"\n" + worker.encode() + b"\n" + body
+            )
         self._wake.set()
         return True
 
@@ -102,8 +107,9 @@ class Relay:
                 raw = path.read_bytes()
             except OSError:
                 continue
-            signature, _, body = raw.partition(b"\n")
-            status, answer = self._post(body, signature.decode("ascii", "replace"))
+            signature, _, rest = raw.partition(b"\n")
+            worker, _, body = rest.partition(b"\n")
+            status, answer = self._post(body, signature.decode("ascii", "replace"), worker.decode("ascii", "replace"))
             if status is None or status >= 500:
                 if not self._away:
                     self._away = True
@@ -121,10 +127,12 @@ class Relay:
             sent += 1
         return sent
 
-    def _post(self, body: bytes, signature: str) -> tuple[int | None, str]:
+    def _post(self, body: bytes, signature: str, worker: str) -> tuple[int | None, str]:
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), RACK_HEADER: self.rack}
         if signature:
             headers[SIGNATURE_HEADER] = signature
+        if worker:
+            headers[WORKER_HEADER] = worker
         conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT)
         try:
             conn.request("POST", "/report", body=body, headers=headers)

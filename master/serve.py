@@ -18,6 +18,7 @@ the streams at their peak.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -39,7 +40,7 @@ from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.master import nodekeys
 from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
 from rackboot.master.numbers import ascii_int
-from rackboot.master.relay import RACK_HEADER
+from rackboot.master.relay import RACK_HEADER, WORKER_HEADER
 
 if TYPE_CHECKING:
     from rackboot.config import Config
@@ -365,6 +366,16 @@ def relay_rack(header: str | None) -> str | None:
     return header
 
 
+def relayed_worker(header: str | None) -> str | None:
+    """A relayed report's worker address (X-Rackboot-Worker), as the rack master saw it."""
+    if header is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(header))
+    except ValueError:
+        raise ValueError(f"report: {WORKER_HEADER}: {header[:80]!r} is not an IP address") from None
+
+
 def check_node_id(node: str) -> None:
     """Reports are kept per node, so only a node id as the updater makes it (formats.node_id:
     a MAC, lowercase, with dashes) names a report file; raises UpdaterError otherwise."""
@@ -587,7 +598,8 @@ class MasterHandler(BaseHTTPRequestHandler):
             self.log_message("report refused: %s", e)
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         if self.server.rack is not None:  # the region checks its signature and keeps it
-            if not self.server.rack.relay.take(data, self.headers.get(nodekeys.SIGNATURE_HEADER)):
+            relay = self.server.rack.relay
+            if not relay.take(data, self.headers.get(nodekeys.SIGNATURE_HEADER), self.client_address[0]):
                 self.log_message("report not taken: the spool for the region is full")
                 return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "report: the rack's spool is full"})
             self.send_response(HTTPStatus.NO_CONTENT)
@@ -596,13 +608,14 @@ class MasterHandler(BaseHTTPRequestHandler):
             return
         try:
             rack = relay_rack(self.headers.get(RACK_HEADER))
+            ip = relayed_worker(self.headers.get(WORKER_HEADER)) if rack else None
         except ValueError as e:
             self.log_message("report refused: %s", e)
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         received = round(time.time(), 3)
         try:
             taken = self.server.fleet.inventory.ingest(
-                report, received=received, ip=self.client_address[0], body=data, signature=signature, rack=rack
+                report, received=received, ip=ip or self.client_address[0], body=data, signature=signature, rack=rack
             )
         except (nodekeys.Busy, nodekeys.Unavailable) as e:  # not checked, so not taken: one line, and a 503
             self.log_message("report not taken: %s", e)

@@ -191,6 +191,8 @@ def test_two_racks_install_v1_then_v2_through_their_rack_masters_and_the_region_
             for node, rack in nodes.items()
         ),
     )
+    # each node's address is its own on its rack's network (X-Rackboot-Worker), not its rack master's uplink
+    assert all(row["ip"].startswith("10.213.0.") for row in status().values() if row["id"] in nodes), status()
     table = subprocess.run(
         [str(harness.rackboot_command()), "status", "-c", str(region.path)], capture_output=True, text=True
     ).stdout

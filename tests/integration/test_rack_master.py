@@ -196,6 +196,7 @@ def test_a_worker_installs_from_the_rack_masters_verified_mirror_and_its_report_
     assert region.http is not None
     inventory = region.http.fleet.inventory
     _wait("the relayed report at the region", lambda: (n := inventory.node(NODE)) is not None and n.rack == RACK)
+    assert inventory.node(NODE).ip == "127.0.0.1"  # the worker's address, as its rack master saw it
     _wait("the spool forwarded", lambda: rack.master.relay.waiting() == [])
 
     # the next sync after a second release: an unchanged file is a hard link to the old tree's
@@ -295,7 +296,7 @@ def test_the_region_down_leaves_the_rack_serving_and_its_reports_spooled_then_fo
     second = update(card, rack.url, keys)  # the next boot: booted, nothing to do
     assert second.action is not Action.INSTALLED
     _wait("both boots' reports spooled", lambda: len(rack.master.relay.waiting()) >= 2)
-    spooled = [p.read_bytes().partition(b"\n")[2] for p in rack.master.relay.waiting()]
+    spooled = [p.read_bytes().split(b"\n", 2)[2] for p in rack.master.relay.waiting()]
     assert any("relay: region" in line and "did not take" in line for line in rack.lines), rack.lines
 
     # a restart of the rack master with the region still away starts with its tree, and says so
@@ -330,6 +331,11 @@ def test_the_region_refuses_a_relayed_report_whose_rack_header_is_not_a_rack_nam
     response = conn.getresponse()
     assert response.status == 400 and b"X-Rackboot-Rack" in response.read()
     assert region.http.fleet.inventory.node(NODE) is None
+    conn = http.client.HTTPConnection("127.0.0.1", region.port, timeout=5)
+    conn.request("POST", "/report", body=body, headers={"X-Rackboot-Rack": "rack-a", "X-Rackboot-Worker": "10.0.0.300"})
+    response = conn.getresponse()
+    assert response.status == 400 and b"X-Rackboot-Worker" in response.read()
+    assert region.http.fleet.inventory.node(NODE) is None
 
 
 def test_an_unreachable_region_at_the_first_start_is_one_line_and_no_tree(tmp_path, keys):
@@ -349,7 +355,7 @@ def test_the_spool_is_bounded_and_a_full_one_answers_503(tmp_path, keys):
     relay = Relay(tmp_path / "spool", "http://127.0.0.1:9", RACK, limit=2)  # no forwarder started
     assert relay.take(b'{"a":1}\n', None) and relay.take(b'{"a":2}\n', "c2ln")
     assert not relay.take(b'{"a":3}\n', None)
-    assert [p.read_bytes() for p in relay.waiting()] == [b'\n{"a":1}\n', b'c2ln\n{"a":2}\n']
+    assert [p.read_bytes() for p in relay.waiting()] == [b'\n\n{"a":1}\n', b'c2ln\n\n{"a":2}\n']
     assert relay.flush() == 0 and len(relay.waiting()) == 2  # the region does not answer: both kept
 
 
