@@ -58,14 +58,13 @@ def publish_image(image: Path, master: Path, *, key: Path | None = None) -> str:
         sweep(boot, _WORK_RE)
         if not (final / MANIFEST).is_file():
             work = Path(tempfile.mkdtemp(prefix=f".boot-{build}-", dir=boot))
+            work.chmod(0o755)  # mkdtemp's 0700 would keep a server that reads as nobody (nginx, rsyncd) out
             try:
                 manifest = _stream(image, work / STREAM, build, sha256, crc32, size)
                 data = formats.dump(manifest)
                 if key:
                     write_durable(work / (MANIFEST + ".sig"), signing.sign(key, data))
                 write_durable(work / MANIFEST, data)
-                # mkdtemp's 0700 would keep it from rack masters' mirrors, which read the tree as nobody
-                os.chmod(work, 0o755)
                 if final.exists():  # a half-built directory of a killed run that got renamed: replace it
                     shutil.rmtree(final)
                 os.rename(work, final)
