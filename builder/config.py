@@ -456,7 +456,9 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "A rack master's copy of the region's public key (the region's [master] key with .pub): "
         "every plan, manifest and boot manifest the mirror takes must verify with it (or a key its "
-        "chain hands over). Needed with [master] upstream; a rack master never holds a private key.",
+        "chain hands over). Give the oldest key a card in the rack may hold (key 0, unless every card "
+        "has moved on): the mirror keeps the chain's links from it on. Needed with [master] upstream; "
+        "a rack master never holds a private key.",
     ),
     Setting(
         "master",
