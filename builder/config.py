@@ -673,6 +673,14 @@ class MasterSection:
         """The master as workers reach it (boot scripts, the kernel command line, init.conf)."""
         return f"http://{self.address}:{self.port}"
 
+    @property
+    def public_key(self) -> Path | None:
+        """The key a build gives its workers (initramfs, card): [master] key's .pub, or a rack
+        master's copy of the region's ([master] upstream_key), which signs all they take."""
+        if self.key is not None:
+            return self.key.with_name(self.key.name + ".pub")  # signing.public_key_path
+        return self.upstream_key
+
 
 @dataclass(frozen=True)
 class NetworkSection:

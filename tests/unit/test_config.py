@@ -372,3 +372,19 @@ def test_serve_with_its_key_inside_the_master_directory_exits_2_before_it_listen
     assert cli.main(["serve", "-c", str(tmp_path / "rackboot.toml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "[master] key: " in err and "keep the private key outside it" in err
+
+
+def test_a_rack_masters_build_gives_its_workers_the_regions_public_key(tmp_path):
+    """A rack master holds no private key: the initramfs and card it builds carry the region's
+    public key (upstream_key), so its workers check every document as the region's."""
+    from rackboot import initramfs_tree
+    from rackboot.firmware.boards import board
+    from rackboot.initramfs.updater.signature import PUBLIC_KEY
+
+    text = "[initramfs]\nupdater = true\n[master]\nupstream = 'http://10.0.0.1:8080'\nupstream_key = 'region.pub'\n"
+    rack = parse(text, tmp_path)
+    assert rack.master.public_key == (tmp_path / "region.pub").resolve()
+    spec = initramfs_tree.spec(rack, board("qemu-virt", "arm64"))
+    assert spec.files[PUBLIC_KEY] == (tmp_path / "region.pub").resolve()
+    region = parse("[master]\nkey = 'keys/master.key'\n", tmp_path)
+    assert region.master.public_key == (tmp_path / "keys/master.key.pub").resolve()
