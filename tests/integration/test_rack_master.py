@@ -256,9 +256,15 @@ def test_a_tampered_region_tree_is_refused_and_the_old_tree_served(tmp_path, reg
     raw = bytearray(diff.read_bytes())
     raw[-12] ^= 0xFF  # inside the deflate data or its CRC: it no longer rebuilds the signed index
     diff.write_bytes(bytes(raw))
+    before = rack.master.mirror.current()
     rack.lines.clear()
     assert rack.master.sync()
     assert not any(".index.from-" in f for f in mirrored(rack))
+    # the stream, unchanged at the region, is the old tree's file (rsync --link-dest), not a copy
+    after = rack.master.mirror.current()
+    assert before is not None and after is not None and after != before
+    rel = manifest.stream_path(v2).lstrip("/")
+    assert (after / rel).stat().st_ino == (before / rel).stat().st_ino
     assert "1 index diffs not checkable, left out" in rack.lines[-1], rack.lines
 
 
