@@ -183,6 +183,7 @@ class MasterServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.fleet.inventory.release()  # its SQLite connection, for the next connection's thread
             self.connections.release()
 
     def refuse(self, request: socket.socket, client_address: Any) -> None:
