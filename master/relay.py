@@ -25,8 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rackboot.files import atomic_write_bytes
-
 from .nodekeys import SIGNATURE_HEADER
 
 RACK_HEADER = "X-Rackboot-Rack"
@@ -61,6 +59,11 @@ class Relay:
         self._thread: threading.Thread | None = None
         self._away = False  # the region did not answer the last round: said once until it does
         self.spool.mkdir(parents=True, exist_ok=True)
+        for leftover in self.spool.glob(".*.tmp-*"):  # a write a crash cut short: never answered 204
+            leftover.unlink()
+        waiting = self.waiting()
+        self._count = len(waiting)  # kept here, not listed per report: a storm's spool holds thousands
+        self._next = int(waiting[-1].name[:12]) + 1 if waiting else 1
 
     def waiting(self) -> list[Path]:
         return sorted(p for p in self.spool.iterdir() if _SPOOLED_RE.fullmatch(p.name))
@@ -69,13 +72,16 @@ class Relay:
         """Spool one checked report (``signature``: the header's value as it came, ``worker``:
         the worker's address); False when full."""
         with self._lock:
-            waiting = self.waiting()
-            if len(waiting) >= self.limit:
+            if self._count >= self.limit:
                 return False
-            n = int(waiting[-1].name[:12]) + 1 if waiting else 1
-            atomic_write_bytes(
-                self.spool / f"{n:012d}.report", (signature or "").encode() + b"\n" + worker.encode() + b"\n" + body
-            )
+            n, self._next = self._next, self._next + 1
+            # renamed into place whole, not fsynced: like the region's inventory (SQLite WAL,
+            # synchronous=NORMAL), a power cut may lose the last reports, a crash none
+            path = self.spool / f"{n:012d}.report"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_bytes((signature or "").encode() + b"\n" + worker.encode() + b"\n" + body)
+            os.replace(tmp, path)
+            self._count += 1
         self._wake.set()
         return True
 
@@ -94,13 +100,16 @@ class Relay:
         while not self._stop.is_set():
             self._wake.clear()
             self.flush()
-            self._wake.wait(self.retry if self.waiting() else None)
+            self._wake.wait(self.retry if self._count else None)
 
     def flush(self) -> int:
         """Forward what waits, oldest first, until done or the region does not take it; returns
         how many left the spool."""
         sent = 0
-        for path in self.waiting():
+        with self._lock:  # counted afresh each round: a file gone by other hands is not waited for
+            waiting = self.waiting()
+            self._count = len(waiting)
+        for path in waiting:
             if self._stop.is_set():
                 break
             try:
@@ -115,7 +124,7 @@ class Relay:
                     self._away = True
                     self.log(
                         f"relay: region {self.host}:{self.port} did not take reports ({answer}); "
-                        f"{len(self.waiting())} kept in {self.spool}, forwarded when it answers"
+                        f"{self._count} kept in {self.spool}, forwarded when it answers"
                     )
                 break
             if self._away:
@@ -124,6 +133,8 @@ class Relay:
             if status >= 400:
                 self.log(f"relay: region refused a spooled report ({path.name}): {status} {answer}")
             os.unlink(path)
+            with self._lock:
+                self._count -= 1
             sent += 1
         return sent
 
