@@ -279,6 +279,7 @@ class ScriptContext(TypedDict):
     board: BoardContext
     cmdline: str
     master_url: str
+    sources: str  # rackboot.sources: [master] sources, comma-separated
     serverip: str
     tftp: TftpContext
     kernel: str
@@ -308,6 +309,7 @@ def script_context(inp: Inputs, kernel: str, initramfs: str) -> ScriptContext:
         },
         "cmdline": inp.cfg.kernel.cmdline,
         "master_url": inp.cfg.master.url,
+        "sources": ",".join(inp.cfg.master.sources),
         "serverip": serverip(inp.cfg.master.address),
         "tftp": {
             "blocksize": inp.board.tftp_blocksize,

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypedDict
 
+from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.initramfs.updater.formats import (
     DEFAULT_MOUNT,
     DEFAULT_TRIES,
@@ -29,6 +30,7 @@ from rackboot.initramfs.updater.formats import (
     persist_problem,
 )
 from rackboot.initramfs.updater.layout import FAT_TYPES
+from rackboot.initramfs.updater.sources import MAX_LIST, MAX_SOURCES, parse_list, url_problem
 from rackboot.master.hostnames import pattern_problem
 from rackboot.master.limits import MAX_STREAMS
 
@@ -359,6 +361,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("master", "port", "int", 8080, "The master's HTTP port.", minimum=1, maximum=65535),
     Setting(
         "master",
+        "sources",
+        "list[str]",
+        [],
+        "Where workers fetch from after the master, in order (another master, a cache), e.g. "
+        '["http://10.1.0.2:8080"]: every document and byte range comes from the first source that '
+        "has it right (signed documents, hashed images), and a report goes to the first that can "
+        f"be reached. http://host[:port][/path] URLs, at most {MAX_SOURCES - 1}, {MAX_LIST} "
+        "characters in all (rackboot.sources= on the kernel command line).",
+        check=url_problem,
+    ),
+    Setting(
+        "master",
         "max_streams",
         "int",
         MAX_STREAMS,
@@ -654,6 +668,7 @@ class InitramfsSection:
 class MasterSection:
     address: str
     port: int
+    sources: tuple[str, ...]
     max_streams: int
     key: Path | None
     directory: Path
@@ -983,6 +998,7 @@ def parse(text: str, path: Path) -> Config:
             raise ConfigError(f"{path}: [{section}]: unknown section{_suggest(section, _BY_SECTION)}")
     _check_network(path, sections["master"], sections["network"])
     _check_key(path, sections["master"])
+    _check_sources(path, sections["master"])
     problem = persist_problem(sections["layout"].persist)  # each path was checked alone: now together
     if problem:
         raise ConfigError(f"{path}: [layout] persist: {problem}")
@@ -1017,6 +1033,17 @@ def _check_key(path: Path, master: MasterSection) -> None:
             f"{path}: [master] key: {master.key} is inside [master] directory {master.directory}, "
             "which rackboot serve hands out; keep the private key outside it"
         )
+
+
+def _check_sources(path: Path, master: MasterSection) -> None:
+    """[master] sources as the worker reads rackboot.sources (each URL was checked alone), and
+    none of them the master itself."""
+    try:
+        parse_list(",".join(master.sources), where=f"{path}: [master] sources")
+    except UpdaterError as e:
+        raise ConfigError(str(e)) from None
+    if master.url in master.sources or master.url + "/" in master.sources:
+        raise ConfigError(f"{path}: [master] sources: {master.url} is the master, asked first already")
 
 
 def _check_network(path: Path, master: MasterSection, network: NetworkSection) -> None:

@@ -67,6 +67,7 @@ def spec(cfg: Config, board: Board) -> Spec:
     )
     init_conf = {
         "RACKBOOT_MASTER": cfg.master.url,
+        "RACKBOOT_SOURCES": ",".join(cfg.master.sources),  # the kernel's rackboot.sources overrides it
         "RACKBOOT_DISK": board.disk,
         "RACKBOOT_ACTION": "update" if updater else "probe",
         "RACKBOOT_MOUNT": cfg.layout.mount,  # for offline boots, when no plan says

@@ -86,8 +86,9 @@ rescue_shell() {
 
 run_updater() {
     master=$(param master "$RACKBOOT_MASTER")
+    sources=$(param sources "$RACKBOOT_SOURCES")  # asked after the master (updater/sources.py)
     env PYTHONPATH=/usr/lib/rackboot PYTHONDONTWRITEBYTECODE=1 \
-        /usr/bin/python3 -m updater --disk "$RACKBOOT_DISK" --master "$master" \
+        /usr/bin/python3 -m updater --disk "$RACKBOOT_DISK" --master "$master" --sources "$sources" \
         --offline-mount "$RACKBOOT_MOUNT" --decision-file /run/rackboot/decision \
         --watchdog-stall "${RACKBOOT_WATCHDOG:-0}"
 }

@@ -16,6 +16,7 @@ from .errors import NoCard, UpdaterError
 from .formats import DEFAULT_MOUNT, MOUNTS
 from .main import CARD_WAIT, Decision, console_log, discover_identity, expected, poweroff_shell, run
 from .signature import PUBLIC_KEY, from_environment
+from .sources import parse_list
 from .watchdog import DEVICE, NoWatchdog, Watchdog
 
 
@@ -23,6 +24,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="updater", description="rackboot worker updater")
     p.add_argument("--disk", required=True, help="whole-disk device (or image file) of the card")
     p.add_argument("--master", required=True, help="master URL, e.g. http://10.0.2.2:8080")
+    p.add_argument(
+        "--sources",
+        default="",
+        help="rackboot.sources: comma-separated http:// URLs asked after the master for every "
+        "document and byte range (default: none)",
+    )
     p.add_argument("--mac", help="identity MAC (default: first interface in /sys/class/net)")
     p.add_argument("--serial", help="board serial (default: device tree or /proc/cpuinfo)")
     p.add_argument("--decision-file", help="write the decision here as shell KEY=VALUE lines")
@@ -81,6 +88,16 @@ def write_shell(path: str | None, text: str) -> None:
     os.replace(tmp, path)
 
 
+def extra_sources(text: str) -> tuple[str, ...]:
+    """The sources after the master; a list that does not check is left out whole, said on the
+    console (the master alone still updates the card: a typo must not stop a worker's boot)."""
+    try:
+        return parse_list(text)
+    except UpdaterError as e:
+        console_log(f"{e}; the master alone is asked")
+        return ()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -101,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.disk,
                     args.master,
                     identity,
+                    sources=extra_sources(args.sources),
                     layout_check=not args.no_layout,
                     offline_mount=args.offline_mount,
                     verifier=from_environment(args.public_key),

@@ -37,6 +37,7 @@ from .errors import Refused, UpdaterError
 from .formats import _FILE_RE, _HEX8_RE, _HEX64_RE, FORMAT, Manifest, Phase, StreamCompression, _Fields
 
 if TYPE_CHECKING:
+    from .fetch import MasterClient
     from .main import _Update
 
 SECTORS_PER_MIB = (1 << 20) // mbr.SECTOR
@@ -347,17 +348,23 @@ def write_area(update: _Update, path: str, manifest: BootManifest, offset: int, 
     """Stream the image into the inactive area, verify it as it went and as it reads back;
     returns the stream bytes fetched. Nothing points at the area yet."""
     image = manifest.as_image()
-    master = update.master
-    before = master.stream_bytes
-    try:
-        chunks: Iterable[bytes] = update.watchdog.watch(
-            master.stream(formats.beside(path, manifest.stream), manifest.stream_size, on_wait=update.wait_for_stream)
-        )
-        written = install.write_stream(chunks, update.disk, offset, capacity, image)
-    finally:  # a Decision's bytes_fetched counts image bytes; the boot-files report carries these
-        fetched = master.stream_bytes - before
-        master.stream_bytes = before
-    install.verify(written, image)
+    stream = formats.beside(path, manifest.stream)
+    fetched = 0
+
+    def take(source: MasterClient) -> None:  # from one source, verified whole; else the next source's
+        nonlocal fetched
+        before = source.stream_bytes
+        try:
+            chunks: Iterable[bytes] = update.watchdog.watch(
+                source.stream(stream, manifest.stream_size, on_wait=update.wait_for_stream)
+            )
+            written = install.write_stream(chunks, update.disk, offset, capacity, image)
+        finally:  # a Decision's bytes_fetched counts image bytes; the boot-files report carries these
+            fetched += source.stream_bytes - before
+            source.stream_bytes = before
+        install.verify(written, image)
+
+    update.master.verified(f"GET {stream}", take)
     digests = install.read_back(update.disk, offset, manifest.size, progress=update.watchdog.progress)
     if digests != (manifest.sha256, manifest.crc32):
         raise UpdaterError(f"boot files: read-back of build {manifest.build} differs from what was written")

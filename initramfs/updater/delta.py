@@ -375,6 +375,10 @@ class Tally:
     requests: int = 0
     written: int = 0
 
+    def add(self, other: Tally) -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
     @property
     def from_card(self) -> int:
         return self.kept + self.copied
@@ -407,19 +411,26 @@ def build(
     steps: list[Step],
     target: Slot,
     other: Slot | None,
-    fetch: Callable[[int, int], bytes],
+    fetch: Callable[[int, int], bytes] | None,
     *,
     progress: Callable[[], None] = lambda: None,
     sync: Callable[[], None] = lambda: None,
     gap: int | None = None,
     fetch_many: Callable[[list[tuple[int, int]]], list[bytes]] | None = None,
+    take: Callable[[list[tuple[int, int]], Callable[[list[bytes]], None]], None] | None = None,
+    many: bool | None = None,
 ) -> Tally:
     """Carry out ``steps`` into ``target``: the card's blocks first (in order, so a target
     block is read before it is overwritten), then the fetched ones. ``fetch(start, end)``
     returns those pack bytes; ``fetch_many(spans)``, when the master answers multi-range
     requests, each span's, in one request (runs are then merged only across tiny gaps).
     A block read from the card that does not hash right is fetched instead; a fetched one
-    that does not is an UpdaterError (the slot stays uncommitted)."""
+    that does not is an UpdaterError (the slot stays uncommitted). ``take(spans, use)``, when
+    given, fetches the spans (several at once with ``many``) and hands them to ``use``, which
+    writes each block once its hash is right and raises at the first that is not: a ``take``
+    over several sources then asks the next source for the spans (sources.py), and blocks
+    written before stay right."""
+    many = fetch_many is not None if many is None else many
     tally = Tally()
     bs = new.block_size
     to_fetch: list[int] = []
@@ -459,14 +470,22 @@ def build(
     to_fetch.sort()
     wanted = set(to_fetch)
     window = _Window(new, target)
-    runs = merge_runs(new, to_fetch, gap if gap is not None else MULTI_GAP if fetch_many else MERGE_GAP)
-    for batch in batches(runs) if fetch_many else [[run] for run in runs]:
+    runs = merge_runs(new, to_fetch, gap if gap is not None else MULTI_GAP if many else MERGE_GAP)
+
+    def fetched(spans: list[tuple[int, int]], use: Callable[[list[bytes]], None]) -> None:
+        assert fetch is not None, "build needs fetch or take"
+        use(fetch_many(spans) if fetch_many else [fetch(*spans[0])])
+
+    for batch in batches(runs) if many else [[run] for run in runs]:
         progress()
-        spans = [(run.start, run.end) for run in batch]
-        packs = fetch_many(spans) if fetch_many else [fetch(*spans[0])]
-        tally.requests += 1
-        for run, pack in zip(batch, packs, strict=True):
-            _unpack_run(new, run, pack, wanted, target, window, tally)
+
+        def use(packs: list[bytes], batch: list[Run] = batch) -> None:
+            part = Tally(requests=1)  # counted once its blocks are in: a failed source's try is not
+            for run, pack in zip(batch, packs, strict=True):
+                _unpack_run(new, run, pack, wanted, target, window, part)
+            tally.add(part)
+
+        (take or fetched)([(run.start, run.end) for run in batch], use)
     sync()
     return tally
 
@@ -587,24 +606,35 @@ def _install(u, path: str, target: str, offset: int, capacity: int, manifest) ->
         )
     u.log(f"delta: {sum(s.source == FETCH for s in steps)} of {new.blocks} blocks to fetch ({share} bytes)")
 
-    def answered(call):
-        def asked(*args):
-            try:
-                return call(*args, on_wait=u.wait_for_stream)
-            except NoRange as e:  # it did answer the probe: a master that changes its mind fails the install
-                raise UpdaterError(str(e)) from None
+    def take(spans: list[tuple[int, int]], use: Callable[[list[bytes]], None]) -> None:
+        """The spans from one source, each block checked as it is written: a source whose
+        block fails its hash is passed over, and the next asked for the spans."""
 
-        return asked
+        def one(source) -> None:
+            if many and len(spans) > 1:
+                try:
+                    packs = source.get_ranges(pack_path, spans, on_wait=u.wait_for_stream)
+                except NoRange:  # this source answers one range at a time
+                    packs = [source.get_range(pack_path, *span, on_wait=u.wait_for_stream) for span in spans]
+            else:
+                packs = [source.get_range(pack_path, *span, on_wait=u.wait_for_stream) for span in spans]
+            use(packs)
+
+        try:
+            u.master.verified(f"GET {pack_path} from byte {spans[0][0]}", one)
+        except NoRange as e:  # they did answer the probe: sources that change their minds fail the install
+            raise UpdaterError(str(e)) from None
 
     tally = build(
         new,
         steps,
         here,
         other,
-        answered(lambda start, end, **kw: u.master.get_range(pack_path, start, end, **kw)),
+        None,
         progress=u.watchdog.progress,
         sync=u.disk.datasync,
-        fetch_many=answered(lambda spans, **kw: u.master.get_ranges(pack_path, spans, **kw)) if many else None,
+        take=take,
+        many=many,
     )
     u.card_bytes = tally.from_card
     u.delta_note = "delta: " + tally.summary()
@@ -657,14 +687,19 @@ def new_index(u, path: str, manifest, bases: list[BlockIndex]) -> BlockIndex:
     where = f"block index of {manifest.image} v{manifest.version}"
     for base in bases if spec.plain_sha256 else ():
         name = indexdiff.diff_name(spec.index, base.plain_sha256)
-        try:
-            body = u.master.get(beside(path, name))
-            u.master.stream_bytes += len(body)  # index bytes are download bytes, like the stream's
+
+        def rebuilt(source, base: BlockIndex = base, name: str = name) -> tuple[BlockIndex, int]:
+            body = source.get(beside(path, name))
+            source.stream_bytes += len(body)  # index bytes are download bytes, like the stream's
             index = indexdiff.apply(base, body, expected=manifest.size, where=f"{where}: diff {name}")
             if index.plain_sha256 != spec.plain_sha256:
                 raise UpdaterError(f"{where}: the index rebuilt from diff {name} is not the signed one")
             _check_fits(index, manifest, where)
-            u.log(f"delta: {where} from a {len(body)}-byte diff against the index slot's install kept")
+            return index, len(body)
+
+        try:
+            index, size = u.master.verified(f"GET {beside(path, name)}", rebuilt)
+            u.log(f"delta: {where} from a {size}-byte diff against the index slot's install kept")
             return index
         except UpdaterError as e:
             u.log(f"delta: {e}; fetching the whole index")
@@ -680,13 +715,17 @@ def fetch_index(u, path: str, manifest) -> BlockIndex:
     where = f"block index of {manifest.image} v{manifest.version}"
     if spec.index_size > MAX_INDEX:
         raise UpdaterError(f"{where}: {spec.index_size} bytes is more than the {MAX_INDEX} allowed")
-    body = b"".join(u.master.stream(beside(path, spec.index), spec.index_size, on_wait=u.wait_for_stream))
-    digest = hashlib.sha256(body).hexdigest()
-    if digest != spec.index_sha256:
-        raise UpdaterError(f"{where}: sha256 is {digest}, the manifest says {spec.index_sha256}")
-    index = parse_index(body, where=where)
-    _check_fits(index, manifest, where)
-    return index
+
+    def checked(source) -> BlockIndex:  # one source's index, whole; a wrong one: the next source's
+        body = b"".join(source.stream(beside(path, spec.index), spec.index_size, on_wait=u.wait_for_stream))
+        digest = hashlib.sha256(body).hexdigest()
+        if digest != spec.index_sha256:
+            raise UpdaterError(f"{where}: sha256 is {digest}, the manifest says {spec.index_sha256}")
+        index = parse_index(body, where=where)
+        _check_fits(index, manifest, where)
+        return index
+
+    return u.master.verified(f"GET {beside(path, spec.index)}", checked)
 
 
 def _check_fits(index: BlockIndex, manifest, where: str) -> None:

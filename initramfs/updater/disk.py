@@ -12,7 +12,7 @@ import os
 import re
 import stat
 
-from .errors import NoCard, UpdaterError
+from .errors import DiskError, NoCard, UpdaterError
 
 BLKRRPART = 0x125F  # _IO(0x12, 95)
 # open()'s answers that mean the card is not there (a reader with no medium says ENOMEDIUM),
@@ -51,9 +51,9 @@ class Disk:
             try:
                 chunk = os.pread(self.fd, length, offset)
             except OSError as e:
-                raise UpdaterError(f"disk {self.path}: read at {offset}: {e.strerror}") from None
+                raise DiskError(f"disk {self.path}: read at {offset}: {e.strerror}") from None
             if not chunk:
-                raise UpdaterError(f"disk {self.path}: short read at {offset}")
+                raise DiskError(f"disk {self.path}: short read at {offset}")
             chunks.append(chunk)
             offset += len(chunk)
             length -= len(chunk)
@@ -66,7 +66,7 @@ class Disk:
             try:
                 n = os.pwrite(self.fd, view, offset)
             except OSError as e:
-                raise UpdaterError(f"disk {self.path}: write at {offset}: {e.strerror}") from None
+                raise DiskError(f"disk {self.path}: write at {offset}: {e.strerror}") from None
             view = view[n:]
             offset += n
 
@@ -81,14 +81,14 @@ class Disk:
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise UpdaterError(f"disk {self.path}: fsync: {e.strerror}") from None
+            raise DiskError(f"disk {self.path}: fsync: {e.strerror}") from None
 
     def datasync(self) -> None:
         """fdatasync: the data written so far is on the medium (a slot's bytes, not the file's times)."""
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            raise UpdaterError(f"disk {self.path}: fdatasync: {e.strerror}") from None
+            raise DiskError(f"disk {self.path}: fdatasync: {e.strerror}") from None
 
     def reread_partitions(self) -> None:
         """Make the kernel see a new partition table (block devices only)."""
@@ -99,11 +99,11 @@ class Disk:
         try:
             fcntl.ioctl(self.fd, BLKRRPART)
         except OSError as e:
-            raise UpdaterError(f"disk {self.path}: kernel did not re-read the partition table: {e.strerror}") from None
+            raise DiskError(f"disk {self.path}: kernel did not re-read the partition table: {e.strerror}") from None
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise UpdaterError(f"disk {self.path}: {length} bytes at {offset} are outside its {self.size} bytes")
+            raise DiskError(f"disk {self.path}: {length} bytes at {offset} are outside its {self.size} bytes")
 
 
 def partition_device(disk_path: str, number: int) -> str:

@@ -19,3 +19,8 @@ class Refused(UpdaterError):
 class NoCard(UpdaterError):
     """The card is not there: no device at its path, or a reader with no medium in it.
     Nothing to install to or boot from, and retrying will not change that."""
+
+
+class DiskError(UpdaterError):
+    """The card failed a read, a write or a sync: the worker's own fault, never a source's
+    (sources.py passes over a source for what it sent, not for what the card did with it)."""

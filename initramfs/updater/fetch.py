@@ -44,6 +44,11 @@ class NotFound(UpdaterError):
     """The master has no such document (404)."""
 
 
+class Unreachable(UpdaterError):
+    """Every attempt failed to reach the master or to hear from it in time: refused, reset,
+    timed out (not an answer, however wrong)."""
+
+
 class NoRange(UpdaterError):
     """The master does not serve byte ranges of a file (block deltas need them)."""
 
@@ -145,13 +150,13 @@ class MasterClient:
             try:
                 return attempt()
             except _Retry as e:
-                reason = str(e)
+                reason, error = str(e), UpdaterError
             except _TRANSIENT as e:
-                reason = _describe(e)
+                reason, error = describe(e), Unreachable
             if n < self.retries:
                 self.sleep(delay)
                 delay *= 2
-        raise UpdaterError(f"master {self.url}: {what}: {reason} (after {self.retries + 1} attempts)")
+        raise error(f"master {self.url}: {what}: {reason} (after {self.retries + 1} attempts)")
 
     # --- documents --------------------------------------------------------------------
 
@@ -177,6 +182,10 @@ class MasterClient:
     def get_doc(self, path: str, parse: Callable[[bytes], T], *, headers: dict | None = None) -> T:
         return parse(self.get(path, headers=headers))
 
+    def verified(self, what: str, take: Callable[[MasterClient], T]) -> T:
+        """``take(self)``: one source has nothing to fall back on (sources.py's has)."""
+        return take(self)
+
     # --- image streams ----------------------------------------------------------------
 
     def stream(
@@ -199,12 +208,13 @@ class MasterClient:
             except _Busy as e:
                 waited = self._wait_busy(path, e.seconds, waited, on_wait)
             except (_Retry, *_TRANSIENT) as e:
-                reason = str(e) if isinstance(e, _Retry) else _describe(e)
+                reason = str(e) if isinstance(e, _Retry) else describe(e)
                 if offset > before:  # the budget is for attempts in a row that get nowhere
                     failures, delay = 0, self.backoff
                 failures += 1
                 if failures > self.retries:
-                    raise UpdaterError(f"master {self.url}: GET {path}: {reason} (after {failures} attempts)") from None
+                    error = UpdaterError if isinstance(e, _Retry) else Unreachable
+                    raise error(f"master {self.url}: GET {path}: {reason} (after {failures} attempts)") from None
                 self.sleep(delay)
                 delay *= 2
 
@@ -423,7 +433,7 @@ def _content_range(value: str) -> tuple[int, int, int | None]:
     return first, last, total
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
     if isinstance(e, http.client.IncompleteRead):

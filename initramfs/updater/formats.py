@@ -854,6 +854,41 @@ class SlotState:
 
 # --- Report --------------------------------------------------------------------------
 
+MAX_REPORT_SOURCES = 8  # sources.py's MAX_SOURCES: the master and 7 after it
+MAX_SOURCE_URL = 200  # sources.py's MAX_URL
+_SOURCE_URL_RE = re.compile(r"http://[!-~]{1,193}")  # what sources.url_problem lets through, loosely
+
+
+@dataclass(frozen=True)
+class SourceUse:
+    """One source of a worker's bytes this boot (report rev10; sources.py): its URL, the image
+    bytes it sent (streams, byte ranges, indexes), and why it was passed over, if it was."""
+
+    url: str
+    bytes: int = 0
+    failed: str | None = None
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> SourceUse:
+        f = _Fields(where, obj)
+        return cls(
+            url=f.text("url", _SOURCE_URL_RE, what="an http:// URL of at most 200 printable characters"),
+            bytes=f.integer("bytes"),
+            failed=_one_line(f, "failed"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "bytes": self.bytes, "failed": self.failed}
+
+
+def _sources(f: _Fields, key: str) -> tuple[SourceUse, ...] | None:
+    value = f.raw(key, optional=True)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_REPORT_SOURCES:
+        raise f.fail(key, f"expected a list of 1 to {MAX_REPORT_SOURCES} sources, got {_kind(value)}")
+    return tuple(SourceUse.from_dict(item, f"{f.doc}: {key}[{i}]") for i, item in enumerate(value))
+
 
 @dataclass(frozen=True)
 class Report:
@@ -871,6 +906,7 @@ class Report:
     card_bytes: int | None = None  # bytes of the new slot a block delta took from the card (rev6)
     delta: str | None = None  # one line: how the delta built the slot, or why the full stream (rev6)
     pubkey: str | None = None  # the node's public key, base64 of the raw 32 bytes (rev9; nodekey.py)
+    sources: tuple[SourceUse, ...] | None = None  # where the bytes came from, with several sources (rev10)
 
     @classmethod
     def from_dict(cls, obj: Any) -> Report:
@@ -896,6 +932,7 @@ class Report:
             card_bytes=f.optional_integer("card_bytes"),
             delta=_one_line(f, "delta"),
             pubkey=_public_key(f, "pubkey"),
+            sources=_sources(f, "sources"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -914,6 +951,7 @@ class Report:
             **({"card_bytes": self.card_bytes} if self.card_bytes is not None else {}),
             **({"delta": self.delta} if self.delta is not None else {}),
             **({"pubkey": self.pubkey} if self.pubkey is not None else {}),
+            **({"sources": [s.to_dict() for s in self.sources]} if self.sources is not None else {}),
         }
 
 

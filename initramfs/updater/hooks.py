@@ -9,6 +9,7 @@ each runs under /bin/sh in its own process group and is killed when its timeout 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import signal
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from .errors import Refused, UpdaterError
 from .fetch import MasterClient
 from .formats import MAX_REPORT_OUTPUT, Hook, Manifest, beside
+from .sources import Sources
 
 SHELL = "/bin/sh"
 DRAIN_SECONDS = 5  # after the kill, how long a hook's output may take to close
@@ -49,8 +51,9 @@ class HookResult:
         return f"hook {self.hook} {why}" + (f": {last.strip()[:200]}" if last else "")
 
 
-def fetch(master: MasterClient, manifest_path: str, manifest: Manifest, signed: bool) -> dict[str, bytes]:
-    """Every hook's script, checked against the signed manifest; Refused on any doubt."""
+def fetch(master: MasterClient | Sources, manifest_path: str, manifest: Manifest, signed: bool) -> dict[str, bytes]:
+    """Every hook's script, checked against the signed manifest (a source whose script is not
+    the one signed is passed over for the next); Refused on any doubt."""
     if manifest.hooks and not signed:
         raise Refused(
             f"manifest: {manifest.image} v{manifest.version} carries hooks and this card has "
@@ -59,15 +62,19 @@ def fetch(master: MasterClient, manifest_path: str, manifest: Manifest, signed: 
     scripts: dict[str, bytes] = {}
     for hook in manifest.hooks:
         path = beside(manifest_path, hook.file)
-        data = master.get(path)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != hook.size or digest != hook.sha256:
-            raise Refused(
-                f"hook {hook.name}: {path} is {len(data)} bytes with sha256 {digest[:16]}..., "
-                f"the signed manifest says {hook.size} bytes, {hook.sha256[:16]}...; not run"
-            )
-        scripts[hook.name] = data
+        scripts[hook.name] = master.verified(f"GET {path}", functools.partial(_signed_script, path=path, hook=hook))
     return scripts
+
+
+def _signed_script(source: MasterClient, *, path: str, hook: Hook) -> bytes:
+    data = source.get(path)
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != hook.size or digest != hook.sha256:
+        raise Refused(
+            f"hook {hook.name}: {path} is {len(data)} bytes with sha256 {digest[:16]}..., "
+            f"the signed manifest says {hook.size} bytes, {hook.sha256[:16]}...; not run"
+        )
+    return data
 
 
 def run(

@@ -18,7 +18,7 @@ import glob
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -43,6 +43,7 @@ from .formats import (
     Method,
     Phase,
     Plan,
+    PlanRecord,
     Slot,
     SlotState,
     SlotStatus,
@@ -53,6 +54,7 @@ from .formats import (
 )
 from .mbr import Mbr
 from .signature import Verifier, from_environment
+from .sources import Sources
 from .watchdog import NoWatchdog, Watchdog
 
 WRITE_ATTEMPTS = 2  # a slot whose read-back differs is written once more, then left bad
@@ -186,7 +188,8 @@ def run(
     *,
     now: Callable[[], float] = time.monotonic,
     layout_check: bool = True,
-    master: MasterClient | None = None,
+    master: MasterClient | Sources | None = None,
+    sources: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
     offline_mount: str = DEFAULT_MOUNT,
     verifier: Verifier | None = None,
@@ -200,9 +203,15 @@ def run(
     master is neither asked nor told, and the card's good slot boots offline.
     ``offline_mount`` is how to mount a slot when no plan arrives (the card's own config);
     ``watchdog`` (started by the caller) hears of every step forward. No card at
-    ``disk_path`` within ``card_wait`` seconds: NoCard, after a report saying so."""
+    ``disk_path`` within ``card_wait`` seconds: NoCard, after a report saying so.
+    ``sources``: URLs asked after the master for every document and byte range (sources.py);
+    ``master`` given (one client or several) replaces them and ``master_url``."""
     log = log or console_log
-    master = master or MasterClient(master_url)
+    if isinstance(master, MasterClient):
+        master = Sources([master])
+    master = master or Sources.of(master_url, sources)
+    if master.log is None:
+        master.log = log
     try:
         disk = open_card(disk_path, open_disk, wait=card_wait, now=now, sleep=sleep)
     except NoCard as e:
@@ -255,7 +264,7 @@ class _Update:
         self,
         disk: Disk,
         disk_path: str,
-        master: MasterClient,
+        master: Sources,
         identity: Identity | None,
         *,
         now: Callable[[], float],
@@ -274,6 +283,7 @@ class _Update:
         self.offline_mount = offline_mount
         self.verifier = keyring.trusted(disk, verifier, log)  # the card's newer key, offline too
         self.watchdog = watchdog
+        master.progress = watchdog.progress  # passing over a source is a step forward
         self.t0 = now()
         self.state = slot_state.read(disk)
         self.plan: Plan | None = None
@@ -302,8 +312,7 @@ class _Update:
             headers = {"X-Rackboot-Serial": self.identity.serial} if self.identity.serial else None
             with expected(), self.step("plan"):
                 self.follow_keys()  # the master's newer keys first: the plan may be signed by one
-                plan = self.signed_doc(f"/plans/{self.node}.json", parse_plan, headers=headers)
-                record = binding.plan_record(plan, self.identity.node, self.state.plan)  # this node's, and no replay
+                plan, record = self.signed_doc(f"/plans/{self.node}.json", self.bound_plan, headers=headers)
         except Refused as e:
             return self.fall_back(Action.REFUSED, e)
         except UpdaterError as e:
@@ -374,17 +383,30 @@ class _Update:
         except NotFound:
             return None
 
+    def bound_plan(self, data: bytes) -> tuple[Plan, PlanRecord | None]:
+        """A plan's bytes -> the plan and what the card records of it; Refused unless it is this
+        node's and no replay (binding.py)."""
+        assert self.identity is not None  # only a board with an identity asks for a plan
+        plan = parse_plan(data)
+        return plan, binding.plan_record(plan, self.identity.node, self.state.plan)
+
     def signed_doc(self, path: str, parse: Callable[[bytes], T], headers: dict[str, str] | None = None) -> T:
-        """A plan or manifest, parsed only after its signature verified (when the card has a key)."""
-        if not self.verifier.required:
-            return self.master.get_doc(path, parse, headers=headers)
-        data = self.master.get(path, headers=headers)
-        try:
-            signature = self.master.get(path + ".sig", headers=headers)
-        except UpdaterError as e:
-            raise Refused(f"{path}: no signature ({e}); this card only takes signed documents") from None
-        self.verifier.check(path, data, signature)
-        return parse(data)
+        """A plan or manifest, parsed only after its signature verified (when the card has a key).
+        ``parse`` also checks what the document is bound to (binding.py): a source whose document
+        or signature fails any of it is passed over for the next one's pair."""
+
+        def take(source: MasterClient) -> T:
+            if not self.verifier.required:
+                return source.get_doc(path, parse, headers=headers)
+            data = source.get(path, headers=headers)
+            try:
+                signature = source.get(path + ".sig", headers=headers)
+            except UpdaterError as e:
+                raise Refused(f"{path}: no signature ({e}); this card only takes signed documents") from None
+            self.verifier.check(path, data, signature)
+            return parse(data)
+
+        return self.master.verified(f"GET {path}", take)
 
     # --- layout -----------------------------------------------------------------------
 
@@ -431,8 +453,14 @@ class _Update:
                 if current is None:
                     raise UpdaterError("plan: assigns no image and no slot on the card is good")
                 return self.decision(current, Action.UP_TO_DATE)
-            manifest = self.signed_doc(plan.image, parse_manifest)
-            binding.check_manifest(plan.image, manifest)  # the version asked for: the replay rule judges it
+            image = plan.image
+
+            def bound_manifest(data: bytes) -> Manifest:  # the version asked for: the replay rule judges it
+                manifest = parse_manifest(data)
+                binding.check_manifest(image, manifest)
+                return manifest
+
+            manifest = self.signed_doc(image, bound_manifest)
             self.refuse_replay(plan, manifest)
             for name, slot in sorted(self.state.slots.items()):
                 if slot.state == "failed" and (slot.image, slot.sha256) == (manifest.image, manifest.sha256):
@@ -558,19 +586,17 @@ class _Update:
             waits, waited = self.master.busy_waits, self.master.busy_seconds
             # a block delta from the card and the master when it can; a second attempt streams it all
             built = None if last else delta.install(self, path, target, offset, capacity, manifest)
-            if built is None:
-                stream = self.watchdog.watch(
-                    self.master.stream(manifest.stream_path(path), manifest.stream_size, on_wait=self.wait_for_stream)
+            if built is None:  # from one source, checked whole; the next source's from byte 0 if it fails
+                stream_path = manifest.stream_path(path)
+                self.master.verified(
+                    f"GET {stream_path}",
+                    lambda source: self.stream_from(source, stream_path, offset, capacity, manifest),
                 )
-                written = install.write_stream(stream, self.disk, offset, capacity, manifest)
             if self.master.busy_waits > waits:  # the master was busy: how long this download queued
                 self.report(
                     Phase.WAIT, seconds=self.master.busy_seconds - waited, slot=target, version=manifest.version
                 )
-        if built is None:  # a delta is checked block by block as it is built, and whole by the read-back
-            with self.step("verify"):
-                install.verify(written, manifest)
-        with self.step("read-back"):
+        with self.step("read-back"):  # a delta is checked block by block, a stream whole: now the medium
             self.log(f"reading back slot {target}")
             digests = install.read_back(self.disk, offset, manifest.size, progress=self.watchdog.progress)
         if digests == (manifest.sha256, manifest.crc32):
@@ -582,6 +608,15 @@ class _Update:
         self.log(f"{problem}; writing it once more")
         self.report(Phase.ERROR, slot=target, version=manifest.version, error=problem)
         return False
+
+    def stream_from(self, source: MasterClient, path: str, offset: int, capacity: int, manifest: Manifest) -> None:
+        """The image stream from ``source`` into the slot, verified whole against the manifest
+        (UpdaterError when it differs: the slot stays uncommitted and the next source is asked)."""
+        self.phase = "download"
+        stream = self.watchdog.watch(source.stream(path, manifest.stream_size, on_wait=self.wait_for_stream))
+        written = install.write_stream(stream, self.disk, offset, capacity, manifest)
+        self.phase = "verify"
+        install.verify(written, manifest)
 
     def rsync_list(self, plan: Plan, path: str, manifest: Manifest) -> list[FileEntry] | None:
         """For a plan of method rsync: the tools, and the file manifest checked against the signed one."""
@@ -602,22 +637,28 @@ class _Update:
     ) -> None:
         """Format slot ``target`` and rsync ``manifest``'s tree into it, checked file by file."""
         assert manifest.files is not None and plan.rsync_port is not None  # fetch_list and the plan parser
-        with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
+        port, files, basis = plan.rsync_port, manifest.files, self.rsync_basis(plan, target)
+
+        def take(source: MasterClient) -> rsync_mode.Filled:
             filled = rsync_mode.fill(
-                master_host=self.master.host or "",
-                port=plan.rsync_port,
-                files=manifest.files,
+                master_host=source.host or "",
+                port=port,
+                files=files,
                 expected=listed,
                 device=partition_device(self.disk_path, number),
                 disk_path=self.disk_path,
                 offset=offset,
                 capacity=capacity,
-                basis=self.rsync_basis(plan, target),
+                basis=basis,
                 log=self.log,
                 progress=self.watchdog.progress,
                 stage=lambda phase: setattr(self, "phase", phase),
             )
-            self.master.stream_bytes += filled.bytes_received  # the report's and decision's bytes fetched
+            source.stream_bytes += filled.bytes_received  # the report's and decision's bytes fetched
+            return filled
+
+        with self.step("download", report=True, timed=True, slot=target, version=manifest.version):
+            filled = self.master.verified(f"rsync module {files.module}", take)
         self.disk.drop_cache(offset, capacity)  # written through the partition's node, not this disk's
         self.log(
             f"slot {target} matches the signed file manifest ({filled.files} entries; "
@@ -831,6 +872,7 @@ class _Update:
                 hook=hook,
                 card_bytes=self.card_bytes if self.delta_note else None,
                 delta=self.delta_note,
+                sources=self.master.uses(),
             ),
             key=self.node_key,
         )

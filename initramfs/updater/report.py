@@ -15,8 +15,9 @@ from dataclasses import replace
 from . import formats
 from .errors import UpdaterError
 from .fetch import MasterClient
-from .formats import MAX_REPORT_OUTPUT, HookName, Phase, Report, escape_controls
+from .formats import MAX_REPORT_OUTPUT, HookName, Phase, Report, SourceUse, escape_controls
 from .nodekey import NodeKey
+from .sources import Sources
 
 SIGNATURE_HEADER = "X-Rackboot-Signature"
 
@@ -35,10 +36,14 @@ def signed(report: Report, key: NodeKey | None) -> tuple[bytes, dict[str, str]]:
 
 
 def send(
-    master: MasterClient | None, report: Report, *, timeout: float | None = None, key: NodeKey | None = None
+    master: MasterClient | Sources | None,
+    report: Report,
+    *,
+    timeout: float | None = None,
+    key: NodeKey | None = None,
 ) -> bool:
     """POST /report once with a short timeout (the master's report_timeout), signed with
-    ``key`` when there is one; True on 2xx."""
+    ``key`` when there is one; True on 2xx. Several sources: to the first that can be reached."""
     if master is None:
         return False
     try:
@@ -62,6 +67,7 @@ def make(
     hook: HookName | None = None,
     card_bytes: int | None = None,
     delta: str | None = None,
+    sources: tuple[SourceUse, ...] | None = None,
 ) -> Report:
     return Report(
         node=node,
@@ -77,6 +83,7 @@ def make(
         hook=hook,
         card_bytes=card_bytes,
         delta=_line(delta),
+        sources=None if sources is None else tuple(replace(s, failed=_line(s.failed)) for s in sources),
     )
 
 

@@ -29,6 +29,7 @@ from . import filemanifest
 from .errors import Refused, UpdaterError
 from .fetch import MasterClient
 from .formats import FileList, Manifest, beside
+from .sources import Sources
 
 MKE2FS = "/sbin/mke2fs"  # by path: busybox's applet of that name makes only ext2
 RUN_DIR = "/run/rackboot"  # a tmpfs on the worker
@@ -50,7 +51,7 @@ class Filled:
     seconds: float
 
 
-def fetch_list(master: MasterClient, manifest_path: str, manifest: Manifest) -> list[filemanifest.Entry]:
+def fetch_list(master: MasterClient | Sources, manifest_path: str, manifest: Manifest) -> list[filemanifest.Entry]:
     """The file manifest, checked against the signed manifest before it is read at all."""
     files = manifest.files
     if files is None:
@@ -59,14 +60,18 @@ def fetch_list(master: MasterClient, manifest_path: str, manifest: Manifest) -> 
             "image, or by an older master); rsync mode needs one published from a directory"
         )
     path = beside(manifest_path, files.file)
-    data = b"".join(master.stream(path, files.size))
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != files.size or digest != files.sha256:
-        raise Refused(
-            f"file manifest: {path} is {len(data)} bytes with sha256 {digest[:16]}..., the signed manifest "
-            f"says {files.size} bytes, {files.sha256[:16]}...; not used"
-        )
-    return filemanifest.load(data)
+
+    def take(source: MasterClient) -> bytes:  # a source whose list is not the signed one: the next's
+        data = b"".join(source.stream(path, files.size))
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != files.size or digest != files.sha256:
+            raise Refused(
+                f"file manifest: {path} is {len(data)} bytes with sha256 {digest[:16]}..., the signed manifest "
+                f"says {files.size} bytes, {files.sha256[:16]}...; not used"
+            )
+        return data
+
+    return filemanifest.load(master.verified(f"GET {path}", take))
 
 
 def tools() -> tuple[str, str]:

@@ -79,6 +79,7 @@ def test_plain_is_the_json_able_rebuild_key_of_a_section(tmp_path):
     assert master == {
         "address": "10.0.2.2",
         "port": 8080,
+        "sources": [],
         "max_streams": 8,
         "key": str((tmp_path / "k").resolve()),
         "directory": str((tmp_path / "master").resolve()),

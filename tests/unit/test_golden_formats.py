@@ -26,7 +26,18 @@ from rackboot.initramfs.updater import formats, layout, mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.errors import Refused, UpdaterError
 from rackboot.initramfs.updater.fetch import MasterClient
-from rackboot.initramfs.updater.formats import Hook, Latest, Layout, Manifest, Partition, Plan, Report, Slot, SlotState
+from rackboot.initramfs.updater.formats import (
+    Hook,
+    Latest,
+    Layout,
+    Manifest,
+    Partition,
+    Plan,
+    Report,
+    Slot,
+    SlotState,
+    SourceUse,
+)
 from rackboot.initramfs.updater.main import Decision, Identity, run
 from rackboot.initramfs.updater.node import NodeSettings, machine_id
 from rackboot.initramfs.updater.signature import Verifier
@@ -433,6 +444,31 @@ LATER_REPORTS = {
         hostname="worker-01",
         hook="first-boot",
     ),
+    # where a worker given three sources took its bytes from (make_golden_sources.py)
+    "report.rev10.sources.json": Report(
+        node=NODE,
+        phase="boot",
+        bytes=4194304,
+        seconds=12.5,
+        slot="b",
+        version=2,
+        time=1700001000.25,
+        hostname="worker-01",
+        sources=(
+            SourceUse(
+                "http://10.0.2.2:8080",
+                0,
+                "master http://10.0.2.2:8080: GET /plans/52-54-00-12-34-56.json: connection refused (after 2 attempts)",
+            ),
+            SourceUse(
+                "http://10.1.0.2:8080",
+                1048576,
+                f"GET /images/example/2/rootfs.ext4.gz: verify example v2: sha256 is {'0' * 64}, "
+                f"the manifest says {'1' * 64}",
+            ),
+            SourceUse("http://cache.rack/rackboot", 3145728, None),
+        ),
+    ),
 }
 
 
@@ -476,6 +512,20 @@ def test_serve_stores_each_report_as_the_sample_line(master):
     for line, want in zip(stored, golden, strict=True):  # the arrival time is today's, not the sample's
         received = json.loads(line)["received"]
         assert line == formats.dump({**json.loads(want), "received": received})
+
+
+def test_serve_takes_a_rev10_report_into_its_inventory_and_its_report_lines(master):
+    """A master reads the report that says where a worker's bytes came from (rev10) as it
+    reads the older ones: into the inventory, and stored whole in the node's report lines."""
+    srv, root = master
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=5)
+    conn.request("POST", "/report", body=sample("report.rev10.sources.json"))
+    assert conn.getresponse().status == 204
+    conn.close()
+    (line,) = (root / f"reports/{NODE}.jsonl").read_bytes().splitlines()
+    assert formats.parse_report(line) == LATER_REPORTS["report.rev10.sources.json"]
+    history = srv.fleet.inventory.history(NODE)
+    assert [(h["phase"], h["slot"], h["version"], h["bytes"]) for h in history] == [("boot", "b", 2, 4194304)]
 
 
 # --- artefacts.json ----------------------------------------------------------------------------
@@ -529,6 +579,7 @@ DOCUMENTS = [
     "manifest.format1.rev3.first-boot.json",
     "report.rev5.json",
     "report.rev9.signed.json",
+    "report.rev10.sources.json",
     "plan.format1.rev7.serial.json",
     "plan.format1.rev7.named-default.json",
 ]
@@ -608,6 +659,8 @@ def test_every_sample_is_covered():
         # the key chain's samples, checked in test_golden_keys.py
         *(f"keychain.format1.rev1.json{sig}" for sig in ("", ".sig")),
         "key-record.format1.rev1.bin",
+        # rackboot nginx-config's output, checked in test_nginx_config.py
+        "nginx.conf.golden",
     }
     present = {p.name for p in DATA.iterdir() if p.is_file()} - {
         "README.md",
@@ -618,6 +671,7 @@ def test_every_sample_is_covered():
         "make_golden_rsync.py",
         "make_golden_nodekeys.py",
         "make_golden_serial.py",
+        "make_golden_sources.py",
     }
     assert present == covered
 
