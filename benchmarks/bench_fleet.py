@@ -31,10 +31,10 @@ the master's CPU seconds per worker boot (utime + stime of the serve process fro
 and the seconds from the first arrival until the last worker's last report, each against
 its goal.
 
-Each scenario is one function of the workers returning a Run (one_master); a second one
-(two rack masters and the region on one PostgreSQL) is one more entry in SCENARIOS: its
-masters' URLs to storm (worker i asks urls[i % n], its rack's), their serve processes' CPU
-summed, the reports counted in the region's database.
+Each scenario is one function of the workers returning a Run: one_master, and two_racks
+(as root: the region with its rsync daemon and two rack masters mirroring it, worker i
+asking rack i % 2, the three serve processes' CPU summed, the reports counted in the
+region's inventory once the rack masters' spools have drained into it).
 """
 
 from __future__ import annotations
@@ -379,7 +379,73 @@ def one_master(workers: list[Worker]) -> Run:
         )
 
 
+DRAIN_WAIT = 300.0  # seconds the rack masters get to forward their spools to the region
+
+
+def rack_master(base: Path, name: str, region: config.Config, rsync_port: int) -> config.Config:
+    """A rack master of ``region`` under base/<name>: its own port, no key, the region's public one."""
+    assert region.master.key is not None
+    directory = base / name
+    directory.mkdir()
+    path = directory / "rackboot.toml"
+    path.write_text(
+        '[board]\nname = "qemu-virt"\narch = "arm64"\n'
+        f'[master]\naddress = "127.0.0.1"\nport = {free_port()}\ndirectory = "master"\n'
+        f'upstream = "http://127.0.0.1:{region.master.port}"\n'
+        f'upstream_key = "{signing.public_key_path(region.master.key)}"\n'
+        f'upstream_rsync_port = {rsync_port}\nrack = "{name}"\n'
+        '[output]\ndirectory = "build"\n'
+    )
+    return config.load(path)
+
+
+def two_racks(workers: list[Worker]) -> Run:
+    """The region (its inventory, its rsync daemon: serve as root) and two rack masters
+    mirroring it ([master] upstream): worker i boots from rack i % 2, whose spool relays its
+    reports to the region. Timed until the region has counted the last one; the CPU is the
+    three serve processes' together."""
+    with tempfile.TemporaryDirectory(prefix="rackboot-bench-fleet-") as tmp:
+        base = Path(tmp)
+        region = master_tree(base)
+        rsync_port = free_port()
+        text = region.path.read_text().replace("[output]", f"rsync_port = {rsync_port}\n[output]")
+        region.path.write_text(text)
+        region = config.load(region.path)
+        assert region.master.key is not None
+        card = Card(signing.public_key_path(region.master.key))
+        serves = [Serve(region, base / "region.log")]
+        try:
+            racks = [rack_master(base, f"rack-{k}", region, rsync_port) for k in range(2)]
+            serves += [Serve(cfg, base / f"rack-{k}.log") for k, cfg in enumerate(racks)]
+            cpu, client = sum(s.cpu() for s in serves), time.process_time()
+            start = time.monotonic()
+            boots, _ = storm(workers, [s.url for s in serves[1:]], card)
+            spools = [cfg.master.directory / "spool" for cfg in racks]
+            deadline = time.monotonic() + DRAIN_WAIT
+            while any(any(p.suffix == ".report" for p in spool.iterdir()) for spool in spools):
+                if time.monotonic() > deadline:
+                    boots.failures.append(f"the rack masters' spools not forwarded within {DRAIN_WAIT:g} s")
+                    break
+                time.sleep(0.1)
+            seconds = time.monotonic() - start - 0.2  # storm's arrivals start 0.2 s in
+            serve_cpu, client_cpu = sum(s.cpu() for s in serves) - cpu, time.process_time() - client
+        finally:
+            for serve in serves:
+                serve.stop()
+        return figures(
+            "two rack masters relaying to the region (SQLite)",
+            workers,
+            boots,
+            seconds,
+            serve_cpu,
+            client_cpu,
+            Inventory(region.master.directory),
+        )
+
+
 SCENARIOS: dict[str, Callable[[list[Worker]], Run]] = {"one master": one_master}
+if os.geteuid() == 0:  # the region's rsync daemon, which the rack masters mirror from, runs as root
+    SCENARIOS["two racks"] = two_racks
 
 
 def bench(count: int = WORKERS) -> list[Run]:

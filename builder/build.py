@@ -29,7 +29,6 @@ from . import compress, cpio, elf, graph, initramfs_tree, modules, pystdlib, tem
 from .config import BOOT_START_MIB, Config, plain, source_date_epoch
 from .errors import RackbootError
 from .files import atomic_write_bytes
-from .master import signing
 from .sources import PackageCache, PackageRef, content_hash
 
 NETBOOT_SCRIPT = "boot.scr.uimg"  # the name U-Boot's distro boot asks DHCP/TFTP for
@@ -345,9 +344,9 @@ def card_files(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> dict[st
     """What the SD card's boot partition holds: our artefacts, and for Pis the firmware,
     config.txt and U-Boot from Debian's raspi-firmware and u-boot-rpi."""
     files: dict[str, Path | bytes] = {a.filename: out / a.filename for a in on_card}
-    key = inp.cfg.master.key
-    if key:  # for people checking a card by hand; the updater reads the initramfs's copy
-        files["rackboot.pub"] = signing.public_key_path(key)
+    public = inp.cfg.master.public_key
+    if public:  # for people checking a card by hand; the updater reads the initramfs's copy
+        files["rackboot.pub"] = public
     board = inp.board
     if board.is_pi:
         uboot = inp.unpacked(board.uboot_package)
@@ -363,8 +362,7 @@ def card_files(inp: Inputs, out: Path, on_card: list[graph.Artefact]) -> dict[st
 
 
 def _public_key_hash(cfg: Config) -> str:
-    key = cfg.master.key
-    public = signing.public_key_path(key) if key else None
+    public = cfg.master.public_key
     return content_hash(public) if public and public.is_file() else ""
 
 

@@ -184,6 +184,24 @@ def _cmdline(value: str) -> str | None:
     return None
 
 
+def _upstream(value: str) -> str | None:
+    """The region's base URL: http://HOST[:PORT], nothing after it (the mirror's rsync goes
+    to the same host)."""
+    m = re.fullmatch(r"http://([^/:]+)(?::([0-9]{1,5}))?/?", value)
+    if m is None:
+        return "not http://HOST:PORT (no path, query or credentials)"
+    if m.group(2) is not None and not 1 <= int(m.group(2)) <= 65535:
+        return f"port {m.group(2)} is not a TCP port"
+    return _address(m.group(1))
+
+
+RACK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _rack_name(value: str) -> str | None:
+    return None if RACK_NAME_RE.fullmatch(value) else "not a rack name (1 to 64 letters, digits, '.', '_' or '-')"
+
+
 def _token(value: str) -> str | None:
     if len(value) < 16 or len(value) > 256 or not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", value):
         return "not a token: 16 to 256 letters, digits or ._~+/=- (e.g. from `openssl rand -hex 32`)"
@@ -450,6 +468,56 @@ SETTINGS: tuple[Setting, ...] = (
         shown=safe_url,
     ),
     Setting(
+        "master",
+        "upstream",
+        "str",
+        "",
+        "The region's URL (http://HOST:PORT) when this serve is a rack master: it mirrors what the "
+        "region's plans reference (rsync from the region's daemon, checked against the region's "
+        "signatures before its workers see it), serves its workers from that mirror and relays their "
+        "reports to the region. Empty = this serve is the region (or the only master).",
+        check=lambda v: _upstream(v) if v else None,
+    ),
+    Setting(
+        "master",
+        "upstream_key",
+        "path",
+        None,
+        "A rack master's copy of the region's public key (the region's [master] key with .pub): "
+        "every plan, manifest and boot manifest the mirror takes must verify with it (or a key its "
+        "chain hands over). Give the oldest key a card in the rack may hold (key 0, unless every card "
+        "has moved on): the mirror keeps the chain's links from it on. Needed with [master] upstream; "
+        "a rack master never holds a private key.",
+    ),
+    Setting(
+        "master",
+        "upstream_rsync_port",
+        "int",
+        873,
+        "The port of the region's rsync daemon (the region's [master] rsync_port), which a rack master mirrors from.",
+        minimum=1,
+        maximum=65535,
+    ),
+    Setting(
+        "master",
+        "sync_interval",
+        "int",
+        300,
+        "Seconds between a rack master's syncs from the region; it keeps serving its last good mirror "
+        "in between and while the region is unreachable.",
+        minimum=5,
+        maximum=86400,
+    ),
+    Setting(
+        "master",
+        "rack",
+        "str",
+        "",
+        "This rack master's name, which the region records with each report it relays "
+        "(`rackboot status` shows it); empty = the machine's hostname.",
+        check=lambda v: _rack_name(v) if v else None,
+    ),
+    Setting(
         "network",
         "interface",
         "str",
@@ -625,11 +693,24 @@ class MasterSection:
     stale: int
     rsync_port: int
     database: str
+    upstream: str
+    upstream_key: Path | None
+    upstream_rsync_port: int
+    sync_interval: int
+    rack: str
 
     @property
     def url(self) -> str:
         """The master as workers reach it (boot scripts, the kernel command line, init.conf)."""
         return f"http://{self.address}:{self.port}"
+
+    @property
+    def public_key(self) -> Path | None:
+        """The key a build gives its workers (initramfs, card): [master] key's .pub, or a rack
+        master's copy of the region's ([master] upstream_key), which signs all they take."""
+        if self.key is not None:
+            return self.key.with_name(self.key.name + ".pub")  # signing.public_key_path
+        return self.upstream_key
 
 
 @dataclass(frozen=True)
@@ -946,7 +1027,23 @@ def parse(text: str, path: Path) -> Config:
 
 def _check_key(path: Path, master: MasterSection) -> None:
     """rackboot serve hands out the master's tree: the private key must not be in it (with it
-    anyone could sign hooks that run as root on every worker). Both are resolved paths."""
+    anyone could sign hooks that run as root on every worker). Both are resolved paths.
+    A rack master signs nothing: it holds the region's public key, never a private one."""
+    if master.upstream and master.key is not None:
+        raise ConfigError(
+            f"{path}: [master] key: a rack master ([master] upstream set) must hold no private key; "
+            "unset [master] key and give the region's public key as [master] upstream_key"
+        )
+    if master.upstream and master.upstream_key is None:
+        raise ConfigError(
+            f"{path}: [master] upstream_key: a rack master needs the region's public key (its [master] key's .pub) "
+            "to check what it mirrors"
+        )
+    if master.upstream_key is not None and master.upstream_key.name.endswith(".key"):
+        raise ConfigError(
+            f"{path}: [master] upstream_key: {master.upstream_key} looks like a private key; "
+            "a rack master takes the region's public key (.pub)"
+        )
     if master.key is not None and master.key.is_relative_to(master.directory):
         raise ConfigError(
             f"{path}: [master] key: {master.key} is inside [master] directory {master.directory}, "

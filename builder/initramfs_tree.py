@@ -23,7 +23,6 @@ from rackboot.initramfs.updater.signature import PUBLIC_KEY
 from . import compress, cpio, elf, modules, pystdlib, sources
 from .config import Config
 from .errors import RackbootError
-from .master import signing
 
 PYTHON = "/usr/bin/python3.11"
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
@@ -53,12 +52,12 @@ def spec(cfg: Config, board: Board) -> Spec:
         packages.append("e2fsprogs")
         binaries.append("/sbin/mke2fs")
     files = dict(cfg.initramfs.files)
-    key = cfg.master.key
+    key = cfg.master.public_key
     if updater:  # openssl makes the node's key and signs its reports (updater/nodekey.py)
         packages.append("openssl")
         binaries.append("/usr/bin/openssl")
     if updater and key:  # the updater then takes only what this key signed, checked by openssl
-        files[PUBLIC_KEY] = signing.public_key_path(key)
+        files[PUBLIC_KEY] = key
     watchdog = cfg.initramfs.watchdog if updater and board.watchdog else 0
     wanted = (
         list(board.modules)

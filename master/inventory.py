@@ -137,6 +137,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO counters (name, value) VALUES ('next_index', 1);
     """,
+    # 7: the rack master that relayed a node's last report (NULL: it reported to this master itself)
+    """
+    ALTER TABLE nodes ADD COLUMN rack TEXT;
+    """,
 )
 SCHEMA = len(MIGRATIONS)
 
@@ -179,6 +183,7 @@ class Node:
     pubkey: str | None = None  # the key pinned at adoption (base64 of the raw 32 bytes)
     pubkey_candidate: str | None = None  # a key it presented (and signed with) that is not pinned
     pubkey_pinned_at: float | None = None
+    rack: str | None = None  # the rack master its last report came through; None: straight here
     slots: dict[str, SlotInfo] = field(default_factory=dict)
 
     @property
@@ -222,6 +227,7 @@ _NODE_COLUMNS = (
     "pubkey",
     "pubkey_candidate",
     "pubkey_pinned_at",
+    "rack",
 )
 
 
@@ -568,6 +574,7 @@ class Inventory:
         ip: str | None = None,
         body: bytes | None = None,
         signature: bytes | None = None,
+        rack: str | None = None,
     ) -> Ingested:
         """Take one parsed report (its node id already checked) into the history and the node.
         ``body``: the exact bytes it came as (default: its canonical bytes), ``signature``: the
@@ -649,7 +656,7 @@ class Inventory:
                 node = self._admit(report.node, received)
             if auth.pin is not None:
                 self.log(f"inventory: {report.node}: key {nodekeys.fingerprint(auth.pin)} pinned (first use)")
-            self._store(db, apply(with_key(node, auth, received), report, received), ip)
+            self._store(db, replace(apply(with_key(node, auth, received), report, received), rack=rack), ip)
         if admitted:
             self.log(
                 f"inventory: new node {report.node}{' from ' + ip if ip else ''}"

@@ -93,8 +93,11 @@ def user_name(value: str, what: str) -> str:
 
 
 def root_path(cfg: Config) -> str:
-    """The master directory, absolute, as it may stand in a quoted nginx string."""
-    root = str(cfg.master.directory.resolve())
+    """The master directory, absolute, as it may stand in a quoted nginx string; a rack
+    master's is its mirror's ``current`` link (mirror.py), which nginx resolves per request,
+    so a sync's swap reaches it as it reaches serve."""
+    directory = cfg.master.directory.resolve()
+    root = str(directory / "current" if cfg.master.upstream else directory)
     bad = sorted(set(_PATH_FORBIDDEN.findall(root)))
     if bad:
         raise RackbootError(

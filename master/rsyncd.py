@@ -1,7 +1,8 @@
 """rsync mode's server: Debian's `rsync --daemon`, run by `rackboot serve` beside its HTTP
 server when ``[master] rsync_port`` is set, offering each published version's tree
 (filemanifest.py keeps it as ``images/<image>/<version>/.tree``) as the read-only module
-``<image>.<version>``, and nothing else.
+``<image>.<version>``, and the served tree itself as the module ``published`` that rack
+masters mirror (mirror.py), and nothing else.
 
 Safety does not rest on the daemon: rsync carries no signature and no encryption, and the
 worker trusts a slot only once its tree matches the file manifest the signed manifest pins.
@@ -52,6 +53,16 @@ IO_TIMEOUT = 60  # seconds a transfer may stall before the daemon drops it (the 
 REFUSED = ("copy-links", "copy-unsafe-links", "copy-dirlinks", "keep-dirlinks")
 
 
+# The read-only module rack masters mirror (master/mirror.py): the master's tree as HTTP
+# serves it. Its transfers run as nobody, so what is not world-readable stays unread, and its
+# filter hides the rest: dot names (this config, the version trees, locks, temporaries),
+# private keys, and all but plans/, keys/, images/ and boot/ (reports, the inventory).
+# (No module of a version is named so: theirs are <image>.<version>.)
+PUBLISHED = "published"
+NOBODY = 65534
+PUBLISHED_FILTER = "- .* - *.key + /plans/*** + /keys/*** + /images/*** + /boot/*** - *"
+
+
 def conf_path(master: Path) -> Path:
     return master / CONF
 
@@ -91,6 +102,18 @@ def render_config(master: Path) -> str:
         f"refuse options = {' '.join(REFUSED)}",
         "transfer logging = no",
         "log file = /dev/stderr",  # serve's: one log for the master
+    ]
+    lines += [
+        "",
+        f"[{PUBLISHED}]",
+        f"path = {master}",
+        "comment = the published tree, for rack masters' mirrors",
+        "list = no",  # rack masters know its name; a listing shows the versions rsync mode installs
+        # not root: a file the master keeps from others (not world-readable) cannot be read
+        f"uid = {NOBODY}",
+        f"gid = {NOBODY}",
+        "open noatime = no",  # O_NOATIME is for a file's owner: nobody's open would fail (EPERM)
+        f"filter = {PUBLISHED_FILTER}",
     ]
     for module, tree in published_trees(master):
         image, _, version = module.rpartition(".")
@@ -188,7 +211,11 @@ class RsyncService:
             raise
         if self.log:
             modules = len(published_trees(self.master))
-            print(f"rsync: daemon serves {modules} published versions read-only on {self.url}", file=sys.stderr)
+            print(
+                f"rsync: daemon serves {modules} published versions and the tree for rack masters "
+                f"({PUBLISHED}) read-only on {self.url}",
+                file=sys.stderr,
+            )
         self._watcher = ChildWatch(self.proc, POLL, refresh=self.refresh, died=_say_died, name="rsyncd-watch").start()
 
     def _wait_listening(self) -> None:

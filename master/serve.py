@@ -33,16 +33,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 from urllib.parse import unquote, urlsplit
 
+from rackboot.config import RACK_NAME_RE
 from rackboot.errors import RackbootError
 from rackboot.initramfs.updater import formats
 from rackboot.initramfs.updater.errors import UpdaterError
 from rackboot.master import database, nodekeys
 from rackboot.master.limits import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_STREAMS
 from rackboot.master.numbers import ascii_int
+from rackboot.master.relay import RACK_HEADER, WORKER_HEADER
 
 if TYPE_CHECKING:
     from rackboot.config import Config
 
+    from .rack import RackMaster
     from .web import Reply
 
 MAX_REPORT = 64 * 1024
@@ -84,15 +87,18 @@ class MasterServer(ThreadingHTTPServer):
         config: Config | None = None,
         tick: float | None = None,
         proxied_by: str | None = None,
+        rack: RackMaster | None = None,
     ):
         from .web import Fleet  # the inventory, the page and the API
 
-        self.master = master.resolve()
+        self._master = master.resolve()
+        self.rack = rack  # a rack master: the tree is its mirror's current one, reports go to the region
         self.quiet = quiet
         self.proxied_by = proxied_by  # a reverse proxy's address: its X-Real-IP names the client
         # the inventory's and rollouts' lines quote the rack's reports: no terminal escapes from them
         log = None if quiet else lambda line: print(line.translate(_LOG_ESCAPES), file=sys.stderr)
-        self.fleet = Fleet.open(self.master, config, log=log)
+        # (a rack master's own is empty: its workers' reports are the region's)
+        self.fleet = Fleet.open(self._master, None if rack else config, log=log)
         self.tick = tick  # seconds between looks at a running rollout (None: rollout.TICK)
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -105,6 +111,12 @@ class MasterServer(ThreadingHTTPServer):
         self.refused_streams = 0
         self.refusals: deque[float] = deque()  # when streams were refused in the last RETRY_AFTER s
         super().__init__(address, MasterHandler)
+
+    @property
+    def master(self) -> Path:
+        """The tree GETs are served from: a rack master's current mirror (read once per request:
+        a sync swaps it whole), else [master] directory."""
+        return self.rack.tree() if self.rack is not None else self._master
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self.fleet.start_ticking(self.tick)  # a silent wave still ends at its timeout
@@ -205,6 +217,7 @@ def make_server(
     config: Config | None = None,
     tick: float | None = None,
     proxied_by: str | None = None,
+    rack: RackMaster | None = None,
 ) -> MasterServer:
     """A bound, not yet running server for `master` (port 0 = any free port); ``config``
     gives the inventory its adoption mode, the API its token and rollouts their plans;
@@ -229,6 +242,7 @@ def make_server(
             config=config,
             tick=tick,
             proxied_by=proxied_by,
+            rack=rack,
         )
     except OSError as e:
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -258,6 +272,14 @@ def serve_forever(
         service = NetbootService(netboot)
     cfg = config or netboot
     rsync = rsyncd.RsyncService(Path(master), host, cfg.master.rsync_port) if cfg and cfg.master.rsync_port else None
+    rack = None
+    if cfg is not None and cfg.master.upstream:
+        from rackboot.master.rack import RackMaster
+
+        rsync = None  # a rack master's tree has no version trees: rsync mode is the region's
+        Path(master).mkdir(parents=True, exist_ok=True)
+        rack = RackMaster.from_config(cfg, log=lambda line: print(line.translate(_LOG_ESCAPES), file=sys.stderr))
+        rack.first_sync()  # before anything listens: no tree and no region is one line, exit 1
     if rsync is not None:
         rsyncd.check_can_run(rsync.master, host, rsync.port)
     server = make_server(
@@ -270,17 +292,23 @@ def serve_forever(
         max_streams=max_streams,
         config=config or netboot,
         proxied_by=proxied_by,
+        rack=rack,
     )
     try:
         if service is not None:
             service.start()
         if rsync is not None:
             rsync.start()
+        if rack is not None:
+            rack.start()
+            print(f"rack master {rack.name}: mirroring {rack.upstream} every {rack.interval:g} s", file=sys.stderr)
         print(f"serving {server.master} on {server.url}", file=sys.stderr)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        if rack is not None:
+            rack.stop()
         if rsync is not None:
             rsync.stop()
         if service is not None:
@@ -340,6 +368,27 @@ def is_private(asked: Path, real: Path) -> bool:
     return asked.name.endswith(".key") or real.name.endswith(".key") or not real.stat().st_mode & 0o004
 
 
+def relay_rack(header: str | None) -> str | None:
+    """The rack master that relayed a report (its X-Rackboot-Rack header), None for a worker's
+    own; ValueError for a value that is not a rack name. (Informational: the report's
+    signature is the node's, whoever carried it.)"""
+    if header is None:
+        return None
+    if not RACK_NAME_RE.fullmatch(header):
+        raise ValueError(f"report: {RACK_HEADER}: {header[:80]!r} is not a rack name")
+    return header
+
+
+def relayed_worker(header: str | None) -> str | None:
+    """A relayed report's worker address (X-Rackboot-Worker), as the rack master saw it."""
+    if header is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(header))
+    except ValueError:
+        raise ValueError(f"report: {WORKER_HEADER}: {header[:80]!r} is not an IP address") from None
+
+
 def check_node_id(node: str) -> None:
     """Reports are kept per node, so only a node id as the updater makes it (formats.node_id:
     a MAC, lowercase, with dashes) names a report file; raises UpdaterError otherwise."""
@@ -384,17 +433,22 @@ class MasterHandler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.BAD_REQUEST, {"error": "malformed request path"}, body)
         if path == "/stats":
             return self._json(HTTPStatus.OK, self.server.stats(), body)
+        if self.server.rack is not None and (path == "/" or path.startswith("/api/")):
+            return self._json(HTTPStatus.OK, self.server.rack.status(), body)
         if path == "/" or path.startswith("/api/"):  # the fleet page and its API (master/web.py)
             return self._reply(self.server.fleet.get(path), body)
         parts = path.split("/")[1:]
         if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file: {path[:200]}"}, body)
+        root = self.server.master  # once: a rack master's sync may swap it meanwhile
         if len(parts) == 2 and parts[0] == "plans":
             for suffix in (".json", ".json.sig"):  # a plan and its signature fall back together
                 if parts[1].endswith(suffix):
+                    if self.server.rack is not None:
+                        return self._rack_plan(root, parts[1][: -len(suffix)], body, suffix)
                     return self._plan(parts[1][: -len(suffix)], body, suffix)
         stream = body and parts[0] == "images" and not _NOT_STREAMS.fullmatch(parts[-1])
-        self._file(path, self.server.master.joinpath(*parts), body, stream=stream)
+        self._file(path, root.joinpath(*parts), body, stream=stream, root=root)
 
     def client_ip(self) -> str:
         """The client's address: the connection's, or through the trusted reverse proxy
@@ -436,10 +490,20 @@ class MasterHandler(BaseHTTPRequestHandler):
             body,
         )
 
-    def _file(self, url_path: str, path: Path, body: bool, *, stream: bool = False) -> None:
+    def _rack_plan(self, root: Path, node: str, body: bool, suffix: str) -> None:
+        """A rack master's plans are the region's as mirrored: the node's own, else the default
+        (adoption, hostnames and serials are the region's business: it signed these)."""
+        for name in (node, "default"):
+            candidate = root / "plans" / f"{name}{suffix}"
+            if candidate.is_file():
+                return self._file(f"/plans/{candidate.name}", candidate, body, root=root)
+        self._json(HTTPStatus.NOT_FOUND, {"error": f"no plan for node {node[:128]} in this rack's mirror"}, body)
+
+    def _file(self, url_path: str, path: Path, body: bool, *, stream: bool = False, root: Path | None = None) -> None:
+        root = root or self.server.master
         try:
             real = path.resolve(strict=True)
-            inside = real.is_relative_to(self.server.master) and real.is_file()
+            inside = real.is_relative_to(root) and real.is_file()
             private = inside and is_private(path, real)
         except (OSError, RuntimeError):
             inside = private = False
@@ -557,11 +621,26 @@ class MasterHandler(BaseHTTPRequestHandler):
         except (UpdaterError, ValueError) as e:
             self.log_message("report refused: %s", e)
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        if self.server.rack is not None:  # the region checks its signature and keeps it
+            relay = self.server.rack.relay
+            if not relay.take(data, self.headers.get(nodekeys.SIGNATURE_HEADER), self.client_ip()):
+                self.log_message("report not taken: the spool for the region is full")
+                return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "report: the rack's spool is full"})
+            self.send_response(HTTPStatus.NO_CONTENT)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        try:
+            rack = relay_rack(self.headers.get(RACK_HEADER))
+            ip = relayed_worker(self.headers.get(WORKER_HEADER)) if rack else None
+        except ValueError as e:
+            self.log_message("report refused: %s", e)
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         received = round(time.time(), 3)
         failed = None
         try:
             taken = self.server.fleet.inventory.ingest(
-                report, received=received, ip=self.client_ip(), body=data, signature=signature
+                report, received=received, ip=ip or self.client_ip(), body=data, signature=signature, rack=rack
             )
         except (nodekeys.Busy, nodekeys.Unavailable) as e:  # not checked, so not taken: one line, and a 503
             self.log_message("report not taken: %s", e)
@@ -593,6 +672,9 @@ class MasterHandler(BaseHTTPRequestHandler):
     # --- the fleet API's actions (master/web.py) ------------------------------------------------
 
     def _web_post(self, path: str) -> None:
+        if self.server.rack is not None:
+            self.close_connection = True
+            return self._json(HTTPStatus.NOT_FOUND, {"error": "a rack master takes no actions: ask the region"})
         length = ascii_int(self.headers.get("Content-Length", "0").strip(" \t"))
         if length is None:
             self.close_connection = True  # a body of unknown length: the connection cannot go on

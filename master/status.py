@@ -1,8 +1,9 @@
 """`rackboot status`: the rack at a glance, from the inventory (no running master needed).
 
-One row per node: id, label, IP, the booted slot and its version, the other slot, the
-state, when it was last heard from ("2 min ago") and its last error, trimmed. Nodes not
-heard from for [master] stale seconds are marked stale. Colour only on a terminal;
+One row per node: id, label, IP, the rack master its reports come through, the booted
+slot and its version, the other slot, the state, when it was last heard from ("2 min
+ago") and its last error, trimmed. Nodes not heard from for [master] stale seconds are
+marked stale. Colour only on a terminal;
 --json for scripts; --node for one node with its report history. What the rack sent is
 printed with its control characters written out (\x1b): a report stored before the master
 refused them must not drive the admin's terminal.
@@ -35,7 +36,7 @@ _COLOURS = {
     STALE: "2",  # dim
     KEY_MISMATCH: "31",
 }
-COLUMNS = ("node", "label", "ip", "booted", "other slot", "state", "last seen", "last error")
+COLUMNS = ("node", "label", "ip", "rack", "booted", "other slot", "state", "last seen", "last error")
 
 
 def ago(seconds: float) -> str:
@@ -97,6 +98,7 @@ def row(node: Node, now: float, stale_after: float) -> dict[str, str]:
         "node": node.id,
         "label": node.label or "-",
         "ip": node.ip or "-",
+        "rack": node.rack or "-",  # the rack master that relayed its last report
         "booted": booted,
         "other slot": slot_text(node, other_slot(node)),
         "state": shown_state(node, now, stale_after),

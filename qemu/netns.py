@@ -117,6 +117,17 @@ class RackNetwork:
             raise
         return self
 
+    def uplink(self, other: RackNetwork, address: str) -> None:
+        """A veth pair from this namespace to ``other``'s bridge, ``address`` (in ``other``'s
+        subnet) on this end: a rack master's way to the region, while its own bridge stays
+        its rack's. Deleting either namespace deletes the pair."""
+        here, there = f"up{next(_counter)}", f"rk{next(_counter)}"
+        what = f"{self.name}: uplink to {other.name}"
+        _ip("-n", self.name, "link", "add", here, "type", "veth", "peer", "name", there, "netns", other.name, what=what)
+        _ip("-n", self.name, "addr", "add", f"{address}/{other.prefix}", "dev", here, what=what)
+        _ip("-n", self.name, "link", "set", here, "up", what=what)
+        _ip("-n", other.name, "link", "set", there, "master", other.bridge, "up", what=what)
+
     def command(self, cmd: list[str]) -> list[str]:
         """``cmd`` as run inside the namespace."""
         return ["ip", "netns", "exec", self.name, *cmd]

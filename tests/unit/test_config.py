@@ -89,6 +89,11 @@ def test_plain_is_the_json_able_rebuild_key_of_a_section(tmp_path):
         "stale": 86400,
         "rsync_port": 0,
         "database": "",
+        "upstream": "",
+        "upstream_key": None,
+        "upstream_rsync_port": 873,
+        "sync_interval": 300,
+        "rack": "",
     }
     initramfs = config.plain(cfg.initramfs)
     assert initramfs["files"] == {"/etc/motd": str((tmp_path / "motd.txt").resolve())}
@@ -131,6 +136,18 @@ def test_paths_are_relative_to_the_config_file(tmp_path):
             "[layout]\npartitions = [{name='boot', size_mib=8, typ='83'}]\n",
             r"unknown key 'typ' \(did you mean 'type'\?\)",
         ),
+        # a rack master: no private key, the region's public key, a plain URL and rack name
+        (
+            "[master]\nupstream = 'http://10.0.0.1:8080'\nupstream_key = 'region.pub'\nkey = 'k.key'\n",
+            r"\[master\] key: a rack master \(\[master\] upstream set\) must hold no private key",
+        ),
+        ("[master]\nupstream = 'http://10.0.0.1:8080'\n", r"\[master\] upstream_key: a rack master needs"),
+        (
+            "[master]\nupstream = 'http://r:8080'\nupstream_key = 'region.key'\n",
+            r"upstream_key: .*region.key looks like a private key",
+        ),
+        ("[master]\nupstream = 'https://r/x'\n", r"\[master\] upstream: .*not http://HOST:PORT"),
+        ("[master]\nrack = 'a b'\n", r"\[master\] rack: .*not a rack name"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, expected):
@@ -357,3 +374,19 @@ def test_serve_with_its_key_inside_the_master_directory_exits_2_before_it_listen
     assert cli.main(["serve", "-c", str(tmp_path / "rackboot.toml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "[master] key: " in err and "keep the private key outside it" in err
+
+
+def test_a_rack_masters_build_gives_its_workers_the_regions_public_key(tmp_path):
+    """A rack master holds no private key: the initramfs and card it builds carry the region's
+    public key (upstream_key), so its workers check every document as the region's."""
+    from rackboot import initramfs_tree
+    from rackboot.firmware.boards import board
+    from rackboot.initramfs.updater.signature import PUBLIC_KEY
+
+    text = "[initramfs]\nupdater = true\n[master]\nupstream = 'http://10.0.0.1:8080'\nupstream_key = 'region.pub'\n"
+    rack = parse(text, tmp_path)
+    assert rack.master.public_key == (tmp_path / "region.pub").resolve()
+    spec = initramfs_tree.spec(rack, board("qemu-virt", "arm64"))
+    assert spec.files[PUBLIC_KEY] == (tmp_path / "region.pub").resolve()
+    region = parse("[master]\nkey = 'keys/master.key'\n", tmp_path)
+    assert region.master.public_key == (tmp_path / "keys/master.key.pub").resolve()

@@ -32,6 +32,13 @@ def test_the_config_is_the_golden_one_and_deterministic(tmp_path):
     assert text.replace(base, "@BASE@").replace(f"rackboot {__version__} ", "rackboot VERSION ") == GOLDEN.read_text()
 
 
+def test_a_rack_masters_root_is_its_mirrors_current_tree(tmp_path):
+    (tmp_path / "region.pub").write_text("")
+    text = render(tmp_path, upstream="http://10.0.0.1:8080", upstream_key="region.pub")
+    root = tmp_path.resolve() / "master"
+    assert f'root "{root}/current";' in text and f'root "{root}";' not in text
+
+
 def test_the_limits_are_serves():
     assert (nginx.MAX_REPORT, nginx.MAX_RANGES, nginx.RETRY_AFTER) == (
         serve.MAX_REPORT,
