@@ -128,26 +128,34 @@ def test_master_got_a_report_for_every_online_boot(story):
     ]
 
 
-def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(tmp_path):
-    cfg = config.load(example_config(tmp_path, mount="ro+overlay:data"))
-    rows = demo.story(cfg, tmp_path / "demo", log=quiet, steps=[(1, False), (1, False)])
-    assert [r.action for r in rows] == ["installed", "up-to-date"]
-    first, second = [(tmp_path / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in (1, 2)]
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory):
+    """One worker on a card whose root is overlaid on the data partition, one try per new
+    slot: v1 installed, v1 again (up to date), v2 that never confirms itself, then back to
+    v1. One build and four boots prove both the overlay's persistence and the fallback."""
+    directory = tmp_path_factory.mktemp("trial")
+    cfg = config.load(example_config(directory, mount="ro+overlay:data", tries=1))
+    steps = [(1, False), (1, False), (2, False), (1, False)]
+    rows = demo.story(cfg, directory / "demo", log=quiet, steps=steps, broken=frozenset({2}))
+    logs = [(directory / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in range(1, 5)]
+    return rows, logs
+
+
+def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(trial):
+    rows, logs = trial
+    assert [r.action for r in rows[:2]] == ["installed", "up-to-date"]
+    first, second = logs[:2]
     assert "formatting the data partition /dev/vda4" in first
     assert "formatting" not in second and "cannot mount the data partition" not in second
     assert "v1 is up" in first and "boot 1 of this root" in first
     assert "boot 2 of this root" in second  # the first boot's write survived on the data partition
 
 
-def test_a_version_that_never_confirms_itself_gives_way_to_the_last_good_one(tmp_path):
-    cfg = config.load(example_config(tmp_path, tries=1))
-    rows = demo.story(
-        cfg, tmp_path / "demo", log=quiet, steps=[(1, False), (2, False), (1, False)], broken=frozenset({2})
-    )
-    assert [r.action for r in rows] == ["installed", "installed", "fallback"]
-    logs = [(tmp_path / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in (1, 2, 3)]
+def test_a_version_that_never_confirms_itself_gives_way_to_the_last_good_one(trial):
+    rows, logs = trial
+    assert [r.action for r in rows[1:]] == ["up-to-date", "installed", "fallback"]
     assert "rackboot-mark-good: slot a (example v1) confirmed" in logs[0]
-    assert "slot b is on trial: 0 more unconfirmed boots before slot a takes over" in logs[1]
-    assert "rackboot-mark-good" not in logs[1]
-    assert "slot b (example v2) never confirmed itself; back to slot a" in logs[2]
-    assert rows[2].bytes_fetched == 0  # v2 is not fetched again while the plan still names it
+    assert "slot b is on trial: 0 more unconfirmed boots before slot a takes over" in logs[2]
+    assert "rackboot-mark-good" not in logs[2]
+    assert "slot b (example v2) never confirmed itself; back to slot a" in logs[3]
+    assert rows[3].bytes_fetched == 0  # v2 is not fetched again while the plan still names it
