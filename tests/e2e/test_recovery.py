@@ -4,8 +4,9 @@ still gets a rescue shell meanwhile, and leaving it retries), a worker whose net
 interface is gone boots the good slot its card holds, and one with no card at all says so
 and powers off (`rackboot qemu` without --disk).
 
-One build and one provisioned card (slot a holds v1, which confirmed itself) are shared;
-each case boots a fresh blank card or a copy of that card."""
+One build and one provisioned card (slot a holds v1, which confirmed itself; the
+session's: tests/e2e/conftest.py) are shared; each case boots a fresh blank card or a copy
+of that card."""
 
 from __future__ import annotations
 
@@ -15,14 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rackboot import config, demo
+from rackboot import config
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.master.inventory import Inventory
 from rackboot.qemu import harness
-
-from tests.e2e.rack import example_config
-from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
@@ -37,13 +35,9 @@ class Rack:
 
 
 @pytest.fixture(scope="module")
-def rack(tmp_path_factory) -> Rack:
-    directory = tmp_path_factory.mktemp("recovery")
-    cfg = config.load(example_config(directory))
-    work = directory / "demo"
-    rows = demo.story(cfg, work, log=quiet, steps=[(1, False)])  # the master is stopped after it
-    assert [r.action for r in rows] == ["installed"]
-    return Rack(cfg, cfg.output.directory, work / "worker-disk.img")
+def rack(example, tmp_path_factory) -> Rack:
+    card = example.start(1, tmp_path_factory.mktemp("recovery"))  # v1 installed; no master runs
+    return Rack(example.cfg, example.out, card)
 
 
 def blank_card(rack: Rack, dest: Path) -> Path:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from rackboot import config
 from rackboot.initramfs.updater import layout, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import EXT_MAGIC_OFFSET
 from rackboot.master import signing
 from rackboot.qemu import torture
 
-from tests.e2e.rack import example_config
 from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
@@ -31,11 +29,11 @@ CUTS = [
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(example, tmp_path_factory):
     directory = tmp_path_factory.mktemp("torture")
-    cfg = config.load(example_config(directory))
+    example.start(0, directory)  # the session's build (a no-op rebuild here), its keys as made
     work = directory / "torture"
-    return cfg, work, torture.torture(cfg, work, CUTS, log=quiet)
+    return example.cfg, work, torture.torture(example.cfg, work, CUTS, log=quiet)
 
 
 def test_every_recovery_boot_comes_up_on_an_intact_slot(run):
