@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class Example:
     cfg: config.Config
     out: Path  # the build
     saved: Path  # boot<n>/: the card, the master tree and the keys after boot n
+    rows: tuple[demo.BootRow, ...] = ()  # boots 1 and 2, as `rackboot demo` counts them
+    logs: tuple[Path, ...] = ()  # their console logs
 
     def start(self, boots: int, work: Path) -> Path:
         """The master tree and keys as they were after ``boots`` boots of the worker (0: an
@@ -83,8 +85,11 @@ class Example:
 
 def provision(directory: Path) -> Example:
     """Build the example in ``directory``, boot one worker's blank card twice (v1 installed,
-    then confirmed), saving the card and master tree before and after each boot."""
-    cfg = config.load(example_config(directory))
+    then confirmed), saving the card and master tree before and after each boot. Serve names
+    the node that follows the default plan by a hostname pattern (tests/e2e/test_story.py)."""
+    path = example_config(directory)
+    path.write_text(path.read_text().replace("[master]\n", '[master]\nhostname = "worker-{index:02d}"\n', 1))
+    cfg = config.load(path)
     work = directory / "demo"
     out = harness.prepare(cfg, work, quiet)
     example = Example(cfg, out, directory / "saved")
@@ -94,13 +99,17 @@ def provision(directory: Path) -> Example:
     example.save(0, card)
     harness.publish_example(cfg, cfg.base / "rootfs", work, 1)
     plans.assign(cfg, node="default", image=harness.IMAGE)
-    master = harness.MasterThread(cfg)
-    try:
-        for boot, action in ((1, "installed"), (2, "up-to-date")):
-            log = work / "logs" / f"boot{boot}.log"
+    rows, logs = [], []
+    for boot, action in ((1, "installed"), (2, "up-to-date")):
+        log = work / "logs" / f"boot{boot}.log"
+        master = harness.MasterThread(cfg)
+        try:
             row = demo._boot(cfg, out, card, log, r"rackboot-demo: v1 is up", master=master, offline=False)
-            assert row.action == action, log.read_text(errors="replace")[-3000:]
-            example.save(boot, card)
-    finally:
-        master.stop()
-    return example
+        finally:
+            master.stop()  # its inventory closed before the tree is copied
+        assert row.action == action, log.read_text(errors="replace")[-3000:]
+        row.boot = boot
+        rows.append(row)
+        logs.append(log)
+        example.save(boot, card)
+    return replace(example, rows=tuple(rows), logs=tuple(logs))

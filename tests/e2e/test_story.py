@@ -1,6 +1,7 @@
 """The provisioning story on an emulated worker, as `make demo` tells it: a blank 1 GiB
 card with only the SD image; boot 1 lays it out and installs v1, boot 2 fetches no
-image bytes, boot 3 installs v2 into the other slot, boot 4 boots v2 with the master
+image bytes (these two are the session's, tests/e2e/conftest.py, whose card other modules
+start from too), boot 3 installs v2 into the other slot, boot 4 boots v2 with the master
 stopped. Before boot 3 the master key is rotated: v2 comes signed by key 1, which the
 worker takes from the chain (its initramfs has key 0) and keeps for its offline boot. The
 node follows the default plan and serve names it by a hostname pattern: every boot has
@@ -9,11 +10,12 @@ that name, the first from the blank card and the offline one included."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from rackboot import config, demo
 from rackboot.initramfs.updater import mbr
-from rackboot.master import signing
+from rackboot.master import keychain, plans, signing
 from rackboot.qemu import harness
 
 from tests.e2e.rack import example_config
@@ -23,13 +25,29 @@ pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
 
 @pytest.fixture(scope="module")
-def story(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("story")
-    work = directory / "demo"
-    path = example_config(directory)  # serve names the node that follows the default plan
-    path.write_text(path.read_text().replace("[master]\n", '[master]\nhostname = "worker-{index:02d}"\n', 1))
-    rows = demo.story(config.load(path), work, log=quiet, rotate=frozenset({3}))
-    return directory, work, rows
+def story(example, tmp_path_factory):
+    """Boots 1 and 2 are the session's; from its card, as `rackboot demo` goes on: the key
+    rotated, v2 published, boot 3, the master stopped, boot 4."""
+    work = tmp_path_factory.mktemp("story")
+    disk = example.start(2, work)
+    (work / "logs").mkdir()
+    for n, log in enumerate(example.logs, start=1):
+        shutil.copyfile(log, work / "logs" / f"boot{n}.log")
+    cfg, rows = example.cfg, list(example.rows)
+    assert cfg.master.key is not None
+    keychain.rotate(cfg.master.key, cfg.master.directory, created=config.source_date_epoch())
+    harness.publish_example(cfg, cfg.base / "rootfs", work, 2)
+    plans.assign(cfg, node="default", image=harness.IMAGE)
+    for n, master in ((3, harness.MasterThread(cfg)), (4, None)):
+        try:
+            log = work / "logs" / f"boot{n}.log"
+            rows.append(
+                demo._boot(cfg, example.out, disk, log, r"rackboot-demo: v2 is up", master=master, offline=not master)
+            )
+        finally:
+            if master:
+                master.stop()
+    return cfg.base, work, rows
 
 
 def test_each_boot_runs_the_version_it_should(story):
