@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS := qemu-system-arm qemu-utils u-boot-qemu u-boot-tools mtools dosfstools e2fsprogs \
         dnsmasq cpio gzip xz-utils zstd curl fdisk dpkg-dev python3-venv iproute2 bmap-tools kmod \
-        chromium rsync
+        chromium rsync nginx
 STAMP_DEBS := $(VENV)/.debs-installed
 STAMP_PIP := $(VENV)/.pip-installed
 

@@ -98,7 +98,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_streams=cfg.master.max_streams,
         netboot=None if args.no_netboot else cfg,
         config=cfg,
+        proxied_by=args.proxied_by,
     )
+    return 0
+
+
+def _cmd_nginx_config(args: argparse.Namespace) -> int:
+    from . import config
+    from .master import nginx
+
+    cfg = config.load(args.config)
+    sys.stdout.write(nginx.render_config(cfg, args.listen, args.serve, user=args.user, group=args.group))
     return 0
 
 
@@ -343,7 +353,23 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="HTTP only: do not run dnsmasq even when [network] interface is set",
     )
+    s.add_argument(
+        "--proxied-by",
+        metavar="ADDR",
+        help="the address a reverse proxy (rackboot nginx-config's nginx) connects from: requests "
+        "from it name the worker in X-Real-IP, which the inventory records (default: none trusted)",
+    )
     s.set_defaults(func=_cmd_serve)
+
+    ng = sub.add_parser(
+        "nginx-config", help="print an nginx config that serves the master's tree, with serve behind it"
+    )
+    _config_arg(ng)
+    ng.add_argument("--listen", required=True, metavar="ADDR:PORT", help="where nginx listens (workers' master URL)")
+    ng.add_argument("--serve", required=True, metavar="URL", help="rackboot serve's URL, e.g. http://127.0.0.1:8081")
+    ng.add_argument("--user", default="nobody", help="the user nginx's workers read the tree as (default: %(default)s)")
+    ng.add_argument("--group", default="nogroup", help="their group (default: %(default)s)")
+    ng.set_defaults(func=_cmd_nginx_config)
 
     k = sub.add_parser("keygen", help="make the master's Ed25519 signing key ([master] key)")
     _config_arg(k)

@@ -58,6 +58,7 @@ def publish_image(image: Path, master: Path, *, key: Path | None = None) -> str:
         sweep(boot, _WORK_RE)
         if not (final / MANIFEST).is_file():
             work = Path(tempfile.mkdtemp(prefix=f".boot-{build}-", dir=boot))
+            work.chmod(0o755)  # mkdtemp's 0700 would keep a server that reads as nobody (nginx) out
             try:
                 manifest = _stream(image, work / STREAM, build, sha256, crc32, size)
                 data = formats.dump(manifest)

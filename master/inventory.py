@@ -49,6 +49,7 @@ from .nodekeys import Auth
 
 FILE = ".inventory.db"
 SCHEMA = 5
+IDLE = 64  # connections kept for the next threads (release())
 SEEN = 256  # unknown nodes whose plan request is kept in memory until their first report
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (a rack reporting at once queues here)
 CLOCK_SET = 1e9  # a worker time below this (2001) is a board without a set clock: no ordering by it
@@ -330,7 +331,7 @@ class Inventory:
     ([master] adopt = "auto"): a node is adopted with its first report and the first key it
     presents is pinned (trust on first use); else it waits for `rackboot adopt`, which pins
     the key it presented. ``hostname_pattern`` ([master] hostname): an adopted node gets its
-    index and name then. ``verify`` checks a report's signature (openssl)."""
+    index and name then. ``verify`` checks a report's signature (nodekeys.Verifier)."""
 
     def __init__(
         self,
@@ -348,6 +349,9 @@ class Inventory:
         self.hostname_pattern = hostname_pattern
         self.verify: nodekeys.Verify = verify or nodekeys.Verifier()
         self._local = threading.local()
+        self._idle: list[sqlite3.Connection] = []  # connections released by threads done with them
+        self._idle_lock = threading.Lock()
+        self._writer = threading.RLock()  # this process's writers, one at a time (write()); nested: as before
         self._seen: OrderedDict[str, Seen] = OrderedDict()  # unknown nodes' plan requests, newest last
         self._seen_lock = threading.Lock()
         self.hooks: list[Callable[[Inventory, str], object]] = []  # run after a report was taken
@@ -365,28 +369,56 @@ class Inventory:
 
     @property
     def db(self) -> sqlite3.Connection:
+        """This thread's connection: one another thread released (release()), else a new one."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._idle_lock:
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=True)
+            # (check_same_thread off: a released connection serves the next thread, one thread at a time)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut loses at most the last reports, never the file
             conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
+        self._local.conn = conn
         return conn
+
+    def release(self) -> None:
+        """This thread is done with the inventory: its connection goes to the next thread that
+        needs one. serve's threads each serve one HTTP connection, and the updater makes one
+        per request: opening SQLite anew for each cost more than the report's transaction."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        if conn.in_transaction:  # (write() never leaves one open; a reader's is not the next thread's)
+            conn.close()
+            return
+        with self._idle_lock:
+            if len(self._idle) < IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: writers queue up front, never deadlock)."""
+        """One write transaction (BEGIN IMMEDIATE: writers queue up front, never deadlock).
+        This process's writers queue on a lock first, each woken as the one before is done:
+        left to SQLite's busy handler, which sleeps and polls (up to 100 ms a nap), a report
+        storm's writers waited several times the work. Other processes (rackboot status,
+        rollout, adopt) still meet serve's writers there."""
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # (a COMMIT that failed leaves it open)
-                db.execute("ROLLBACK")
-            raise
+        with self._writer:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # (a COMMIT that failed leaves it open)
+                    db.execute("ROLLBACK")
+                raise
 
     def schema(self) -> int:
         version: int = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -491,7 +523,7 @@ class Inventory:
         X-Rackboot-Signature over them. nodekeys.Busy or Unavailable when it cannot be checked."""
         received = time.time() if received is None else received
         body = formats.dump(report) if body is None else body
-        pinned = self._pinned(report.node)  # judged outside the write lock: openssl takes milliseconds
+        pinned = self._pinned(report.node)  # judged outside the write lock: writers wait for no check
         auth = nodekeys.judge(report, body, signature, pinned, may_pin=self.auto_adopt, verify=self.verify)
         with self.write() as db:
             node = self._load(db, report.node)

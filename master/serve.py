@@ -18,6 +18,7 @@ the streams at their peak.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -82,11 +83,13 @@ class MasterServer(ThreadingHTTPServer):
         max_streams: int = MAX_STREAMS,
         config: Config | None = None,
         tick: float | None = None,
+        proxied_by: str | None = None,
     ):
         from .web import Fleet  # the inventory, the page and the API
 
         self.master = master.resolve()
         self.quiet = quiet
+        self.proxied_by = proxied_by  # a reverse proxy's address: its X-Real-IP names the client
         # the inventory's and rollouts' lines quote the rack's reports: no terminal escapes from them
         log = None if quiet else lambda line: print(line.translate(_LOG_ESCAPES), file=sys.stderr)
         self.fleet = Fleet.open(self.master, config, log=log)
@@ -168,6 +171,7 @@ class MasterServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.fleet.inventory.release()  # its SQLite connection, for the next connection's thread
             self.connections.release()
 
     def refuse(self, request: socket.socket, client_address: Any) -> None:
@@ -200,11 +204,18 @@ def make_server(
     max_streams: int = MAX_STREAMS,
     config: Config | None = None,
     tick: float | None = None,
+    proxied_by: str | None = None,
 ) -> MasterServer:
     """A bound, not yet running server for `master` (port 0 = any free port); ``config``
     gives the inventory its adoption mode, the API its token and rollouts their plans;
-    ``tick``: seconds between its looks at a running rollout (default rollout.TICK)."""
+    ``tick``: seconds between its looks at a running rollout (default rollout.TICK);
+    ``proxied_by``: the address of a reverse proxy whose X-Real-IP header names the client."""
     master = Path(master)
+    if proxied_by is not None:
+        try:
+            proxied_by = str(ipaddress.ip_address(proxied_by))
+        except ValueError:
+            raise RackbootError(f"--proxied-by: {proxied_by[:100]!r} is not an IP address") from None
     if not master.is_dir():
         raise RackbootError(f"master directory {master} does not exist")
     try:
@@ -217,6 +228,7 @@ def make_server(
             max_streams=max_streams,
             config=config,
             tick=tick,
+            proxied_by=proxied_by,
         )
     except OSError as e:
         raise RackbootError(f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -233,6 +245,7 @@ def serve_forever(
     max_streams: int = MAX_STREAMS,
     netboot: Config | None = None,
     config: Config | None = None,
+    proxied_by: str | None = None,
 ) -> None:
     """Run the master until interrupted (Ctrl-C returns normally). With ``netboot``, a config
     whose [network] interface is set, dnsmasq serves TFTP (and DHCP) beside it and stops with it."""
@@ -256,6 +269,7 @@ def serve_forever(
         max_connections=max_connections,
         max_streams=max_streams,
         config=config or netboot,
+        proxied_by=proxied_by,
     )
     try:
         if service is not None:
@@ -382,6 +396,17 @@ class MasterHandler(BaseHTTPRequestHandler):
         stream = body and parts[0] == "images" and not _NOT_STREAMS.fullmatch(parts[-1])
         self._file(path, self.server.master.joinpath(*parts), body, stream=stream)
 
+    def client_ip(self) -> str:
+        """The client's address: the connection's, or through the trusted reverse proxy
+        (serve --proxied-by) the one its X-Real-IP names, when that is an IP address."""
+        ip: str = self.client_address[0]
+        if ip == self.server.proxied_by:
+            try:
+                return str(ipaddress.ip_address((self.headers.get("X-Real-IP") or "").strip()))
+            except ValueError:
+                pass
+        return ip
+
     def _url_path(self) -> str | None:
         """The decoded path of the request target, or None when it cannot be one."""
         target = urlsplit(self.path).path
@@ -399,7 +424,7 @@ class MasterHandler(BaseHTTPRequestHandler):
         fleet = self.server.fleet
         candidate = fleet.plan_for(node, suffix)  # its own, else the default one (unless not adopted)
         if suffix == ".json" and body:  # the inventory: a GET is a node seen (its .sig comes next); a HEAD is not
-            fleet.saw_plan_request(node, self.client_address[0], self.headers.get("X-Rackboot-Serial"), candidate)
+            fleet.saw_plan_request(node, self.client_ip(), self.headers.get("X-Rackboot-Serial"), candidate)
         if candidate is not None and (named := fleet.named_default(node, candidate, suffix, spend=body)) is not None:
             return self._reply(named, body)
         if candidate is not None:
@@ -535,7 +560,7 @@ class MasterHandler(BaseHTTPRequestHandler):
         received = round(time.time(), 3)
         try:
             taken = self.server.fleet.inventory.ingest(
-                report, received=received, ip=self.client_address[0], body=data, signature=signature
+                report, received=received, ip=self.client_ip(), body=data, signature=signature
             )
         except (nodekeys.Busy, nodekeys.Unavailable) as e:  # not checked, so not taken: one line, and a 503
             self.log_message("report not taken: %s", e)

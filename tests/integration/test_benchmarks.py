@@ -29,6 +29,7 @@ import run  # noqa: E402
 SLOW = [pytest.mark.slow, pytest.mark.network]  # builds roots from Debian packages (cached)
 IN_RUN = [
     pytest.param("inventory"),
+    pytest.param("fleet"),  # 6 workers against a real rackboot serve: its publish makes a small ext4 image
     pytest.param("bootfiles"),
     pytest.param("stream", marks=pytest.mark.slow),  # a 32 MiB image published and streamed
     pytest.param("delta", marks=SLOW),  # root: its rsync method mounts the slot it fills

@@ -216,6 +216,49 @@ def test_the_demo_ends_with_the_status_table(tmp_path):
     assert table.startswith("rackboot status:\nNODE") and NODE in table and table.endswith("1 node: 1 ok")
 
 
+def test_one_process_writers_queue_in_it_and_never_meet_sqlites_busy_handler(tmp_path, monkeypatch):
+    """With no busy timeout at all, a second writer that reached SQLite's lock would fail at
+    once ("database is locked"): every report of 8 threads at once is taken all the same."""
+    monkeypatch.setattr(inventory, "BUSY_TIMEOUT", 0.0)
+    inv = Inventory(tmp_path)
+    failed: list[BaseException] = []
+
+    def reporter(worker: int) -> None:
+        node = f"52-54-00-00-05-{worker:02x}"
+        try:
+            for n in range(40):
+                inv.ingest(Report(node=node, phase=Phase.DOWNLOAD, slot="b", version=2, bytes=n, time=1.7e9 + n))
+        except BaseException as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=reporter, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == [] and inv.count_reports() == 8 * 40
+
+
+def test_a_thread_done_with_the_inventory_hands_its_connection_to_the_next(tmp_path):
+    inv = Inventory(tmp_path)
+    seen: list[sqlite3.Connection] = []
+
+    def one_request() -> None:  # as serve's thread for one HTTP connection
+        inv.ingest(Report(node=NODE, phase=Phase.BOOT, slot="a", version=1, time=1.7e9 + len(seen)))
+        seen.append(inv.db)
+        inv.release()
+
+    for _ in range(3):
+        t = threading.Thread(target=one_request)
+        t.start()
+        t.join()
+    assert seen[0] is seen[1] is seen[2] and inv.count_reports() == 3
+    inv.db.execute("BEGIN")  # a thread that leaves a transaction open: its connection is not handed on
+    open_one = inv.db
+    inv.release()
+    assert inv.db is not open_one and not inv.db.in_transaction
+
+
 def test_a_newer_schema_is_refused_in_one_line(tmp_path):
     db = sqlite3.connect(tmp_path / inventory.FILE)
     db.execute(f"PRAGMA user_version = {SCHEMA + 1}")

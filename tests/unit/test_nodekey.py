@@ -1,5 +1,6 @@
 """The node's key on the card (updater/nodekey.py) and what the master makes of its signatures
-(master/nodekeys.py): keys made and reports signed and checked by the real openssl; the
+(master/nodekeys.py): keys made and reports signed by the real openssl, checked in process
+and by openssl; the
 record's round trip, every torn write, damage, a card in another board, fuzzed bytes."""
 
 from __future__ import annotations
@@ -273,12 +274,30 @@ def test_the_master_judges_each_report_by_the_key_pinned_for_its_node(key, stran
     assert "without the key to check it" in (judged(plain, key, None).refused or "")
 
 
+def test_the_master_checks_in_process_as_openssl_does(key, stranger):
+    """The master's in-process check (pyca/cryptography) and Debian's openssl, which the
+    updater signs with, agree: on a good signature, a changed body, another key, a changed
+    signature, and 32 bytes that are no key at all."""
+    body = formats.dump(reports.make(NODE, Phase.BOOT, slot="a", version=1))
+    good = key.sign(body)
+    cases = [
+        (key.public, body, good),
+        (key.public, body + b" ", good),
+        (stranger.public, body, good),
+        (key.public, body, bytes([good[0] ^ 1]) + good[1:]),
+        (b"\xff" * 32, body, good),
+    ]
+    in_process = [nodekeys.verify_in_process(*case) for case in cases]
+    by_openssl = [nodekeys.Verifier(openssl="openssl")._openssl("openssl", *case) for case in cases]
+    assert in_process == by_openssl == [True, False, False, False, False]
+
+
 def test_the_verifier_remembers_good_signatures_and_refuses_to_run_without_openssl(key, tmp_path):
     body = b"{}\n"
     signature = key.sign(body)
     verify = nodekeys.Verifier()
     assert verify(key.public_b64, body, signature) and verify(key.public_b64, body, signature)
-    assert verify.runs == 1  # the replay cost no process
+    assert verify.runs == 1  # the replay cost no check
     assert not verify(key.public_b64, body + b" ", signature) and verify.runs == 2
     with pytest.raises(nodekeys.Unavailable, match="cannot run /nonexistent/openssl"):
         nodekeys.Verifier(openssl="/nonexistent/openssl")(key.public_b64, body, signature)
