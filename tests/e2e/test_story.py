@@ -38,15 +38,15 @@ def story(example, tmp_path_factory):
     keychain.rotate(cfg.master.key, cfg.master.directory, created=config.source_date_epoch())
     harness.publish_example(cfg, cfg.base / "rootfs", work, 2)
     plans.assign(cfg, node="default", image=harness.IMAGE)
-    for n, master in ((3, harness.MasterThread(cfg)), (4, None)):
-        try:
-            log = work / "logs" / f"boot{n}.log"
-            rows.append(
-                demo._boot(cfg, example.out, disk, log, r"rackboot-demo: v2 is up", master=master, offline=not master)
-            )
-        finally:
-            if master:
-                master.stop()
+    up = r"rackboot-demo: v2 is up"
+    master = harness.MasterThread(cfg)
+    try:
+        rows.append(demo._boot(cfg, example.out, disk, work / "logs/boot3.log", up, master=master, offline=False))
+    finally:
+        master.stop()
+    rows.append(demo._boot(cfg, example.out, disk, work / "logs/boot4.log", up, master=None, offline=True))
+    for n, row in enumerate(rows, start=1):
+        row.boot = n
     return cfg.base, work, rows
 
 
