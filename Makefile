@@ -30,11 +30,15 @@ lint: $(STAMP_DEBS) $(STAMP_PIP)
 	$(PY) tools/typecheck
 
 # Power cuts at random points of updates (CUTS=N SEED=S to change the run); fails if any bricks.
+# make test cuts only the node key and the key chain (tests/e2e/test_torture.py); the
+# default run here cuts every phase several times (tests/unit/test_qemu_torture.py checks).
 CUTS ?= 50
 SEED ?= 1
 torture: $(STAMP_DEBS) $(STAMP_PIP)
 	$(VENV)/bin/rackboot torture -c examples/qemu-virt/rackboot.toml --cuts $(CUTS) --seed $(SEED)
 
+# TINY=1: each benchmark on a tiny input, a crash check; make test runs so all but build,
+# netboot and rack (tests/integration/test_benchmarks.py).
 bench: $(STAMP_DEBS) $(STAMP_PIP)
 	$(if $(TINY),RACKBOOT_BENCH_TINY=1 )$(PY) benchmarks/run.py
 

@@ -1,8 +1,9 @@
 """Every benchmark on a tiny input: with RACKBOOT_BENCH_TINY=1 in the environment (`make
-bench TINY=1`, and tests/integration/test_benchmarks.py, which runs each module so), each
-module shrinks what it measures (image sizes, package sets, runs, workers) until it runs in
-seconds. The code paths are the full run's, so a crash shows in the test suite rather
-than in the next `make bench`; the figures printed then mean nothing."""
+bench TINY=1`, which runs them all, and tests/integration/test_benchmarks.py, which runs so
+all but the QEMU ones and the build's), each module shrinks what it measures (image sizes,
+package sets, runs, workers) until it runs in seconds. The code paths are the full run's,
+so a crash shows in the test suite (or `make bench TINY=1`) rather than in the next `make
+bench`; the figures printed then mean nothing."""
 
 from __future__ import annotations
 

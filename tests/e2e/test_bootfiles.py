@@ -11,13 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from rackboot import build, config
+from rackboot import build
 from rackboot.initramfs.updater import bootfiles, mbr
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.master import plans
 from rackboot.qemu import harness, torture
 
-from tests.e2e.rack import example_config
 from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
@@ -27,13 +26,15 @@ UP = r"rackboot-demo: v1 is up"
 
 
 @pytest.fixture(scope="module")
-def rack(tmp_path_factory):
-    """Build 1 (the card's) and build 2 (the master's, another command line), v1 published,
-    the plan naming build 2's boot files, and a worker's card flashed from build 1."""
+def rack(example, tmp_path_factory):
+    """Build 1 (the card's: the session's) and build 2 (the master's, another command line),
+    v1 published, the plan naming build 2's boot files, and a worker's card flashed from
+    build 1."""
     directory = tmp_path_factory.mktemp("bootfiles")
-    cfg1 = config.load(example_config(directory))
+    example.start(0, directory)  # its keys as made
+    cfg1 = example.cfg
     work = directory / "work"
-    out1 = harness.prepare(cfg1, work, quiet)
+    out1 = harness.prepare(cfg1, work, quiet)  # a no-op rebuild; the master tree afresh
     cfg2 = torture.second_build(cfg1, out1, directory / "build2")  # only the command line differs
     out2 = cfg2.output.directory
     harness.publish_example(cfg2, cfg2.base / "rootfs", work, 1)

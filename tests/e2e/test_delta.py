@@ -5,8 +5,8 @@ kept one (the reports say how many bytes came from the card and how many from th
 keeps its own index in slot b, and confirms itself; a tampered pack block, and a tampered
 index whose diff is damaged too, are each refused with one line, and v1 boots.
 
-One provisioned card (slot a holds v1 good, v2 published and assigned) is shared; each
-case boots a copy."""
+One provisioned card (slot a holds v1 good, v2 published and assigned; the session's:
+tests/e2e/conftest.py) is shared; each case boots a copy."""
 
 from __future__ import annotations
 
@@ -21,15 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rackboot import config, demo
+from rackboot import config
 from rackboot.initramfs.updater import delta, indexdiff, layout, slotindex, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import BOOTABLE, Manifest
 from rackboot.master import plans
 from rackboot.qemu import harness
-
-from tests.e2e.rack import example_config
-from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
@@ -44,16 +41,14 @@ class Card:
 
 
 @pytest.fixture(scope="module")
-def card(tmp_path_factory) -> Card:
-    directory = tmp_path_factory.mktemp("delta")
-    cfg = config.load(example_config(directory))
-    work = directory / "demo"
-    rows = demo.story(cfg, work, log=quiet, steps=[(1, False), (1, False)])  # v1, then its confirmation
-    assert [r.action for r in rows] == ["installed", "up-to-date"]
+def card(example, tmp_path_factory) -> Card:
+    work = tmp_path_factory.mktemp("delta")
+    disk = example.start(2, work)  # v1 installed, then its confirmation taken
+    cfg = example.cfg
     v2 = harness.publish_example(cfg, cfg.base / "rootfs", work, 2)
     plans.assign(cfg, node="default", image=harness.IMAGE)
     assert v2.delta is not None
-    return Card(cfg, cfg.output.directory, work / "worker-disk.img", v2, cfg.master.directory / "images/example/2")
+    return Card(cfg, example.out, disk, v2, cfg.master.directory / "images/example/2")
 
 
 def received(cfg: config.Config) -> list[dict]:

@@ -2,7 +2,8 @@
 reads inside slot b while v2 goes in. The updater must report the error, leave slot b
 uncommitted and boot v1 from slot a; the same card without the fault then takes v2.
 
-One provisioned card (slot a holds v1, v2 published) is shared; each case boots a copy."""
+One provisioned card (slot a holds v1, v2 published; the session's: tests/e2e/conftest.py)
+is shared; each case boots a copy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rackboot import config, demo
+from rackboot import config
 from rackboot.initramfs.updater import mbr, state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.initramfs.updater.formats import BOOTABLE
@@ -21,9 +22,6 @@ from rackboot.initramfs.updater.main import DEFAULT_NUMBERS
 from rackboot.master import plans
 from rackboot.qemu import harness
 from rackboot.qemu.runner import DiskFault
-
-from tests.e2e.rack import example_config
-from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
@@ -38,18 +36,15 @@ class Card:
 
 
 @pytest.fixture(scope="module")
-def card(tmp_path_factory) -> Card:
-    directory = tmp_path_factory.mktemp("faults")
-    cfg = config.load(example_config(directory))
-    work = directory / "demo"
-    rows = demo.story(cfg, work, log=quiet, steps=[(1, False)])
-    assert [r.action for r in rows] == ["installed"]
+def card(example, tmp_path_factory) -> Card:
+    work = tmp_path_factory.mktemp("faults")
+    disk = example.start(1, work)  # v1 installed
+    cfg = example.cfg
     v2 = harness.publish_example(cfg, cfg.base / "rootfs", work, 2)
     plans.assign(cfg, node="default", image=harness.IMAGE)
-    disk = work / "worker-disk.img"
     with open(disk, "rb") as f:
         slot_b = mbr.parse(f.read(512)).entry(DEFAULT_NUMBERS["b"]).start
-    return Card(cfg, cfg.output.directory, disk, slot_b, v2.size // 512)
+    return Card(cfg, example.out, disk, slot_b, v2.size // 512)
 
 
 def copy_card(card: Card, dest: Path) -> Path:

@@ -26,26 +26,32 @@ def rackboot_qemu(cfg_path, *args):
     )
 
 
-@pytest.mark.parametrize("arch", ["arm64", "armhf"])
-def test_probe_boots_and_reports_its_address(tmp_path, arch):
-    cfg_path = write_config(tmp_path, arch=arch)
-    build.build(config.load(cfg_path), log=quiet)
-    result = rackboot_qemu(cfg_path, "--expect", r"rackboot: network up: eth0 10\.0\.2\.\d+/24", "--timeout", "120")
-    assert result.returncode == 0, result.stderr
-    log = (tmp_path / "build-console.log").read_text()
+def assert_probe_booted(log: str, arch: str) -> None:
     assert "rackboot: netboot qemu-virt/" + arch in log  # our boot script ran, from TFTP
     assert "Run /init as init process" in log
     assert "cannot load" not in log  # every module in the closure loaded, in order
+    assert re.search(r"rackboot: network up: eth0 10\.0\.2\.\d+/24", log), log[-2000:]
+
+
+def test_probe_boots_and_reports_its_address(tmp_path):
+    """The armhf probe, built here; the arm64 one (the session's) boots in the next test."""
+    cfg_path = write_config(tmp_path, arch="armhf")
+    build.build(config.load(cfg_path), log=quiet)
+    result = rackboot_qemu(cfg_path, "--expect", r"rackboot: network up: eth0 10\.0\.2\.\d+/24", "--timeout", "120")
+    assert result.returncode == 0, result.stderr
+    assert_probe_booted((tmp_path / "build-console.log").read_text(), "armhf")
 
 
 def test_expect_that_never_comes_fails_with_the_last_line(probe_build):
     cfg_path = probe_build.parent / "rackboot.toml"
-    result = rackboot_qemu(cfg_path, "--expect", "this line never appears", "--timeout", "60")
+    result = rackboot_qemu(cfg_path, "--expect", "this line never appears", "--timeout", "120")
     assert result.returncode == 1
     assert result.stderr.startswith("rackboot: error: ")
     # the probe powers off: the error says the worker stopped, and shows what it said last
-    assert "worker stopped before" in result.stderr or "within 60 s" in result.stderr
+    assert "worker stopped before" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    # meanwhile the arm64 probe booted whole, as the armhf one in the test above
+    assert_probe_booted((probe_build.parent / "build-console.log").read_text(), "arm64")
 
 
 def test_qemu_without_a_build_says_so(tmp_path):

@@ -1,11 +1,12 @@
 """Workers that recover with nobody at their console: a blank worker switched on before
-its master retries until the master answers and then installs, a person at the console
-still gets a rescue shell, a worker whose network interface is gone boots the good
-slot its card holds, and one with no card at all says so and powers off (`rackboot qemu`
-without --disk).
+its master retries until the master answers and then installs (a person at the console
+still gets a rescue shell meanwhile, and leaving it retries), a worker whose network
+interface is gone boots the good slot its card holds, and one with no card at all says so
+and powers off (`rackboot qemu` without --disk).
 
-One build and one provisioned card (slot a holds v1, which confirmed itself) are shared;
-each case boots a fresh blank card or a copy of that card."""
+One build and one provisioned card (slot a holds v1, which confirmed itself; the
+session's: tests/e2e/conftest.py) are shared; each case boots a fresh blank card or a copy
+of that card."""
 
 from __future__ import annotations
 
@@ -15,14 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rackboot import config, demo
+from rackboot import config
 from rackboot.initramfs.updater import state
 from rackboot.initramfs.updater.disk import Disk
 from rackboot.master.inventory import Inventory
 from rackboot.qemu import harness
-
-from tests.e2e.rack import example_config
-from tests.helpers import quiet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
@@ -37,13 +35,9 @@ class Rack:
 
 
 @pytest.fixture(scope="module")
-def rack(tmp_path_factory) -> Rack:
-    directory = tmp_path_factory.mktemp("recovery")
-    cfg = config.load(example_config(directory))
-    work = directory / "demo"
-    rows = demo.story(cfg, work, log=quiet, steps=[(1, False)])  # the master is stopped after it
-    assert [r.action for r in rows] == ["installed"]
-    return Rack(cfg, cfg.output.directory, work / "worker-disk.img")
+def rack(example, tmp_path_factory) -> Rack:
+    card = example.start(1, tmp_path_factory.mktemp("recovery"))  # v1 installed; no master runs
+    return Rack(example.cfg, example.out, card)
 
 
 def blank_card(rack: Rack, dest: Path) -> Path:
@@ -52,12 +46,21 @@ def blank_card(rack: Rack, dest: Path) -> Path:
 
 
 def test_a_blank_worker_switched_on_before_its_master_installs_once_the_master_is_up(rack, tmp_path):
+    """Its updater fails and waits, again and again, until the master answers; meanwhile a
+    person at the console gets a rescue shell, and leaving it retries at once. One boot:
+    the wait after the shell ends by itself, and that try finds the master up."""
     disk = blank_card(rack, tmp_path / "blank.img")
     log = tmp_path / "console.log"
     # nothing listens on the master's port yet, and no TFTP either: the card's own initramfs runs
-    with harness.new_worker(rack.cfg, rack.out, disk, log, offline=True) as worker:
-        worker.expect(re.escape(RESCUE.format(5)), timeout=300)
-        worker.expect(re.escape(RESCUE.format(10)), timeout=120)  # the first wait ended by itself
+    with harness.new_worker(rack.cfg, rack.out, disk, log, offline=True, console_input=True) as worker:
+        worker.expect(re.escape(RESCUE.format(5) + " (press Enter for a shell)"), timeout=300)
+        worker.type("\n")
+        worker.expect(r"rescue shell: 'exit' retries now; it is closed after 900 s", timeout=30)
+        worker.type("echo person-$((6*7))\n")
+        worker.expect(r"^person-42$", timeout=30)  # the typed line reads 'person-$((6*7))'
+        worker.type("exit\n")
+        # the next try comes at the exit, long before the shell's 900 s bound
+        worker.expect(re.escape(RESCUE.format(10)), timeout=120)
         master = harness.MasterThread(rack.cfg)  # the worker is waiting out its second backoff now
         try:
             worker.expect("installing example v1 into slot a", timeout=120)
@@ -69,21 +72,8 @@ def test_a_blank_worker_switched_on_before_its_master_installs_once_the_master_i
     assert "master unreachable; booting from the card" in console
     assert re.search(r"^rackboot: plan failed: master http://", console, re.M), console
     assert "booting slot a (installed)" in console
-    assert "rescue shell" not in console  # nobody opened one: the retries came by themselves
-
-
-def test_a_person_at_the_console_gets_a_shell_and_exit_retries(rack, tmp_path):
-    disk = blank_card(rack, tmp_path / "blank.img")
-    log = tmp_path / "console.log"
-    with harness.new_worker(rack.cfg, rack.out, disk, log, offline=True, console_input=True) as worker:
-        worker.expect(re.escape(RESCUE.format(5) + " (press Enter for a shell)"), timeout=300)
-        worker.type("\n")
-        worker.expect(r"rescue shell: 'exit' retries now; it is closed after 900 s", timeout=30)
-        worker.type("echo person-$((6*7))\n")
-        worker.expect(r"^person-42$", timeout=30)  # the typed line reads 'person-$((6*7))'
-        worker.type("exit\n")
-        # the next try comes at the exit, long before the shell's 900 s bound
-        worker.expect(re.escape(RESCUE.format(10)), timeout=120)
+    # the one shell the person opened; nobody opened another: the last wait ended by itself
+    assert console.count("rescue shell: 'exit' retries now") == 1
 
 
 def test_a_worker_without_a_network_interface_boots_the_good_slot_on_its_card(rack, tmp_path):

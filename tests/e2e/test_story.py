@@ -1,6 +1,7 @@
 """The provisioning story on an emulated worker, as `make demo` tells it: a blank 1 GiB
 card with only the SD image; boot 1 lays it out and installs v1, boot 2 fetches no
-image bytes, boot 3 installs v2 into the other slot, boot 4 boots v2 with the master
+image bytes (these two are the session's, tests/e2e/conftest.py, whose card other modules
+start from too), boot 3 installs v2 into the other slot, boot 4 boots v2 with the master
 stopped. Before boot 3 the master key is rotated: v2 comes signed by key 1, which the
 worker takes from the chain (its initramfs has key 0) and keeps for its offline boot. The
 node follows the default plan and serve names it by a hostname pattern: every boot has
@@ -9,11 +10,12 @@ that name, the first from the blank card and the offline one included."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from rackboot import config, demo
 from rackboot.initramfs.updater import mbr
-from rackboot.master import signing
+from rackboot.master import keychain, plans, signing
 from rackboot.qemu import harness
 
 from tests.e2e.rack import example_config
@@ -23,13 +25,29 @@ pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
 
 @pytest.fixture(scope="module")
-def story(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("story")
-    work = directory / "demo"
-    path = example_config(directory)  # serve names the node that follows the default plan
-    path.write_text(path.read_text().replace("[master]\n", '[master]\nhostname = "worker-{index:02d}"\n', 1))
-    rows = demo.story(config.load(path), work, log=quiet, rotate=frozenset({3}))
-    return directory, work, rows
+def story(example, tmp_path_factory):
+    """Boots 1 and 2 are the session's; from its card, as `rackboot demo` goes on: the key
+    rotated, v2 published, boot 3, the master stopped, boot 4."""
+    work = tmp_path_factory.mktemp("story")
+    disk = example.start(2, work)
+    (work / "logs").mkdir()
+    for n, log in enumerate(example.logs, start=1):
+        shutil.copyfile(log, work / "logs" / f"boot{n}.log")
+    cfg, rows = example.cfg, list(example.rows)
+    assert cfg.master.key is not None
+    keychain.rotate(cfg.master.key, cfg.master.directory, created=config.source_date_epoch())
+    harness.publish_example(cfg, cfg.base / "rootfs", work, 2)
+    plans.assign(cfg, node="default", image=harness.IMAGE)
+    up = r"rackboot-demo: v2 is up"
+    master = harness.MasterThread(cfg)
+    try:
+        rows.append(demo._boot(cfg, example.out, disk, work / "logs/boot3.log", up, master=master, offline=False))
+    finally:
+        master.stop()
+    rows.append(demo._boot(cfg, example.out, disk, work / "logs/boot4.log", up, master=None, offline=True))
+    for n, row in enumerate(rows, start=1):
+        row.boot = n
+    return cfg.base, work, rows
 
 
 def test_each_boot_runs_the_version_it_should(story):
@@ -128,26 +146,34 @@ def test_master_got_a_report_for_every_online_boot(story):
     ]
 
 
-def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(tmp_path):
-    cfg = config.load(example_config(tmp_path, mount="ro+overlay:data"))
-    rows = demo.story(cfg, tmp_path / "demo", log=quiet, steps=[(1, False), (1, False)])
-    assert [r.action for r in rows] == ["installed", "up-to-date"]
-    first, second = [(tmp_path / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in (1, 2)]
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory):
+    """One worker on a card whose root is overlaid on the data partition, one try per new
+    slot: v1 installed, v1 again (up to date), v2 that never confirms itself, then back to
+    v1. One build and four boots prove both the overlay's persistence and the fallback."""
+    directory = tmp_path_factory.mktemp("trial")
+    cfg = config.load(example_config(directory, mount="ro+overlay:data", tries=1))
+    steps = [(1, False), (1, False), (2, False), (1, False)]
+    rows = demo.story(cfg, directory / "demo", log=quiet, steps=steps, broken=frozenset({2}))
+    logs = [(directory / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in range(1, 5)]
+    return rows, logs
+
+
+def test_overlay_on_the_data_partition_is_formatted_once_and_keeps_writes(trial):
+    rows, logs = trial
+    assert [r.action for r in rows[:2]] == ["installed", "up-to-date"]
+    first, second = logs[:2]
     assert "formatting the data partition /dev/vda4" in first
     assert "formatting" not in second and "cannot mount the data partition" not in second
     assert "v1 is up" in first and "boot 1 of this root" in first
     assert "boot 2 of this root" in second  # the first boot's write survived on the data partition
 
 
-def test_a_version_that_never_confirms_itself_gives_way_to_the_last_good_one(tmp_path):
-    cfg = config.load(example_config(tmp_path, tries=1))
-    rows = demo.story(
-        cfg, tmp_path / "demo", log=quiet, steps=[(1, False), (2, False), (1, False)], broken=frozenset({2})
-    )
-    assert [r.action for r in rows] == ["installed", "installed", "fallback"]
-    logs = [(tmp_path / "demo/logs" / f"boot{n}.log").read_text(errors="replace") for n in (1, 2, 3)]
+def test_a_version_that_never_confirms_itself_gives_way_to_the_last_good_one(trial):
+    rows, logs = trial
+    assert [r.action for r in rows[1:]] == ["up-to-date", "installed", "fallback"]
     assert "rackboot-mark-good: slot a (example v1) confirmed" in logs[0]
-    assert "slot b is on trial: 0 more unconfirmed boots before slot a takes over" in logs[1]
-    assert "rackboot-mark-good" not in logs[1]
-    assert "slot b (example v2) never confirmed itself; back to slot a" in logs[2]
-    assert rows[2].bytes_fetched == 0  # v2 is not fetched again while the plan still names it
+    assert "slot b is on trial: 0 more unconfirmed boots before slot a takes over" in logs[2]
+    assert "rackboot-mark-good" not in logs[2]
+    assert "slot b (example v2) never confirmed itself; back to slot a" in logs[3]
+    assert rows[3].bytes_fetched == 0  # v2 is not fetched again while the plan still names it

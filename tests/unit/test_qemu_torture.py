@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +17,7 @@ from rackboot.master.inventory import Inventory
 from rackboot.qemu import torture
 
 SLOT_A = 8 << 20  # partition 2 starts here on the test card
+MAKEFILE = Path(__file__).resolve().parents[2] / "Makefile"
 
 
 def test_cuts_repeat_for_a_seed_and_visit_every_phase_each_round():
@@ -26,6 +29,17 @@ def test_cuts_repeat_for_a_seed_and_visit_every_phase_each_round():
         assert sorted(c.phase for c in cuts[start : start + n]) == sorted(torture.PHASES)
     assert cuts[0].blank and all(c.blank for c in cuts if c.phase in ("layout", "node-key"))
     assert all(0 <= c.fraction < 1 for c in cuts)
+
+
+def test_make_torture_cuts_every_phase_several_times():
+    """`make torture` (CUTS and SEED as the Makefile sets them) is where the phases the
+    suite's e2e run (tests/e2e/test_torture.py) leaves out are cut: its plan visits each
+    one several times, on a blank card where the phase needs one."""
+    settings = dict(re.findall(r"^(CUTS|SEED) \?= (\d+)$", MAKEFILE.read_text(), re.M))
+    cuts = torture.plan_cuts(random.Random(int(settings["SEED"])), int(settings["CUTS"]))
+    for phase in torture.PHASES:
+        assert sum(c.phase == phase for c in cuts) >= 3, phase
+    assert all(c.blank for c in cuts if c.phase in torture.BLANK)
 
 
 def test_each_cycle_pins_a_version_no_slot_holds():
