@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config
-from .errors import RackbootError
-from .master import keychain, plans
+from .master import plans
 from .qemu.harness import (
     IMAGE,
     MARKER,
@@ -84,12 +83,9 @@ def story(
     log: Callable[[str], None] = print,
     steps: list[tuple[int, bool]] = STORY,
     broken: frozenset[int] = frozenset(),
-    rotate: frozenset[int] = frozenset(),
 ) -> list[BootRow]:
     """Build, publish v1, serve, and boot the worker through ``steps`` (version expected,
-    master stopped); versions in ``broken`` never confirm their slot; before each boot in
-    ``rotate`` (numbered from 1) the master key is rotated, before any publication for that
-    boot. One row per boot."""
+    master stopped); versions in ``broken`` never confirm their slot. One row per boot."""
     rootfs = rootfs or cfg.base / "rootfs"
     check_rootfs(rootfs)
     out = prepare(cfg, work, log)
@@ -107,11 +103,6 @@ def story(
     master: MasterThread | None = MasterThread(cfg)
     try:
         for n, (version, offline) in enumerate(steps, start=1):
-            if n in rotate:
-                if cfg.master.key is None:
-                    raise RackbootError(f"{cfg.path}: rotating the master key needs [master] key")
-                done = keychain.rotate(cfg.master.key, master_dir, created=config.source_date_epoch())
-                log(f"rotated the master key: {done.new.name} replaces key {done.old.n}")
             newest = max(v for v, _ in steps[:n])
             if newest > 1 and not (master_dir / "images" / IMAGE / str(newest)).is_dir():
                 release(newest)
