@@ -31,10 +31,13 @@ the master's CPU seconds per worker boot (utime + stime of the serve process fro
 and the seconds from the first arrival until the last worker's last report, each against
 its goal.
 
-Each scenario is one function of the workers returning a Run: one_master, and two_racks
-(as root: the region with its rsync daemon and two rack masters mirroring it, worker i
-asking rack i % 2, the three serve processes' CPU summed, the reports counted in the
-region's inventory once the rack masters' spools have drained into it).
+Each scenario is one function of the workers returning a Run: one_master (its inventory in
+SQLite), and two_racks (as root: the region with its rsync daemon and two rack masters
+mirroring it, worker i asking rack i % 2, the reports counted in the region's inventory once
+the rack masters' spools have drained into it). The region keeps the fleet in a real
+PostgreSQL ([master] database; Debian's server in a temporary directory, as the tests run
+it: tests/postgres.py), whose processes' CPU counts as the master's with the three serve
+processes'.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ from rackboot.master import plans, publish, signing
 from rackboot.master.inventory import Inventory
 from rackboot.qemu.harness import rackboot_command
 from tiny import pick
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/postgres.py
+from tests import postgres
 
 WORKERS = pick(1000, 6)
 RAMP = pick(30.0, 1.0)  # seconds over which the workers arrive, evenly spread
@@ -143,8 +149,9 @@ class Run:
     boot_p99: float
     most_late: float
     seconds: float  # first arrival -> the last worker's last report
-    serve_cpu: float
+    serve_cpu: float  # the serve processes' and the database server's (db_cpu) together
     client_cpu: float
+    db_cpu: float | None = None  # PostgreSQL's processes', None for SQLite (inside serve)
 
     @property
     def counted_all(self) -> bool:
@@ -263,6 +270,20 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / _TICK
 
 
+def tree_cpu(pid: int) -> float:
+    """cpu_seconds of ``pid`` and of its children alive now: PostgreSQL's postmaster, whose
+    backends it waited for count in its own, and those still serving a connection."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid:  # the parent's pid: field 4
+                total += cpu_seconds(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -334,6 +355,7 @@ def figures(
     serve_cpu: float,
     client_cpu: float,
     inventory: Inventory,
+    db_cpu: float | None = None,
 ) -> Run:
     counted = inventory.db.execute("SELECT COUNT(*) FROM reports WHERE signed = 1 AND refused IS NULL").fetchone()[0]
     keys = dict(inventory.db.execute("SELECT id, pubkey FROM nodes").fetchall())
@@ -356,6 +378,7 @@ def figures(
         seconds=seconds,
         serve_cpu=serve_cpu,
         client_cpu=client_cpu,
+        db_cpu=db_cpu,
     )
 
 
@@ -400,47 +423,62 @@ def rack_master(base: Path, name: str, region: config.Config, rsync_port: int) -
 
 
 def two_racks(workers: list[Worker]) -> Run:
-    """The region (its inventory, its rsync daemon: serve as root) and two rack masters
-    mirroring it ([master] upstream): worker i boots from rack i % 2, whose spool relays its
-    reports to the region. Timed until the region has counted the last one; the CPU is the
-    three serve processes' together."""
-    with tempfile.TemporaryDirectory(prefix="rackboot-bench-fleet-") as tmp:
-        base = Path(tmp)
-        region = master_tree(base)
-        rsync_port = free_port()
-        text = region.path.read_text().replace("[output]", f"rsync_port = {rsync_port}\n[output]")
-        region.path.write_text(text)
-        region = config.load(region.path)
-        assert region.master.key is not None
-        card = Card(signing.public_key_path(region.master.key))
-        serves = [Serve(region, base / "region.log")]
-        try:
-            racks = [rack_master(base, f"rack-{k}", region, rsync_port) for k in range(2)]
-            serves += [Serve(cfg, base / f"rack-{k}.log") for k, cfg in enumerate(racks)]
-            cpu, client = sum(s.cpu() for s in serves), time.process_time()
-            start = time.monotonic()
-            boots, _ = storm(workers, [s.url for s in serves[1:]], card)
-            spools = [cfg.master.directory / "spool" for cfg in racks]
-            deadline = time.monotonic() + DRAIN_WAIT
-            while any(any(p.suffix == ".report" for p in spool.iterdir()) for spool in spools):
-                if time.monotonic() > deadline:
-                    boots.failures.append(f"the rack masters' spools not forwarded within {DRAIN_WAIT:g} s")
-                    break
-                time.sleep(0.1)
-            seconds = time.monotonic() - start - 0.2  # storm's arrivals start 0.2 s in
-            serve_cpu, client_cpu = sum(s.cpu() for s in serves) - cpu, time.process_time() - client
-        finally:
-            for serve in serves:
-                serve.stop()
-        return figures(
-            "two rack masters relaying to the region (SQLite)",
-            workers,
-            boots,
-            seconds,
-            serve_cpu,
-            client_cpu,
-            Inventory(region.master.directory),
-        )
+    """The region (its inventory on PostgreSQL, its rsync daemon: serve as root) and two rack
+    masters mirroring it ([master] upstream): worker i boots from rack i % 2, whose spool
+    relays its reports to the region. Timed until the region has counted the last one; the
+    CPU is the three serve processes' and PostgreSQL's together."""
+    bin = postgres.bindir()
+    if bin is None:
+        raise SystemExit("bench_fleet: PostgreSQL's server binaries are not installed (make deps)")
+    pg = postgres.Server(bin).start()
+    assert pg.proc is not None
+    postmaster = pg.proc.pid  # its backends and helpers are its children
+    try:
+        with tempfile.TemporaryDirectory(prefix="rackboot-bench-fleet-") as tmp:
+            base = Path(tmp)
+            region = master_tree(base)
+            rsync_port = free_port()
+            url = pg.database()
+            text = region.path.read_text().replace(
+                "[output]", f'rsync_port = {rsync_port}\ndatabase = "{url}"\n[output]'
+            )
+            region.path.write_text(text)
+            region = config.load(region.path)
+            assert region.master.key is not None and region.master.database == url
+            card = Card(signing.public_key_path(region.master.key))
+            serves = [Serve(region, base / "region.log")]
+            try:
+                racks = [rack_master(base, f"rack-{k}", region, rsync_port) for k in range(2)]
+                serves += [Serve(cfg, base / f"rack-{k}.log") for k, cfg in enumerate(racks)]
+                db, cpu, client = tree_cpu(postmaster), sum(s.cpu() for s in serves), time.process_time()
+                start = time.monotonic()
+                boots, _ = storm(workers, [s.url for s in serves[1:]], card)
+                spools = [cfg.master.directory / "spool" for cfg in racks]
+                deadline = time.monotonic() + DRAIN_WAIT
+                while any(any(p.suffix == ".report" for p in spool.iterdir()) for spool in spools):
+                    if time.monotonic() > deadline:
+                        boots.failures.append(f"the rack masters' spools not forwarded within {DRAIN_WAIT:g} s")
+                        break
+                    time.sleep(0.1)
+                seconds = time.monotonic() - start - 0.2  # storm's arrivals start 0.2 s in
+                db_cpu = tree_cpu(postmaster) - db
+                serve_cpu = sum(s.cpu() for s in serves) - cpu + db_cpu
+                client_cpu = time.process_time() - client
+            finally:
+                for serve in serves:
+                    serve.stop()
+            return figures(
+                "two rack masters relaying to the region (PostgreSQL)",
+                workers,
+                boots,
+                seconds,
+                serve_cpu,
+                client_cpu,
+                Inventory.for_config(region),
+                db_cpu,
+            )
+    finally:
+        pg.stop()
 
 
 SCENARIOS: dict[str, Callable[[list[Worker]], Run]] = {"one master": one_master}
@@ -461,6 +499,10 @@ def ok(good: bool) -> str:
     return "ok" if good else "MISSED"
 
 
+def db_part(r: Run) -> str:
+    return "" if r.db_cpu is None else f", of which PostgreSQL {r.db_cpu:.1f} s"
+
+
 def report(runs: list[Run]) -> str:
     lines = []
     for r in runs:
@@ -476,7 +518,7 @@ def report(runs: list[Run]) -> str:
             f"{GOAL_SECONDS:g} s ({ok(r.seconds < GOAL_SECONDS and not r.failures)}); one worker's two boots: "
             f"p50 {r.boot_p50:.2f} s, p99 {r.boot_p99:.2f} s; waited for a turn at most {r.most_late:.2f} s",
             f"    master CPU: {r.serve_cpu / r.workers * 1000:.1f} ms per worker (its two boots; "
-            f"{r.serve_cpu:.1f} s in all, {r.serve_cpu / r.seconds:.2f} of one core); "
+            f"{r.serve_cpu:.1f} s in all{db_part(r)}, {r.serve_cpu / r.seconds:.2f} of one core); "
             f"the workers' side (this process): {r.client_cpu:.1f} s",
         ]
         lines += [f"    failed: {failure}" for failure in r.failures[:5]]

@@ -29,7 +29,7 @@ BENCHMARKS: dict[str, tuple[str, ModuleType]] = {
     "delta": ("v1 -> v2, one Debian package upgraded: block delta vs full stream", bench_delta),
     "inventory": (f"the inventory: {bench_inventory.WORKERS} workers reporting at once", bench_inventory),
     "netboot": ("one arm64 netboot (examples/qemu-virt)", bench_netboot),
-    "fleet": (f"the fleet: {bench_fleet.WORKERS} simulated workers booting against one rackboot serve", bench_fleet),
+    "fleet": (f"the fleet: {bench_fleet.WORKERS} simulated workers booting against rackboot serve", bench_fleet),
     "rack": (f"a rack network in a namespace: 1 and {bench_rack.WORKERS} workers (examples/qemu-virt)", bench_rack),
 }
 

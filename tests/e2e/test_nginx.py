@@ -3,7 +3,8 @@ behind it: a blank card takes v1 from nginx by the full stream, then v2 as a blo
 over nginx's multi-range answers, and the boot files; its plan requests and reports reach serve, whose
 inventory (`rackboot status`) shows the node on v2, while serve itself sends no image byte.
 
-One build, one worker, two boots."""
+The session's build (conftest.example), one worker from its blank card, two boots.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +12,48 @@ import json
 import re
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from rackboot import config
 from rackboot.master import plans, serve
 from rackboot.qemu import harness
 
-from tests.e2e.rack import example_config, free_port
-from tests.helpers import quiet
+from tests.e2e.rack import Example, free_port
 from tests.nginx import Nginx, open_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
+
+SESSION_HOSTNAME = 'hostname = "worker-{index:02d}"\n'  # rack.provision's pattern
+
+
+@contextmanager
+def nginx_config(example: Example, base: Path) -> Iterator[config.Config]:
+    """The session example's settings with the master tree in ``base``, a directory nginx's
+    workers (nobody) may walk, which pytest's root-only tmp dirs are not; no hostname pattern,
+    so nginx serves the plans itself (mirroring each GET to serve) rather than proxying them.
+    The file lies beside the example's, its other paths (the build, the key, hooks/) resolving
+    as there; it goes afterwards."""
+    text = example.cfg.path.read_text()
+    master = base / "master"
+    assert text.count(SESSION_HOSTNAME) == 1 and text.count('directory = "master"\n') == 1, text
+    text = text.replace(SESSION_HOSTNAME, "").replace('directory = "master"\n', f'directory = "{master}"\n')
+    path = example.cfg.base / "rackboot-nginx.toml"
+    path.write_text(text)
+    try:
+        cfg = config.load(path)
+        assert (cfg.master.directory, cfg.master.hostname) == (master, ""), cfg.master
+        assert (cfg.master.port, cfg.master.key, cfg.output.directory) == (
+            example.cfg.master.port,  # where nginx listens: the worker's master URL, built into its card
+            example.cfg.master.key,
+            example.cfg.output.directory,
+        )
+        harness.start_afresh(master)  # (0755: nobody walks into it, as into base)
+        yield cfg
+    finally:
+        path.unlink()
 
 
 def boot(cfg: config.Config, out, disk, log, version: int) -> str:
@@ -31,14 +63,11 @@ def boot(cfg: config.Config, out, disk, log, version: int) -> str:
     return log.read_text(errors="replace")
 
 
-def test_a_worker_installs_v1_and_a_v2_delta_from_nginx_and_reports_to_serve():
-    # nginx's workers read the tree as nobody: the whole rack lives in a directory it may walk
-    with open_dir("rackboot-nginx-e2e-") as base:
-        cfg = config.load(example_config(base))  # [master] port: where nginx listens, the worker's URL
-        work = base / "work"
-        out = harness.prepare(cfg, work, log=quiet)
-        disk = work / "worker-disk.img"
-        harness.blank_card(out / "sdcard.img", disk)
+def test_a_worker_installs_v1_and_a_v2_delta_from_nginx_and_reports_to_serve(example, tmp_path):
+    work = tmp_path / "work"
+    disk = example.start(0, work)  # a blank card of the session's build, its master key as made
+    out = example.out
+    with open_dir("rackboot-nginx-e2e-") as base, nginx_config(example, base) as cfg:
         harness.publish_example(cfg, cfg.base / "rootfs", work, 1)
         plans.assign(cfg, node="default", image=harness.IMAGE)
         srv = serve.make_server(
